@@ -1,0 +1,26 @@
+# The two commands a user types: `make demo` and `make test`. Both install first.
+PY := .venv/bin/python
+
+.PHONY: setup demo test lint bench readme clean
+
+setup:
+	./setup.sh
+
+demo: setup
+	$(PY) pipeline.py --demo
+
+test: setup
+	$(PY) -m pytest
+
+readme: setup
+	$(PY) -m core.settings --readme README.md
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+bench: setup
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf data results predictions .pytest_cache

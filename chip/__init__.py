@@ -1,0 +1,1 @@
+"""chip stage: a raster into fixed-size, georeferenced chips."""

@@ -1,0 +1,224 @@
+"""Cut a raster into fixed-size, georeferenced chips: python chip/chip.py
+
+Reads data/mosaic/mosaic.tif (chip_args.source: raw chips every tile in data/raw/ instead;
+--input names any raster or folder) and writes data/chips/chip_NNNNNN.tif plus the chip
+index data/chips.csv. Chips keep the source resolution: nothing is resampled. Edge chips are
+padded to full size with chip_args.pad_value and the padding is nodata. Chips whose nodata
+share exceeds chip_args.max_nodata are skipped. A chip's number is its place in the grid of
+its source, so the output is the same whatever the number of workers. A run that stopped
+halfway resumes: finished chips are kept, the rest are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rasterio.windows import Window
+
+from core import cli
+from core.errors import InputMissingError
+from core.index import CHIP_COLUMNS, write_index
+from core.parallel import map_tasks
+from core.raster import open_raster, write_raster
+from core.settings import ChipArgs, ParallelArgs, Settings
+from core.tree import DataTree, refuse_overwrite
+
+log = logging.getLogger(__name__)
+
+
+def chip_offsets(length: int, size: int, stride: int) -> list[int]:
+    """Offsets of chips of ``size`` every ``stride`` pixels along an axis of ``length``.
+
+    The last chip covers the last pixel (it may overhang and is then padded); a stride
+    larger than the size leaves gaps between chips.
+    """
+    if length <= 0 or size <= 0 or stride <= 0:
+        raise ValueError(f"length, size and stride must be positive, got {length}, {size}, {stride}")
+    count = 1 if length <= size else math.ceil((length - size) / stride) + 1
+    return [i * stride for i in range(count)]
+
+
+def chip_grid(width: int, height: int, size: int, stride: int | None = None) -> list[tuple[int, int]]:
+    """(row_off, col_off) of every chip, row by row."""
+    stride = size if stride is None else stride
+    return [(r, c) for r in chip_offsets(height, size, stride) for c in chip_offsets(width, size, stride)]
+
+
+@dataclass(frozen=True)
+class ChipTask:
+    """One chip to cut: small and picklable, so it can go to a worker process."""
+
+    id: int
+    source: str
+    out: str
+    row_off: int
+    col_off: int
+    size: int
+    pad_value: float
+    max_nodata: float
+    compression: str
+    reuse: bool
+
+
+def read_padded(src, row_off: int, col_off: int, size: int, pad_value: float) -> tuple[np.ndarray, np.ndarray]:
+    """Read a size x size window, padding outside the raster; also return the valid-pixel mask."""
+    rows = max(0, min(size, src.height - row_off))
+    cols = max(0, min(size, src.width - col_off))
+    data = np.full((src.count, size, size), pad_value, dtype=src.dtypes[0])
+    valid = np.zeros((size, size), dtype=bool)
+    if rows and cols:
+        part = src.read(window=Window(col_off, row_off, cols, rows))
+        data[:, :rows, :cols] = part
+        if src.nodata is None:
+            valid[:rows, :cols] = True
+        else:
+            # A pixel is nodata when every band holds the nodata value.
+            valid[:rows, :cols] = (part != src.nodata).any(axis=0)
+    return data, valid
+
+
+def make_chip(task: ChipTask) -> dict | None:
+    """Cut and write one chip; return its index row, or None when it is mostly nodata."""
+    with open_raster(task.source) as src:
+        data, valid = read_padded(src, task.row_off, task.col_off, task.size, task.pad_value)
+        nodata_share = 1.0 - float(valid.mean())
+        if nodata_share > task.max_nodata:
+            return None
+        window = Window(task.col_off, task.row_off, task.size, task.size)
+        transform = src.window_transform(window)
+        crs = src.crs
+        padded = task.row_off + task.size > src.height or task.col_off + task.size > src.width
+        # Sources without a nodata value still mark their padding as nodata.
+        nodata = src.nodata if src.nodata is not None else (task.pad_value if padded else None)
+        if not (task.reuse and Path(task.out).is_file()):
+            write_raster(task.out, data, crs=crs, transform=transform, nodata=nodata, compression=task.compression)
+        left, top = transform * (0, 0)
+        right, bottom = transform * (task.size, task.size)
+    return {
+        "id": task.id,
+        "file": Path(task.out).name,
+        "source": task.source,
+        "row_off": task.row_off,
+        "col_off": task.col_off,
+        "width": task.size,
+        "height": task.size,
+        "left": left,
+        "bottom": min(bottom, top),
+        "right": right,
+        "top": max(bottom, top),
+        "crs": crs.to_string() if crs else "",
+        "nodata_share": nodata_share,
+    }
+
+
+def plan_chips(sources: list[Path], tree: DataTree, args: ChipArgs, reuse: bool) -> list[ChipTask]:
+    """Every chip of every source, numbered by source order and grid position."""
+    tasks: list[ChipTask] = []
+    stride = args.stride or args.size
+    for source in sources:
+        with open_raster(source) as src:
+            pad = args.pad_value if args.pad_value is not None else (src.nodata if src.nodata is not None else 0)
+            for row_off, col_off in chip_grid(src.width, src.height, args.size, stride):
+                index = len(tasks)
+                tasks.append(
+                    ChipTask(
+                        id=index,
+                        source=str(source),
+                        out=str(tree.chips / tree.chip_name(index)),
+                        row_off=row_off,
+                        col_off=col_off,
+                        size=args.size,
+                        pad_value=pad,
+                        max_nodata=args.max_nodata,
+                        compression=args.compression,
+                        reuse=reuse,
+                    )
+                )
+    return tasks
+
+
+def chip_sources(
+    sources: list[Path], tree: DataTree, args: ChipArgs, parallel: ParallelArgs, *, overwrite: bool = False
+) -> pd.DataFrame:
+    """Chip every source into ``tree.chips`` and write ``tree.chips_csv``; return the index.
+
+    With ``overwrite`` old chips are deleted first; without it, chips left by an interrupted
+    run are kept and only the missing ones are written.
+    """
+    refuse_overwrite([tree.chips_csv], overwrite, "chip")
+    tree.chips.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for old in tree.chips.glob(f"chip_*{tree.extension}"):
+            old.unlink()
+        tree.chips_csv.unlink(missing_ok=True)
+    tasks = plan_chips(sources, tree, args, reuse=not overwrite)
+    rows = [r for r in map_tasks(make_chip, tasks, parallel, desc="chip", unit="chip") if r is not None]
+    frame = pd.DataFrame(rows, columns=list(CHIP_COLUMNS))
+    # Sources inside the data tree are recorded relative to it, so the tree can move.
+    frame["source"] = [_relative(Path(p), tree.root) for p in frame["source"]]
+    write_index(frame, tree.chips_csv)
+    log.info(
+        "chip: %d chips of %dx%d px from %d source(s) (%d skipped as more than %.0f%% nodata) -> %s",
+        len(frame),
+        args.size,
+        args.size,
+        len(sources),
+        len(tasks) - len(frame),
+        args.max_nodata * 100,
+        tree.chips,
+    )
+    return frame
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def resolve_sources(tree: DataTree, args: ChipArgs, given: Path | None) -> list[Path]:
+    """The rasters to chip: --input (a raster or a folder), else the mosaic or raw/."""
+    if given is not None:
+        if given.is_dir():
+            found = tree.list_rasters(given)
+            if not found:
+                raise InputMissingError(f"no GeoTIFF in {given}: point --input at a raster or a folder of .tif files")
+            return found
+        if not given.exists():
+            raise InputMissingError(f"--input {given} not found")
+        return [given]
+    if args.source == "raw":
+        found = tree.list_rasters(tree.raw) if tree.raw.is_dir() else []
+        if not found:
+            raise InputMissingError(
+                f"no GeoTIFF in {tree.raw}: run python download/download.py or python sample/sample.py first"
+            )
+        return found
+    if not tree.mosaic.is_file():
+        raise InputMissingError(
+            f"mosaic {tree.mosaic} not found: run python mosaic/mosaic.py first, or set chip_args.source to raw"
+        )
+    return [tree.mosaic]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.make_parser(__doc__)
+    parser.add_argument("--input", type=Path, metavar="PATH", help="raster or folder of rasters to chip")
+
+    def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
+        sources = resolve_sources(tree, settings.chip_args, args.input)
+        chip_sources(sources, tree, settings.chip_args, settings.parallel, overwrite=args.overwrite)
+
+    return cli.run(parser, argv, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,668 @@
+"""Settings: one pydantic model per section of settings.json.
+
+Every stage reads the same ``settings.json``. Each field is typed, described and defaulted;
+unknown keys are an error that names the key path and the closest valid name; values are
+validated strictly (``"epochs": "50"`` is a wrong type, not a silent coercion). The
+original pipeline's sections (``path_args`` ... ``output_args``) load unchanged, including
+the misspelled ``bachnorm_momentum``.
+
+Use :func:`load_settings` to read a file and apply ``--set key.path=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import json
+import logging
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from core.errors import SettingsError
+
+log = logging.getLogger(__name__)
+
+#: The settings file every stage reads unless ``--settings`` names another.
+DEFAULT_SETTINGS_PATH = Path(__file__).resolve().parent.parent / "settings.json"
+
+
+class Section(BaseModel):
+    """Base of every section: strict types, unknown keys rejected, assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, populate_by_name=True)
+
+
+def _default_experiment() -> str:
+    return "exp-" + _dt.date.today().isoformat()
+
+
+# --- the original pipeline's sections -------------------------------------------------------
+
+
+class PathArgs(Section):
+    """Folder names of the split chips, relative to ``data_root``."""
+
+    train_frames: str = Field("train_frames", description="Folder of training image chips.")
+    train_masks: str = Field("train_masks", description="Folder of training masks (uint8, 0 or 255).")
+    val_frames: str = Field("val_frames", description="Folder of validation image chips.")
+    val_masks: str = Field("val_masks", description="Folder of validation masks (uint8, 0 or 255).")
+    test_frames: str = Field(
+        "test_frames", description="Folder of test image chips (when split_args.fractions.test > 0)."
+    )
+    test_masks: str = Field("test_masks", description="Folder of test masks.")
+
+
+class CheckpointArgs(Section):
+    """Where training keeps its best-epoch checkpoint."""
+
+    checkpoint_path: str = Field(
+        "checkpoint.weights.h5",
+        description="File name of the best-epoch weights checkpoint, written inside results/EXPERIMENT/. "
+        "predict never reads it: it reads the model bundle next to it.",
+    )
+
+
+class ExtensionArgs(Section):
+    """File extension of chips and masks."""
+
+    extension: Literal[".tif", ".tiff"] = Field(".tif", description="Extension of chip and mask files (GeoTIFF).")
+
+
+class LoadDatasetArgs(Section):
+    """How the U-Net's data generator reads and augments chips."""
+
+    custom: int = Field(
+        1,
+        ge=0,
+        le=1,
+        description="Legacy: 1 selected the original custom (rasterio) reader, which is now the only one.",
+    )
+    batch_size: int = Field(4, ge=1, description="Chips per training batch.")
+    target_size: tuple[int, int] | None = Field(
+        None,
+        description="Legacy, ignored: chips are never resized (resizing 650 to 640 was one cause of blank masks). "
+        "Chip size is chip_args.size; the network pads to a multiple of 2**num_layers and crops back.",
+    )
+    rescale: float | None = Field(
+        None,
+        description="Legacy, ignored: pixel values are normalized once, from training statistics "
+        "(see normalization); a fixed rescale was one cause of double scaling.",
+    )
+    shear_range: float = Field(0.0, ge=0.0, le=45.0, description="Random shear augmentation, degrees (0 = off).")
+    zoom_range: float = Field(0.0, ge=0.0, lt=1.0, description="Random zoom augmentation, fraction (0 = off).")
+    horizontal_flip: bool = Field(True, description="Random left-right flips.")
+    vertical_flip: bool = Field(True, description="Random up-down flips.")
+    rotate90: bool = Field(True, description="Random 90-degree rotations.")
+    class_mode: str | None = Field(
+        None, description="Legacy, ignored: masks are always read from the masks folder beside the frames."
+    )
+    mask_color: Literal["grayscale"] = Field("grayscale", description="Masks are single-band 0/255 rasters.")
+    channels: int = Field(8, ge=1, description="Bands per chip; must equal model_args.input_shape[2].")
+    data_format: Literal["channels_last"] = Field("channels_last", description="Array layout fed to the network.")
+    normalization: Literal["percentile", "zscore"] = Field(
+        "percentile",
+        description="percentile: clip each band to its training 2nd..98th percentile and scale to 0..1; "
+        "zscore: subtract the training mean, divide by the training std.",
+    )
+    seed: int = Field(0, description="Seed of shuffling and augmentation.")
+
+
+class ModelArgs(Section):
+    """The U-Net's architecture."""
+
+    architecture: Literal["satellite", "custom"] = Field(
+        "satellite",
+        description="satellite: the original pipeline's U-Net built from the fields below; "
+        "custom: keras-unet's custom_unet.",
+    )
+    input_shape: tuple[int, int, int] = Field(
+        (256, 256, 8),
+        description="[rows, cols, bands] of a training chip; bands must equal load_dataset_args.channels. "
+        "The model accepts any size: inputs are padded to a multiple of 2**num_layers.",
+    )
+    num_classes: int = Field(1, ge=1, le=1, description="Output channels; 1 (roof probability).")
+    num_layers: int = Field(4, ge=1, le=8, description="Encoder depth (poolings).")
+    filters: int = Field(32, ge=1, description="Filters of the first encoder block; doubled at each level.")
+    upconv_filters: int = Field(48, ge=1, description="Filters of the transposed convolutions in the decoder.")
+    kernel_size: tuple[int, int] = Field((3, 3), description="Convolution kernel size.")
+    activation: str = Field("relu", description="Activation of the hidden convolutions (a Keras activation name).")
+    strides: tuple[int, int] = Field((1, 1), description="Convolution strides.")
+    padding: Literal["same", "valid"] = Field("same", description="Convolution padding.")
+    kernel_initializer: str = Field("he_normal", description="Keras kernel initializer name.")
+    bachnorm_momentum: float = Field(
+        0.9,
+        gt=0.0,
+        lt=1.0,
+        validation_alias=AliasChoices("bachnorm_momentum", "batchnorm_momentum"),
+        description="Batch-norm moving-average momentum (also accepted as batchnorm_momentum). The original "
+        "0.01 keeps almost only the last batch's statistics, which differ from prediction's.",
+    )
+    pool_size: tuple[int, int] = Field((2, 2), description="Max-pooling window.")
+    pool_strides: tuple[int, int] = Field((2, 2), description="Max-pooling strides.")
+    pool_padding: Literal["valid", "same"] = Field("valid", description="Max-pooling padding.")
+
+
+class TrainingArgs(Section):
+    """Training loop settings."""
+
+    model: Literal["unet", "forest", "regression"] = Field(
+        "unet", description="Model train.py trains when --model is not given."
+    )
+    epochs: int = Field(30, ge=1, description="Maximum training epochs.")
+    pretrained: bool = Field(False, description="Continue from the existing bundle in results/EXPERIMENT/.")
+    results_folder: str = Field("results", description="Folder of experiment results, relative to the repository root.")
+    steps_per_epoch: int | None = Field(None, ge=1, description="Batches per epoch; null = all training chips once.")
+    validation_steps: int | None = Field(None, ge=1, description="Validation batches; null = all validation chips.")
+    verbose: int = Field(1, ge=0, le=2, description="Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+    optimizer: Literal["adam", "sgd", "rmsprop"] = Field("adam", description="Optimizer.")
+    learning_rate: float = Field(1e-3, gt=0.0, description="Initial learning rate.")
+    loss: Literal["bce", "dice", "bce_dice", "focal", "jaccard"] = Field(
+        "bce_dice", description="Loss; bce_dice handles the imbalance of a few percent roof pixels."
+    )
+    patience: int = Field(8, ge=1, description="Epochs without validation IoU gain before early stopping.")
+    seed: int = Field(0, description="Seed of weight initialization.")
+
+
+class OutputArgs(Section):
+    """The U-Net's output layer."""
+
+    kernel_size: tuple[int, int] = Field((1, 1), description="Kernel of the output convolution.")
+    strides: tuple[int, int] = Field((1, 1), description="Strides of the output convolution.")
+    activation: Literal["sigmoid"] = Field("sigmoid", description="Output activation (roof probability).")
+    padding: Literal["valid", "same"] = Field("valid", description="Padding of the output convolution.")
+
+
+# --- one section per stage ------------------------------------------------------------------
+
+
+class DownloadArgs(Section):
+    """download/download.py: imagery and labels from S3 or an S3-compatible store."""
+
+    bucket: str | None = Field(None, description="Bucket name; asked interactively when missing.")
+    prefix: str = Field("", description="Key prefix (folder) to download from.")
+    pattern: str = Field("*.tif", description="Glob on key names of imagery to download.")
+    labels_pattern: str | None = Field(None, description="Glob on key names that go to labels/ (e.g. *.geojson).")
+    endpoint_url: str | None = Field(None, description="Endpoint of an S3-compatible store (MinIO, Ceph); null = AWS.")
+    region: str | None = Field(None, description="AWS region.")
+    profile: str | None = Field(None, description="AWS credentials profile name.")
+    anonymous: bool = Field(False, description="Unsigned requests, for public buckets.")
+    workers: int = Field(8, ge=1, description="Parallel transfers.")
+    target: Literal["raw", "labels"] = Field("raw", description="data/ folder imagery goes to.")
+
+
+class MosaicArgs(Section):
+    """mosaic/mosaic.py: raw tiles into one raster."""
+
+    input: str = Field("raw", description="Folder of tiles, relative to data_root.")
+    overlap: Literal["first", "last", "max"] = Field(
+        "first", description="Which tile wins where tiles overlap: first or last in name order, or the maximum."
+    )
+    reproject: bool = Field(
+        False, description="Reproject tiles with another CRS or resolution to the first tile's grid."
+    )
+    compression: Literal["zstd", "deflate", "lzw", "none"] = Field("zstd", description="GeoTIFF compression.")
+
+
+class ChipArgs(Section):
+    """chip/chip.py: fixed-size chips from the mosaic or raw tiles."""
+
+    source: Literal["mosaic", "raw"] = Field("mosaic", description="Chip mosaic/mosaic.tif, or every tile in raw/.")
+    size: int = Field(256, ge=8, description="Chip width and height in pixels (any size; 650 works).")
+    stride: int | None = Field(None, ge=1, description="Step between chips; null = size (no overlap).")
+    pad_value: float | None = Field(None, description="Value of padding at edges; null = the source nodata, else 0.")
+    max_nodata: float = Field(0.5, ge=0.0, le=1.0, description="Skip chips whose nodata share exceeds this.")
+    compression: Literal["zstd", "deflate", "lzw", "none"] = Field("zstd", description="GeoTIFF compression.")
+
+
+class LabelFilter(Section):
+    """Which label polygons are burned into masks."""
+
+    attribute: str = Field("roof_type", description="Attribute to filter on.")
+    values: list[str] = Field(["metal"], min_length=1, description="Values of the attribute that are roofs.")
+
+
+class MaskArgs(Section):
+    """mask/mask.py: polygon labels into uint8 0/255 masks."""
+
+    label_file: str | None = Field(None, description="Label file in labels/; null = the only one there.")
+    filter: LabelFilter | None = Field(
+        default_factory=LabelFilter,
+        description="Polygons kept; applied when the attribute exists; null = every polygon.",
+    )
+    all_touched: bool = Field(
+        False, description="Burn every pixel a polygon touches, not only those whose centre it covers."
+    )
+    burn_value: Literal[255] = Field(255, description="Mask value of roof pixels (background is 0).")
+
+
+class SplitFractions(Section):
+    """Shares of chips in each split; they sum to 1."""
+
+    train: float = Field(0.8, gt=0.0, le=1.0, description="Share of chips for training.")
+    val: float = Field(0.2, gt=0.0, lt=1.0, description="Share of chips for validation.")
+    test: float = Field(0.0, ge=0.0, lt=1.0, description="Share of chips for testing (0 = no test split).")
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+class SplitArgs(Section):
+    """split/split.py: chips into train/val(/test) folders."""
+
+    fractions: SplitFractions = Field(default_factory=SplitFractions, description="Shares of each split.")
+    seed: int = Field(0, description="Seed of the split.")
+    strategy: Literal["random", "spatial", "stratified"] = Field(
+        "spatial",
+        description="random; spatial: blocks of neighbouring chips go to one split; stratified: roof and "
+        "roof-free chips balanced across splits.",
+    )
+    block: int = Field(2, ge=1, description="Side of a spatial block, in chips.")
+    keep_empty: float = Field(1.0, ge=0.0, le=1.0, description="Share of roof-free chips kept.")
+
+
+class FlattenArgs(Section):
+    """flatten/flatten.py: chips and masks into one pixel table."""
+
+    frames: str = Field("train_frames", description="Folder of chips to flatten, relative to data_root.")
+    masks: str = Field("train_masks", description="Folder of masks matching them.")
+    layout: Literal["long", "wide"] = Field(
+        "long", description="long: one row per pixel and band; wide: one per pixel."
+    )
+    format: Literal["csv", "parquet"] = Field("csv", description="Table format.")
+    sample_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of pixels kept.")
+    balance: float | None = Field(
+        None, gt=0.0, description="Keep all roof pixels and this many times as much background."
+    )
+    seed: int = Field(0, description="Seed of sampling.")
+
+
+class SummarizeArgs(Section):
+    """summarize/summarize.py: band statistics and histograms."""
+
+    bins: int = Field(128, ge=2, description="Histogram bins.")
+    chunk_rows: int = Field(1_000_000, ge=1000, description="Rows of the flat table read at a time.")
+
+
+class ForestArgs(Section):
+    """Random forest hyper-parameters (scikit-learn)."""
+
+    n_estimators: int = Field(100, ge=1, description="Trees.")
+    max_depth: int | None = Field(16, ge=1, description="Maximum tree depth; null = unlimited.")
+    min_samples_leaf: int = Field(5, ge=1, description="Minimum samples per leaf.")
+    class_weight: Literal["balanced", "balanced_subsample"] | None = Field("balanced", description="Class weighting.")
+    n_jobs: int = Field(-1, description="Parallel jobs; -1 = all cores.")
+
+
+class RegressionArgs(Section):
+    """Logistic regression hyper-parameters (scikit-learn, with standardization)."""
+
+    C: float = Field(1.0, gt=0.0, description="Inverse regularization strength.")
+    class_weight: Literal["balanced"] | None = Field("balanced", description="Class weighting.")
+    max_iter: int = Field(1000, ge=1, description="Solver iterations.")
+
+
+class MlArgs(Section):
+    """Classical models: features and hyper-parameters."""
+
+    texture_windows: list[int] = Field([5, 11], description="Window sizes of local mean/std texture features.")
+    indices: bool = Field(True, description="Add normalized-difference spectral indices.")
+    max_train_pixels: int = Field(500_000, ge=100, description="Training pixels sampled from the train chips.")
+    forest: ForestArgs = Field(default_factory=ForestArgs, description="Random forest.")
+    regression: RegressionArgs = Field(default_factory=RegressionArgs, description="Logistic regression.")
+
+
+class PredictArgs(Section):
+    """predict/predict.py: masks, probabilities and polygons from a model bundle."""
+
+    input: str = Field("val_frames", description="Folder of chips or one raster, relative to data_root.")
+    bundle: str | None = Field(None, description="Model bundle folder; null = results/EXPERIMENT/.")
+    window: int = Field(512, ge=16, description="Sliding-window size for rasters larger than it.")
+    overlap: int = Field(64, ge=0, description="Overlap of sliding windows, blended to avoid seams.")
+    batch_size: int = Field(4, ge=1, description="Windows per prediction batch.")
+    threshold: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Decision threshold; null = the bundle's tuned one."
+    )
+    save_probabilities: bool = Field(True, description="Also write float32 probability GeoTIFFs.")
+    min_area: float = Field(4.0, ge=0.0, description="Drop roof polygons smaller than this, m2.")
+    simplify: float = Field(0.0, ge=0.0, description="Simplify polygons with this tolerance, map units.")
+    mosaic: bool = Field(False, description="Also merge all predicted masks into one mosaic.")
+    compression: Literal["zstd", "deflate", "lzw", "none"] = Field("zstd", description="GeoTIFF compression.")
+
+
+class EvaluateArgs(Section):
+    """evaluate/evaluate.py: predictions against ground truth."""
+
+    split: Literal["val", "test"] = Field("val", description="Split whose masks are the truth.")
+    min_area: int = Field(20, ge=0, description="Objects under this many pixels are ignored.")
+    iou_threshold: float = Field(0.5, gt=0.0, le=1.0, description="IoU at which a predicted object matches a true one.")
+
+
+class ParallelArgs(Section):
+    """How tile stages map work: local processes or a Dask cluster."""
+
+    scheduler: str = Field("", description="Empty: local processes; else a Dask scheduler address (tcp://host:8786).")
+    workers: int | None = Field(None, ge=1, description="Local worker processes; null = number of cores.")
+
+
+class Settings(Section):
+    """The whole settings.json."""
+
+    data_root: str = Field(
+        "data", description="Root of the data tree; relative paths are relative to the repository root."
+    )
+    experiment: str = Field(
+        default_factory=_default_experiment,
+        min_length=1,
+        description="Experiment name: results/EXPERIMENT/ and predictions/EXPERIMENT/. Default exp-<today>.",
+    )
+    path_args: PathArgs = Field(default_factory=PathArgs, description=PathArgs.__doc__)
+    checkpoint_args: CheckpointArgs = Field(default_factory=CheckpointArgs, description=CheckpointArgs.__doc__)
+    extension_args: ExtensionArgs = Field(default_factory=ExtensionArgs, description=ExtensionArgs.__doc__)
+    load_dataset_args: LoadDatasetArgs = Field(default_factory=LoadDatasetArgs, description=LoadDatasetArgs.__doc__)
+    model_args: ModelArgs = Field(default_factory=ModelArgs, description=ModelArgs.__doc__)
+    training_args: TrainingArgs = Field(default_factory=TrainingArgs, description=TrainingArgs.__doc__)
+    output_args: OutputArgs = Field(default_factory=OutputArgs, description=OutputArgs.__doc__)
+    download_args: DownloadArgs = Field(default_factory=DownloadArgs, description=DownloadArgs.__doc__)
+    mosaic_args: MosaicArgs = Field(default_factory=MosaicArgs, description=MosaicArgs.__doc__)
+    chip_args: ChipArgs = Field(default_factory=ChipArgs, description=ChipArgs.__doc__)
+    mask_args: MaskArgs = Field(default_factory=MaskArgs, description=MaskArgs.__doc__)
+    split_args: SplitArgs = Field(default_factory=SplitArgs, description=SplitArgs.__doc__)
+    flatten_args: FlattenArgs = Field(default_factory=FlattenArgs, description=FlattenArgs.__doc__)
+    summarize_args: SummarizeArgs = Field(default_factory=SummarizeArgs, description=SummarizeArgs.__doc__)
+    ml_args: MlArgs = Field(default_factory=MlArgs, description=MlArgs.__doc__)
+    predict_args: PredictArgs = Field(default_factory=PredictArgs, description=PredictArgs.__doc__)
+    evaluate_args: EvaluateArgs = Field(default_factory=EvaluateArgs, description=EvaluateArgs.__doc__)
+    parallel: ParallelArgs = Field(default_factory=ParallelArgs, description=ParallelArgs.__doc__)
+
+    @field_validator("experiment")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value in (".", ".."):
+            raise ValueError(f"experiment must be a plain folder name, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Settings:
+        bands = self.model_args.input_shape[2]
+        if bands != self.load_dataset_args.channels:
+            raise ValueError(
+                f"model_args.input_shape[2] is {bands} but load_dataset_args.channels is "
+                f"{self.load_dataset_args.channels}: set both to the band count of your imagery"
+            )
+        if self.chip_args.stride is not None and self.chip_args.stride > self.chip_args.size:
+            log.debug("chip_args.stride > size: chips leave gaps between them")
+        if self.predict_args.overlap * 2 >= self.predict_args.window:
+            raise ValueError(
+                f"predict_args.overlap ({self.predict_args.overlap}) must be under half of predict_args.window "
+                f"({self.predict_args.window})"
+            )
+        return self
+
+
+#: Settings accepted for old files but ignored: key path -> what replaced them.
+LEGACY_KEYS = {
+    ("load_dataset_args", "target_size"): "chips are never resized; chip size is chip_args.size",
+    ("load_dataset_args", "rescale"): "normalization comes from training statistics (load_dataset_args.normalization)",
+    ("load_dataset_args", "class_mode"): "masks are always read from the masks folder beside the frames",
+}
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The member types of an annotation (``X | None`` -> [X, None])."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return list(typing.get_args(annotation))
+    return [annotation]
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    for member in _unwrap(annotation):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            return member
+    return None
+
+
+def _names(model: type[BaseModel]) -> list[str]:
+    names = []
+    for name, info in model.model_fields.items():
+        names.append(name)
+        if isinstance(info.validation_alias, AliasChoices):
+            names.extend(str(c) for c in info.validation_alias.choices if isinstance(c, str))
+    return sorted(set(names))
+
+
+def _field(model: type[BaseModel], key: str) -> Any:
+    """The field of ``model`` named ``key`` (or accepting it as an alias), else None."""
+    if key in model.model_fields:
+        return model.model_fields[key]
+    for info in model.model_fields.values():
+        if isinstance(info.validation_alias, AliasChoices) and key in info.validation_alias.choices:
+            return info
+    return None
+
+
+def _model_at(path: tuple[str, ...]) -> type[BaseModel] | None:
+    """The section model at a key path (``()`` is the whole Settings), else None."""
+    model: type[BaseModel] | None = Settings
+    for key in path:
+        field = _field(model, key) if model is not None else None
+        if field is None:
+            return None
+        model = _section_of(field.annotation)
+    return model
+
+
+def _unknown_key_message(path: tuple[str, ...]) -> str:
+    parent = _model_at(path[:-1])
+    hint = ""
+    if parent is not None:
+        close = difflib.get_close_matches(path[-1], _names(parent), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(_names(parent))}"
+    return f"{'.'.join(path)}: unknown key{hint}"
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(_unknown_key_message(loc))
+            continue
+        where = ".".join(loc) if loc else "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        shown = (
+            "" if isinstance(given, dict) or err["type"].startswith("value_error") else f" (got {json.dumps(given)})"
+        )
+        lines.append(f"{where}: {msg}{shown}")
+    return f"invalid settings in {source}: " + "; ".join(lines)
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """Parse one ``--set key.path=value``; the value is JSON, or a plain string.
+
+    Fields typed as strings take the text as it is (``--set experiment=2024`` is "2024").
+    """
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SettingsError(f"--set {item!r}: expected key.path=value, e.g. --set training_args.epochs=3")
+    path = tuple(key.split("."))
+    if any(not part for part in path):
+        raise SettingsError(f"--set {item!r}: empty part in key path {key!r}")
+    parent = _model_at(path[:-1])
+    field = _field(parent, path[-1]) if parent is not None else None
+    if field is None:
+        raise SettingsError(f"--set {item!r}: {_unknown_key_message(path)}")
+    members = _unwrap(field.annotation)
+    if str in members:
+        value: Any = None if raw == "null" and type(None) in members else raw
+    else:
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # validation then says which type was expected
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of raw settings ``data`` with ``--set`` overrides applied."""
+    result = json.loads(json.dumps(data))
+    for item in overrides:
+        path, value = parse_override(item)
+        node = result
+        for key in path[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+        # Setting a field by one of its names replaces it under any other (bachnorm/batchnorm).
+        field = _field(_model_at(path[:-1]), path[-1])
+        if isinstance(field.validation_alias, AliasChoices):
+            for name in field.validation_alias.choices:
+                node.pop(name, None)
+        node[path[-1]] = value
+    return result
+
+
+def validate_settings(data: dict[str, Any], source: str = "settings") -> Settings:
+    """Validate raw settings; a :class:`SettingsError` names every bad key path."""
+    if not isinstance(data, dict):
+        raise SettingsError(f"{source}: the top level must be a JSON object {{...}}, got {type(data).__name__}")
+    model_args = data.get("model_args")
+    if isinstance(model_args, dict) and {"bachnorm_momentum", "batchnorm_momentum"} <= model_args.keys():
+        raise SettingsError(
+            f"invalid settings in {source}: model_args: give bachnorm_momentum or batchnorm_momentum, not both"
+        )
+    try:
+        # JSON mode: strict types as JSON has them (arrays are valid tuples, "50" is not an int).
+        settings = Settings.model_validate_json(json.dumps(data))
+    except ValidationError as exc:
+        raise SettingsError(_format_errors(exc, source)) from None
+    for (section, key), replacement in LEGACY_KEYS.items():
+        # null is what dump_settings writes for them; only a value the user set is worth a warning.
+        if data.get(section, {}).get(key) is not None:
+            log.warning("%s.%s is ignored: %s", section, key, replacement)
+    return settings
+
+
+def read_settings_file(path: str | Path) -> dict[str, Any]:
+    """Read settings.json as raw JSON; errors say which file and where."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(
+            f"settings file {path} not found: pass --settings PATH, or copy settings.json from the repository root"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SettingsError(
+            f"{path} is not a UTF-8 text file ({exc.reason} at byte {exc.start}): pass a JSON file"
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    return data
+
+
+def load_settings(path: str | Path | None = None, overrides: list[str] | None = None) -> Settings:
+    """Read, override and validate settings.
+
+    Args:
+        path: settings file; default ``settings.json`` at the repository root.
+        overrides: ``key.path=value`` strings, applied in order.
+    """
+    path = Path(path) if path is not None else DEFAULT_SETTINGS_PATH
+    data = apply_overrides(read_settings_file(path), overrides or [])
+    return validate_settings(data, source=str(path))
+
+
+def dump_settings(settings: Settings) -> str:
+    """The resolved settings as pretty JSON; loading it gives the same settings."""
+    return json.dumps(settings.model_dump(mode="json"), indent=2) + "\n"
+
+
+def _type_name(annotation: Any) -> str:
+    text = annotation.__name__ if isinstance(annotation, type) else repr(annotation)
+    for old, new in (
+        ("typing.", ""),
+        ("core.settings.", ""),
+        ("NoneType", "null"),
+        ("Literal", "one of "),
+        (" | ", " or "),
+        ("None", "null"),
+    ):
+        text = text.replace(old, new)
+    return text
+
+
+def _rows(model: type[BaseModel], values: dict[str, Any], prefix: str = "", scalars_only: bool = False) -> list[str]:
+    rows = []
+    for name, info in model.model_fields.items():
+        sub = _section_of(info.annotation)
+        if sub is not None:
+            if not scalars_only:
+                rows += _rows(sub, values[name], f"{prefix}{name}.")
+            continue
+        default = "exp-<today>" if model is Settings and name == "experiment" else json.dumps(values.get(name))
+        desc = (info.description or "").replace("|", "\\|")
+        rows.append(f"| `{prefix}{name}` | {_type_name(info.annotation)} | `{default}` | {desc} |")
+    return rows
+
+
+def settings_reference() -> str:
+    """Markdown tables of every section and key, from the schema's types, defaults and descriptions.
+
+    The README's settings reference is this text; ``python -m core.settings`` prints it.
+    """
+    defaults = Settings(experiment="x").model_dump(mode="json")
+    header = ["| key | type | default | description |", "|---|---|---|---|"]
+    parts = ["\n".join(header + _rows(Settings, defaults, scalars_only=True))]
+    for name, info in Settings.model_fields.items():
+        sub = _section_of(info.annotation)
+        if sub is not None:
+            doc = (sub.__doc__ or "").strip()
+            parts.append("\n".join([f"#### `{name}`", "", doc, "", *header, *_rows(sub, defaults[name])]))
+    return "\n\n".join(parts) + "\n"
+
+
+README_MARKERS = ("<!-- settings-reference:start -->\n", "<!-- settings-reference:end -->")
+
+
+def splice_reference(readme: str) -> str:
+    """README text with the settings reference between its markers replaced by the current one."""
+    start, end = README_MARKERS
+    head, _, rest = readme.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}{settings_reference()}{end}{tail}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--readme"]:
+        path = Path(sys.argv[2])
+        path.write_text(splice_reference(path.read_text(encoding="utf-8")), encoding="utf-8")
+    else:
+        print(settings_reference(), end="")

@@ -1,0 +1,142 @@
+"""Polygon labels: find, read, filter, repair, reproject, and index them.
+
+Labels come as Shapefile, GeoJSON or GeoPackage in any CRS. Every failure names the file
+and says what to do, because the classic silent failure of this kind of pipeline is a label
+file in another CRS that overlaps nothing and yields all-empty masks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import shapely
+from shapely import STRtree
+from shapely.geometry import box
+from shapely.geometry.base import BaseGeometry
+
+from core.errors import LabelError
+
+log = logging.getLogger(__name__)
+
+#: File suffixes read as label files.
+LABEL_SUFFIXES = (".shp", ".geojson", ".json", ".gpkg")
+
+
+def find_label_file(labels_dir: Path, name: str | None = None) -> Path:
+    """The label file to use: ``name`` inside ``labels_dir``, else the only one there."""
+    if name is not None:
+        path = Path(name) if Path(name).is_absolute() else labels_dir / name
+        if not path.is_file():
+            raise LabelError(f"label file {path} not found: check mask_args.label_file")
+        return path
+    if not labels_dir.is_dir():
+        raise LabelError(f"labels folder {labels_dir} not found: put a Shapefile, GeoJSON or GeoPackage there")
+    found = sorted(p for p in labels_dir.iterdir() if p.suffix.lower() in LABEL_SUFFIXES and not p.name.startswith("."))
+    if not found:
+        raise LabelError(
+            f"no label file in {labels_dir}: put a Shapefile, GeoJSON or GeoPackage of roof polygons there"
+        )
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise LabelError(f"several label files in {labels_dir} ({names}): set mask_args.label_file to one of them")
+    return found[0]
+
+
+def read_labels(path: Path) -> gpd.GeoDataFrame:
+    """Read a label file; refuse unreadable, empty or CRS-less files with a clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelError(f"label file {path} not found")
+    if path.stat().st_size == 0:
+        raise LabelError(f"label file {path} is empty (0 bytes): replace it with the real label file")
+    try:
+        gdf = gpd.read_file(path, engine="pyogrio")
+    except Exception as exc:  # pyogrio raises several types for unreadable files
+        raise LabelError(
+            f"label file {path} cannot be read ({exc}): is it a valid Shapefile, GeoJSON or GeoPackage?"
+        ) from exc
+    if len(gdf) == 0:
+        raise LabelError(f"label file {path} has no features: it should hold the roof polygons")
+    if gdf.crs is None:
+        raise LabelError(
+            f"label file {path} has no CRS: for a Shapefile add its .prj; for GeoJSON use EPSG:4326 coordinates"
+        )
+    return gdf
+
+
+def filter_labels(
+    gdf: gpd.GeoDataFrame, attribute: str, values: Sequence[str], source: Any = "labels"
+) -> gpd.GeoDataFrame:
+    """Keep features whose ``attribute`` is one of ``values``; all of them if there is no such attribute."""
+    if attribute not in gdf.columns:
+        log.info("%s has no attribute %r: every polygon is a roof", source, attribute)
+        return gdf
+    kept = gdf[gdf[attribute].astype(str).isin([str(v) for v in values])]
+    if len(kept) == 0:
+        present = sorted(str(v) for v in gdf[attribute].dropna().unique())
+        raise LabelError(
+            f"no polygon in {source} has {attribute} in {list(values)}; values present: {present}: "
+            f"set mask_args.filter.values to the roof values"
+        )
+    return kept
+
+
+def repair_geometries(gdf: gpd.GeoDataFrame, source: Any = "labels") -> gpd.GeoDataFrame:
+    """Repair invalid polygons (make_valid), keep polygonal parts, drop empty or missing ones.
+
+    A warning counts what was repaired or dropped; MultiPolygons and holes are kept as they are.
+    """
+    geoms = gdf.geometry.array
+    missing = gdf.geometry.isna().to_numpy() | shapely.is_empty(geoms)
+    invalid = ~missing & ~shapely.is_valid(geoms)
+    fixed = np.array(geoms, dtype=object)
+    if invalid.any():
+        fixed[invalid] = [_polygonal(g) for g in shapely.make_valid(fixed[invalid])]
+    nonpolygonal = ~missing & ~np.isin(shapely.get_type_id(fixed), (3, 6))  # Polygon, MultiPolygon
+    if nonpolygonal.any():
+        fixed[nonpolygonal] = [_polygonal(g) for g in fixed[nonpolygonal]]
+    drop = missing | shapely.is_empty(fixed)
+    if invalid.any() or drop.any():
+        log.warning(
+            "%s: repaired %d invalid geometries, dropped %d empty or non-polygon ones",
+            source,
+            int(invalid.sum()),
+            int(drop.sum()),
+        )
+    out = gdf.copy()
+    out = out.set_geometry(gpd.GeoSeries(fixed, index=gdf.index, crs=gdf.crs))
+    return out[~drop]
+
+
+def _polygonal(geom: BaseGeometry) -> BaseGeometry:
+    """The polygon parts of a geometry (make_valid may return a GeometryCollection)."""
+    parts = [p for p in shapely.get_parts(geom) if shapely.get_type_id(p) in (3, 6)]
+    if not parts:
+        return shapely.Polygon()
+    return shapely.union_all(parts) if len(parts) > 1 else parts[0]
+
+
+class LabelIndex:
+    """A spatial index over polygons: find those touching a box without scanning them all."""
+
+    def __init__(self, geometries: Sequence[BaseGeometry]) -> None:
+        self.geometries = np.asarray(geometries, dtype=object)
+        self.tree = STRtree(self.geometries)
+
+    def __len__(self) -> int:
+        return len(self.geometries)
+
+    def query(self, bounds: tuple[float, float, float, float]) -> list[BaseGeometry]:
+        """Polygons that intersect the box (left, bottom, right, top), in input order."""
+        hits = self.tree.query(box(*bounds), predicate="intersects")
+        return list(self.geometries[np.sort(hits)])
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """Bounds of all polygons together."""
+        return tuple(shapely.total_bounds(self.geometries))  # type: ignore[return-value]

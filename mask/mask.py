@@ -1,0 +1,175 @@
+"""Burn polygon labels into one mask per chip: python mask/mask.py
+
+Reads the label file in data/labels/ (Shapefile, GeoJSON or GeoPackage, any CRS; or
+mask_args.label_file), keeps the polygons mask_args.filter selects (default roof_type in
+[metal], when the file has that attribute), repairs invalid ones, reprojects them to the
+chips' CRS and writes data/masks/chip_NNNNNN.tif: same name and grid as the chip, uint8,
+0 = background, 255 = metal roof, 0 wherever the chip is nodata. Adds roof_share to
+data/chips.csv. A spatial index picks each chip's polygons, so work grows with chips plus
+polygons, not their product. Fails, giving both CRSs and both bounds, when no polygon
+overlaps any chip (the classic silent CRS mismatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import shapely
+from rasterio.features import rasterize
+
+from core import cli
+from core.errors import LabelError
+from core.index import read_index, write_index
+from core.parallel import map_tasks
+from core.raster import open_raster, write_raster
+from core.settings import MaskArgs, ParallelArgs, Settings
+from core.tree import DataTree, refuse_overwrite
+from core.vector import LabelIndex, filter_labels, find_label_file, read_labels, repair_geometries
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MaskTask:
+    """One mask to burn: the chip, the output, and the chip's polygons as WKB."""
+
+    chip: str
+    out: str
+    shapes: tuple[bytes, ...]
+    all_touched: bool
+    burn_value: int
+    compression: str
+    reuse: bool
+
+
+def burn_mask(task: MaskTask) -> float:
+    """Write one mask on its chip's grid; return the roof share of the chip's valid pixels."""
+    with open_raster(task.chip) as src:
+        data = src.read()
+        transform, crs, shape = src.transform, src.crs, (src.height, src.width)
+        valid = np.ones(shape, bool) if src.nodata is None else (data != src.nodata).any(axis=0)
+    if task.reuse and Path(task.out).is_file():
+        with open_raster(task.out) as done:
+            mask = done.read(1)
+    else:
+        geoms = shapely.from_wkb(list(task.shapes)) if task.shapes else []
+        mask = np.zeros(shape, np.uint8)
+        if len(geoms):
+            mask = rasterize(
+                [(g, task.burn_value) for g in geoms],
+                out_shape=shape,
+                transform=transform,
+                fill=0,
+                all_touched=task.all_touched,
+                dtype="uint8",
+            )
+        mask[~valid] = 0
+        write_raster(task.out, mask, crs=crs, transform=transform, nodata=None, compression=task.compression)
+    n_valid = int(valid.sum())
+    return float((mask[valid] > 0).sum() / n_valid) if n_valid else 0.0
+
+
+def load_roofs(labels_dir: Path, args: MaskArgs) -> tuple:
+    """Read, filter and repair the roof polygons; return (GeoDataFrame, label file)."""
+    path = find_label_file(labels_dir, args.label_file)
+    gdf = read_labels(path)
+    if args.filter is not None:
+        gdf = filter_labels(gdf, args.filter.attribute, args.filter.values, source=path.name)
+    gdf = repair_geometries(gdf, source=path.name)
+    if len(gdf) == 0:
+        raise LabelError(f"label file {path} has no usable polygon after repair: check its geometries")
+    return gdf, path
+
+
+def mask_chips(
+    tree: DataTree, args: MaskArgs, parallel: ParallelArgs, *, compression: str = "zstd", overwrite: bool = False
+) -> pd.DataFrame:
+    """Write a mask for every chip in chips.csv and add its roof_share; return the index."""
+    index = read_index(tree.chips_csv)
+    done = tree.masks / index["file"].iloc[-1]
+    if "roof_share" in index.columns and done.is_file():
+        refuse_overwrite([done], overwrite, "mask")
+    gdf, label_path = load_roofs(tree.labels, args)
+    if overwrite and tree.masks.is_dir():
+        for old in tree.masks.glob(f"chip_*{tree.extension}"):
+            old.unlink()
+    tree.masks.mkdir(parents=True, exist_ok=True)
+
+    tasks: list[MaskTask] = []
+    hits = 0
+    for crs, group in index.groupby("crs", sort=False):
+        roofs = gdf.to_crs(crs) if gdf.crs != crs else gdf
+        lookup = LabelIndex(roofs.geometry.to_numpy())
+        for row in group.itertuples():
+            shapes = lookup.query((row.left, row.bottom, row.right, row.top))
+            hits += bool(shapes)
+            tasks.append(
+                MaskTask(
+                    chip=str(tree.chips / row.file),
+                    out=str(tree.masks / row.file),
+                    shapes=tuple(shapely.to_wkb(shapes)) if shapes else (),
+                    all_touched=args.all_touched,
+                    burn_value=args.burn_value,
+                    compression=compression,
+                    reuse=not overwrite,
+                )
+            )
+    if hits == 0:
+        raise LabelError(no_overlap_message(label_path, gdf, index))
+    shares = map_tasks(burn_mask, tasks, parallel, desc="mask", unit="chip")
+    # Tasks were grouped by CRS: match results to rows by file name.
+    by_file = {Path(t.out).name: share for t, share in zip(tasks, shares, strict=True)}
+    index["roof_share"] = index["file"].map(by_file)
+    write_index(index, tree.chips_csv)
+    roofed = int((index["roof_share"] > 0).sum())
+    log.info(
+        "mask: %d masks from %d polygons of %s, %d chips with roofs, mean roof share %.2f%% -> %s",
+        len(index),
+        len(gdf),
+        label_path.name,
+        roofed,
+        100 * index["roof_share"].mean(),
+        tree.masks,
+    )
+    if roofed == 0:
+        log.warning("mask: no chip has a roof pixel although polygons overlap the chips: are the polygons tiny?")
+    return index
+
+
+def no_overlap_message(label_path: Path, gdf, index: pd.DataFrame) -> str:
+    """The CRS-mismatch message: both CRSs and both bounds, and what to check."""
+    lb = ", ".join(f"{v:.6g}" for v in gdf.total_bounds)
+    crs = index["crs"].iloc[0]
+    chips = index[index["crs"] == crs]
+    cb = ", ".join(
+        f"{v:.6g}" for v in (chips["left"].min(), chips["bottom"].min(), chips["right"].max(), chips["top"].max())
+    )
+    return (
+        f"no polygon of {label_path.name} ({gdf.crs.to_string()}, bounds {lb}) overlaps any chip "
+        f"({crs}, bounds {cb}): check the label file's CRS and that it covers this imagery"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.make_parser(__doc__)
+
+    def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
+        mask_chips(
+            tree,
+            settings.mask_args,
+            settings.parallel,
+            compression=settings.chip_args.compression,
+            overwrite=args.overwrite,
+        )
+
+    return cli.run(parser, argv, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""mosaic stage: a folder of tiles into one GeoTIFF."""

@@ -1,0 +1,1 @@
+"""split stage: chips and masks into train/val(/test) folders."""

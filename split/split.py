@@ -1,0 +1,213 @@
+"""Split chips and masks into training, validation and test sets: python split/split.py
+
+Reads data/chips.csv (with the roof shares mask added) and fills train_frames/ train_masks/
+val_frames/ val_masks/ (and test_* when split_args.fractions.test > 0) with train_0.tif,
+train_1.tif, ... as the original pipeline named them: hard links where the file system
+allows, copies otherwise. Strategies (split_args.strategy): random; spatial (blocks of
+split_args.block x block neighbouring chips go to one split, so neighbours do not leak
+between training and validation); stratified (chips with and without roofs spread evenly
+across splits). split_args.keep_empty keeps that share of roof-free chips. Records each
+chip's split and file name in chips.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core import cli
+from core.errors import DataError, InputMissingError
+from core.index import read_index, write_index
+from core.raster import atomic_path
+from core.settings import Settings, SplitArgs
+from core.tree import SPLITS, DataTree, refuse_overwrite
+
+log = logging.getLogger(__name__)
+
+
+def allocate(n: int, fractions: dict[str, float]) -> dict[str, int]:
+    """Whole counts per split summing to ``n``, closest to the fractions (largest remainder)."""
+    exact = {k: f * n for k, f in fractions.items()}
+    counts = {k: int(np.floor(v)) for k, v in exact.items()}
+    rest = n - sum(counts.values())
+    for k in sorted(exact, key=lambda k: (counts[k] - exact[k], list(exact).index(k)))[:rest]:
+        counts[k] += 1
+    return counts
+
+
+def ensure_each(counts: dict[str, int], fractions: dict[str, float]) -> dict[str, int]:
+    """Give every split with a non-zero fraction at least one chip, taken from the largest."""
+    wanted = [k for k, f in fractions.items() if f > 0]
+    total = sum(counts.values())
+    if total < len(wanted):
+        raise DataError(
+            f"{total} chips cannot fill {len(wanted)} splits ({', '.join(wanted)}): make more chips "
+            "(smaller chip_args.size) or set a split fraction to 0"
+        )
+    counts = dict(counts)
+    for k in wanted:
+        if counts[k] == 0:
+            donor = max(counts, key=lambda d: counts[d])
+            counts[donor] -= 1
+            counts[k] = 1
+    return counts
+
+
+def _fractions(args: SplitArgs) -> dict[str, float]:
+    return {"train": args.fractions.train, "val": args.fractions.val, "test": args.fractions.test}
+
+
+def _deal(ids: np.ndarray, counts: dict[str, int]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    start = 0
+    for split in SPLITS:
+        for i in ids[start : start + counts.get(split, 0)]:
+            out[int(i)] = split
+        start += counts.get(split, 0)
+    return out
+
+
+def block_keys(index: pd.DataFrame, block: int) -> pd.Series:
+    """Spatial block of each chip: (source, grid row // block, grid column // block)."""
+    keys = []
+    for source, group in index.groupby("source", sort=False):
+        rows = {v: i for i, v in enumerate(sorted(group["row_off"].unique()))}
+        cols = {v: i for i, v in enumerate(sorted(group["col_off"].unique()))}
+        for idx, r in group.iterrows():
+            keys.append((idx, (source, rows[r.row_off] // block, cols[r.col_off] // block)))
+    return pd.Series(dict(keys)).reindex(index.index)
+
+
+def assign_splits(index: pd.DataFrame, args: SplitArgs) -> pd.Series:
+    """The split of every chip ("" for roof-free chips left out by keep_empty)."""
+    rng = np.random.default_rng(args.seed)
+    fractions = _fractions(args)
+    empty = index.index[index["roof_share"] <= 0].to_numpy()
+    n_keep = round(args.keep_empty * len(empty))
+    dropped = set(rng.choice(empty, size=len(empty) - n_keep, replace=False).tolist()) if len(empty) else set()
+    kept = index[~index.index.isin(dropped)]
+    result: dict[int, str] = dict.fromkeys(dropped, "")
+
+    if args.strategy == "random":
+        ids = rng.permutation(kept.index.to_numpy())
+        result |= _deal(ids, ensure_each(allocate(len(ids), fractions), fractions))
+    elif args.strategy == "stratified":
+        strata = []
+        for has_roof in (True, False):
+            ids = rng.permutation(kept.index[(kept["roof_share"] > 0) == has_roof].to_numpy())
+            strata.append((ids, allocate(len(ids), fractions)))
+        ensure_each(allocate(len(kept), fractions), fractions)  # enough chips for every split?
+        for k in (k for k, f in fractions.items() if f > 0):
+            if sum(counts[k] for _, counts in strata) == 0:
+                # Tiny sets: move one chip from the largest split of the larger stratum.
+                _, counts = max(strata, key=lambda s: max(s[1].values()))
+                donor = max(counts, key=lambda d: counts[d])
+                counts[donor] -= 1
+                counts[k] += 1
+        for ids, counts in strata:
+            result |= _deal(ids, counts)
+    else:  # spatial
+        keys = block_keys(kept, args.block)
+        blocks = list(dict.fromkeys(keys.tolist()))
+        wanted = [k for k, f in fractions.items() if f > 0]
+        if len(blocks) < len(wanted):
+            raise DataError(
+                f"{len(blocks)} spatial block(s) cannot fill {len(wanted)} splits: lower split_args.block "
+                "or use split_args.strategy random"
+            )
+        order = rng.permutation(len(blocks))
+        sizes = keys.value_counts()
+        target = {k: fractions[k] * len(kept) for k in wanted}
+        have = dict.fromkeys(wanted, 0)
+        chosen: dict[object, str] = {}
+        for j, b in enumerate(order):
+            block = blocks[b]
+            left = len(order) - j
+            empty_splits = [k for k in wanted if have[k] == 0]
+            if len(empty_splits) >= left:  # the last blocks go to splits that have none yet
+                split = empty_splits[0]
+            else:
+                split = max(wanted, key=lambda k: (target[k] - have[k]) / max(target[k], 1e-9))
+            chosen[block] = split
+            have[split] += int(sizes[block])
+        result |= {int(i): chosen[k] for i, k in keys.items()}
+    return pd.Series(result).reindex(index.index)
+
+
+def place(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` at ``dst`` (copy when linking is not possible), replacing ``dst``."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+
+
+def split_chips(tree: DataTree, args: SplitArgs, *, overwrite: bool = False) -> pd.DataFrame:
+    """Assign splits, fill the split folders, record the split in chips.csv; return the index."""
+    index = read_index(tree.chips_csv, needs=("roof_share",), fix="run python mask/mask.py first")
+    if "split" in index.columns:
+        refuse_overwrite([tree.frames("train")], overwrite, "split")
+    missing = [f for f in index["file"] if not (tree.masks / f).is_file()]
+    if missing:
+        raise InputMissingError(
+            f"{len(missing)} chips have no mask in {tree.masks} (e.g. {missing[0]}): run python mask/mask.py"
+        )
+    splits = assign_splits(index, args)
+    train_roof = index.loc[splits == "train", "roof_share"].sum()
+    if train_roof <= 0:
+        raise DataError(
+            "the train split would have no roof pixels: change split_args.seed or strategy, raise keep_empty, "
+            "or check the masks (python mask/mask.py)"
+        )
+    used = [s for s in SPLITS if (splits == s).any()]
+    for s in SPLITS:  # clear every split folder, so no stale chip of an earlier split remains
+        for folder in (tree.frames(s), tree.split_masks(s)):
+            if folder.is_dir():
+                for old in folder.glob(f"{s}_*{tree.extension}"):
+                    old.unlink()
+    index["split"] = splits.fillna("").astype(str)
+    index["split_file"] = ""
+    for s in used:
+        tree.frames(s).mkdir(parents=True, exist_ok=True)
+        tree.split_masks(s).mkdir(parents=True, exist_ok=True)
+        rows = index.index[index["split"] == s]
+        for k, i in enumerate(cli.progress(rows, desc=s, unit="chip")):
+            name = tree.split_name(s, k)
+            place(tree.chips / index.at[i, "file"], tree.frames(s) / name)
+            place(tree.masks / index.at[i, "file"], tree.split_masks(s) / name)
+            index.at[i, "split_file"] = name
+    write_index(index, tree.chips_csv)
+    for s in used:
+        part = index[index["split"] == s]
+        log.info(
+            "split: %-5s %4d chips, %3d with roofs, roof share %.2f%%",
+            s,
+            len(part),
+            int((part["roof_share"] > 0).sum()),
+            100 * part["roof_share"].mean(),
+        )
+    if (index["split"] == "").any():
+        log.info("split: %d roof-free chips left out (split_args.keep_empty)", int((index["split"] == "").sum()))
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.make_parser(__doc__)
+
+    def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
+        split_chips(tree, settings.split_args, overwrite=args.overwrite)
+
+    return cli.run(parser, argv, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""core.settings: loading, validation, overrides, the original pipeline's file, bad inputs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+
+import pytest
+
+from core.errors import SettingsError
+from core.settings import DEFAULT_SETTINGS_PATH, Settings, dump_settings, load_settings
+
+
+def test_repo_settings_load():
+    settings = load_settings()
+    assert isinstance(settings, Settings)
+    assert settings == load_settings(DEFAULT_SETTINGS_PATH)
+    assert settings.model_args.input_shape[2] == settings.load_dataset_args.channels
+
+
+def test_original_settings_validate_unchanged(original_settings, write_settings, caplog):
+    path = write_settings(original_settings)
+    with caplog.at_level(logging.WARNING, logger="core.settings"):
+        settings = load_settings(path)
+    assert settings.model_args.bachnorm_momentum == 0.01
+    assert settings.model_args.input_shape == (640, 640, 3)
+    assert settings.model_args.filters == 64
+    assert settings.load_dataset_args.channels == 3
+    assert settings.load_dataset_args.rescale == 255.0
+    assert settings.load_dataset_args.target_size == (640, 640)
+    assert settings.training_args.epochs == 50
+    assert settings.training_args.steps_per_epoch == 723
+    assert settings.training_args.validation_steps == 241
+    assert settings.checkpoint_args.checkpoint_path == "results_4.h5"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3
+    for key in ("rescale", "target_size", "class_mode"):
+        assert sum(f"load_dataset_args.{key}" in r.getMessage() for r in warnings) == 1
+
+
+def test_no_legacy_warning_without_legacy_keys(settings_file, caplog):
+    with caplog.at_level(logging.WARNING, logger="core.settings"):
+        load_settings(settings_file)
+    assert caplog.records == []
+
+
+def test_batchnorm_momentum_alias(original_settings, write_settings):
+    args = original_settings["model_args"]
+    args["batchnorm_momentum"] = args.pop("bachnorm_momentum")
+    assert load_settings(write_settings(original_settings)).model_args.bachnorm_momentum == 0.01
+
+
+def test_both_momentum_spellings_rejected(original_settings, write_settings):
+    original_settings["model_args"]["batchnorm_momentum"] = 0.5
+    with pytest.raises(SettingsError, match="bachnorm_momentum or batchnorm_momentum, not both"):
+        load_settings(write_settings(original_settings))
+
+
+# --- bad files ------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.json"
+    with pytest.raises(SettingsError) as info:
+        load_settings(path)
+    assert "not found" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_invalid_json_names_line_and_column(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "data_root": "data",\n  "experiment": x\n}\n', encoding="utf-8")
+    with pytest.raises(SettingsError) as info:
+        load_settings(path)
+    assert str(path) in str(info.value)
+    assert "line 3, column 17" in str(info.value)
+
+
+def test_binary_file(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_bytes(b"\xff\xfe\x00II*\x00")
+    with pytest.raises(SettingsError) as info:
+        load_settings(path)
+    assert str(path) in str(info.value)
+    assert "not a UTF-8 text file" in str(info.value)
+
+
+@pytest.mark.parametrize("top", [[1, 2], "text", 3, None])
+def test_top_level_not_an_object(write_settings, top):
+    with pytest.raises(SettingsError, match="top level must be a JSON object"):
+        load_settings(write_settings(top))
+
+
+def test_unknown_section_key(original_settings, write_settings):
+    original_settings["model_args"]["filtres"] = 32
+    with pytest.raises(SettingsError) as info:
+        load_settings(write_settings(original_settings))
+    assert "model_args.filtres: unknown key; did you mean filters?" in str(info.value)
+
+
+def test_unknown_top_level_key(original_settings, write_settings):
+    original_settings["data_rot"] = "data"
+    with pytest.raises(SettingsError) as info:
+        load_settings(write_settings(original_settings))
+    assert "data_rot: unknown key; did you mean data_root?" in str(info.value)
+
+
+def test_unknown_key_without_close_match_lists_valid_keys(original_settings, write_settings):
+    original_settings["training_args"]["zzzz"] = 1
+    with pytest.raises(SettingsError) as info:
+        load_settings(write_settings(original_settings))
+    assert "training_args.zzzz: unknown key; valid keys: " in str(info.value)
+    assert "epochs" in str(info.value)
+
+
+def test_wrong_type_is_not_coerced(original_settings, write_settings):
+    original_settings["training_args"]["epochs"] = "50"
+    with pytest.raises(SettingsError) as info:
+        load_settings(write_settings(original_settings))
+    assert "training_args.epochs: " in str(info.value)
+    assert '(got "50")' in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("training_args", "epochs", -1),
+        ("training_args", "epochs", 0),
+        ("load_dataset_args", "batch_size", 0),
+        ("model_args", "bachnorm_momentum", 1.0),
+    ],
+)
+def test_out_of_range(original_settings, write_settings, section, key, value):
+    original_settings[section][key] = value
+    with pytest.raises(SettingsError) as info:
+        load_settings(write_settings(original_settings))
+    assert f"{section}.{key}: " in str(info.value)
+    assert f"(got {value})" in str(info.value)
+
+
+def test_input_shape_must_match_channels(original_settings, write_settings):
+    original_settings["model_args"]["input_shape"] = [640, 640, 4]
+    with pytest.raises(SettingsError) as info:
+        load_settings(write_settings(original_settings))
+    message = str(info.value)
+    assert "model_args.input_shape[2] is 4 but load_dataset_args.channels is 3" in message
+
+
+def test_split_fractions_must_sum_to_one(settings_file):
+    with pytest.raises(SettingsError) as info:
+        load_settings(settings_file, ['split_args.fractions={"train": 0.5, "val": 0.2, "test": 0.0}'])
+    assert "split_args.fractions: train + val + test must be 1, got 0.7" in str(info.value)
+
+
+def test_error_names_every_bad_key(original_settings, write_settings):
+    original_settings["training_args"]["epochs"] = 0
+    original_settings["load_dataset_args"]["batch_size"] = 0
+    with pytest.raises(SettingsError) as info:
+        load_settings(write_settings(original_settings))
+    assert "training_args.epochs" in str(info.value)
+    assert "load_dataset_args.batch_size" in str(info.value)
+
+
+# --- --set overrides ------------------------------------------------------------------------
+
+
+def test_override_int(settings_file):
+    settings = load_settings(settings_file, ["training_args.epochs=3"])
+    assert settings.training_args.epochs == 3
+    assert type(settings.training_args.epochs) is int
+
+
+def test_override_string_path(settings_file):
+    assert load_settings(settings_file, ["data_root=/tmp/x"]).data_root == "/tmp/x"
+
+
+def test_override_string_field_keeps_digits_as_text(settings_file):
+    assert load_settings(settings_file, ["experiment=2024"]).experiment == "2024"
+
+
+def test_override_list(settings_file):
+    assert load_settings(settings_file, ["load_dataset_args.target_size=[256,256]"]).load_dataset_args.target_size == (
+        256,
+        256,
+    )
+
+
+def test_override_null(original_settings, write_settings):
+    path = write_settings(original_settings)
+    assert load_settings(path, ["training_args.steps_per_epoch=null"]).training_args.steps_per_epoch is None
+
+
+def test_overrides_apply_in_order(settings_file):
+    settings = load_settings(settings_file, ["training_args.epochs=3", "training_args.epochs=5"])
+    assert settings.training_args.epochs == 5
+
+
+def test_override_unknown_key(settings_file):
+    with pytest.raises(SettingsError, match="did you mean filters"):
+        load_settings(settings_file, ["model_args.filtres=3"])
+
+
+def test_override_unknown_section(settings_file):
+    with pytest.raises(SettingsError, match=r"model_arg\.filters: unknown key"):
+        load_settings(settings_file, ["model_arg.filters=3"])
+
+
+def test_override_unparsable_value(settings_file):
+    with pytest.raises(SettingsError) as info:
+        load_settings(settings_file, ["training_args.epochs=abc"])
+    assert "training_args.epochs" in str(info.value)
+
+
+@pytest.mark.parametrize("item", ["training_args.epochs", "=3", "training_args..epochs=3"])
+def test_override_malformed(settings_file, item):
+    with pytest.raises(SettingsError, match="--set"):
+        load_settings(settings_file, [item])
+
+
+# --- dump, defaults, experiment name --------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["repo", "original"])
+def test_dump_round_trips(which, settings_file, original_settings, write_settings, tmp_path, caplog):
+    source = settings_file if which == "repo" else write_settings(original_settings, "original.json")
+    settings = load_settings(source)
+    dumped = tmp_path / "dumped.json"
+    dumped.write_text(dump_settings(settings), encoding="utf-8")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="core.settings"):
+        again = load_settings(dumped)
+    assert again == settings
+    assert dump_settings(again) == dump_settings(settings)
+    # A dumped snapshot holds null legacy keys; rerunning from it must not warn about them.
+    if which == "repo":
+        assert caplog.records == []
+
+
+def test_default_experiment_is_today(settings_file):
+    data = json.loads(settings_file.read_text(encoding="utf-8"))
+    del data["experiment"]
+    settings_file.write_text(json.dumps(data), encoding="utf-8")
+    before = dt.date.today().isoformat()
+    experiment = load_settings(settings_file).experiment
+    after = dt.date.today().isoformat()
+    assert experiment in {"exp-" + before, "exp-" + after}
+
+
+def test_empty_file_is_all_defaults(write_settings):
+    settings = load_settings(write_settings({}))
+    assert settings.model_args.input_shape == (256, 256, 8)
+    assert settings.load_dataset_args.channels == 8
+
+
+@pytest.mark.parametrize("name", ["a/b", "a\\b", "..", "."])
+def test_experiment_must_be_plain_name(settings_file, name):
+    with pytest.raises(SettingsError, match="experiment"):
+        load_settings(settings_file, [f"experiment={name}"])
+
+
+def test_empty_experiment_rejected(settings_file):
+    with pytest.raises(SettingsError, match="experiment"):
+        load_settings(settings_file, ["experiment="])
