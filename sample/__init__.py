@@ -1,0 +1,1 @@
+"""The built-in demo scene: a synthetic, deterministic town in 8-band imagery."""
