@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from core import cli
-from core.errors import InputMissingError
+from core.errors import InputMissingError, RasterError
 from core.index import CHIP_COLUMNS, write_index
 from core.parallel import map_tasks
 from core.raster import open_raster, write_raster
@@ -37,11 +38,13 @@ def chip_offsets(length: int, size: int, stride: int) -> list[int]:
     """Offsets of chips of ``size`` every ``stride`` pixels along an axis of ``length``.
 
     The last chip covers the last pixel (it may overhang and is then padded); a stride
-    larger than the size leaves gaps between chips.
+    larger than the size leaves gaps between chips, and no chip starts past the last pixel.
     """
     if length <= 0 or size <= 0 or stride <= 0:
         raise ValueError(f"length, size and stride must be positive, got {length}, {size}, {stride}")
     count = 1 if length <= size else math.ceil((length - size) / stride) + 1
+    # With stride > size the formula above can place the last chip wholly outside the raster.
+    count = min(count, math.ceil(length / stride))
     return [i * stride for i in range(count)]
 
 
@@ -74,7 +77,10 @@ def read_padded(src, row_off: int, col_off: int, size: int, pad_value: float) ->
     data = np.full((src.count, size, size), pad_value, dtype=src.dtypes[0])
     valid = np.zeros((size, size), dtype=bool)
     if rows and cols:
-        part = src.read(window=Window(col_off, row_off, cols, rows))
+        try:
+            part = src.read(window=Window(col_off, row_off, cols, rows))
+        except RasterioError as exc:
+            raise RasterError(f"{src.name} could not be read ({exc}): it may be truncated or corrupt") from exc
         data[:, :rows, :cols] = part
         if src.nodata is None:
             valid[:rows, :cols] = True
@@ -153,12 +159,13 @@ def chip_sources(
     run are kept and only the missing ones are written.
     """
     refuse_overwrite([tree.chips_csv], overwrite, "chip")
+    # Plan first: it opens every source, so an unreadable one fails before old chips are deleted.
+    tasks = plan_chips(sources, tree, args, reuse=not overwrite)
     tree.chips.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for old in tree.chips.glob(f"chip_*{tree.extension}"):
             old.unlink()
         tree.chips_csv.unlink(missing_ok=True)
-    tasks = plan_chips(sources, tree, args, reuse=not overwrite)
     rows = [r for r in map_tasks(make_chip, tasks, parallel, desc="chip", unit="chip") if r is not None]
     frame = pd.DataFrame(rows, columns=list(CHIP_COLUMNS))
     # Sources inside the data tree are recorded relative to it, so the tree can move.

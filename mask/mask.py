@@ -96,10 +96,6 @@ def mask_chips(
     if "roof_share" in index.columns and done.is_file():
         refuse_overwrite([done], overwrite, "mask")
     gdf, label_path = load_roofs(tree.labels, args)
-    if overwrite and tree.masks.is_dir():
-        for old in tree.masks.glob(f"chip_*{tree.extension}"):
-            old.unlink()
-    tree.masks.mkdir(parents=True, exist_ok=True)
 
     tasks: list[MaskTask] = []
     hits = 0
@@ -122,6 +118,11 @@ def mask_chips(
             )
     if hits == 0:
         raise LabelError(no_overlap_message(label_path, gdf, index))
+    # Only now that the labels are known to be usable: a failed --overwrite keeps the old masks.
+    if overwrite and tree.masks.is_dir():
+        for old in tree.masks.glob(f"chip_*{tree.extension}"):
+            old.unlink()
+    tree.masks.mkdir(parents=True, exist_ok=True)
     shares = map_tasks(burn_mask, tasks, parallel, desc="mask", unit="chip")
     # Tasks were grouped by CRS: match results to rows by file name.
     by_file = {Path(t.out).name: share for t, share in zip(tasks, shares, strict=True)}

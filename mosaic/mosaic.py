@@ -29,7 +29,7 @@ from rasterio.warp import Resampling, transform_bounds
 from rasterio.windows import Window
 
 from core import cli
-from core.errors import DataError, InputMissingError
+from core.errors import DataError, InputMissingError, RasterError
 from core.raster import create_raster, gtiff_profile, open_raster
 from core.settings import MosaicArgs, Settings
 from core.tree import DataTree, refuse_overwrite
@@ -178,6 +178,8 @@ def build_mosaic(
         block: output block size in pixels; memory use follows it, not the mosaic's size.
     """
     refuse_overwrite([output], overwrite, "mosaic")
+    if not paths:
+        raise InputMissingError(f"no tiles to mosaic into {output}: give at least one GeoTIFF")
     infos = inspect_tiles(paths)
     odd = mismatches(infos)
     if odd and not args.reproject:
@@ -217,17 +219,20 @@ def build_mosaic(
             bounds = rasterio.windows.bounds(win, transform)
             out = np.full((ref.count, int(win.height), int(win.width)), nodata, dtype=ref.dtype)
             filled = np.zeros(out.shape[1:], dtype=bool)
-            for ds in datasets:
+            for info, ds in zip(order, datasets, strict=True):
                 if disjoint_bounds(bounds, ds.bounds):
                     continue
                 # Same pixel grid: the block's corner falls on a whole pixel of the tile.
-                col, row = ~ds.transform * (bounds[0], bounds[3])
+                col, row = ~ds.transform @ (bounds[0], bounds[3])
                 r0, c0 = round(row), round(col)
                 rs, re = max(0, r0), min(ds.height, r0 + out.shape[1])
                 cs, ce = max(0, c0), min(ds.width, c0 + out.shape[2])
                 if rs >= re or cs >= ce:
                     continue
-                part = ds.read(window=Window(cs, rs, ce - cs, re - rs))
+                try:
+                    part = ds.read(window=Window(cs, rs, ce - cs, re - rs))
+                except rasterio.errors.RasterioError as exc:
+                    raise RasterError(f"{info.path} could not be read ({exc}): it may be truncated or corrupt") from exc
                 valid = np.ones(part.shape[1:], dtype=bool) if ds.nodata is None else (part != ds.nodata).any(axis=0)
                 dr, dc = rs - r0, cs - c0
                 view = np.s_[dr : dr + part.shape[1], dc : dc + part.shape[2]]

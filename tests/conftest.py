@@ -12,12 +12,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import shapely
 from rasterio.transform import Affine
 
 from core import cli
+from core.settings import load_settings
+from core.tree import DataTree
 
 #: Default georeference of test rasters: UTM 44N near Gorakhpur, 0.5 m pixels.
 TEST_CRS = "EPSG:32644"
@@ -131,6 +135,43 @@ def make_geotiff() -> Callable[..., Path]:
     return make
 
 
+#: OGR driver of each label file suffix.
+LABEL_DRIVERS = {".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile", ".gpkg": "GPKG"}
+
+
+def write_labels(path: Path, geoms: list[Any], crs: str | None = TEST_CRS, **attrs: list[Any]) -> Path:
+    """Write polygons (and attribute columns, one value per polygon) as GeoJSON, Shapefile or GeoPackage."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gdf = gpd.GeoDataFrame(dict(attrs), geometry=list(geoms), crs=crs)
+    gdf.to_file(path, driver=LABEL_DRIVERS[path.suffix.lower()], engine="pyogrio")
+    return path
+
+
+def pixel_box(
+    col0: float, row0: float, col1: float, row1: float, transform: Affine = TEST_TRANSFORM
+) -> shapely.Polygon:
+    """The rectangle from pixel corner (col0, row0) to (col1, row1) in map coordinates.
+
+    With whole-pixel corners every pixel centre lies 0.5 px from its edges, so rasterizing it
+    (centre rule) burns exactly (col1 - col0) * (row1 - row0) pixels.
+    """
+    x0, y0 = transform @ (col0, row0)
+    x1, y1 = transform @ (col1, row1)
+    return shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+@pytest.fixture
+def make_labels() -> Callable[..., Path]:
+    """``make_labels(path, geoms, crs="EPSG:32644", **attrs) -> Path``: a label file, driver from the suffix."""
+    return write_labels
+
+
+@pytest.fixture(name="pixel_box")
+def pixel_box_fixture() -> Callable[..., shapely.Polygon]:
+    """``pixel_box(col0, row0, col1, row1, transform=TEST_TRANSFORM)``: a pixel-aligned rectangle."""
+    return pixel_box
+
+
 @pytest.fixture
 def original_settings() -> dict[str, Any]:
     """A fresh copy of the original pipeline's settings, to edit in a test."""
@@ -157,6 +198,26 @@ def settings_file(tmp_path: Path) -> Path:
     path = tmp_path / "settings.json"
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def data_tree(settings_file: Path) -> DataTree:
+    """The DataTree of ``settings_file``: its data_root is ``tmp_path / "data"``."""
+    return DataTree.from_settings(load_settings(settings_file))
+
+
+@pytest.fixture
+def stage_argv(settings_file: Path, tmp_path: Path) -> list[str]:
+    """Arguments every stage's ``main`` gets in tests: the test settings, data_root in tmp_path, one worker."""
+    return [
+        "--settings",
+        str(settings_file),
+        "--set",
+        f"data_root={tmp_path / 'data'}",
+        "--set",
+        "parallel.workers=1",
+        "--quiet",
+    ]
 
 
 @pytest.fixture(autouse=True)
