@@ -39,6 +39,9 @@ def read_index(path: Path, needs: tuple[str, ...] = (), fix: str = "run python c
         frame = pd.read_csv(path, dtype={"file": str, "source": str, "crs": str, "split": str, "split_file": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"chip index {path} is unreadable ({exc}): rerun python chip/chip.py --overwrite") from exc
+    for column in ("split", "split_file"):  # chips left out by split are "" (pandas reads NaN)
+        if column in frame.columns:
+            frame[column] = frame[column].fillna("")
     missing = [c for c in (*CHIP_COLUMNS, *needs) if c not in frame.columns]
     if missing:
         raise DataError(f"chip index {path} lacks columns {missing}: {fix}")

@@ -400,3 +400,251 @@ def band_statistics(
         std = float(np.sqrt(acc.m2 / acc.n))
         results.append(BandStats(b + 1, acc.n, acc.lo, acc.hi, acc.mean, std, pcts))
     return results
+
+
+def rgb_bands(count: int) -> tuple[int, int, int]:
+    """0-based (red, green, blue) band indices for a preview: WorldView-3 order for 8 bands, else 1-2-3."""
+    if count >= 8:
+        return (4, 2, 1)  # coastal, blue, green, yellow, red, red edge, NIR1, NIR2
+    if count >= 3:
+        return (0, 1, 2)
+    return (0, 0, 0)
+
+
+def rgb_preview(
+    chw: np.ndarray,
+    nodata: float | None = None,
+    low: Sequence[float] | None = None,
+    high: Sequence[float] | None = None,
+) -> np.ndarray:
+    """A (rows, cols, 3) uint8 natural-colour picture of raw pixels.
+
+    Each band is stretched between ``low`` and ``high`` (indexed by band, e.g. the training
+    percentiles, so chips are shown alike), or by default between its own percentiles 2 and 98.
+    """
+    picks = list(rgb_bands(chw.shape[0]))
+    valid = valid_pixels(chw, nodata)
+    out = np.zeros((*chw.shape[1:], 3), np.uint8)
+    for i, b in enumerate(picks):
+        band = chw[b].astype(np.float32)
+        if low is not None and high is not None:
+            lo, hi = float(low[b]), float(high[b])
+        elif valid.any():
+            lo, hi = np.percentile(band[valid], (2, 98))
+        else:
+            continue
+        scaled = np.clip((band - lo) / max(float(hi - lo), 1e-6), 0, 1)
+        out[..., i] = (scaled * 255).astype(np.uint8)
+    out[~valid] = 0
+    return out
+
+
+# --- per-class statistics: summarize's tables and chips share these ----------------------------
+
+#: Pixel classes of :class:`ClassBandStats`: every valid pixel, roof (mask > 0), background.
+CLASSES = ("all", "roof", "background")
+
+#: Integer dtypes with one counter per possible value (exact statistics), smallest first.
+_SMALL_INTS = tuple(np.dtype(t) for t in ("uint8", "int8", "uint16", "int16"))
+
+
+def valid_pixels(chw: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Boolean (rows, cols): pixels that are not nodata in every band (NaN counts as nodata).
+
+    The pixel-level rule mask.py and :class:`core.bundle.Normalization` use: a pixel is
+    nodata only when all its bands are.
+    """
+    if chw.dtype.kind == "f":
+        missing = np.isnan(chw) if nodata is None or np.isnan(nodata) else (chw == nodata) | np.isnan(chw)
+    elif nodata is None:
+        return np.ones(chw.shape[1:], bool)
+    else:
+        missing = chw == nodata
+    return ~missing.all(axis=0)
+
+
+def exact_dtype(lo: float, hi: float) -> np.dtype | None:
+    """The smallest 8- or 16-bit integer dtype that holds every integer in [lo, hi], else None."""
+    for dtype in _SMALL_INTS:
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype
+    return None
+
+
+def _histogram_percentiles(
+    hist: np.ndarray, lo: float, hi: float, n: int, percentiles: Sequence[float]
+) -> dict[str, float | None]:
+    """Percentiles of ``n`` values binned in ``hist`` over [lo, hi], as :func:`band_statistics` takes them."""
+    cum = np.cumsum(hist)
+    width = (hi - lo) / hist.size
+    out: dict[str, float | None] = {}
+    for p in percentiles:
+        k_lo, k_hi, t = _virtual_index(n, p)
+        below, above = (lo + (int(np.searchsorted(cum, k, side="right")) + 0.5) * width for k in (k_lo, k_hi))
+        out[_pkey(p)] = _lerp(below, above, t)
+    return out
+
+
+class ValueStats:
+    """Streaming statistics and histogram of one band's values.
+
+    8- and 16-bit integers keep a counter per possible value (exact, equal to numpy, as
+    :func:`band_statistics`); other values keep exact moments and a 65,536-bin histogram over
+    ``[lo, hi]``, which must be known in advance (percentiles within one bin width).
+    """
+
+    def __init__(self, dtype: np.dtype | str, lo: float | None = None, hi: float | None = None) -> None:
+        dtype = np.dtype(dtype)
+        self.integer = dtype.kind in "iu" and dtype.itemsize <= 2
+        self._acc: _IntegerAccumulator | _FloatAccumulator
+        if self.integer:
+            self._acc = _IntegerAccumulator(dtype)
+            return
+        if lo is None or hi is None:
+            raise ValueError("ValueStats of non-integer values needs their range [lo, hi] in advance")
+        self._acc = _FloatAccumulator()
+        self.lo, self.hi = float(lo), float(hi)
+        self._hist = np.zeros(_FLOAT_BINS, np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        """Add values (any shape; callers leave nodata out)."""
+        values = np.asarray(values).ravel()
+        self._acc.add(values)
+        if not self.integer and values.size and self.hi > self.lo:
+            self._hist += np.histogram(values, bins=_FLOAT_BINS, range=(self.lo, self.hi))[0]
+
+    @property
+    def count(self) -> int:
+        return int(self._acc.counts.sum()) if self.integer else self._acc.n
+
+    def result(self, band: int, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> BandStats:
+        """The statistics of band number ``band`` (1-based, as a label)."""
+        if self.integer:
+            return self._acc.result(band, percentiles)
+        acc = self._acc
+        if acc.n == 0:
+            return BandStats(band, 0, None, None, None, None, {_pkey(p): None for p in percentiles})
+        if acc.hi == acc.lo:
+            pcts: dict[str, float | None] = {_pkey(p): acc.lo for p in percentiles}
+        else:
+            pcts = _histogram_percentiles(self._hist, self.lo, self.hi, acc.n, percentiles)
+        return BandStats(band, acc.n, acc.lo, acc.hi, acc.mean, float(np.sqrt(acc.m2 / acc.n)), pcts)
+
+    def histogram(self, edges: np.ndarray) -> np.ndarray:
+        """Counts of the values in the bins ``edges`` (for plots)."""
+        if self.integer:
+            nonzero = np.flatnonzero(self._acc.counts)
+            centres, weights = nonzero + self._acc.offset, self._acc.counts[nonzero]
+        elif self.hi > self.lo:
+            width = (self.hi - self.lo) / _FLOAT_BINS
+            centres, weights = self.lo + (np.arange(_FLOAT_BINS) + 0.5) * width, self._hist
+        else:
+            centres, weights = np.array([self.lo]), np.array([self._acc.n])
+        return np.histogram(centres, bins=edges, weights=weights)[0].astype(np.int64)
+
+
+class ClassBandStats:
+    """Per-band :class:`ValueStats` of every valid pixel and of each mask class, streamed.
+
+    Args:
+        dtypes: the values' dtype, per band.
+        lo, hi: per band value range, needed for non-integer bands (see :class:`ValueStats`).
+    """
+
+    def __init__(
+        self,
+        dtypes: Sequence[np.dtype | str],
+        lo: Sequence[float] | None = None,
+        hi: Sequence[float] | None = None,
+    ) -> None:
+        self.bands = len(dtypes)
+        self.values = {
+            c: [
+                ValueStats(dt, None if lo is None else lo[b], None if hi is None else hi[b])
+                for b, dt in enumerate(dtypes)
+            ]
+            for c in CLASSES
+        }
+
+    def add(self, band: int, values: np.ndarray, roof: np.ndarray) -> None:
+        """Add values of band index ``band`` (0-based) and whether each is a roof pixel."""
+        values = np.asarray(values).ravel()
+        roof = np.asarray(roof, bool).ravel()
+        if values.dtype.kind == "f":  # a band missing in a pixel whose other bands are valid
+            keep = ~np.isnan(values)
+            values, roof = values[keep], roof[keep]
+        self.values["all"][band].add(values)
+        self.values["roof"][band].add(values[roof])
+        self.values["background"][band].add(values[~roof])
+
+    def result(self, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, list[BandStats]]:
+        """Statistics per class (``all``, ``roof``, ``background``), one :class:`BandStats` per band."""
+        return {c: [v.result(b + 1, percentiles) for b, v in enumerate(vs)] for c, vs in self.values.items()}
+
+    def histograms(self, band: int, bins: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Bin edges over the band's range and the counts of each class in them."""
+        values = self.values["all"][band]
+        stats = values.result(band + 1, ())
+        lo, hi = (0.0, 1.0) if stats.count == 0 else (stats.min, stats.max)
+        if values.integer:
+            # Whole values per bin, edges between integers: no bin holds one value more than its neighbour.
+            step = max(1, int(np.ceil((hi - lo + 1) / bins)))
+            edges = lo - 0.5 + step * np.arange(int(np.ceil((hi - lo + 1) / step)) + 1)
+        else:
+            lo, hi = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
+            edges = np.linspace(lo, hi, bins + 1)
+        return edges, {c: vs[band].histogram(edges) for c, vs in self.values.items()}
+
+
+def class_band_statistics(
+    frames: Sequence[str | os.PathLike[str]],
+    masks: Sequence[str | os.PathLike[str]],
+    *,
+    nodata: float | None = None,
+    block: int = 1024,
+) -> ClassBandStats:
+    """Per-band statistics of chips, overall and per class of their masks (roof = mask > 0).
+
+    The same statistics summarize computes from a flat table, straight from chips and masks
+    (pairs in order). Nodata pixels (every band equal to ``nodata``, default each chip's own)
+    are left out, as flatten leaves them out. Read window by window: memory does not grow
+    with the chips. Call :meth:`ClassBandStats.result` for the numbers.
+    """
+    frames, masks = [Path(p) for p in frames], [Path(p) for p in masks]
+    if not frames or len(frames) != len(masks):
+        raise ValueError(f"class_band_statistics needs chips and as many masks, got {len(frames)} and {len(masks)}")
+    with open_raster(frames[0]) as src:
+        count, dtype = src.count, np.dtype(src.dtypes[0])
+
+    def windows() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for frame, mask in zip(frames, masks, strict=True):
+            with open_raster(frame) as src, open_raster(mask) as msk:
+                if src.count != count or np.dtype(src.dtypes[0]) != dtype:
+                    raise RasterError(
+                        f"{frame} has {src.count} bands of {src.dtypes[0]}, but {frames[0]} has {count} of "
+                        f"{dtype.name}: statistics need chips of one kind"
+                    )
+                if (msk.width, msk.height) != (src.width, src.height):
+                    raise RasterError(f"mask {mask} is {msk.width}x{msk.height}, its chip {src.width}x{src.height}")
+                nd = src.nodata if nodata is None else nodata
+                for win in iter_windows(src.width, src.height, block):
+                    data = src.read(window=win)
+                    keep = valid_pixels(data, nd)
+                    yield data[:, keep], msk.read(1, window=win)[keep] > 0
+
+    lo = hi = None
+    if not (dtype.kind in "iu" and dtype.itemsize <= 2):
+        # Other dtypes: a first pass finds each band's range for the fixed-range histograms.
+        lo, hi = [np.inf] * count, [-np.inf] * count
+        for values, _ in windows():
+            if values.size:
+                lo = list(np.minimum(lo, values.min(axis=1)))
+                hi = list(np.maximum(hi, values.max(axis=1)))
+        lo = [v if np.isfinite(v) else 0.0 for v in lo]
+        hi = [v if np.isfinite(v) else 0.0 for v in hi]
+    stats = ClassBandStats([dtype] * count, lo, hi)
+    for values, roof in windows():
+        for b in range(count):
+            stats.add(b, values[b], roof)
+    return stats

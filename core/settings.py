@@ -89,7 +89,7 @@ class LoadDatasetArgs(Section):
         le=1,
         description="Legacy: 1 selected the original custom (rasterio) reader, which is now the only one.",
     )
-    batch_size: int = Field(4, ge=1, description="Chips per training batch.")
+    batch_size: int = Field(8, ge=1, description="Chips per training batch.")
     target_size: tuple[int, int] | None = Field(
         None,
         description="Legacy, ignored: chips are never resized (resizing 650 to 640 was one cause of blank masks). "
@@ -134,8 +134,12 @@ class ModelArgs(Section):
     )
     num_classes: int = Field(1, ge=1, le=1, description="Output channels; 1 (roof probability).")
     num_layers: int = Field(4, ge=1, le=8, description="Encoder depth (poolings).")
-    filters: int = Field(32, ge=1, description="Filters of the first encoder block; doubled at each level.")
-    upconv_filters: int = Field(48, ge=1, description="Filters of the transposed convolutions in the decoder.")
+    filters: int = Field(
+        16,
+        ge=1,
+        description="Convolution filters: at every level for satellite; of the first level, doubled at each, for custom.",
+    )
+    upconv_filters: int = Field(24, ge=1, description="Filters of the transposed convolutions in the decoder.")
     kernel_size: tuple[int, int] = Field((3, 3), description="Convolution kernel size.")
     activation: str = Field("relu", description="Activation of the hidden convolutions (a Keras activation name).")
     strides: tuple[int, int] = Field((1, 1), description="Convolution strides.")
@@ -152,6 +156,11 @@ class ModelArgs(Section):
     pool_size: tuple[int, int] = Field((2, 2), description="Max-pooling window.")
     pool_strides: tuple[int, int] = Field((2, 2), description="Max-pooling strides.")
     pool_padding: Literal["valid", "same"] = Field("valid", description="Max-pooling padding.")
+    use_batch_norm: bool = Field(True, description="custom only: batch normalization in every block.")
+    upsample_mode: Literal["deconv", "simple"] = Field(
+        "deconv", description="custom only: transposed convolutions (deconv) or plain upsampling (simple)."
+    )
+    dropout: float = Field(0.3, ge=0.0, lt=1.0, description="custom only: dropout after the first block.")
 
 
 class TrainingArgs(Section):
@@ -173,6 +182,11 @@ class TrainingArgs(Section):
     )
     patience: int = Field(8, ge=1, description="Epochs without validation IoU gain before early stopping.")
     seed: int = Field(0, description="Seed of weight initialization.")
+    jit_compile: bool | None = Field(
+        None,
+        description="XLA compilation; null = off on a CPU (measured faster there), on with a GPU.",
+    )
+    mixed_precision: bool = Field(False, description="float16 compute on a GPU (mixed_float16); ignored on a CPU.")
 
 
 class OutputArgs(Section):
@@ -190,16 +204,39 @@ class OutputArgs(Section):
 class DownloadArgs(Section):
     """download/download.py: imagery and labels from S3 or an S3-compatible store."""
 
-    bucket: str | None = Field(None, description="Bucket name; asked interactively when missing.")
-    prefix: str = Field("", description="Key prefix (folder) to download from.")
-    pattern: str = Field("*.tif", description="Glob on key names of imagery to download.")
-    labels_pattern: str | None = Field(None, description="Glob on key names that go to labels/ (e.g. *.geojson).")
+    bucket: str | None = Field(
+        None, description="Bucket name (or s3://bucket/prefix); asked interactively when missing."
+    )
+    prefix: str | None = Field(
+        None,
+        description="Key prefix (folder) to download from; null = chosen from a menu when interactive, "
+        "the whole bucket when scripted.",
+    )
+    pattern: str = Field(
+        "*.tif",
+        description="Glob on key names of imagery to download; without a / it matches the file name, "
+        "with one the key below the prefix's folder.",
+    )
+    labels_pattern: str | None = Field(
+        None, description="Glob on key names that go to labels/ instead (e.g. *.geojson); null = none."
+    )
     endpoint_url: str | None = Field(None, description="Endpoint of an S3-compatible store (MinIO, Ceph); null = AWS.")
-    region: str | None = Field(None, description="AWS region.")
-    profile: str | None = Field(None, description="AWS credentials profile name.")
-    anonymous: bool = Field(False, description="Unsigned requests, for public buckets.")
-    workers: int = Field(8, ge=1, description="Parallel transfers.")
+    region: str | None = Field(None, description="AWS region; null = the profile's or environment's.")
+    profile: str | None = Field(None, description="AWS credentials profile name (~/.aws/credentials, ~/.aws/config).")
+    anonymous: bool = Field(False, description="Unsigned requests, for public buckets; no credentials needed.")
+    workers: int = Field(8, ge=1, le=64, description="Parallel transfers.")
     target: Literal["raw", "labels"] = Field("raw", description="data/ folder imagery goes to.")
+    keep_folders: bool = Field(
+        False,
+        description="Keep each file's folders below the prefix (raw/a/x.tif); false = file names only, "
+        "as the later stages read raw/ and labels/ (two keys with one file name are then an error).",
+    )
+    retries: int = Field(
+        5, ge=1, le=20, description="Attempts per request, with exponential backoff, for transient errors."
+    )
+    connect_timeout: float = Field(
+        10.0, gt=0, description="Seconds to wait for a connection; the first request waits at most 5."
+    )
 
 
 class MosaicArgs(Section):
@@ -277,30 +314,42 @@ class SplitArgs(Section):
 
 
 class FlattenArgs(Section):
-    """flatten/flatten.py: chips and masks into one pixel table."""
+    """flatten/flatten.py: chips and masks into one pixel table (data/flat/pixels.csv or .parquet)."""
 
     frames: str = Field("train_frames", description="Folder of chips to flatten, relative to data_root.")
-    masks: str = Field("train_masks", description="Folder of masks matching them.")
+    masks: str = Field("train_masks", description="Folder of the masks of the same names, relative to data_root.")
     layout: Literal["long", "wide"] = Field(
-        "long", description="long: one row per pixel and band; wide: one per pixel."
+        "long",
+        description="long: one row per pixel and band (columns band, value); wide: one row per pixel "
+        "(columns band_1 ... band_N).",
     )
-    format: Literal["csv", "parquet"] = Field("csv", description="Table format.")
-    sample_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of pixels kept.")
+    format: Literal["csv", "parquet"] = Field("csv", description="Table format: pixels.csv or pixels.parquet.")
+    sample_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="Share of the valid pixels kept, drawn at random (1 = all)."
+    )
     balance: float | None = Field(
-        None, gt=0.0, description="Keep all roof pixels and this many times as much background."
+        None,
+        gt=0.0,
+        description="Keep every roof pixel and this many times as many background pixels, drawn at random "
+        "(after sample_fraction); null = no balancing.",
     )
-    seed: int = Field(0, description="Seed of sampling.")
+    seed: int = Field(0, description="Seed of sampling; each chip draws from (seed, chip number).")
 
 
 class SummarizeArgs(Section):
-    """summarize/summarize.py: band statistics and histograms."""
+    """summarize/summarize.py: band statistics and histograms (data/summary/)."""
 
+    source: Literal["flat", "chips"] = Field(
+        "flat",
+        description="flat: the flat table in data/flat/; chips: the chips and masks flatten_args.frames and "
+        "masks name, without flattening.",
+    )
     bins: int = Field(128, ge=2, description="Histogram bins.")
     chunk_rows: int = Field(1_000_000, ge=1000, description="Rows of the flat table read at a time.")
 
 
 class ForestArgs(Section):
-    """Random forest hyper-parameters (scikit-learn)."""
+    """Random forest hyper-parameters (scikit-learn RandomForestClassifier)."""
 
     n_estimators: int = Field(100, ge=1, description="Trees.")
     max_depth: int | None = Field(16, ge=1, description="Maximum tree depth; null = unlimited.")
@@ -310,7 +359,7 @@ class ForestArgs(Section):
 
 
 class RegressionArgs(Section):
-    """Logistic regression hyper-parameters (scikit-learn, with standardization)."""
+    """Logistic regression hyper-parameters (scikit-learn LogisticRegression after a StandardScaler)."""
 
     C: float = Field(1.0, gt=0.0, description="Inverse regularization strength.")
     class_weight: Literal["balanced"] | None = Field("balanced", description="Class weighting.")
@@ -318,18 +367,51 @@ class RegressionArgs(Section):
 
 
 class MlArgs(Section):
-    """Classical models: features and hyper-parameters."""
+    """Classical models (train.py --model forest / regression): per-pixel features and hyper-parameters."""
 
-    texture_windows: list[int] = Field([5, 11], description="Window sizes of local mean/std texture features.")
-    indices: bool = Field(True, description="Add normalized-difference spectral indices.")
-    max_train_pixels: int = Field(500_000, ge=100, description="Training pixels sampled from the train chips.")
+    texture_windows: list[int] = Field(
+        [5, 11],
+        description="Odd window sizes of local mean/std texture features, per band; [] = none.",
+    )
+    indices: bool = Field(True, description="Add the normalized difference of every pair of bands.")
+    source: Literal["chips", "flat"] = Field(
+        "chips",
+        description="Training pixels: chips: sampled from train_frames/ and train_masks/; flat: read from "
+        "the flat table in data/flat/ (no texture: set texture_windows to []).",
+    )
+    max_train_pixels: int = Field(
+        500_000,
+        ge=100,
+        description="Training pixels drawn at random: all roof pixels up to half of them, background the rest.",
+    )
+    seed: int = Field(0, description="Seed of pixel sampling and of the models.")
     forest: ForestArgs = Field(default_factory=ForestArgs, description="Random forest.")
     regression: RegressionArgs = Field(default_factory=RegressionArgs, description="Logistic regression.")
+
+    @field_validator("texture_windows")
+    @classmethod
+    def _odd_windows(cls, value: list[int]) -> list[int]:
+        bad = [w for w in value if w < 3 or w % 2 == 0]
+        if bad:
+            raise ValueError(f"texture windows must be odd and at least 3, got {bad}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _flat_has_no_texture(self) -> MlArgs:
+        if self.source == "flat" and self.texture_windows:
+            raise ValueError(
+                "texture features need each pixel's neighbours, which a flat table does not hold: "
+                "set ml_args.texture_windows to [] or ml_args.source to chips"
+            )
+        return self
 
 
 class PredictArgs(Section):
     """predict/predict.py: masks, probabilities and polygons from a model bundle."""
 
+    output: str = Field(
+        "predictions", description="Folder of predictions/EXPERIMENT/MODEL/, relative to the repository root."
+    )
     input: str = Field("val_frames", description="Folder of chips or one raster, relative to data_root.")
     bundle: str | None = Field(None, description="Model bundle folder; null = results/EXPERIMENT/.")
     window: int = Field(512, ge=16, description="Sliding-window size for rasters larger than it.")
@@ -341,7 +423,6 @@ class PredictArgs(Section):
     save_probabilities: bool = Field(True, description="Also write float32 probability GeoTIFFs.")
     min_area: float = Field(4.0, ge=0.0, description="Drop roof polygons smaller than this, m2.")
     simplify: float = Field(0.0, ge=0.0, description="Simplify polygons with this tolerance, map units.")
-    mosaic: bool = Field(False, description="Also merge all predicted masks into one mosaic.")
     compression: Literal["zstd", "deflate", "lzw", "none"] = Field("zstd", description="GeoTIFF compression.")
 
 

@@ -36,7 +36,7 @@ class DataTree:
         return cls(
             root=(base / settings.data_root).resolve(),
             results_root=(base / settings.training_args.results_folder).resolve(),
-            predictions_root=(base / "predictions").resolve(),
+            predictions_root=(base / settings.predict_args.output).resolve(),
             experiment=settings.experiment,
             folders=settings.path_args.model_dump(),
             extension=settings.extension_args.extension,
@@ -114,6 +114,18 @@ class DataTree:
     def predictions(self) -> Path:
         """predictions/EXPERIMENT/: masks, probabilities, roofs.gpkg."""
         return self.predictions_root / self.experiment
+
+    def model_dir(self, model: str) -> Path:
+        """results/EXPERIMENT/MODEL/: one model's bundle, metrics, plots (model: unet, forest, regression)."""
+        return self.results / model
+
+    def bundle(self, model: str) -> Path:
+        """The model bundle folder train writes and predict reads."""
+        return self.model_dir(model) / "bundle"
+
+    def prediction_dir(self, model: str) -> Path:
+        """predictions/EXPERIMENT/MODEL/: one model's masks, probabilities and polygons."""
+        return self.predictions / model
 
     def list_rasters(self, folder: Path) -> list[Path]:
         """GeoTIFFs in a folder, sorted by name (hidden temporary files excluded)."""

@@ -74,15 +74,25 @@ def _deal(ids: np.ndarray, counts: dict[str, int]) -> dict[int, str]:
     return out
 
 
+def _step(offsets: np.ndarray, fallback: int) -> int:
+    """The chip stride along one axis: the smallest gap between distinct offsets."""
+    gaps = np.diff(np.unique(offsets))
+    return int(gaps.min()) if gaps.size else fallback
+
+
 def block_keys(index: pd.DataFrame, block: int) -> pd.Series:
-    """Spatial block of each chip: (source, grid row // block, grid column // block)."""
-    keys = []
+    """Spatial block of each chip: (source, grid row // block, grid column // block).
+
+    Grid positions come from the offsets and the stride, so chips skipped for nodata do not
+    shift their neighbours into another block.
+    """
+    keys = pd.Series(index=index.index, dtype=object)
     for source, group in index.groupby("source", sort=False):
-        rows = {v: i for i, v in enumerate(sorted(group["row_off"].unique()))}
-        cols = {v: i for i, v in enumerate(sorted(group["col_off"].unique()))}
+        row_step = _step(group["row_off"].to_numpy(), int(group["height"].iloc[0]))
+        col_step = _step(group["col_off"].to_numpy(), int(group["width"].iloc[0]))
         for idx, r in group.iterrows():
-            keys.append((idx, (source, rows[r.row_off] // block, cols[r.col_off] // block)))
-    return pd.Series(dict(keys)).reindex(index.index)
+            keys[idx] = (source, int(r.row_off) // row_step // block, int(r.col_off) // col_step // block)
+    return keys
 
 
 def assign_splits(index: pd.DataFrame, args: SplitArgs) -> pd.Series:

@@ -1,0 +1,203 @@
+"""The model bundle: a folder with the model and ``bundle.json``, and the one normalization.
+
+Every model (U-Net, forest, regression) is saved as a bundle folder::
+
+    results/EXPERIMENT/bundle/
+        bundle.json    kind, bands, dtype, normalization, threshold, padding multiple,
+                       features, settings snapshot, library versions
+        model.keras    (U-Net)  or  model.skops  (classical models)
+
+predict takes a bundle, never a bare weights file, so it cannot run with other
+preprocessing than training used: :class:`Normalization` is computed once from the training
+chips, stored in bundle.json, and :meth:`Normalization.apply` is the only function that
+turns raw pixels into model input, at training and at prediction time alike.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import importlib.metadata
+import json
+import platform
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from core.errors import DataError, PipelineError
+from core.raster import BandStats, atomic_path, valid_pixels
+
+BUNDLE_JSON = "bundle.json"
+KINDS = ("unet", "forest", "regression")
+
+#: Percentiles that bound the "percentile" normalization.
+LOW_PCT, HIGH_PCT = 2.0, 98.0
+
+
+class BundleError(PipelineError, ValueError):
+    """A bundle folder is missing, incomplete or corrupt."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-band scaling computed from the training chips, applied identically everywhere.
+
+    ``percentile``: clip each band to its training [p2, p98] and scale to [0, 1].
+    ``zscore``: subtract the training mean and divide by the training std.
+    Nodata pixels (every band equal to ``nodata``) become 0 in every band.
+    """
+
+    method: Literal["percentile", "zscore"]
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    nodata: float | None
+
+    @classmethod
+    def from_stats(
+        cls, stats: Sequence[BandStats], method: Literal["percentile", "zscore"], nodata: float | None
+    ) -> Normalization:
+        """Build from :func:`core.raster.band_statistics` of the training chips."""
+        empty = [s.band for s in stats if s.count == 0]
+        if empty:
+            raise DataError(f"bands {empty} of the training chips hold only nodata: check the chips' nodata value")
+        low = tuple(float(s.percentiles[f"p{LOW_PCT:g}"]) for s in stats)
+        high = tuple(float(s.percentiles[f"p{HIGH_PCT:g}"]) for s in stats)
+        return cls(
+            method=method,
+            low=low,
+            high=high,
+            mean=tuple(float(s.mean) for s in stats),
+            std=tuple(float(s.std) for s in stats),
+            nodata=nodata,
+        )
+
+    @property
+    def bands(self) -> int:
+        return len(self.low)
+
+    def apply(self, chw: np.ndarray) -> np.ndarray:
+        """Raw (bands, rows, cols) pixels -> float32 (rows, cols, bands) model input."""
+        if chw.ndim != 3 or chw.shape[0] != self.bands:
+            raise DataError(f"expected {self.bands} bands (bands, rows, cols), got an array of shape {chw.shape}")
+        x = np.moveaxis(chw, 0, -1).astype(np.float32)
+        if self.method == "percentile":
+            low = np.asarray(self.low, np.float32)
+            span = np.maximum(np.asarray(self.high, np.float32) - low, np.float32(1e-6))
+            out = np.clip((x - low) / span, 0.0, 1.0)
+        else:
+            mean = np.asarray(self.mean, np.float32)
+            std = np.maximum(np.asarray(self.std, np.float32), np.float32(1e-6))
+            out = (x - mean) / std
+        out[~valid_pixels(chw, self.nodata)] = 0.0
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Normalization:
+        return cls(
+            method=data["method"],
+            low=tuple(data["low"]),
+            high=tuple(data["high"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            nodata=data["nodata"],
+        )
+
+
+def library_versions(
+    names: Sequence[str] = ("numpy", "rasterio", "scikit-learn", "skops", "tensorflow-cpu", "keras"),
+) -> dict[str, str]:
+    """Versions of the libraries that made a bundle (those installed)."""
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass
+class BundleInfo:
+    """What bundle.json holds."""
+
+    kind: Literal["unet", "forest", "regression"]
+    bands: int
+    dtype: str
+    normalization: Normalization
+    threshold: float
+    pad_multiple: int = 1
+    features: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=library_versions)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["normalization"] = self.normalization.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BundleInfo:
+        data = dict(data)
+        data["normalization"] = Normalization.from_dict(data["normalization"])
+        return cls(**data)
+
+
+def write_info(folder: Path, info: BundleInfo) -> Path:
+    """Write bundle.json atomically into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / BUNDLE_JSON
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(info.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_info(folder: Path) -> BundleInfo:
+    """Read bundle.json; a missing or corrupt one raises :class:`BundleError` saying what to do."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"model bundle {folder} not found: train a model first (python train/train.py)")
+    path = folder / BUNDLE_JSON
+    if not path.is_file():
+        raise BundleError(
+            f"{folder} is not a model bundle (no {BUNDLE_JSON}): pass the bundle folder train.py wrote, "
+            "not a weights file"
+        )
+    try:
+        info = BundleInfo.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise BundleError(f"{path} is corrupt ({type(exc).__name__}: {exc}): retrain, or restore the bundle") from exc
+    if info.kind not in KINDS:
+        raise BundleError(f"{path}: unknown model kind {info.kind!r} (expected one of {', '.join(KINDS)})")
+    if info.normalization.bands != info.bands:
+        raise BundleError(f"{path} is corrupt: normalization has {info.normalization.bands} bands, bundle {info.bands}")
+    return info
+
+
+class Predictor(Protocol):
+    """What predict needs of a loaded bundle, whatever the model."""
+
+    info: BundleInfo
+
+    def predict(self, chips: np.ndarray) -> np.ndarray:
+        """Raw (n, bands, rows, cols) pixels -> (n, rows, cols) float32 roof probabilities."""
+        ...
+
+
+#: Module whose ``load(folder, info) -> Predictor`` loads each kind.
+_LOADERS = {"unet": "unet.bundle", "forest": "ml.bundle", "regression": "ml.bundle"}
+
+
+def load_predictor(folder: Path) -> Predictor:
+    """Load any bundle for prediction (TensorFlow is imported only for a U-Net)."""
+    info = read_info(folder)
+    module = importlib.import_module(_LOADERS[info.kind])
+    return module.load(Path(folder), info)

@@ -1,0 +1,126 @@
+"""Pixel metrics from confusion counts, and the decision threshold that maximizes F1.
+
+Every model and evaluate use these: scores come from counts accumulated over a whole split,
+never from a mean of per-batch ratios (a smoothed per-batch IoU scores 1.0 on every batch
+without roofs — how the original pipeline reported decent IoU while predicting nothing).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.raster import atomic_path
+
+#: Probability bins of :class:`ThresholdSearch`; thresholds are tried at bin edges.
+BINS = 1000
+
+
+@dataclass
+class Confusion:
+    """Pixel confusion counts of a binary roof mask."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def add(self, truth: np.ndarray, pred: np.ndarray, valid: np.ndarray | None = None) -> Confusion:
+        """Accumulate counts of boolean ``truth`` vs ``pred`` (only where ``valid``); returns self."""
+        t = np.asarray(truth, bool)
+        p = np.asarray(pred, bool)
+        if valid is not None:
+            t, p = t[valid], p[valid]
+        tp = int(np.count_nonzero(t & p))
+        fp = int(np.count_nonzero(~t & p))
+        fn = int(np.count_nonzero(t & ~p))
+        self.tp += tp
+        self.fp += fp
+        self.fn += fn
+        self.tn += int(t.size) - tp - fp - fn
+        return self
+
+    def scores(self) -> dict[str, float | int]:
+        """IoU, F1, precision, recall, accuracy (0 where undefined) and the counts."""
+        return {**pixel_scores(self.tp, self.fp, self.fn, self.tn), **asdict(self)}
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den else 0.0
+
+
+def pixel_scores(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
+    """Scores of confusion counts; a score whose denominator is 0 is 0."""
+    return {
+        "iou": _ratio(tp, tp + fp + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
+    }
+
+
+class ThresholdSearch:
+    """Histograms of predicted probabilities per true class, accumulated over a split.
+
+    :meth:`best` returns the threshold (a bin edge) that maximizes F1, from the counts
+    alone: memory does not grow with the number of pixels.
+    """
+
+    def __init__(self, bins: int = BINS) -> None:
+        self.bins = bins
+        self.pos = np.zeros(bins, np.int64)
+        self.neg = np.zeros(bins, np.int64)
+
+    def add(self, truth: np.ndarray, prob: np.ndarray, valid: np.ndarray | None = None) -> None:
+        t = np.asarray(truth, bool)
+        p = np.asarray(prob, np.float64)
+        if valid is not None:
+            t, p = t[valid], p[valid]
+        idx = np.clip((p * self.bins).astype(np.int64), 0, self.bins - 1)
+        self.pos += np.bincount(idx[t], minlength=self.bins)
+        self.neg += np.bincount(idx[~t], minlength=self.bins)
+
+    def confusion_at(self, threshold: float) -> Confusion:
+        """Counts if pixels with probability >= threshold (a bin edge) were called roofs."""
+        k = round(threshold * self.bins)
+        tp = int(self.pos[k:].sum())
+        fp = int(self.neg[k:].sum())
+        return Confusion(tp=tp, fp=fp, fn=int(self.pos.sum()) - tp, tn=int(self.neg.sum()) - fp)
+
+    def best(self) -> tuple[float, Confusion]:
+        """The threshold in (0, 1) maximizing F1, and the counts there (0.5 when there is no roof)."""
+        if self.pos.sum() == 0:
+            return 0.5, self.confusion_at(0.5)
+        tp = np.cumsum(self.pos[::-1])[::-1]  # tp[k]: positives with bin >= k
+        fp = np.cumsum(self.neg[::-1])[::-1]
+        fn = self.pos.sum() - tp
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+        f1[0] = -1.0  # threshold 0 calls everything a roof
+        k = int(np.argmax(f1))
+        threshold = k / self.bins
+        return threshold, self.confusion_at(threshold)
+
+    def sweep(self, steps: int = 99) -> list[dict[str, float]]:
+        """Precision, recall and F1 at evenly spaced thresholds (0.01 ... 0.99 by default)."""
+        rows = []
+        for i in range(1, steps + 1):
+            t = i / (steps + 1)
+            rows.append({"threshold": t, **self.confusion_at(t).scores()})
+        return rows
+
+
+def metrics_record(model: str, split: str, threshold: float, confusion: Confusion, **extra: Any) -> dict[str, Any]:
+    """The metrics.json layout every model and evaluate write."""
+    return {"model": model, "split": split, "threshold": threshold, "pixel": confusion.scores(), **extra}
+
+
+def write_metrics(path: Path, record: dict[str, Any]) -> Path:
+    """Write metrics.json atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,1 @@
+"""predict stage: masks, probabilities and roof polygons from a model bundle."""

@@ -1,0 +1,317 @@
+"""Predict roof masks, probabilities and polygons with a model bundle: python predict/predict.py
+
+Takes a bundle (results/EXPERIMENT/MODEL/bundle/, any model: unet, forest, regression;
+--model picks it, default training_args.model; predict_args.bundle or --bundle names
+another) and a folder of chips or one raster of any size (predict_args.input, default
+the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
+
+  masks/NAME.tif          uint8, 0 = background, 255 = roof; the input's CRS, transform, size
+  probabilities/NAME.tif  float32 roof probability (predict_args.save_probabilities)
+  roofs.gpkg              roof polygons with area_m2 and source, in the input CRS
+
+Rasters larger than predict_args.window are predicted in overlapping windows whose overlap
+is blended with linear weights, so no seams appear; they are read and written strip by
+strip, so memory does not grow with the raster. Nodata pixels are 0 in the mask. A band
+count or dtype other than the bundle's is an error; a result with no roof pixel says so,
+with the probability range seen. To merge the masks of many tiles into one raster, run
+python mosaic/mosaic.py --input predictions/EXPERIMENT/MODEL/masks --output FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from rasterio.features import shapes
+from rasterio.windows import Window
+
+from core import cli
+from core.bundle import KINDS, Predictor, load_predictor
+from core.errors import DataError, InputMissingError, PipelineError
+from core.raster import atomic_path, create_raster, gtiff_profile, open_raster, valid_pixels
+from core.settings import PredictArgs, Settings
+from core.tree import DataTree, refuse_overwrite
+
+log = logging.getLogger(__name__)
+
+#: Rows of mask polygonized at a time.
+_POLY_STRIP = 2048
+
+
+def window_starts(length: int, window: int, overlap: int) -> list[int]:
+    """Starts of windows of ``window`` pixels that cover ``length`` and overlap by at least ``overlap``."""
+    if length <= window:
+        return [0]
+    step = window - overlap
+    starts = list(range(0, length - window, step))
+    starts.append(length - window)
+    return starts
+
+
+def ramp(size: int, overlap: int, ramp_start: bool, ramp_end: bool) -> np.ndarray:
+    """1-D blending weights: rising over ``overlap`` pixels at an edge shared with a neighbour window."""
+    w = np.ones(size, np.float32)
+    if overlap > 0:
+        rising = (np.arange(size, dtype=np.float32) + 0.5) / overlap
+        if ramp_start:
+            w = np.minimum(w, rising)
+        if ramp_end:
+            w = np.minimum(w, rising[::-1])
+    return w
+
+
+def plan_windows(height: int, width: int, args: PredictArgs, context: int = 0) -> tuple:
+    """Window rows, columns, window height and width, and overlap for a raster.
+
+    The overlap is at least twice the model's context (the half-width of its feature
+    windows), so every pixel gets most of its weight from windows that see around it.
+    """
+    win = min(args.window, max(height, width))
+    overlap = max(args.overlap, 2 * int(context))
+    overlap = min(overlap, win // 2 - 1) if win > 2 else 0
+    rows, cols = window_starts(height, win, overlap), window_starts(width, win, overlap)
+    return rows, cols, min(win, height), min(win, width), overlap
+
+
+@dataclass
+class RasterResult:
+    """What predicting one raster produced."""
+
+    source: Path
+    mask: Path
+    probability: Path | None
+    roof_pixels: int = 0
+    valid_pixels: int = 0
+    prob_min: float = 1.0
+    prob_max: float = 0.0
+    polygons: list = field(default_factory=list)
+
+
+def predict_raster(
+    predictor: Predictor,
+    source: Path,
+    mask_path: Path,
+    prob_path: Path | None,
+    args: PredictArgs,
+    threshold: float,
+    bar=None,
+) -> RasterResult:
+    """Predict one raster in blended windows, strip by strip; write its mask (and probabilities)."""
+    info = predictor.info
+    result = RasterResult(source, mask_path, prob_path)
+    with open_raster(source) as src:
+        if src.count != info.bands or src.dtypes[0] != info.dtype:
+            raise DataError(
+                f"{source} has {src.count} bands of {src.dtypes[0]} but the bundle was trained on {info.bands} bands "
+                f"of {info.dtype}: predict imagery like the training chips, or train on this imagery"
+            )
+        height, width = src.height, src.width
+        rows, cols, wh, ww, overlap = plan_windows(height, width, args, info.features.get("context", 0))
+        mask_profile = gtiff_profile(width=width, height=height, count=1, dtype="uint8", crs=src.crs,
+                                     transform=src.transform, nodata=None, compression=args.compression)
+        prob_profile = {**mask_profile, "dtype": "float32", "predictor": 3}
+        if args.compression == "none":
+            prob_profile.pop("predictor")
+        with (
+            create_raster(mask_path, mask_profile) as mask_dst,
+            (create_raster(prob_path, prob_profile) if prob_path else _nowhere()) as prob_dst,
+        ):
+            acc = np.zeros((0, width), np.float32)
+            wsum = np.zeros((0, width), np.float32)
+            valid = np.zeros((0, width), bool)
+            top = 0  # raster row of acc[0]
+            for i, r in enumerate(rows):
+                need = r + wh - top
+                if acc.shape[0] < need:
+                    grow = need - acc.shape[0]
+                    acc = np.vstack([acc, np.zeros((grow, width), np.float32)])
+                    wsum = np.vstack([wsum, np.zeros((grow, width), np.float32)])
+                    valid = np.vstack([valid, np.zeros((grow, width), bool)])
+                wr = ramp(wh, overlap, r > 0, r + wh < height)
+                windows = [Window(c, r, ww, wh) for c in cols]
+                for b in range(0, len(windows), args.batch_size):
+                    batch = windows[b : b + args.batch_size]
+                    try:
+                        chips = np.stack([src.read(window=w) for w in batch])
+                    except Exception as exc:
+                        raise DataError(f"{source} could not be read ({exc}): it may be truncated or corrupt") from exc
+                    probs = predictor.predict(chips)
+                    for w, chip, prob in zip(batch, chips, probs, strict=True):
+                        c = int(w.col_off)
+                        weight = np.outer(wr, ramp(ww, overlap, c > 0, c + ww < width))
+                        sl = np.s_[r - top : r - top + wh, c : c + ww]
+                        acc[sl] += prob * weight
+                        wsum[sl] += weight
+                        valid[sl] |= valid_pixels(chip, src.nodata)
+                    if bar is not None:
+                        bar.update(len(batch))
+                # Rows above the next window row get no more contributions: write them out.
+                done_to = (rows[i + 1] if i + 1 < len(rows) else height) - top
+                _flush(acc[:done_to], wsum[:done_to], valid[:done_to], top, threshold, mask_dst, prob_dst, result)
+                acc, wsum, valid = acc[done_to:], wsum[done_to:], valid[done_to:]
+                top += done_to
+        result.polygons = polygonize(mask_path)
+    return result
+
+
+class _nowhere:
+    """A stand-in for an output that is not written."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _flush(acc, wsum, valid, top, threshold, mask_dst, prob_dst, result: RasterResult) -> None:
+    if acc.shape[0] == 0:
+        return
+    prob = np.where(valid, acc / np.maximum(wsum, 1e-12), 0.0).astype(np.float32)
+    mask = np.where(valid & (prob >= threshold), 255, 0).astype(np.uint8)
+    window = Window(0, top, acc.shape[1], acc.shape[0])
+    mask_dst.write(mask[None], window=window)
+    if prob_dst is not None:
+        prob_dst.write(prob[None], window=window)
+    if valid.any():
+        seen = prob[valid]
+        result.prob_min = min(result.prob_min, float(seen.min()))
+        result.prob_max = max(result.prob_max, float(seen.max()))
+    result.valid_pixels += int(valid.sum())
+    result.roof_pixels += int((mask > 0).sum())
+
+
+def polygonize(mask_path: Path) -> list:
+    """Roof polygons of a 0/255 mask, strip by strip; pieces cut by strip edges are merged."""
+    whole, cut = [], []
+    with open_raster(mask_path) as src:
+        for top in range(0, src.height, _POLY_STRIP):
+            win = Window(0, top, src.width, min(_POLY_STRIP, src.height - top))
+            data = src.read(1, window=win)
+            if not data.any():
+                continue
+            transform = src.window_transform(win)
+            for geom, _ in shapes(data, mask=data > 0, transform=transform):
+                poly = shapely.geometry.shape(geom)
+                touches = (top > 0 and _touches_row(poly, src, top)) or (
+                    top + win.height < src.height and _touches_row(poly, src, top + win.height)
+                )
+                (cut if touches else whole).append(poly)
+    if cut:
+        whole += list(shapely.get_parts(shapely.union_all(cut)))
+    return whole
+
+
+def _touches_row(poly, src, row: int) -> bool:
+    y = (src.transform @ (0, row))[1]
+    ys = shapely.get_coordinates(poly)[:, 1]
+    return bool(np.isclose(ys, y, rtol=0, atol=abs(src.transform.e) * 1e-3).any())
+
+
+def roofs_frame(results: list[RasterResult], crs, args: PredictArgs) -> gpd.GeoDataFrame:
+    """One table of roof polygons with their area in m2, filtered by min_area and simplified."""
+    rows = [(r.source.name, g) for r in results for g in r.polygons]
+    gdf = gpd.GeoDataFrame(
+        {"source": [s for s, _ in rows]}, geometry=[g for _, g in rows], crs=crs
+    )
+    if gdf.empty:
+        gdf["area_m2"] = pd.Series(dtype=float)
+        return gdf
+    if args.simplify > 0:
+        gdf["geometry"] = gdf.geometry.simplify(args.simplify, preserve_topology=True)
+    metric = gdf if gdf.crs is None or gdf.crs.is_projected else gdf.to_crs(gdf.estimate_utm_crs())
+    gdf["area_m2"] = metric.geometry.area.to_numpy()
+    gdf = gdf[gdf["area_m2"] >= args.min_area].reset_index(drop=True)
+    gdf.insert(0, "id", np.arange(len(gdf)))
+    return gdf
+
+
+def resolve_inputs(tree: DataTree, args: PredictArgs, given: Path | None) -> list[Path]:
+    """The rasters to predict: --input, else predict_args.input (relative to data_root)."""
+    path = given if given is not None else Path(args.input)
+    if not path.is_absolute() and given is None:
+        path = tree.root / path
+    if path.is_dir():
+        found = tree.list_rasters(path)
+        if not found:
+            raise InputMissingError(f"no GeoTIFF in {path}: set predict_args.input to a folder of chips or a raster")
+        return found
+    if not path.exists():
+        raise InputMissingError(f"prediction input {path} not found: set predict_args.input or pass --input")
+    return [path]
+
+
+def predict_all(
+    bundle: Path, inputs: list[Path], out: Path, args: PredictArgs, *, overwrite: bool = False
+) -> list[RasterResult]:
+    """Predict every input with a bundle into ``out``; returns one result per input."""
+    masks_dir, probs_dir, roofs = out / "masks", out / "probabilities", out / "roofs.gpkg"
+    refuse_overwrite([roofs], overwrite, "predict")
+    predictor = load_predictor(bundle)
+    threshold = args.threshold if args.threshold is not None else predictor.info.threshold
+    total = 0
+    for path in inputs:
+        with open_raster(path) as src:
+            rows, cols, *_ = plan_windows(src.height, src.width, args, predictor.info.features.get("context", 0))
+            total += len(rows) * len(cols)
+    results = []
+    with cli.progress(total=total, desc="predict", unit="window") as bar:
+        for path in inputs:
+            results.append(
+                predict_raster(
+                    predictor, path, masks_dir / path.name,
+                    probs_dir / path.name if args.save_probabilities else None, args, threshold, bar,
+                )
+            )
+    with open_raster(inputs[0]) as src:
+        crs = src.crs
+    gdf = roofs_frame(results, crs, args)
+    with atomic_path(roofs) as tmp:
+        gdf.to_file(tmp, layer="roofs", driver="GPKG", engine="pyogrio")
+    blank = [r for r in results if r.roof_pixels == 0]
+    for r in blank:
+        log.info(
+            "predict: no pixel of %s reaches the threshold %.3f (probabilities %.3f..%.3f)",
+            r.source.name, threshold, r.prob_min, r.prob_max,
+        )
+    roof = sum(r.roof_pixels for r in results)
+    valid = sum(r.valid_pixels for r in results)
+    log.info(
+        "predict: %d raster(s), %.2f%% roof pixels, %d roof polygons (threshold %.3f) -> %s",
+        len(results), 100 * roof / max(valid, 1), len(gdf), threshold, out,
+    )
+    if len(blank) == len(results):
+        lo = min(r.prob_min for r in results)
+        hi = max(r.prob_max for r in results)
+        raise PipelineError(
+            f"every predicted mask is blank: no probability reaches the threshold {threshold:.3f} (range seen "
+            f"{lo:.3f}..{hi:.3f}). Check that the imagery is like the training chips (bands, scale), or lower "
+            f"predict_args.threshold; outputs are in {out}"
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.make_parser(__doc__)
+    parser.add_argument("--model", choices=KINDS, help="whose bundle to use (default: training_args.model)")
+    parser.add_argument("--bundle", type=Path, metavar="DIR", help="model bundle folder (default: predict_args.bundle)")
+    parser.add_argument("--input", type=Path, metavar="PATH", help="raster or folder of rasters to predict")
+
+    def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
+        model = args.model or settings.training_args.model
+        bundle = args.bundle or (Path(settings.predict_args.bundle) if settings.predict_args.bundle else tree.bundle(model))
+        inputs = resolve_inputs(tree, settings.predict_args, args.input)
+        predict_all(bundle, inputs, tree.prediction_dir(model), settings.predict_args, overwrite=args.overwrite)
+
+    return cli.run(parser, argv, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,450 @@
+"""The U-Net: model shapes, data generator contracts, losses and metrics against numpy,
+training on a tiny scene, the bundle, and predict.py (sliding windows, georeferencing,
+bad inputs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+keras = pytest.importorskip("keras")
+
+from core.bundle import BundleError, BundleInfo, Normalization, load_predictor, read_info  # noqa: E402
+from core.errors import DataError, PipelineError  # noqa: E402
+from core.raster import band_statistics, read_raster  # noqa: E402
+from core.settings import LoadDatasetArgs, ModelArgs, OutputArgs, PredictArgs, load_settings  # noqa: E402
+from core.tree import DataTree  # noqa: E402
+from predict.predict import predict_all, predict_raster, window_starts  # noqa: E402
+from unet import losses  # noqa: E402
+from unet.bundle import UNetPredictor  # noqa: E402
+from unet.datagen import ChipSequence, augment, read_mask  # noqa: E402
+from unet.metrics import F1, IoU, PredShare, Precision, Recall, TrueShare  # noqa: E402
+from unet.model import build_model, pad_multiple  # noqa: E402
+
+CRS = "EPSG:32644"
+TRANSFORM = Affine(0.5, 0.0, 600000.0, 0.0, -0.5, 2960000.0)
+
+
+def write_tif(path: Path, array: np.ndarray, transform: Affine = TRANSFORM, nodata: float | None = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = array[None] if array.ndim == 2 else array
+    with rasterio.open(
+        path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+        dtype=data.dtype.name, crs=CRS, transform=transform, nodata=nodata,
+    ) as dst:
+        dst.write(data)
+    return path
+
+
+def scene_chip(rng: np.random.Generator, size: int = 64, roofs: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """A 3-band uint16 chip: noisy ground and bright striped 'metal roofs'; and its 0/255 mask."""
+    image = rng.normal(400, 40, (3, size, size)).clip(1, 2047)
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(roofs):
+        h, w = rng.integers(8, 16, 2)
+        r, c = rng.integers(0, size - h), rng.integers(0, size - w)
+        stripes = 150 * (np.arange(w) % 4 < 2)
+        image[0, r : r + h, c : c + w] = 1500 + stripes
+        image[1, r : r + h, c : c + w] = 1300 + stripes
+        image[2, r : r + h, c : c + w] = 900
+        mask[r : r + h, c : c + w] = 255
+    # A darker building that is not a roof of interest: the network must not take every building.
+    image[:, 2:8, 2:8] = 250
+    return image.astype(np.uint16), mask
+
+
+def tiny_tree(root: Path, n_train: int = 12, n_val: int = 4, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            image, mask = scene_chip(rng)
+            write_tif(root / f"{split}_frames" / f"{split}_{i}.tif", image)
+            write_tif(root / f"{split}_masks" / f"{split}_{i}.tif", mask, nodata=None)
+
+
+TINY = [
+    "load_dataset_args.channels=3",
+    "model_args.input_shape=[64,64,3]",
+    "model_args.filters=8",
+    "model_args.upconv_filters=8",
+    "model_args.num_layers=2",
+    "load_dataset_args.batch_size=4",
+    "training_args.epochs=12",
+    "training_args.learning_rate=0.003",
+    "training_args.verbose=0",
+]
+
+
+@pytest.fixture
+def tiny(tmp_path: Path, settings_file: Path):
+    tiny_tree(tmp_path / "data")
+    overrides = [
+        *TINY,
+        f"data_root={tmp_path / 'data'}",
+        f"training_args.results_folder={tmp_path / 'results'}",
+        f"predict_args.output={tmp_path / 'predictions'}",
+        "experiment=tiny",
+    ]
+    settings = load_settings(settings_file, overrides)
+    return settings, DataTree.from_settings(settings), settings_file, overrides
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """One tiny U-Net trained through train.py's main, shared by the tests that need a bundle."""
+    from train.train import main
+
+    tmp = tmp_path_factory.mktemp("trained")
+    tiny_tree(tmp / "data")
+    settings_path = Path(__file__).resolve().parent.parent / "settings.json"
+    overrides = [
+        *TINY,
+        f"data_root={tmp / 'data'}",
+        f"training_args.results_folder={tmp / 'results'}",
+        f"predict_args.output={tmp / 'predictions'}",
+        "experiment=tiny",
+    ]
+    argv = ["--settings", str(settings_path), "--quiet", "--model", "unet"]
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    settings = load_settings(settings_path, overrides)
+    return settings, DataTree.from_settings(settings), argv
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", [256, 650])
+def test_model_output_shape_any_chip_size(side: int) -> None:
+    m = ModelArgs(filters=4, upconv_filters=4, num_layers=2, input_shape=(side, side, 3))
+    model = build_model(3, m, OutputArgs())
+    assert pad_multiple(m) == 8  # satellite U-Net: num_layers + 1 poolings
+    norm = Normalization("percentile", (0.0,) * 3, (100.0,) * 3, (0.0,) * 3, (1.0,) * 3, None)
+    info = BundleInfo(kind="unet", bands=3, dtype="uint16", normalization=norm, threshold=0.5, pad_multiple=8)
+    predictor = UNetPredictor(model, info)
+    chips = np.random.default_rng(0).integers(0, 100, (1, 3, side, side)).astype(np.uint16)
+    x, shape = predictor.prepare(chips)
+    assert x.shape == (1, -(-side // 8) * 8, -(-side // 8) * 8, 3)
+    assert shape == (side, side)
+    prob = predictor.predict(chips)
+    assert prob.shape == (1, side, side)
+    assert prob.dtype == np.float32
+    assert ((prob >= 0) & (prob <= 1)).all()
+
+
+def test_custom_architecture_builds_without_banner(capsys: pytest.CaptureFixture[str]) -> None:
+    m = ModelArgs(architecture="custom", filters=4, num_layers=2, input_shape=(64, 64, 3))
+    model = build_model(3, m, OutputArgs())
+    assert model.output_shape == (None, None, None, 1)
+    assert pad_multiple(m) == 4
+    assert "keras-unet" not in capsys.readouterr().out
+
+
+def test_unknown_architecture_lists_the_allowed_ones(settings_file: Path) -> None:
+    from core.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="model_args.architecture") as err:
+        load_settings(settings_file, ["model_args.architecture=resnet"])
+    assert "'satellite'" in str(err.value) and "'custom'" in str(err.value)
+
+
+# --- data generator ---------------------------------------------------------------------------
+
+
+def test_masks_are_exactly_0_1_after_loading(tmp_path: Path) -> None:
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:5, 3:6] = 255
+    y = read_mask(write_tif(tmp_path / "m.tif", mask, nodata=None))
+    assert y.dtype == np.float32
+    assert set(np.unique(y).tolist()) == {0.0, 1.0}
+    assert int(y.sum()) == 9
+
+
+@pytest.mark.parametrize("values", [[0, 1], [0, 128, 255], [3]])
+def test_masks_on_another_scale_are_refused(tmp_path: Path, values: list[int]) -> None:
+    mask = np.array(values * 16, np.uint8)[: 16].reshape(4, 4)
+    with pytest.raises(DataError, match="not only 0 and 255"):
+        read_mask(write_tif(tmp_path / "m.tif", mask, nodata=None))
+
+
+def test_generator_normalization_is_byte_identical_to_predict(tiny) -> None:
+    settings, tree, *_ = tiny
+    frames = tree.list_rasters(tree.frames("train"))
+    masks = [tree.split_masks("train") / f.name for f in frames]
+    norm = Normalization.from_stats(band_statistics(frames), "percentile", 0)
+    seq = ChipSequence(frames, masks, norm, LoadDatasetArgs(batch_size=4), 8, augment_data=False)
+    x, y = seq[0]
+    info = BundleInfo(kind="unet", bands=3, dtype="uint16", normalization=norm, threshold=0.5, pad_multiple=8)
+    raw = np.stack([read_raster(f)[0] for f in frames[:4]])
+    prepared, _ = UNetPredictor(None, info).prepare(raw)
+    assert x.dtype == prepared.dtype == np.float32
+    assert x.tobytes() == prepared.tobytes()
+    assert set(np.unique(y).tolist()) == {0.0, 1.0}
+
+
+def test_augmentation_moves_image_and_mask_together() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.random((32, 32, 3)).astype(np.float32)
+    y = np.zeros((32, 32, 1), np.float32)
+    y[4:10, 20:30] = 1
+    x[..., 0] = y[..., 0] * 5  # band 0 marks the roof
+    args = LoadDatasetArgs(shear_range=10.0, zoom_range=0.2)
+    for _ in range(10):
+        ax, ay = augment(x, y, rng, args)
+        assert set(np.unique(ay).tolist()) <= {0.0, 1.0}  # nearest neighbour only for the mask
+        roof = ay[..., 0] == 1
+        assert ax[..., 0][roof].mean() > 3 * max(ax[..., 0][~roof].mean(), 0.1)
+
+
+def test_epochs_are_reshuffled_and_seeded(tiny) -> None:
+    settings, tree, *_ = tiny
+    frames = tree.list_rasters(tree.frames("train"))
+    masks = [tree.split_masks("train") / f.name for f in frames]
+    norm = Normalization.from_stats(band_statistics(frames), "percentile", 0)
+    a = ChipSequence(frames, masks, norm, LoadDatasetArgs(batch_size=4, seed=5), 8, augment_data=True)
+    b = ChipSequence(frames, masks, norm, LoadDatasetArgs(batch_size=4, seed=5), 8, augment_data=True)
+    first = a.order.copy()
+    assert np.array_equal(first, b.order)
+    a.on_epoch_end()
+    assert not np.array_equal(first, a.order)
+    assert len(a) == 3  # 12 chips / batch 4, computed when steps_per_epoch is null
+
+
+# --- losses and metrics against numpy -------------------------------------------------------------
+
+
+def test_losses_match_numpy() -> None:
+    rng = np.random.default_rng(0)
+    t = (rng.random((2, 16, 16, 1)) > 0.9).astype(np.float32)
+    p = rng.random((2, 16, 16, 1)).astype(np.float32)
+    pc = np.clip(p, 1e-7, 1 - 1e-7)
+    bce = -np.mean(t * np.log(pc) + (1 - t) * np.log(1 - pc))
+    inter = (t * p).sum()
+    dice = 1 - (2 * inter + 1) / (t.sum() + p.sum() + 1)
+    jac = 1 - (inter + 1) / (t.sum() + p.sum() - inter + 1)
+    pt = t * pc + (1 - t) * (1 - pc)
+    focal = -np.mean((t * 0.25 + (1 - t) * 0.75) * (1 - pt) ** 2 * np.log(pt))
+    assert float(losses.bce(t, p)) == pytest.approx(bce, rel=1e-5)
+    assert float(losses.dice(t, p)) == pytest.approx(dice, rel=1e-5)
+    assert float(losses.bce_dice(t, p)) == pytest.approx(bce + dice, rel=1e-5)
+    assert float(losses.jaccard(t, p)) == pytest.approx(jac, rel=1e-5)
+    assert float(losses.focal(t, p)) == pytest.approx(focal, rel=1e-5)
+
+
+def test_dice_does_not_reward_an_all_background_prediction() -> None:
+    """keras-unet's jaccard_distance over the channel axis scores this nearly perfect; ours does not."""
+    t = np.zeros((1, 32, 32, 1), np.float32)
+    t[0, 10:14, 10:14] = 1
+    blank = np.zeros_like(t)
+    assert float(losses.dice(t, blank)) > 0.9
+    assert float(losses.jaccard(t, blank)) > 0.9
+
+
+def test_metrics_accumulate_counts_over_batches_like_sklearn() -> None:
+    from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
+
+    rng = np.random.default_rng(1)
+    batches = [((rng.random((2, 8, 8, 1)) > 0.8).astype("float32"), rng.random((2, 8, 8, 1)).astype("float32"))]
+    batches.append((np.zeros((2, 8, 8, 1), "float32"), np.zeros((2, 8, 8, 1), "float32")))  # no roof at all
+    truth = np.concatenate([b[0].ravel() for b in batches]) > 0.5
+    pred = np.concatenate([b[1].ravel() for b in batches]) >= 0.5
+    expected = {
+        IoU: jaccard_score(truth, pred),
+        F1: f1_score(truth, pred),
+        Precision: precision_score(truth, pred),
+        Recall: recall_score(truth, pred),
+        PredShare: pred.mean(),
+        TrueShare: truth.mean(),
+    }
+    for cls, value in expected.items():
+        metric = cls()
+        for t, p in batches:
+            metric.update_state(t, p)
+        assert float(metric.result()) == pytest.approx(value, rel=1e-9)
+
+
+def test_collapse_monitor_stops_training() -> None:
+    from unet.train import _Monitor
+
+    monitor = _Monitor.make(patience=2)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.stop_training = False
+    monitor.set_model(model)
+    logs = {"val_pred_share": 0.0, "val_true_share": 0.04, "val_iou": 0.0}
+    monitor.on_epoch_end(0, logs)
+    assert not monitor.model.stop_training
+    monitor.on_epoch_end(1, logs)
+    assert monitor.model.stop_training and monitor.collapsed == "all background"
+
+
+# --- training and the bundle -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_unet_learns_and_its_masks_are_not_blank(trained) -> None:
+    settings, tree, _ = trained
+    out = tree.model_dir("unet")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "unet" and metrics["split"] == "val"
+    assert metrics["pixel"]["iou"] >= 0.5
+    assert set(metrics["pixel"]) >= {"iou", "f1", "precision", "recall", "tp", "fp", "fn", "tn"}
+    for name in ("history.csv", "curves.png", "overlays.png", "bundle/model.keras", "bundle/bundle.json"):
+        assert (out / name).is_file(), name
+    info = read_info(tree.bundle("unet"))
+    assert (info.kind, info.bands, info.dtype, info.pad_multiple) == ("unet", 3, "uint16", 8)
+    assert 0 < info.threshold < 1
+    assert info.settings["model_args"]["filters"] == 8
+    assert "keras" in info.versions
+
+    from predict.predict import main as predict_main
+
+    assert predict_main(trained[2]) == 0  # the same arguments as train.py: --model unet and the settings
+    masks = sorted((tree.prediction_dir("unet") / "masks").glob("*.tif"))
+    assert [m.name for m in masks] == [f"val_{i}.tif" for i in range(4)]
+    total = 0
+    for m in masks:
+        data, profile = read_raster(m)
+        src, src_profile = read_raster(tree.frames("val") / m.name)
+        assert set(np.unique(data).tolist()) <= {0, 255}
+        assert data.dtype == np.uint8 and data.shape == (1, *src.shape[1:])
+        assert profile["transform"] == src_profile["transform"] and profile["crs"] == src_profile["crs"]
+        total += int((data == 255).sum())
+    assert total > 0
+    prob, _ = read_raster(tree.prediction_dir("unet") / "probabilities" / "val_0.tif")
+    assert prob.dtype == np.float32
+    import geopandas as gpd
+
+    roofs = gpd.read_file(tree.prediction_dir("unet") / "roofs.gpkg")
+    assert len(roofs) > 0 and roofs.crs.to_string() == CRS
+    assert (roofs["area_m2"] >= settings.predict_args.min_area).all()
+
+
+def test_training_refuses_masks_without_roofs(tiny) -> None:
+    from unet.train import train_unet
+
+    settings, tree, *_ = tiny
+    for m in tree.list_rasters(tree.split_masks("train")):
+        write_tif(m, np.zeros((64, 64), np.uint8), nodata=None)
+    with pytest.raises(DataError, match="no roof pixel"):
+        train_unet(settings, tree)
+
+
+def test_training_refuses_a_band_count_other_than_channels(tiny, settings_file: Path) -> None:
+    from unet.train import train_unet
+
+    _, tree, _, overrides = tiny
+    settings = load_settings(settings_file, [*overrides, "load_dataset_args.channels=4", "model_args.input_shape=[64,64,4]"])
+    with pytest.raises(DataError, match=r"chips have 3 bands \(train_0.tif\) but load_dataset_args.channels is 4"):
+        train_unet(settings, tree)
+
+
+def test_corrupt_and_missing_bundles(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="not found"):
+        load_predictor(tmp_path / "nope")
+    (tmp_path / "b").mkdir()
+    with pytest.raises(BundleError, match="no bundle.json"):
+        load_predictor(tmp_path / "b")
+    (tmp_path / "b" / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="corrupt"):
+        load_predictor(tmp_path / "b")
+    norm = Normalization("zscore", (0.0,), (1.0,), (0.0,), (1.0,), None)
+    from core.bundle import write_info
+
+    write_info(tmp_path / "b", BundleInfo(kind="unet", bands=1, dtype="uint8", normalization=norm, threshold=0.5))
+    with pytest.raises(BundleError, match="model.keras not found"):
+        load_predictor(tmp_path / "b")
+    (tmp_path / "b" / "model.keras").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="cannot be loaded"):
+        load_predictor(tmp_path / "b")
+
+
+# --- predict: windows, blending, georeferencing, bad inputs ---------------------------------------
+
+
+class PixelPredictor:
+    """A per-pixel model: probability = normalized band 1. Windowing must not change it."""
+
+    def __init__(self, bands: int = 2, dtype: str = "uint16", threshold: float = 0.5) -> None:
+        norm = Normalization("percentile", (0.0,) * bands, (1000.0,) * bands, (0.0,) * bands, (1.0,) * bands, 0)
+        self.info = BundleInfo(kind="unet", bands=bands, dtype=dtype, normalization=norm, threshold=threshold)
+
+    def predict(self, chips: np.ndarray) -> np.ndarray:
+        return np.stack([self.info.normalization.apply(c)[..., 0] for c in chips]).astype(np.float32)
+
+
+@pytest.mark.parametrize(("length", "window", "overlap", "expected"), [
+    (100, 128, 16, [0]),
+    (128, 128, 16, [0]),
+    (200, 64, 16, [0, 48, 96, 136]),
+    (112, 64, 16, [0, 48]),
+])
+def test_window_starts_cover_with_overlap(length: int, window: int, overlap: int, expected: list[int]) -> None:
+    starts = window_starts(length, window, overlap)
+    assert starts == expected
+    covered = np.zeros(length, bool)
+    for s in starts:
+        covered[s : s + window] = True
+    assert covered.all()
+
+
+def test_sliding_windows_equal_whole_raster_prediction(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 1000, (2, 150, 230)).astype(np.uint16)
+    image[:, :5, :7] = 0  # nodata corner
+    src = write_tif(tmp_path / "big.tif", image)
+    predictor = PixelPredictor()
+    whole = predict_raster(predictor, src, tmp_path / "w_mask.tif", tmp_path / "w_prob.tif",
+                           PredictArgs(window=512, overlap=16), 0.5)
+    tiled = predict_raster(predictor, src, tmp_path / "t_mask.tif", tmp_path / "t_prob.tif",
+                           PredictArgs(window=64, overlap=16, batch_size=3), 0.5)
+    pw, prof_w = read_raster(whole.probability)
+    pt, prof_t = read_raster(tiled.probability)
+    expected = np.clip(image[0] / 1000.0, 0, 1).astype(np.float32)
+    expected[:5, :7] = 0
+    np.testing.assert_allclose(pw[0], expected, atol=1e-6)
+    np.testing.assert_allclose(pt[0], expected, atol=1e-6)
+    mw, _ = read_raster(whole.mask)
+    mt, prof_m = read_raster(tiled.mask)
+    assert np.array_equal(mw, mt)
+    assert (mt[0, :5, :7] == 0).all()
+    assert prof_m["transform"] == TRANSFORM and prof_m["crs"].to_string() == CRS
+    assert (prof_m["width"], prof_m["height"], prof_m["dtype"]) == (230, 150, "uint8")
+    assert tiled.roof_pixels == int((expected >= 0.5).sum())
+
+
+def test_unet_windows_match_chip_prediction_away_from_edges(tmp_path: Path) -> None:
+    model = build_model(2, ModelArgs(filters=4, upconv_filters=4, num_layers=2, input_shape=(64, 64, 2)), OutputArgs())
+    predictor = PixelPredictor()
+    unet = UNetPredictor(model, BundleInfo(kind="unet", bands=2, dtype="uint16",
+                                           normalization=predictor.info.normalization, threshold=0.5, pad_multiple=8))
+    image = np.random.default_rng(0).integers(1, 1000, (2, 96, 96)).astype(np.uint16)
+    src = write_tif(tmp_path / "r.tif", image)
+    res = predict_raster(unet, src, tmp_path / "m.tif", tmp_path / "p.tif", PredictArgs(window=64, overlap=24), 0.5)
+    windowed, _ = read_raster(res.probability)
+    chip = unet.predict(image[None, :, :64, :64])[0]
+    # Pixels that only the first window covers (the second starts at 32) equal its chip prediction.
+    np.testing.assert_allclose(windowed[0, :32, :32], chip[:32, :32], atol=1e-5)
+
+
+def test_predict_refuses_other_bands_or_dtype(tmp_path: Path) -> None:
+    src = write_tif(tmp_path / "a.tif", np.ones((3, 16, 16), np.uint16))
+    with pytest.raises(DataError, match="3 bands of uint16 .* 2 bands of uint16"):
+        predict_raster(PixelPredictor(2), src, tmp_path / "m.tif", None, PredictArgs(), 0.5)
+    src8 = write_tif(tmp_path / "b.tif", np.ones((2, 16, 16), np.uint8))
+    with pytest.raises(DataError, match="uint8 .* uint16"):
+        predict_raster(PixelPredictor(2), src8, tmp_path / "m.tif", None, PredictArgs(), 0.5)
+    assert not (tmp_path / "m.tif").exists()
+
+
+def test_blank_prediction_is_never_silent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = write_tif(tmp_path / "in" / "a.tif", np.full((2, 16, 16), 100, np.uint16))
+    monkeypatch.setattr("predict.predict.load_predictor", lambda _: PixelPredictor(2, threshold=0.5))
+    with pytest.raises(PipelineError, match=r"blank: no probability reaches the threshold 0.500 \(range seen 0.100..0.100\)"):
+        predict_all(tmp_path / "bundle", [src], tmp_path / "out", PredictArgs())
+    assert (tmp_path / "out" / "masks" / "a.tif").is_file()  # outputs are kept for inspection

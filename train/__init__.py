@@ -1,0 +1,1 @@
+"""train stage: fit a U-Net or a classical model and save a model bundle."""

@@ -1,0 +1,76 @@
+"""U-Net bundles: save model.keras + bundle.json, and load them as a predictor.
+
+The predictor normalizes with the bundle's statistics, pads to the network's multiple
+(reflect), predicts, and crops back: the same steps as training, in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from core.bundle import BundleError, BundleInfo, write_info
+from core.errors import DataError
+from core.raster import atomic_path, crop_to, pad_to_multiple
+from unet import losses
+from unet.metrics import CUSTOM_OBJECTS
+
+MODEL_FILE = "model.keras"
+
+
+class UNetPredictor:
+    """Roof probabilities from raw pixels with a trained U-Net."""
+
+    def __init__(self, model: keras.Model, info: BundleInfo, batch_size: int = 4) -> None:
+        self.model = model
+        self.info = info
+        self.batch_size = batch_size
+
+    def prepare(self, chips: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """Raw (n, bands, rows, cols) -> normalized, padded (n, rows', cols', bands) and the original size."""
+        if chips.ndim != 4 or chips.shape[1] != self.info.bands:
+            raise DataError(
+                f"the bundle expects {self.info.bands} bands, got an array of shape {chips.shape} (n, bands, rows, cols)"
+            )
+        xs = [self.info.normalization.apply(c) for c in chips]
+        padded = [pad_to_multiple(x, self.info.pad_multiple) for x in xs]
+        return np.stack([p for p, _ in padded]), padded[0][1]
+
+    def predict(self, chips: np.ndarray) -> np.ndarray:
+        """Raw (n, bands, rows, cols) pixels -> (n, rows, cols) float32 probabilities."""
+        x, shape = self.prepare(chips)
+        out = []
+        for start in range(0, len(x), self.batch_size):
+            # A direct call, not model.predict: no per-call dataset setup, and inference-mode batch norm.
+            out.append(np.asarray(self.model(x[start : start + self.batch_size], training=False)))
+        prob = np.concatenate(out)[..., 0]
+        return np.stack([crop_to(p, shape) for p in prob]).astype(np.float32)
+
+
+def save(folder: Path, model: keras.Model, info: BundleInfo) -> Path:
+    """Write model.keras and bundle.json into ``folder`` (each atomically)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / MODEL_FILE) as tmp:
+        model.save(tmp)
+    write_info(folder, info)
+    return folder
+
+
+def load_model(folder: Path) -> keras.Model:
+    """The bundle's Keras model; a missing or corrupt file raises :class:`BundleError`."""
+    path = Path(folder) / MODEL_FILE
+    if not path.is_file():
+        raise BundleError(
+            f"{path} not found: the bundle is incomplete; retrain with python train/train.py --model unet"
+        )
+    try:
+        return keras.models.load_model(path, custom_objects={**CUSTOM_OBJECTS, **losses.LOSSES}, compile=False)
+    except Exception as exc:  # Keras raises many types for a corrupt archive
+        raise BundleError(f"{path} cannot be loaded ({type(exc).__name__}: {exc}): retrain or restore it") from exc
+
+
+def load(folder: Path, info: BundleInfo) -> UNetPredictor:
+    """Load a U-Net bundle for prediction (called by core.bundle.load_predictor)."""
+    return UNetPredictor(load_model(folder), info)

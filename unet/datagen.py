@@ -1,0 +1,141 @@
+"""The training data generator: chips and masks from disk, normalized and augmented.
+
+Masks on disk are uint8 0/255; :func:`read_mask` maps them to float 0/1 exactly once and
+refuses any other value (a 0/1 mask read as 0/255 was one cause of blank masks). Images go
+through :meth:`core.bundle.Normalization.apply`, the function predict uses too. Augmentation
+moves image and mask together; shear and zoom resample the image bilinearly and the mask
+with nearest neighbour only. Inputs are padded (reflect) to the network's multiple, never
+resized.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+from scipy import ndimage
+
+from core.bundle import Normalization
+from core.errors import DataError
+from core.raster import pad_to_multiple, read_raster
+from core.settings import LoadDatasetArgs
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A 0/255 uint8 mask as float32 0/1 (rows, cols); other values are an error naming the file."""
+    data, _ = read_raster(path)
+    if data.shape[0] != 1 or data.dtype != np.uint8:
+        raise DataError(f"mask {path} has {data.shape[0]} band(s) of {data.dtype}: masks are 1 band of uint8 0/255")
+    mask = data[0]
+    values = np.unique(mask)
+    if not set(values.tolist()) <= {0, 255}:
+        raise DataError(
+            f"mask {path} holds values {values[:6].tolist()}, not only 0 and 255: write masks with "
+            "python mask/mask.py (0 = background, 255 = roof)"
+        )
+    return (mask == 255).astype(np.float32)
+
+
+def read_pair(frame: Path, mask: Path, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    """Normalized image (rows, cols, bands) and 0/1 mask (rows, cols, 1) of one chip."""
+    image, _ = read_raster(frame)
+    y = read_mask(mask)
+    if image.shape[1:] != y.shape:
+        raise DataError(
+            f"mask {mask} is {y.shape[0]}x{y.shape[1]} but its chip {frame} is {image.shape[1]}x{image.shape[2]}"
+        )
+    return norm.apply(image), y[..., None]
+
+
+def augment(
+    x: np.ndarray, y: np.ndarray, rng: np.random.Generator, args: LoadDatasetArgs
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same random flips, 90-degree turns, shear and zoom for image and mask."""
+    if args.horizontal_flip and rng.random() < 0.5:
+        x, y = x[:, ::-1], y[:, ::-1]
+    if args.vertical_flip and rng.random() < 0.5:
+        x, y = x[::-1], y[::-1]
+    if args.rotate90 and x.shape[0] == x.shape[1]:
+        k = int(rng.integers(4))
+        x, y = np.rot90(x, k), np.rot90(y, k)
+    if args.shear_range > 0 or args.zoom_range > 0:
+        shear = math.radians(rng.uniform(-args.shear_range, args.shear_range))
+        zoom = rng.uniform(1 - args.zoom_range, 1 + args.zoom_range)
+        matrix = np.array([[1 / zoom, math.tan(shear) / zoom], [0.0, 1 / zoom]])
+        centre = (np.array(x.shape[:2]) - 1) / 2
+        offset = centre - matrix @ centre
+        x = np.stack(
+            [ndimage.affine_transform(x[..., b], matrix, offset, order=1, mode="reflect") for b in range(x.shape[-1])],
+            axis=-1,
+        )
+        y = ndimage.affine_transform(y[..., 0], matrix, offset, order=0, mode="reflect")[..., None]
+    return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+class ChipSequence(keras.utils.PyDataset):
+    """Batches of (image, mask) from chip and mask folders, reshuffled every epoch.
+
+    Args:
+        frames: chip files; masks: the mask of each, same order.
+        norm: the training normalization.
+        args: load_dataset_args (batch size, augmentation, seed).
+        multiple: pad inputs to a multiple of this (the network's).
+        augment_data: augment (training) or not (validation).
+        steps: batches per epoch; default every chip once.
+    """
+
+    def __init__(
+        self,
+        frames: Sequence[Path],
+        masks: Sequence[Path],
+        norm: Normalization,
+        args: LoadDatasetArgs,
+        multiple: int,
+        *,
+        augment_data: bool,
+        steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        if len(frames) != len(masks):
+            raise DataError(f"{len(frames)} chips but {len(masks)} masks: rerun python split/split.py")
+        if not frames:
+            raise DataError("no chips to train on: run python split/split.py")
+        self.frames, self.masks = list(frames), list(masks)
+        self.norm, self.args, self.multiple = norm, args, multiple
+        self.augment_data = augment_data
+        self.batch_size = min(args.batch_size, len(self.frames))
+        self.steps = steps or math.ceil(len(self.frames) / self.batch_size)
+        self.rng = np.random.default_rng(args.seed)
+        self.order = np.arange(len(self.frames))
+        self._epoch_order()
+
+    def _epoch_order(self) -> None:
+        if self.augment_data:
+            needed = self.steps * self.batch_size
+            reps = math.ceil(needed / len(self.frames))
+            self.order = np.concatenate([self.rng.permutation(len(self.frames)) for _ in range(reps)])
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.augment_data:
+            ids = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        else:
+            ids = np.arange(index * self.batch_size, min((index + 1) * self.batch_size, len(self.frames)))
+        xs, ys = [], []
+        for i in ids:
+            x, y = read_pair(self.frames[i], self.masks[i], self.norm)
+            if self.augment_data:
+                x, y = augment(x, y, self.rng, self.args)
+            x, _ = pad_to_multiple(x, self.multiple)
+            y, _ = pad_to_multiple(y, self.multiple)
+            xs.append(x)
+            ys.append(y)
+        return np.stack(xs), np.stack(ys)
+
+    def on_epoch_end(self) -> None:
+        self._epoch_order()

@@ -1,0 +1,122 @@
+"""The U-Net, built from model_args and output_args.
+
+``architecture: satellite`` is the original pipeline's network: the satellite-imagery U-Net
+(deepsense.ai's, as keras-unet's ``satellite_unet`` has it) with every size, activation and
+momentum taken from settings instead of hard-coded. ``architecture: custom`` builds
+keras-unet's ``custom_unet``. The input is ``(None, None, bands)``: one model serves any
+chip size that is a multiple of :func:`pad_multiple`; the data generator and predict pad to
+it (reflect) and crop back, so nothing is ever resized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+import keras
+from keras import layers
+
+from core.errors import PipelineError
+from core.settings import ModelArgs, OutputArgs
+
+
+def pad_multiple(model_args: ModelArgs) -> int:
+    """Input sides must be multiples of this: 2 ** (number of poolings)."""
+    poolings = model_args.num_layers + 1 if model_args.architecture == "satellite" else model_args.num_layers
+    return 2**poolings
+
+
+def _bn_conv(x: Any, filters: int, momentum: float, conv: dict[str, Any]) -> Any:
+    x = layers.BatchNormalization(momentum=momentum)(x)
+    return layers.Conv2D(filters, **conv)(x)
+
+
+def _bn_upconv(x: Any, filters: int, momentum: float, upconv: dict[str, Any]) -> Any:
+    x = layers.BatchNormalization(momentum=momentum)(x)
+    return layers.Conv2DTranspose(filters, **upconv)(x)
+
+
+def satellite_unet(bands: int, m: ModelArgs, o: OutputArgs) -> keras.Model:
+    """The satellite U-Net: batch norm before each convolution, constant width, skip at every level."""
+    conv = {
+        "kernel_size": m.kernel_size,
+        "activation": m.activation,
+        "strides": m.strides,
+        "padding": m.padding,
+        "kernel_initializer": m.kernel_initializer,
+    }
+    upconv = {
+        "kernel_size": m.kernel_size,
+        "activation": m.activation,
+        "strides": (2, 2),
+        "padding": "same",
+        "kernel_initializer": m.kernel_initializer,
+    }
+    pool = {"pool_size": m.pool_size, "strides": m.pool_strides, "padding": m.pool_padding}
+    momentum, filters = m.bachnorm_momentum, m.filters
+
+    inputs = keras.Input((None, None, bands), name="image")
+    x = layers.Conv2D(filters, **conv)(inputs)
+    top = _bn_conv(x, filters, momentum, conv)
+    x = _bn_conv(top, filters, momentum, conv)
+    x = layers.MaxPooling2D(**pool)(x)
+
+    skips = []
+    for _ in range(m.num_layers):
+        x = _bn_conv(x, filters, momentum, conv)
+        x = _bn_conv(x, filters, momentum, conv)
+        skips.append(x)
+        x = _bn_conv(x, filters, momentum, conv)
+        x = layers.MaxPooling2D(**pool)(x)
+
+    x = _bn_conv(x, filters, momentum, conv)
+    x = _bn_conv(x, filters, momentum, conv)
+    x = _bn_upconv(x, filters, momentum, upconv)
+    for skip in reversed(skips):
+        x = layers.concatenate([x, skip])
+        x = _bn_conv(x, m.upconv_filters, momentum, conv)
+        x = _bn_conv(x, filters, momentum, conv)
+        x = _bn_upconv(x, filters, momentum, upconv)
+
+    x = layers.concatenate([x, top])
+    x = _bn_conv(x, m.upconv_filters, momentum, conv)
+    x = _bn_conv(x, filters, momentum, conv)
+    outputs = layers.Conv2D(
+        m.num_classes,
+        kernel_size=o.kernel_size,
+        strides=o.strides,
+        activation=o.activation,
+        padding=o.padding,
+        dtype="float32",
+        name="roof_probability",
+    )(x)
+    return keras.Model(inputs, outputs, name="satellite_unet")
+
+
+def custom_unet(bands: int, m: ModelArgs, o: OutputArgs) -> keras.Model:
+    """keras-unet's custom_unet with this project's settings (its import banner silenced)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        from keras_unet.models import custom_unet as build
+
+    return build(
+        input_shape=(None, None, bands),
+        num_classes=m.num_classes,
+        activation=m.activation,
+        use_batch_norm=m.use_batch_norm,
+        upsample_mode=m.upsample_mode,
+        dropout=m.dropout,
+        filters=m.filters,
+        num_layers=m.num_layers,
+        output_activation=o.activation,
+    )
+
+
+def build_model(bands: int, model_args: ModelArgs, output_args: OutputArgs) -> keras.Model:
+    """The U-Net for ``bands``-band input of any size that is a multiple of :func:`pad_multiple`."""
+    builders = {"satellite": satellite_unet, "custom": custom_unet}
+    if model_args.architecture not in builders:
+        raise PipelineError(
+            f"model_args.architecture {model_args.architecture!r} is unknown: use one of {', '.join(builders)}"
+        )
+    return builders[model_args.architecture](bands, model_args, output_args)

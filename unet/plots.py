@@ -1,0 +1,86 @@
+"""Training curves and validation overlays: the pictures people look at before the numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from core.raster import atomic_path, read_raster, rgb_preview
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_curves(history_csv: Path, path: Path) -> Path:
+    """Loss, IoU and predicted-vs-true roof share per epoch, training and validation."""
+    h = pd.read_csv(history_csv)
+    epochs = h["epoch"] + 1
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [
+        ("loss", "loss", "Loss"),
+        ("iou", "IoU (threshold 0.5)", "Pixel IoU, whole set"),
+    ]
+    for ax, (key, ylabel, title) in zip(axes, panels, strict=False):
+        ax.plot(epochs, h[key], "o-", label="train")
+        if f"val_{key}" in h:
+            ax.plot(epochs, h[f"val_{key}"], "o-", label="validation")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax = axes[2]
+    if "val_pred_share" in h:
+        ax.plot(epochs, 100 * h["val_pred_share"], "o-", label="predicted roof (validation)")
+        ax.plot(epochs, 100 * h["val_true_share"], "--", label="true roof (validation)")
+    ax.set(xlabel="epoch", ylabel="% of pixels", title="Roof share: a collapse shows here first")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.suptitle("U-Net training")
+    return _save(fig, path)
+
+
+def plot_overlays(
+    frames: list[Path], masks: list[Path], predictor, threshold: float, scores: list[float], path: Path, n: int = 3
+) -> Path:
+    """Image, truth and prediction for the best and worst validation chips with roofs, by IoU."""
+    has_roof = []
+    for m in masks:
+        truth, _ = read_raster(m)
+        has_roof.append(bool((truth > 0).any()))
+    candidates = [i for i in range(len(frames)) if has_roof[i]] or list(range(len(frames)))
+    ranked = sorted(candidates, key=lambda i: scores[i])
+    picks = list(dict.fromkeys([*ranked[::-1][:n], *ranked[:n]]))
+    norm = predictor.info.normalization
+    fig, axes = plt.subplots(len(picks), 3, figsize=(10, 3.4 * len(picks)), squeeze=False)
+    for row, i in enumerate(picks):
+        image, profile = read_raster(frames[i])
+        truth, _ = read_raster(masks[i])
+        t = truth[0] > 0
+        pred = predictor.predict(image[None])[0] >= threshold
+        rgb = rgb_preview(image, profile.get("nodata"), norm.low, norm.high)
+        for ax in axes[row]:
+            ax.imshow(rgb)
+            ax.set_axis_off()
+        truth_rgba = np.zeros((*t.shape, 4))
+        truth_rgba[t] = (0, 1, 1, 0.55)
+        axes[row, 1].imshow(truth_rgba)
+        result = np.zeros((*t.shape, 4))
+        result[pred & t] = (0, 1, 0, 0.6)
+        result[pred & ~t] = (1, 0, 1, 0.6)
+        result[~pred & t] = (1, 1, 0, 0.7)
+        axes[row, 2].imshow(result)
+        axes[row, 0].set_title(f"{frames[i].name}: IoU {scores[i]:.2f}", fontsize=10)
+        axes[row, 1].set_title("truth (cyan)", fontsize=10)
+        axes[row, 2].set_title("hit green, false magenta, missed yellow", fontsize=10)
+    fig.suptitle(f"Validation chips with roofs, best and worst by IoU (threshold {threshold:.2f})")
+    fig.tight_layout()
+    return _save(fig, path)

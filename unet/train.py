@@ -1,0 +1,306 @@
+"""Training the U-Net: data checks, fit with callbacks, threshold tuning, bundle and reports.
+
+Called by ``python train/train.py --model unet``. Writes results/EXPERIMENT/unet/: bundle/
+(model.keras + bundle.json), history.csv, curves.png, metrics.json, overlays.png.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from core.bundle import BundleInfo, Normalization, read_info
+from core.errors import DataError, PipelineError
+from core.metrics import Confusion, ThresholdSearch, metrics_record, write_metrics
+from core.raster import band_statistics, open_raster, read_raster
+from core.settings import Settings
+from core.tree import DataTree, refuse_overwrite, require
+
+log = logging.getLogger(__name__)
+
+#: Below this training roof share a warning suggests keep_empty or another loss.
+LOW_ROOF_SHARE = 0.005
+
+
+class CollapseError(PipelineError):
+    """Training collapsed to predicting one class everywhere."""
+
+
+def split_files(tree: DataTree, split: str) -> tuple[list[Path], list[Path]]:
+    """Chips and masks of a split, paired by name; missing masks are an error."""
+    frames_dir = require(tree.frames(split), f"{split} chips folder", "run python split/split.py first")
+    masks_dir = require(tree.split_masks(split), f"{split} masks folder", "run python split/split.py first")
+    frames = tree.list_rasters(frames_dir)
+    masks = [masks_dir / f.name for f in frames]
+    missing = [m.name for m in masks if not m.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} {split} chips have no mask in {masks_dir} (e.g. {missing[0]}): rerun split")
+    return frames, masks
+
+
+def check_bands(frames: list[Path], channels: int) -> tuple[int, str]:
+    """Band count and dtype of the chips; they must agree with each other and with the settings."""
+    with open_raster(frames[0]) as src:
+        bands, dtype = src.count, src.dtypes[0]
+    if bands != channels:
+        raise DataError(
+            f"chips have {bands} bands ({frames[0].name}) but load_dataset_args.channels is {channels}: set "
+            f"load_dataset_args.channels and model_args.input_shape[2] to {bands}"
+        )
+    return bands, dtype
+
+
+def roof_share(masks: list[Path]) -> float:
+    """Share of roof pixels over all training masks."""
+    roof = total = 0
+    for m in masks:
+        data, _ = read_raster(m)
+        roof += int(np.count_nonzero(data == 255))
+        total += data.size
+    return roof / total if total else 0.0
+
+
+def _configure_tensorflow(settings: Settings) -> bool:
+    """Seed, and pick XLA and precision for the device; returns whether XLA is on."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(settings.training_args.seed)
+    gpus = tf.config.list_physical_devices("GPU")
+    jit = settings.training_args.jit_compile
+    if jit is None:
+        jit = bool(gpus)  # measured on a 2-core CPU: XLA made training slower (bench/bench_unet.py)
+    if settings.training_args.mixed_precision and gpus:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    log.info("train: %s, XLA %s", f"{len(gpus)} GPU(s)" if gpus else "CPU only", "on" if jit else "off")
+    return jit
+
+
+class _Monitor:
+    """Callback factory: logs predicted vs true roof share and stops on a collapse."""
+
+    @staticmethod
+    def make(patience: int):
+        import keras
+
+        class CollapseMonitor(keras.callbacks.Callback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.bad_epochs = 0
+                self.collapsed: str | None = None
+
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                logs = logs or {}
+                pred, true = logs.get("val_pred_share"), logs.get("val_true_share")
+                if pred is None or true is None:
+                    return
+                log.info(
+                    "epoch %d: val IoU %.3f, predicted roof share %.2f%% vs true %.2f%%",
+                    epoch + 1,
+                    logs.get("val_iou", 0.0),
+                    100 * pred,
+                    100 * true,
+                )
+                kind = None
+                if true > 0 and pred < 0.02 * true:
+                    kind = "all background"
+                elif pred > 0.9:
+                    kind = "all roof"
+                if kind is None:
+                    self.bad_epochs = 0
+                    return
+                self.bad_epochs += 1
+                log.warning("epoch %d: the network predicts %s (%.3f%% roof)", epoch + 1, kind, 100 * pred)
+                if self.bad_epochs >= patience:
+                    self.collapsed = kind
+                    self.model.stop_training = True
+
+        return CollapseMonitor()
+
+
+def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, from_bundle: Path | None = None) -> Path:
+    """Train the U-Net on the train split, tune the threshold on val, write the bundle and reports.
+
+    Returns the bundle folder.
+    """
+    out = tree.model_dir("unet")
+    bundle_dir = tree.bundle("unet")
+    start_from = from_bundle or (bundle_dir if settings.training_args.pretrained else None)
+    if start_from is None:
+        refuse_overwrite([bundle_dir], overwrite, "train (unet)")
+    train_frames, train_masks = split_files(tree, "train")
+    val_frames, val_masks = split_files(tree, "val")
+    bands, dtype = check_bands(train_frames, settings.load_dataset_args.channels)
+
+    share = roof_share(train_masks)
+    if share == 0:
+        raise DataError(
+            "the training masks hold no roof pixel: check mask_args.filter and the label file, then rerun mask and split"
+        )
+    if share < LOW_ROOF_SHARE:
+        log.warning(
+            "roof pixels are only %.2f%% of the training masks: consider split_args.keep_empty < 1 or "
+            "training_args.loss focal",
+            100 * share,
+        )
+
+    import keras
+
+    from unet import bundle as unet_bundle
+    from unet.datagen import ChipSequence
+    from unet.losses import get_loss
+    from unet.metrics import training_metrics
+    from unet.model import build_model, pad_multiple
+
+    jit = _configure_tensorflow(settings)
+    if start_from is not None:
+        previous = read_info(start_from)
+        norm = previous.normalization
+        model = unet_bundle.load_model(start_from)
+        multiple = previous.pad_multiple
+        log.info("train: continuing from %s", start_from)
+    else:
+        nodata = _nodata(train_frames[0])
+        stats = band_statistics(train_frames)
+        norm = Normalization.from_stats(stats, settings.load_dataset_args.normalization, nodata)
+        model = build_model(bands, settings.model_args, settings.output_args)
+        multiple = pad_multiple(settings.model_args)
+
+    args = settings.training_args
+    data_args = settings.load_dataset_args
+    train_seq = ChipSequence(
+        train_frames, train_masks, norm, data_args, multiple, augment_data=True, steps=args.steps_per_epoch
+    )
+    val_steps_all = math.ceil(len(val_frames) / min(data_args.batch_size, len(val_frames)))
+    val_seq = ChipSequence(
+        val_frames,
+        val_masks,
+        norm,
+        data_args,
+        multiple,
+        augment_data=False,
+        steps=min(args.validation_steps or val_steps_all, val_steps_all),
+    )
+    optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+    model.compile(
+        optimizer=optimizers[args.optimizer](learning_rate=args.learning_rate),
+        loss=get_loss(args.loss),
+        metrics=training_metrics(),
+        jit_compile=jit,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / settings.checkpoint_args.checkpoint_path
+    monitor = _Monitor.make(args.patience)
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(
+            checkpoint, monitor="val_iou", mode="max", save_best_only=True, save_weights_only=True, verbose=0
+        ),
+        keras.callbacks.EarlyStopping(
+            monitor="val_iou", mode="max", patience=args.patience, restore_best_weights=True, verbose=0
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss",
+            factor=0.5,
+            patience=max(2, args.patience // 2),
+            min_lr=args.learning_rate / 100,
+            verbose=0,
+        ),
+        keras.callbacks.CSVLogger(out / "history.csv"),
+        monitor,
+    ]
+    log.info(
+        "train: %d training chips (%.2f%% roof), %d validation chips, %d bands %s, padded to x%d",
+        len(train_frames),
+        100 * share,
+        len(val_frames),
+        bands,
+        dtype,
+        multiple,
+    )
+    started = time.perf_counter()
+    history = model.fit(
+        train_seq, validation_data=val_seq, epochs=args.epochs, callbacks=callbacks, verbose=args.verbose
+    )
+    seconds = time.perf_counter() - started
+    if monitor.collapsed:
+        raise CollapseError(
+            f"training stopped: the network predicted {monitor.collapsed} for {args.patience} epochs. Likely causes: "
+            "masks without roofs or on the wrong scale (check python mask/mask.py output), a learning rate too high "
+            f"(training_args.learning_rate={args.learning_rate}), or a loss that rewards background "
+            f"(training_args.loss={args.loss}; bce_dice is the default)"
+        )
+    if checkpoint.is_file():
+        model.load_weights(checkpoint)
+
+    info = BundleInfo(
+        kind="unet",
+        bands=bands,
+        dtype=dtype,
+        normalization=norm,
+        threshold=0.5,
+        pad_multiple=multiple,
+        features={"architecture": settings.model_args.architecture},
+        settings=settings.model_dump(mode="json"),
+    )
+    predictor = unet_bundle.UNetPredictor(model, info, batch_size=data_args.batch_size)
+    threshold, confusion, per_chip = evaluate_split(predictor, val_frames, val_masks)
+    info = replace(info, threshold=threshold)
+    unet_bundle.save(bundle_dir, model, info)
+    record = metrics_record(
+        "unet", "val", threshold, confusion, epochs=len(history.epoch), train_seconds=round(seconds, 1)
+    )
+    write_metrics(out / "metrics.json", record)
+    from unet.plots import plot_curves, plot_overlays
+
+    plot_curves(out / "history.csv", out / "curves.png")
+    plot_overlays(val_frames, val_masks, predictor, threshold, per_chip, out / "overlays.png")
+    scores = record["pixel"]
+    log.info(
+        "train: unet validation IoU %.3f, F1 %.3f, precision %.3f, recall %.3f at threshold %.2f "
+        "(%d epochs, %.0f s) -> %s",
+        scores["iou"],
+        scores["f1"],
+        scores["precision"],
+        scores["recall"],
+        threshold,
+        len(history.epoch),
+        seconds,
+        out,
+    )
+    return bundle_dir
+
+
+def _nodata(path: Path) -> float | None:
+    with open_raster(path) as src:
+        return src.nodata
+
+
+def evaluate_split(predictor, frames: list[Path], masks: list[Path]) -> tuple[float, Confusion, list[float]]:
+    """Tune the F1-best threshold over a whole split; return it, the counts there, and each chip's IoU.
+
+    Each chip keeps only its probability histograms, so memory does not grow with the split.
+    A chip with no roof that gets none predicted scores 1.
+    """
+    from unet.datagen import read_mask
+
+    search = ThresholdSearch()
+    chips = []
+    for frame, mask_path in zip(frames, masks, strict=True):
+        image, _ = read_raster(frame)
+        prob = predictor.predict(image[None])[0]
+        truth = read_mask(mask_path) > 0.5
+        search.add(truth, prob)
+        chip = ThresholdSearch()
+        chip.add(truth, prob)
+        chips.append(chip)
+    threshold, confusion = search.best()
+    per_chip = []
+    for chip in chips:
+        c = chip.confusion_at(threshold)
+        per_chip.append(1.0 if c.tp + c.fp + c.fn == 0 else c.scores()["iou"])
+    return threshold, confusion, per_chip
