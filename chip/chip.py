@@ -27,7 +27,7 @@ from core import cli
 from core.errors import InputMissingError, RasterError
 from core.index import CHIP_COLUMNS, write_index
 from core.parallel import map_tasks
-from core.raster import open_raster, write_raster
+from core.raster import open_raster, valid_pixels, write_raster
 from core.settings import ChipArgs, ParallelArgs, Settings
 from core.tree import DataTree, refuse_overwrite
 
@@ -82,11 +82,7 @@ def read_padded(src, row_off: int, col_off: int, size: int, pad_value: float) ->
         except RasterioError as exc:
             raise RasterError(f"{src.name} could not be read ({exc}): it may be truncated or corrupt") from exc
         data[:, :rows, :cols] = part
-        if src.nodata is None:
-            valid[:rows, :cols] = True
-        else:
-            # A pixel is nodata when every band holds the nodata value.
-            valid[:rows, :cols] = (part != src.nodata).any(axis=0)
+        valid[:rows, :cols] = valid_pixels(part, src.nodata)
     return data, valid
 
 
@@ -105,8 +101,8 @@ def make_chip(task: ChipTask) -> dict | None:
         nodata = src.nodata if src.nodata is not None else (task.pad_value if padded else None)
         if not (task.reuse and Path(task.out).is_file()):
             write_raster(task.out, data, crs=crs, transform=transform, nodata=nodata, compression=task.compression)
-        left, top = transform * (0, 0)
-        right, bottom = transform * (task.size, task.size)
+        left, top = transform @ (0, 0)
+        right, bottom = transform @ (task.size, task.size)
     return {
         "id": task.id,
         "file": Path(task.out).name,

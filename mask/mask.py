@@ -27,7 +27,7 @@ from core import cli
 from core.errors import LabelError
 from core.index import read_index, write_index
 from core.parallel import map_tasks
-from core.raster import open_raster, write_raster
+from core.raster import open_raster, valid_pixels, write_raster
 from core.settings import MaskArgs, ParallelArgs, Settings
 from core.tree import DataTree, refuse_overwrite
 from core.vector import LabelIndex, filter_labels, find_label_file, read_labels, repair_geometries
@@ -53,7 +53,7 @@ def burn_mask(task: MaskTask) -> float:
     with open_raster(task.chip) as src:
         data = src.read()
         transform, crs, shape = src.transform, src.crs, (src.height, src.width)
-        valid = np.ones(shape, bool) if src.nodata is None else (data != src.nodata).any(axis=0)
+        valid = valid_pixels(data, src.nodata)
     if task.reuse and Path(task.out).is_file():
         with open_raster(task.out) as done:
             mask = done.read(1)

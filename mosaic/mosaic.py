@@ -30,7 +30,7 @@ from rasterio.windows import Window
 
 from core import cli
 from core.errors import DataError, InputMissingError, RasterError
-from core.raster import create_raster, gtiff_profile, open_raster
+from core.raster import create_raster, gtiff_profile, open_raster, valid_pixels
 from core.settings import MosaicArgs, Settings
 from core.tree import DataTree, refuse_overwrite
 
@@ -233,7 +233,7 @@ def build_mosaic(
                     part = ds.read(window=Window(cs, rs, ce - cs, re - rs))
                 except rasterio.errors.RasterioError as exc:
                     raise RasterError(f"{info.path} could not be read ({exc}): it may be truncated or corrupt") from exc
-                valid = np.ones(part.shape[1:], dtype=bool) if ds.nodata is None else (part != ds.nodata).any(axis=0)
+                valid = valid_pixels(part, ds.nodata)
                 dr, dc = rs - r0, cs - c0
                 view = np.s_[dr : dr + part.shape[1], dc : dc + part.shape[2]]
                 merge_block(out[(slice(None), *view)], filled[view], part, valid, rule)

@@ -23,7 +23,7 @@ from predict.predict import predict_all, predict_raster, window_starts  # noqa: 
 from unet import losses  # noqa: E402
 from unet.bundle import UNetPredictor  # noqa: E402
 from unet.datagen import ChipSequence, augment, read_mask  # noqa: E402
-from unet.metrics import F1, IoU, PredShare, Precision, Recall, TrueShare  # noqa: E402
+from unet.metrics import F1, IoU, Precision, PredShare, Recall, TrueShare  # noqa: E402
 from unet.model import build_model, pad_multiple  # noqa: E402
 
 CRS = "EPSG:32644"
@@ -34,8 +34,16 @@ def write_tif(path: Path, array: np.ndarray, transform: Affine = TRANSFORM, noda
     path.parent.mkdir(parents=True, exist_ok=True)
     data = array[None] if array.ndim == 2 else array
     with rasterio.open(
-        path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-        dtype=data.dtype.name, crs=CRS, transform=transform, nodata=nodata,
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype=data.dtype.name,
+        crs=CRS,
+        transform=transform,
+        nodata=nodata,
     ) as dst:
         dst.write(data)
     return path
@@ -149,7 +157,7 @@ def test_custom_architecture_builds_without_banner(capsys: pytest.CaptureFixture
 def test_unknown_architecture_lists_the_allowed_ones(settings_file: Path) -> None:
     from core.errors import SettingsError
 
-    with pytest.raises(SettingsError, match="model_args.architecture") as err:
+    with pytest.raises(SettingsError, match=r"model_args\.architecture") as err:
         load_settings(settings_file, ["model_args.architecture=resnet"])
     assert "'satellite'" in str(err.value) and "'custom'" in str(err.value)
 
@@ -168,13 +176,13 @@ def test_masks_are_exactly_0_1_after_loading(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("values", [[0, 1], [0, 128, 255], [3]])
 def test_masks_on_another_scale_are_refused(tmp_path: Path, values: list[int]) -> None:
-    mask = np.array(values * 16, np.uint8)[: 16].reshape(4, 4)
+    mask = np.array(values * 16, np.uint8)[:16].reshape(4, 4)
     with pytest.raises(DataError, match="not only 0 and 255"):
         read_mask(write_tif(tmp_path / "m.tif", mask, nodata=None))
 
 
 def test_generator_normalization_is_byte_identical_to_predict(tiny) -> None:
-    settings, tree, *_ = tiny
+    _settings, tree, *_ = tiny
     frames = tree.list_rasters(tree.frames("train"))
     masks = [tree.split_masks("train") / f.name for f in frames]
     norm = Normalization.from_stats(band_statistics(frames), "percentile", 0)
@@ -203,7 +211,7 @@ def test_augmentation_moves_image_and_mask_together() -> None:
 
 
 def test_epochs_are_reshuffled_and_seeded(tiny) -> None:
-    settings, tree, *_ = tiny
+    _settings, tree, *_ = tiny
     frames = tree.list_rasters(tree.frames("train"))
     masks = [tree.split_masks("train") / f.name for f in frames]
     norm = Normalization.from_stats(band_statistics(frames), "percentile", 0)
@@ -339,7 +347,9 @@ def test_training_refuses_a_band_count_other_than_channels(tiny, settings_file: 
     from unet.train import train_unet
 
     _, tree, _, overrides = tiny
-    settings = load_settings(settings_file, [*overrides, "load_dataset_args.channels=4", "model_args.input_shape=[64,64,4]"])
+    settings = load_settings(
+        settings_file, [*overrides, "load_dataset_args.channels=4", "model_args.input_shape=[64,64,4]"]
+    )
     with pytest.raises(DataError, match=r"chips have 3 bands \(train_0.tif\) but load_dataset_args.channels is 4"):
         train_unet(settings, tree)
 
@@ -348,7 +358,7 @@ def test_corrupt_and_missing_bundles(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="not found"):
         load_predictor(tmp_path / "nope")
     (tmp_path / "b").mkdir()
-    with pytest.raises(BundleError, match="no bundle.json"):
+    with pytest.raises(BundleError, match=r"no bundle\.json"):
         load_predictor(tmp_path / "b")
     (tmp_path / "b" / "bundle.json").write_text("{not json")
     with pytest.raises(BundleError, match="corrupt"):
@@ -357,7 +367,7 @@ def test_corrupt_and_missing_bundles(tmp_path: Path) -> None:
     from core.bundle import write_info
 
     write_info(tmp_path / "b", BundleInfo(kind="unet", bands=1, dtype="uint8", normalization=norm, threshold=0.5))
-    with pytest.raises(BundleError, match="model.keras not found"):
+    with pytest.raises(BundleError, match=r"model\.keras not found"):
         load_predictor(tmp_path / "b")
     (tmp_path / "b" / "model.keras").write_bytes(b"garbage")
     with pytest.raises(BundleError, match="cannot be loaded"):
@@ -378,12 +388,15 @@ class PixelPredictor:
         return np.stack([self.info.normalization.apply(c)[..., 0] for c in chips]).astype(np.float32)
 
 
-@pytest.mark.parametrize(("length", "window", "overlap", "expected"), [
-    (100, 128, 16, [0]),
-    (128, 128, 16, [0]),
-    (200, 64, 16, [0, 48, 96, 136]),
-    (112, 64, 16, [0, 48]),
-])
+@pytest.mark.parametrize(
+    ("length", "window", "overlap", "expected"),
+    [
+        (100, 128, 16, [0]),
+        (128, 128, 16, [0]),
+        (200, 64, 16, [0, 48, 96, 136]),
+        (112, 64, 16, [0, 48]),
+    ],
+)
 def test_window_starts_cover_with_overlap(length: int, window: int, overlap: int, expected: list[int]) -> None:
     starts = window_starts(length, window, overlap)
     assert starts == expected
@@ -399,12 +412,19 @@ def test_sliding_windows_equal_whole_raster_prediction(tmp_path: Path) -> None:
     image[:, :5, :7] = 0  # nodata corner
     src = write_tif(tmp_path / "big.tif", image)
     predictor = PixelPredictor()
-    whole = predict_raster(predictor, src, tmp_path / "w_mask.tif", tmp_path / "w_prob.tif",
-                           PredictArgs(window=512, overlap=16), 0.5)
-    tiled = predict_raster(predictor, src, tmp_path / "t_mask.tif", tmp_path / "t_prob.tif",
-                           PredictArgs(window=64, overlap=16, batch_size=3), 0.5)
-    pw, prof_w = read_raster(whole.probability)
-    pt, prof_t = read_raster(tiled.probability)
+    whole = predict_raster(
+        predictor, src, tmp_path / "w_mask.tif", tmp_path / "w_prob.tif", PredictArgs(window=512, overlap=16), 0.5
+    )
+    tiled = predict_raster(
+        predictor,
+        src,
+        tmp_path / "t_mask.tif",
+        tmp_path / "t_prob.tif",
+        PredictArgs(window=64, overlap=16, batch_size=3),
+        0.5,
+    )
+    pw, _prof_w = read_raster(whole.probability)
+    pt, _prof_t = read_raster(tiled.probability)
     expected = np.clip(image[0] / 1000.0, 0, 1).astype(np.float32)
     expected[:5, :7] = 0
     np.testing.assert_allclose(pw[0], expected, atol=1e-6)
@@ -421,8 +441,17 @@ def test_sliding_windows_equal_whole_raster_prediction(tmp_path: Path) -> None:
 def test_unet_windows_match_chip_prediction_away_from_edges(tmp_path: Path) -> None:
     model = build_model(2, ModelArgs(filters=4, upconv_filters=4, num_layers=2, input_shape=(64, 64, 2)), OutputArgs())
     predictor = PixelPredictor()
-    unet = UNetPredictor(model, BundleInfo(kind="unet", bands=2, dtype="uint16",
-                                           normalization=predictor.info.normalization, threshold=0.5, pad_multiple=8))
+    unet = UNetPredictor(
+        model,
+        BundleInfo(
+            kind="unet",
+            bands=2,
+            dtype="uint16",
+            normalization=predictor.info.normalization,
+            threshold=0.5,
+            pad_multiple=8,
+        ),
+    )
     image = np.random.default_rng(0).integers(1, 1000, (2, 96, 96)).astype(np.uint16)
     src = write_tif(tmp_path / "r.tif", image)
     res = predict_raster(unet, src, tmp_path / "m.tif", tmp_path / "p.tif", PredictArgs(window=64, overlap=24), 0.5)
@@ -434,10 +463,10 @@ def test_unet_windows_match_chip_prediction_away_from_edges(tmp_path: Path) -> N
 
 def test_predict_refuses_other_bands_or_dtype(tmp_path: Path) -> None:
     src = write_tif(tmp_path / "a.tif", np.ones((3, 16, 16), np.uint16))
-    with pytest.raises(DataError, match="3 bands of uint16 .* 2 bands of uint16"):
+    with pytest.raises(DataError, match=r"3 bands of uint16 .* 2 bands of uint16"):
         predict_raster(PixelPredictor(2), src, tmp_path / "m.tif", None, PredictArgs(), 0.5)
     src8 = write_tif(tmp_path / "b.tif", np.ones((2, 16, 16), np.uint8))
-    with pytest.raises(DataError, match="uint8 .* uint16"):
+    with pytest.raises(DataError, match=r"uint8 .* uint16"):
         predict_raster(PixelPredictor(2), src8, tmp_path / "m.tif", None, PredictArgs(), 0.5)
     assert not (tmp_path / "m.tif").exists()
 
@@ -445,6 +474,8 @@ def test_predict_refuses_other_bands_or_dtype(tmp_path: Path) -> None:
 def test_blank_prediction_is_never_silent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = write_tif(tmp_path / "in" / "a.tif", np.full((2, 16, 16), 100, np.uint16))
     monkeypatch.setattr("predict.predict.load_predictor", lambda _: PixelPredictor(2, threshold=0.5))
-    with pytest.raises(PipelineError, match=r"blank: no probability reaches the threshold 0.500 \(range seen 0.100..0.100\)"):
+    with pytest.raises(
+        PipelineError, match=r"blank: no probability reaches the threshold 0.500 \(range seen 0.100..0.100\)"
+    ):
         predict_all(tmp_path / "bundle", [src], tmp_path / "out", PredictArgs())
     assert (tmp_path / "out" / "masks" / "a.tif").is_file()  # outputs are kept for inspection
