@@ -86,23 +86,28 @@ def read_padded(src, row_off: int, col_off: int, size: int, pad_value: float) ->
     return data, valid
 
 
-def make_chip(task: ChipTask) -> dict | None:
-    """Cut and write one chip; return its index row, or None when it is mostly nodata."""
-    with open_raster(task.source) as src:
-        data, valid = read_padded(src, task.row_off, task.col_off, task.size, task.pad_value)
-        nodata_share = 1.0 - float(valid.mean())
-        if nodata_share > task.max_nodata:
-            return None
-        window = Window(task.col_off, task.row_off, task.size, task.size)
-        transform = src.window_transform(window)
-        crs = src.crs
-        padded = task.row_off + task.size > src.height or task.col_off + task.size > src.width
-        # Sources without a nodata value still mark their padding as nodata.
-        nodata = src.nodata if src.nodata is not None else (task.pad_value if padded else None)
-        if not (task.reuse and Path(task.out).is_file()):
-            write_raster(task.out, data, crs=crs, transform=transform, nodata=nodata, compression=task.compression)
-        left, top = transform @ (0, 0)
-        right, bottom = transform @ (task.size, task.size)
+def make_chips(batch: tuple[ChipTask, ...]) -> list[dict | None]:
+    """Cut and write chips of one source, opened once; their index rows (None: mostly nodata)."""
+    with open_raster(batch[0].source) as src:
+        return [cut_chip(src, task) for task in batch]
+
+
+def cut_chip(src, task: ChipTask) -> dict | None:
+    """Cut and write one chip from an open source; its index row, or None when it is mostly nodata."""
+    data, valid = read_padded(src, task.row_off, task.col_off, task.size, task.pad_value)
+    nodata_share = 1.0 - float(valid.mean())
+    if nodata_share > task.max_nodata:
+        return None
+    window = Window(task.col_off, task.row_off, task.size, task.size)
+    transform = src.window_transform(window)
+    crs = src.crs
+    padded = task.row_off + task.size > src.height or task.col_off + task.size > src.width
+    # Sources without a nodata value still mark their padding as nodata.
+    nodata = src.nodata if src.nodata is not None else (task.pad_value if padded else None)
+    if not (task.reuse and Path(task.out).is_file()):
+        write_raster(task.out, data, crs=crs, transform=transform, nodata=nodata, compression=task.compression)
+    left, top = transform @ (0, 0)
+    right, bottom = transform @ (task.size, task.size)
     return {
         "id": task.id,
         "file": Path(task.out).name,
@@ -118,6 +123,16 @@ def make_chip(task: ChipTask) -> dict | None:
         "crs": crs.to_string() if crs else "",
         "nodata_share": nodata_share,
     }
+
+
+_BATCH = 32
+
+
+def _by_source(tasks: list[ChipTask]) -> list[list[ChipTask]]:
+    groups: dict[str, list[ChipTask]] = {}
+    for task in tasks:
+        groups.setdefault(task.source, []).append(task)
+    return list(groups.values())
 
 
 def plan_chips(sources: list[Path], tree: DataTree, args: ChipArgs, reuse: bool) -> list[ChipTask]:
@@ -162,7 +177,14 @@ def chip_sources(
         for old in tree.chips.glob(f"chip_*{tree.extension}"):
             old.unlink()
         tree.chips_csv.unlink(missing_ok=True)
-    rows = [r for r in map_tasks(make_chip, tasks, parallel, desc="chip", unit="chip") if r is not None]
+    # Work goes out in batches of chips of one source: one open per batch, fewer round trips.
+    batches = [
+        tuple(group[i : i + _BATCH])
+        for group in _by_source(tasks)
+        for i in range(0, len(group), _BATCH)
+    ]
+    results = map_tasks(make_chips, batches, parallel, desc="chip", unit="batch")
+    rows = [r for batch in results for r in batch if r is not None]
     frame = pd.DataFrame(rows, columns=list(CHIP_COLUMNS))
     # Sources inside the data tree are recorded relative to it, so the tree can move.
     frame["source"] = [_relative(Path(p), tree.root) for p in frame["source"]]

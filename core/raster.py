@@ -83,8 +83,12 @@ def gtiff_profile(
     transform: Any,
     nodata: float | None = None,
     compression: str = "zstd",
+    threads: bool = False,
 ) -> dict[str, Any]:
-    """Creation options for a tiled, compressed GeoTIFF (BigTIFF when it would not fit)."""
+    """Creation options for a tiled, compressed GeoTIFF (BigTIFF when it would not fit).
+
+    ``threads`` compresses on every core: worth it for large outputs, not for small chips.
+    """
     if compression not in COMPRESSIONS:
         raise RasterError(f"unknown compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}")
     dtype = np.dtype(dtype)
@@ -108,6 +112,8 @@ def gtiff_profile(
         profile["predictor"] = 3 if dtype.kind == "f" else 2
         if compression == "zstd":
             profile["zstd_level"] = 1
+        if threads:
+            profile["num_threads"] = "all_cpus"
     return profile
 
 
@@ -155,10 +161,11 @@ def write_raster(
     return Path(path)
 
 
-def open_raster(path: str | os.PathLike[str]) -> rasterio.io.DatasetReader:
+def open_raster(path: str | os.PathLike[str], *, threads: bool = False) -> rasterio.io.DatasetReader:
     """Open a raster for reading; an unreadable file raises :class:`RasterError` naming it.
 
-    Use as a context manager: ``with open_raster(p) as src: ...``.
+    Use as a context manager: ``with open_raster(p) as src: ...``. ``threads`` lets GDAL
+    decompress blocks on every core (worth it for large reads, not for one small chip).
     """
     path = Path(path)
     if not path.exists():
@@ -166,7 +173,7 @@ def open_raster(path: str | os.PathLike[str]) -> rasterio.io.DatasetReader:
     if path.is_file() and path.stat().st_size == 0:
         raise RasterError(f"{path} is empty (0 bytes): delete it and rerun the stage or download that made it")
     try:
-        return rasterio.open(path)
+        return rasterio.open(path, **({"NUM_THREADS": "ALL_CPUS"} if threads else {}))
     except rasterio.errors.RasterioError as exc:
         raise RasterError(f"{path} is not a readable raster ({exc}): it may be truncated or corrupt") from exc
 

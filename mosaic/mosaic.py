@@ -36,7 +36,7 @@ from core.tree import DataTree, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
-_BLOCK = 2048  # output rows/cols written at a time: 2048 x 2048 x 8 uint16 = 64 MB
+_BLOCK = 1024  # output rows/cols written at a time: 1024 x 1024 x 8 uint16 = 16 MB
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def output_grid(infos: list[TileInfo]) -> tuple[Affine, int, int]:
 @contextlib.contextmanager
 def open_on_grid(info: TileInfo, ref: TileInfo, reproject: bool) -> Iterator[rasterio.io.DatasetReaderBase]:
     """Open a tile; warp it onto the reference CRS and resolution when it differs."""
-    with open_raster(info.path) as src:
+    with open_raster(info.path, threads=True) as src:
         if not reproject or (
             info.crs == ref.crs and np.allclose(info.res, ref.res, rtol=1e-6, atol=0) and on_grid(info, ref)
         ):
@@ -205,6 +205,7 @@ def build_mosaic(
         transform=transform,
         nodata=nodata,
         compression=args.compression,
+        threads=True,
     )
     order = infos[::-1] if args.overlap == "last" else infos
     rule = "first" if args.overlap == "last" else args.overlap  # "last" is "first" over the reversed list

@@ -132,23 +132,53 @@ def assign_splits(index: pd.DataFrame, args: SplitArgs) -> pd.Series:
                 f"{len(blocks)} spatial block(s) cannot fill {len(wanted)} splits: lower split_args.block "
                 "or use split_args.strategy random"
             )
-        order = rng.permutation(len(blocks))
         sizes = keys.value_counts()
-        target = {k: fractions[k] * len(kept) for k in wanted}
-        have = dict.fromkeys(wanted, 0)
-        chosen: dict[object, str] = {}
-        for j, b in enumerate(order):
-            block = blocks[b]
-            left = len(order) - j
-            empty_splits = [k for k in wanted if have[k] == 0]
-            if len(empty_splits) >= left:  # the last blocks go to splits that have none yet
-                split = empty_splits[0]
-            else:
-                split = max(wanted, key=lambda k: (target[k] - have[k]) / max(target[k], 1e-9))
-            chosen[block] = split
-            have[split] += int(sizes[block])
+        roof = kept["roof_share"].groupby(keys).sum()
+        # Several random block orders; keep the one whose splits' roof shares are closest to the
+        # overall share, so validation is not, by chance, a set of roof-free blocks.
+        best, best_cost = None, np.inf
+        for _ in range(SPATIAL_TRIES):
+            chosen = _deal_blocks(blocks, rng.permutation(len(blocks)), sizes, wanted, fractions, len(kept))
+            cost = _roof_imbalance(chosen, sizes, roof)
+            if cost < best_cost:
+                best, best_cost = chosen, cost
+        chosen = best
         result |= {int(i): chosen[k] for i, k in keys.items()}
     return pd.Series(result).reindex(index.index)
+
+
+#: Random block orders the spatial strategy compares.
+SPATIAL_TRIES = 64
+
+
+def _deal_blocks(
+    blocks: list, order: np.ndarray, sizes: pd.Series, wanted: list[str], fractions: dict[str, float], n: int
+) -> dict:
+    """Give blocks, in ``order``, to the split furthest below its target chip count."""
+    target = {k: fractions[k] * n for k in wanted}
+    have = dict.fromkeys(wanted, 0)
+    chosen: dict[object, str] = {}
+    for j, b in enumerate(order):
+        block = blocks[b]
+        empty_splits = [k for k in wanted if have[k] == 0]
+        if len(empty_splits) >= len(order) - j:  # the last blocks go to splits that have none yet
+            split = empty_splits[0]
+        else:
+            split = max(wanted, key=lambda k: (target[k] - have[k]) / max(target[k], 1e-9))
+        chosen[block] = split
+        have[split] += int(sizes[block])
+    return chosen
+
+
+def _roof_imbalance(chosen: dict, sizes: pd.Series, roof: pd.Series) -> float:
+    """How far each split's mean roof share is from the overall one (relative, summed)."""
+    overall = roof.sum() / sizes.sum()
+    cost = 0.0
+    for split in set(chosen.values()):
+        blocks = [b for b, s in chosen.items() if s == split]
+        share = sum(roof[b] for b in blocks) / sum(sizes[b] for b in blocks)
+        cost += abs(share - overall) / max(overall, 1e-12)
+    return cost
 
 
 def place(src: Path, dst: Path) -> None:
@@ -178,6 +208,14 @@ def split_chips(tree: DataTree, args: SplitArgs, *, overwrite: bool = False) -> 
             "the train split would have no roof pixels: change split_args.seed or strategy, raise keep_empty, "
             "or check the masks (python mask/mask.py)"
         )
+    for s in ("val", "test"):
+        part = splits == s
+        if part.any() and index.loc[part, "roof_share"].sum() <= 0:
+            log.warning(
+                "split: the %s split has no roof pixel, so its metrics and the tuned threshold mean little: "
+                "change split_args.seed or use strategy stratified",
+                s,
+            )
     used = [s for s in SPLITS if (splits == s).any()]
     for s in SPLITS:  # clear every split folder, so no stale chip of an earlier split remains
         for folder in (tree.frames(s), tree.split_masks(s)):

@@ -1,0 +1,160 @@
+"""Benchmark the U-Net's data path and prediction against bare Keras, side by side.
+
+    python bench/bench_unet.py [--chips 48] [--big 10000] [--skip-big]
+
+With the default model settings (settings.json) on 256 x 256 x 8 uint16 chips from the
+sample scene:
+
+1. training images/s: model.fit through the data generator (read, normalize, augment, pad)
+   vs model.fit on the same chips preloaded as numpy arrays (target: overhead <= 15%);
+   and with XLA (jit_compile=True) vs without, to pick the CPU default;
+2. prediction pixels/s: predict.py end to end (read, normalize, predict, blend, write) on a
+   2048 x 2048 mosaic vs bare model.predict on the same pixels preloaded (target: overhead
+   <= 25%);
+3. peak memory of predict.py on a BIG x BIG x 8 raster (target <= 3 GB), in a subprocess
+   measured by /usr/bin/time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+from affine import Affine
+
+from core.bundle import BundleInfo, Normalization
+from core.raster import band_statistics, create_raster, gtiff_profile, read_raster, write_raster
+from core.settings import load_settings
+from predict.predict import predict_all
+from sample.sample import generate_scene
+from unet import bundle as unet_bundle
+from unet.datagen import ChipSequence, read_mask
+from unet.losses import bce_dice
+from unet.model import build_model, pad_multiple
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fit_rate(model: keras.Model, data, n: int, epochs: int = 2, **kwargs) -> float:
+    """Images per second of model.fit over ``epochs`` (after one warm-up epoch); ``n`` images per epoch."""
+    model.fit(data, epochs=1, verbose=0, **kwargs)
+    started = time.perf_counter()
+    model.fit(data, epochs=epochs, verbose=0, **kwargs)
+    return n * epochs / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chips", type=int, default=48)
+    parser.add_argument("--big", type=int, default=10000)
+    parser.add_argument("--skip-big", action="store_true")
+    args = parser.parse_args()
+    settings = load_settings()
+    work = Path(tempfile.mkdtemp(prefix="bench_unet_"))
+    try:
+        scene = generate_scene(seed=1, tiles=2, tile_size=1024)
+        truth = scene.roofs[scene.roofs.roof_type == "metal"]
+        from rasterio.features import rasterize
+
+        mask = rasterize(truth.geometry, out_shape=scene.image.shape[1:], transform=scene.transform, default_value=255,
+                         dtype="uint8")
+        frames, masks = [], []
+        for i in range(args.chips):
+            r, c = divmod(i, 8)
+            sl = np.s_[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]
+            t = scene.transform * Affine.translation(c * 256, r * 256)
+            frames.append(write_raster(work / "f" / f"c{i}.tif", scene.image[(slice(None), *sl)], crs=scene.crs,
+                                       transform=t, nodata=0))
+            masks.append(write_raster(work / "m" / f"c{i}.tif", mask[sl], crs=scene.crs, transform=t))
+        norm = Normalization.from_stats(band_statistics(frames), "percentile", 0)
+        m, o, data_args = settings.model_args, settings.output_args, settings.load_dataset_args
+        multiple = pad_multiple(m)
+        bs = data_args.batch_size
+
+        print(f"== training throughput, {args.chips} chips 256x256x8, batch {bs}, filters {m.filters}")
+        seq = ChipSequence(frames, masks, norm, data_args, multiple, augment_data=True)
+        x = np.stack([norm.apply(read_raster(f)[0]) for f in frames])
+        y = np.stack([read_mask(p)[..., None] for p in masks])
+        rates = {}
+        for jit in (False, True):
+            keras.utils.set_random_seed(0)
+            model = build_model(8, m, o)
+            model.compile(optimizer="adam", loss=bce_dice, jit_compile=jit)
+            rates[("numpy", jit)] = fit_rate(model, x, y=y, batch_size=bs, n=len(x))
+        keras.utils.set_random_seed(0)
+        model = build_model(8, m, o)
+        model.compile(optimizer="adam", loss=bce_dice, jit_compile=False)
+        rates[("generator", False)] = fit_rate(model, seq, n=len(seq) * seq.batch_size)
+        print(f"preloaded numpy, XLA off : {rates[('numpy', False)]:6.1f} images/s")
+        print(f"preloaded numpy, XLA on  : {rates[('numpy', True)]:6.1f} images/s  "
+              f"(XLA/no-XLA = {rates[('numpy', True)] / rates[('numpy', False)]:.2f})")
+        print(f"data generator, XLA off  : {rates[('generator', False)]:6.1f} images/s")
+        overhead = rates[("numpy", False)] / rates[("generator", False)] - 1
+        print(f"generator overhead       : {100 * overhead:5.1f}%  (target <= 15%)")
+
+        print("\n== prediction throughput, 2048x2048x8 raster")
+        mosaic = work / "mosaic.tif"
+        write_raster(mosaic, scene.image, crs=scene.crs, transform=scene.transform, nodata=0)
+        info = BundleInfo(kind="unet", bands=8, dtype="uint16", normalization=norm, threshold=0.5,
+                          pad_multiple=multiple, settings=settings.model_dump(mode="json"))
+        unet_bundle.save(work / "bundle", model, info)
+        pargs = settings.predict_args.model_copy(update={"save_probabilities": True, "min_area": 0.0})
+        tiles = np.stack([
+            norm.apply(scene.image[:, r : r + 512, c : c + 512]) for r in range(0, 2048, 512) for c in range(0, 2048, 512)
+        ])
+        model.predict(tiles[:2], batch_size=pargs.batch_size, verbose=0)
+        started = time.perf_counter()
+        model.predict(tiles, batch_size=pargs.batch_size, verbose=0)
+        bare = 2048 * 2048 / (time.perf_counter() - started)
+        started = time.perf_counter()
+        try:
+            predict_all(work / "bundle", [mosaic], work / "pred", pargs, overwrite=True)
+        except Exception as exc:  # an untrained model may predict nothing; speed is what is measured
+            print(f"(predict: {exc})")
+        e2e = 2048 * 2048 / (time.perf_counter() - started)
+        print(f"bare model.predict, 512 tiles, no overlap : {bare / 1e6:6.2f} Mpixel/s")
+        print(f"predict.py end to end (window {pargs.window}, overlap {pargs.overlap}): {e2e / 1e6:6.2f} Mpixel/s")
+        print(f"predict.py overhead: {100 * (bare / e2e - 1):5.1f}%  (target <= 25%; includes the overlap's extra pixels)")
+
+        if not args.skip_big:
+            side = args.big
+            print(f"\n== peak memory, predict.py on a {side}x{side}x8 uint16 raster")
+            big = work / "big.tif"
+            profile = gtiff_profile(width=side, height=side, count=8, dtype="uint16", crs=scene.crs,
+                                    transform=scene.transform, nodata=0)
+            with create_raster(big, profile) as dst:
+                for r in range(0, side, 2048):
+                    for c in range(0, side, 2048):
+                        h, w = min(2048, side - r), min(2048, side - c)
+                        dst.write(scene.image[:, :h, :w], window=((r, r + h), (c, c + w)))
+            code = (
+                "import sys; from pathlib import Path; from core.settings import PredictArgs; "
+                "from predict.predict import predict_all; "
+                f"predict_all(Path({str(work / 'bundle')!r}), [Path({str(big)!r})], Path({str(work / 'bigpred')!r}), "
+                "PredictArgs(save_probabilities=True, min_area=0.0), overwrite=True)"
+            )
+            out = work / "time.txt"
+            started = time.perf_counter()
+            proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(out), sys.executable, "-c", code],
+                                  capture_output=True, text=True, cwd=REPO)
+            wall = time.perf_counter() - started
+            rss = float(out.read_text().strip().splitlines()[-1]) / 1024
+            print(f"wall {wall:.0f} s, {side * side / wall / 1e6:.2f} Mpixel/s, peak RSS {rss:.0f} MB (target <= 3072 MB)"
+                  + ("" if proc.returncode == 0 else f"  [exit {proc.returncode}: {proc.stderr.strip()[-200:]}]"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
