@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 import time
@@ -47,15 +48,20 @@ def _index_has(column: str) -> Callable[[DataTree], bool]:
 
 #: The stages that exist, in order. Later stages join this list as they land.
 STAGES: tuple[Stage, ...] = (
+    Stage("download", "download.download", lambda t: t.raw.is_dir() and any(t.raw.glob("*.tif"))),
     Stage("sample", "sample.sample", lambda t: (t.labels / "roofs.geojson").exists()),
     Stage("mosaic", "mosaic.mosaic", lambda t: t.mosaic.exists()),
     Stage("chip", "chip.chip", _index_has("nodata_share")),
     Stage("mask", "mask.mask", _index_has("roof_share")),
     Stage("split", "split.split", _index_has("split")),
+    Stage("train-unet", "train.train", lambda t: (t.bundle("unet") / "bundle.json").exists(), ("--model", "unet")),
+    Stage(
+        "predict", "predict.predict", lambda t: (t.prediction_dir("unet") / "roofs.gpkg").exists(), ("--model", "unet")
+    ),
 )
 
 #: What --demo runs, in order.
-DEMO = ("sample", "mosaic", "chip", "mask", "split")
+DEMO = ("sample", "mosaic", "chip", "mask", "split", "train-unet", "predict")
 
 
 def select(names: list[str], start: str | None, stop: str | None, only: list[str] | None) -> list[str]:
@@ -92,6 +98,23 @@ def run_stages(stages: list[Stage], tree: DataTree, common: list[str], overwrite
     return rows
 
 
+def print_metrics(tree: DataTree) -> None:
+    """A table of every trained model's validation metrics in this experiment."""
+    rows = []
+    for path in sorted(tree.results.glob("*/metrics.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        rows.append((record["model"], record["split"], record["threshold"], record["pixel"]))
+    if not rows:
+        return
+    print(f"\nvalidation metrics ({tree.results})")
+    print(f"{'model':<12}{'split':<7}{'IoU':>7}{'F1':>7}{'precision':>11}{'recall':>8}{'threshold':>11}")
+    for model, split, threshold, p in rows:
+        print(
+            f"{model:<12}{split:<7}{p['iou']:>7.3f}{p['f1']:>7.3f}{p['precision']:>11.3f}{p['recall']:>8.3f}"
+            f"{threshold:>11.3f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     names = [s.name for s in STAGES]
     parser = cli.make_parser(__doc__)
@@ -105,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
         chosen = list(DEMO) if args.demo else select(names, args.start, args.stop, args.only)
+        if not args.demo and not args.only:
+            # Imagery comes from S3 when a bucket is set, else from the sample generator.
+            skip = "sample" if settings.download_args.bucket else "download"
+            chosen = [n for n in chosen if n != skip]
         common = ["--settings", str(args.settings)]
         for item in args.overrides:
             common += ["--set", item]
@@ -118,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\nstage       outcome              seconds")
         for name, result, seconds in rows:
             print(f"{name:<11} {result:<20} {seconds:7.1f}")
-        planned = ("download", "flatten", "summarize", "train", "predict", "evaluate")
+        planned = ("flatten", "summarize", "train-forest", "train-regression", "evaluate")
         not_yet = [n for n in planned if n not in names]
         if args.demo and not_yet:
             print(f"\nnot built yet, so not run: {', '.join(not_yet)}")
+        print_metrics(tree)
         print(f"data tree: {tree.root}")
         outcome["code"] = 0 if all(not r.startswith("failed") for _, r, _ in rows) else 1
 

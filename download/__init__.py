@@ -1,0 +1,1 @@
+"""download stage: imagery and labels from S3 or an S3-compatible store into data/."""
