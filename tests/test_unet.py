@@ -479,3 +479,27 @@ def test_blank_prediction_is_never_silent(tmp_path: Path, monkeypatch: pytest.Mo
     ):
         predict_all(tmp_path / "bundle", [src], tmp_path / "out", PredictArgs())
     assert (tmp_path / "out" / "masks" / "a.tif").is_file()  # outputs are kept for inspection
+
+
+def test_train_without_split_folders_says_what_to_run(tmp_path: Path, settings_file: Path, capsys) -> None:
+    from train.train import main
+
+    argv = ["--settings", str(settings_file), "--set", f"data_root={tmp_path / 'empty'}", "--model", "unet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: train chips folder ") and err.rstrip().endswith("run python split/split.py first")
+
+
+@pytest.mark.slow
+def test_training_continues_from_a_bundle(trained, tmp_path: Path) -> None:
+    from unet.train import train_unet
+
+    settings, tree, _ = trained
+    previous = read_info(tree.bundle("unet"))
+    moved = settings.model_copy(update={"experiment": "continued"}, deep=True)
+    moved.training_args.epochs = 1
+    new_tree = DataTree.from_settings(moved)
+    bundle = train_unet(moved, new_tree, from_bundle=tree.bundle("unet"))
+    info = read_info(bundle)
+    assert info.normalization == previous.normalization  # the first training's statistics are kept
+    assert json.loads((new_tree.model_dir("unet") / "metrics.json").read_text())["epochs"] == 1
