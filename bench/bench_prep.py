@@ -106,9 +106,26 @@ def run_size(work: Path, side: int, n_polygons: int, base: np.ndarray) -> dict[s
     peer.mkdir()
     vrt_wall, vrt_rss = timed(["gdalbuildvrt", "-q", str(peer / "m.vrt"), *map(str, sorted(raw.glob("*.tif")))])
     tr_wall, tr_rss = timed(
-        ["gdal_translate", "-q", "-co", "TILED=YES", "-co", "BLOCKXSIZE=256", "-co", "BLOCKYSIZE=256",
-         "-co", "COMPRESS=ZSTD", "-co", "ZSTD_LEVEL=1", "-co", "PREDICTOR=2", "-co", "BIGTIFF=IF_SAFER",
-         str(peer / "m.vrt"), str(peer / "m.tif")]
+        [
+            "gdal_translate",
+            "-q",
+            "-co",
+            "TILED=YES",
+            "-co",
+            "BLOCKXSIZE=256",
+            "-co",
+            "BLOCKYSIZE=256",
+            "-co",
+            "COMPRESS=ZSTD",
+            "-co",
+            "ZSTD_LEVEL=1",
+            "-co",
+            "PREDICTOR=2",
+            "-co",
+            "BIGTIFF=IF_SAFER",
+            str(peer / "m.vrt"),
+            str(peer / "m.tif"),
+        ]
     )
     res["mosaic gdal"] = (vrt_wall + tr_wall, max(vrt_rss, tr_rss))
 
@@ -117,14 +134,33 @@ def run_size(work: Path, side: int, n_polygons: int, base: np.ndarray) -> dict[s
     res["chip bytes ours"] = (folder_bytes(root / "chips") / 2**20, 0.0)
     plain = work / f"plain{side}"
     res["chip ours none"] = timed(
-        [PY, str(REPO / "chip/chip.py"), "--quiet", "--set", f"data_root={plain}", "--input", str(mosaic),
-         "--set", "chip_args.compression=none"]
+        [
+            PY,
+            str(REPO / "chip/chip.py"),
+            "--quiet",
+            "--set",
+            f"data_root={plain}",
+            "--input",
+            str(mosaic),
+            "--set",
+            "chip_args.compression=none",
+        ]
     )
     retile = root / "retile"
     retile.mkdir()
     res["chip gdal_retile"] = timed(
-        ["gdal_retile.py", "-q", "-ps", str(CHIP), str(CHIP), "-co", "COMPRESS=DEFLATE", "-targetDir", str(retile),
-         str(mosaic)]
+        [
+            "gdal_retile.py",
+            "-q",
+            "-ps",
+            str(CHIP),
+            str(CHIP),
+            "-co",
+            "COMPRESS=DEFLATE",
+            "-targetDir",
+            str(retile),
+            str(mosaic),
+        ]
     )
     res["chip bytes retile"] = (folder_bytes(retile) / 2**20, 0.0)
 
@@ -133,9 +169,30 @@ def run_size(work: Path, side: int, n_polygons: int, base: np.ndarray) -> dict[s
     peer_masks = root / "peer_masks"
     peer_masks.mkdir()
     cmds = [
-        ["gdal_rasterize", "-q", "-burn", "255", "-ot", "Byte", "-init", "0", "-te", str(r.left), str(r.bottom),
-         str(r.right), str(r.top), "-ts", str(CHIP), str(CHIP), "-co", "COMPRESS=ZSTD", "-co", "TILED=YES",
-         str(labels / "roofs.gpkg"), str(peer_masks / r.file)]
+        [
+            "gdal_rasterize",
+            "-q",
+            "-burn",
+            "255",
+            "-ot",
+            "Byte",
+            "-init",
+            "0",
+            "-te",
+            str(r.left),
+            str(r.bottom),
+            str(r.right),
+            str(r.top),
+            "-ts",
+            str(CHIP),
+            str(CHIP),
+            "-co",
+            "COMPRESS=ZSTD",
+            "-co",
+            "TILED=YES",
+            str(labels / "roofs.gpkg"),
+            str(peer_masks / r.file),
+        ]
         for r in index.itertuples()
     ]
     res["mask gdal_rasterize loop"] = timed_loop(cmds)
@@ -149,7 +206,9 @@ def report(side: int, res: dict[str, tuple[float, float]]) -> None:
     def ratio(a: str, b: str) -> float:
         return res[a][0] / res[b][0]
 
-    print(f"\n== {side} x {side} x 8 uint16 mosaic ({side * side * 16 / 2**30:.2f} GiB raw), {int(res['chips'][0])} chips")
+    print(
+        f"\n== {side} x {side} x 8 uint16 mosaic ({side * side * 16 / 2**30:.2f} GiB raw), {int(res['chips'][0])} chips"
+    )
     print(f"{'step':<26}{'wall s':>8}{'peak MB':>9}")
     for key, (wall, rss) in res.items():
         if "bytes" in key or key == "chips":
@@ -162,7 +221,9 @@ def report(side: int, res: dict[str, tuple[float, float]]) -> None:
         f"chip bytes ours / retile                   = {res['chip bytes ours'][0] / res['chip bytes retile'][0]:.2f}"
         f"  ({res['chip bytes ours'][0]:.0f} MB vs {res['chip bytes retile'][0]:.0f} MB; target <= 1)"
     )
-    print(f"mask ours / gdal_rasterize loop            = {ratio('mask ours', 'mask gdal_rasterize loop'):.3f} (target <= 0.1)")
+    print(
+        f"mask ours / gdal_rasterize loop            = {ratio('mask ours', 'mask gdal_rasterize loop'):.3f} (target <= 0.1)"
+    )
 
 
 def main() -> int:

@@ -66,15 +66,19 @@ def main() -> int:
         truth = scene.roofs[scene.roofs.roof_type == "metal"]
         from rasterio.features import rasterize
 
-        mask = rasterize(truth.geometry, out_shape=scene.image.shape[1:], transform=scene.transform, default_value=255,
-                         dtype="uint8")
+        mask = rasterize(
+            truth.geometry, out_shape=scene.image.shape[1:], transform=scene.transform, default_value=255, dtype="uint8"
+        )
         frames, masks = [], []
         for i in range(args.chips):
             r, c = divmod(i, 8)
             sl = np.s_[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]
             t = scene.transform * Affine.translation(c * 256, r * 256)
-            frames.append(write_raster(work / "f" / f"c{i}.tif", scene.image[(slice(None), *sl)], crs=scene.crs,
-                                       transform=t, nodata=0))
+            frames.append(
+                write_raster(
+                    work / "f" / f"c{i}.tif", scene.image[(slice(None), *sl)], crs=scene.crs, transform=t, nodata=0
+                )
+            )
             masks.append(write_raster(work / "m" / f"c{i}.tif", mask[sl], crs=scene.crs, transform=t))
         norm = Normalization.from_stats(band_statistics(frames), "percentile", 0)
         m, o, data_args = settings.model_args, settings.output_args, settings.load_dataset_args
@@ -96,8 +100,10 @@ def main() -> int:
         model.compile(optimizer="adam", loss=bce_dice, jit_compile=False)
         rates[("generator", False)] = fit_rate(model, seq, n=len(seq) * seq.batch_size)
         print(f"preloaded numpy, XLA off : {rates[('numpy', False)]:6.1f} images/s")
-        print(f"preloaded numpy, XLA on  : {rates[('numpy', True)]:6.1f} images/s  "
-              f"(XLA/no-XLA = {rates[('numpy', True)] / rates[('numpy', False)]:.2f})")
+        print(
+            f"preloaded numpy, XLA on  : {rates[('numpy', True)]:6.1f} images/s  "
+            f"(XLA/no-XLA = {rates[('numpy', True)] / rates[('numpy', False)]:.2f})"
+        )
         print(f"data generator, XLA off  : {rates[('generator', False)]:6.1f} images/s")
         overhead = rates[("numpy", False)] / rates[("generator", False)] - 1
         print(f"generator overhead       : {100 * overhead:5.1f}%  (target <= 15%)")
@@ -105,13 +111,24 @@ def main() -> int:
         print("\n== prediction throughput, 2048x2048x8 raster")
         mosaic = work / "mosaic.tif"
         write_raster(mosaic, scene.image, crs=scene.crs, transform=scene.transform, nodata=0)
-        info = BundleInfo(kind="unet", bands=8, dtype="uint16", normalization=norm, threshold=0.5,
-                          pad_multiple=multiple, settings=settings.model_dump(mode="json"))
+        info = BundleInfo(
+            kind="unet",
+            bands=8,
+            dtype="uint16",
+            normalization=norm,
+            threshold=0.5,
+            pad_multiple=multiple,
+            settings=settings.model_dump(mode="json"),
+        )
         unet_bundle.save(work / "bundle", model, info)
         pargs = settings.predict_args.model_copy(update={"save_probabilities": True, "min_area": 0.0})
-        tiles = np.stack([
-            norm.apply(scene.image[:, r : r + 512, c : c + 512]) for r in range(0, 2048, 512) for c in range(0, 2048, 512)
-        ])
+        tiles = np.stack(
+            [
+                norm.apply(scene.image[:, r : r + 512, c : c + 512])
+                for r in range(0, 2048, 512)
+                for c in range(0, 2048, 512)
+            ]
+        )
         model.predict(tiles[:2], batch_size=pargs.batch_size, verbose=0)
         started = time.perf_counter()
         model.predict(tiles, batch_size=pargs.batch_size, verbose=0)
@@ -124,14 +141,17 @@ def main() -> int:
         e2e = 2048 * 2048 / (time.perf_counter() - started)
         print(f"bare model.predict, 512 tiles, no overlap : {bare / 1e6:6.2f} Mpixel/s")
         print(f"predict.py end to end (window {pargs.window}, overlap {pargs.overlap}): {e2e / 1e6:6.2f} Mpixel/s")
-        print(f"predict.py overhead: {100 * (bare / e2e - 1):5.1f}%  (target <= 25%; includes the overlap's extra pixels)")
+        print(
+            f"predict.py overhead: {100 * (bare / e2e - 1):5.1f}%  (target <= 25%; includes the overlap's extra pixels)"
+        )
 
         if not args.skip_big:
             side = args.big
             print(f"\n== peak memory, predict.py on a {side}x{side}x8 uint16 raster")
             big = work / "big.tif"
-            profile = gtiff_profile(width=side, height=side, count=8, dtype="uint16", crs=scene.crs,
-                                    transform=scene.transform, nodata=0)
+            profile = gtiff_profile(
+                width=side, height=side, count=8, dtype="uint16", crs=scene.crs, transform=scene.transform, nodata=0
+            )
             with create_raster(big, profile) as dst:
                 for r in range(0, side, 2048):
                     for c in range(0, side, 2048):
@@ -145,12 +165,18 @@ def main() -> int:
             )
             out = work / "time.txt"
             started = time.perf_counter()
-            proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(out), sys.executable, "-c", code],
-                                  capture_output=True, text=True, cwd=REPO)
+            proc = subprocess.run(
+                ["/usr/bin/time", "-f", "%M", "-o", str(out), sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+            )
             wall = time.perf_counter() - started
             rss = float(out.read_text().strip().splitlines()[-1]) / 1024
-            print(f"wall {wall:.0f} s, {side * side / wall / 1e6:.2f} Mpixel/s, peak RSS {rss:.0f} MB (target <= 3072 MB)"
-                  + ("" if proc.returncode == 0 else f"  [exit {proc.returncode}: {proc.stderr.strip()[-200:]}]"))
+            print(
+                f"wall {wall:.0f} s, {side * side / wall / 1e6:.2f} Mpixel/s, peak RSS {rss:.0f} MB (target <= 3072 MB)"
+                + ("" if proc.returncode == 0 else f"  [exit {proc.returncode}: {proc.stderr.strip()[-200:]}]")
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

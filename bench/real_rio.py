@@ -64,16 +64,26 @@ def main() -> int:
     shutil.copy(args.data / "buildings.geojson", data / "labels")
 
     common = [
-        "--quiet", "--overwrite",
-        "--set", f"data_root={data}",
-        "--set", f"training_args.results_folder={work / 'results'}",
-        "--set", f"predict_args.output={work / 'predictions'}",
-        "--set", "experiment=rio",
-        "--set", "chip_args.source=raw",
-        "--set", "chip_args.stride=128",
-        "--set", "load_dataset_args.channels=3",
-        "--set", "model_args.input_shape=[256,256,3]",
-        "--set", "predict_args.min_area=0",
+        "--quiet",
+        "--overwrite",
+        "--set",
+        f"data_root={data}",
+        "--set",
+        f"training_args.results_folder={work / 'results'}",
+        "--set",
+        f"predict_args.output={work / 'predictions'}",
+        "--set",
+        "experiment=rio",
+        "--set",
+        "chip_args.source=raw",
+        "--set",
+        "chip_args.stride=128",
+        "--set",
+        "load_dataset_args.channels=3",
+        "--set",
+        "model_args.input_shape=[256,256,3]",
+        "--set",
+        "predict_args.min_area=0",
     ]
     for item in args.extra:
         common += ["--set", item]

@@ -178,11 +178,7 @@ def chip_sources(
             old.unlink()
         tree.chips_csv.unlink(missing_ok=True)
     # Work goes out in batches of chips of one source: one open per batch, fewer round trips.
-    batches = [
-        tuple(group[i : i + _BATCH])
-        for group in _by_source(tasks)
-        for i in range(0, len(group), _BATCH)
-    ]
+    batches = [tuple(group[i : i + _BATCH]) for group in _by_source(tasks) for i in range(0, len(group), _BATCH)]
     results = map_tasks(make_chips, batches, parallel, desc="chip", unit="batch")
     rows = [r for batch in results for r in batch if r is not None]
     frame = pd.DataFrame(rows, columns=list(CHIP_COLUMNS))

@@ -187,6 +187,12 @@ class TrainingArgs(Section):
         description="XLA compilation; null = off on a CPU (measured faster there), on with a GPU.",
     )
     mixed_precision: bool = Field(False, description="float16 compute on a GPU (mixed_float16); ignored on a CPU.")
+    distribute: Literal["none", "mirrored"] = Field(
+        "none",
+        description="mirrored: train on every visible GPU of this machine with tf.distribute.MirroredStrategy; "
+        "each batch is load_dataset_args.batch_size chips per GPU (global batch = batch_size x GPUs, learning "
+        "rate unchanged). Without a GPU it says so and trains on the CPU.",
+    )
 
 
 class OutputArgs(Section):
@@ -351,7 +357,7 @@ class SummarizeArgs(Section):
 class ForestArgs(Section):
     """Random forest hyper-parameters (scikit-learn RandomForestClassifier)."""
 
-    n_estimators: int = Field(100, ge=1, description="Trees.")
+    n_estimators: int = Field(50, ge=1, description="Trees.")
     max_depth: int | None = Field(16, ge=1, description="Maximum tree depth; null = unlimited.")
     min_samples_leaf: int = Field(5, ge=1, description="Minimum samples per leaf.")
     class_weight: Literal["balanced", "balanced_subsample"] | None = Field("balanced", description="Class weighting.")
@@ -380,7 +386,7 @@ class MlArgs(Section):
         "the flat table in data/flat/ (no texture: set texture_windows to []).",
     )
     max_train_pixels: int = Field(
-        500_000,
+        200_000,
         ge=100,
         description="Training pixels drawn at random: all roof pixels up to half of them, background the rest.",
     )
@@ -427,18 +433,36 @@ class PredictArgs(Section):
 
 
 class EvaluateArgs(Section):
-    """evaluate/evaluate.py: predictions against ground truth."""
+    """evaluate/evaluate.py: predictions against ground truth (results/EXPERIMENT/MODEL/evaluation/SPLIT/)."""
 
-    split: Literal["val", "test"] = Field("val", description="Split whose masks are the truth.")
-    min_area: int = Field(20, ge=0, description="Objects under this many pixels are ignored.")
-    iou_threshold: float = Field(0.5, gt=0.0, le=1.0, description="IoU at which a predicted object matches a true one.")
+    split: Literal["val", "test"] = Field(
+        "val", description="Split whose masks are the truth; the predictions must be of that split's chips."
+    )
+    min_area: int = Field(
+        20, ge=0, description="Objects (true or predicted) under this many pixels are ignored in the object scores."
+    )
+    iou_threshold: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="IoU at which a predicted object matches a true one (SpaceNet: 0.5).",
+    )
 
 
 class ParallelArgs(Section):
     """How tile stages map work: local processes or a Dask cluster."""
 
-    scheduler: str = Field("", description="Empty: local processes; else a Dask scheduler address (tcp://host:8786).")
-    workers: int | None = Field(None, ge=1, description="Local worker processes; null = number of cores.")
+    scheduler: str = Field(
+        "",
+        description="Empty: local processes; else the address of a Dask distributed scheduler (tcp://host:8786) "
+        "that runs chip, mask, flatten and predict on its workers; data paths must be the same there.",
+    )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="Local worker processes (scheduler empty); null = number of cores, except predict: one "
+        "process, as the model already uses every core.",
+    )
 
 
 class Settings(Section):

@@ -33,10 +33,12 @@ from rasterio.features import shapes
 from rasterio.windows import Window
 
 from core import cli
-from core.bundle import KINDS, Predictor, load_predictor
+from core.bundle import BUNDLE_JSON, KINDS, Predictor, load_predictor, read_info
+from core.check import preflight
 from core.errors import DataError, InputMissingError, PipelineError
+from core.parallel import map_tasks, worker_cached
 from core.raster import atomic_path, create_raster, gtiff_profile, open_raster, valid_pixels
-from core.settings import PredictArgs, Settings
+from core.settings import ParallelArgs, PredictArgs, Settings
 from core.tree import DataTree, refuse_overwrite
 
 log = logging.getLogger(__name__)
@@ -114,14 +116,22 @@ def predict_raster(
             )
         height, width = src.height, src.width
         rows, cols, wh, ww, overlap = plan_windows(height, width, args, info.features.get("context", 0))
-        mask_profile = gtiff_profile(width=width, height=height, count=1, dtype="uint8", crs=src.crs,
-                                     transform=src.transform, nodata=None, compression=args.compression)
+        mask_profile = gtiff_profile(
+            width=width,
+            height=height,
+            count=1,
+            dtype="uint8",
+            crs=src.crs,
+            transform=src.transform,
+            nodata=None,
+            compression=args.compression,
+        )
         prob_profile = {**mask_profile, "dtype": "float32", "predictor": 3}
         if args.compression == "none":
             prob_profile.pop("predictor")
         with (
             create_raster(mask_path, mask_profile) as mask_dst,
-            (create_raster(prob_path, prob_profile) if prob_path else _nowhere()) as prob_dst,
+            create_raster(prob_path, prob_profile) if prob_path else _nowhere() as prob_dst,
         ):
             acc = np.zeros((0, width), np.float32)
             wsum = np.zeros((0, width), np.float32)
@@ -218,9 +228,7 @@ def _touches_row(poly, src, row: int) -> bool:
 def roofs_frame(results: list[RasterResult], crs, args: PredictArgs) -> gpd.GeoDataFrame:
     """One table of roof polygons with their area in m2, filtered by min_area and simplified."""
     rows = [(r.source.name, g) for r in results for g in r.polygons]
-    gdf = gpd.GeoDataFrame(
-        {"source": [s for s, _ in rows]}, geometry=[g for _, g in rows], crs=crs
-    )
+    gdf = gpd.GeoDataFrame({"source": [s for s, _ in rows]}, geometry=[g for _, g in rows], crs=crs)
     if gdf.empty:
         gdf["area_m2"] = pd.Series(dtype=float)
         return gdf
@@ -248,28 +256,96 @@ def resolve_inputs(tree: DataTree, args: PredictArgs, given: Path | None) -> lis
     return [path]
 
 
+@dataclass(frozen=True)
+class PredictTask:
+    """One raster to predict on a worker: paths and settings only; the worker loads the bundle."""
+
+    bundle: str
+    source: str
+    mask: str
+    probability: str | None
+    args: PredictArgs
+    threshold: float
+
+
+def _bundle_key(bundle: Path) -> tuple[str, int, int]:
+    """The bundle's identity for a worker's cache: a retrained bundle has a new bundle.json."""
+    stat = (bundle / BUNDLE_JSON).stat()
+    return str(bundle.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def predict_task(task: PredictTask) -> RasterResult:
+    """Predict one raster in a worker process, loading the bundle only for the worker's first raster."""
+    bundle = Path(task.bundle)
+    predictor = worker_cached(("predictor", *_bundle_key(bundle)), lambda: load_predictor(bundle))
+    probability = Path(task.probability) if task.probability else None
+    return predict_raster(predictor, Path(task.source), Path(task.mask), probability, task.args, task.threshold)
+
+
+def _on_workers(parallel: ParallelArgs | None, inputs: list[Path]) -> bool:
+    """Whether to map rasters over workers: on a cluster, or several inputs and parallel.workers > 1.
+
+    ``workers: null`` keeps one process here: the model already uses every core, and each
+    extra process would import TensorFlow and load the model again.
+    """
+    if parallel is None:
+        return False
+    return bool(parallel.scheduler) or (len(inputs) > 1 and (parallel.workers or 1) > 1)
+
+
 def predict_all(
-    bundle: Path, inputs: list[Path], out: Path, args: PredictArgs, *, overwrite: bool = False
+    bundle: Path,
+    inputs: list[Path],
+    out: Path,
+    args: PredictArgs,
+    *,
+    overwrite: bool = False,
+    parallel: ParallelArgs | None = None,
 ) -> list[RasterResult]:
-    """Predict every input with a bundle into ``out``; returns one result per input."""
+    """Predict every input with a bundle into ``out``; returns one result per input.
+
+    With ``parallel`` naming a Dask scheduler, or more than one local worker, the rasters go
+    to worker processes (each loads the bundle once); the outputs are the same.
+    """
     masks_dir, probs_dir, roofs = out / "masks", out / "probabilities", out / "roofs.gpkg"
     refuse_overwrite([roofs], overwrite, "predict")
-    predictor = load_predictor(bundle)
-    threshold = args.threshold if args.threshold is not None else predictor.info.threshold
-    total = 0
-    for path in inputs:
-        with open_raster(path) as src:
-            rows, cols, *_ = plan_windows(src.height, src.width, args, predictor.info.features.get("context", 0))
-            total += len(rows) * len(cols)
-    results = []
-    with cli.progress(total=total, desc="predict", unit="window") as bar:
-        for path in inputs:
-            results.append(
-                predict_raster(
-                    predictor, path, masks_dir / path.name,
-                    probs_dir / path.name if args.save_probabilities else None, args, threshold, bar,
-                )
+    if _on_workers(parallel, inputs):
+        info = read_info(bundle)
+        threshold = args.threshold if args.threshold is not None else info.threshold
+        tasks = [
+            PredictTask(
+                bundle=str(Path(bundle).resolve()),
+                source=str(path),
+                mask=str(masks_dir / path.name),
+                probability=str(probs_dir / path.name) if args.save_probabilities else None,
+                args=args,
+                threshold=threshold,
             )
+            for path in inputs
+        ]
+        results = map_tasks(predict_task, tasks, parallel, desc="predict", unit="raster")
+    else:
+        predictor = load_predictor(bundle)
+        threshold = args.threshold if args.threshold is not None else predictor.info.threshold
+        total = 0
+        for path in inputs:
+            with open_raster(path) as src:
+                rows, cols, *_ = plan_windows(src.height, src.width, args, predictor.info.features.get("context", 0))
+                total += len(rows) * len(cols)
+        results = []
+        with cli.progress(total=total, desc="predict", unit="window") as bar:
+            for path in inputs:
+                results.append(
+                    predict_raster(
+                        predictor,
+                        path,
+                        masks_dir / path.name,
+                        probs_dir / path.name if args.save_probabilities else None,
+                        args,
+                        threshold,
+                        bar,
+                    )
+                )
     with open_raster(inputs[0]) as src:
         crs = src.crs
     gdf = roofs_frame(results, crs, args)
@@ -279,13 +355,20 @@ def predict_all(
     for r in blank:
         log.info(
             "predict: no pixel of %s reaches the threshold %.3f (probabilities %.3f..%.3f)",
-            r.source.name, threshold, r.prob_min, r.prob_max,
+            r.source.name,
+            threshold,
+            r.prob_min,
+            r.prob_max,
         )
     roof = sum(r.roof_pixels for r in results)
     valid = sum(r.valid_pixels for r in results)
     log.info(
         "predict: %d raster(s), %.2f%% roof pixels, %d roof polygons (threshold %.3f) -> %s",
-        len(results), 100 * roof / max(valid, 1), len(gdf), threshold, out,
+        len(results),
+        100 * roof / max(valid, 1),
+        len(gdf),
+        threshold,
+        out,
     )
     if len(blank) == len(results):
         lo = min(r.prob_min for r in results)
@@ -306,9 +389,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
         model = args.model or settings.training_args.model
-        bundle = args.bundle or (Path(settings.predict_args.bundle) if settings.predict_args.bundle else tree.bundle(model))
+        bundle = args.bundle or (
+            Path(settings.predict_args.bundle) if settings.predict_args.bundle else tree.bundle(model)
+        )
         inputs = resolve_inputs(tree, settings.predict_args, args.input)
-        predict_all(bundle, inputs, tree.prediction_dir(model), settings.predict_args, overwrite=args.overwrite)
+        preflight(settings, tree, "predict", bundle=bundle, inputs=inputs)
+        predict_all(
+            bundle,
+            inputs,
+            tree.prediction_dir(model),
+            settings.predict_args,
+            overwrite=args.overwrite,
+            parallel=settings.parallel,
+        )
 
     return cli.run(parser, argv, body)
 

@@ -7,8 +7,11 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import REPO_SETTINGS
 
 import pipeline
+from core.settings import load_settings
+from core.tree import DataTree
 from pipeline import Stage, run_stages, select
 
 NAMES = ["sample", "mosaic", "chip", "mask", "split"]
@@ -103,3 +106,104 @@ def test_main_runs_data_stages_on_a_small_sample(settings_file: Path, tmp_path: 
     for stage in ("mosaic", "chip", "mask", "split"):
         assert f"{stage:<11} ok" in out
     assert (tmp_path / "data" / "train_frames" / "train_0.tif").is_file()
+
+
+# --- stages run once per trained model ------------------------------------------------------------
+
+
+@pytest.fixture
+def per_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A fake per-model stage whose main() records its argv (done when a marker for the model exists), and a tree."""
+    settings = load_settings(REPO_SETTINGS, [f"data_root={tmp_path}", f"training_args.results_folder={tmp_path}"])
+    tree = DataTree.from_settings(settings)
+    calls: list[list[str]] = []
+    module = types.ModuleType("fake_scores")
+
+    def main(argv):
+        calls.append(argv)
+        model = argv[argv.index("--model") + 1]
+        (tmp_path / f"scored-{model}").write_text("done")
+        return 0
+
+    module.main = main
+    monkeypatch.setitem(sys.modules, "fake_scores", module)
+    stage = Stage("score", "fake_scores", lambda t, m, s: (t.root / f"scored-{m}").exists(), per_model=True)
+    return stage, calls, tree
+
+
+def trained(tree: DataTree, *models: str) -> None:
+    for m in models:
+        tree.bundle(m).mkdir(parents=True)
+        (tree.bundle(m) / "bundle.json").write_text("{}")
+
+
+def test_a_per_model_stage_runs_for_every_trained_model_in_pipeline_order(per_model) -> None:
+    stage, calls, tree = per_model
+    trained(tree, "unet", "forest")
+    (tree.root / "scored-forest").write_text("done")
+    rows = run_stages([stage], tree, ["-q"], overwrite=False)
+    assert [(n, r) for n, r, _ in rows] == [("score forest", "skipped"), ("score unet", "ok")]
+    assert calls == [["-q", "--model", "unet"]]
+
+
+def test_a_per_model_stage_without_a_trained_model_fails(per_model) -> None:
+    stage, calls, tree = per_model
+    rows = run_stages([stage], tree, [], overwrite=False)
+    assert [(n, r) for n, r, _ in rows] == [("score", "failed (no model)")]
+    assert calls == []
+
+
+def test_every_stage_is_in_the_pipeline_and_the_demo() -> None:
+    assert [s.name for s in pipeline.STAGES] == [
+        "download", "sample", "mosaic", "chip", "mask", "split", "flatten", "summarize",
+        "train-forest", "train-regression", "train-unet", "predict", "evaluate",
+    ]  # fmt: skip
+    assert tuple(s.name for s in pipeline.STAGES[1:]) == pipeline.DEMO
+
+
+# --- the stages after split on a tiny scene ---------------------------------------------------------
+
+#: A tiny scene and small classical models: the whole run takes seconds.
+TINY = [
+    "parallel.workers=1",
+    "split_args.block=1",
+    "chip_args.size=128",
+    "model_args.input_shape=[128,128,8]",
+    "flatten_args.sample_fraction=0.02",
+    "ml_args.max_train_pixels=3000",
+    "ml_args.texture_windows=[]",
+    "ml_args.forest.n_estimators=5",
+    "ml_args.forest.n_jobs=1",
+]
+
+
+def test_from_to_only_after_split_on_a_tiny_scene(settings_file: Path, tmp_path: Path, capsys) -> None:
+    argv = ["--settings", str(settings_file), "--quiet"]
+    for item in (f"data_root={tmp_path / 'data'}", f"training_args.results_folder={tmp_path / 'results'}",
+                 f"predict_args.output={tmp_path / 'predictions'}", "experiment=tiny", *TINY):  # fmt: skip
+        argv += ["--set", item]
+    import sample.sample as sample_stage
+
+    assert sample_stage.main([*argv, "--tiles", "1", "--tile-size", "512"]) == 0
+    assert pipeline.main([*argv, "--to", "split"]) == 0
+    capsys.readouterr()
+
+    assert pipeline.main([*argv, "--from", "flatten", "--to", "train-regression"]) == 0
+    out = capsys.readouterr().out
+    ran = [line.split()[0] for line in out.splitlines() if line.endswith(tuple("0123456789")) and " ok " in line]
+    assert ran == ["flatten", "summarize", "train-forest", "train-regression"]
+    assert "train-unet" not in out
+    table = out[out.index("validation metrics") :].splitlines()
+    assert [line.split()[:2] for line in table[2:4]] == [["forest", "val"], ["regression", "val"]]
+
+    # predict and evaluate run for each trained model; unet was not trained, so it is not there.
+    assert pipeline.main([*argv, "--only", "predict", "evaluate"]) == 0
+    out = capsys.readouterr().out
+    for label in ("predict forest", "predict regression", "evaluate forest", "evaluate regression"):
+        assert f"{label:<19} ok" in out, label
+    assert "object F1" in out and f"report: {tmp_path / 'results' / 'tiny' / 'report.html'}" in out
+    assert (tmp_path / "results" / "summary.md").is_file()
+
+    assert pipeline.main([*argv, "--only", "evaluate"]) == 0
+    out = capsys.readouterr().out
+    assert f"{'evaluate forest':<19} skipped" in out and "evaluate regression skipped" in out

@@ -484,7 +484,16 @@ def test_blank_prediction_is_never_silent(tmp_path: Path, monkeypatch: pytest.Mo
 def test_train_without_split_folders_says_what_to_run(tmp_path: Path, settings_file: Path, capsys) -> None:
     from train.train import main
 
-    argv = ["--settings", str(settings_file), "--set", f"data_root={tmp_path / 'empty'}", "--model", "unet"]
+    argv = [
+        "--settings",
+        str(settings_file),
+        "--set",
+        f"data_root={tmp_path / 'empty'}",
+        "--model",
+        "unet",
+        "--set",
+        f"training_args.results_folder={tmp_path / 'results'}",
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: train chips folder ") and err.rstrip().endswith("run python split/split.py first")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from core import cli
 from core.bundle import KINDS
+from core.check import preflight
 from core.settings import Settings
 from core.tree import DataTree
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
         kind = args.model or settings.training_args.model
+        preflight(settings, tree, "train")
         # Imported here: TensorFlow loads only when a U-Net is trained.
         if kind == "unet":
             from unet.train import train_unet

@@ -6,6 +6,7 @@ Called by ``python train/train.py --model unet``. Writes results/EXPERIMENT/unet
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -79,6 +80,30 @@ def _configure_tensorflow(settings: Settings) -> bool:
         keras.mixed_precision.set_global_policy("mixed_float16")
     log.info("train: %s, XLA %s", f"{len(gpus)} GPU(s)" if gpus else "CPU only", "on" if jit else "off")
     return jit
+
+
+def _strategy(settings: Settings):
+    """``tf.distribute.MirroredStrategy`` over the visible GPUs for ``distribute: mirrored``, else None.
+
+    Without a GPU the strategy holds the CPU alone (one replica): training runs there, as it says.
+    """
+    if settings.training_args.distribute != "mirrored":
+        return None
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        log.warning("train: training_args.distribute is mirrored but no GPU is visible: training on the CPU")
+    if not log.isEnabledFor(logging.DEBUG):
+        # tf.distribute logs every all-reduce it sets up at INFO; --verbose shows them.
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    strategy = tf.distribute.MirroredStrategy()
+    log.info(
+        "train: MirroredStrategy over %d replica(s) (%s)",
+        strategy.num_replicas_in_sync,
+        ", ".join(strategy.extended.worker_devices),
+    )
+    return strategy
 
 
 class _Monitor:
@@ -158,21 +183,28 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
     from unet.model import build_model, pad_multiple
 
     jit = _configure_tensorflow(settings)
-    if start_from is not None:
-        previous = read_info(start_from)
-        norm = previous.normalization
-        model = unet_bundle.load_model(start_from)
-        multiple = previous.pad_multiple
-        log.info("train: continuing from %s", start_from)
-    else:
-        nodata = _nodata(train_frames[0])
-        stats = band_statistics(train_frames)
-        norm = Normalization.from_stats(stats, settings.load_dataset_args.normalization, nodata)
-        model = build_model(bands, settings.model_args, settings.output_args)
-        multiple = pad_multiple(settings.model_args)
+    strategy = _strategy(settings)
+    # Variables (model, optimizer, metrics) are made inside the strategy's scope to be mirrored.
+    scope = strategy.scope if strategy is not None else contextlib.nullcontext
+    with scope():
+        if start_from is not None:
+            previous = read_info(start_from)
+            norm = previous.normalization
+            model = unet_bundle.load_model(start_from)
+            multiple = previous.pad_multiple
+            log.info("train: continuing from %s", start_from)
+        else:
+            nodata = _nodata(train_frames[0])
+            stats = band_statistics(train_frames)
+            norm = Normalization.from_stats(stats, settings.load_dataset_args.normalization, nodata)
+            model = build_model(bands, settings.model_args, settings.output_args)
+            multiple = pad_multiple(settings.model_args)
 
     args = settings.training_args
     data_args = settings.load_dataset_args
+    if strategy is not None:
+        # batch_size is per replica: each batch is split evenly over the GPUs.
+        data_args = data_args.model_copy(update={"batch_size": data_args.batch_size * strategy.num_replicas_in_sync})
     train_seq = ChipSequence(
         train_frames, train_masks, norm, data_args, multiple, augment_data=True, steps=args.steps_per_epoch
     )
@@ -187,12 +219,13 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
         steps=min(args.validation_steps or val_steps_all, val_steps_all),
     )
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
-    model.compile(
-        optimizer=optimizers[args.optimizer](learning_rate=args.learning_rate),
-        loss=get_loss(args.loss),
-        metrics=training_metrics(),
-        jit_compile=jit,
-    )
+    with scope():
+        model.compile(
+            optimizer=optimizers[args.optimizer](learning_rate=args.learning_rate),
+            loss=get_loss(args.loss),
+            metrics=training_metrics(),
+            jit_compile=jit,
+        )
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / settings.checkpoint_args.checkpoint_path
     monitor = _Monitor.make(args.patience)

@@ -1,0 +1,436 @@
+"""Score a model's predictions against the truth: python evaluate/evaluate.py [--model M] [--split val|test]
+
+Compares predictions/EXPERIMENT/MODEL/masks/NAME.tif (MODEL from --model, default
+training_args.model) with the truth masks of the same names in the split's masks folder
+(evaluate_args.split, default val; --split test), and writes
+results/EXPERIMENT/MODEL/evaluation/SPLIT/:
+
+  metrics.json              pixel scores (IoU, F1, precision, recall, accuracy and the counts)
+                            and "object" scores (precision, recall, F1 of matched roofs)
+  chips.csv                 the same for every chip
+  best.png, worst.png       the chips with the highest and lowest pixel IoU: the image with
+                            the truth (cyan) and predicted (magenta) roof outlines
+  threshold_sweep.csv/.png  precision, recall and F1 against the threshold, from probabilities/
+
+then refreshes results/summary.csv and summary.md (one row per experiment and model) and the
+experiment's report, results/EXPERIMENT/report.html. Train's own metrics.json, one level up,
+is left as it is.
+
+Object scores follow the SpaceNet building challenge: objects are 4-connected groups of roof
+pixels (scipy.ndimage.label: the same pieces rasterio.features.shapes turns into the
+polygons of roofs.gpkg, so the IoU of two pixel sets is the IoU of their polygons, exact);
+objects under evaluate_args.min_area pixels are ignored on both sides; each prediction, in
+turn, takes the unmatched truth object it overlaps with the highest IoU, and is a true
+positive when that IoU is at least evaluate_args.iou_threshold (0.5). Chips are scored one
+by one, so a roof cut by a chip edge is one object in each chip. Nodata pixels of the image
+do not count in the pixel scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from core import cli
+from core.bundle import BUNDLE_JSON, KINDS, read_info
+from core.errors import DataError
+from core.metrics import Confusion, ThresholdSearch, metrics_record, pixel_scores, write_metrics
+from core.raster import atomic_path, read_raster, rgb_preview, valid_pixels
+from core.report import evaluation_dir, write_report, write_summary
+from core.settings import EvaluateArgs, Settings
+from core.tree import DataTree, refuse_overwrite, require
+
+log = logging.getLogger(__name__)
+
+#: Names of the scores in pictures.
+LABELS = {"precision": "precision", "recall": "recall", "f1": "F1", "iou": "IoU"}
+
+#: Chips shown in each of best.png and worst.png.
+SHOWN = 4
+
+#: 4-connectivity, as rasterio.features.shapes polygonizes (diagonal neighbours are two objects).
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+# --- objects ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ObjectCounts:
+    """Matched (tp), unmatched predicted (fp) and unmatched true (fn) objects."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def add(self, other: ObjectCounts) -> ObjectCounts:
+        self.tp += other.tp
+        self.fp += other.fp
+        self.fn += other.fn
+        return self
+
+    def scores(self) -> dict[str, float | int]:
+        """Precision, recall and F1 (0 where undefined, as for pixels) and the counts."""
+        s = pixel_scores(self.tp, self.fp, self.fn, 0)
+        return {"precision": s["precision"], "recall": s["recall"], "f1": s["f1"], "tp": self.tp, "fp": self.fp,
+                "fn": self.fn}  # fmt: skip
+
+
+def label_objects(mask: np.ndarray, min_area: int = 0) -> tuple[np.ndarray, int]:
+    """Number the 4-connected objects of a boolean mask 1..n in raster order, dropping those under ``min_area`` pixels.
+
+    Returns the label image (0 = background or dropped) and n.
+    """
+    labels, n = ndimage.label(np.asarray(mask, bool), structure=_CROSS)
+    if n and min_area > 0:
+        areas = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = areas >= min_area
+        keep[0] = False
+        new = np.zeros(n + 1, labels.dtype)
+        new[keep] = np.arange(1, int(keep.sum()) + 1)
+        labels, n = new[labels], int(keep.sum())
+    return labels, n
+
+
+def object_ious(truth: np.ndarray, n_truth: int, pred: np.ndarray, n_pred: int) -> tuple[np.ndarray, ...]:
+    """Every overlapping pair of objects of two label images: (truth label, predicted label, IoU) arrays."""
+    both = (truth > 0) & (pred > 0)
+    pairs = truth[both].astype(np.int64) * (n_pred + 1) + pred[both]
+    codes, inter = np.unique(pairs, return_counts=True)
+    t, p = codes // (n_pred + 1), codes % (n_pred + 1)
+    area_t = np.bincount(truth.ravel(), minlength=n_truth + 1)
+    area_p = np.bincount(pred.ravel(), minlength=n_pred + 1)
+    return t, p, inter / (area_t[t] + area_p[p] - inter)
+
+
+def match_objects(truth: np.ndarray, pred: np.ndarray, args: EvaluateArgs) -> ObjectCounts:
+    """SpaceNet object counts of two boolean masks.
+
+    Each predicted object, in raster order, takes the still unmatched true object with the
+    highest IoU; a match at ``args.iou_threshold`` or above is a true positive and uses the
+    true object up. Objects under ``args.min_area`` pixels are ignored.
+    """
+    t_labels, n_t = label_objects(truth, args.min_area)
+    p_labels, n_p = label_objects(pred, args.min_area)
+    t, p, iou = object_ious(t_labels, n_t, p_labels, n_p)
+    used: set[int] = set()
+    decided: set[int] = set()
+    tp = 0
+    for i in np.lexsort((t, -iou, p)):  # by prediction, then highest IoU first
+        if p[i] in decided or t[i] in used:
+            continue
+        decided.add(p[i])
+        if iou[i] >= args.iou_threshold:
+            used.add(t[i])
+            tp += 1
+    return ObjectCounts(tp=tp, fp=n_p - tp, fn=n_t - tp)
+
+
+# --- one chip, a whole folder ------------------------------------------------------------------
+
+
+@dataclass
+class ChipScore:
+    """The scores of one chip."""
+
+    name: str
+    confusion: Confusion
+    objects: ObjectCounts
+    truth_objects: int
+    predicted_objects: int
+
+    def row(self) -> dict[str, Any]:
+        c = self.confusion
+        s = c.scores()
+        o = self.objects.scores()
+        return {
+            "chip": self.name,
+            "truth_pixels": c.tp + c.fn,
+            "predicted_pixels": c.tp + c.fp,
+            **{k: s[k] for k in ("tp", "fp", "fn", "tn", "iou", "f1", "precision", "recall", "accuracy")},
+            "truth_objects": self.truth_objects,
+            "predicted_objects": self.predicted_objects,
+            "object_tp": o["tp"],
+            "object_fp": o["fp"],
+            "object_fn": o["fn"],
+            "object_f1": o["f1"],
+        }
+
+
+def score_chip(
+    name: str, truth: np.ndarray, pred: np.ndarray, args: EvaluateArgs, valid: np.ndarray | None = None
+) -> ChipScore:
+    """Pixel counts (only where ``valid``) and object counts of boolean truth and prediction."""
+    if truth.shape != pred.shape:
+        raise DataError(
+            f"{name}: the prediction is {pred.shape[1]}x{pred.shape[0]}, the truth {truth.shape[1]}x{truth.shape[0]}"
+        )
+    confusion = Confusion().add(truth, pred, valid)
+    objects = match_objects(truth, pred, args)
+    return ChipScore(name, confusion, objects, objects.tp + objects.fn, objects.tp + objects.fp)
+
+
+def read_binary_mask(path: Path) -> np.ndarray:
+    """A 1-band uint8 0/255 mask as booleans; anything else is an error naming the file."""
+    data, _ = read_raster(path)
+    if data.shape[0] != 1 or data.dtype != np.uint8:
+        raise DataError(f"mask {path} has {data.shape[0]} band(s) of {data.dtype}: masks are 1 band of uint8 0/255")
+    values = np.unique(data)
+    if not set(values.tolist()) <= {0, 255}:
+        raise DataError(
+            f"mask {path} holds values {values[:6].tolist()}, not only 0 and 255: write truth masks with "
+            "python mask/mask.py and predictions with python predict/predict.py"
+        )
+    return data[0] == 255
+
+
+@dataclass
+class Evaluation:
+    """Scores of a folder of predictions against the truth."""
+
+    chips: list[ChipScore] = field(default_factory=list)
+    confusion: Confusion = field(default_factory=Confusion)
+    objects: ObjectCounts = field(default_factory=ObjectCounts)
+    search: ThresholdSearch | None = None
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([c.row() for c in self.chips])
+
+
+def matching_names(pred_masks: Path, truth_masks: Path, frames: Path, tree: DataTree) -> list[str]:
+    """File names present in both folders; none is an error saying which predictions to make."""
+    predicted = {p.name for p in tree.list_rasters(pred_masks)}
+    truth = {p.name for p in tree.list_rasters(truth_masks)}
+    names = sorted(predicted & truth, key=_natural)
+    if not names:
+        raise DataError(
+            f"no prediction in {pred_masks} has a truth mask of the same name in {truth_masks}: predict that split's "
+            f"chips (python predict/predict.py --input {frames})"
+        )
+    if truth - predicted:
+        log.warning(
+            "evaluate: %d of %d truth masks in %s have no prediction; scoring the %d that do",
+            len(truth - predicted), len(truth), truth_masks, len(names),
+        )  # fmt: skip
+    return names
+
+
+def _natural(name: str) -> tuple:
+    """val_2 before val_10."""
+    stem, _, number = Path(name).stem.rpartition("_")
+    return (stem, int(number)) if number.isdigit() else (name, 0)
+
+
+def evaluate_folder(pred_dir: Path, frames: Path, truth_masks: Path, args: EvaluateArgs, tree: DataTree) -> Evaluation:
+    """Score every prediction in ``pred_dir``/masks that has a truth mask; sweep thresholds when probabilities exist."""
+    names = matching_names(pred_dir / "masks", truth_masks, frames, tree)
+    probs_dir = pred_dir / "probabilities"
+    with_probs = all((probs_dir / n).is_file() for n in names)
+    if not with_probs:
+        log.warning(
+            "evaluate: %s lacks some chips' probabilities (predict_args.save_probabilities false?): no threshold sweep",
+            probs_dir,
+        )
+    result = Evaluation(search=ThresholdSearch() if with_probs else None)
+    for name in cli.progress(names, desc="evaluate", unit="chip"):
+        truth = read_binary_mask(truth_masks / name)
+        pred = read_binary_mask(pred_dir / "masks" / name)
+        valid = None
+        if (frames / name).is_file():
+            image, profile = read_raster(frames / name)
+            valid = valid_pixels(image, profile.get("nodata"))
+        chip = score_chip(name, truth, pred, args, valid)
+        result.chips.append(chip)
+        for key in ("tp", "fp", "fn", "tn"):
+            setattr(result.confusion, key, getattr(result.confusion, key) + getattr(chip.confusion, key))
+        result.objects.add(chip.objects)
+        if result.search is not None:
+            prob, _ = read_raster(probs_dir / name)
+            result.search.add(truth, prob[0], valid)
+    return result
+
+
+# --- pictures --------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    _plt().close(fig)
+    return path
+
+
+def plot_sweep(rows: list[dict[str, float]], used: float | None, path: Path, title: str) -> Path:
+    """Precision, recall, F1 and IoU against the threshold, with the threshold used and the best one."""
+    plt = _plt()
+    table = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, style in (("precision", "-"), ("recall", "-"), ("f1", "-"), ("iou", ":")):
+        ax.plot(table["threshold"], table[key], style, label=LABELS[key], lw=2 if key == "f1" else 1.4)
+    best = table.loc[table["f1"].idxmax()]
+    ax.axvline(
+        best["threshold"],
+        color="0.4",
+        ls="--",
+        lw=1,
+        label=f"best F1 of the sweep {best['f1']:.3f} at {best['threshold']:.2f}",
+    )
+    if used is not None:
+        ax.axvline(used, color="k", lw=1, label=f"threshold used {used:.2f}")
+    ax.set(xlabel="threshold", ylabel="score", xlim=(0, 1), ylim=(0, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower center")
+    return _save(fig, path)
+
+
+def plot_chips(
+    picks: list[ChipScore], frames: Path, truth_masks: Path, pred_masks: Path, path: Path, title: str,
+    stretch: tuple[list[float], list[float]] | None = None,
+) -> Path:  # fmt: skip
+    """Each chip's image with the truth (cyan) and predicted (magenta) roof outlines."""
+    plt = _plt()
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 4.4), squeeze=False)
+    for ax, chip in zip(axes[0], picks, strict=True):
+        truth = read_binary_mask(truth_masks / chip.name)
+        pred = read_binary_mask(pred_masks / chip.name)
+        if (frames / chip.name).is_file():
+            image, profile = read_raster(frames / chip.name)
+            low, high = stretch if stretch and len(stretch[0]) == image.shape[0] else (None, None)
+            ax.imshow(rgb_preview(image, profile.get("nodata"), low, high))
+        else:
+            ax.imshow(np.zeros((*truth.shape, 3), np.uint8))
+        # The truth drawn wider underneath: where the two agree, both colours show.
+        for mask, colour, width in ((truth, "cyan", 2.6), (pred, "magenta", 1.1)):
+            if mask.any() and not mask.all():
+                ax.contour(mask.astype(np.float32), levels=[0.5], colors=colour, linewidths=width)
+        s = chip.row()
+        ax.set_title(
+            f"{chip.name}: IoU {s['iou']:.2f}\nobjects {s['object_tp']} matched, {s['object_fp']} false, "
+            f"{s['object_fn']} missed",
+            fontsize=9,
+        )
+        ax.set_axis_off()
+    handles = [Line2D([], [], color="cyan", label="truth"), Line2D([], [], color="magenta", label="prediction")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.92))
+    return _save(fig, path)
+
+
+def best_and_worst(chips: list[ChipScore], n: int = SHOWN) -> tuple[list[ChipScore], list[ChipScore]]:
+    """Chips with roofs (true or predicted), highest pixel IoU first, and lowest first; no chip in both."""
+    scored = [c for c in chips if c.confusion.tp + c.confusion.fp + c.confusion.fn > 0]
+    ranked = sorted(scored, key=lambda c: (-c.confusion.scores()["iou"], _natural(c.name)))
+    k = min(n, max(1, len(ranked) // 2))
+    best = ranked[:k]
+    worst = [c for c in ranked[::-1] if c not in best][:k]
+    return best, worst
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def used_threshold(settings: Settings, tree: DataTree, model: str) -> float | None:
+    """The threshold predict applied: predict_args.threshold, else the bundle's tuned one (None if unknown)."""
+    if settings.predict_args.threshold is not None:
+        return settings.predict_args.threshold
+    if (tree.bundle(model) / BUNDLE_JSON).is_file():
+        return read_info(tree.bundle(model)).threshold
+    return None
+
+
+def evaluate_model(
+    settings: Settings, tree: DataTree, model: str, split: str | None = None, *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Evaluate one model's predictions on a split; write its evaluation folder, the summary and the report.
+
+    Returns the metrics record written to metrics.json.
+    """
+    args = settings.evaluate_args
+    split = split or args.split
+    pred_dir = tree.prediction_dir(model)
+    require(pred_dir / "masks", f"{model} predictions", f"run python predict/predict.py --model {model}")
+    truth = require(tree.split_masks(split), f"{split} masks folder", "run python split/split.py first")
+    out = evaluation_dir(tree, model, split)
+    refuse_overwrite([out / "metrics.json"], overwrite, f"evaluate ({model}, {split})")
+
+    result = evaluate_folder(pred_dir, tree.frames(split), truth, args, tree)
+    threshold = used_threshold(settings, tree, model)
+    extra: dict[str, Any] = {
+        "object": result.objects.scores(),
+        "chips": len(result.chips),
+        "min_area": args.min_area,
+        "iou_threshold": args.iou_threshold,
+        "predictions": str(pred_dir),
+        "truth": str(truth),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    if result.search is not None:
+        rows = result.search.sweep()
+        best_t, best_c = result.search.best()
+        extra["best_threshold"] = {"threshold": best_t, "f1": best_c.scores()["f1"]}
+        with atomic_path(out / "threshold_sweep.csv") as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
+        plot_sweep(
+            rows, threshold, out / "threshold_sweep.png", f"{model}, {split}: pixel scores against the threshold"
+        )
+    with atomic_path(out / "chips.csv") as tmp:
+        result.table().to_csv(tmp, index=False, float_format="%.6g")
+    stretch = None
+    if (tree.bundle(model) / BUNDLE_JSON).is_file():
+        norm = read_info(tree.bundle(model)).normalization
+        stretch = (list(norm.low), list(norm.high))
+    best, worst = best_and_worst(result.chips)
+    for name, picks, what in (("best.png", best, "highest"), ("worst.png", worst, "lowest")):
+        (out / name).unlink(missing_ok=True)
+        if picks:
+            plot_chips(picks, tree.frames(split), truth, pred_dir / "masks", out / name,
+                       f"{model}, {split}: chips with the {what} pixel IoU", stretch)  # fmt: skip
+    record = metrics_record(model, split, threshold, result.confusion, **extra)
+    write_metrics(out / "metrics.json", record)
+    p, o = record["pixel"], record["object"]
+    log.info(
+        "evaluate: %s on %d %s chips: pixel IoU %.3f, F1 %.3f, precision %.3f, recall %.3f; "
+        "objects F1 %.3f (%d matched, %d false, %d missed) -> %s",
+        model, len(result.chips), split, p["iou"], p["f1"], p["precision"], p["recall"], o["f1"], o["tp"], o["fp"],
+        o["fn"], out,
+    )  # fmt: skip
+    write_summary(tree.results_root)
+    report = write_report(settings, tree)
+    log.info("evaluate: report %s", report)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.make_parser(__doc__)
+    parser.add_argument("--model", choices=KINDS, help="whose predictions to score (default: training_args.model)")
+    parser.add_argument("--split", choices=("val", "test"), help="truth split (default: evaluate_args.split)")
+
+    def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
+        model = args.model or settings.training_args.model
+        evaluate_model(settings, tree, model, args.split, overwrite=args.overwrite)
+
+    return cli.run(parser, argv, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

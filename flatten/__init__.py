@@ -1,0 +1,1 @@
+"""flatten: chips and masks into one pixel table."""

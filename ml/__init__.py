@@ -1,0 +1,1 @@
+"""Classical per-pixel models: features, random forest, logistic regression, bundle, training."""

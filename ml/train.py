@@ -1,0 +1,303 @@
+"""Train the random forest or the logistic regression; ``train/train.py --model forest|regression`` calls this.
+
+1. Normalization from the training chips' band statistics (:func:`core.raster.band_statistics`).
+2. Training pixels: with ml_args.source chips (default), drawn at random from the train
+   chips — every roof pixel up to half of ml_args.max_train_pixels, background for the
+   rest — with features computed on whole chips, so texture windows see real neighbours;
+   with ml_args.source flat, drawn the same way from the flat table (bands and indices only).
+3. Fit; save the bundle (model.skops + bundle.json) in a temporary folder and load it back
+   through :func:`core.bundle.load_predictor`, the path predict takes; predict every valid
+   pixel of the validation chips with it and tune the decision threshold there
+   (:class:`core.metrics.ThresholdSearch`, best F1).
+4. Write results/EXPERIMENT/KIND/: bundle/, metrics.json, settings.json and the feature
+   importance (forest) or coefficient (regression) plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core import cli
+from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, Predictor, load_predictor, write_info
+from core.errors import DataError, InputMissingError
+from core.metrics import ThresholdSearch, metrics_record, write_metrics
+from core.raster import atomic_path, band_statistics, open_raster, read_raster, valid_pixels
+from core.settings import Settings, dump_settings
+from core.tree import DataTree, refuse_overwrite
+from ml.bundle import save_model
+from ml.features import FeatureSpec, chip_features, pixel_features
+from ml.models import CLASSICAL, build_model, plot_weights
+from ml.table import TableInfo, find_table, inspect_table, iter_chunks, iter_pixels, table_statistics
+
+log = logging.getLogger(__name__)
+
+Pair = tuple[Path, Path]
+
+
+@dataclass
+class Sample:
+    """Training pixels: features, labels (0/1) and where each came from (chip index, row, col; -1 for a table)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    chip: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+
+    @property
+    def roof(self) -> int:
+        return int(np.count_nonzero(self.labels))
+
+
+def split_pairs(tree: DataTree, split: str) -> list[Pair]:
+    """(chip, mask) pairs of a split; errors say which stage to run."""
+    frames, masks = tree.frames(split), tree.split_masks(split)
+    chips = tree.list_rasters(frames) if frames.is_dir() else []
+    if not chips:
+        raise InputMissingError(f"no {split} chips in {frames}: run python split/split.py first")
+    missing = [c.name for c in chips if not (masks / c.name).is_file()]
+    if missing:
+        raise InputMissingError(f"{split} chip {missing[0]} has no mask in {masks}: rerun python split/split.py")
+    return [(c, masks / c.name) for c in chips]
+
+
+def chip_kind(paths: list[Path], channels: int) -> tuple[int, str, float | None]:
+    """Band count, dtype and nodata value shared by the chips; errors when they differ or disagree with settings.
+
+    Chips that declare no nodata (an unpadded chip of imagery without one) agree with any value.
+    """
+    kinds, nodatas = set(), set()
+    for path in paths:
+        with open_raster(path) as src:
+            kinds.add((src.count, src.dtypes[0]))
+            if src.nodata is not None:
+                nodatas.add(float(src.nodata))
+    if len(kinds) > 1:
+        raise DataError(f"the train and val chips differ in band count or type ({sorted(kinds)}): rechip the imagery")
+    (bands, dtype) = kinds.pop()
+    if bands != channels:
+        raise DataError(
+            f"the chips have {bands} bands but load_dataset_args.channels is {channels}: set "
+            f"load_dataset_args.channels and model_args.input_shape[2] to {bands}"
+        )
+    if len(nodatas) > 1:
+        raise DataError(
+            f"the chips declare different nodata values {sorted(nodatas)}: rechip with one chip_args.pad_value"
+        )
+    return bands, dtype, nodatas.pop() if nodatas else None
+
+
+def keep_shares(roof: int, background: int, budget: int) -> tuple[float, float]:
+    """Probabilities of drawing a roof and a background pixel: roof up to half the budget, background the rest."""
+    n_roof = min(roof, budget // 2)
+    n_background = min(background, budget - n_roof)
+    return (n_roof / roof if roof else 0.0), (n_background / background if background else 0.0)
+
+
+def _draw(roof: np.ndarray, valid: np.ndarray, shares: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    draw = rng.random(roof.shape)
+    return valid & np.where(roof, draw < shares[0], draw < shares[1])
+
+
+def _read_pair(pair: Pair, nodata: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    chw, _ = read_raster(pair[0])
+    mask, _ = read_raster(pair[1])
+    if mask.shape[1:] != chw.shape[1:]:
+        raise DataError(f"mask {pair[1]} is {mask.shape[2]}x{mask.shape[1]}, its chip {chw.shape[2]}x{chw.shape[1]}")
+    return chw, mask[0] > 0, valid_pixels(chw, nodata)
+
+
+def sample_chips(pairs: list[Pair], normalization: Normalization, spec: FeatureSpec, budget: int, seed: int) -> Sample:
+    """Draw training pixels from chips (see module doc); features from :func:`chip_features` on whole chips."""
+    counts = []
+    for pair in cli.progress(pairs, desc="count", unit="chip"):
+        _, roof, valid = _read_pair(pair, normalization.nodata)
+        counts.append((int(np.count_nonzero(roof & valid)), int(np.count_nonzero(~roof & valid))))
+    shares = keep_shares(sum(c[0] for c in counts), sum(c[1] for c in counts), budget)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for i, pair in enumerate(cli.progress(pairs, desc="features", unit="chip")):
+        chw, roof, valid = _read_pair(pair, normalization.nodata)
+        keep = _draw(roof, valid, shares, np.random.default_rng([seed, i]))
+        if not keep.any():
+            continue
+        rows, cols = np.nonzero(keep)
+        feats = chip_features(chw, normalization, spec)
+        parts.append((feats[rows, cols], roof[rows, cols].astype(np.uint8), np.full(rows.size, i), rows, cols))
+    if not parts:
+        return Sample(np.empty((0, spec.count), np.float32), *(np.empty(0, int) for _ in range(4)))
+    return Sample(*(np.concatenate(p) for p in zip(*parts, strict=True)))
+
+
+def sample_table(
+    info: TableInfo, normalization: Normalization, spec: FeatureSpec, budget: int, seed: int, chunk_rows: int
+) -> Sample:
+    """Draw training pixels from a flat table; features from :func:`pixel_features` (no texture)."""
+    if spec.texture_windows:
+        raise DataError("texture features need neighbouring pixels, which a flat table does not hold")
+    if not info.has_label:
+        raise DataError(
+            f"flat table {info.path} has no label column, so it cannot train a model: flatten chips with masks"
+        )
+    roof = total = 0
+    for chunk in iter_chunks(info.path, chunk_rows, ["label"]):
+        roof += int(np.count_nonzero(chunk["label"].to_numpy()))
+        total += len(chunk)
+    per_pixel = info.bands if info.layout == "long" else 1
+    shares = keep_shares(roof // per_pixel, (total - roof) // per_pixel, budget)
+    rng = np.random.default_rng(seed)
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    for values, labels in iter_pixels(info, chunk_rows):
+        roofs = labels > 0
+        keep = _draw(roofs, np.ones_like(roofs), shares, rng)
+        if keep.any():
+            chw = values[keep].T[:, :, np.newaxis]  # (bands, n, 1): a one-column image
+            feats = pixel_features(normalization.apply(chw), spec)[:, 0, :]
+            parts.append((feats, roofs[keep].astype(np.uint8)))
+    features = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, spec.count), np.float32)
+    labels = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.uint8)
+    none = np.full(labels.size, -1)
+    return Sample(features, labels, none, none, none)
+
+
+def validate(predictor: Predictor, pairs: list[Pair]) -> ThresholdSearch:
+    """Probabilities of every valid pixel of the validation chips, chip by chip, through ``predictor``."""
+    search = ThresholdSearch()
+    nodata = predictor.info.normalization.nodata
+    for pair in cli.progress(pairs, desc="validate", unit="chip"):
+        chw, roof, valid = _read_pair(pair, nodata)
+        prob = predictor.predict(chw[np.newaxis])[0]
+        search.add(roof, prob, valid)
+    return search
+
+
+def _check_classes(sample: Sample, source: str) -> None:
+    n = sample.labels.size
+    if n == 0:
+        raise DataError(f"no training pixels in {source}: check the chips' nodata value and ml_args.max_train_pixels")
+    if sample.roof in (0, n):
+        only = "background" if sample.roof == 0 else "roof"
+        raise DataError(
+            f"the training pixels from {source} are all {only} ({n} pixels): a model needs roof and background; "
+            "check the masks (python mask/mask.py) and split_args.keep_empty"
+        )
+
+
+def _install(tmp: Path, bundle: Path) -> None:
+    """Move a finished bundle folder into place, replacing an old one."""
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    os.replace(tmp, bundle)
+
+
+def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite: bool = False) -> Path:
+    """Train ``kind`` (forest or regression) and write its results folder; return the bundle folder."""
+    if kind not in CLASSICAL:
+        raise ValueError(f"train_classical trains {', '.join(CLASSICAL)}, not {kind!r}")
+    args = settings.ml_args
+    out, bundle = tree.model_dir(kind), tree.bundle(kind)
+    refuse_overwrite([bundle / BUNDLE_JSON], overwrite, f"train --model {kind}")
+    train_pairs, val_pairs = split_pairs(tree, "train"), split_pairs(tree, "val")
+    bands, dtype, nodata = chip_kind([p[0] for p in train_pairs + val_pairs], settings.load_dataset_args.channels)
+    spec = FeatureSpec(bands=bands, indices=args.indices, texture_windows=tuple(args.texture_windows))
+    method = settings.load_dataset_args.normalization
+
+    if args.source == "chips":
+        source = str(tree.frames("train"))
+        normalization = Normalization.from_stats(band_statistics([p[0] for p in train_pairs]), method, nodata)
+        sample = sample_chips(train_pairs, normalization, spec, args.max_train_pixels, args.seed)
+    else:
+        info = inspect_table(find_table(tree.flat, settings.flatten_args.format))
+        source = str(info.path)
+        if info.bands != bands:
+            raise DataError(f"flat table {info.path} has {info.bands} bands, the chips {bands}: rerun flatten")
+        if not info.has_label:
+            raise DataError(f"flat table {info.path} has no label column, so it cannot train a model")
+        # The table holds no nodata pixels; the chips' nodata value still marks them at predict time.
+        stats, _ = table_statistics(info.path, settings.summarize_args.chunk_rows)
+        normalization = Normalization.from_stats(stats.result()["all"], method, nodata)
+        sample = sample_table(
+            info, normalization, spec, args.max_train_pixels, args.seed, settings.summarize_args.chunk_rows
+        )
+    _check_classes(sample, source)
+    log.info(
+        "train %s: %d pixels (%.1f%% roof) x %d features from %s",
+        kind,
+        sample.labels.size,
+        100 * sample.roof / sample.labels.size,
+        spec.count,
+        source,
+    )
+
+    model = build_model(kind, args)
+    started = time.perf_counter()
+    model.fit(sample.features, sample.labels)
+    fit_seconds = time.perf_counter() - started
+    log.info("train %s: fitted in %.1f s", kind, fit_seconds)
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".bundle-{secrets.token_hex(4)}"
+    try:
+        save_model(model, tmp)
+        info0 = BundleInfo(
+            kind=kind,
+            bands=bands,
+            dtype=dtype,
+            normalization=normalization,
+            threshold=0.5,
+            features=spec.to_dict(),
+            settings=settings.model_dump(mode="json"),
+        )
+        write_info(tmp, info0)
+        # Validation goes through the saved bundle, exactly as predict will load it.
+        search = validate(load_predictor(tmp), val_pairs)
+        threshold, confusion = search.best()
+        write_info(tmp, dataclasses.replace(info0, threshold=threshold))
+        _install(tmp, bundle)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+    total = confusion.tp + confusion.fp + confusion.fn + confusion.tn
+    truth, predicted = (confusion.tp + confusion.fn) / max(total, 1), (confusion.tp + confusion.fp) / max(total, 1)
+    if confusion.tp + confusion.fn == 0:
+        log.warning("train %s: the validation chips hold no roof pixel: the threshold (0.5) was not tuned", kind)
+    record = metrics_record(
+        kind,
+        "val",
+        threshold,
+        confusion,
+        truth_share=truth,
+        predicted_share=predicted,
+        train_pixels=int(sample.labels.size),
+        train_roof_pixels=sample.roof,
+        fit_seconds=round(fit_seconds, 3),
+    )
+    write_metrics(out / "metrics.json", record)
+    plot_name = "feature_importance.png" if kind == "forest" else "coefficients.png"
+    plot_weights(kind, model, spec.names(), out / plot_name)
+    with atomic_path(out / "settings.json") as tmp_settings:
+        tmp_settings.write_text(dump_settings(settings), encoding="utf-8")
+    scores = record["pixel"]
+    log.info(
+        "train %s: validation IoU %.3f, F1 %.3f, precision %.3f, recall %.3f at threshold %.3f "
+        "(%.2f%% of pixels called roof, %.2f%% are) -> %s",
+        kind,
+        scores["iou"],
+        scores["f1"],
+        scores["precision"],
+        scores["recall"],
+        threshold,
+        100 * predicted,
+        100 * truth,
+        out,
+    )
+    return bundle

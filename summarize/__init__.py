@@ -1,0 +1,1 @@
+"""summarize: band statistics and histograms of the flat table (or of chips)."""
