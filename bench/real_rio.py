@@ -25,11 +25,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
 from rasterio.features import rasterize
 
 from core.metrics import Confusion
 from core.raster import read_raster, rgb_preview
+from unet.plots import draw_comparison
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "spacenet-rio"
@@ -121,18 +121,7 @@ def main() -> int:
 def overlay(pictures: list, model: str, path: Path) -> None:
     fig, axes = plt.subplots(len(pictures), 3, figsize=(13, 4.2 * len(pictures)), squeeze=False)
     for row, (name, image, truth, pred, iou) in enumerate(pictures):
-        rgb = rgb_preview(image)
-        for ax in axes[row]:
-            ax.imshow(rgb)
-            ax.set_axis_off()
-        t = np.zeros((*truth.shape, 4))
-        t[truth] = (0, 1, 1, 0.5)
-        axes[row, 1].imshow(t)
-        r = np.zeros((*truth.shape, 4))
-        r[pred & truth] = (0, 1, 0, 0.55)
-        r[pred & ~truth] = (1, 0, 1, 0.55)
-        r[~pred & truth] = (1, 1, 0, 0.65)
-        axes[row, 2].imshow(r)
+        draw_comparison(axes[row], rgb_preview(image), truth, pred)
         axes[row, 0].set_title(f"{name} (held out)")
         axes[row, 1].set_title("buildings (cyan)")
         axes[row, 2].set_title(f"{model}: IoU {iou:.2f}; hit green, false magenta, missed yellow", fontsize=9)

@@ -48,6 +48,21 @@ def plot_curves(history_csv: Path, path: Path) -> Path:
     return _save(fig, path)
 
 
+def draw_comparison(axes, rgb: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> None:
+    """Three panels: the image; truth in cyan; hits green, false alarms magenta, misses yellow."""
+    for ax in axes:
+        ax.imshow(rgb)
+        ax.set_axis_off()
+    truth_rgba = np.zeros((*truth.shape, 4))
+    truth_rgba[truth] = (0, 1, 1, 0.55)
+    axes[1].imshow(truth_rgba)
+    result = np.zeros((*truth.shape, 4))
+    result[pred & truth] = (0, 1, 0, 0.6)
+    result[pred & ~truth] = (1, 0, 1, 0.6)
+    result[~pred & truth] = (1, 1, 0, 0.7)
+    axes[2].imshow(result)
+
+
 def plot_overlays(
     frames: list[Path], masks: list[Path], predictor, threshold: float, scores: list[float], path: Path, n: int = 3
 ) -> Path:
@@ -66,18 +81,7 @@ def plot_overlays(
         truth, _ = read_raster(masks[i])
         t = truth[0] > 0
         pred = predictor.predict(image[None])[0] >= threshold
-        rgb = rgb_preview(image, profile.get("nodata"), norm.low, norm.high)
-        for ax in axes[row]:
-            ax.imshow(rgb)
-            ax.set_axis_off()
-        truth_rgba = np.zeros((*t.shape, 4))
-        truth_rgba[t] = (0, 1, 1, 0.55)
-        axes[row, 1].imshow(truth_rgba)
-        result = np.zeros((*t.shape, 4))
-        result[pred & t] = (0, 1, 0, 0.6)
-        result[pred & ~t] = (1, 0, 1, 0.6)
-        result[~pred & t] = (1, 1, 0, 0.7)
-        axes[row, 2].imshow(result)
+        draw_comparison(axes[row], rgb_preview(image, profile.get("nodata"), norm.low, norm.high), t, pred)
         axes[row, 0].set_title(f"{frames[i].name}: IoU {scores[i]:.2f}", fontsize=10)
         axes[row, 1].set_title("truth (cyan)", fontsize=10)
         axes[row, 2].set_title("hit green, false magenta, missed yellow", fontsize=10)
