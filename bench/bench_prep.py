@@ -92,12 +92,15 @@ def make_scene(root: Path, side: int, n_polygons: int, base: np.ndarray) -> tupl
     boxes = shapely.box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
     gdf = gpd.GeoDataFrame({"roof_type": ["metal"] * n_polygons}, geometry=boxes, crs="EPSG:32644")
     gdf.to_file(labels / "roofs.gpkg", engine="pyogrio")
+    # The peer reads a shapefile: Debian's GDAL 3.6 warns on every open of a GeoPackage 1.4.
+    (root / "peer_labels").mkdir()
+    gdf.to_file(root / "peer_labels" / "roofs.shp", engine="pyogrio")
     return raw, labels
 
 
 def run_size(work: Path, side: int, n_polygons: int, base: np.ndarray) -> dict[str, tuple[float, float]]:
     root = work / f"s{side}"
-    raw, labels = make_scene(root, side, n_polygons, base)
+    raw, _labels = make_scene(root, side, n_polygons, base)
     s = ["--quiet", "--set", f"data_root={root}"]
     res: dict[str, tuple[float, float]] = {}
 
@@ -190,7 +193,7 @@ def run_size(work: Path, side: int, n_polygons: int, base: np.ndarray) -> dict[s
             "COMPRESS=ZSTD",
             "-co",
             "TILED=YES",
-            str(labels / "roofs.gpkg"),
+            str(root / "peer_labels" / "roofs.shp"),
             str(peer_masks / r.file),
         ]
         for r in index.itertuples()

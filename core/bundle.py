@@ -84,16 +84,23 @@ class Normalization:
         """Raw (bands, rows, cols) pixels -> float32 (rows, cols, bands) model input."""
         if chw.ndim != 3 or chw.shape[0] != self.bands:
             raise DataError(f"expected {self.bands} bands (bands, rows, cols), got an array of shape {chw.shape}")
-        x = np.moveaxis(chw, 0, -1).astype(np.float32)
+        # One C-contiguous float32 copy, then in place: what the network reads, without the
+        # temporaries and the extra copy a strided array costs when it becomes a tensor.
+        out = np.empty((*chw.shape[1:], chw.shape[0]), np.float32)
+        out[...] = np.moveaxis(chw, 0, -1)
         if self.method == "percentile":
             low = np.asarray(self.low, np.float32)
             span = np.maximum(np.asarray(self.high, np.float32) - low, np.float32(1e-6))
-            out = np.clip((x - low) / span, 0.0, 1.0)
+            np.subtract(out, low, out=out)
+            np.divide(out, span, out=out)
+            np.clip(out, 0.0, 1.0, out=out)
         else:
             mean = np.asarray(self.mean, np.float32)
             std = np.maximum(np.asarray(self.std, np.float32), np.float32(1e-6))
-            out = (x - mean) / std
-        out[~valid_pixels(chw, self.nodata)] = 0.0
+            np.subtract(out, mean, out=out)
+            np.divide(out, std, out=out)
+        if self.nodata is not None or chw.dtype.kind == "f":
+            out[~valid_pixels(chw, self.nodata)] = 0.0
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,6 +196,18 @@ class Predictor(Protocol):
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
         """Raw (n, bands, rows, cols) pixels -> (n, rows, cols) float32 roof probabilities."""
+        ...
+
+    def prepare(self, chips: np.ndarray) -> Any:
+        """The part of :meth:`predict` that only reads the pixels (checks, normalization).
+
+        predict.py runs it for the next batch in a reader thread; ``forward(prepare(chips))``
+        equals ``predict(chips)``.
+        """
+        ...
+
+    def forward(self, prepared: Any) -> np.ndarray:
+        """The rest of :meth:`predict`: the model, on what :meth:`prepare` returned."""
         ...
 
 

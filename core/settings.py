@@ -169,10 +169,15 @@ class TrainingArgs(Section):
     model: Literal["unet", "forest", "regression"] = Field(
         "unet", description="Model train.py trains when --model is not given."
     )
-    epochs: int = Field(30, ge=1, description="Maximum training epochs.")
+    epochs: int = Field(20, ge=1, description="Maximum training epochs.")
     pretrained: bool = Field(False, description="Continue from the existing bundle in results/EXPERIMENT/.")
     results_folder: str = Field("results", description="Folder of experiment results, relative to the repository root.")
-    steps_per_epoch: int | None = Field(None, ge=1, description="Batches per epoch; null = all training chips once.")
+    steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="Batches per epoch; null = all training chips once, and at least 20 batches "
+        "(a small training set is then seen several times per epoch, augmented differently each time).",
+    )
     validation_steps: int | None = Field(None, ge=1, description="Validation batches; null = all validation chips.")
     verbose: int = Field(1, ge=0, le=2, description="Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
     optimizer: Literal["adam", "sgd", "rmsprop"] = Field("adam", description="Optimizer.")

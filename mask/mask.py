@@ -27,7 +27,7 @@ from core import cli
 from core.errors import LabelError
 from core.index import read_index, write_index
 from core.parallel import map_tasks
-from core.raster import open_raster, valid_pixels, write_raster
+from core.raster import open_raster, read_raster, valid_pixels, write_raster
 from core.settings import MaskArgs, ParallelArgs, Settings
 from core.tree import DataTree, refuse_overwrite
 from core.vector import LabelIndex, filter_labels, find_label_file, read_labels, repair_geometries
@@ -50,10 +50,9 @@ class MaskTask:
 
 def burn_mask(task: MaskTask) -> float:
     """Write one mask on its chip's grid; return the roof share of the chip's valid pixels."""
-    with open_raster(task.chip) as src:
-        data = src.read()
-        transform, crs, shape = src.transform, src.crs, (src.height, src.width)
-        valid = valid_pixels(data, src.nodata)
+    data, profile = read_raster(task.chip)  # a truncated chip is an error naming it
+    transform, crs, shape = profile["transform"], profile["crs"], data.shape[1:]
+    valid = valid_pixels(data, profile["nodata"])
     if task.reuse and Path(task.out).is_file():
         with open_raster(task.out) as done:
             mask = done.read(1)

@@ -109,7 +109,15 @@ class ClassicalPredictor:
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
         """Raw (n, bands, rows, cols) pixels -> (n, rows, cols) float32 roof probabilities (0 on nodata)."""
+        return self.forward(self.prepare(chips))
+
+    def prepare(self, chips: np.ndarray) -> np.ndarray:
+        """The chips, checked (features are computed in :meth:`forward`, chip by chip, to bound memory)."""
         self._check(chips)
+        return chips
+
+    def forward(self, chips: np.ndarray) -> np.ndarray:
+        """Probabilities of checked chips (see :meth:`prepare`)."""
         n, _, rows, cols = chips.shape
         out = np.zeros((n, rows, cols), np.float32)
         for i, chw in enumerate(chips):

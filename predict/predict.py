@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,40 +134,57 @@ def predict_raster(
             create_raster(mask_path, mask_profile) as mask_dst,
             create_raster(prob_path, prob_profile) if prob_path else _nowhere() as prob_dst,
         ):
+            # Batches in raster order; a reader thread reads and prepares (normalizes) the next
+            # batch while the model predicts this one. Only that thread touches ``src``.
+            jobs = [
+                (i, windows[b : b + args.batch_size])
+                for i, r in enumerate(rows)
+                for windows in [[Window(c, r, ww, wh) for c in cols]]
+                for b in range(0, len(windows), args.batch_size)
+            ]
+
+            def load(batch: list[Window]) -> tuple:
+                try:
+                    chips = np.stack([src.read(window=w) for w in batch])
+                except Exception as exc:
+                    raise DataError(f"{source} could not be read ({exc}): it may be truncated or corrupt") from exc
+                return predictor.prepare(chips), [valid_pixels(chip, src.nodata) for chip in chips]
+
             acc = np.zeros((0, width), np.float32)
             wsum = np.zeros((0, width), np.float32)
             valid = np.zeros((0, width), bool)
             top = 0  # raster row of acc[0]
-            for i, r in enumerate(rows):
-                need = r + wh - top
-                if acc.shape[0] < need:
-                    grow = need - acc.shape[0]
-                    acc = np.vstack([acc, np.zeros((grow, width), np.float32)])
-                    wsum = np.vstack([wsum, np.zeros((grow, width), np.float32)])
-                    valid = np.vstack([valid, np.zeros((grow, width), bool)])
-                wr = ramp(wh, overlap, r > 0, r + wh < height)
-                windows = [Window(c, r, ww, wh) for c in cols]
-                for b in range(0, len(windows), args.batch_size):
-                    batch = windows[b : b + args.batch_size]
-                    try:
-                        chips = np.stack([src.read(window=w) for w in batch])
-                    except Exception as exc:
-                        raise DataError(f"{source} could not be read ({exc}): it may be truncated or corrupt") from exc
-                    probs = predictor.predict(chips)
-                    for w, chip, prob in zip(batch, chips, probs, strict=True):
+            with ThreadPoolExecutor(max_workers=1) as reader:
+                ahead = reader.submit(load, jobs[0][1])
+                for k, (i, batch) in enumerate(jobs):
+                    r = rows[i]
+                    prepared, valids = ahead.result()
+                    if k + 1 < len(jobs):
+                        ahead = reader.submit(load, jobs[k + 1][1])
+                    need = r + wh - top
+                    if acc.shape[0] < need:
+                        grow = need - acc.shape[0]
+                        acc = np.vstack([acc, np.zeros((grow, width), np.float32)])
+                        wsum = np.vstack([wsum, np.zeros((grow, width), np.float32)])
+                        valid = np.vstack([valid, np.zeros((grow, width), bool)])
+                    probs = predictor.forward(prepared)
+                    wr = ramp(wh, overlap, r > 0, r + wh < height)
+                    for w, ok, prob in zip(batch, valids, probs, strict=True):
                         c = int(w.col_off)
                         weight = np.outer(wr, ramp(ww, overlap, c > 0, c + ww < width))
                         sl = np.s_[r - top : r - top + wh, c : c + ww]
                         acc[sl] += prob * weight
                         wsum[sl] += weight
-                        valid[sl] |= valid_pixels(chip, src.nodata)
+                        valid[sl] |= ok
                     if bar is not None:
                         bar.update(len(batch))
-                # Rows above the next window row get no more contributions: write them out.
-                done_to = (rows[i + 1] if i + 1 < len(rows) else height) - top
-                _flush(acc[:done_to], wsum[:done_to], valid[:done_to], top, threshold, mask_dst, prob_dst, result)
-                acc, wsum, valid = acc[done_to:], wsum[done_to:], valid[done_to:]
-                top += done_to
+                    if k + 1 < len(jobs) and jobs[k + 1][0] == i:
+                        continue
+                    # Rows above the next window row get no more contributions: write them out.
+                    done_to = (rows[i + 1] if i + 1 < len(rows) else height) - top
+                    _flush(acc[:done_to], wsum[:done_to], valid[:done_to], top, threshold, mask_dst, prob_dst, result)
+                    acc, wsum, valid = acc[done_to:], wsum[done_to:], valid[done_to:]
+                    top += done_to
         result.polygons = polygonize(mask_path)
     return result
 

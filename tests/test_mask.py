@@ -366,3 +366,16 @@ def test_missing_chip_is_named(chips, make_labels, pixel_box, stage_argv, capsys
     assert main(stage_argv) == 1
     assert "chip_000003.tif does not exist" in capsys.readouterr().err
     assert "roof_share" not in read_index(chips.chips_csv).columns
+
+
+def test_truncated_chip_is_named(chips, make_labels, pixel_box, stage_argv, capsys):
+    make_labels(chips.labels / "roofs.geojson", boxes(pixel_box, ROOFS))
+    chip = chips.chips / "chip_000003.tif"
+    data = chip.read_bytes()
+    chip.write_bytes(data[: len(data) // 2])  # the header survives, the pixels do not
+    assert main(stage_argv) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: {chip} ")
+    assert errors[0].endswith("it may be truncated or corrupt")
+    assert "roof_share" not in read_index(chips.chips_csv).columns

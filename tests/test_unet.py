@@ -83,6 +83,7 @@ TINY = [
     "model_args.num_layers=2",
     "load_dataset_args.batch_size=4",
     "training_args.epochs=12",
+    "training_args.steps_per_epoch=3",  # every tiny chip once; null would train 20 batches per epoch
     "training_args.learning_rate=0.003",
     "training_args.verbose=0",
 ]
@@ -222,6 +223,25 @@ def test_epochs_are_reshuffled_and_seeded(tiny) -> None:
     a.on_epoch_end()
     assert not np.array_equal(first, a.order)
     assert len(a) == 3  # 12 chips / batch 4, computed when steps_per_epoch is null
+
+
+@pytest.mark.parametrize(
+    ("chips", "batch", "setting", "expected"),
+    [
+        (32, 8, None, 20),  # SpaceNet Rio: 4 batches would be one epoch; at least 20
+        (12, 4, None, 20),
+        (3, 8, None, 20),  # fewer chips than a batch: batches of 3, still 20 of them
+        (160, 8, None, 20),
+        (161, 8, None, 21),  # every chip once when that is more
+        (1000, 8, None, 125),
+        (32, 8, 4, 4),  # an explicit setting is kept as it is
+        (1000, 8, 7, 7),
+    ],
+)
+def test_steps_per_epoch(chips: int, batch: int, setting: int | None, expected: int) -> None:
+    from unet.train import steps_per_epoch
+
+    assert steps_per_epoch(chips, batch, setting) == expected
 
 
 # --- losses and metrics against numpy -------------------------------------------------------------
@@ -385,7 +405,24 @@ class PixelPredictor:
         self.info = BundleInfo(kind="unet", bands=bands, dtype=dtype, normalization=norm, threshold=threshold)
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
-        return np.stack([self.info.normalization.apply(c)[..., 0] for c in chips]).astype(np.float32)
+        return self.forward(self.prepare(chips))
+
+    def prepare(self, chips: np.ndarray) -> np.ndarray:
+        return np.stack([self.info.normalization.apply(c) for c in chips])
+
+    def forward(self, prepared: np.ndarray) -> np.ndarray:
+        return prepared[..., 0].astype(np.float32)
+
+
+def test_truncated_raster_is_named_and_no_mask_is_left(tmp_path: Path) -> None:
+    # The windows are read in a reader thread; its error must reach the caller as the named one.
+    image = np.random.default_rng(0).integers(1, 1000, (2, 300, 300)).astype(np.uint16)
+    src = write_tif(tmp_path / "big.tif", image)
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 3])
+    with pytest.raises(DataError, match=r"big\.tif could not be read \(.*\): it may be truncated or corrupt"):
+        predict_raster(PixelPredictor(), src, tmp_path / "m.tif", None, PredictArgs(window=64, overlap=16), 0.5)
+    assert not (tmp_path / "m.tif").exists()
 
 
 @pytest.mark.parametrize(

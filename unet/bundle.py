@@ -24,9 +24,17 @@ class UNetPredictor:
     """Roof probabilities from raw pixels with a trained U-Net."""
 
     def __init__(self, model: keras.Model, info: BundleInfo, batch_size: int = 4) -> None:
+        import tensorflow as tf
+
         self.model = model
         self.info = info
         self.batch_size = batch_size
+        # One graph, traced once, for every batch and window size: faster than calling the
+        # model eagerly or model.predict per batch (bench/bench_unet.py); inference-mode batch norm.
+        self._forward = tf.function(
+            lambda x: self.model(x, training=False),
+            input_signature=[tf.TensorSpec([None, None, None, info.bands], tf.float32)],
+        )
 
     def prepare(self, chips: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         """Raw (n, bands, rows, cols) -> normalized, padded (n, rows', cols', bands) and the original size."""
@@ -40,11 +48,14 @@ class UNetPredictor:
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
         """Raw (n, bands, rows, cols) pixels -> (n, rows, cols) float32 probabilities."""
-        x, shape = self.prepare(chips)
+        return self.forward(self.prepare(chips))
+
+    def forward(self, prepared: tuple[np.ndarray, tuple[int, int]]) -> np.ndarray:
+        """Probabilities (n, rows, cols) from :meth:`prepare`'s padded input and original size."""
+        x, shape = prepared
         out = []
         for start in range(0, len(x), self.batch_size):
-            # A direct call, not model.predict: no per-call dataset setup, and inference-mode batch norm.
-            out.append(np.asarray(self.model(x[start : start + self.batch_size], training=False)))
+            out.append(np.asarray(self._forward(x[start : start + self.batch_size])))
         prob = np.concatenate(out)[..., 0]
         return np.stack([crop_to(p, shape) for p in prob]).astype(np.float32)
 
