@@ -258,7 +258,8 @@ class Checker:
             self.warn(
                 f"{what}: {len(mostly)} of {len(shares)} chips are more than {limit:.0%} nodata "
                 f"({', '.join(f'{p.name} {s:.0%}' for s, p in mostly[:SHOWN])}): they teach little; "
-                "rerun chip, which skips chips over chip_args.max_nodata"
+                "rerun chip, which skips chips over chip_args.max_nodata, once the source rasters declare their "
+                "nodata value (rio edit-info --nodata 0 FILE)"
             )
 
     def pairs(self, frames_dir: Path, masks_dir: Path | None, what: str, *, need_roof: bool, shape_key: str) -> None:

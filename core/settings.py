@@ -179,7 +179,13 @@ class TrainingArgs(Section):
         "(a small training set is then seen several times per epoch, augmented differently each time).",
     )
     validation_steps: int | None = Field(None, ge=1, description="Validation batches; null = all validation chips.")
-    verbose: int = Field(1, ge=0, le=2, description="Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+    verbose: int = Field(
+        1,
+        ge=0,
+        le=2,
+        description="Keras verbosity: 0 silent, 1 progress bar (one line per epoch when the output is not a terminal), "
+        "2 one line per epoch.",
+    )
     optimizer: Literal["adam", "sgd", "rmsprop"] = Field("adam", description="Optimizer.")
     learning_rate: float = Field(1e-3, gt=0.0, description="Initial learning rate.")
     loss: Literal["bce", "dice", "bce_dice", "focal", "jaccard"] = Field(

@@ -85,6 +85,7 @@ def plot_overlays(
         axes[row, 0].set_title(f"{frames[i].name}: IoU {scores[i]:.2f}", fontsize=10)
         axes[row, 1].set_title("truth (cyan)", fontsize=10)
         axes[row, 2].set_title("hit green, false magenta, missed yellow", fontsize=10)
+    height = 3.4 * len(picks)
     fig.suptitle(f"Validation chips with roofs, best and worst by IoU (threshold {threshold:.2f})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))  # keep the title clear of the first row
     return _save(fig, path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -272,9 +273,10 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
         multiple,
     )
     started = time.perf_counter()
-    history = model.fit(
-        train_seq, validation_data=val_seq, epochs=args.epochs, callbacks=callbacks, verbose=args.verbose
-    )
+    verbose = args.verbose
+    if verbose == 1 and not sys.stdout.isatty():
+        verbose = 2  # a progress bar written to a log file is a screenful per epoch
+    history = model.fit(train_seq, validation_data=val_seq, epochs=args.epochs, callbacks=callbacks, verbose=verbose)
     seconds = time.perf_counter() - started
     if monitor.collapsed:
         raise CollapseError(
