@@ -549,3 +549,27 @@ def test_training_continues_from_a_bundle(trained, tmp_path: Path) -> None:
     info = read_info(bundle)
     assert info.normalization == previous.normalization  # the first training's statistics are kept
     assert json.loads((new_tree.model_dir("unet") / "metrics.json").read_text())["epochs"] == 1
+
+
+def test_tensorflow_start_up_noise_is_filtered_and_nothing_else() -> None:
+    from unet import without_import_noise
+
+    text = (
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+        "I0000 00:00:1795661898.676888   14490 port.cc:153] oneDNN custom operations are on. You may see ...\n"
+        "\n"
+        "E0000 something TensorFlow really wants to say\n"
+        "Traceback (most recent call last):\n"
+    )
+    assert without_import_noise(text) == [
+        "E0000 something TensorFlow really wants to say",
+        "Traceback (most recent call last):",
+    ]
+
+
+def test_importing_the_unet_package_writes_nothing_to_stderr() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import unet.model"], capture_output=True, text=True, check=True)
+    assert done.stderr == ""
