@@ -6,12 +6,13 @@ top, crs, nodata_share``; mask adds ``roof_share``; split adds ``split`` and ``s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 
 from core.errors import DataError, InputMissingError
-from core.raster import atomic_path
+from core.raster import atomic_path, open_raster
 
 #: Columns chip writes, in order.
 CHIP_COLUMNS = (
@@ -55,3 +56,32 @@ def write_index(frame: pd.DataFrame, path: Path) -> Path:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.10g")
     return path
+
+
+def chip_kind(paths: list[Path], channels: int) -> tuple[int, str, float | None]:
+    """Band count, dtype and nodata value shared by the chips; errors when they differ or disagree with settings.
+
+    Chips that declare no nodata (an unpadded chip of imagery without one) agree with any value,
+    so the value is that of every chip that declares one, whichever chip comes first.
+    """
+    kinds: dict[tuple[int, str], Path] = {}
+    nodatas: set[float] = set()
+    for path in paths:
+        with open_raster(path) as src:
+            kinds.setdefault((src.count, src.dtypes[0]), Path(path))
+            if src.nodata is not None:
+                value = float(src.nodata)
+                nodatas.add(math.nan if math.isnan(value) else value)  # one NaN object: NaN != NaN
+    if len(kinds) > 1:
+        raise DataError(f"the train and val chips differ in band count or type ({sorted(kinds)}): rechip the imagery")
+    ((bands, dtype), example), *_ = kinds.items()
+    if bands != channels:
+        raise DataError(
+            f"the chips have {bands} bands ({example.name}) but load_dataset_args.channels is {channels}: set "
+            f"load_dataset_args.channels and model_args.input_shape[2] to {bands}"
+        )
+    if len(nodatas) > 1:
+        raise DataError(
+            f"the chips declare different nodata values {sorted(nodatas)}: rechip with one chip_args.pad_value"
+        )
+    return bands, dtype, nodatas.pop() if nodatas else None

@@ -29,8 +29,9 @@ import numpy as np
 from core import cli
 from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, Predictor, load_predictor, write_info
 from core.errors import DataError, InputMissingError
+from core.index import chip_kind
 from core.metrics import ThresholdSearch, metrics_record, write_metrics
-from core.raster import atomic_path, band_statistics, open_raster, read_raster, valid_pixels
+from core.raster import atomic_path, band_statistics, read_raster, valid_pixels
 from core.settings import Settings, dump_settings
 from core.tree import DataTree, refuse_overwrite
 from ml.bundle import save_model
@@ -68,32 +69,6 @@ def split_pairs(tree: DataTree, split: str) -> list[Pair]:
     if missing:
         raise InputMissingError(f"{split} chip {missing[0]} has no mask in {masks}: rerun python split/split.py")
     return [(c, masks / c.name) for c in chips]
-
-
-def chip_kind(paths: list[Path], channels: int) -> tuple[int, str, float | None]:
-    """Band count, dtype and nodata value shared by the chips; errors when they differ or disagree with settings.
-
-    Chips that declare no nodata (an unpadded chip of imagery without one) agree with any value.
-    """
-    kinds, nodatas = set(), set()
-    for path in paths:
-        with open_raster(path) as src:
-            kinds.add((src.count, src.dtypes[0]))
-            if src.nodata is not None:
-                nodatas.add(float(src.nodata))
-    if len(kinds) > 1:
-        raise DataError(f"the train and val chips differ in band count or type ({sorted(kinds)}): rechip the imagery")
-    (bands, dtype) = kinds.pop()
-    if bands != channels:
-        raise DataError(
-            f"the chips have {bands} bands but load_dataset_args.channels is {channels}: set "
-            f"load_dataset_args.channels and model_args.input_shape[2] to {bands}"
-        )
-    if len(nodatas) > 1:
-        raise DataError(
-            f"the chips declare different nodata values {sorted(nodatas)}: rechip with one chip_args.pad_value"
-        )
-    return bands, dtype, nodatas.pop() if nodatas else None
 
 
 def keep_shares(roof: int, background: int, budget: int) -> tuple[float, float]:

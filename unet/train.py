@@ -18,8 +18,9 @@ import numpy as np
 
 from core.bundle import BundleInfo, Normalization, read_info
 from core.errors import DataError, PipelineError
+from core.index import chip_kind
 from core.metrics import Confusion, ThresholdSearch, metrics_record, write_metrics
-from core.raster import band_statistics, open_raster, read_raster
+from core.raster import band_statistics, read_raster
 from core.settings import Settings
 from core.tree import DataTree, refuse_overwrite, require
 
@@ -57,18 +58,6 @@ def split_files(tree: DataTree, split: str) -> tuple[list[Path], list[Path]]:
     if missing:
         raise DataError(f"{len(missing)} {split} chips have no mask in {masks_dir} (e.g. {missing[0]}): rerun split")
     return frames, masks
-
-
-def check_bands(frames: list[Path], channels: int) -> tuple[int, str]:
-    """Band count and dtype of the chips; they must agree with each other and with the settings."""
-    with open_raster(frames[0]) as src:
-        bands, dtype = src.count, src.dtypes[0]
-    if bands != channels:
-        raise DataError(
-            f"chips have {bands} bands ({frames[0].name}) but load_dataset_args.channels is {channels}: set "
-            f"load_dataset_args.channels and model_args.input_shape[2] to {bands}"
-        )
-    return bands, dtype
 
 
 def roof_share(masks: list[Path]) -> float:
@@ -175,7 +164,8 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
         refuse_overwrite([bundle_dir], overwrite, "train (unet)")
     train_frames, train_masks = split_files(tree, "train")
     val_frames, val_masks = split_files(tree, "val")
-    bands, dtype = check_bands(train_frames, settings.load_dataset_args.channels)
+    # One nodata value for the normalization: the one every chip that declares one agrees on.
+    bands, dtype, nodata = chip_kind(train_frames + val_frames, settings.load_dataset_args.channels)
 
     share = roof_share(train_masks)
     if share == 0:
@@ -209,7 +199,6 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
             multiple = previous.pad_multiple
             log.info("train: continuing from %s", start_from)
         else:
-            nodata = _nodata(train_frames[0])
             stats = band_statistics(train_frames)
             norm = Normalization.from_stats(stats, settings.load_dataset_args.normalization, nodata)
             model = build_model(bands, settings.model_args, settings.output_args)
@@ -324,11 +313,6 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
         out,
     )
     return bundle_dir
-
-
-def _nodata(path: Path) -> float | None:
-    with open_raster(path) as src:
-        return src.nodata
 
 
 def evaluate_split(predictor, frames: list[Path], masks: list[Path]) -> tuple[float, Confusion, list[float]]:

@@ -1,0 +1,50 @@
+"""core.index.chip_kind: the band count, dtype and nodata value a set of chips shares."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import write_geotiff
+
+from core.errors import DataError
+from core.index import chip_kind
+
+
+def test_undeclared_nodata_agrees_with_any_value(tmp_path) -> None:
+    # An unpadded chip of imagery without nodata declares none; a padded edge chip declares 0.
+    # The value is the declared one whichever chip comes first (it was the first chip's).
+    first = write_geotiff(tmp_path / "a.tif", nodata=None)
+    padded = write_geotiff(tmp_path / "b.tif", nodata=0)
+    assert chip_kind([first, padded], 3) == (3, "uint16", 0.0)
+    assert chip_kind([padded, first], 3) == (3, "uint16", 0.0)
+    assert chip_kind([first], 3) == (3, "uint16", None)
+
+
+def test_nan_nodata_is_one_value(tmp_path) -> None:
+    chips = [write_geotiff(tmp_path / f"{i}.tif", dtype="float32", nodata=math.nan) for i in range(3)]
+    bands, dtype, nodata = chip_kind(chips, 3)
+    assert (bands, dtype) == (3, "float32") and math.isnan(nodata)
+
+
+def test_conflicting_nodata_values(tmp_path) -> None:
+    chips = [write_geotiff(tmp_path / "a.tif", nodata=0), write_geotiff(tmp_path / "b.tif", nodata=65535)]
+    with pytest.raises(DataError, match=r"^the chips declare different nodata values \[0\.0, 65535\.0\]: rechip"):
+        chip_kind(chips, 3)
+
+
+def test_band_count_or_type_differs(tmp_path) -> None:
+    chips = [write_geotiff(tmp_path / "a.tif"), write_geotiff(tmp_path / "b.tif", bands=4)]
+    with pytest.raises(DataError, match=r"differ in band count or type \(\[\(3, 'uint16'\), \(4, 'uint16'\)\]\)"):
+        chip_kind(chips, 3)
+    other = [write_geotiff(tmp_path / "c.tif"), write_geotiff(tmp_path / "d.tif", dtype="uint8")]
+    with pytest.raises(DataError, match=r"\(3, 'uint16'\), \(3, 'uint8'\)"):
+        chip_kind(other, 3)
+
+
+def test_channels_setting_must_match(tmp_path) -> None:
+    chips = [write_geotiff(tmp_path / "x1.tif"), write_geotiff(tmp_path / "x2.tif")]
+    with pytest.raises(
+        DataError, match=r"^the chips have 3 bands \(x1\.tif\) but load_dataset_args\.channels is 8: set"
+    ):
+        chip_kind(chips, 8)
