@@ -76,7 +76,7 @@ class ModelResult:
 
     @property
     def train_seconds(self) -> float | None:
-        """Training time from train's metrics.json (train_seconds; fit_seconds for the classical models)."""
+        """Training time from train's metrics.json (train_seconds; fit_seconds in classical models' older files)."""
         if not self.train:
             return None
         value = self.train.get("train_seconds", self.train.get("fit_seconds"))

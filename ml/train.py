@@ -254,7 +254,7 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
         predicted_share=predicted,
         train_pixels=int(sample.labels.size),
         train_roof_pixels=sample.roof,
-        fit_seconds=round(fit_seconds, 3),
+        train_seconds=round(fit_seconds, 3),
     )
     write_metrics(out / "metrics.json", record)
     plot_name = "feature_importance.png" if kind == "forest" else "coefficients.png"
