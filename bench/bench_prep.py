@@ -11,6 +11,9 @@ process with wall time and peak resident memory from /usr/bin/time:
           own chips written uncompressed
 - mask:   ``mask/mask.py`` vs one ``gdal_rasterize`` per chip
 
+First it writes 64 chips with each compression, the measurement behind the default (ZSTD
+level 1 with horizontal differencing).
+
 Needs Debian's gdal-bin and python3-gdal (apt-get install gdal-bin python3-gdal). Peak
 memory is that of the largest single process (chip and mask run two worker processes by
 default; each is reported on its own).
@@ -32,7 +35,7 @@ import pandas as pd
 import shapely
 from affine import Affine
 
-from core.raster import write_raster
+from core.raster import create_raster, gtiff_profile, write_raster
 from sample.sample import generate_scene
 
 REPO = Path(__file__).resolve().parent.parent
@@ -205,6 +208,42 @@ def run_size(work: Path, side: int, n_polygons: int, base: np.ndarray) -> dict[s
     return res
 
 
+def compression_choice(base: np.ndarray, work: Path, n: int = 64, repeats: int = 3) -> None:
+    """Time writing n 256 x 256 chips of the scene with each compression (best of ``repeats``); print ms and kB."""
+    chips = [np.ascontiguousarray(base[:, r : r + CHIP, c : c + CHIP]) for r in range(0, 8 * CHIP, CHIP)
+             for c in range(0, 8 * CHIP, CHIP)][:n]  # fmt: skip
+    folder = work / "compression"
+    print(
+        f"\n== default compression: {len(chips)} chips of {CHIP} x {CHIP} x {base.shape[0]} {base.dtype} written once each"
+    )
+    print(f"{'compression':<22}{'ms/chip':>8}{'kB/chip':>9}")
+    options = [
+        ("zstd level 1 + diff", {"compression": "zstd"}),
+        ("zstd level 1, no diff", {"compression": "zstd", "predictor": 1}),
+        ("deflate + diff", {"compression": "deflate"}),
+        ("deflate, no diff", {"compression": "deflate", "predictor": 1}),
+        ("lzw + diff", {"compression": "lzw"}),
+        ("none", {"compression": "none"}),
+    ]
+    for name, opts in options:
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for i, chip in enumerate(chips):
+                profile = gtiff_profile(
+                    width=CHIP, height=CHIP, count=chip.shape[0], dtype=chip.dtype, crs="EPSG:32644",
+                    transform=Affine(0.5, 0, 500000, 0, -0.5, 2960000), compression=opts["compression"],
+                )  # fmt: skip
+                if "predictor" in opts:
+                    profile["predictor"] = opts["predictor"]
+                with create_raster(folder / f"{i}.tif", profile) as dst:
+                    dst.write(chip)
+            best = min(best, time.perf_counter() - started)
+        size = folder_bytes(folder) / len(chips)
+        print(f"{name:<22}{1000 * best / len(chips):>8.2f}{size / 1000:>9.1f}")
+    shutil.rmtree(folder)
+
+
 def report(side: int, res: dict[str, tuple[float, float]]) -> None:
     def ratio(a: str, b: str) -> float:
         return res[a][0] / res[b][0]
@@ -242,6 +281,7 @@ def main() -> int:
     base = generate_scene(seed=0, tiles=2, tile_size=TILE // 2).image
     work = Path(tempfile.mkdtemp(prefix="bench_prep_", dir=args.workdir))
     try:
+        compression_choice(base, work)
         for side in args.sizes:
             report(side, run_size(work, side, args.polygons, base))
     finally:
