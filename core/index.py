@@ -13,6 +13,7 @@ import pandas as pd
 
 from core.errors import DataError, InputMissingError
 from core.raster import atomic_path, open_raster
+from core.tree import DataTree, require
 
 #: Columns chip writes, in order.
 CHIP_COLUMNS = (
@@ -85,3 +86,19 @@ def chip_kind(paths: list[Path], channels: int) -> tuple[int, str, float | None]
             f"the chips declare different nodata values {sorted(nodatas)}: rechip with one chip_args.pad_value"
         )
     return bands, dtype, nodatas.pop() if nodatas else None
+
+
+def split_pairs(tree: DataTree, split: str) -> list[tuple[Path, Path]]:
+    """(chip, mask) pairs of a split, paired by name; a missing folder, chip or mask says to run split."""
+    fix = "run python split/split.py first"
+    frames = require(tree.frames(split), f"{split} chips folder", fix)
+    masks = require(tree.split_masks(split), f"{split} masks folder", fix)
+    chips = tree.list_rasters(frames)
+    if not chips:
+        raise InputMissingError(f"no {split} chips in {frames}: {fix}")
+    missing = [c.name for c in chips if not (masks / c.name).is_file()]
+    if missing:
+        raise InputMissingError(
+            f"{len(missing)} {split} chips have no mask in {masks} (e.g. {missing[0]}): rerun python split/split.py"
+        )
+    return [(c, masks / c.name) for c in chips]

@@ -28,8 +28,8 @@ import numpy as np
 
 from core import cli
 from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, Predictor, load_predictor, write_info
-from core.errors import DataError, InputMissingError
-from core.index import chip_kind
+from core.errors import DataError
+from core.index import chip_kind, split_pairs
 from core.metrics import ThresholdSearch, metrics_record, write_metrics
 from core.raster import atomic_path, band_statistics, read_raster, valid_pixels
 from core.settings import Settings, dump_settings
@@ -57,18 +57,6 @@ class Sample:
     @property
     def roof(self) -> int:
         return int(np.count_nonzero(self.labels))
-
-
-def split_pairs(tree: DataTree, split: str) -> list[Pair]:
-    """(chip, mask) pairs of a split; errors say which stage to run."""
-    frames, masks = tree.frames(split), tree.split_masks(split)
-    chips = tree.list_rasters(frames) if frames.is_dir() else []
-    if not chips:
-        raise InputMissingError(f"no {split} chips in {frames}: run python split/split.py first")
-    missing = [c.name for c in chips if not (masks / c.name).is_file()]
-    if missing:
-        raise InputMissingError(f"{split} chip {missing[0]} has no mask in {masks}: rerun python split/split.py")
-    return [(c, masks / c.name) for c in chips]
 
 
 def keep_shares(roof: int, background: int, budget: int) -> tuple[float, float]:

@@ -48,3 +48,33 @@ def test_channels_setting_must_match(tmp_path) -> None:
         DataError, match=r"^the chips have 3 bands \(x1\.tif\) but load_dataset_args\.channels is 8: set"
     ):
         chip_kind(chips, 8)
+
+
+def test_split_pairs_pairs_by_name_and_says_what_to_run(tmp_path) -> None:
+    from core.errors import InputMissingError
+    from core.index import split_pairs
+    from core.settings import load_settings
+    from core.tree import DataTree
+
+    tree = DataTree.from_settings(load_settings(overrides=[f"data_root={tmp_path}"]))
+    with pytest.raises(InputMissingError, match=r"^train chips folder .* not found: run python split/split.py first$"):
+        split_pairs(tree, "train")
+    frames, masks = tree.frames("train"), tree.split_masks("train")
+    frames.mkdir()
+    (frames / "notes.txt").write_text("not a chip")
+    masks.mkdir()
+    (masks / "notes.txt").write_text("not a mask")
+    with pytest.raises(InputMissingError, match=r"^no train chips in .*train_frames: run python split/split.py first$"):
+        split_pairs(tree, "train")
+    for name in ("train_0.tif", "train_1.tif", "train_2.tif"):
+        write_geotiff(frames / name)
+    write_geotiff(masks / "train_1.tif", bands=1, nodata=None)
+    with pytest.raises(
+        InputMissingError, match=r"^2 train chips have no mask in .*train_masks \(e\.g\. train_0\.tif\): rerun"
+    ):
+        split_pairs(tree, "train")
+    for name in ("train_0.tif", "train_2.tif"):
+        write_geotiff(masks / name, bands=1, nodata=None)
+    assert split_pairs(tree, "train") == [
+        (frames / n, masks / n) for n in ("train_0.tif", "train_1.tif", "train_2.tif")
+    ]

@@ -16,13 +16,14 @@ from sklearn.preprocessing import FunctionTransformer
 
 from core.bundle import BundleError, Normalization, load_predictor, read_info
 from core.errors import DataError
+from core.index import split_pairs
 from core.raster import read_raster
 from core.settings import FlattenArgs, ParallelArgs, load_settings
 from core.tree import DataTree
 from flatten.flatten import flatten_chips
 from ml import bundle as ml_bundle
 from ml.features import FeatureSpec, chip_features, pixel_features
-from ml.train import sample_chips, split_pairs, train_classical
+from ml.train import sample_chips, train_classical
 from train.train import main as train_main
 
 SIZE = 48
@@ -214,23 +215,21 @@ def test_one_class_only(tmp_path):
         train_classical("forest", settings, DataTree.from_settings(settings))
 
 
-def test_flat_table_without_label_column(tmp_path):
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("latitude,longitude,row,col,band_1,band_2,band_3\n1,2,0,0,5,6,7\n", "no label column"),
+        ("latitude,longitude,row,col,band,value,label,chip\n", "no rows"),
+    ],
+    ids=["without label column", "empty"],
+)
+def test_bad_flat_table(tmp_path, table, message):
     write_scene(tmp_path / "data")
     settings = make_settings(tmp_path, "ml_args.source=flat", "ml_args.texture_windows=[]")
     flat = tmp_path / "data" / "flat"
     flat.mkdir()
-    (flat / "pixels.csv").write_text("latitude,longitude,row,col,band_1,band_2,band_3\n1,2,0,0,5,6,7\n")
-    with pytest.raises(DataError, match="no label column"):
-        train_classical("forest", settings, DataTree.from_settings(settings))
-
-
-def test_empty_flat_table(tmp_path):
-    write_scene(tmp_path / "data")
-    settings = make_settings(tmp_path, "ml_args.source=flat", "ml_args.texture_windows=[]")
-    flat = tmp_path / "data" / "flat"
-    flat.mkdir()
-    (flat / "pixels.csv").write_text("latitude,longitude,row,col,band,value,label,chip\n")
-    with pytest.raises(DataError, match="no rows"):
+    (flat / "pixels.csv").write_text(table)
+    with pytest.raises(DataError, match=message):
         train_classical("forest", settings, DataTree.from_settings(settings))
 
 

@@ -18,11 +18,11 @@ import numpy as np
 
 from core.bundle import BundleInfo, Normalization, read_info
 from core.errors import DataError, PipelineError
-from core.index import chip_kind
+from core.index import chip_kind, split_pairs
 from core.metrics import Confusion, ThresholdSearch, metrics_record, write_metrics
 from core.raster import band_statistics, read_raster
 from core.settings import Settings
-from core.tree import DataTree, refuse_overwrite, require
+from core.tree import DataTree, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,6 @@ def steps_per_epoch(n_chips: int, batch_size: int, setting: int | None) -> int:
 
 class CollapseError(PipelineError):
     """Training collapsed to predicting one class everywhere."""
-
-
-def split_files(tree: DataTree, split: str) -> tuple[list[Path], list[Path]]:
-    """Chips and masks of a split, paired by name; missing masks are an error."""
-    frames_dir = require(tree.frames(split), f"{split} chips folder", "run python split/split.py first")
-    masks_dir = require(tree.split_masks(split), f"{split} masks folder", "run python split/split.py first")
-    frames = tree.list_rasters(frames_dir)
-    masks = [masks_dir / f.name for f in frames]
-    missing = [m.name for m in masks if not m.is_file()]
-    if missing:
-        raise DataError(f"{len(missing)} {split} chips have no mask in {masks_dir} (e.g. {missing[0]}): rerun split")
-    return frames, masks
 
 
 def roof_share(masks: list[Path]) -> float:
@@ -162,8 +150,9 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
     start_from = from_bundle or (bundle_dir if settings.training_args.pretrained else None)
     if start_from is None:
         refuse_overwrite([bundle_dir], overwrite, "train (unet)")
-    train_frames, train_masks = split_files(tree, "train")
-    val_frames, val_masks = split_files(tree, "val")
+    train_pairs, val_pairs = split_pairs(tree, "train"), split_pairs(tree, "val")
+    train_frames, train_masks = [c for c, _ in train_pairs], [m for _, m in train_pairs]
+    val_frames, val_masks = [c for c, _ in val_pairs], [m for _, m in val_pairs]
     # One nodata value for the normalization: the one every chip that declares one agrees on.
     bands, dtype, nodata = chip_kind(train_frames + val_frames, settings.load_dataset_args.channels)
 
