@@ -99,8 +99,7 @@ class Normalization:
             std = np.maximum(np.asarray(self.std, np.float32), np.float32(1e-6))
             np.subtract(out, mean, out=out)
             np.divide(out, std, out=out)
-        if self.nodata is not None or chw.dtype.kind == "f":
-            out[~valid_pixels(chw, self.nodata)] = 0.0
+        out[~valid_pixels(chw, self.nodata)] = 0.0
         return out
 
     def to_dict(self) -> dict[str, Any]:

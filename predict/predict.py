@@ -136,12 +136,10 @@ def predict_raster(
         ):
             # Batches in raster order; a reader thread reads and prepares (normalizes) the next
             # batch while the model predicts this one. Only that thread touches ``src``.
-            jobs = [
-                (i, windows[b : b + args.batch_size])
-                for i, r in enumerate(rows)
-                for windows in [[Window(c, r, ww, wh) for c in cols]]
-                for b in range(0, len(windows), args.batch_size)
-            ]
+            jobs: list[tuple[int, list[Window]]] = []  # (window row index, batch of windows)
+            for i, r in enumerate(rows):
+                windows = [Window(c, r, ww, wh) for c in cols]
+                jobs += [(i, windows[b : b + args.batch_size]) for b in range(0, len(windows), args.batch_size)]
 
             def load(batch: list[Window]) -> tuple:
                 try:

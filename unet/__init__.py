@@ -21,14 +21,14 @@ def without_import_noise(text: str) -> list[str]:
 
 def _import_tensorflow_quietly() -> None:
     """Import TensorFlow with its start-up noise filtered out of stderr; anything else it writes is kept."""
-    if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
-        import tensorflow
-
-        return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real stderr (embedded interpreters): import as is
+    saved = None
+    if "tensorflow" not in sys.modules and os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0":
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no real stderr (embedded interpreters): import as is
+            pass
+    if saved is None:
         import tensorflow
 
         return
