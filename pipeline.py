@@ -1,8 +1,10 @@
 """Run the pipeline's stages in order: python pipeline.py [check] [--demo] [--from S] [--to S] [--only S ...]
 
 Each stage runs exactly as `python STAGE/STAGE.py` would, with the same settings and --set
-overrides. A stage whose outputs already exist is skipped (say --overwrite to redo it); the
-run stops at the first stage that fails, with that stage's message. predict and evaluate run
+overrides. A stage whose outputs were made with the current settings from the current inputs
+is skipped (say --overwrite to redo it); one that is outdated (a setting it depends on was
+edited, or an earlier stage ran again) runs again. The run stops at the first stage that
+fails, with that stage's message. predict and evaluate run
 once for every trained model (forest, regression, unet). --demo runs every stage on the
 built-in sample scene and ends with the models' validation metrics and the report's path.
 
@@ -24,8 +26,9 @@ from dataclasses import dataclass
 from core import cli
 from core.bundle import BUNDLE_JSON
 from core.check import CheckError, Finding, run_checks
-from core.report import MODEL_ORDER, evaluation_dir, metrics_table
-from core.settings import Settings
+from core.contract import status
+from core.report import MODEL_ORDER, metrics_table
+from core.settings import Settings, load_settings
 from core.tree import DataTree
 
 log = logging.getLogger("pipeline")
@@ -33,40 +36,58 @@ log = logging.getLogger("pipeline")
 
 @dataclass(frozen=True)
 class Run:
-    """One call of a stage's main(argv): its label in the table, its extra arguments, whether it is done."""
+    """One call of a stage's main(argv): its label in the table, its extra arguments, and its state now."""
 
     label: str
     args: tuple[str, ...]
-    done: Callable[[], bool]
+    state: Callable[[], str]
+
+
+#: States of a run (see :func:`run_state`).
+DONE, OUTDATED, TODO, UNRECORDED = "done", "outdated", "to do", "unrecorded"
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: its name, the module whose main(argv) runs it, and how to tell it is done.
+    """One stage of the pipeline: its name and the module whose main(argv) runs it.
 
-    A ``per_model`` stage runs once for every trained model, with ``--model MODEL``; its
-    ``done`` takes the tree, the model and the settings.
+    Stages declared in :mod:`core.stages` are done, outdated or to do by their records (the
+    stage contract); download and sample, which fill raw/ and labels/, by ``exists``. A
+    ``per_model`` stage runs once for every trained model, with ``--model MODEL``.
     """
 
     name: str
     module: str
-    done: Callable[..., bool]
+    contract: str | None = None
     args: tuple[str, ...] = ()
+    model: str | None = None
     per_model: bool = False
+    exists: Callable[[DataTree, str | None], bool] | None = None
 
-    def runs(self, tree: DataTree, settings: Settings | None = None) -> list[Run]:
+    def runs(self, tree: DataTree, settings: Settings) -> list[Run]:
         """What running this stage means now (per-model stages: one run per model trained so far)."""
         if not self.per_model:
-            return [Run(self.name, self.args, functools.partial(self.done, tree))]
+            return [Run(self.name, self.args, functools.partial(self.state, tree, settings, self.model))]
         return [
-            Run(f"{self.name} {m}", (*self.args, "--model", m), functools.partial(self.done, tree, m, settings))
+            Run(f"{self.name} {m}", (*self.args, "--model", m), functools.partial(self.state, tree, settings, m))
             for m in trained_models(tree)
         ]
+
+    def state(self, tree: DataTree, settings: Settings, model: str | None) -> str:
+        """done, outdated (made under other settings or from other inputs), unrecorded, or to do."""
+        if self.contract is None:
+            return DONE if self.exists is not None and self.exists(tree, model) else TODO
+        st = status(self.contract, settings, tree, model)
+        if st.done:
+            return DONE
+        if st.stale:
+            return OUTDATED
+        return UNRECORDED if st.state == "unrecorded" else TODO
 
     def pending(self, tree: DataTree, settings: Settings) -> bool:
         """Whether some run of this stage is not done (or, per model, no model is trained yet)."""
         runs = self.runs(tree, settings)
-        return not runs or not all(r.done() for r in runs)
+        return not runs or not all(r.state() in (DONE, UNRECORDED) for r in runs)
 
 
 def trained_models(tree: DataTree) -> list[str]:
@@ -74,42 +95,21 @@ def trained_models(tree: DataTree) -> list[str]:
     return [m for m in MODEL_ORDER if (tree.bundle(m) / BUNDLE_JSON).is_file()]
 
 
-def _index_has(column: str) -> Callable[[DataTree], bool]:
-    """Done-check of stages that record their work as a column of chips.csv."""
-
-    def done(tree: DataTree) -> bool:
-        if not tree.chips_csv.is_file():
-            return False
-        with tree.chips_csv.open(encoding="utf-8") as f:
-            return column in f.readline().strip().split(",")
-
-    return done
-
-
-def _trained(model: str) -> Callable[[DataTree], bool]:
-    return lambda t: (t.bundle(model) / BUNDLE_JSON).exists()
-
-
 #: The stages, in order.
 STAGES: tuple[Stage, ...] = (
-    Stage("download", "download.download", lambda t: t.raw.is_dir() and any(t.raw.glob("*.tif"))),
-    Stage("sample", "sample.sample", lambda t: (t.labels / "roofs.geojson").exists()),
-    Stage("mosaic", "mosaic.mosaic", lambda t: t.mosaic.exists()),
-    Stage("chip", "chip.chip", _index_has("nodata_share")),
-    Stage("mask", "mask.mask", _index_has("roof_share")),
-    Stage("split", "split.split", _index_has("split")),
-    Stage("flatten", "flatten.flatten", lambda t: t.flat.is_dir() and any(t.flat.glob("pixels.*"))),
-    Stage("summarize", "summarize.summarize", lambda t: (t.summary / "stats.json").exists()),
-    Stage("train-forest", "train.train", _trained("forest"), ("--model", "forest")),
-    Stage("train-regression", "train.train", _trained("regression"), ("--model", "regression")),
-    Stage("train-unet", "train.train", _trained("unet"), ("--model", "unet")),
-    Stage("predict", "predict.predict", lambda t, m, s: (t.prediction_dir(m) / "roofs.gpkg").exists(), per_model=True),
-    Stage(
-        "evaluate",
-        "evaluate.evaluate",
-        lambda t, m, s: (evaluation_dir(t, m, s.evaluate_args.split) / "metrics.json").exists(),
-        per_model=True,
-    ),
+    Stage("download", "download.download", exists=lambda t, m: t.raw.is_dir() and any(t.raw.glob("*.tif"))),
+    Stage("sample", "sample.sample", exists=lambda t, m: (t.labels / "roofs.geojson").exists()),
+    Stage("mosaic", "mosaic.mosaic", "mosaic"),
+    Stage("chip", "chip.chip", "chip"),
+    Stage("mask", "mask.mask", "mask"),
+    Stage("split", "split.split", "split"),
+    Stage("flatten", "flatten.flatten", "flatten"),
+    Stage("summarize", "summarize.summarize", "summarize"),
+    Stage("train-forest", "train.train", "train", ("--model", "forest"), model="forest"),
+    Stage("train-regression", "train.train", "train", ("--model", "regression"), model="regression"),
+    Stage("train-unet", "train.train", "train", ("--model", "unet"), model="unet"),
+    Stage("predict", "predict.predict", "predict", per_model=True),
+    Stage("evaluate", "evaluate.evaluate", "evaluate", per_model=True),
 )
 
 #: What --demo runs, in order.
@@ -130,37 +130,75 @@ def select(names: list[str], start: str | None, stop: str | None, only: list[str
 
 
 def run_stages(
-    stages: list[Stage], tree: DataTree, common: list[str], overwrite: bool, settings: Settings | None = None
+    stages: list[Stage], tree: DataTree, common: list[str], overwrite: bool, settings: Settings
 ) -> list[tuple[str, str, float]]:
     """Run stages in order; returns (label, outcome, seconds) rows. Stops at the first failure.
 
-    Once a stage has run, every later stage runs with --overwrite: its outputs were made
-    from inputs that have just changed.
+    A stage whose record matches the settings and its inputs is skipped; an outdated one (a
+    setting it depends on changed, or an earlier stage has run again since) runs with
+    --overwrite. Each stage's state is read just before it runs, after the stages before it.
     """
     rows: list[tuple[str, str, float]] = []
+    ran = False
     for stage in stages:
         runs = stage.runs(tree, settings)
         if not runs:
             log.error("%s: no trained model in %s: run the train stages first", stage.name, tree.results)
             rows.append((stage.name, "failed (no model)", 0.0))
             break
-        ran = False
         for run in runs:
-            if run.done() and not overwrite:
-                log.info("%s: already done, skipped (--overwrite redoes it)", run.label)
+            state = run.state()
+            redo = overwrite or state == OUTDATED or (state == UNRECORDED and ran)
+            if state in (DONE, UNRECORDED) and not redo:
+                log.info("%s: up to date, skipped (--overwrite redoes it)", run.label)
                 rows.append((run.label, "skipped", 0.0))
                 continue
-            log.info("%s: running", run.label)
+            log.info("%s: running%s", run.label, " (outdated)" if state == OUTDATED else "")
             started = time.perf_counter()
             main = importlib.import_module(stage.module).main
-            code = main([*common, *run.args, *(["--overwrite"] if overwrite else [])])
+            code = main([*common, *run.args, *(["--overwrite"] if redo else [])])
             elapsed = time.perf_counter() - started
             rows.append((run.label, "ok" if code == 0 else f"failed (exit {code})", elapsed))
             if code != 0:
                 return rows
             ran = True
-        overwrite = overwrite or ran
     return rows
+
+
+def record_findings(chosen: list[Stage], tree: DataTree, settings: Settings) -> list[Finding]:
+    """What the stage records say: outdated or interrupted outputs, read from the same declarations
+    the stages use. Outdated outputs of a stage before the chosen ones are fatal (the chosen
+    stages would refuse them); those of a chosen stage are warnings (the run redoes them)."""
+    names = [s.name for s in STAGES]
+    first = min((names.index(s.name) for s in chosen), default=0)
+    findings = []
+    for stage in STAGES:
+        if stage.contract is None:
+            continue
+        models = trained_models(tree) if stage.per_model else [stage.model]
+        for model in models:
+            st = status(stage.contract, settings, tree, model)
+            label = stage.name if stage.per_model is False else f"{stage.name} {model}"
+            ahead = stage in chosen
+            if st.stale:
+                cmd = st.spec.run_command(st.model, overwrite=True)
+                if ahead:
+                    todo = "this run redoes it"
+                elif names.index(stage.name) < first:
+                    todo = f"rerun {cmd} (or python pipeline.py --from {stage.name})"
+                else:
+                    todo = f"{cmd} redoes it"
+                fatal = not ahead and names.index(stage.name) < first
+                findings.append(
+                    Finding("fatal" if fatal else "warning", f"{label}: {st.spec.are} outdated: made "
+                            f"{'; '.join(st.changes)}: {todo}")
+                )  # fmt: skip
+            elif st.state == "running":
+                findings.append(
+                    Finding("warning", f"{label}: {st.spec.are} incomplete (the run was interrupted): "
+                            f"{st.spec.run_command(st.model)} resumes it")
+                )  # fmt: skip
+    return findings
 
 
 def print_metrics(tree: DataTree) -> None:
@@ -202,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     outcome: dict[str, int] = {}
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
+        if args.demo:  # the states of the stages are read under the settings they run with
+            settings = load_settings(args.settings, [*DEMO_SETTINGS, *args.overrides])
         chosen = list(DEMO) if args.demo else select(names, args.start, args.stop, args.only)
         if not args.demo and not args.only:
             # Imagery comes from S3 when a bucket is set, else from the sample generator.
@@ -211,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             upcoming = [s.name for s in stages if args.overwrite or s.pending(tree, settings)]
             findings, read = run_checks(settings, tree, chosen, space_for=upcoming)
+            findings += record_findings(stages, tree, settings)
             print_findings(findings, read, chosen, tree)
             fatal = sum(f.fatal for f in findings)
             if fatal:
@@ -230,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, result, seconds in rows:
             print(f"{name:<{width}} {result:<20} {seconds:7.1f}")
         print(f"data tree: {tree.root}")
-        print_metrics(tree)
-        outcome["code"] = 0 if all(not r.startswith("failed") for _, r, _ in rows) else 1
+        failed = any(r.startswith("failed") for _, r, _ in rows)
+        if not failed:  # after a failure the table would show models of an earlier run as if of this one
+            print_metrics(tree)
+        outcome["code"] = 1 if failed else 0
 
     code = cli.run(parser, argv, body)
     return code or outcome.get("code", 0)

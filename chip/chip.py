@@ -6,7 +6,9 @@ index data/chips.csv. Chips keep the source resolution: nothing is resampled. Ed
 padded to full size with chip_args.pad_value and the padding is nodata. Chips whose nodata
 share exceeds chip_args.max_nodata are skipped. A chip's number is its place in the grid of
 its source, so the output is the same whatever the number of workers. A run that stopped
-halfway resumes: finished chips are kept, the rest are written.
+halfway resumes: finished chips are kept, the rest are written. A rerun with the same
+settings and source skips; one with other chip_args (or a mosaic made again since) refuses
+and names what changed, unless --overwrite.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from core import cli
-from core.errors import InputMissingError, RasterError
-from core.index import CHIP_COLUMNS, write_index
+from core.contract import begin
+from core.errors import DataError, InputMissingError, RasterError
+from core.index import CHIP_COLUMNS, read_index, write_index
 from core.parallel import map_tasks
 from core.raster import open_raster, valid_pixels, write_raster
 from core.settings import ChipArgs, ParallelArgs, Settings
-from core.tree import DataTree, refuse_overwrite
+from core.tree import DataTree
 
 log = logging.getLogger(__name__)
 
@@ -162,25 +165,22 @@ def plan_chips(sources: list[Path], tree: DataTree, args: ChipArgs, reuse: bool)
 
 
 def chip_sources(
-    sources: list[Path], tree: DataTree, args: ChipArgs, parallel: ParallelArgs, *, overwrite: bool = False
+    sources: list[Path], tree: DataTree, args: ChipArgs, parallel: ParallelArgs, *, resume: bool = False
 ) -> pd.DataFrame:
     """Chip every source into ``tree.chips`` and write ``tree.chips_csv``; return the index.
 
-    With ``overwrite`` old chips are deleted first; without it, chips left by an interrupted
-    run are kept and only the missing ones are written.
+    With ``resume`` chips already in ``tree.chips`` are kept (a run with the same settings
+    stopped halfway: the stage contract decides that) and only the missing ones are written.
+    No chip kept is an error that says why.
     """
-    refuse_overwrite([tree.chips_csv], overwrite, "chip")
-    # Plan first: it opens every source, so an unreadable one fails before old chips are deleted.
-    tasks = plan_chips(sources, tree, args, reuse=not overwrite)
+    tasks = plan_chips(sources, tree, args, reuse=resume)
     tree.chips.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for old in tree.chips.glob(f"chip_*{tree.extension}"):
-            old.unlink()
-        tree.chips_csv.unlink(missing_ok=True)
     # Work goes out in batches of chips of one source: one open per batch, fewer round trips.
     batches = [tuple(group[i : i + _BATCH]) for group in _by_source(tasks) for i in range(0, len(group), _BATCH)]
     results = map_tasks(make_chips, batches, parallel, desc="chip", unit="batch")
     rows = [r for batch in results for r in batch if r is not None]
+    if not rows:
+        raise DataError(no_chips_message(sources, args, len(tasks)))
     frame = pd.DataFrame(rows, columns=list(CHIP_COLUMNS))
     # Sources inside the data tree are recorded relative to it, so the tree can move.
     frame["source"] = [_relative(Path(p), tree.root) for p in frame["source"]]
@@ -195,6 +195,43 @@ def chip_sources(
         args.max_nodata * 100,
         tree.chips,
     )
+    return frame
+
+
+def no_chips_message(sources: list[Path], args: ChipArgs, planned: int) -> str:
+    """Why no chip was kept: chips larger than the rasters, or rasters without valid pixels."""
+    sizes = []
+    for source in sources:
+        with open_raster(source) as src:
+            sizes.append((src.width, src.height))
+    small = [s for s in sizes if s[0] * s[1] < (1 - args.max_nodata) * args.size**2]
+    shown = ", ".join(f"{w}x{h}" for w, h in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
+    if len(small) == len(sizes):
+        return (
+            f"no chip kept: the source raster(s) ({shown} px) are too small for chips of {args.size} px, which "
+            f"would be more than {args.max_nodata:.0%} padding (chip_args.max_nodata): lower chip_args.size"
+        )
+    return (
+        f"no chip kept: all {planned} chips of {args.size} px are more than {args.max_nodata:.0%} nodata "
+        f"(chip_args.max_nodata): the source raster(s) ({shown} px) hold (almost) no valid pixel — check "
+        "their nodata value and that they hold imagery"
+    )
+
+
+def chip_stage(
+    settings: Settings, tree: DataTree, *, overwrite: bool = False, given: Path | None = None
+) -> pd.DataFrame:
+    """The chip stage under the stage contract: skip, resume or redo; refuse to mix settings."""
+    run = begin("chip", settings, tree, overwrite=overwrite, given={"input": given})
+    if run.skip:
+        run.say_skip()
+        return read_index(tree.chips_csv)
+    sources = resolve_sources(tree, settings.chip_args, given)
+    # Plan first: it opens every source, so an unreadable one fails before old chips are deleted.
+    plan_chips(sources, tree, settings.chip_args, reuse=False)
+    run.start()
+    frame = chip_sources(sources, tree, settings.chip_args, settings.parallel, resume=run.resume)
+    run.finish(chips=len(frame), size=settings.chip_args.size)
     return frame
 
 
@@ -235,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, metavar="PATH", help="raster or folder of rasters to chip")
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
-        sources = resolve_sources(tree, settings.chip_args, args.input)
-        chip_sources(sources, tree, settings.chip_args, settings.parallel, overwrite=args.overwrite)
+        chip_stage(settings, tree, overwrite=args.overwrite, given=args.input)
 
     return cli.run(parser, argv, body)
 

@@ -36,3 +36,11 @@ class DataError(PipelineError, ValueError):
 
 class OutputExistsError(PipelineError, FileExistsError):
     """A finished output exists and --overwrite was not given."""
+
+
+class BlankPredictionError(DataError):
+    """Every predicted mask is blank; ``results`` holds what was predicted (the outputs are written)."""
+
+    def __init__(self, message: str, results: list | None = None) -> None:
+        super().__init__(message)
+        self.results = results or []

@@ -102,3 +102,28 @@ def split_pairs(tree: DataTree, split: str) -> list[tuple[Path, Path]]:
             f"{len(missing)} {split} chips have no mask in {masks} (e.g. {missing[0]}): rerun python split/split.py"
         )
     return [(c, masks / c.name) for c in chips]
+
+
+def chip_ids(tree: DataTree) -> dict[str, int]:
+    """Chip id of every chip file of the data tree, keyed by its path relative to the tree
+    (``chips/chip_000012.tif``, ``val_frames/val_3.tif``); empty without a readable chips.csv."""
+    try:
+        index = read_index(tree.chips_csv)
+    except (InputMissingError, DataError):
+        return {}
+    ids = {f"{tree.chips.name}/{f}": int(i) for i, f in zip(index["id"], index["file"], strict=True)}
+    if "split_file" in index.columns:
+        for i, split, name in zip(index["id"], index["split"], index["split_file"], strict=True):
+            if split and name:
+                ids[f"{tree.frames(split).relative_to(tree.root).as_posix()}/{name}"] = int(i)
+    return ids
+
+
+def grid_of(src) -> dict[str, object]:
+    """A raster's grid as plain values: CRS (WKT), transform (6 numbers), width, height."""
+    return {
+        "crs": src.crs.to_wkt() if src.crs else "",
+        "transform": [round(float(v), 9) for v in tuple(src.transform)[:6]],
+        "width": int(src.width),
+        "height": int(src.height),
+    }

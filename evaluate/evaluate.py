@@ -29,6 +29,7 @@ do not count in the pixel scores.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -41,12 +42,15 @@ from scipy import ndimage
 
 from core import cli
 from core.bundle import BUNDLE_JSON, KINDS, read_info
+from core.contract import begin, read_record
 from core.errors import DataError
+from core.index import read_index
 from core.metrics import Confusion, ThresholdSearch, metrics_record, pixel_scores, write_metrics
 from core.raster import atomic_path, read_raster, rgb_preview, valid_pixels
 from core.report import evaluation_dir, write_report, write_summary
 from core.settings import EvaluateArgs, Settings
-from core.tree import DataTree, refuse_overwrite, require
+from core.stages import spec_of
+from core.tree import DataTree, require
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +150,7 @@ class ChipScore:
     objects: ObjectCounts
     truth_objects: int
     predicted_objects: int
+    prediction: str = ""  # the predicted mask's file name, when not the truth's
 
     def row(self) -> dict[str, Any]:
         c = self.confusion
@@ -178,9 +183,9 @@ def score_chip(
     return ChipScore(name, confusion, objects, objects.tp + objects.fn, objects.tp + objects.fp)
 
 
-def read_binary_mask(path: Path) -> np.ndarray:
-    """A 1-band uint8 0/255 mask as booleans; anything else is an error naming the file."""
-    data, _ = read_raster(path)
+def read_mask(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """A 1-band uint8 0/255 mask as booleans, and its profile; anything else is an error naming the file."""
+    data, profile = read_raster(path)
     if data.shape[0] != 1 or data.dtype != np.uint8:
         raise DataError(f"mask {path} has {data.shape[0]} band(s) of {data.dtype}: masks are 1 band of uint8 0/255")
     values = np.unique(data)
@@ -189,7 +194,7 @@ def read_binary_mask(path: Path) -> np.ndarray:
             f"mask {path} holds values {values[:6].tolist()}, not only 0 and 255: write truth masks with "
             "python mask/mask.py and predictions with python predict/predict.py"
         )
-    return data[0] == 255
+    return data[0] == 255, profile
 
 
 @dataclass
@@ -205,8 +210,8 @@ class Evaluation:
         return pd.DataFrame([c.row() for c in self.chips])
 
 
-def matching_names(pred_masks: Path, truth_masks: Path, frames: Path, tree: DataTree) -> list[str]:
-    """File names present in both folders; none is an error saying which predictions to make."""
+def matching_names(pred_masks: Path, truth_masks: Path, frames: Path, tree: DataTree) -> list[tuple[str, str]]:
+    """(truth, prediction) file names paired by name, for predictions without a record of their chips."""
     predicted = {p.name for p in tree.list_rasters(pred_masks)}
     truth = {p.name for p in tree.list_rasters(truth_masks)}
     names = sorted(predicted & truth, key=_natural)
@@ -215,12 +220,52 @@ def matching_names(pred_masks: Path, truth_masks: Path, frames: Path, tree: Data
             f"no prediction in {pred_masks} has a truth mask of the same name in {truth_masks}: predict that split's "
             f"chips (python predict/predict.py --input {frames})"
         )
-    if truth - predicted:
+    _warn_unpredicted(len(truth - predicted), len(truth), truth_masks, len(names))
+    return [(n, n) for n in names]
+
+
+def _warn_unpredicted(missing: int, total: int, truth_masks: Path, scored: int) -> None:
+    if missing:
         log.warning(
             "evaluate: %d of %d truth masks in %s have no prediction; scoring the %d that do",
-            len(truth - predicted), len(truth), truth_masks, len(names),
+            missing, total, truth_masks, scored,
         )  # fmt: skip
-    return names
+
+
+def pair_by_chip(
+    outputs: list[dict[str, Any]], split: str, truth_masks: Path, frames: Path, tree: DataTree
+) -> list[tuple[str, str]]:
+    """(truth, prediction) file names paired by chip id, from predict's record of what each mask predicts.
+
+    A prediction of another chip never meets a truth mask of the same file name; a prediction on
+    another grid than its truth is an error naming both.
+    """
+    index = read_index(tree.chips_csv, needs=("split", "split_file"), fix="run python split/split.py first")
+    truth_ids = {
+        name: int(i)
+        for i, s, name in zip(index["id"], index["split"], index["split_file"], strict=True)
+        if s == split and name
+    }
+    by_chip = {o["chip"]: o for o in outputs if o.get("chip") is not None}
+    present = [p.name for p in tree.list_rasters(truth_masks)]
+    pairs = [(name, by_chip[truth_ids[name]]["mask"]) for name in present if truth_ids.get(name) in by_chip]
+    if not pairs:
+        raise DataError(
+            f"no prediction in the record of predict is of a {split} chip ({len(outputs)} predicted, none of the "
+            f"{len(present)} chips of {truth_masks}): predict that split's chips (python predict/predict.py "
+            f"--input {frames} --overwrite)"
+        )
+    _warn_unpredicted(len(present) - len(pairs), len(present), truth_masks, len(pairs))
+    return sorted(pairs, key=lambda p: _natural(p[0]))
+
+
+def same_grid(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two rasters' profiles describe the same pixels: CRS, size and transform (to a millionth of a pixel)."""
+    if (a["width"], a["height"]) != (b["width"], b["height"]) or a.get("crs") != b.get("crs"):
+        return False
+    ta, tb = a["transform"], b["transform"]
+    scale = max(abs(ta.a), abs(ta.e), 1e-12)
+    return all(abs(x - y) <= 1e-6 * scale for x, y in zip(tuple(ta)[:6], tuple(tb)[:6], strict=True))
 
 
 def _natural(name: str) -> tuple:
@@ -229,33 +274,55 @@ def _natural(name: str) -> tuple:
     return (stem, int(number)) if number.isdigit() else (name, 0)
 
 
-def evaluate_folder(pred_dir: Path, frames: Path, truth_masks: Path, args: EvaluateArgs, tree: DataTree) -> Evaluation:
-    """Score every prediction in ``pred_dir``/masks that has a truth mask; sweep thresholds when probabilities exist."""
-    names = matching_names(pred_dir / "masks", truth_masks, frames, tree)
+def evaluate_folder(
+    pred_dir: Path,
+    frames: Path,
+    truth_masks: Path,
+    args: EvaluateArgs,
+    tree: DataTree,
+    pairs: list[tuple[str, str]] | None = None,
+) -> Evaluation:
+    """Score every (truth, prediction) pair (default: by file name); sweep thresholds when probabilities exist.
+
+    A prediction on another grid than its truth (other CRS, size or transform) is an error.
+    """
+    pairs = pairs if pairs is not None else matching_names(pred_dir / "masks", truth_masks, frames, tree)
     probs_dir = pred_dir / "probabilities"
-    with_probs = all((probs_dir / n).is_file() for n in names)
+    with_probs = all((probs_dir / p).is_file() for _, p in pairs)
     if not with_probs:
         log.warning(
             "evaluate: %s lacks some chips' probabilities (predict_args.save_probabilities false?): no threshold sweep",
             probs_dir,
         )
     result = Evaluation(search=ThresholdSearch() if with_probs else None)
-    for name in cli.progress(names, desc="evaluate", unit="chip"):
-        truth = read_binary_mask(truth_masks / name)
-        pred = read_binary_mask(pred_dir / "masks" / name)
+    for name, predicted in cli.progress(pairs, desc="evaluate", unit="chip"):
+        truth, truth_profile = read_mask(truth_masks / name)
+        pred, pred_profile = read_mask(pred_dir / "masks" / predicted)
+        if not same_grid(truth_profile, pred_profile):
+            raise DataError(
+                f"prediction {pred_dir / 'masks' / predicted} lies on another grid than its truth "
+                f"{truth_masks / name} ({_grid(pred_profile)} vs {_grid(truth_profile)}): it is not a prediction of "
+                f"that chip; predict the split's chips again (python predict/predict.py --overwrite)"
+            )
         valid = None
         if (frames / name).is_file():
             image, profile = read_raster(frames / name)
             valid = valid_pixels(image, profile.get("nodata"))
         chip = score_chip(name, truth, pred, args, valid)
+        chip.prediction = predicted if predicted != name else ""
         result.chips.append(chip)
         for key in ("tp", "fp", "fn", "tn"):
             setattr(result.confusion, key, getattr(result.confusion, key) + getattr(chip.confusion, key))
         result.objects.add(chip.objects)
         if result.search is not None:
-            prob, _ = read_raster(probs_dir / name)
+            prob, _ = read_raster(probs_dir / predicted)
             result.search.add(truth, prob[0], valid)
     return result
+
+
+def _grid(profile: dict[str, Any]) -> str:
+    t = profile["transform"]
+    return f"{profile['width']}x{profile['height']} px at ({t.c:.6g}, {t.f:.6g})"
 
 
 # --- pictures --------------------------------------------------------------------------------
@@ -310,8 +377,8 @@ def plot_chips(
 
     fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 4.4), squeeze=False)
     for ax, chip in zip(axes[0], picks, strict=True):
-        truth = read_binary_mask(truth_masks / chip.name)
-        pred = read_binary_mask(pred_masks / chip.name)
+        truth, _ = read_mask(truth_masks / chip.name)
+        pred, _ = read_mask(pred_masks / (chip.prediction or chip.name))
         if (frames / chip.name).is_file():
             image, profile = read_raster(frames / chip.name)
             low, high = stretch if stretch and len(stretch[0]) == image.shape[0] else (None, None)
@@ -365,15 +432,31 @@ def evaluate_model(
 
     Returns the metrics record written to metrics.json.
     """
+    split = split or settings.evaluate_args.split
+    if split != settings.evaluate_args.split:  # --split: the record and outputs are of that split
+        settings = settings.model_copy(
+            update={"evaluate_args": settings.evaluate_args.model_copy(update={"split": split})}
+        )
     args = settings.evaluate_args
-    split = split or args.split
     pred_dir = tree.prediction_dir(model)
+    out = evaluation_dir(tree, model, split)
+    run = begin("evaluate", settings, tree, overwrite=overwrite, model=model)
+    if run.skip:
+        run.say_skip()
+        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     require(pred_dir / "masks", f"{model} predictions", f"run python predict/predict.py --model {model}")
     truth = require(tree.split_masks(split), f"{split} masks folder", "run python split/split.py first")
-    out = evaluation_dir(tree, model, split)
-    refuse_overwrite([out / "metrics.json"], overwrite, f"evaluate ({model}, {split})")
-
-    result = evaluate_folder(pred_dir, tree.frames(split), truth, args, tree)
+    predicted = read_record(spec_of("predict").record(settings, tree, model))
+    if predicted is not None and predicted.get("state") == "complete":
+        # Paired by chip, as predict recorded what each mask is of; never by file name alone.
+        pairs = pair_by_chip(predicted["summary"]["outputs"], split, truth, tree.frames(split), tree)
+    else:
+        log.info(
+            "evaluate: %s carries no record of its inputs: predictions paired with the truth by file name", pred_dir
+        )
+        pairs = None
+    run.start()
+    result = evaluate_folder(pred_dir, tree.frames(split), truth, args, tree, pairs)
     threshold = used_threshold(settings, tree, model)
     extra: dict[str, Any] = {
         "object": result.objects.scores(),
@@ -414,6 +497,7 @@ def evaluate_model(
         model, len(result.chips), split, p["iou"], p["f1"], p["precision"], p["recall"], o["f1"], o["tp"], o["fp"],
         o["fn"], out,
     )  # fmt: skip
+    run.finish(pixel_iou=p["iou"], object_f1=o["f1"], chips=len(result.chips))
     write_summary(tree.results_root)
     report = write_report(settings, tree)
     log.info("evaluate: report %s", report)

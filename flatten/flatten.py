@@ -35,6 +35,7 @@ from pyproj import CRS, Transformer
 from rasterio.crs import CRS as RasterioCRS
 
 from core import cli
+from core.contract import begin
 from core.errors import DataError, InputMissingError
 from core.parallel import map_tasks
 from core.raster import atomic_path, open_raster, valid_pixels
@@ -336,7 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
         flat = settings.flatten_args
         frames, masks = tree.root / flat.frames, tree.root / flat.masks
-        flatten_chips(frames, masks, tree, flat, settings.parallel, overwrite=args.overwrite)
+        run = begin("flatten", settings, tree, overwrite=args.overwrite)
+        if run.skip:
+            run.say_skip()
+            return
+        pair_chips(frames, masks, tree)
+        run.start()
+        # A resumed run keeps the parts of the chips it finished; a fresh one starts them over.
+        output = flatten_chips(frames, masks, tree, flat, settings.parallel, overwrite=not run.resume)
+        run.finish(table=output.name)
 
     return cli.run(parser, argv, body)
 

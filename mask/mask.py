@@ -24,12 +24,13 @@ import shapely
 from rasterio.features import rasterize
 
 from core import cli
+from core.contract import begin
 from core.errors import LabelError
-from core.index import read_index, write_index
+from core.index import CHIP_COLUMNS, read_index, write_index
 from core.parallel import map_tasks
 from core.raster import open_raster, read_raster, valid_pixels, write_raster
 from core.settings import MaskArgs, ParallelArgs, Settings
-from core.tree import DataTree, refuse_overwrite
+from core.tree import DataTree
 from core.vector import LabelIndex, filter_labels, find_label_file, read_labels, repair_geometries
 
 log = logging.getLogger(__name__)
@@ -86,16 +87,13 @@ def load_roofs(labels_dir: Path, args: MaskArgs) -> tuple:
     return gdf, path
 
 
-def mask_chips(
-    tree: DataTree, args: MaskArgs, parallel: ParallelArgs, *, compression: str = "zstd", overwrite: bool = False
-) -> pd.DataFrame:
-    """Write a mask for every chip in chips.csv and add its roof_share; return the index."""
-    index = read_index(tree.chips_csv)
-    done = tree.masks / index["file"].iloc[-1]
-    if "roof_share" in index.columns and done.is_file():
-        refuse_overwrite([done], overwrite, "mask")
-    gdf, label_path = load_roofs(tree.labels, args)
+def plan_masks(tree: DataTree, args: MaskArgs, *, compression: str = "zstd", reuse: bool = False) -> tuple:
+    """Read the index and labels and give every chip its polygons; return (index, tasks, labels, label file).
 
+    Fails before anything is written when no polygon overlaps any chip.
+    """
+    index = read_index(tree.chips_csv)
+    gdf, label_path = load_roofs(tree.labels, args)
     tasks: list[MaskTask] = []
     hits = 0
     for crs, group in index.groupby("crs", sort=False):
@@ -112,19 +110,36 @@ def mask_chips(
                     all_touched=args.all_touched,
                     burn_value=args.burn_value,
                     compression=compression,
-                    reuse=not overwrite,
+                    reuse=reuse,
                 )
             )
     if hits == 0:
         raise LabelError(no_overlap_message(label_path, gdf, index))
-    # Only now that the labels are known to be usable: a failed --overwrite keeps the old masks.
-    if overwrite and tree.masks.is_dir():
-        for old in tree.masks.glob(f"chip_*{tree.extension}"):
-            old.unlink()
+    return index, tasks, gdf, label_path
+
+
+def mask_chips(
+    tree: DataTree,
+    args: MaskArgs,
+    parallel: ParallelArgs,
+    *,
+    compression: str = "zstd",
+    resume: bool = False,
+    plan: tuple | None = None,
+) -> pd.DataFrame:
+    """Write a mask for every chip in chips.csv and add its roof_share; return the index.
+
+    With ``resume`` masks already in ``tree.masks`` are kept (the stage contract decides that
+    they were made with the same settings). The index written holds chip's columns and
+    roof_share only: the split of an earlier run no longer applies to new masks. ``plan`` is
+    what :func:`plan_masks` returned, when the caller has it already.
+    """
+    index, tasks, gdf, label_path = plan or plan_masks(tree, args, compression=compression, reuse=resume)
     tree.masks.mkdir(parents=True, exist_ok=True)
     shares = map_tasks(burn_mask, tasks, parallel, desc="mask", unit="chip")
     # Tasks were grouped by CRS: match results to rows by file name.
     by_file = {Path(t.out).name: share for t, share in zip(tasks, shares, strict=True)}
+    index = index[list(CHIP_COLUMNS)].copy()
     index["roof_share"] = index["file"].map(by_file)
     write_index(index, tree.chips_csv)
     roofed = int((index["roof_share"] > 0).sum())
@@ -138,7 +153,25 @@ def mask_chips(
         tree.masks,
     )
     if roofed == 0:
-        log.warning("mask: no chip has a roof pixel although polygons overlap the chips: are the polygons tiny?")
+        if (index["nodata_share"] >= 1.0).all():
+            log.warning("mask: every chip is wholly nodata, so no mask has a roof pixel: check the imagery")
+        else:
+            log.warning("mask: no chip has a roof pixel although polygons overlap the chips: are the polygons tiny?")
+    return index
+
+
+def mask_stage(settings: Settings, tree: DataTree, *, overwrite: bool = False) -> pd.DataFrame:
+    """The mask stage under the stage contract: skip, resume or redo; refuse to mix label definitions."""
+    run = begin("mask", settings, tree, overwrite=overwrite)
+    if run.skip:
+        run.say_skip()
+        return read_index(tree.chips_csv, needs=("roof_share",))
+    # Labels checked before anything is removed: a failed --overwrite keeps the old masks.
+    compression = settings.chip_args.compression
+    plan = plan_masks(tree, settings.mask_args, compression=compression, reuse=run.resume)
+    run.start()
+    index = mask_chips(tree, settings.mask_args, settings.parallel, compression=compression, plan=plan)
+    run.finish(masks=len(index), chips_with_roofs=int((index["roof_share"] > 0).sum()))
     return index
 
 
@@ -160,13 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.make_parser(__doc__)
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
-        mask_chips(
-            tree,
-            settings.mask_args,
-            settings.parallel,
-            compression=settings.chip_args.compression,
-            overwrite=args.overwrite,
-        )
+        mask_stage(settings, tree, overwrite=args.overwrite)
 
     return cli.run(parser, argv, body)
 

@@ -29,6 +29,7 @@ from rasterio.warp import Resampling, transform_bounds
 from rasterio.windows import Window
 
 from core import cli
+from core.contract import begin
 from core.errors import DataError, InputMissingError, RasterError
 from core.raster import create_raster, gtiff_profile, open_raster, valid_pixels
 from core.settings import MosaicArgs, Settings
@@ -257,7 +258,18 @@ def main(argv: list[str] | None = None) -> int:
         tiles = tree.list_rasters(folder)
         if not tiles:
             raise InputMissingError(f"no GeoTIFF tiles in {folder}: run python sample/sample.py or download first")
-        build_mosaic(tiles, args.output or tree.mosaic, settings.mosaic_args, overwrite=args.overwrite)
+        if args.output is not None and args.output.resolve() != tree.mosaic.resolve():
+            # Any other output (merging predicted masks, say) is not the pipeline's mosaic stage.
+            build_mosaic(tiles, args.output, settings.mosaic_args, overwrite=args.overwrite)
+            return
+        run = begin("mosaic", settings, tree, overwrite=args.overwrite, given={"input": args.input})
+        if run.skip:
+            run.say_skip()
+            return
+        inspect_tiles(tiles)  # unreadable tiles fail before the old mosaic is removed
+        run.start()
+        build_mosaic(tiles, tree.mosaic, settings.mosaic_args, overwrite=True)
+        run.finish(tiles=len(tiles))
 
     return cli.run(parser, argv, body)
 

@@ -25,6 +25,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -36,10 +37,13 @@ from rasterio.windows import Window
 from core import cli
 from core.bundle import BUNDLE_JSON, KINDS, Predictor, load_predictor, read_info
 from core.check import preflight
-from core.errors import DataError, InputMissingError, PipelineError
+from core.contract import begin, file_identity, file_key, read_record
+from core.errors import BlankPredictionError, DataError, InputMissingError
+from core.index import chip_ids, grid_of
 from core.parallel import map_tasks, worker_cached
 from core.raster import atomic_path, create_raster, gtiff_profile, open_raster, valid_pixels
 from core.settings import ParallelArgs, PredictArgs, Settings
+from core.stages import predict_bundle, predict_source, spec_of, split_of_folder
 from core.tree import DataTree, refuse_overwrite
 
 log = logging.getLogger(__name__)
@@ -389,11 +393,87 @@ def predict_all(
     if len(blank) == len(results):
         lo = min(r.prob_min for r in results)
         hi = max(r.prob_max for r in results)
-        raise PipelineError(
+        raise BlankPredictionError(
             f"every predicted mask is blank: no probability reaches the threshold {threshold:.3f} (range seen "
             f"{lo:.3f}..{hi:.3f}). Check that the imagery is like the training chips (bands, scale), or lower "
-            f"predict_args.threshold; outputs are in {out}"
+            f"predict_args.threshold; outputs are in {out}",
+            results,
         )
+    return results
+
+
+def output_records(results: list[RasterResult], tree: DataTree) -> list[dict[str, Any]]:
+    """What each predicted mask is of: its input, the chip it predicts (when the input is a chip of
+    the data tree) and its grid, so that evaluate pairs it with the truth by chip and grid."""
+    ids = chip_ids(tree)
+    rows = []
+    for r in results:
+        with open_raster(r.mask) as src:
+            grid = grid_of(src)
+        key = file_key(r.source, tree)
+        rows.append({"mask": r.mask.name, "input": key, "chip": ids.get(key), **grid})
+    return rows
+
+
+def refuse_leaky_bundle(settings: Settings, tree: DataTree, model: str, split: str) -> None:
+    """A bundle trained on an earlier split may have trained on today's val chips: scoring it there would leak."""
+    trained = read_record(spec_of("train").record(settings, tree, model))
+    made = read_record(spec_of("split").record(settings, tree, None))
+    if trained is None or made is None:
+        return
+    used = trained.get("inputs", {}).get("split", {}).get("run")
+    if used != made["run"]:
+        raise DataError(
+            f"the {model} bundle was trained on an earlier split than the {split} chips of today's split: some may "
+            f"have been its training chips. Retrain first: python train/train.py --model {model} --overwrite"
+        )
+
+
+def predict_stage(
+    settings: Settings,
+    tree: DataTree,
+    model: str | None = None,
+    *,
+    overwrite: bool = False,
+    bundle: Path | None = None,
+    source: Path | None = None,
+) -> list[RasterResult]:
+    """The predict stage under the stage contract; the record says which bundle (and its hash),
+    threshold and inputs made the predictions."""
+    model = model or settings.training_args.model
+    given = {"input": source, "bundle": bundle}
+    run = begin("predict", settings, tree, overwrite=overwrite, model=model, given=given)
+    if run.skip:
+        run.say_skip()
+        return []
+    bundle, outside = predict_bundle(settings, tree, model, given)
+    inputs = resolve_inputs(tree, settings.predict_args, source)
+    split = split_of_folder(predict_source(settings, tree, given), tree)
+    if split is not None and not outside:
+        refuse_leaky_bundle(settings, tree, model, split)
+    preflight(settings, tree, "predict", bundle=bundle, inputs=inputs)
+    run.start()
+    args = settings.predict_args
+    info = read_info(bundle)
+    threshold = args.threshold if args.threshold is not None else info.threshold
+
+    def finish(results: list[RasterResult]) -> None:
+        run.finish(
+            bundle=str(Path(bundle).resolve()),
+            bundle_hash=file_identity(Path(bundle) / BUNDLE_JSON, hashed=True),
+            kind=info.kind,
+            threshold=threshold,
+            outputs=output_records(results, tree),
+        )
+
+    try:
+        results = predict_all(
+            bundle, inputs, tree.prediction_dir(model), args, overwrite=True, parallel=settings.parallel
+        )
+    except BlankPredictionError as exc:
+        finish(exc.results)  # the outputs are complete, only blank: evaluate may score them
+        raise
+    finish(results)
     return results
 
 
@@ -404,20 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, metavar="PATH", help="raster or folder of rasters to predict")
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
-        model = args.model or settings.training_args.model
-        bundle = args.bundle or (
-            Path(settings.predict_args.bundle) if settings.predict_args.bundle else tree.bundle(model)
-        )
-        inputs = resolve_inputs(tree, settings.predict_args, args.input)
-        preflight(settings, tree, "predict", bundle=bundle, inputs=inputs)
-        predict_all(
-            bundle,
-            inputs,
-            tree.prediction_dir(model),
-            settings.predict_args,
-            overwrite=args.overwrite,
-            parallel=settings.parallel,
-        )
+        predict_stage(settings, tree, args.model, overwrite=args.overwrite, bundle=args.bundle, source=args.input)
 
     return cli.run(parser, argv, body)
 

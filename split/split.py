@@ -23,11 +23,12 @@ import numpy as np
 import pandas as pd
 
 from core import cli
+from core.contract import begin
 from core.errors import DataError, InputMissingError
 from core.index import read_index, write_index
 from core.raster import atomic_path
 from core.settings import Settings, SplitArgs
-from core.tree import SPLITS, DataTree, refuse_overwrite
+from core.tree import SPLITS, DataTree
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def ensure_each(counts: dict[str, int], fractions: dict[str, float]) -> dict[str
     if total < len(wanted):
         raise DataError(
             f"{total} chips cannot fill {len(wanted)} splits ({', '.join(wanted)}): make more chips "
-            "(smaller chip_args.size) or set a split fraction to 0"
+            "(smaller chip_args.size or stride) or set split_args.fractions.test to 0"
         )
     counts = dict(counts)
     for k in wanted:
@@ -191,16 +192,20 @@ def place(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
-def split_chips(tree: DataTree, args: SplitArgs, *, overwrite: bool = False) -> pd.DataFrame:
-    """Assign splits, fill the split folders, record the split in chips.csv; return the index."""
+def check_masks(tree: DataTree) -> pd.DataFrame:
+    """The index with roof shares; every chip must have its mask."""
     index = read_index(tree.chips_csv, needs=("roof_share",), fix="run python mask/mask.py first")
-    if "split" in index.columns:
-        refuse_overwrite([tree.frames("train")], overwrite, "split")
     missing = [f for f in index["file"] if not (tree.masks / f).is_file()]
     if missing:
         raise InputMissingError(
             f"{len(missing)} chips have no mask in {tree.masks} (e.g. {missing[0]}): run python mask/mask.py"
         )
+    return index.drop(columns=[c for c in ("split", "split_file") if c in index.columns])
+
+
+def split_chips(tree: DataTree, args: SplitArgs) -> pd.DataFrame:
+    """Assign splits, fill the split folders (emptied first), record the split in chips.csv; return the index."""
+    index = check_masks(tree)
     splits = assign_splits(index, args)
     train_roof = index.loc[splits == "train", "roof_share"].sum()
     if train_roof <= 0:
@@ -248,11 +253,24 @@ def split_chips(tree: DataTree, args: SplitArgs, *, overwrite: bool = False) -> 
     return index
 
 
+def split_stage(settings: Settings, tree: DataTree, *, overwrite: bool = False) -> pd.DataFrame:
+    """The split stage under the stage contract: its folders only ever hold the current chips and masks."""
+    run = begin("split", settings, tree, overwrite=overwrite)
+    if run.skip:
+        run.say_skip()
+        return read_index(tree.chips_csv, needs=("split",))
+    check_masks(tree)
+    run.start()
+    index = split_chips(tree, settings.split_args)
+    run.finish(**{s: int((index["split"] == s).sum()) for s in SPLITS})
+    return index
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.make_parser(__doc__)
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
-        split_chips(tree, settings.split_args, overwrite=args.overwrite)
+        split_stage(settings, tree, overwrite=args.overwrite)
 
     return cli.run(parser, argv, body)
 

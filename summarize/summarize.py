@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from core import cli
+from core.contract import begin
 from core.errors import InputMissingError
 from core.raster import CLASSES, DEFAULT_PERCENTILES, ClassBandStats, atomic_path, class_band_statistics
 from core.settings import Settings
@@ -181,7 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, metavar="PATH", help="flat table to summarize (default: data/flat/)")
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
-        summarize(tree, settings, table=args.input, overwrite=args.overwrite)
+        run = begin("summarize", settings, tree, overwrite=args.overwrite, given={"input": args.input})
+        if run.skip:
+            run.say_skip()
+            return
+        run.start()
+        record = summarize(tree, settings, table=args.input, overwrite=True)
+        run.finish(pixels=record["pixels"].get("all"))
 
     return cli.run(parser, argv, body)
 

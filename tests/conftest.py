@@ -220,6 +220,14 @@ def stage_argv(settings_file: Path, tmp_path: Path) -> list[str]:
     ]
 
 
+def interrupted(record: Path) -> None:
+    """Make a stage's record look like a run killed halfway: what a kill -9 leaves is "running"."""
+    data = json.loads(record.read_text(encoding="utf-8"))
+    data["state"] = "running"
+    data.pop("finished", None)
+    record.write_text(json.dumps(data), encoding="utf-8")
+
+
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     """Undo what ``cli.run`` does to global logging, so one test's handlers never reach the next."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+from conftest import interrupted
 
 from chip.chip import chip_grid, chip_offsets, chip_sources, main, resolve_sources
-from core.errors import InputMissingError, OutputExistsError, RasterError
+from core.errors import InputMissingError, RasterError
 from core.index import CHIP_COLUMNS, read_index
 from core.settings import ChipArgs, ParallelArgs
 
@@ -122,7 +125,9 @@ def test_max_nodata_skips_chips_and_keeps_grid_numbers(data_tree, make_geotiff):
     # Chips 2 (75% nodata) and 3 (86%) are skipped; 1 (43.75%) is kept.
     assert list(frame["id"]) == [0, 1]
     assert sorted(p.name for p in data_tree.chips.iterdir()) == ["chip_000000.tif", "chip_000001.tif"]
-    frame = chip_sources([mosaic], data_tree, ChipArgs(size=32, max_nodata=0.0), ONE_WORKER, overwrite=True)
+    for old in data_tree.chips.iterdir():
+        old.unlink()
+    frame = chip_sources([mosaic], data_tree, ChipArgs(size=32, max_nodata=0.0), ONE_WORKER)
     assert list(frame["id"]) == [0]
     assert sorted(p.name for p in data_tree.chips.iterdir()) == ["chip_000000.tif"]
 
@@ -205,17 +210,39 @@ def snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_rerun_refused_without_overwrite(mosaic, stage_argv, data_tree, capsys):
+def test_rerun_with_the_same_settings_skips(mosaic, stage_argv, data_tree, capsys):
+    argv = [*stage_argv, *SIZE_32]
+    assert main(argv) == 0
+    before = snapshot(data_tree.root / "chips") | {"csv": data_tree.chips_csv.read_bytes()}
+    mtimes = {p: p.stat().st_mtime_ns for p in data_tree.chips.iterdir()}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+    assert snapshot(data_tree.chips) | {"csv": data_tree.chips_csv.read_bytes()} == before
+    assert {p: p.stat().st_mtime_ns for p in data_tree.chips.iterdir()} == mtimes  # nothing rewritten
+
+
+def test_rerun_with_other_settings_refuses_and_names_the_change(mosaic, stage_argv, data_tree, capsys):
     argv = [*stage_argv, *SIZE_32]
     assert main(argv) == 0
     before = snapshot(data_tree.root / "chips") | {"csv": data_tree.chips_csv.read_bytes()}
     capsys.readouterr()
-    assert main(argv) == 1
+    assert main([*argv, "--set", "chip_args.stride=16"]) == 1
     err = capsys.readouterr().err
-    assert "--overwrite" in err
-    assert "chips.csv" in err
-    assert err.count("\n") == 1
+    assert err == "error: chips/ were made with chip_args.stride null, now 16: add --overwrite to redo them " \
+        "(python pipeline.py reruns outdated stages)\n"  # fmt: skip
     assert snapshot(data_tree.chips) | {"csv": data_tree.chips_csv.read_bytes()} == before
+
+
+def test_outputs_without_a_record_need_overwrite(mosaic, stage_argv, data_tree, capsys):
+    assert main([*stage_argv, *SIZE_32]) == 0
+    (data_tree.root / "chip.record.json").unlink()  # made by an older version, or by hand
+    capsys.readouterr()
+    assert main([*stage_argv, *SIZE_32]) == 1
+    err = capsys.readouterr().err
+    assert "chip outputs already exist" in err and "no record" in err and "--overwrite" in err
+    assert main([*stage_argv, *SIZE_32, "--overwrite"]) == 0
+    assert json.loads((data_tree.root / "chip.record.json").read_text())["state"] == "complete"
 
 
 def test_overwrite_redoes_and_removes_stale_chips(mosaic, stage_argv, data_tree):
@@ -232,15 +259,16 @@ def test_killed_halfway_resumes(mosaic, settings_file, stage_argv, tmp_path, dat
     assert main(argv) == 0
     clean = snapshot(data_tree.chips)
     clean_csv = data_tree.chips_csv.read_text()
-    # A run killed halfway: the index (written last) and some chips are missing; a temporary
-    # file of the chip being written is left behind.
+    # A run killed halfway: the record says "running", the index (written last) and some chips
+    # are missing; a temporary file of the chip being written is left behind.
+    interrupted(data_tree.root / "chip.record.json")
     data_tree.chips_csv.unlink()
     for name in ("chip_000004.tif", "chip_000007.tif", "chip_000008.tif"):
         (data_tree.chips / name).unlink()
     leftover = data_tree.chips / ".chip_000004.0badf00d.tmp.tif"
     leftover.write_bytes(b"half a tiff")
     assert main(argv) == 0
-    leftover.unlink()
+    assert not leftover.exists()  # the resumed run removed it
     assert snapshot(data_tree.chips) == clean
     assert data_tree.chips_csv.read_text() == clean_csv
 
@@ -287,12 +315,6 @@ def test_bad_source_with_overwrite_keeps_old_chips(mosaic, stage_argv, data_tree
     mosaic.write_bytes(b"")
     assert main([*argv, "--overwrite"]) == 1
     assert snapshot(data_tree.chips) | {"csv": data_tree.chips_csv.read_bytes()} == before
-
-
-def test_function_refuses_existing_index(mosaic, data_tree):
-    chip_sources([mosaic], data_tree, ChipArgs(size=32), ONE_WORKER)
-    with pytest.raises(OutputExistsError, match="--overwrite"):
-        chip_sources([mosaic], data_tree, ChipArgs(size=32), ONE_WORKER)
 
 
 def test_unreadable_source_raises_raster_error(data_tree, tmp_path):

@@ -263,12 +263,17 @@ def test_evaluate_writes_metrics_chips_pictures_summary_and_report(tmp_path: Pat
     assert '<td class="text">forest</td>' in report
 
 
-def test_refuses_to_overwrite_then_overwrites(tmp_path: Path) -> None:
+def test_rerun_skips_another_setting_needs_overwrite(tmp_path: Path) -> None:
     settings, tree = fake_experiment(tmp_path)
-    evaluate_model(settings, tree, "forest")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
-        evaluate_model(settings, tree, "forest")
-    evaluate_model(settings, tree, "forest", overwrite=True)
+    first = evaluate_model(settings, tree, "forest")
+    metrics = evaluation_dir(tree, "forest", "val") / "metrics.json"
+    made = metrics.stat().st_mtime_ns
+    assert evaluate_model(settings, tree, "forest") == first  # up to date: read back, not redone
+    assert metrics.stat().st_mtime_ns == made
+    other = settings.model_copy(update={"evaluate_args": EvaluateArgs(min_area=5)})
+    with pytest.raises(OutputExistsError, match=r"^the evaluation was made with evaluate_args.min_area 20, now 5: "):
+        evaluate_model(other, tree, "forest")
+    assert evaluate_model(other, tree, "forest", overwrite=True)["min_area"] == 5
 
 
 def test_main_exit_codes_and_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

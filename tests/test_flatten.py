@@ -194,7 +194,12 @@ def test_balance_without_roofs(tiny, make_geotiff):
 def test_main_runs_and_reports_errors(tiny, stage_argv, capsys):
     assert main([*stage_argv, "--set", "flatten_args.format=parquet"]) == 0
     assert (tiny.flat / "pixels.parquet").is_file()
-    assert main([*stage_argv, "--set", "flatten_args.format=parquet"]) == 1
-    assert "already exist" in capsys.readouterr().err
-    assert main([*stage_argv, "--set", "flatten_args.frames=nowhere"]) == 1
+    made = (tiny.flat / "pixels.parquet").stat().st_mtime_ns
+    assert main([*stage_argv, "--set", "flatten_args.format=parquet"]) == 0  # up to date: skipped
+    assert (tiny.flat / "pixels.parquet").stat().st_mtime_ns == made
+    capsys.readouterr()
+    assert main([*stage_argv, "--set", "flatten_args.format=parquet", "--set", "flatten_args.seed=3"]) == 1
+    assert "flat/ was made with flatten_args.seed 0, now 3: add --overwrite" in capsys.readouterr().err
+    assert main([*stage_argv, "--set", "flatten_args.frames=nowhere", "--overwrite"]) == 1
     assert "no chips in" in capsys.readouterr().err
+    assert (tiny.flat / "pixels.parquet").stat().st_mtime_ns == made  # a failed --overwrite keeps the table

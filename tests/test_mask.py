@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
+from conftest import interrupted
 from pyproj import Transformer
 from rasterio.features import rasterize
 from rasterio.transform import Affine
 
 from chip.chip import chip_sources
 from chip.chip import main as chip_main
-from core.errors import LabelError, OutputExistsError
+from core.errors import LabelError
 from core.index import read_index
 from core.settings import ChipArgs, LabelFilter, MaskArgs, ParallelArgs, load_settings
 from core.tree import DataTree
@@ -134,7 +135,7 @@ def test_all_touched(chips, make_labels, pixel_box):
     make_labels(chips.labels / "roofs.gpkg", [pixel_box(4.6, 6.6, 9.4, 10.4)])
     mask_chips(chips, MaskArgs(), ONE_WORKER)
     assert mask_counts(chips)[0] == 12
-    mask_chips(chips, MaskArgs(all_touched=True), ONE_WORKER, overwrite=True)
+    mask_chips(chips, MaskArgs(all_touched=True), ONE_WORKER)
     assert mask_counts(chips)[0] == 30
 
 
@@ -177,7 +178,7 @@ def test_filter_keeps_only_metal(chips, make_labels, pixel_box):
     mask_chips(chips, MaskArgs(), ONE_WORKER)
     assert mask_counts(chips) == [30, 0, 0, 0, 0, 0]
     args = MaskArgs(filter=LabelFilter(values=["metal", "brick"]))
-    mask_chips(chips, args, ONE_WORKER, overwrite=True)
+    mask_chips(chips, args, ONE_WORKER)
     assert mask_counts(chips) == [30, 0, 0, 0, 16, 0]
 
 
@@ -237,27 +238,42 @@ def test_chips_in_two_crs(data_tree, make_geotiff, make_labels, stage_argv):
 # --- rerun, resume, workers -----------------------------------------------------------------
 
 
-def test_rerun_needs_overwrite(chips, make_labels, pixel_box, stage_argv, capsys):
+def test_rerun_skips_and_a_label_edit_needs_overwrite(chips, make_labels, pixel_box, stage_argv, capsys):
     make_labels(chips.labels / "roofs.geojson", boxes(pixel_box, ROOFS))
     assert main(stage_argv) == 0
     before = snapshot(chips)
     capsys.readouterr()
-    assert main(stage_argv) == 1
-    err = capsys.readouterr().err
-    assert "--overwrite" in err and "mask outputs already exist" in err
+    assert main(stage_argv) == 0  # same settings, same labels: nothing to do
     assert snapshot(chips) == before
     make_labels(chips.labels / "roofs.geojson", boxes(pixel_box, [INSIDE]))
+    assert main(stage_argv) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "error: masks/ were made from labels/roofs.geojson as it was before it changed: add --overwrite to redo "
+        "them (python pipeline.py reruns outdated stages)\n"
+    )
+    assert snapshot(chips) == before
     assert main([*stage_argv, "--overwrite"]) == 0
     assert mask_counts(chips) == [30, 0, 0, 0, 0, 0]
-    with pytest.raises(OutputExistsError):
-        mask_chips(chips, MaskArgs(), ONE_WORKER)
+
+
+def test_another_filter_is_refused_and_names_it(chips, make_labels, pixel_box, stage_argv, capsys):
+    make_labels(chips.labels / "roofs.geojson", boxes(pixel_box, ROOFS))
+    assert main(stage_argv) == 0
+    capsys.readouterr()
+    assert main([*stage_argv, "--set", 'mask_args.filter={"attribute": "roof_type", "values": ["tin"]}']) == 1
+    assert capsys.readouterr().err.startswith(
+        'error: masks/ were made with mask_args.filter.values ["metal"], now ["tin"]: add --overwrite'
+    )
 
 
 def test_killed_halfway_resumes(chips, make_labels, pixel_box, stage_argv):
     make_labels(chips.labels / "roofs.geojson", boxes(pixel_box, ROOFS))
     assert main(stage_argv) == 0
     clean = snapshot(chips)
-    # Killed halfway: chips.csv (written last) has no roof_share yet, some masks are missing.
+    # Killed halfway: the record says running, chips.csv (written last) has no roof_share yet,
+    # some masks are missing.
+    interrupted(chips.root / "mask.record.json")
     index = read_index(chips.chips_csv)
     index.drop(columns="roof_share").to_csv(chips.chips_csv, index=False, float_format="%.10g")
     for name in ("chip_000002.tif", "chip_000005.tif"):

@@ -200,9 +200,16 @@ def test_script_trains_and_refuses_to_overwrite(tmp_path, capsys):
         argv += ["--set", item]
     assert train_main(argv) == 0
     assert (tmp_path / "results/cli/regression/bundle/bundle.json").is_file()
-    assert train_main(argv) == 1
-    assert "already exist" in capsys.readouterr().err
-    assert train_main([*argv, "--overwrite"]) == 0
+    made = (tmp_path / "results/cli/regression/bundle/bundle.json").stat().st_mtime_ns
+    assert train_main(argv) == 0  # same settings, same split: up to date
+    assert (tmp_path / "results/cli/regression/bundle/bundle.json").stat().st_mtime_ns == made
+    capsys.readouterr()
+    assert train_main([*argv, "--set", "ml_args.regression.max_iter=50"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "error: the bundle was made with ml_args.regression.max_iter 1000, now 50: add --overwrite"
+    )
+    assert train_main([*argv, "--set", "ml_args.forest.n_estimators=3"]) == 0  # the forest's settings: no change
+    assert train_main([*argv, "--set", "ml_args.regression.max_iter=50", "--overwrite"]) == 0
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -48,22 +48,22 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
         module.main = main
         monkeypatch.setitem(sys.modules, f"fake_{name}", module)
-    stages = [Stage(n, f"fake_{n}", lambda t, n=n: (tmp_path / n).exists()) for n in ("a", "b", "c")]
+    stages = [Stage(n, f"fake_{n}", exists=lambda t, m, n=n: (tmp_path / n).exists()) for n in ("a", "b", "c")]
     return stages, calls, state
 
 
 def test_runs_in_order_and_skips_finished_stages(fake_stages, tmp_path: Path) -> None:
     stages, calls, _ = fake_stages
     (tmp_path / "a").write_text("done")
-    rows = run_stages(stages, None, ["--quiet"], overwrite=False)
+    rows = run_stages(stages, None, ["--quiet"], overwrite=False, settings=None)
     assert [(n, r) for n, r, _ in rows] == [("a", "skipped"), ("b", "ok"), ("c", "ok")]
-    assert calls == [("b", ["--quiet"]), ("c", ["--quiet", "--overwrite"])]  # after b ran, c's inputs changed
+    assert calls == [("b", ["--quiet"]), ("c", ["--quiet"])]
 
 
 def test_stops_at_the_first_failure(fake_stages) -> None:
     stages, calls, state = fake_stages
     state["fail"] = "b"
-    rows = run_stages(stages, None, [], overwrite=False)
+    rows = run_stages(stages, None, [], overwrite=False, settings=None)
     assert [(n, r) for n, r, _ in rows] == [("a", "ok"), ("b", "failed (exit 1)")]
     assert [c[0] for c in calls] == ["a", "b"]
 
@@ -72,7 +72,7 @@ def test_overwrite_reruns_finished_stages(fake_stages, tmp_path: Path) -> None:
     stages, calls, _ = fake_stages
     for n in ("a", "b", "c"):
         (tmp_path / n).write_text("done")
-    rows = run_stages(stages, None, [], overwrite=True)
+    rows = run_stages(stages, None, [], overwrite=True, settings=None)
     assert [r for _, r, _ in rows] == ["ok", "ok", "ok"]
     assert all(argv == ["--overwrite"] for _, argv in calls)
 
@@ -127,7 +127,7 @@ def per_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
     module.main = main
     monkeypatch.setitem(sys.modules, "fake_scores", module)
-    stage = Stage("score", "fake_scores", lambda t, m, s: (t.root / f"scored-{m}").exists(), per_model=True)
+    stage = Stage("score", "fake_scores", exists=lambda t, m: (t.root / f"scored-{m}").exists(), per_model=True)
     return stage, calls, tree
 
 
@@ -141,14 +141,14 @@ def test_a_per_model_stage_runs_for_every_trained_model_in_pipeline_order(per_mo
     stage, calls, tree = per_model
     trained(tree, "unet", "forest")
     (tree.root / "scored-forest").write_text("done")
-    rows = run_stages([stage], tree, ["-q"], overwrite=False)
+    rows = run_stages([stage], tree, ["-q"], overwrite=False, settings=None)
     assert [(n, r) for n, r, _ in rows] == [("score forest", "skipped"), ("score unet", "ok")]
     assert calls == [["-q", "--model", "unet"]]
 
 
 def test_a_per_model_stage_without_a_trained_model_fails(per_model) -> None:
     stage, calls, tree = per_model
-    rows = run_stages([stage], tree, [], overwrite=False)
+    rows = run_stages([stage], tree, [], overwrite=False, settings=None)
     assert [(n, r) for n, r, _ in rows] == [("score", "failed (no model)")]
     assert calls == []
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import interrupted
 from rasterio.transform import Affine
 
 from chip.chip import main as chip_main
-from core.errors import DataError, InputMissingError, OutputExistsError
+from core.errors import DataError, InputMissingError
 from core.index import CHIP_COLUMNS, read_index
 from core.settings import SplitArgs, SplitFractions
 from mask.mask import main as mask_main
@@ -176,7 +179,7 @@ def test_keep_empty(data_tree, make_chips):
     assert len(folder_names(data_tree.frames("train"))) + len(folder_names(data_tree.frames("val"))) == 4
     saved = read_index(data_tree.chips_csv, needs=("split",))
     assert saved.loc[saved["roof_share"] == 0, "split"].fillna("").eq("").all()
-    index = split_chips(data_tree, SplitArgs(strategy="random", keep_empty=0.5), overwrite=True)
+    index = split_chips(data_tree, SplitArgs(strategy="random", keep_empty=0.5))
     assert int(((index["roof_share"] == 0) & (index["split"] != "")).sum()) == 3
     assert len(folder_names(data_tree.frames("train"))) + len(folder_names(data_tree.frames("val"))) == 7
 
@@ -184,16 +187,21 @@ def test_keep_empty(data_tree, make_chips):
 # --- rerun ----------------------------------------------------------------------------------
 
 
-def test_rerun_needs_overwrite_and_leaves_no_stale_files(data_tree, make_chips, stage_argv, capsys):
+def test_rerun_skips_another_setting_needs_overwrite_and_leaves_no_stale_files(
+    data_tree, make_chips, stage_argv, capsys
+):
     make_chips([0.1] * 10)
     with_test = ["--set", 'split_args.fractions={"train": 0.6, "val": 0.2, "test": 0.2}']
     assert main([*stage_argv, *with_test, "--set", "split_args.strategy=random"]) == 0
     assert len(folder_names(data_tree.frames("test"))) == 2
     before = {p: p.read_bytes() for p in sorted(data_tree.root.rglob("*")) if p.is_file()}
+    assert main([*stage_argv, *with_test, "--set", "split_args.strategy=random"]) == 0  # same settings: skipped
+    assert {p: p.read_bytes() for p in sorted(data_tree.root.rglob("*")) if p.is_file()} == before
     capsys.readouterr()
     assert main(stage_argv) == 1
     err = capsys.readouterr().err
-    assert "--overwrite" in err and "split outputs already exist" in err
+    assert err.startswith("error: the split folders (train_frames/, val_frames/ ...) were made with ")
+    assert "split_args.fractions.test 0.2, now 0.0" in err and 'split_args.strategy "random", now "spatial"' in err
     assert {p: p.read_bytes() for p in sorted(data_tree.root.rglob("*")) if p.is_file()} == before
     (data_tree.frames("train") / "train_99.tif").write_bytes(b"stale")
     assert main([*stage_argv, "--set", "split_args.strategy=random", "--overwrite"]) == 0
@@ -201,22 +209,24 @@ def test_rerun_needs_overwrite_and_leaves_no_stale_files(data_tree, make_chips, 
     assert folder_names(data_tree.frames("val")) == ["val_0.tif", "val_1.tif"]
     assert folder_names(data_tree.frames("test")) == folder_names(data_tree.split_masks("test")) == []
     assert set(read_index(data_tree.chips_csv, needs=("split",))["split"]) == {"train", "val"}
-    with pytest.raises(OutputExistsError):
-        split_chips(data_tree, SplitArgs())
 
 
 def test_killed_halfway_reruns(data_tree, make_chips, stage_argv):
     make_chips([0.1] * 10)
     assert main(stage_argv) == 0
     clean = {p.relative_to(data_tree.root): p.read_bytes() for p in sorted(data_tree.root.rglob("*")) if p.is_file()}
-    # Killed while linking: chips.csv (written last) has no split yet; some links are there.
+    # Killed while linking: the record says running, chips.csv (written last) has no split yet,
+    # some links are there.
+    interrupted(data_tree.root / "split.record.json")
     index = read_index(data_tree.chips_csv, needs=("split",))
     index.drop(columns=["split", "split_file"]).to_csv(data_tree.chips_csv, index=False, float_format="%.10g")
     for p in list(data_tree.frames("val").iterdir()) + list(data_tree.split_masks("train").iterdir())[:3]:
         p.unlink()
     assert main(stage_argv) == 0
     again = {p.relative_to(data_tree.root): p.read_bytes() for p in sorted(data_tree.root.rglob("*")) if p.is_file()}
-    assert again == clean
+    record = again.pop(Path("split.record.json"))
+    assert again == {k: v for k, v in clean.items() if k != Path("split.record.json")}
+    assert json.loads(record)["state"] == "complete"
 
 
 # --- bad input ------------------------------------------------------------------------------

@@ -178,5 +178,8 @@ def test_main(chips, stage_argv, capsys):
     assert "no flat table" in capsys.readouterr().err
     flat(tree, format="parquet")
     assert main(stage_argv) == 0  # finds pixels.parquet though flatten_args.format is csv
-    assert main(stage_argv) == 1
-    assert "already exist" in capsys.readouterr().err
+    made = (tree.summary / "stats.json").stat().st_mtime_ns
+    assert main(stage_argv) == 0  # up to date: skipped
+    assert (tree.summary / "stats.json").stat().st_mtime_ns == made
+    assert main([*stage_argv, "--set", "summarize_args.bins=16"]) == 1
+    assert "summary/ was made with summarize_args.bins 128, now 16: add --overwrite" in capsys.readouterr().err

@@ -4,7 +4,9 @@ Reads the split chips (train_frames/ train_masks/ val_frames/ val_masks/) and wr
 results/EXPERIMENT/MODEL/: the model bundle (bundle/: the model plus bundle.json with the
 normalization, the decision threshold tuned on validation, the settings and library
 versions), metrics.json on the validation split, and plots. --model defaults to
-training_args.model.
+training_args.model. A rerun with the same settings and split skips; after a change of the
+training settings it refuses (--overwrite retrains); it refuses split folders that are
+outdated (made before chip, mask or split ran again, or under other settings).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from core import cli
 from core.bundle import KINDS
 from core.check import preflight
+from core.contract import begin
 from core.settings import Settings
 from core.tree import DataTree
 
@@ -27,16 +30,24 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
         kind = args.model or settings.training_args.model
+        run = begin("train", settings, tree, overwrite=args.overwrite, model=kind, given={"bundle": args.from_bundle})
+        if run.skip:
+            run.say_skip()
+            return
         preflight(settings, tree, "train")
+        # Continuing from the bundle: it must not be removed before it is read.
+        continuing = kind == "unet" and (args.from_bundle is not None or settings.training_args.pretrained)
+        run.start(clear=not continuing)
         # Imported here: TensorFlow loads only when a U-Net is trained.
         if kind == "unet":
             from unet.train import train_unet
 
-            train_unet(settings, tree, overwrite=args.overwrite, from_bundle=args.from_bundle)
+            train_unet(settings, tree, overwrite=True, from_bundle=args.from_bundle)
         else:
             from ml.train import train_classical
 
-            train_classical(kind, settings, tree, overwrite=args.overwrite)
+            train_classical(kind, settings, tree, overwrite=True)
+        run.finish(bundle=str(tree.bundle(kind)))
 
     return cli.run(parser, argv, body)
 

@@ -1,0 +1,564 @@
+"""The stage contract: a rerun after a change never mixes stale data.
+
+Every stage that writes into the data tree, results or predictions has one declaration
+(:class:`StageSpec`, all of them in :mod:`core.stages`): the settings that shape its outputs,
+the stages whose outputs it reads, the outside files it reads (tiles, labels, a bundle), and
+the outputs it owns. A run records, beside its outputs, ``STAGE.record.json``: those settings,
+the run ids of the upstream records it read, the identity of the outside files, and whether it
+finished. One reading of these records — :func:`status` — decides for the stage itself, for
+``pipeline.py`` and for the pre-flight check what a stage's outputs are:
+
+- **done**: the record is complete and matches the current settings and inputs: a rerun skips;
+- **resumable**: it matches but the run did not finish: a rerun resumes;
+- **outdated** (stale): a setting it records changed, an upstream stage ran again, or an outside
+  file changed: a rerun refuses with one line naming what changed (``--overwrite`` redoes it),
+  ``pipeline.py`` reruns it, and every later stage refuses to read it;
+- **missing**: never ran; **unrecorded**: outputs without a record (made by hand or by an older
+  version): used with a warning, redone only with ``--overwrite``.
+
+A stage calls :func:`begin` before any work (it refuses here), :meth:`StageRun.start` once its
+own input checks pass (a fresh start removes the old outputs and leftovers of a killed run),
+and :meth:`StageRun.finish` at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from core.errors import DataError, InputMissingError, OutputExistsError, PipelineError
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from core.tree import DataTree
+
+log = logging.getLogger(__name__)
+
+#: Version of the record format; a record of another version counts as unrecorded.
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Output:
+    """An output a stage owns: a file, or the files matching ``pattern`` in a folder."""
+
+    path: Path
+    pattern: str | None = None
+
+    def existing(self) -> list[Path]:
+        if self.pattern is None:
+            return [self.path] if self.path.exists() else []
+        return sorted(self.path.glob(self.pattern)) if self.path.is_dir() else []
+
+    def folder(self) -> Path:
+        return self.path if self.pattern is not None else self.path.parent
+
+    def leftovers(self) -> list[Path]:
+        """Temporary files of a killed run (atomic writes name them ``.STEM.XXXX.tmp...``)."""
+        folder = self.folder()
+        if not folder.is_dir():
+            return []
+        glob = ".*.tmp*" if self.pattern is not None else f".{self.path.stem}.*.tmp*"
+        return sorted(folder.glob(glob))
+
+
+@dataclass(frozen=True)
+class Dep:
+    """An upstream stage a stage reads. ``artifact``: only its identity counts (a trained bundle is
+    what it is; a later edit of the training settings does not make a prediction with it stale)."""
+
+    stage: str
+    artifact: bool = False
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a run reads: upstream stages and outside files (``hashed``: identified by content)."""
+
+    deps: tuple[Dep, ...] = ()
+    files: tuple[Path, ...] = ()
+    hashed: bool = False
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage's declaration.
+
+    Attributes:
+        name: the stage name (``pipeline.py`` uses it too).
+        command: how a user runs it (used in messages).
+        what: its outputs in words, as messages name them ("chips/").
+        settings: the dotted settings keys (sections or single fields) that shape its outputs.
+        exclude: keys under those that do not (progress verbosity, output folders).
+        inputs: ``(settings, tree, model, given) -> Inputs``; ``given`` holds command-line
+            paths (``--input``, ``--bundle``) that replace what the settings name.
+        outputs: ``(settings, tree, model) -> [Output]``: what a fresh start removes.
+        record: ``(settings, tree, model) -> Path`` of its record.
+        per_model: runs once per model (train, predict, evaluate).
+        model_settings: ``model -> extra keys`` for per-model stages.
+    """
+
+    name: str
+    command: str
+    what: str
+    settings: tuple[str, ...]
+    inputs: Callable[..., Inputs]
+    outputs: Callable[..., list[Output]]
+    record: Callable[..., Path]
+    exclude: tuple[str, ...] = ()
+    per_model: bool = False
+    model_settings: Callable[[str], tuple[str, ...]] | None = None
+    plural: bool = True
+
+    @property
+    def were(self) -> str:
+        return f"{self.what} {'were' if self.plural else 'was'}"
+
+    @property
+    def are(self) -> str:
+        return f"{self.what} {'are' if self.plural else 'is'}"
+
+    def keys(self, model: str | None) -> tuple[str, ...]:
+        extra = self.model_settings(model) if (self.model_settings and model) else ()
+        return (*self.settings, *extra)
+
+    def run_command(self, model: str | None, overwrite: bool = False) -> str:
+        cmd = self.command + (f" --model {model}" if self.per_model and model else "")
+        return cmd + (" --overwrite" if overwrite else "")
+
+
+# --- reading the settings and files a record holds -------------------------------------------------
+
+
+def flatten(data: Any, prefix: str) -> dict[str, Any]:
+    """Leaves of nested settings as dotted keys (lists are values)."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out |= flatten(value, f"{prefix}.{key}")
+        return out
+    return {prefix: data}
+
+
+def settings_of(settings: Settings, keys: tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The values of ``keys`` (sections or fields) as a flat dict of dotted keys."""
+    dumped = settings.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for key in keys:
+        value: Any = dumped
+        for part in key.split("."):
+            value = value[part]
+        out |= flatten(value, key)
+    return {k: v for k, v in sorted(out.items()) if not any(k == e or k.startswith(e + ".") for e in exclude)}
+
+
+def file_key(path: Path, tree: DataTree) -> str:
+    """A file's name in a record: relative to the data tree when inside it."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(tree.root).as_posix()
+    except ValueError:
+        return str(resolved)
+
+
+def file_identity(path: Path, hashed: bool) -> str:
+    """Content hash (small files: labels, bundle.json) or size and modification time (imagery)."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return "missing"
+    if not hashed:
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256()
+    # A Shapefile is several files: the geometry, its attributes and its CRS.
+    parts = [path]
+    if path.suffix.lower() == ".shp":
+        parts += [p for p in sorted(path.parent.glob(path.stem + ".*")) if p != path]
+    for part in parts:
+        digest.update(part.name.encode())
+        with part.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A record, or None when there is none (or it is unreadable or of another version)."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
+        return None
+    return record
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    from core.raster import atomic_path  # core.raster imports heavy GDAL bindings
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _fingerprint(settings: dict[str, Any], inputs: dict[str, Any], files: dict[str, str]) -> str:
+    runs = {k: v.get("run") for k, v in inputs.items()}
+    blob = json.dumps({"settings": settings, "inputs": runs, "files": files}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, str | type(None) | bool) else json.dumps(value, default=str)
+
+
+# --- status ------------------------------------------------------------------------------------------
+
+State = Literal["missing", "unrecorded", "running", "complete"]
+
+
+@dataclass
+class Status:
+    """What a stage's outputs are now, against the current settings and inputs."""
+
+    spec: StageSpec
+    model: str | None
+    state: State
+    record: dict[str, Any] | None
+    current: dict[str, Any]
+    changes: list[str] = field(default_factory=list)
+    outputs_present: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.name} {self.model}" if self.model else self.spec.name
+
+    @property
+    def stale(self) -> bool:
+        """Made under other settings or from other inputs than now."""
+        return self.state in ("running", "complete") and bool(self.changes)
+
+    @property
+    def done(self) -> bool:
+        return self.state == "complete" and not self.changes and self.outputs_present
+
+    @property
+    def resumable(self) -> bool:
+        return self.state in ("running", "complete") and not self.changes and not self.done
+
+    @property
+    def run(self) -> str | None:
+        if self.state == "missing":
+            return None
+        if self.state == "unrecorded":
+            return "unrecorded"
+        assert self.record is not None
+        return self.record["run"]
+
+    def describe(self) -> str:
+        """One phrase: 'done', 'outdated: ...', 'interrupted', 'not run', 'no record'."""
+        if self.state == "missing":
+            return "not run"
+        if self.state == "unrecorded":
+            return "outputs without a record"
+        if self.changes:
+            return "outdated: made " + "; ".join(self.changes)
+        if self.state == "running":
+            return "interrupted (a rerun resumes)"
+        if not self.outputs_present:
+            return "outputs removed since (a rerun remakes them)"
+        return "done"
+
+
+def _dep_identity(dep: Dep, settings: Settings, tree: DataTree, model: str | None) -> dict[str, Any]:
+    from core.stages import spec_of
+
+    spec = spec_of(dep.stage)
+    up_model = model if spec.per_model else None
+    record = read_record(spec.record(settings, tree, up_model))
+    if record is None:
+        return {"run": _unrecorded_identity(spec.outputs(settings, tree, up_model))}
+    return {"run": record["run"], "state": record["state"], "settings": record.get("settings", {})}
+
+
+def _unrecorded_identity(outputs: list[Output]) -> str | None:
+    """Outputs without a record (a mosaic put there by hand) are known by their files' sizes and times.
+
+    Folders of files count, single files only when a stage has nothing else: chips.csv is
+    rewritten by later stages and would make its own readers look outdated.
+    """
+    chosen = [o for o in outputs if o.pattern is not None] or outputs
+    files = [p for o in chosen for p in o.existing() if p.is_file()]
+    if not any(o.existing() for o in outputs):
+        return None
+    blob = json.dumps([[p.name, file_identity(p, hashed=False)] for p in files])
+    return "unrecorded:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def status(
+    name: str, settings: Settings, tree: DataTree, model: str | None = None, given: dict[str, Any] | None = None
+) -> Status:
+    """The stage's state and, when its outputs exist, what differs from the current settings and inputs.
+
+    ``given`` are command-line paths replacing what the settings name; None takes those the
+    record holds (so a stage run with ``--input`` stays done for its downstream stages).
+    """
+    from core.stages import spec_of
+
+    spec = spec_of(name)
+    model = model if spec.per_model else None
+    record = read_record(spec.record(settings, tree, model))
+    if given is None:
+        given = dict(record.get("given") or {}) if record else {}
+    given = {k: Path(v) for k, v in given.items() if v is not None}
+    current: dict[str, Any] = {"settings": settings_of(settings, spec.keys(model), spec.exclude), "given": given}
+    try:
+        inputs = spec.inputs(settings, tree, model, given)
+    except PipelineError:
+        inputs = None  # the stage itself will say what is wrong
+    if inputs is not None:
+        current["inputs"] = {d.stage: _dep_identity(d, settings, tree, model) for d in inputs.deps}
+        current["files"] = {file_key(p, tree): file_identity(p, inputs.hashed) for p in inputs.files}
+        current["deps"] = inputs.deps
+    outputs = spec.outputs(settings, tree, model)
+    present = any(o.existing() for o in outputs)
+    if record is None:
+        return Status(spec, model, "unrecorded" if present else "missing", None, current, outputs_present=present)
+    st = Status(spec, model, record["state"], record, current, outputs_present=present)
+    st.changes = _changes(record, current)
+    return st
+
+
+def _changes(record: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between a record and now, one phrase each ('with chip_args.size 64, now 128')."""
+    changes = []
+    old, new = record.get("settings", {}), current["settings"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "absent") != new.get(key, "absent"):
+            a = _show(old[key]) if key in old else "unset"
+            b = _show(new[key]) if key in new else "unset"
+            changes.append(f"with {key} {a}, now {b}")
+    if "inputs" not in current:
+        return changes
+    old_in, new_in = record.get("inputs", {}), current["inputs"]
+    for stage in sorted(set(old_in) | set(new_in)):
+        if stage not in new_in:
+            changes.append(f"from {stage} outputs it no longer reads")
+        elif stage not in old_in:
+            changes.append(f"without {stage} outputs it now reads")
+        elif old_in[stage].get("run") != new_in[stage].get("run"):
+            what = "an earlier run" if new_in[stage].get("run") else "a run since removed"
+            diff = [
+                f"{k} {_show(old_in[stage].get('settings', {}).get(k))}"
+                for k in sorted(new_in[stage].get("settings", {}))
+                if old_in[stage].get("settings", {}).get(k) != new_in[stage]["settings"].get(k)
+            ]
+            changes.append(f"from {what} of {stage}" + (f" (made with {', '.join(diff)})" if diff else ""))
+    old_files, new_files = record.get("files", {}), current["files"]
+    added = sorted(set(new_files) - set(old_files))
+    gone = sorted(set(old_files) - set(new_files))
+    edited = sorted(k for k in set(old_files) & set(new_files) if old_files[k] != new_files[k])
+    if edited:
+        changes.append(
+            f"from {edited[0]} as it was before it changed"
+            + (f" (and {len(edited) - 1} more)" if len(edited) > 1 else "")
+        )
+    if added or gone:
+        changes.append(f"from {len(old_files)} input file(s), now {len(new_files)}")
+    return changes
+
+
+# --- one run -----------------------------------------------------------------------------------------
+
+Mode = Literal["fresh", "resume", "skip"]
+
+
+@dataclass
+class StageRun:
+    """A run of a stage that :func:`begin` allowed: ``mode`` says whether it starts afresh, resumes or skips."""
+
+    status: Status
+    mode: Mode
+    settings: Settings
+    tree: DataTree
+    given: dict[str, Any]
+    run_id: str = ""
+    started: str = ""
+
+    @property
+    def skip(self) -> bool:
+        return self.mode == "skip"
+
+    @property
+    def resume(self) -> bool:
+        return self.mode == "resume"
+
+    def say_skip(self) -> None:
+        """Log that the outputs are up to date and nothing is done."""
+        record = self.status.record or {}
+        log.info(
+            "%s: %s up to date (made %s with the same settings and inputs): nothing to do; --overwrite redoes it",
+            self.status.label, self.status.spec.are, record.get("finished", "earlier"),
+        )  # fmt: skip
+
+    def _path(self) -> Path:
+        return self.status.spec.record(self.settings, self.tree, self.status.model)
+
+    def _outputs(self) -> list[Output]:
+        return self.status.spec.outputs(self.settings, self.tree, self.status.model)
+
+    def start(self, clear: bool = True) -> None:
+        """Call once the stage's own input checks pass: a fresh start removes the old outputs (and
+        the record first, so a kill in between leaves no record claiming them; ``clear=False``
+        keeps them, for a trainer continuing from its bundle); any start removes temporary files
+        a killed run left; then the record says "running"."""
+        path = self._path()
+        if self.mode == "fresh":
+            path.unlink(missing_ok=True)
+        if self.mode == "fresh" and clear:
+            for output in self._outputs():
+                for old in output.existing():
+                    if old.is_dir() and not old.is_symlink():
+                        shutil.rmtree(old)
+                    else:
+                        old.unlink(missing_ok=True)
+        for output in self._outputs():
+            for leftover in output.leftovers():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        if self.mode == "resume" and self.status.record is not None:
+            self.run_id = self.status.record["run"]
+            self.started = self.status.record.get("started", "")
+        else:
+            self.run_id = uuid.uuid4().hex
+            self.started = _now()
+        write_record(path, self._record("running"))
+
+    def finish(self, **summary: Any) -> None:
+        """The run completed: the record says so, with a short summary of what was made."""
+        record = self._record("complete")
+        record["finished"] = _now()
+        record["summary"] = summary
+        write_record(self._path(), record)
+
+    def _record(self, state: str) -> dict[str, Any]:
+        cur = self.status.current
+        inputs = cur.get("inputs", {})
+        files = cur.get("files", {})
+        return {
+            "version": RECORD_VERSION,
+            "stage": self.status.spec.name,
+            "model": self.status.model,
+            "run": self.run_id,
+            "state": state,
+            "started": self.started,
+            "fingerprint": _fingerprint(cur["settings"], inputs, files),
+            "settings": cur["settings"],
+            "inputs": inputs,
+            "files": files,
+            "given": {k: str(v) for k, v in self.given.items()},
+            "pid": os.getpid(),
+        }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def check_upstream(deps: tuple[Dep, ...], settings: Settings, tree: DataTree, model: str | None, reader: str) -> None:
+    """Refuse to read upstream outputs that are incomplete or outdated (their own upstream too).
+
+    Missing outputs pass: the stage's own check says which stage to run. Outputs without a
+    record are used with a warning.
+    """
+    from core.stages import order_of, spec_of
+
+    seen: dict[str, tuple[Dep, str | None]] = {}
+
+    def walk(dep: Dep, m: str | None) -> None:
+        spec = spec_of(dep.stage)
+        um = m if spec.per_model else None
+        key = f"{dep.stage}/{um}"
+        if key in seen and (dep.artifact or not seen[key][0].artifact):
+            return
+        seen[key] = (dep, um)
+        if dep.artifact:
+            return
+        st = status(dep.stage, settings, tree, um)
+        for up in st.current.get("deps", ()):
+            walk(up, um)
+
+    for dep in deps:
+        walk(dep, model)
+    for dep, um in sorted(seen.values(), key=lambda d: order_of(d[0].stage)):
+        st = status(dep.stage, settings, tree, um)
+        spec = st.spec
+        if st.state == "missing":
+            continue
+        if st.state == "unrecorded":
+            log.info(
+                "%s: %s without a record of the settings that made them (made by hand or an older version): "
+                "used as they are; %s would redo them",
+                reader, spec.are, spec.run_command(um, overwrite=True),
+            )  # fmt: skip
+            continue
+        if st.state == "running":
+            raise InputMissingError(
+                f"{spec.are} incomplete: {st.label} did not finish: rerun {spec.run_command(um)} to resume it"
+            )
+        if st.changes and not dep.artifact:
+            raise DataError(
+                f"{spec.are} outdated: made {'; '.join(st.changes)}: rerun "
+                f"{spec.run_command(um, overwrite=True)} (or python pipeline.py --from {spec.name}) before {reader}"
+            )
+
+
+def begin(
+    name: str,
+    settings: Settings,
+    tree: DataTree,
+    *,
+    overwrite: bool = False,
+    model: str | None = None,
+    given: dict[str, Any] | None = None,
+) -> StageRun:
+    """Decide how a run of stage ``name`` goes, before any work; refuse when it would mix data.
+
+    Raises:
+        DataError / InputMissingError: an upstream output is outdated or incomplete.
+        OutputExistsError: this stage's outputs were made under other settings or inputs (or
+            carry no record) and ``overwrite`` is false; the message names what changed.
+    """
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    st = status(name, settings, tree, model, given=given)
+    spec = st.spec
+    label = st.label
+    if "deps" in st.current:
+        check_upstream(st.current["deps"], settings, tree, st.model, reader=label)
+    if st.state == "missing" or overwrite or (st.state == "running" and not st.outputs_present):
+        mode: Mode = "fresh"  # (a run that failed before writing anything leaves nothing to mix)
+    elif st.state == "unrecorded":
+        shown = [str(p) for o in spec.outputs(settings, tree, st.model) for p in o.existing()[:2]][:3]
+        raise OutputExistsError(
+            f"{label} outputs already exist ({', '.join(shown)}) but carry no record of the settings that made "
+            f"them: add --overwrite to redo them"
+        )
+    elif st.changes:
+        raise OutputExistsError(
+            f"{spec.were} made {'; '.join(st.changes)}: add --overwrite to redo {'them' if spec.plural else 'it'} "
+            f"(python pipeline.py reruns outdated stages)"
+        )
+    elif st.done:
+        mode = "skip"
+    else:
+        mode = "resume"
+    return StageRun(st, mode, settings, tree, given)

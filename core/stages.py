@@ -1,0 +1,260 @@
+"""One declaration per stage: what it reads, what it writes, which settings shape its outputs.
+
+The stage scripts, ``pipeline.py`` and the pre-flight check all read these (through
+:mod:`core.contract`), so "done", "outdated" and "resumable" are defined once. download and
+sample are not here: they fill ``raw/`` and ``labels/``, which the stages after them read as
+outside files (identified by size and time, labels by content).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.contract import Dep, Inputs, Output, StageSpec
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from core.tree import DataTree
+
+#: Models the per-model stages run for, in pipeline order.
+MODELS = ("forest", "regression", "unet")
+
+
+def _data_record(name: str):
+    return lambda settings, tree, model: tree.root / f"{name}.record.json"
+
+
+def _rasters(path: Path, tree: DataTree) -> tuple[Path, ...]:
+    if path.is_dir():
+        return tuple(tree.list_rasters(path))
+    return (path,) if path.exists() else ()
+
+
+def _given_or(given: dict[str, Any], key: str, default: Path) -> tuple[Path, bool]:
+    return (Path(given[key]), True) if given.get(key) else (default, False)
+
+
+# --- inputs of each stage ---------------------------------------------------------------------------
+
+
+def _mosaic_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
+    folder, _ = _given_or(given, "input", tree.root / settings.mosaic_args.input)
+    return Inputs(files=_rasters(folder, tree))
+
+
+def _chip_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
+    if given.get("input"):
+        return Inputs(files=_rasters(Path(given["input"]), tree))
+    if settings.chip_args.source == "raw":
+        return Inputs(files=_rasters(tree.raw, tree))
+    return Inputs(deps=(Dep("mosaic"),))
+
+
+def _mask_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
+    from core.vector import find_label_file
+
+    return Inputs(
+        deps=(Dep("chip"),), files=(find_label_file(tree.labels, settings.mask_args.label_file),), hashed=True
+    )
+
+
+def _split_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
+    return Inputs(deps=(Dep("chip"), Dep("mask")))
+
+
+def _flatten_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
+    return Inputs(deps=(Dep("split"),))
+
+
+def _summarize_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
+    if given.get("input"):
+        return Inputs(files=_rasters(Path(given["input"]), tree))
+    return Inputs(deps=(Dep("flatten") if settings.summarize_args.source == "flat" else Dep("split"),))
+
+
+def _train_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
+    deps = [Dep("split")]
+    if model != "unet" and settings.ml_args.source == "flat":
+        deps.append(Dep("flatten"))
+    files: tuple[Path, ...] = ()
+    if given.get("bundle"):
+        files = (Path(given["bundle"]) / "bundle.json",)
+    return Inputs(deps=tuple(deps), files=files, hashed=True)
+
+
+def split_of_folder(path: Path, tree: DataTree) -> str | None:
+    """The split whose chips folder ``path`` is, else None."""
+    from core.tree import SPLITS
+
+    resolved = Path(path).resolve()
+    return next((s for s in SPLITS if tree.frames(s).resolve() == resolved), None)
+
+
+def predict_source(settings: Settings, tree: DataTree, given: dict[str, Any]) -> Path:
+    """The raster or folder predict reads: --input, else predict_args.input under data_root."""
+    if given.get("input"):
+        return Path(given["input"])
+    path = Path(settings.predict_args.input)
+    return path if path.is_absolute() else tree.root / path
+
+
+def predict_bundle(settings: Settings, tree: DataTree, model: str, given: dict[str, Any]) -> tuple[Path, bool]:
+    """The bundle predict uses and whether it is another than this experiment's trained one."""
+    if given.get("bundle"):
+        return Path(given["bundle"]), True
+    if settings.predict_args.bundle:
+        return Path(settings.predict_args.bundle), True
+    return tree.bundle(model), False
+
+
+def _predict_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
+    bundle, outside = predict_bundle(settings, tree, model or settings.training_args.model, given)
+    deps: list[Dep] = [] if outside else [Dep("train", artifact=True)]
+    files: list[Path] = [bundle / "bundle.json"] if outside else []
+    source = predict_source(settings, tree, given)
+    if split_of_folder(source, tree) is not None:
+        deps.append(Dep("split"))
+    else:
+        files += _rasters(source, tree)
+    return Inputs(deps=tuple(deps), files=tuple(files))
+
+
+def _evaluate_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
+    return Inputs(deps=(Dep("predict"), Dep("split")))
+
+
+# --- the settings of the per-model stages -------------------------------------------------------------
+
+
+def _train_settings(model: str) -> tuple[str, ...]:
+    if model == "unet":
+        return ("load_dataset_args", "model_args", "training_args", "output_args", "checkpoint_args")
+    # A forest does not depend on the regression's settings, nor the other way round.
+    keys = [f"ml_args.{k}" for k in ("texture_windows", "indices", "source", "max_train_pixels", "seed", model)]
+    return (*keys, "load_dataset_args.channels", "load_dataset_args.normalization")
+
+
+def _evaluation_dir(tree: DataTree, model: str, settings: Settings) -> Path:
+    return tree.model_dir(model) / "evaluation" / settings.evaluate_args.split
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec(
+        name="mosaic",
+        command="python mosaic/mosaic.py",
+        what="mosaic/mosaic.tif",
+        plural=False,
+        settings=("mosaic_args",),
+        inputs=_mosaic_inputs,
+        outputs=lambda s, t, m: [Output(t.mosaic)],
+        record=_data_record("mosaic"),
+    ),
+    StageSpec(
+        name="chip",
+        command="python chip/chip.py",
+        what="chips/",
+        settings=("chip_args", "extension_args"),
+        inputs=_chip_inputs,
+        outputs=lambda s, t, m: [Output(t.chips, f"chip_*{t.extension}"), Output(t.chips_csv)],
+        record=_data_record("chip"),
+    ),
+    StageSpec(
+        name="mask",
+        command="python mask/mask.py",
+        what="masks/",
+        settings=("mask_args", "chip_args.compression"),
+        inputs=_mask_inputs,
+        outputs=lambda s, t, m: [Output(t.masks, f"chip_*{t.extension}")],
+        record=_data_record("mask"),
+    ),
+    StageSpec(
+        name="split",
+        command="python split/split.py",
+        what="the split folders (train_frames/, val_frames/ ...)",
+        settings=("split_args", "path_args", "extension_args"),
+        inputs=_split_inputs,
+        outputs=lambda s, t, m: [
+            Output(folder, f"{split}_*{t.extension}")
+            for split in ("train", "val", "test")
+            for folder in (t.frames(split), t.split_masks(split))
+        ],
+        record=_data_record("split"),
+    ),
+    StageSpec(
+        name="flatten",
+        command="python flatten/flatten.py",
+        what="flat/",
+        plural=False,
+        settings=("flatten_args",),
+        inputs=_flatten_inputs,
+        outputs=lambda s, t, m: [Output(t.flat, "pixels.*")],
+        record=_data_record("flatten"),
+    ),
+    StageSpec(
+        name="summarize",
+        command="python summarize/summarize.py",
+        what="summary/",
+        plural=False,
+        settings=("summarize_args",),
+        exclude=("summarize_args.chunk_rows",),
+        inputs=_summarize_inputs,
+        outputs=lambda s, t, m: [Output(t.summary, "*")],
+        record=_data_record("summarize"),
+    ),
+    StageSpec(
+        name="train",
+        command="python train/train.py",
+        what="the bundle",
+        plural=False,
+        settings=(),
+        exclude=(
+            "training_args.verbose",
+            "training_args.results_folder",
+            "training_args.model",
+        ),
+        model_settings=_train_settings,
+        inputs=_train_inputs,
+        outputs=lambda s, t, m: [Output(t.bundle(m))],
+        record=lambda s, t, m: t.model_dir(m) / "train.record.json",
+        per_model=True,
+    ),
+    StageSpec(
+        name="predict",
+        command="python predict/predict.py",
+        what="the predictions",
+        settings=("predict_args",),
+        exclude=("predict_args.output", "predict_args.batch_size"),
+        inputs=_predict_inputs,
+        outputs=lambda s, t, m: [
+            Output(t.prediction_dir(m) / "masks", "*.tif"),
+            Output(t.prediction_dir(m) / "probabilities", "*.tif"),
+            Output(t.prediction_dir(m) / "roofs.gpkg"),
+        ],
+        record=lambda s, t, m: t.prediction_dir(m) / "predict.record.json",
+        per_model=True,
+    ),
+    StageSpec(
+        name="evaluate",
+        command="python evaluate/evaluate.py",
+        what="the evaluation",
+        plural=False,
+        settings=("evaluate_args",),
+        inputs=_evaluate_inputs,
+        outputs=lambda s, t, m: [Output(_evaluation_dir(t, m, s), "*")],
+        record=lambda s, t, m: _evaluation_dir(t, m, s).parent / f"{s.evaluate_args.split}.record.json",
+        per_model=True,
+    ),
+)
+
+_BY_NAME = {s.name: s for s in STAGES}
+
+
+def spec_of(name: str) -> StageSpec:
+    """The declaration of stage ``name``."""
+    return _BY_NAME[name]
+
+
+def order_of(name: str) -> int:
+    """The stage's place in the pipeline."""
+    return [s.name for s in STAGES].index(name)

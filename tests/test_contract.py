@@ -1,0 +1,431 @@
+"""The stage contract, stage by stage as a user runs them: a rerun after an edit never mixes data.
+
+Each numbered case of the issue is a test here: the user's sequence of commands, then either a
+one-line refusal naming what changed, or outputs identical to a clean run with the new settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import shapely
+from conftest import interrupted, pixel_box, write_geotiff, write_labels
+
+import pipeline
+from chip.chip import main as chip_main
+from core.contract import begin, file_identity, flatten, settings_of, status
+from core.errors import OutputExistsError
+from core.index import read_index
+from core.settings import load_settings
+from core.tree import DataTree
+from evaluate.evaluate import main as evaluate_main
+from mask.mask import main as mask_main
+from mosaic.mosaic import main as mosaic_main
+from predict.predict import main as predict_main
+from split.split import main as split_main
+from train.train import main as train_main
+
+SIDE = 256  # the scene is SIDE x SIDE px, 3 bands
+#: A small scene and a fast model: a whole chip..evaluate run takes seconds.
+SCENE = [
+    "chip_args.size=64",
+    "split_args.block=1",
+    "load_dataset_args.channels=3",
+    "model_args.input_shape=[64,64,3]",
+    "ml_args.texture_windows=[]",
+    "ml_args.max_train_pixels=3000",
+    "parallel.workers=1",
+    "experiment=contract",
+]
+
+
+def roof_rects(n: int = 24) -> list[tuple[int, int, int, int]]:
+    rng = np.random.default_rng(5)
+    rects = []
+    for _ in range(n):
+        r, c = rng.integers(2, SIDE - 20, 2)
+        h, w = rng.integers(8, 16, 2)
+        rects.append((int(c), int(r), int(c + w), int(r + h)))
+    return rects
+
+
+@pytest.fixture
+def scene(tmp_path: Path, settings_file: Path):
+    """raw/tile.tif (bright striped roofs on dark ground) and labels/roofs.geojson (metal and concrete);
+    returns ``argv(*sets)``: the common arguments of every stage."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(400, 60, (3, SIDE, SIDE))
+    rects = roof_rects()
+    for col0, row0, col1, row1 in rects:
+        image[:, row0:row1, col0:col1] = 1400 + 100 * (np.arange(col1 - col0) % 2)
+    write_geotiff(tmp_path / "data" / "raw" / "tile.tif", array=np.clip(image, 1, 4000).astype(np.uint16), nodata=0)
+    kinds = ["metal" if i % 3 else "concrete" for i in range(len(rects))]
+    write_labels(tmp_path / "data" / "labels" / "roofs.geojson", [pixel_box(*r) for r in rects], roof_type=kinds)
+
+    def argv(*sets: str) -> list[str]:
+        out = ["--settings", str(settings_file), "--quiet"]
+        for item in (
+            f"data_root={tmp_path / 'data'}",
+            f"training_args.results_folder={tmp_path / 'results'}",
+            f"predict_args.output={tmp_path / 'predictions'}",
+            *SCENE,
+            *sets,
+        ):
+            out += ["--set", item]
+        return out
+
+    return argv
+
+
+def tree_of(argv: list[str]) -> DataTree:
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    return DataTree.from_settings(load_settings(argv[1], sets))
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
+
+
+def error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def prepare(argv: list[str], *mains) -> None:
+    for main in mains:
+        assert main(argv) == 0, main.__module__
+
+
+# --- 1. split folders never hold old masks ------------------------------------------------------------
+
+
+def test_1_new_labels_make_the_split_outdated_and_train_refuses_it(scene, capsys, tmp_path):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    tree = tree_of(argv)
+    labels = tree.labels / "roofs.geojson"
+    gdf = gpd.read_file(labels)
+    gdf.iloc[: len(gdf) // 2].to_file(labels, driver="GeoJSON")  # the user drops half the polygons
+    assert mask_main(argv) == 1
+    assert error(capsys) == (
+        "error: masks/ were made from labels/roofs.geojson as it was before it changed: add --overwrite to redo "
+        "them (python pipeline.py reruns outdated stages)"
+    )
+    assert mask_main([*argv, "--overwrite"]) == 0
+    assert "split" not in read_index(tree.chips_csv).columns  # the old split does not describe the new masks
+    capsys.readouterr()
+    assert train_main([*argv, "--model", "regression"]) == 1
+    message = error(capsys)
+    assert message.startswith(
+        "error: the split folders (train_frames/, val_frames/ ...) are outdated: made from an earlier run of mask"
+    )
+    assert message.endswith(
+        "rerun python split/split.py --overwrite (or python pipeline.py --from split) before train regression"
+    )
+    assert not tree.bundle("regression").exists()
+    # pipeline.py check says so; pipeline.py reruns the outdated split, and then every split mask is a new mask.
+    assert pipeline.main([*argv, "check", "--from", "train-regression", "--to", "train-regression"]) == 1
+    out = capsys.readouterr().out
+    assert "FATAL    split: the split folders (train_frames/, val_frames/ ...) are outdated: made from an " \
+        "earlier run of mask" in out  # fmt: skip
+    assert pipeline.main([*argv, "--from", "split", "--to", "split"]) == 0
+    index = read_index(tree.chips_csv, needs=("split",))
+    for row in index[index["split"] != ""].itertuples():
+        masks = tree.split_masks(row.split) / row.split_file
+        assert masks.read_bytes() == (tree.masks / row.file).read_bytes()
+    assert train_main([*argv, "--model", "regression"]) == 0
+
+
+# --- 2. mask refuses chips of another grid ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "phrase"), [("chip_args.stride=48", "chip_args.stride null"), ("chip_args.size=32", "chip_args.size 64")]
+)
+def test_2_mask_refuses_masks_of_another_chip_grid(change, phrase, scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main)
+    assert chip_main([*scene(change), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert mask_main(scene(change)) == 1
+    assert error(capsys) == (
+        f"error: masks/ were made from an earlier run of chip (made with {phrase}): add --overwrite to redo them "
+        "(python pipeline.py reruns outdated stages)"
+    )
+    assert pipeline.main([*scene(change), "check", "--only", "split"]) == 1
+    assert "FATAL    mask: masks/ are outdated: made from an earlier run of chip" in capsys.readouterr().out
+    # Redone, the masks are those of a clean run on the new grid.
+    assert mask_main([*scene(change), "--overwrite"]) == 0
+    tree = tree_of(argv)
+    index = read_index(tree.chips_csv, needs=("roof_share",))
+    with (
+        __import__("rasterio").open(tree.chips / index["file"].iloc[-1]) as chip,
+        __import__("rasterio").open(tree.masks / index["file"].iloc[-1]) as mask,
+    ):
+        assert (chip.transform, chip.shape) == (mask.transform, mask.shape)
+
+
+# --- 3. chip does not resume under other settings -------------------------------------------------------
+
+
+def test_3_an_interrupted_chip_run_is_not_resumed_with_another_size(scene, capsys, tmp_path):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main)
+    tree = tree_of(argv)
+    interrupted(tree.root / "chip.record.json")  # killed halfway: record running, no index, some chips
+    tree.chips_csv.unlink()
+    for p in sorted(tree.chips.iterdir())[5:]:
+        p.unlink()
+    assert chip_main(scene("chip_args.size=128")) == 1
+    assert error(capsys) == (
+        "error: chips/ were made with chip_args.size 64, now 128: add --overwrite to redo them "
+        "(python pipeline.py reruns outdated stages)"
+    )
+    assert chip_main([*scene("chip_args.size=128"), "--overwrite"]) == 0
+    redone = files(tree.chips) | {"index": tree.chips_csv.read_bytes()}
+    # A clean run with size 128 in another tree gives the same files.
+    clean = tmp_path / "clean"
+    (clean / "raw").mkdir(parents=True)
+    (clean / "raw" / "tile.tif").write_bytes((tree.raw / "tile.tif").read_bytes())
+    clean_argv = scene("chip_args.size=128", f"data_root={clean}")
+    prepare(clean_argv, mosaic_main, chip_main)
+    assert redone == files(clean / "chips") | {"index": (clean / "chips.csv").read_bytes()}
+    assert len(redone) == 1 + 4
+
+
+def test_3_an_interrupted_chip_run_resumes_with_the_same_settings(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main)
+    tree = tree_of(argv)
+    clean = files(tree.chips) | {"index": tree.chips_csv.read_bytes()}
+    interrupted(tree.root / "chip.record.json")
+    tree.chips_csv.unlink()
+    kept = sorted(tree.chips.iterdir())[:5]
+    times = {p: p.stat().st_mtime_ns for p in kept}
+    for p in sorted(tree.chips.iterdir())[5:]:
+        p.unlink()
+    (tree.chips / ".chip_000006.1234abcd.tmp.tif").write_bytes(b"half")
+    assert chip_main(argv) == 0
+    assert files(tree.chips) | {"index": tree.chips_csv.read_bytes()} == clean
+    assert {p: p.stat().st_mtime_ns for p in kept} == times  # finished chips were kept, not rewritten
+    assert json.loads((tree.root / "chip.record.json").read_text())["state"] == "complete"
+
+
+# --- 4. mask does not resume under another filter -------------------------------------------------------
+
+
+def test_4_an_interrupted_mask_run_is_not_resumed_with_another_filter(scene, capsys, tmp_path):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main)
+    tree = tree_of(argv)
+    interrupted(tree.root / "mask.record.json")
+    for p in sorted(tree.masks.iterdir())[8:]:
+        p.unlink()
+    both = 'mask_args.filter={"attribute": "roof_type", "values": ["metal", "concrete"]}'
+    assert mask_main(scene(both)) == 1
+    assert error(capsys) == (
+        'error: masks/ were made with mask_args.filter.values ["metal"], now ["metal", "concrete"]: add --overwrite '
+        "to redo them (python pipeline.py reruns outdated stages)"
+    )
+    assert mask_main([*scene(both), "--overwrite"]) == 0
+    redone = files(tree.masks)
+    assert len(redone) == 16
+    for p in sorted(tree.masks.iterdir()):  # every mask as a clean run with both values burns it
+        p.unlink()
+    (tree.root / "mask.record.json").unlink()
+    assert mask_main(scene(both)) == 0
+    assert files(tree.masks) == redone
+
+
+# --- 5. evaluate never scores predictions of another split ---------------------------------------------
+
+
+def test_5_evaluate_refuses_predictions_of_an_earlier_split(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main, predict_main, evaluate_main)
+    tree = tree_of(argv)
+    metrics = tree.model_dir("regression") / "evaluation" / "val" / "metrics.json"
+    first = json.loads(metrics.read_text())
+    assert first["pixel"]["iou"] > 0.5
+    assert split_main([*scene("split_args.seed=7"), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert evaluate_main([*scene("split_args.seed=7"), *model, "--overwrite"]) == 1
+    assert error(capsys) == (
+        "error: the predictions are outdated: made from an earlier run of split (made with split_args.seed 0): "
+        "rerun python predict/predict.py --model regression --overwrite (or python pipeline.py --from predict) "
+        "before evaluate regression"
+    )
+    assert json.loads(metrics.read_text()) == first  # nothing was scored
+    # Predicting the new val chips with the bundle trained on the old split would leak training chips.
+    assert predict_main([*scene("split_args.seed=7"), *model, "--overwrite"]) == 1
+    assert error(capsys) == (
+        "error: the regression bundle was trained on an earlier split than the val chips of today's split: some "
+        "may have been its training chips. Retrain first: python train/train.py --model regression --overwrite"
+    )
+    # Retrained and predicted again, the new split's chips are scored: never a 0.000 from mismatched files.
+    for main in (train_main, predict_main, evaluate_main):
+        assert main([*scene("split_args.seed=7"), *model, "--overwrite"]) == 0, main.__module__
+    assert json.loads(metrics.read_text())["pixel"]["iou"] > 0.5
+
+
+def test_5_predictions_are_paired_with_the_truth_by_chip_not_by_name(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    tree = tree_of(argv)
+    prepare([*argv, *model], train_main)
+    # Predict every chip of chips/ (chip_NNNNNN.tif): evaluate finds each val chip's prediction by its id.
+    assert predict_main([*argv, *model, "--input", str(tree.chips)]) == 0
+    assert evaluate_main([*argv, *model]) == 0
+    record = json.loads((tree.model_dir("regression") / "evaluation" / "val" / "metrics.json").read_text())
+    index = read_index(tree.chips_csv, needs=("split",))
+    assert record["chips"] == int((index["split"] == "val").sum())
+    record_file = tree.prediction_dir("regression") / "predict.record.json"
+    outputs = json.loads(record_file.read_text())["summary"]["outputs"]
+    assert [o["chip"] for o in outputs] == index["id"].tolist()
+    assert outputs[0]["mask"] == "chip_000000.tif" and outputs[0]["input"] == "chips/chip_000000.tif"
+
+
+def test_5_a_prediction_on_another_grid_is_an_error(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main, predict_main)
+    tree = tree_of(argv)
+    # Another program wrote val_0's prediction one pixel off (its record says otherwise).
+    path = tree.prediction_dir("regression") / "masks" / "val_0.tif"
+    import rasterio
+
+    with rasterio.open(path) as src:
+        data, profile = src.read(), src.profile
+    profile["transform"] = profile["transform"] * profile["transform"].translation(1, 0)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    capsys.readouterr()
+    assert evaluate_main([*argv, *model]) == 1
+    assert "lies on another grid than its truth" in error(capsys)
+
+
+# --- 6. zero chips is an error ----------------------------------------------------------------------
+
+
+def test_6_chips_larger_than_the_raster_are_an_error(scene, capsys):
+    argv = scene("chip_args.size=1024")
+    prepare(argv, mosaic_main)
+    capsys.readouterr()
+    assert chip_main(argv) == 1
+    assert error(capsys) == (
+        "error: no chip kept: the source raster(s) (256x256 px) are too small for chips of 1024 px, which would be "
+        "more than 50% padding (chip_args.max_nodata): lower chip_args.size"
+    )
+    assert not tree_of(argv).chips_csv.exists()
+
+
+def test_6_an_all_nodata_raster_is_an_error(scene, capsys, tmp_path):
+    write_geotiff(tmp_path / "data" / "raw" / "tile.tif", array=np.zeros((3, SIDE, SIDE), np.uint16), nodata=0)
+    argv = scene()
+    prepare(argv, mosaic_main)
+    capsys.readouterr()
+    assert chip_main(argv) == 1
+    assert error(capsys) == (
+        "error: no chip kept: all 16 chips of 64 px are more than 50% nodata (chip_args.max_nodata): the source "
+        "raster(s) (256x256 px) hold (almost) no valid pixel — check their nodata value and that they hold imagery"
+    )
+
+
+# --- the contract's own pieces -------------------------------------------------------------------------
+
+
+def test_rerun_with_unchanged_settings_skips_every_data_stage(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    tree = tree_of(argv)
+    before = {p: p.stat().st_mtime_ns for p in tree.root.rglob("*") if p.is_file()}
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    assert {p: p.stat().st_mtime_ns for p in tree.root.rglob("*") if p.is_file()} == before
+    settings = load_settings(argv[1], [argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+    for name in ("mosaic", "chip", "mask", "split"):
+        assert status(name, settings, tree).describe() == "done"
+
+
+def test_an_edit_of_raw_imagery_makes_the_mosaic_outdated(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main)
+    tree = tree_of(argv)
+    write_geotiff(tree.raw / "tile.tif", bands=3, rows=SIDE, cols=SIDE, seed=9)
+    assert chip_main(argv) == 1
+    assert error(capsys).startswith(
+        "error: mosaic/mosaic.tif is outdated: made from raw/tile.tif as it was before it changed: rerun "
+        "python mosaic/mosaic.py --overwrite"
+    )
+
+
+def test_a_mosaic_put_there_by_hand_is_used_and_known_by_its_file(scene, capsys, tmp_path):
+    argv = scene()
+    tree = tree_of(argv)
+    write_geotiff(tree.mosaic, bands=3, rows=128, cols=128, seed=1)
+    assert chip_main(argv) == 0  # no record: used as it is
+    write_geotiff(tree.mosaic, bands=3, rows=128, cols=128, seed=2)
+    capsys.readouterr()
+    assert chip_main(argv) == 1
+    assert error(capsys).startswith("error: chips/ were made from an earlier run of mosaic")
+
+
+def test_a_refused_fresh_start_keeps_old_outputs_until_the_stage_checks_pass(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main)
+    tree = tree_of(argv)
+    before = files(tree.masks)
+    (tree.labels / "roofs.geojson").write_text("not json {")
+    assert mask_main([*argv, "--overwrite"]) == 1
+    assert "cannot be read" in error(capsys)
+    assert files(tree.masks) == before
+
+
+def test_settings_of_flattens_sections_and_leaves_out_excluded_keys():
+    settings = load_settings(overrides=["chip_args.size=64"])
+    got = settings_of(settings, ("chip_args", "mask_args.filter"), exclude=("chip_args.compression",))
+    assert got == {
+        "chip_args.max_nodata": 0.5, "chip_args.pad_value": None, "chip_args.size": 64, "chip_args.source": "mosaic",
+        "chip_args.stride": None, "mask_args.filter.attribute": "roof_type", "mask_args.filter.values": ["metal"],
+    }  # fmt: skip
+    assert flatten({"a": {"b": [1, 2], "c": {}}}, "x") == {"x.a.b": [1, 2], "x.a.c": {}}
+
+
+def test_file_identity_hashes_labels_and_stats_imagery(tmp_path):
+    a = tmp_path / "a.geojson"
+    a.write_text("one")
+    first = file_identity(a, hashed=True)
+    assert first == "sha256:" + __import__("hashlib").sha256(b"a.geojson" + b"one").hexdigest()
+    a.write_text("two")
+    assert file_identity(a, hashed=True) != first
+    assert file_identity(tmp_path / "none.tif", hashed=False) == "missing"
+    assert file_identity(a, hashed=False) == f"3:{a.stat().st_mtime_ns}"
+
+
+def test_begin_refuses_outputs_of_another_run_by_function_too(scene):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main)
+    tree = tree_of(argv)
+    settings = load_settings(argv[1], [*[argv[i + 1] for i, a in enumerate(argv) if a == "--set"], "chip_args.size=32"])
+    with pytest.raises(OutputExistsError, match=r"^chips/ were made with chip_args.size 64, now 32: add --overwrite"):
+        begin("chip", settings, tree)
+    assert begin("chip", settings, tree, overwrite=True).mode == "fresh"
+
+
+def test_labels_outside_the_imagery_do_not_touch_the_record(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main)
+    tree = tree_of(argv)
+    write_labels(tree.labels / "roofs.geojson", [shapely.box(10, 10, 10.001, 10.001)], crs="EPSG:4326",
+                 roof_type=["metal"])  # fmt: skip
+    assert mask_main(argv) == 1
+    assert not (tree.root / "mask.record.json").exists()
