@@ -201,12 +201,16 @@ def record_findings(chosen: list[Stage], tree: DataTree, settings: Settings) -> 
     return findings
 
 
-def print_metrics(tree: DataTree) -> None:
-    """A table of every trained model's validation metrics in this experiment, and the report's path."""
+def print_metrics(tree: DataTree, settings: Settings) -> None:
+    """A table of every trained model's validation metrics in this experiment, and the report's path;
+    models trained on data made before the latest changes are named under it."""
     lines = metrics_table(tree)
     if lines:
         print(f"\nvalidation metrics, experiment {tree.experiment} ({tree.results})")
         print("\n".join(lines))
+        old = [m for m in trained_models(tree) if status("train", settings, tree, m).stale]
+        if old:
+            print(f"outdated: {', '.join(old)} (trained before the latest changes; python pipeline.py retrains)")
     report = tree.results / "report.html"
     if report.is_file():
         print(f"\nreport: {report}")
@@ -273,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data tree: {tree.root}")
         failed = any(r.startswith("failed") for _, r, _ in rows)
         if not failed:  # after a failure the table would show models of an earlier run as if of this one
-            print_metrics(tree)
+            print_metrics(tree, settings)
         outcome["code"] = 1 if failed else 0
 
     code = cli.run(parser, argv, body)

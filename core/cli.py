@@ -102,6 +102,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, body: Body) -> 
     except SystemExit as exc:  # argparse: --help is 0, usage errors are 2
         return int(exc.code or 0)
     setup_logging(args.verbose, args.quiet)
+    restore = _handle_sigterm()
     try:
         settings = load_settings(args.settings, args.overrides)
         if args.print_settings:
@@ -114,7 +115,43 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, body: Body) -> 
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError) as exc:
+        # An output path blocked by a file, or not writable: the settings' paths or the file system.
+        if args.verbose:
+            traceback.print_exc()
+        where = exc.filename or "a path"
+        print(
+            f"error: cannot use {where} ({exc.strerror or exc}): check data_root, the folders in the "
+            "settings and their permissions; a file may sit where a folder should be (run with --verbose for the "
+            "traceback)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: rerun the same command to resume", file=sys.stderr)
+        return 143
+    finally:
+        restore()
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a job scheduler, a timeout, kill PID): the run stops like after Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _handle_sigterm() -> Callable[[], None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread; return a function that undoes it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)

@@ -124,3 +124,33 @@ def write_metrics(path: Path, record: dict[str, Any]) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def validate_pairs(predictor: Any, pairs: list[tuple[Path, Path]], desc: str = "validate") -> list[ThresholdSearch]:
+    """Each validation chip's probability histograms through ``predictor``, valid pixels only.
+
+    The one threshold search every trainer uses: the sum of the chips' searches tunes the
+    threshold; each chip's alone gives its score. Nodata pixels never count (the bundle's
+    nodata value decides which they are, as at predict time).
+    """
+    from core.cli import progress
+    from core.raster import read_pair, valid_pixels
+
+    nodata = predictor.info.normalization.nodata
+    chips = []
+    for frame, mask in progress(pairs, desc=desc, unit="chip"):
+        chw, roof, _ = read_pair(frame, mask)
+        prob = predictor.predict(chw[np.newaxis])[0]
+        chip = ThresholdSearch()
+        chip.add(roof, prob, valid_pixels(chw, nodata))
+        chips.append(chip)
+    return chips
+
+
+def combine(searches: list[ThresholdSearch]) -> ThresholdSearch:
+    """One search over every chip's pixels."""
+    total = ThresholdSearch()
+    for search in searches:
+        total.pos += search.pos
+        total.neg += search.neg
+    return total

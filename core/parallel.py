@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
@@ -89,16 +90,58 @@ def map_tasks(
     results: list[Any] = [None] * len(items)
     # spawn, not fork: the parent may hold GDAL handles or threads that a fork would copy.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_worker_start, initargs=(os.getpid(),)
+    )
+    try:
         futures = {pool.submit(func, item): i for i, item in enumerate(items)}
-        try:
-            for future in progress(as_completed(futures), total=len(futures), desc=desc, unit=unit):
-                results[futures[future]] = future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        for future in progress(as_completed(futures), total=len(futures), desc=desc, unit=unit):
+            results[futures[future]] = future.result()
+    except BaseException:
+        # An error or an interrupt (Ctrl-C, SIGTERM): stop at once. Waiting for the workers to
+        # finish the queued work would take as long as the run.
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
     return results
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and end the worker processes now."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.terminate()
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(timeout=5)
+
+
+#: Seconds between a worker's checks that its parent is alive.
+PARENT_POLL = 0.5
+
+
+def _worker_start(parent: int) -> None:
+    """In each local worker: leave Ctrl-C to the parent (it stops the workers), and exit when the
+    parent dies (kill -9, out of memory), so no worker outlives the run it belongs to."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(Exception):  # Linux: the kernel kills us when the parent dies
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:  # elsewhere, and as a second guard: poll
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(PARENT_POLL)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 # --- state kept in a worker process -------------------------------------------------------------

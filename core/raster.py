@@ -21,7 +21,7 @@ import rasterio
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from core.errors import RasterError
+from core.errors import DataError, RasterError
 
 # GDAL's block cache defaults to 5% of RAM; the stages read each block about once, so a
 # large cache only grows memory (1 GB when chipping a large mosaic). A user's own setting wins.
@@ -176,6 +176,56 @@ def open_raster(path: str | os.PathLike[str], *, threads: bool = False) -> raste
         return rasterio.open(path, **({"NUM_THREADS": "ALL_CPUS"} if threads else {}))
     except rasterio.errors.RasterioError as exc:
         raise RasterError(f"{path} is not a readable raster ({exc}): it may be truncated or corrupt") from exc
+
+
+def require_georeference(src: rasterio.io.DatasetReaderBase) -> None:
+    """A raster the pipeline places on the map must have a CRS and a geotransform; say how to give them."""
+    fix = "set them with gdal_edit.py -a_srs EPSG:XXXX -a_ullr ... FILE (or rio edit-info --crs --transform)"
+    if src.transform == rasterio.Affine.identity() and not src.gcps[0]:
+        raise RasterError(f"{src.name} has no georeferencing (no geotransform): it cannot be placed on the map; {fix}")
+    if src.crs is None:
+        raise RasterError(f"{src.name} has no CRS: its coordinates cannot be matched with the labels; {fix}")
+
+
+#: Mask values on disk: 0 background, 255 roof (DESIGN contract 2). One rule for every reader.
+MASK_VALUES = frozenset((0, 255))
+
+
+def check_mask(data: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Refuse a mask that is not 1 band of uint8 0/255, naming the file and what it holds."""
+    if (data.ndim == 3 and data.shape[0] != 1) or data.dtype != np.uint8:
+        bands = data.shape[0] if data.ndim == 3 else 1
+        raise DataError(f"mask {path} has {bands} band(s) of {data.dtype}: masks are 1 band of uint8 0/255")
+    values = np.unique(data)
+    if not set(values.tolist()) <= MASK_VALUES:
+        raise DataError(
+            f"mask {path} holds values {values[:6].tolist()}, not only 0 and 255: write truth masks with "
+            "python mask/mask.py (0 = background, 255 = roof) and predictions with python predict/predict.py"
+        )
+
+
+def read_mask(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """A mask as booleans (roof = True), and its profile; anything but 1 band of uint8 0/255 is an error."""
+    data, profile = read_raster(path)
+    check_mask(data, path)
+    return data[0] == 255, profile
+
+
+def read_pair(frame: str | os.PathLike[str], mask: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A chip (bands, rows, cols), its mask as booleans and the chip's profile; the two must share a grid."""
+    chw, profile = read_raster(frame)
+    roof, mask_profile = read_mask(mask)
+    if roof.shape != chw.shape[1:] or not _same_transform(profile["transform"], mask_profile["transform"]):
+        raise DataError(
+            f"mask {mask} ({roof.shape[1]}x{roof.shape[0]} px) does not lie on the grid of its chip {frame} "
+            f"({chw.shape[2]}x{chw.shape[1]} px): rerun python mask/mask.py and python split/split.py"
+        )
+    return chw, roof, profile
+
+
+def _same_transform(a: Any, b: Any) -> bool:
+    scale = max(abs(a.a), abs(a.e), 1e-12)
+    return all(abs(x - y) <= 1e-6 * scale for x, y in zip(tuple(a)[:6], tuple(b)[:6], strict=True))
 
 
 def read_raster(path: str | os.PathLike[str], window: Window | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -638,7 +688,9 @@ def class_band_statistics(
                 for win in iter_windows(src.width, src.height, block):
                     data = src.read(window=win)
                     keep = valid_pixels(data, nd)
-                    yield data[:, keep], msk.read(1, window=win)[keep] > 0
+                    labels = msk.read(1, window=win)
+                    check_mask(labels, mask)
+                    yield data[:, keep], labels[keep] == 255
 
     lo = hi = None
     if not (dtype.kind in "iu" and dtype.itemsize <= 2):

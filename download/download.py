@@ -79,7 +79,7 @@ CHUNK = 1 << 20
 #: The first request (does the endpoint answer, does the bucket exist) fails fast: a wrong
 #: endpoint is a typo far more often than a network that needs a dozen retries.
 FIRST_REQUEST_TIMEOUT = 5.0
-FIRST_REQUEST_ATTEMPTS = 2
+FIRST_REQUEST_ATTEMPTS = 1
 #: The interactive menu counts matching files under a folder up to this many objects.
 MENU_COUNT_LIMIT = 10_000
 #: Folders numbered in the menu; others can still be opened by typing their name.
@@ -375,10 +375,10 @@ def connect(args: DownloadArgs) -> Store:
             frozen = credentials.get_frozen_credentials()
             hide_in_logs(frozen.access_key, frozen.secret_key, frozen.token)
 
-    def client(connect_timeout: float, attempts: int) -> Any:
+    def client(connect_timeout: float, attempts: int, read_timeout: float = 60) -> Any:
         config = Config(
             connect_timeout=connect_timeout,
-            read_timeout=60,
+            read_timeout=read_timeout,
             retries={"mode": "standard", "total_max_attempts": attempts},
             max_pool_connections=max(args.workers, 10),
             signature_version=UNSIGNED if args.anonymous else None,
@@ -396,15 +396,42 @@ def connect(args: DownloadArgs) -> Store:
     with s3_errors(None, None):
         return Store(
             client=client(args.connect_timeout, args.retries),
-            probe=client(min(args.connect_timeout, FIRST_REQUEST_TIMEOUT), min(args.retries, FIRST_REQUEST_ATTEMPTS)),
+            # The first request answers fast or not at all: an endpoint that accepts connections and
+            # never answers is found in FIRST_REQUEST_TIMEOUT seconds, not after minutes of retries.
+            probe=client(
+                min(args.connect_timeout, FIRST_REQUEST_TIMEOUT), FIRST_REQUEST_ATTEMPTS, FIRST_REQUEST_TIMEOUT
+            ),
             endpoint=endpoint,
         )
 
 
+#: Error codes an S3 store answers a listing with; anything else (an HTML page's 404) is not S3.
+S3_LIST_CODES = {"NoSuchBucket", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                 "ExpiredToken", "InvalidToken", "PermanentRedirect", "AuthorizationHeaderMalformed",
+                 "InvalidBucketName", "AccountProblem", "TokenRefreshRequired", "ExpiredTokenException",
+                 "IllegalLocationConstraintException", "SlowDown", "InternalError", "ServiceUnavailable"}  # fmt: skip
+
+
 def check_access(store: Store, bucket: str, prefix: str) -> None:
-    """One quick listing: the endpoint answers, the bucket exists, the credentials may list it."""
-    with s3_errors(store, bucket, prefix):
+    """One quick listing: the endpoint answers, is S3, the bucket exists, the credentials may list it."""
+    try:
         store.probe.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except ReadTimeoutError:
+        raise DownloadError(
+            f"{store.endpoint} accepted the connection but did not answer a listing within "
+            f"{FIRST_REQUEST_TIMEOUT:g} s: check that download_args.endpoint_url is an S3 endpoint and that it is up"
+        ) from None
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code not in S3_LIST_CODES and not (code == "403" or code == "301"):
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            raise DownloadError(
+                f"{store.endpoint} answered a bucket listing with HTTP {status} and no S3 error: it does not look "
+                "like an S3 endpoint: check download_args.endpoint_url (the address of MinIO, Ceph or S3 itself)"
+            ) from None
+        raise explain(exc, bucket=bucket, key=prefix, endpoint=store.endpoint) from None
+    except BotoCoreError as exc:
+        raise explain(exc, bucket=bucket, key=prefix, endpoint=store.endpoint) from None
 
 
 def list_objects(store: Store, bucket: str, prefix: str, limit: int | None = None) -> tuple[list[S3Object], bool]:

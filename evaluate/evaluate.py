@@ -46,7 +46,7 @@ from core.contract import begin, read_record
 from core.errors import DataError
 from core.index import read_index
 from core.metrics import Confusion, ThresholdSearch, metrics_record, pixel_scores, write_metrics
-from core.raster import atomic_path, read_raster, rgb_preview, valid_pixels
+from core.raster import atomic_path, read_mask, read_raster, rgb_preview, valid_pixels
 from core.report import evaluation_dir, write_report, write_summary
 from core.settings import EvaluateArgs, Settings
 from core.stages import spec_of
@@ -181,20 +181,6 @@ def score_chip(
     confusion = Confusion().add(truth, pred, valid)
     objects = match_objects(truth, pred, args)
     return ChipScore(name, confusion, objects, objects.tp + objects.fn, objects.tp + objects.fp)
-
-
-def read_mask(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """A 1-band uint8 0/255 mask as booleans, and its profile; anything else is an error naming the file."""
-    data, profile = read_raster(path)
-    if data.shape[0] != 1 or data.dtype != np.uint8:
-        raise DataError(f"mask {path} has {data.shape[0]} band(s) of {data.dtype}: masks are 1 band of uint8 0/255")
-    values = np.unique(data)
-    if not set(values.tolist()) <= {0, 255}:
-        raise DataError(
-            f"mask {path} holds values {values[:6].tolist()}, not only 0 and 255: write truth masks with "
-            "python mask/mask.py and predictions with python predict/predict.py"
-        )
-    return data[0] == 255, profile
 
 
 @dataclass

@@ -38,7 +38,7 @@ from core import cli
 from core.contract import begin
 from core.errors import DataError, InputMissingError
 from core.parallel import map_tasks
-from core.raster import atomic_path, open_raster, valid_pixels
+from core.raster import atomic_path, open_raster, read_pair, valid_pixels
 from core.settings import FlattenArgs, ParallelArgs, Settings
 from core.tree import DataTree, refuse_overwrite
 from ml.table import LONG_COLUMNS, band_column, table_name, wide_columns
@@ -72,18 +72,8 @@ def _to_lonlat(crs_wkt: str) -> Transformer:
 
 def _read_pair(frame: Path, mask: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, Affine, RasterioCRS | None]:
     """Chip pixels, its valid-pixel mask, the roof mask, transform and CRS."""
-    with open_raster(frame) as src:
-        data = src.read()
-        valid = valid_pixels(data, src.nodata)
-        transform, crs = src.transform, src.crs
-    with open_raster(mask) as msk:
-        if (msk.width, msk.height) != (data.shape[2], data.shape[1]):
-            raise DataError(
-                f"mask {mask} is {msk.width}x{msk.height} but its chip {frame} is {data.shape[2]}x{data.shape[1]}: "
-                "rerun python mask/mask.py and python split/split.py"
-            )
-        roof = msk.read(1) > 0
-    return data, valid, roof, transform, crs
+    data, roof, profile = read_pair(frame, mask)
+    return data, valid_pixels(data, profile["nodata"]), roof, profile["transform"], profile["crs"]
 
 
 def select_pixels(

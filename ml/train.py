@@ -30,8 +30,8 @@ from core import cli
 from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, Predictor, load_predictor, write_info
 from core.errors import DataError
 from core.index import chip_kind, split_pairs
-from core.metrics import ThresholdSearch, metrics_record, write_metrics
-from core.raster import atomic_path, band_statistics, read_raster, valid_pixels
+from core.metrics import ThresholdSearch, combine, metrics_record, validate_pairs, write_metrics
+from core.raster import atomic_path, band_statistics, read_pair, valid_pixels
 from core.settings import Settings, dump_settings
 from core.tree import DataTree, refuse_overwrite
 from ml.bundle import save_model
@@ -72,11 +72,8 @@ def _draw(roof: np.ndarray, valid: np.ndarray, shares: tuple[float, float], rng:
 
 
 def _read_pair(pair: Pair, nodata: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    chw, _ = read_raster(pair[0])
-    mask, _ = read_raster(pair[1])
-    if mask.shape[1:] != chw.shape[1:]:
-        raise DataError(f"mask {pair[1]} is {mask.shape[2]}x{mask.shape[1]}, its chip {chw.shape[2]}x{chw.shape[1]}")
-    return chw, mask[0] > 0, valid_pixels(chw, nodata)
+    chw, roof, _ = read_pair(*pair)
+    return chw, roof, valid_pixels(chw, nodata)
 
 
 def sample_chips(pairs: list[Pair], normalization: Normalization, spec: FeatureSpec, budget: int, seed: int) -> Sample:
@@ -133,13 +130,7 @@ def sample_table(
 
 def validate(predictor: Predictor, pairs: list[Pair]) -> ThresholdSearch:
     """Probabilities of every valid pixel of the validation chips, chip by chip, through ``predictor``."""
-    search = ThresholdSearch()
-    nodata = predictor.info.normalization.nodata
-    for pair in cli.progress(pairs, desc="validate", unit="chip"):
-        chw, roof, valid = _read_pair(pair, nodata)
-        prob = predictor.predict(chw[np.newaxis])[0]
-        search.add(roof, prob, valid)
-    return search
+    return combine(validate_pairs(predictor, pairs))
 
 
 def _check_classes(sample: Sample, source: str) -> None:

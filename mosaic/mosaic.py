@@ -31,7 +31,7 @@ from rasterio.windows import Window
 from core import cli
 from core.contract import begin
 from core.errors import DataError, InputMissingError, RasterError
-from core.raster import create_raster, gtiff_profile, open_raster, valid_pixels
+from core.raster import create_raster, gtiff_profile, open_raster, require_georeference, valid_pixels
 from core.settings import MosaicArgs, Settings
 from core.tree import DataTree, refuse_overwrite
 
@@ -58,6 +58,7 @@ def inspect_tiles(paths: list[Path]) -> list[TileInfo]:
     infos = []
     for path in cli.progress(paths, desc="inspect", unit="tile"):
         with open_raster(path) as src:
+            require_georeference(src)
             infos.append(
                 TileInfo(
                     path=path,
@@ -183,14 +184,24 @@ def build_mosaic(
         raise InputMissingError(f"no tiles to mosaic into {output}: give at least one GeoTIFF")
     infos = inspect_tiles(paths)
     odd = mismatches(infos)
+    kinds = [
+        f"{i.path.name}: {i.count} bands of {i.dtype}"
+        for i in infos
+        if (i.count, i.dtype) != (infos[0].count, infos[0].dtype)
+    ]
+    if kinds:  # checked first: reprojecting cannot fix it
+        raise DataError(
+            f"tiles differ in band count or dtype from {infos[0].path.name} ({infos[0].count} bands of "
+            f"{infos[0].dtype}): "
+            + "; ".join(kinds)
+            + ": move the odd tiles out of the folder, or mosaic them separately"
+        )
     if odd and not args.reproject:
         raise DataError(
             f"tiles differ from {infos[0].path.name}: "
             + "; ".join(odd)
             + ": set mosaic_args.reproject to true to warp them onto its grid, or mosaic them separately"
         )
-    if len({i.count for i in infos}) > 1 or len({i.dtype for i in infos}) > 1:
-        raise DataError("tiles differ in band count or dtype, which reprojecting cannot fix: " + "; ".join(odd))
     ref = infos[0]
     transform, width, height = output_grid(infos)
     nodata = next((i.nodata for i in infos if i.nodata is not None), None)

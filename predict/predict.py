@@ -245,6 +245,19 @@ def _touches_row(poly, src, row: int) -> bool:
     return bool(np.isclose(ys, y, rtol=0, atol=abs(src.transform.e) * 1e-3).any())
 
 
+def ground_area(gdf: gpd.GeoDataFrame) -> np.ndarray:
+    """True ground areas in m2, whatever the CRS: measured in the local UTM zone.
+
+    The areas of a projected CRS are not ground areas in general (Web Mercator's grow with
+    latitude: +27% at Gorakhpur), nor are a geographic CRS's degrees. A UTM zone's scale error
+    is under 0.1% inside the zone.
+    """
+    if gdf.crs is None:
+        log.warning("predict: the imagery has no CRS: roof areas are in square map units, not m2")
+        return gdf.geometry.area.to_numpy()
+    return gdf.to_crs(gdf.estimate_utm_crs()).geometry.area.to_numpy()
+
+
 def roofs_frame(results: list[RasterResult], crs, args: PredictArgs) -> gpd.GeoDataFrame:
     """One table of roof polygons with their area in m2, filtered by min_area and simplified."""
     rows = [(r.source.name, g) for r in results for g in r.polygons]
@@ -254,8 +267,7 @@ def roofs_frame(results: list[RasterResult], crs, args: PredictArgs) -> gpd.GeoD
         return gdf
     if args.simplify > 0:
         gdf["geometry"] = gdf.geometry.simplify(args.simplify, preserve_topology=True)
-    metric = gdf if gdf.crs is None or gdf.crs.is_projected else gdf.to_crs(gdf.estimate_utm_crs())
-    gdf["area_m2"] = metric.geometry.area.to_numpy()
+    gdf["area_m2"] = ground_area(gdf)
     gdf = gdf[gdf["area_m2"] >= args.min_area].reset_index(drop=True)
     gdf.insert(0, "id", np.arange(len(gdf)))
     return gdf

@@ -48,10 +48,10 @@ def ensure_each(counts: dict[str, int], fractions: dict[str, float]) -> dict[str
     wanted = [k for k, f in fractions.items() if f > 0]
     total = sum(counts.values())
     if total < len(wanted):
-        raise DataError(
-            f"{total} chips cannot fill {len(wanted)} splits ({', '.join(wanted)}): make more chips "
-            "(smaller chip_args.size or stride) or set split_args.fractions.test to 0"
-        )
+        advice = "make more chips (smaller chip_args.size or stride)"
+        if fractions.get("test", 0) > 0:  # train and val cannot be 0; test can
+            advice += " or set split_args.fractions.test to 0"
+        raise DataError(f"{total} chips cannot fill {len(wanted)} splits ({', '.join(wanted)}): {advice}")
     counts = dict(counts)
     for k in wanted:
         if counts[k] == 0:

@@ -429,3 +429,90 @@ def test_labels_outside_the_imagery_do_not_touch_the_record(scene, capsys):
                  roof_type=["metal"])  # fmt: skip
     assert mask_main(argv) == 1
     assert not (tree.root / "mask.record.json").exists()
+
+
+# --- the remaining failures of the same trial ----------------------------------------------------------
+
+
+def test_data_root_under_a_file_is_one_line(scene, capsys, tmp_path):
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    argv = scene(f"data_root={tmp_path / 'blocker' / 'data'}")
+    assert chip_main([*argv, "--input", str(tmp_path / "data" / "raw")]) == 1
+    line = error(capsys)
+    assert line.startswith(f"error: cannot use {tmp_path / 'blocker'}") and "Not a directory" in line
+    assert line.endswith("a file may sit where a folder should be (run with --verbose for the traceback)")
+
+
+def test_a_file_where_the_mosaic_folder_should_be_is_one_line(scene, capsys, tmp_path):
+    (tmp_path / "data" / "mosaic").write_text("oops")
+    assert mosaic_main(scene()) == 1
+    line = error(capsys)
+    assert line.startswith("error: cannot use ") and "mosaic" in line
+
+
+@pytest.mark.parametrize(("crs", "georeferenced", "what"), [(None, True, "has no CRS"),
+                                                            ("EPSG:32644", False, "has no georeferencing")])  # fmt: skip
+def test_a_raster_without_crs_or_geotransform_is_refused(crs, georeferenced, what, scene, capsys, tmp_path):
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.transform import Affine
+
+    tile = tmp_path / "data" / "raw" / "tile.tif"
+    transform = None if georeferenced else Affine.identity()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        write_geotiff(tile, bands=3, rows=SIDE, cols=SIDE, crs=crs, transform=transform)
+    assert mosaic_main(scene()) == 1
+    assert error(capsys).startswith(f"error: {tile} {what}")
+    assert chip_main(scene("chip_args.source=raw")) == 1  # never chipped silently
+    assert error(capsys).startswith(f"error: {tile} {what}")
+    assert not (tmp_path / "data" / "chips.csv").exists()
+
+
+def test_one_tile_of_another_band_count_is_refused_by_chip_and_mosaic(scene, capsys, tmp_path):
+    write_geotiff(tmp_path / "data" / "raw" / "tile2.tif", bands=8, rows=SIDE, cols=SIDE)
+    assert chip_main(scene("chip_args.source=raw")) == 1
+    assert error(capsys) == (
+        "error: tile2.tif has 8 bands of uint16, tile.tif 3 bands of uint16: chips of one run must be alike; move "
+        "the odd raster out of the input"
+    )
+    assert mosaic_main(scene()) == 1
+    line = error(capsys)
+    assert "tile2.tif: 8 bands of uint16" in line and "reproject" not in line
+
+
+def test_split_advice_names_a_setting_that_can_be_changed(scene, capsys):
+    from split.split import ensure_each
+
+    with pytest.raises(Exception, match=r"make more chips \(smaller chip_args.size or stride\)$"):
+        ensure_each({"train": 1, "val": 0, "test": 0}, {"train": 0.8, "val": 0.2, "test": 0.0})
+    with pytest.raises(Exception, match=r"or set split_args.fractions.test to 0$"):
+        ensure_each({"train": 1, "val": 1, "test": 0}, {"train": 0.6, "val": 0.2, "test": 0.2})
+
+
+def test_roof_areas_are_ground_areas_in_web_mercator(tmp_path):
+    from predict.predict import RasterResult, roofs_frame
+
+    utm = gpd.GeoSeries([shapely.box(500000, 2960000, 500010, 2960010)], crs="EPSG:32644")  # 100 m2
+    mercator = utm.to_crs("EPSG:3857")
+    assert mercator.area.iloc[0] == pytest.approx(127.0, rel=0.01)  # what the old areas said
+    result = RasterResult(Path("t.tif"), Path("m.tif"), None, polygons=list(mercator))
+    from core.settings import PredictArgs
+
+    gdf = roofs_frame([result], "EPSG:3857", PredictArgs(min_area=101))
+    assert gdf.empty  # min_area is in true m2 too
+    gdf = roofs_frame([result], "EPSG:3857", PredictArgs(min_area=99))
+    assert gdf["area_m2"].iloc[0] == pytest.approx(100.0, rel=0.002)
+
+
+def test_after_a_failed_run_pipeline_prints_no_metrics_table(scene, capsys, tmp_path):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    prepare([*argv, "--model", "regression"], train_main)
+    capsys.readouterr()
+    (tmp_path / "data" / "labels" / "roofs.geojson").write_text("broken {")
+    assert pipeline.main([*argv, "--from", "mask", "--to", "split", "--overwrite"]) == 1
+    out = capsys.readouterr().out
+    assert "mask        failed (exit 1)" in out
+    assert "validation metrics" not in out

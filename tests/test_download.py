@@ -609,6 +609,46 @@ def test_unreachable_endpoint_fails_fast(stage_argv, tmp_path: Path, capsys) -> 
     assert not (tmp_path / "data").exists()
 
 
+def test_an_endpoint_that_never_answers_fails_in_seconds(stage_argv, tmp_path: Path, capsys) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:  # accepts, reads, never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        start = time.monotonic()
+        code = dl.main([*stage_argv, "--set", f"download_args.endpoint_url={endpoint}", "--bucket", "any-bucket"])
+        elapsed = time.monotonic() - start
+    assert code == 1
+    assert elapsed < 10
+    assert one_error_line(capsys) == (
+        f"error: {endpoint} accepted the connection but did not answer a listing within 5 s: check that "
+        "download_args.endpoint_url is an S3 endpoint and that it is up"
+    )
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_plain_http_server_is_not_taken_for_s3(stage_argv, tmp_path: Path, capsys) -> None:
+    port = free_port()
+    (tmp_path / "www").mkdir()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              cwd=tmp_path / "www", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        code = dl.main([*stage_argv, "--set", f"download_args.endpoint_url={endpoint}", "--bucket", "any-bucket"])
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert code == 1
+    assert one_error_line(capsys) == (
+        f"error: {endpoint} answered a bucket listing with HTTP 404 and no S3 error: it does not look like an S3 "
+        "endpoint: check download_args.endpoint_url (the address of MinIO, Ceph or S3 itself)"
+    )
+
+
 def test_no_credentials_says_how_to_give_them(bucket, argv, monkeypatch, capsys) -> None:
     name = bucket(SCENE)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")

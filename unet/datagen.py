@@ -18,6 +18,7 @@ import keras
 import numpy as np
 from scipy import ndimage
 
+from core import raster
 from core.bundle import Normalization
 from core.errors import DataError
 from core.raster import pad_to_multiple, read_raster
@@ -25,18 +26,9 @@ from core.settings import LoadDatasetArgs
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """A 0/255 uint8 mask as float32 0/1 (rows, cols); other values are an error naming the file."""
-    data, _ = read_raster(path)
-    if data.shape[0] != 1 or data.dtype != np.uint8:
-        raise DataError(f"mask {path} has {data.shape[0]} band(s) of {data.dtype}: masks are 1 band of uint8 0/255")
-    mask = data[0]
-    values = np.unique(mask)
-    if not set(values.tolist()) <= {0, 255}:
-        raise DataError(
-            f"mask {path} holds values {values[:6].tolist()}, not only 0 and 255: write masks with "
-            "python mask/mask.py (0 = background, 255 = roof)"
-        )
-    return (mask == 255).astype(np.float32)
+    """A 0/255 uint8 mask as float32 0/1 (rows, cols): the one place masks become targets."""
+    roof, _ = raster.read_mask(path)
+    return roof.astype(np.float32)
 
 
 def read_pair(frame: Path, mask: Path, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ import numpy as np
 from core.bundle import BundleInfo, Normalization, read_info
 from core.errors import DataError, PipelineError
 from core.index import chip_kind, split_pairs
-from core.metrics import Confusion, ThresholdSearch, metrics_record, write_metrics
+from core.metrics import Confusion, combine, metrics_record, validate_pairs, write_metrics
 from core.raster import band_statistics, read_raster
 from core.settings import Settings
 from core.tree import DataTree, refuse_overwrite
@@ -305,24 +305,11 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
 
 
 def evaluate_split(predictor, frames: list[Path], masks: list[Path]) -> tuple[float, Confusion, list[float]]:
-    """Tune the F1-best threshold over a whole split; return it, the counts there, and each chip's IoU.
-
-    Each chip keeps only its probability histograms, so memory does not grow with the split.
-    A chip with no roof that gets none predicted scores 1.
+    """Tune the F1-best threshold over a whole split (valid pixels only, as the classical models do);
+    return it, the counts there, and each chip's IoU. A chip with no roof that gets none predicted scores 1.
     """
-    from unet.datagen import read_mask
-
-    search = ThresholdSearch()
-    chips = []
-    for frame, mask_path in zip(frames, masks, strict=True):
-        image, _ = read_raster(frame)
-        prob = predictor.predict(image[None])[0]
-        truth = read_mask(mask_path) > 0.5
-        search.add(truth, prob)
-        chip = ThresholdSearch()
-        chip.add(truth, prob)
-        chips.append(chip)
-    threshold, confusion = search.best()
+    chips = validate_pairs(predictor, list(zip(frames, masks, strict=True)))
+    threshold, confusion = combine(chips).best()
     per_chip = []
     for chip in chips:
         c = chip.confusion_at(threshold)
