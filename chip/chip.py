@@ -30,7 +30,7 @@ from core.contract import begin
 from core.errors import DataError, InputMissingError, RasterError
 from core.index import CHIP_COLUMNS, read_index, write_index
 from core.parallel import map_tasks
-from core.raster import open_raster, require_georeference, valid_pixels, write_raster
+from core.raster import kind_of, open_raster, require_georeference, require_kind, valid_pixels, write_raster
 from core.settings import ChipArgs, ParallelArgs, Settings
 from core.tree import DataTree
 
@@ -142,16 +142,12 @@ def plan_chips(sources: list[Path], tree: DataTree, args: ChipArgs, reuse: bool)
     """Every chip of every source, numbered by source order and grid position."""
     tasks: list[ChipTask] = []
     stride = args.stride or args.size
-    first: tuple[Path, int, str] | None = None
+    kind: tuple[int, str] | None = None
     for source in sources:
         with open_raster(source) as src:
             require_georeference(src)
-            first = first or (source, src.count, src.dtypes[0])
-            if (src.count, src.dtypes[0]) != first[1:]:
-                raise DataError(
-                    f"{source.name} has {src.count} bands of {src.dtypes[0]}, {first[0].name} {first[1]} bands of "
-                    f"{first[2]}: chips of one run must be alike; move the odd raster out of the input"
-                )
+            kind = kind or kind_of(src)
+            require_kind(src, kind, sources[0], "chips of one run must be alike; move the odd raster out of the input")
             pad = args.pad_value if args.pad_value is not None else (src.nodata if src.nodata is not None else 0)
             for row_off, col_off in chip_grid(src.width, src.height, args.size, stride):
                 index = len(tasks)

@@ -15,12 +15,16 @@ turns raw pixels into model input, at training and at prediction time alike.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib
 import importlib.metadata
 import json
+import os
 import platform
-from collections.abc import Sequence
+import secrets
+import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -164,6 +168,30 @@ def write_info(folder: Path, info: BundleInfo) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(info.to_dict(), indent=2) + "\n", encoding="utf-8")
     return path
+
+
+@contextlib.contextmanager
+def new_bundle(bundle: Path) -> Iterator[Path]:
+    """A temporary folder beside ``bundle`` to write a whole bundle into (model and bundle.json).
+
+    On success it takes the bundle's place by renames (the old bundle moved aside, then removed),
+    so predict never reads a new model with an old bundle.json; on failure it is removed and
+    the old bundle stays. A kill leaves ``.BUNDLE.XXXX.tmp`` folders, which the next run of the
+    stage removes.
+    """
+    bundle = Path(bundle)
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    tmp = bundle.with_name(f".{bundle.name}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = bundle.with_name(f".{bundle.name}.{secrets.token_hex(4)}.old.tmp")
+        if bundle.exists():
+            os.replace(bundle, old)
+        os.replace(tmp, bundle)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_info(folder: Path) -> BundleInfo:

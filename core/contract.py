@@ -434,7 +434,10 @@ class StageRun:
         for output in self._outputs():
             for leftover in output.leftovers():
                 with contextlib.suppress(OSError):
-                    leftover.unlink()
+                    if leftover.is_dir() and not leftover.is_symlink():
+                        shutil.rmtree(leftover)
+                    else:
+                        leftover.unlink()
         if self.mode == "resume" and self.status.record is not None:
             self.run_id = self.status.record["run"]
             self.started = self.status.record.get("started", "")

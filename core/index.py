@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.errors import DataError, InputMissingError
-from core.raster import atomic_path, open_raster
+from core.raster import atomic_path, kind_of, open_raster, require_kind
 from core.tree import DataTree, require
 
 #: Columns chip writes, in order.
@@ -65,17 +65,18 @@ def chip_kind(paths: list[Path], channels: int) -> tuple[int, str, float | None]
     Chips that declare no nodata (an unpadded chip of imagery without one) agree with any value,
     so the value is that of every chip that declares one, whichever chip comes first.
     """
-    kinds: dict[tuple[int, str], Path] = {}
     nodatas: set[float] = set()
+    kind: tuple[int, str] | None = None
     for path in paths:
         with open_raster(path) as src:
-            kinds.setdefault((src.count, src.dtypes[0]), Path(path))
+            kind = kind or kind_of(src)
+            require_kind(src, kind, Path(paths[0]), "the train and val chips must be alike: rechip the imagery")
             if src.nodata is not None:
                 value = float(src.nodata)
                 nodatas.add(math.nan if math.isnan(value) else value)  # one NaN object: NaN != NaN
-    if len(kinds) > 1:
-        raise DataError(f"the train and val chips differ in band count or type ({sorted(kinds)}): rechip the imagery")
-    ((bands, dtype), example), *_ = kinds.items()
+    if kind is None:
+        raise ValueError("chip_kind needs at least one chip")
+    (bands, dtype), example = kind, Path(paths[0])
     if bands != channels:
         raise DataError(
             f"the chips have {bands} bands ({example.name}) but load_dataset_args.channels is {channels}: set "

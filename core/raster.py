@@ -187,6 +187,33 @@ def require_georeference(src: rasterio.io.DatasetReaderBase) -> None:
         raise RasterError(f"{src.name} has no CRS: its coordinates cannot be matched with the labels; {fix}")
 
 
+def kind_of(src: rasterio.io.DatasetReaderBase) -> tuple[int, str]:
+    """A raster's band count and dtype: what every raster of one run must share."""
+    return src.count, np.dtype(src.dtypes[0]).name
+
+
+def require_kind(src: rasterio.io.DatasetReaderBase, kind: tuple[int, str], reference: Path, fix: str) -> None:
+    """Refuse a raster whose band count or dtype differs from ``kind`` (that of ``reference``)."""
+    if kind_of(src) != kind:
+        count, dtype = kind_of(src)
+        raise DataError(
+            f"{Path(src.name).name} has {count} bands of {dtype}, {Path(reference).name} {kind[0]} bands of "
+            f"{kind[1]}: {fix}"
+        )
+
+
+def common_kind(paths: Sequence[str | os.PathLike[str]], fix: str) -> tuple[int, str]:
+    """The band count and dtype every raster in ``paths`` shares (the first that differs is an error)."""
+    kind: tuple[int, str] | None = None
+    for path in paths:
+        with open_raster(path) as src:
+            kind = kind or kind_of(src)
+            require_kind(src, kind, Path(paths[0]), fix)
+    if kind is None:
+        raise ValueError("common_kind needs at least one raster")
+    return kind
+
+
 #: Mask values on disk: 0 background, 255 roof (DESIGN contract 2). One rule for every reader.
 MASK_VALUES = frozenset((0, 255))
 
@@ -408,7 +435,8 @@ def band_statistics(
     if not paths:
         raise ValueError("band_statistics needs at least one raster")
     with open_raster(paths[0]) as src:
-        count, dtype = src.count, np.dtype(src.dtypes[0])
+        kind = kind_of(src)
+    count, dtype = kind[0], np.dtype(kind[1])
     # One counter per possible value: 64 K at most; a 32-bit type would need 32 GiB.
     integer = dtype.kind in "iu" and dtype.itemsize <= 2
     accs: list[Any] = [_IntegerAccumulator(dtype) if integer else _FloatAccumulator() for _ in range(count)]
@@ -416,11 +444,7 @@ def band_statistics(
     def windows() -> Iterator[tuple[np.ndarray, float | None]]:
         for path in paths:
             with open_raster(path) as src:
-                if src.count != count or np.dtype(src.dtypes[0]) != dtype:
-                    raise RasterError(
-                        f"{path} has {src.count} bands of {src.dtypes[0]}, but {paths[0]} has {count} of "
-                        f"{dtype.name}: statistics need rasters of one kind"
-                    )
+                require_kind(src, kind, paths[0], "statistics need rasters of one kind")
                 nd = src.nodata if nodata is None else nodata
                 for win in iter_windows(src.width, src.height, block):
                     yield src.read(window=win), nd
@@ -672,16 +696,13 @@ def class_band_statistics(
     if not frames or len(frames) != len(masks):
         raise ValueError(f"class_band_statistics needs chips and as many masks, got {len(frames)} and {len(masks)}")
     with open_raster(frames[0]) as src:
-        count, dtype = src.count, np.dtype(src.dtypes[0])
+        kind = kind_of(src)
+    count, dtype = kind[0], np.dtype(kind[1])
 
     def windows() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for frame, mask in zip(frames, masks, strict=True):
             with open_raster(frame) as src, open_raster(mask) as msk:
-                if src.count != count or np.dtype(src.dtypes[0]) != dtype:
-                    raise RasterError(
-                        f"{frame} has {src.count} bands of {src.dtypes[0]}, but {frames[0]} has {count} of "
-                        f"{dtype.name}: statistics need chips of one kind"
-                    )
+                require_kind(src, kind, frames[0], "statistics need chips of one kind")
                 if (msk.width, msk.height) != (src.width, src.height):
                     raise RasterError(f"mask {mask} is {msk.width}x{msk.height}, its chip {src.width}x{src.height}")
                 nd = src.nodata if nodata is None else nodata

@@ -38,7 +38,7 @@ from core import cli
 from core.contract import begin
 from core.errors import DataError, InputMissingError
 from core.parallel import map_tasks
-from core.raster import atomic_path, open_raster, read_pair, valid_pixels
+from core.raster import atomic_path, common_kind, open_raster, read_pair, valid_pixels
 from core.settings import FlattenArgs, ParallelArgs, Settings
 from core.tree import DataTree, refuse_overwrite
 from ml.table import LONG_COLUMNS, band_column, table_name, wide_columns
@@ -200,12 +200,7 @@ def pair_chips(frames: Path, masks: Path, tree: DataTree) -> list[tuple[Path, Pa
             f"{len(missing)} of {len(chips)} chips in {frames} have no mask in {masks} (e.g. {missing[0]}): "
             "run python split/split.py, or set flatten_args.masks"
         )
-    kinds = set()
-    for chip in chips:
-        with open_raster(chip) as src:
-            kinds.add((src.count, src.dtypes[0]))
-    if len(kinds) > 1:
-        raise DataError(f"chips in {frames} differ in band count or type ({sorted(kinds)}): one table needs one kind")
+    common_kind(chips, f"one table needs chips of one kind: rechip the imagery ({frames})")
     return [(c, masks / c.name) for c in chips]
 
 

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import secrets
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from core import cli
-from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, Predictor, load_predictor, write_info
+from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, Predictor, load_predictor, new_bundle, write_info
 from core.errors import DataError
 from core.index import chip_kind, split_pairs
 from core.metrics import ThresholdSearch, combine, metrics_record, validate_pairs, write_metrics
@@ -145,13 +142,6 @@ def _check_classes(sample: Sample, source: str) -> None:
         )
 
 
-def _install(tmp: Path, bundle: Path) -> None:
-    """Move a finished bundle folder into place, replacing an old one."""
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    os.replace(tmp, bundle)
-
-
 def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite: bool = False) -> Path:
     """Train ``kind`` (forest or regression) and write its results folder; return the bundle folder."""
     if kind not in CLASSICAL:
@@ -197,9 +187,7 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
     fit_seconds = time.perf_counter() - started
     log.info("train %s: fitted in %.1f s", kind, fit_seconds)
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".bundle-{secrets.token_hex(4)}"
-    try:
+    with new_bundle(bundle) as tmp:
         save_model(model, tmp)
         info0 = BundleInfo(
             kind=kind,
@@ -215,10 +203,6 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
         search = validate(load_predictor(tmp), val_pairs)
         threshold, confusion = search.best()
         write_info(tmp, dataclasses.replace(info0, threshold=threshold))
-        _install(tmp, bundle)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
     total = confusion.tp + confusion.fp + confusion.fn + confusion.tn
     truth, predicted = (confusion.tp + confusion.fn) / max(total, 1), (confusion.tp + confusion.fp) / max(total, 1)

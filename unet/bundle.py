@@ -11,9 +11,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from core.bundle import BundleError, BundleInfo, write_info
+from core.bundle import BundleError, BundleInfo, new_bundle, write_info
 from core.errors import DataError
-from core.raster import atomic_path, crop_to, pad_to_multiple
+from core.raster import crop_to, pad_to_multiple
 from unet import losses
 from unet.metrics import CUSTOM_OBJECTS
 
@@ -61,11 +61,10 @@ class UNetPredictor:
 
 
 def save(folder: Path, model: keras.Model, info: BundleInfo) -> Path:
-    """Write model.keras and bundle.json into ``folder`` (each atomically)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / MODEL_FILE) as tmp:
-        model.save(tmp)
-    write_info(folder, info)
+    """Write the bundle (model.keras and bundle.json) and swap it in whole (:func:`core.bundle.new_bundle`)."""
+    with new_bundle(folder) as tmp:
+        model.save(tmp / MODEL_FILE)
+        write_info(tmp, info)
     return folder
 
 
