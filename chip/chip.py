@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,31 +29,26 @@ from core.contract import begin
 from core.errors import DataError, InputMissingError, RasterError
 from core.index import CHIP_COLUMNS, read_index, write_index
 from core.parallel import map_tasks
-from core.raster import kind_of, open_raster, require_georeference, require_kind, valid_pixels, write_raster
+from core.raster import (
+    kind_of,
+    open_raster,
+    require_georeference,
+    require_kind,
+    valid_pixels,
+    window_starts,
+    write_raster,
+)
 from core.settings import ChipArgs, ParallelArgs, Settings
 from core.tree import DataTree
 
 log = logging.getLogger(__name__)
 
 
-def chip_offsets(length: int, size: int, stride: int) -> list[int]:
-    """Offsets of chips of ``size`` every ``stride`` pixels along an axis of ``length``.
-
-    The last chip covers the last pixel (it may overhang and is then padded); a stride
-    larger than the size leaves gaps between chips, and no chip starts past the last pixel.
-    """
-    if length <= 0 or size <= 0 or stride <= 0:
-        raise ValueError(f"length, size and stride must be positive, got {length}, {size}, {stride}")
-    count = 1 if length <= size else math.ceil((length - size) / stride) + 1
-    # With stride > size the formula above can place the last chip wholly outside the raster.
-    count = min(count, math.ceil(length / stride))
-    return [i * stride for i in range(count)]
-
-
 def chip_grid(width: int, height: int, size: int, stride: int | None = None) -> list[tuple[int, int]]:
     """(row_off, col_off) of every chip, row by row."""
     stride = size if stride is None else stride
-    return [(r, c) for r in chip_offsets(height, size, stride) for c in chip_offsets(width, size, stride)]
+    rows, cols = (window_starts(n, size, stride, overhang=True) for n in (height, width))
+    return [(r, c) for r in rows for c in cols]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ and compressed GeoTIFFs that keep CRS, transform, nodata and dtype.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
@@ -271,13 +272,35 @@ def read_raster(path: str | os.PathLike[str], window: Window | None = None) -> t
     return data, profile
 
 
-def iter_windows(width: int, height: int, block: int) -> Iterator[Window]:
-    """Windows of at most ``block`` x ``block`` pixels that tile a raster exactly, row by row."""
-    if block <= 0:
-        raise ValueError(f"block must be positive, got {block}")
-    for row in range(0, height, block):
+def window_starts(length: int, size: int, step: int, *, overhang: bool = False) -> list[int]:
+    """Starts of windows of ``size`` pixels every ``step`` pixels along an axis of ``length``.
+
+    The one window arithmetic of the pipeline. ``overhang`` (chips): the last window covers the
+    last pixel and may run past the end (it is padded); a step larger than the size leaves
+    gaps, and no window starts past the last pixel. Without it (prediction windows, blocks that
+    must stay inside the raster): the last window ends exactly at the end, overlapping its
+    neighbour more than ``size - step``; a length under ``size`` is one window at 0.
+    """
+    if length <= 0 or size <= 0 or step <= 0:
+        raise ValueError(f"length, size and step must be positive, got {length}, {size}, {step}")
+    if overhang:
+        count = 1 if length <= size else math.ceil((length - size) / step) + 1
+        # With step > size the formula above can place the last window wholly outside.
+        return [i * step for i in range(min(count, math.ceil(length / step)))]
+    if length <= size:
+        return [0]
+    return [*range(0, length - size, step), length - size]
+
+
+def iter_windows(width: int, height: int, block: int, rows: int | None = None) -> Iterator[Window]:
+    """Windows of at most ``block`` columns x ``rows`` rows (default ``block``) that tile a raster
+    exactly, row by row."""
+    rows = block if rows is None else rows
+    if block <= 0 or rows <= 0:
+        raise ValueError(f"block must be positive, got {block} x {rows}")
+    for row in range(0, height, rows):
         for col in range(0, width, block):
-            yield Window(col, row, min(block, width - col), min(block, height - row))
+            yield Window(col, row, min(block, width - col), min(rows, height - row))
 
 
 def pad_to_multiple(array: np.ndarray, multiple: int, mode: str = "reflect") -> tuple[np.ndarray, tuple[int, int]]:

@@ -31,7 +31,7 @@ from rasterio.windows import Window
 from core import cli
 from core.contract import begin
 from core.errors import DataError, InputMissingError, RasterError
-from core.raster import create_raster, gtiff_profile, open_raster, require_georeference, valid_pixels
+from core.raster import create_raster, gtiff_profile, iter_windows, open_raster, require_georeference, valid_pixels
 from core.settings import MosaicArgs, Settings
 from core.tree import DataTree, refuse_overwrite
 
@@ -221,11 +221,7 @@ def build_mosaic(
     )
     order = infos[::-1] if args.overlap == "last" else infos
     rule = "first" if args.overlap == "last" else args.overlap  # "last" is "first" over the reversed list
-    blocks = [
-        Window(c, r, min(block, width - c), min(block, height - r))
-        for r in range(0, height, block)
-        for c in range(0, width, block)
-    ]
+    blocks = list(iter_windows(width, height, block))
     with contextlib.ExitStack() as stack, create_raster(output, profile) as dst:
         datasets = [stack.enter_context(open_on_grid(i, ref, args.reproject)) for i in order]
         for win in cli.progress(blocks, desc="mosaic", unit="block"):

@@ -41,7 +41,15 @@ from core.contract import begin, file_identity, file_key, read_record
 from core.errors import BlankPredictionError, DataError, InputMissingError
 from core.index import chip_ids, grid_of
 from core.parallel import map_tasks, worker_cached
-from core.raster import atomic_path, create_raster, gtiff_profile, open_raster, valid_pixels
+from core.raster import (
+    atomic_path,
+    create_raster,
+    gtiff_profile,
+    iter_windows,
+    open_raster,
+    valid_pixels,
+    window_starts,
+)
 from core.settings import ParallelArgs, PredictArgs, Settings
 from core.stages import predict_bundle, predict_source, spec_of, split_of_folder
 from core.tree import DataTree, refuse_overwrite
@@ -50,16 +58,6 @@ log = logging.getLogger(__name__)
 
 #: Rows of mask polygonized at a time.
 _POLY_STRIP = 2048
-
-
-def window_starts(length: int, window: int, overlap: int) -> list[int]:
-    """Starts of windows of ``window`` pixels that cover ``length`` and overlap by at least ``overlap``."""
-    if length <= window:
-        return [0]
-    step = window - overlap
-    starts = list(range(0, length - window, step))
-    starts.append(length - window)
-    return starts
 
 
 def ramp(size: int, overlap: int, ramp_start: bool, ramp_end: bool) -> np.ndarray:
@@ -83,7 +81,7 @@ def plan_windows(height: int, width: int, args: PredictArgs, context: int = 0) -
     win = min(args.window, max(height, width))
     overlap = max(args.overlap, 2 * int(context))
     overlap = min(overlap, win // 2 - 1) if win > 2 else 0
-    rows, cols = window_starts(height, win, overlap), window_starts(width, win, overlap)
+    rows, cols = (window_starts(n, win, win - overlap) for n in (height, width))
     return rows, cols, min(win, height), min(win, width), overlap
 
 
@@ -222,8 +220,8 @@ def polygonize(mask_path: Path) -> list:
     """Roof polygons of a 0/255 mask, strip by strip; pieces cut by strip edges are merged."""
     whole, cut = [], []
     with open_raster(mask_path) as src:
-        for top in range(0, src.height, _POLY_STRIP):
-            win = Window(0, top, src.width, min(_POLY_STRIP, src.height - top))
+        for win in iter_windows(src.width, src.height, src.width, _POLY_STRIP):
+            top = int(win.row_off)
             data = src.read(1, window=win)
             if not data.any():
                 continue

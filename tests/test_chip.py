@@ -10,9 +10,10 @@ import pytest
 import rasterio
 from conftest import interrupted
 
-from chip.chip import chip_grid, chip_offsets, chip_sources, main, resolve_sources
+from chip.chip import chip_grid, chip_sources, main, resolve_sources
 from core.errors import InputMissingError, RasterError
 from core.index import CHIP_COLUMNS, read_index
+from core.raster import window_starts
 from core.settings import ChipArgs, ParallelArgs
 
 ONE_WORKER = ParallelArgs(workers=1)
@@ -38,8 +39,8 @@ ONE_WORKER = ParallelArgs(workers=1)
         (700, 650, 650, [0, 650]),
     ],
 )
-def test_chip_offsets(length, size, stride, expected):
-    offsets = chip_offsets(length, size, stride)
+def test_chip_window_starts(length, size, stride, expected):
+    offsets = window_starts(length, size, stride, overhang=True)
     assert offsets == expected
     assert all(0 <= o < length for o in offsets)
     if stride <= size:
@@ -47,9 +48,9 @@ def test_chip_offsets(length, size, stride, expected):
 
 
 @pytest.mark.parametrize(("length", "size", "stride"), [(0, 32, 32), (10, 0, 32), (10, 32, 0), (-1, 8, 8)])
-def test_chip_offsets_rejects_non_positive(length, size, stride):
+def test_chip_window_starts_rejects_non_positive(length, size, stride):
     with pytest.raises(ValueError, match="positive"):
-        chip_offsets(length, size, stride)
+        window_starts(length, size, stride, overhang=True)
 
 
 def test_chip_grid_row_by_row():

@@ -16,10 +16,14 @@ keras = pytest.importorskip("keras")
 
 from core.bundle import BundleError, BundleInfo, Normalization, load_predictor, read_info  # noqa: E402
 from core.errors import DataError, PipelineError  # noqa: E402
-from core.raster import band_statistics, read_raster  # noqa: E402
+from core.raster import (  # noqa: E402
+    band_statistics,
+    read_raster,
+    window_starts,
+)
 from core.settings import LoadDatasetArgs, ModelArgs, OutputArgs, PredictArgs, load_settings  # noqa: E402
 from core.tree import DataTree  # noqa: E402
-from predict.predict import predict_all, predict_raster, window_starts  # noqa: E402
+from predict.predict import predict_all, predict_raster  # noqa: E402
 from unet import losses  # noqa: E402
 from unet.bundle import UNetPredictor  # noqa: E402
 from unet.datagen import ChipSequence, augment, read_mask  # noqa: E402
@@ -435,7 +439,7 @@ def test_truncated_raster_is_named_and_no_mask_is_left(tmp_path: Path) -> None:
     ],
 )
 def test_window_starts_cover_with_overlap(length: int, window: int, overlap: int, expected: list[int]) -> None:
-    starts = window_starts(length, window, overlap)
+    starts = window_starts(length, window, window - overlap)
     assert starts == expected
     covered = np.zeros(length, bool)
     for s in starts:
