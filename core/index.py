@@ -89,6 +89,11 @@ def chip_kind(paths: list[Path], channels: int) -> tuple[int, str, float | None]
     return bands, dtype, nodatas.pop() if nodatas else None
 
 
+def missing_masks(names: list[str], masks: Path) -> list[str]:
+    """The chip file names without a mask of the same name in ``masks``: the one pairing rule."""
+    return [n for n in names if not (masks / n).is_file()]
+
+
 def split_pairs(tree: DataTree, split: str) -> list[tuple[Path, Path]]:
     """(chip, mask) pairs of a split, paired by name; a missing folder, chip or mask says to run split."""
     fix = "run python split/split.py first"
@@ -97,7 +102,7 @@ def split_pairs(tree: DataTree, split: str) -> list[tuple[Path, Path]]:
     chips = tree.list_rasters(frames)
     if not chips:
         raise InputMissingError(f"no {split} chips in {frames}: {fix}")
-    missing = [c.name for c in chips if not (masks / c.name).is_file()]
+    missing = missing_masks([c.name for c in chips], masks)
     if missing:
         raise InputMissingError(
             f"{len(missing)} {split} chips have no mask in {masks} (e.g. {missing[0]}): rerun python split/split.py"

@@ -37,6 +37,7 @@ from rasterio.crs import CRS as RasterioCRS
 from core import cli
 from core.contract import begin
 from core.errors import DataError, InputMissingError
+from core.index import missing_masks
 from core.parallel import map_tasks
 from core.raster import atomic_path, common_kind, open_raster, read_pair, valid_pixels
 from core.settings import FlattenArgs, ParallelArgs, Settings
@@ -194,7 +195,7 @@ def pair_chips(frames: Path, masks: Path, tree: DataTree) -> list[tuple[Path, Pa
     if not frames.is_dir() or not tree.list_rasters(frames):
         raise InputMissingError(f"no chips in {frames}: run python split/split.py, or set flatten_args.frames")
     chips = tree.list_rasters(frames)
-    missing = [c.name for c in chips if not (masks / c.name).is_file()]
+    missing = missing_masks([c.name for c in chips], masks)
     if missing:
         raise InputMissingError(
             f"{len(missing)} of {len(chips)} chips in {frames} have no mask in {masks} (e.g. {missing[0]}): "

@@ -25,7 +25,7 @@ import pandas as pd
 from core import cli
 from core.contract import begin
 from core.errors import DataError, InputMissingError
-from core.index import read_index, write_index
+from core.index import missing_masks, read_index, write_index
 from core.raster import atomic_path
 from core.settings import Settings, SplitArgs
 from core.tree import SPLITS, DataTree
@@ -195,7 +195,7 @@ def place(src: Path, dst: Path) -> None:
 def check_masks(tree: DataTree) -> pd.DataFrame:
     """The index with roof shares; every chip must have its mask."""
     index = read_index(tree.chips_csv, needs=("roof_share",), fix="run python mask/mask.py first")
-    missing = [f for f in index["file"] if not (tree.masks / f).is_file()]
+    missing = missing_masks(list(index["file"]), tree.masks)
     if missing:
         raise InputMissingError(
             f"{len(missing)} chips have no mask in {tree.masks} (e.g. {missing[0]}): run python mask/mask.py"

@@ -29,6 +29,7 @@ import numpy as np
 from core import cli
 from core.contract import begin
 from core.errors import InputMissingError
+from core.index import missing_masks
 from core.raster import CLASSES, DEFAULT_PERCENTILES, ClassBandStats, atomic_path, class_band_statistics
 from core.settings import Settings
 from core.tree import DataTree, refuse_overwrite
@@ -150,7 +151,7 @@ def summarize(
         chips = tree.list_rasters(frames) if frames.is_dir() else []
         if not chips:
             raise InputMissingError(f"no chips in {frames}: run python split/split.py, or set flatten_args.frames")
-        missing = [c.name for c in chips if not (masks / c.name).is_file()]
+        missing = missing_masks([c.name for c in chips], masks)
         if missing:
             raise InputMissingError(f"chip {missing[0]} has no mask in {masks}: run python split/split.py")
         stats = class_band_statistics(chips, [masks / c.name for c in chips])

@@ -7,6 +7,7 @@ one-line refusal naming what changed, or outputs identical to a clean run with t
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import geopandas as gpd
@@ -516,3 +517,67 @@ def test_after_a_failed_run_pipeline_prints_no_metrics_table(scene, capsys, tmp_
     out = capsys.readouterr().out
     assert "mask        failed (exit 1)" in out
     assert "validation metrics" not in out
+
+
+# --- one rule each ---------------------------------------------------------------------------------
+
+
+def test_a_bundle_is_swapped_in_whole_or_not_at_all(tmp_path):
+    from core.bundle import new_bundle
+
+    bundle = tmp_path / "unet" / "bundle"
+    with new_bundle(bundle) as tmp:
+        (tmp / "model.keras").write_text("model 1")
+        (tmp / "bundle.json").write_text("info 1")
+    with pytest.raises(RuntimeError), new_bundle(bundle) as tmp:
+        (tmp / "model.keras").write_text("model 2")
+        raise RuntimeError("killed before bundle.json")  # the old bundle stays whole
+    assert files(bundle) == {"bundle.json": b"info 1", "model.keras": b"model 1"}
+    with new_bundle(bundle) as tmp:
+        (tmp / "model.keras").write_text("model 3")
+        (tmp / "bundle.json").write_text("info 3")
+    assert files(bundle) == {"bundle.json": b"info 3", "model.keras": b"model 3"}
+    assert sorted(p.name for p in bundle.parent.iterdir()) == ["bundle"]  # nothing left beside it
+
+
+def test_a_killed_training_leaves_a_folder_the_next_run_removes(scene, capsys, tmp_path):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    tree = tree_of(argv)
+    half = tree.model_dir("regression") / ".bundle.0badf00d.tmp"
+    half.mkdir(parents=True)
+    (half / "model.skops").write_bytes(b"half")
+    assert train_main([*argv, "--model", "regression"]) == 0
+    assert not half.exists()
+    assert (tree.bundle("regression") / "bundle.json").is_file()
+
+
+@pytest.mark.parametrize("values", [[0, 1], [0, 128, 255]])
+def test_every_reader_refuses_masks_on_another_scale(values, scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    tree = tree_of(argv)
+    name = sorted(tree.split_masks("train").iterdir())[0]
+    import rasterio
+
+    with rasterio.open(name) as src:
+        profile = src.profile
+    bad = np.resize(np.array(values, np.uint8), (profile["height"], profile["width"]))
+    name.unlink()  # a hard link to masks/: write a new file, not through the link
+    with rasterio.open(name, "w", **profile) as dst:
+        dst.write(bad[None])
+    from core.raster import read_mask
+    from flatten.flatten import main as flatten_main
+
+    with pytest.raises(Exception, match=r"not only 0 and 255"):
+        read_mask(name)
+    capsys.readouterr()
+    assert flatten_main(argv) == 1  # the forest's flat table, as the U-Net: one rule
+    assert "not only 0 and 255" in error(capsys)
+    assert train_main([*argv, "--model", "regression", "--set", "ml_args.source=chips"]) == 1
+    assert "than 0 and 255 (train_0.tif: " in error(capsys)  # the pre-flight check reads the masks first
+    from core.metrics import validate_pairs
+
+    with pytest.raises(Exception, match=r"not only 0 and 255"):  # and the threshold search, as every reader
+        validate_pairs(types.SimpleNamespace(info=types.SimpleNamespace(normalization=types.SimpleNamespace(nodata=0))),
+                       [(tree.frames("train") / name.name, name)])  # fmt: skip
