@@ -443,7 +443,8 @@ def evaluate_model(
         pairs = None
     run.start()
     result = evaluate_folder(pred_dir, tree.frames(split), truth, args, tree, pairs)
-    threshold = used_threshold(settings, tree, model)
+    # The threshold predict applied, as it recorded it; else what settings and bundle say now.
+    threshold = (predicted or {}).get("summary", {}).get("threshold", used_threshold(settings, tree, model))
     extra: dict[str, Any] = {
         "object": result.objects.scores(),
         "chips": len(result.chips),

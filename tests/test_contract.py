@@ -581,3 +581,37 @@ def test_every_reader_refuses_masks_on_another_scale(values, scene, capsys):
     with pytest.raises(Exception, match=r"not only 0 and 255"):  # and the threshold search, as every reader
         validate_pairs(types.SimpleNamespace(info=types.SimpleNamespace(normalization=types.SimpleNamespace(nodata=0))),
                        [(tree.frames("train") / name.name, name)])  # fmt: skip
+
+
+def test_masks_of_wholly_nodata_chips_blame_the_imagery_not_the_polygons(scene, capsys, tmp_path):
+    write_geotiff(tmp_path / "data" / "raw" / "tile.tif", array=np.zeros((3, SIDE, SIDE), np.uint16), nodata=0)
+    argv = scene("chip_args.max_nodata=1.0")
+    prepare(argv, mosaic_main, chip_main)
+    capsys.readouterr()
+    assert mask_main(argv) == 0
+    assert capsys.readouterr().err == (
+        "WARNING: mask: every chip is wholly nodata, so no mask has a roof pixel: check the imagery\n"
+    )
+
+
+def test_evaluate_reports_the_threshold_predict_applied_and_refuses_predictions_of_other_settings(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main)
+    at_03 = [*argv, *model, "--set", "predict_args.threshold=0.3"]
+    prepare(at_03, predict_main)
+    capsys.readouterr()
+    assert evaluate_main([*argv, *model]) == 1  # the setting was edited back: these predictions are not of it
+    assert error(capsys).startswith(
+        "error: the predictions are outdated: made with predict_args.threshold 0.3, now null: rerun "
+        "python predict/predict.py --model regression --overwrite"
+    )
+    assert evaluate_main(at_03) == 0
+    tree = tree_of(argv)
+    metrics = json.loads((tree.model_dir("regression") / "evaluation" / "val" / "metrics.json").read_text())
+    assert metrics["threshold"] == 0.3
+    assert (
+        json.loads((tree.prediction_dir("regression") / "predict.record.json").read_text())["summary"]["threshold"]
+        == 0.3
+    )
