@@ -28,7 +28,7 @@ from core.bundle import BUNDLE_JSON
 from core.check import CheckError, Finding, run_checks
 from core.contract import status
 from core.report import MODEL_ORDER, metrics_table
-from core.settings import Settings, load_settings
+from core.settings import Settings, legacy_in_use, load_settings
 from core.tree import DataTree
 
 log = logging.getLogger("pipeline")
@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             upcoming = [s.name for s in stages if args.overwrite or s.pending(tree, settings)]
             findings, read = run_checks(settings, tree, chosen, space_for=upcoming)
             findings += record_findings(stages, tree, settings)
+            findings += [
+                Finding("warning", f"settings: {key} is the original pipeline's and ignored: {replacement}")
+                for key, replacement in legacy_in_use(settings)
+            ]
             print_findings(findings, read, chosen, tree)
             fatal = sum(f.fatal for f in findings)
             if fatal:

@@ -130,6 +130,15 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, body: Body) -> 
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or a library failure: one line, the traceback on request
+        if args.verbose:
+            traceback.print_exc()
+        text = " ".join(str(exc).split())
+        print(
+            f"error: unexpected {type(exc).__name__}: {text[:500]} (run with --verbose for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     except Terminated:
         print("terminated: rerun the same command to resume", file=sys.stderr)
         return 143

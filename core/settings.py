@@ -76,8 +76,9 @@ class CheckpointArgs(Section):
 
     checkpoint_path: str = Field(
         "checkpoint.weights.h5",
-        description="File name of the best-epoch weights checkpoint, written inside results/EXPERIMENT/. "
-        "predict never reads it: it reads the model bundle next to it.",
+        description="File name of the best-epoch weights checkpoint, written inside results/EXPERIMENT/unet/; "
+        "a name not ending in .weights.h5 (the original results_4.h5) is saved as NAME.weights.h5, as Keras 3 "
+        "requires. predict never reads it: it reads the model bundle next to it.",
     )
 
 
@@ -682,11 +683,47 @@ def validate_settings(data: dict[str, Any], source: str = "settings") -> Setting
         settings = Settings.model_validate_json(json.dumps(data))
     except ValidationError as exc:
         raise SettingsError(_format_errors(exc, source)) from None
-    for (section, key), replacement in LEGACY_KEYS.items():
-        # null is what dump_settings writes for them; only a value the user set is worth a warning.
-        if data.get(section, {}).get(key) is not None:
-            log.warning("%s.%s is ignored: %s", section, key, replacement)
+    explain_legacy(settings)
     return settings
+
+
+#: Legacy keys already explained in this process: once per stage run, or per pipeline.py run.
+_explained: set[str] = set()
+
+
+def legacy_in_use(settings: Settings) -> list[tuple[str, str]]:
+    """(key path, what replaced it) of every original-pipeline key given a value (null is unset)."""
+    return [
+        (f"{section}.{key}", replacement)
+        for (section, key), replacement in LEGACY_KEYS.items()
+        if getattr(getattr(settings, section), key) is not None
+    ]
+
+
+def explain_legacy(settings: Settings) -> None:
+    """One line naming the original pipeline's keys that are set and ignored, once per process."""
+    keys = [k for k, _ in legacy_in_use(settings) if k not in _explained]
+    if keys:
+        _explained.update(keys)
+        log.warning(
+            "settings: %s %s the original pipeline's and ignored here (python pipeline.py check says what replaced "
+            "each)",
+            ", ".join(keys),
+            "is" if len(keys) == 1 else "are",
+        )
+
+
+def checkpoint_file(settings: Settings) -> str:
+    """The checkpoint's file name: checkpoint_args.checkpoint_path as Keras 3 accepts it (``*.weights.h5``).
+
+    The original settings name it ``results_4.h5``; Keras 3 saves weights only under a name
+    ending in ``.weights.h5``, so ``results_4.h5`` becomes ``results_4.weights.h5``.
+    """
+    name = settings.checkpoint_args.checkpoint_path
+    if name.endswith(".weights.h5"):
+        return name
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix in (".h5", ".hdf5", ".keras") else name
+    return stem + ".weights.h5"
 
 
 def read_settings_file(path: str | Path) -> dict[str, Any]:

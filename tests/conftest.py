@@ -229,6 +229,14 @@ def interrupted(record: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _legacy_keys_unexplained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test is a new process for the once-per-process legacy-key message."""
+    import core.settings
+
+    monkeypatch.setattr(core.settings, "_explained", set())
+
+
+@pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     """Undo what ``cli.run`` does to global logging, so one test's handlers never reach the next."""
     root = logging.getLogger()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from core import cli
 from core.errors import DataError
 from core.settings import dump_settings, load_settings
@@ -78,10 +76,15 @@ def test_verbose_shows_traceback(settings_file, capsys):
     assert err.endswith("error: boom: fix it\n")
 
 
-def test_unexpected_error_propagates(settings_file):
-    body = Recorder(RuntimeError("bug"))
-    with pytest.raises(RuntimeError, match="bug"):
-        run(["--settings", str(settings_file)], body)
+def test_unexpected_error_is_one_line_and_the_traceback_on_request(settings_file, capsys):
+    body = Recorder(RuntimeError("bug\n in two lines"))
+    assert run(["--settings", str(settings_file)], body) == 1
+    assert capsys.readouterr().err == (
+        "error: unexpected RuntimeError: bug in two lines (run with --verbose for the traceback)\n"
+    )
+    assert run(["--settings", str(settings_file), "--verbose"], body) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "RuntimeError: bug" in err
 
 
 def test_bad_usage_is_2(settings_file, capsys):

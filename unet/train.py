@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from core.bundle import BundleInfo, Normalization, read_info
+from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, read_info
 from core.errors import DataError, PipelineError
 from core.index import chip_kind, split_pairs
 from core.metrics import Confusion, combine, metrics_record, validate_pairs, write_metrics
 from core.raster import band_statistics, read_raster
-from core.settings import Settings
+from core.settings import Settings, checkpoint_file
 from core.tree import DataTree, refuse_overwrite
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,19 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
     """
     out = tree.model_dir("unet")
     bundle_dir = tree.bundle("unet")
-    start_from = from_bundle or (bundle_dir if settings.training_args.pretrained else None)
+    checkpoint = out / checkpoint_file(settings)
+    start_from, warm = from_bundle, None
+    if start_from is None and settings.training_args.pretrained:
+        # As documented: continue from the bundle, else from the best-epoch checkpoint of a stopped run.
+        if (bundle_dir / BUNDLE_JSON).is_file():
+            start_from = bundle_dir
+        elif checkpoint.is_file():
+            warm = checkpoint
+        else:
+            raise DataError(
+                f"training_args.pretrained is true but there is neither a bundle ({bundle_dir}) nor a checkpoint "
+                f"({checkpoint}) to continue from: train once with training_args.pretrained false"
+            )
     if start_from is None:
         refuse_overwrite([bundle_dir], overwrite, "train (unet)")
     train_pairs, val_pairs = split_pairs(tree, "train"), split_pairs(tree, "val")
@@ -192,6 +204,15 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
             norm = Normalization.from_stats(stats, settings.load_dataset_args.normalization, nodata)
             model = build_model(bands, settings.model_args, settings.output_args)
             multiple = pad_multiple(settings.model_args)
+            if warm is not None:
+                try:
+                    model.load_weights(warm)
+                except Exception as exc:  # Keras raises several types for weights of another model
+                    raise DataError(
+                        f"checkpoint {warm} does not fit the model of the current model_args ({exc}): set "
+                        "training_args.pretrained false, or restore the model_args it was trained with"
+                    ) from exc
+                log.info("train: continuing from the checkpoint %s", warm)
 
     args = settings.training_args
     data_args = settings.load_dataset_args
@@ -219,7 +240,9 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
             jit_compile=jit,
         )
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / settings.checkpoint_args.checkpoint_path
+    log.info(
+        "train: the best epoch's weights are kept in %s while training; the bundle is what predict reads", checkpoint
+    )
     monitor = _Monitor.make(args.patience)
     callbacks = [
         keras.callbacks.ModelCheckpoint(
