@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -170,6 +171,48 @@ class ModelArgs(Section):
     )
     dropout: float = Field(0.3, ge=0.0, lt=1.0, description="custom only: dropout after the first block.")
 
+    @field_validator("activation", "kernel_initializer")
+    @classmethod
+    def _known_keras_name(cls, value: str, info: ValidationInfo) -> str:
+        names, what = (
+            (KERAS_ACTIVATIONS, "activation")
+            if info.field_name == "activation"
+            else (KERAS_INITIALIZERS, "initializer")
+        )
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f" (one of {', '.join(names)})"
+            raise ValueError(f"{value!r} is not a Keras {what}{hint}")
+        return value
+
+    @model_validator(mode="after")
+    def _unet_shapes_line_up(self) -> ModelArgs:
+        # A U-Net concatenates each encoder level with the decoder level of the same size:
+        # anything that changes sizes other than the poolings' halving breaks it mid-run.
+        if self.padding != "same":
+            raise ValueError(
+                "padding valid shrinks every convolution, so the U-Net's skip connections no longer line up: use "
+                "same (predictions keep the input's size; inputs are padded, never resized)"
+            )
+        if tuple(self.strides) != (1, 1):
+            raise ValueError("strides must be [1, 1]: in a U-Net the poolings halve the size, the convolutions keep it")
+        if tuple(self.pool_strides) != (2, 2) or (self.pool_padding == "valid" and tuple(self.pool_size) != (2, 2)):
+            raise ValueError(
+                "pool_strides must be [2, 2] (and pool_size [2, 2] with pool_padding valid): each level halves the "
+                "size and the decoder doubles it back"
+            )
+        return self
+
+
+#: Names Keras 3 resolves (keras.activations.get, keras.initializers.get); checked here so a typo
+#: fails when the settings load, not when the model is built.
+KERAS_ACTIVATIONS = ("relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu", "swish", "mish", "softplus",
+                     "softsign", "tanh", "sigmoid", "hard_sigmoid", "hard_silu", "hard_swish", "exponential",
+                     "linear")  # fmt: skip
+KERAS_INITIALIZERS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "lecun_normal", "lecun_uniform",
+                      "random_normal", "random_uniform", "truncated_normal", "orthogonal", "variance_scaling",
+                      "zeros", "ones")  # fmt: skip
+
 
 class TrainingArgs(Section):
     """Training loop settings."""
@@ -178,7 +221,11 @@ class TrainingArgs(Section):
         "unet", description="Model train.py trains when --model is not given."
     )
     epochs: int = Field(20, ge=1, description="Maximum training epochs.")
-    pretrained: bool = Field(False, description="Continue from the existing bundle in results/EXPERIMENT/.")
+    pretrained: bool = Field(
+        False,
+        description="Continue from the bundle in results/EXPERIMENT/unet/, else from the best-epoch checkpoint a "
+        "stopped run left there (checkpoint_args); neither is an error.",
+    )
     results_folder: str = Field("results", description="Folder of experiment results, relative to the repository root.")
     steps_per_epoch: int | None = Field(
         None,

@@ -267,3 +267,32 @@ def test_experiment_must_be_plain_name(settings_file, name):
 def test_empty_experiment_rejected(settings_file):
     with pytest.raises(SettingsError, match="experiment"):
         load_settings(settings_file, ["experiment="])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model_args.padding=valid", r"model_args: padding valid shrinks every convolution"),
+        ("model_args.strides=[2,2]", r"model_args: strides must be \[1, 1\]"),
+        ("model_args.pool_strides=[1,1]", r"model_args: pool_strides must be \[2, 2\]"),
+        ("model_args.pool_size=[3,3]", r"model_args: pool_strides must be \[2, 2\] \(and pool_size \[2, 2\]"),
+        ("model_args.activation=rleu", r"model_args.activation: 'rleu' is not a Keras activation; did you mean relu\?"),
+        ("model_args.kernel_initializer=he_norml", r"'he_norml' is not a Keras initializer; did you mean he_normal\?"),
+    ],
+)
+def test_model_settings_that_would_fail_mid_run_are_refused_when_loading(override, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings(overrides=[override])
+
+
+def test_pooling_of_another_size_works_with_same_padding():
+    settings = load_settings(overrides=["model_args.pool_size=[3,3]", "model_args.pool_padding=same"])
+    assert settings.model_args.pool_size == (3, 3)
+
+
+def test_checkpoint_names_keras_3_accepts():
+    from core.settings import checkpoint_file
+
+    for given, saved in [("results_4.h5", "results_4.weights.h5"), ("best.weights.h5", "best.weights.h5"),
+                         ("ckpt", "ckpt.weights.h5"), ("model.keras", "model.weights.h5")]:  # fmt: skip
+        assert checkpoint_file(load_settings(overrides=[f"checkpoint_args.checkpoint_path={given}"])) == saved

@@ -577,3 +577,33 @@ def test_importing_the_unet_package_writes_nothing_to_stderr() -> None:
 
     done = subprocess.run([sys.executable, "-c", "import unet.model"], capture_output=True, text=True, check=True)
     assert done.stderr == ""
+
+
+@pytest.mark.slow
+def test_pretrained_continues_from_the_checkpoint_when_there_is_no_bundle(trained, caplog) -> None:
+    import shutil
+
+    from unet.train import train_unet
+
+    settings, tree, _ = trained
+    moved = settings.model_copy(update={"experiment": "from-checkpoint"}, deep=True)
+    moved.training_args.epochs = 1
+    moved.training_args.pretrained = True
+    new_tree = DataTree.from_settings(moved)
+    new_tree.model_dir("unet").mkdir(parents=True)
+    shutil.copy(tree.model_dir("unet") / "checkpoint.weights.h5", new_tree.model_dir("unet"))
+    with caplog.at_level("INFO", logger="unet.train"):
+        bundle = train_unet(moved, new_tree)
+    assert f"train: continuing from the checkpoint {new_tree.model_dir('unet') / 'checkpoint.weights.h5'}" in [
+        r.getMessage() for r in caplog.records
+    ]
+    assert (bundle / "model.keras").is_file()
+
+
+def test_pretrained_with_nothing_to_continue_from_is_one_line(tiny) -> None:
+    from unet.train import train_unet
+
+    settings, tree, _, _ = tiny
+    settings.training_args.pretrained = True
+    with pytest.raises(DataError, match=r"^training_args.pretrained is true but there is neither a bundle \("):
+        train_unet(settings, tree)
