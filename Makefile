@@ -13,7 +13,7 @@ test: setup
 	$(PY) -m pytest
 
 readme: setup
-	$(PY) -m core.settings --readme README.md
+	$(PY) -m core.settings --readme docs/settings.md
 
 lint: setup
 	.venv/bin/ruff check .

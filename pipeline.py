@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from core import cli
 from core.bundle import BUNDLE_JSON
@@ -201,19 +202,27 @@ def record_findings(chosen: list[Stage], tree: DataTree, settings: Settings) -> 
     return findings
 
 
+def shown(path: Path) -> str:
+    """A path as the user typed it: relative to the current folder when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(path)
+
+
 def print_metrics(tree: DataTree, settings: Settings) -> None:
     """A table of every trained model's validation metrics in this experiment, and the report's path;
     models trained on data made before the latest changes are named under it."""
     lines = metrics_table(tree)
     if lines:
-        print(f"\nvalidation metrics, experiment {tree.experiment} ({tree.results})")
+        print(f"\nvalidation metrics, experiment {tree.experiment} ({shown(tree.results)})")
         print("\n".join(lines))
         old = [m for m in trained_models(tree) if status("train", settings, tree, m).stale]
         if old:
             print(f"outdated: {', '.join(old)} (trained before the latest changes; python pipeline.py retrains)")
     report = tree.results / "report.html"
     if report.is_file():
-        print(f"\nreport: {report}")
+        print(f"\nreport: {shown(report)}")
 
 
 def print_findings(findings: list[Finding], read: int, names: list[str], tree: DataTree) -> None:
@@ -278,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{'stage':<{width}} {'outcome':<20} seconds")
         for name, result, seconds in rows:
             print(f"{name:<{width}} {result:<20} {seconds:7.1f}")
-        print(f"data tree: {tree.root}")
+        print(f"data tree: {shown(tree.root)}")
         failed = any(r.startswith("failed") for _, r, _ in rows)
         if not failed:  # after a failure the table would show models of an earlier run as if of this one
             print_metrics(tree, settings)

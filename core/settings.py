@@ -55,7 +55,7 @@ def _default_experiment() -> str:
 #: The compression settings' description: the default is chosen from bench/bench_prep.py.
 COMPRESSION_HELP = (
     "GeoTIFF compression, with horizontal differencing; zstd (level 1) writes 256 x 256 x 8 uint16 chips 6x "
-    "faster than deflate for files 7% larger (bench/bench_prep.py; README: Speed and memory)."
+    "faster than deflate for files 7% larger (bench/bench_prep.py; docs/speed.md)."
 )
 
 
@@ -841,7 +841,7 @@ def _rows(model: type[BaseModel], values: dict[str, Any], prefix: str = "", scal
 def settings_reference() -> str:
     """Markdown tables of every section and key, from the schema's types, defaults and descriptions.
 
-    The README's settings reference is this text; ``python -m core.settings`` prints it.
+    docs/settings.md holds this text (make readme); ``python -m core.settings`` prints it.
     """
     defaults = Settings(experiment="x").model_dump(mode="json")
     header = ["| key | type | default | description |", "|---|---|---|---|"]
