@@ -27,7 +27,7 @@ from pathlib import Path
 from core import cli
 from core.bundle import BUNDLE_JSON
 from core.check import CheckError, Finding, run_checks
-from core.contract import status
+from core.contract import outdated, status
 from core.report import MODEL_ORDER, metrics_table
 from core.settings import Settings, legacy_in_use, load_settings
 from core.tree import DataTree
@@ -78,7 +78,7 @@ class Stage:
         """done, outdated (made under other settings or from other inputs), unrecorded, or to do."""
         if self.contract is None:
             return DONE if self.exists is not None and self.exists(tree, model) else TODO
-        st = status(self.contract, settings, tree, model)
+        st = status(self.contract, settings, tree, model, given={})  # as the pipeline runs it: no --input
         if st.done:
             return DONE
         if st.stale:
@@ -178,7 +178,7 @@ def record_findings(chosen: list[Stage], tree: DataTree, settings: Settings) -> 
             continue
         models = trained_models(tree) if stage.per_model else [stage.model]
         for model in models:
-            st = status(stage.contract, settings, tree, model)
+            st = status(stage.contract, settings, tree, model, given={})
             label = stage.name if stage.per_model is False else f"{stage.name} {model}"
             ahead = stage in chosen
             if st.stale:
@@ -194,9 +194,11 @@ def record_findings(chosen: list[Stage], tree: DataTree, settings: Settings) -> 
                     Finding("fatal" if fatal else "warning", f"{label}: {st.spec.are} outdated: made "
                             f"{'; '.join(st.changes)}: {todo}")
                 )  # fmt: skip
-            elif st.state == "running":
+            elif st.state == "running" or (st.state == "complete" and not (st.outputs_present and st.outputs_whole)):
+                why = "the run was interrupted" if st.state == "running" else "files were removed since it ran"
+                fatal = not ahead and names.index(stage.name) < first
                 findings.append(
-                    Finding("warning", f"{label}: {st.spec.are} incomplete (the run was interrupted): "
+                    Finding("fatal" if fatal else "warning", f"{label}: {st.spec.are} incomplete ({why}): "
                             f"{st.spec.run_command(st.model)} resumes it")
                 )  # fmt: skip
     return findings
@@ -217,9 +219,13 @@ def print_metrics(tree: DataTree, settings: Settings) -> None:
     if lines:
         print(f"\nvalidation metrics, experiment {tree.experiment} ({shown(tree.results)})")
         print("\n".join(lines))
-        old = [m for m in trained_models(tree) if status("train", settings, tree, m).stale]
+        old = [m for m in trained_models(tree) if outdated("train", settings, tree, m)]
+        unscored = [m for m in trained_models(tree) if m not in old and outdated("evaluate", settings, tree, m)]
         if old:
             print(f"outdated: {', '.join(old)} (trained before the latest changes; python pipeline.py retrains)")
+        if unscored:
+            print(f"outdated scores: {', '.join(unscored)} (evaluated before the latest changes; python pipeline.py "
+                  "evaluates again)")  # fmt: skip
     report = tree.results / "report.html"
     if report.is_file():
         print(f"\nreport: {shown(report)}")
@@ -253,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     outcome: dict[str, int] = {}
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
+        if args.only and (args.start or args.stop):
+            parser.error("--only cannot be combined with --from or --to")
+        if args.start and args.stop and names.index(args.start) > names.index(args.stop):
+            parser.error(f"--from {args.start} comes after --to {args.stop} in the pipeline: nothing would run")
         if args.demo:  # the states of the stages are read under the settings they run with
             settings = load_settings(args.settings, [*DEMO_SETTINGS, *args.overrides])
         chosen = list(DEMO) if args.demo else select(names, args.start, args.stop, args.only)
@@ -293,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
             print_metrics(tree, settings)
         outcome["code"] = 1 if failed else 0
 
-    code = cli.run(parser, argv, body)
+    try:
+        code = cli.run(parser, argv, body)
+    except SystemExit as exc:  # parser.error() for option combinations argparse cannot check
+        return int(exc.code or 0)
     return code or outcome.get("code", 0)
 
 

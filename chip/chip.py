@@ -196,15 +196,24 @@ def chip_sources(
     return frame
 
 
-def no_chips_message(sources: list[Path], args: ChipArgs, planned: int) -> str:
-    """Why no chip was kept: chips larger than the rasters, or rasters without valid pixels."""
+def _sizes(sources: list[Path]) -> list[tuple[int, int]]:
     sizes = []
     for source in sources:
         with open_raster(source) as src:
             sizes.append((src.width, src.height))
-    small = [s for s in sizes if s[0] * s[1] < (1 - args.max_nodata) * args.size**2]
+    return sizes
+
+
+def too_small(sources: list[Path], args: ChipArgs) -> bool:
+    """Whether every source is smaller than the valid part a chip needs (chips would be mostly padding)."""
+    return all(w * h < (1 - args.max_nodata) * args.size**2 for w, h in _sizes(sources))
+
+
+def no_chips_message(sources: list[Path], args: ChipArgs, planned: int) -> str:
+    """Why no chip was kept: chips larger than the rasters, or rasters without valid pixels."""
+    sizes = _sizes(sources)
     shown = ", ".join(f"{w}x{h}" for w, h in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
-    if len(small) == len(sizes):
+    if too_small(sources, args):
         return (
             f"no chip kept: the source raster(s) ({shown} px) are too small for chips of {args.size} px, which "
             f"would be more than {args.max_nodata:.0%} padding (chip_args.max_nodata): lower chip_args.size"
@@ -225,8 +234,11 @@ def chip_stage(
         run.say_skip()
         return read_index(tree.chips_csv)
     sources = resolve_sources(tree, settings.chip_args, given)
-    # Plan first: it opens every source, so an unreadable one fails before old chips are deleted.
+    # Plan first: it opens every source, so an unreadable one fails before old chips are deleted;
+    # so do chips too large for every source (they could only be padding).
     plan_chips(sources, tree, settings.chip_args, reuse=False)
+    if too_small(sources, settings.chip_args):
+        raise DataError(no_chips_message(sources, settings.chip_args, 0))
     run.start()
     frame = chip_sources(sources, tree, settings.chip_args, settings.parallel, resume=run.resume)
     run.finish(chips=len(frame), size=settings.chip_args.size)

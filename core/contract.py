@@ -119,6 +119,8 @@ class StageSpec:
     per_model: bool = False
     model_settings: Callable[[str], tuple[str, ...]] | None = None
     plural: bool = True
+    complete: Callable[..., bool] | None = None
+    resumes: bool = True  # False: an unfinished run starts over (a new run id: training is not deterministic)
 
     @property
     def were(self) -> str:
@@ -237,6 +239,8 @@ class Status:
     current: dict[str, Any]
     changes: list[str] = field(default_factory=list)
     outputs_present: bool = True
+    outputs_whole: bool = True
+    inputs_error: PipelineError | None = None
 
     @property
     def label(self) -> str:
@@ -249,7 +253,7 @@ class Status:
 
     @property
     def done(self) -> bool:
-        return self.state == "complete" and not self.changes and self.outputs_present
+        return self.state == "complete" and not self.changes and self.outputs_present and self.outputs_whole
 
     @property
     def resumable(self) -> bool:
@@ -274,7 +278,7 @@ class Status:
             return "outdated: made " + "; ".join(self.changes)
         if self.state == "running":
             return "interrupted (a rerun resumes)"
-        if not self.outputs_present:
+        if not (self.outputs_present and self.outputs_whole):
             return "outputs removed since (a rerun remakes them)"
         return "done"
 
@@ -321,10 +325,11 @@ def status(
         given = dict(record.get("given") or {}) if record else {}
     given = {k: Path(v) for k, v in given.items() if v is not None}
     current: dict[str, Any] = {"settings": settings_of(settings, spec.keys(model), spec.exclude), "given": given}
+    inputs_error: PipelineError | None = None
     try:
         inputs = spec.inputs(settings, tree, model, given)
-    except PipelineError:
-        inputs = None  # the stage itself will say what is wrong
+    except PipelineError as exc:  # (two label files, none): the stage says so when it runs
+        inputs, inputs_error = None, exc
     if inputs is not None:
         current["inputs"] = {d.stage: _dep_identity(d, settings, tree, model) for d in inputs.deps}
         current["files"] = {file_key(p, tree): file_identity(p, inputs.hashed) for p in inputs.files}
@@ -332,10 +337,24 @@ def status(
     outputs = spec.outputs(settings, tree, model)
     present = any(o.existing() for o in outputs)
     if record is None:
-        return Status(spec, model, "unrecorded" if present else "missing", None, current, outputs_present=present)
+        st = Status(spec, model, "unrecorded" if present else "missing", None, current, outputs_present=present)
+        st.inputs_error = inputs_error
+        return st
     st = Status(spec, model, record["state"], record, current, outputs_present=present)
+    st.inputs_error = inputs_error
     st.changes = _changes(record, current)
+    if inputs_error is not None:
+        st.changes.append(f"from inputs that cannot be read now ({inputs_error})")
+    # Outputs removed by hand since the run (a folder deleted, chips.csv's columns lost) make it unfinished.
+    made = record.get("made", {})
+    st.outputs_whole = all(len(o.existing()) >= made.get(_output_key(o, tree), 0) for o in outputs) and (
+        spec.complete is None or spec.complete(settings, tree, model)
+    )
     return st
+
+
+def _output_key(output: Output, tree: DataTree) -> str:
+    return file_key(output.path, tree) + (f"/{output.pattern}" if output.pattern else "")
 
 
 def _changes(record: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -349,6 +368,14 @@ def _changes(record: dict[str, Any], current: dict[str, Any]) -> list[str]:
             changes.append(f"with {key} {a}, now {b}")
     if "inputs" not in current:
         return changes
+    old_given = {k: str(v) for k, v in (record.get("given") or {}).items()}
+    new_given = {k: str(v) for k, v in current["given"].items()}
+    if old_given != new_given:  # --input or --bundle then, not now (or another one)
+
+        def said(given: dict[str, str]) -> str:
+            return ", ".join(f"--{k} {v}" for k, v in sorted(given.items())) or "the inputs the settings name"
+
+        return [*changes, f"from {said(old_given)}, now {said(new_given)}"]
     old_in, new_in = record.get("inputs", {}), current["inputs"]
     for stage in sorted(set(old_in) | set(new_in)):
         if stage not in new_in:
@@ -373,7 +400,12 @@ def _changes(record: dict[str, Any], current: dict[str, Any]) -> list[str]:
             + (f" (and {len(edited) - 1} more)" if len(edited) > 1 else "")
         )
     if added or gone:
-        changes.append(f"from {len(old_files)} input file(s), now {len(new_files)}")
+
+        def names(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+        what = [f"from {names(gone)} (gone now)" if gone else "", f"without {names(added)} (new)" if added else ""]
+        changes.append(", ".join(w for w in what if w))
     return changes
 
 
@@ -451,6 +483,8 @@ class StageRun:
         record = self._record("complete")
         record["finished"] = _now()
         record["summary"] = summary
+        # What was made, so that outputs removed by hand later make the stage unfinished again.
+        record["made"] = {_output_key(o, self.tree): len(o.existing()) for o in self._outputs()}
         write_record(self._path(), record)
 
     def _record(self, state: str) -> dict[str, Any]:
@@ -477,11 +511,14 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def check_upstream(deps: tuple[Dep, ...], settings: Settings, tree: DataTree, model: str | None, reader: str) -> None:
-    """Refuse to read upstream outputs that are incomplete or outdated (their own upstream too).
+def upstream_problems(
+    deps: tuple[Dep, ...], settings: Settings, tree: DataTree, model: str | None, reader: str
+) -> list[PipelineError]:
+    """What is wrong with the upstream outputs a stage reads, their own upstream included, earliest
+    stage first: incomplete (interrupted, or files removed since) or outdated ones.
 
     Missing outputs pass: the stage's own check says which stage to run. Outputs without a
-    record are used with a warning.
+    record are used as they are (logged).
     """
     from core.stages import order_of, spec_of
 
@@ -502,6 +539,7 @@ def check_upstream(deps: tuple[Dep, ...], settings: Settings, tree: DataTree, mo
 
     for dep in deps:
         walk(dep, model)
+    problems: list[PipelineError] = []
     for dep, um in sorted(seen.values(), key=lambda d: order_of(d[0].stage)):
         st = status(dep.stage, settings, tree, um)
         spec = st.spec
@@ -514,15 +552,43 @@ def check_upstream(deps: tuple[Dep, ...], settings: Settings, tree: DataTree, mo
                 reader, spec.are, spec.run_command(um, overwrite=True),
             )  # fmt: skip
             continue
-        if st.state == "running":
-            raise InputMissingError(
-                f"{spec.are} incomplete: {st.label} did not finish: rerun {spec.run_command(um)} to resume it"
-            )
         if st.changes and not dep.artifact:
-            raise DataError(
-                f"{spec.are} outdated: made {'; '.join(st.changes)}: rerun "
-                f"{spec.run_command(um, overwrite=True)} (or python pipeline.py --from {spec.name}) before {reader}"
+            problems.append(
+                DataError(
+                    f"{spec.are} outdated: made {'; '.join(st.changes)}: rerun {spec.run_command(um, overwrite=True)} "
+                    f"(or python pipeline.py --from {spec.name}) before {reader}"
+                )
             )
+        elif st.state == "running":
+            problems.append(
+                InputMissingError(
+                    f"{spec.are} incomplete: {st.label} did not finish: rerun {spec.run_command(um)} to resume it"
+                )
+            )
+        elif not (st.outputs_present and st.outputs_whole):
+            problems.append(
+                InputMissingError(
+                    f"{spec.are} incomplete: files were removed since {st.label} ran: rerun {spec.run_command(um)} "
+                    "to remake them"
+                )
+            )
+    return problems
+
+
+def check_upstream(deps: tuple[Dep, ...], settings: Settings, tree: DataTree, model: str | None, reader: str) -> None:
+    """Refuse to read upstream outputs that are incomplete or outdated (see :func:`upstream_problems`)."""
+    problems = upstream_problems(deps, settings, tree, model, reader)
+    if problems:
+        raise problems[0]
+
+
+def outdated(name: str, settings: Settings, tree: DataTree, model: str | None = None) -> bool:
+    """Whether a stage's outputs no longer follow from the current settings and inputs, its own or upstream."""
+    st = status(name, settings, tree, model)
+    if st.stale:
+        return True
+    deps = st.current.get("deps", ())
+    return bool(upstream_problems(deps, settings, tree, st.model, reader=st.label))
 
 
 def begin(
@@ -545,6 +611,8 @@ def begin(
     st = status(name, settings, tree, model, given=given)
     spec = st.spec
     label = st.label
+    if st.inputs_error is not None:
+        raise st.inputs_error
     if "deps" in st.current:
         check_upstream(st.current["deps"], settings, tree, st.model, reader=label)
     if st.state == "missing" or overwrite or (st.state == "running" and not st.outputs_present):
@@ -563,5 +631,5 @@ def begin(
     elif st.done:
         mode = "skip"
     else:
-        mode = "resume"
+        mode = "resume" if spec.resumes else "fresh"
     return StageRun(st, mode, settings, tree, given)

@@ -802,7 +802,7 @@ def load_settings(path: str | Path | None = None, overrides: list[str] | None = 
     """
     path = Path(path) if path is not None else DEFAULT_SETTINGS_PATH
     data = apply_overrides(read_settings_file(path), overrides or [])
-    return validate_settings(data, source=str(path))
+    return validate_settings(data, source=f"{path} with the --set overrides" if overrides else str(path))
 
 
 def dump_settings(settings: Settings) -> str:

@@ -21,6 +21,19 @@ if TYPE_CHECKING:
 MODELS = ("forest", "regression", "unet")
 
 
+def _index_has(column: str):
+    """A stage that adds a column to chips.csv is complete only while the column is there."""
+
+    def complete(settings: Settings, tree: DataTree, model: str | None) -> bool:
+        try:
+            with tree.chips_csv.open(encoding="utf-8") as f:
+                return column in f.readline().strip().split(",")
+        except OSError:
+            return False
+
+    return complete
+
+
 def _data_record(name: str):
     return lambda settings, tree, model: tree.root / f"{name}.record.json"
 
@@ -108,6 +121,23 @@ def predict_bundle(settings: Settings, tree: DataTree, model: str, given: dict[s
     return tree.bundle(model), False
 
 
+def refuse_leaky_bundle(settings: Settings, tree: DataTree, model: str, split: str) -> None:
+    """A bundle trained on an earlier split may have trained on today's val chips: scoring it there would leak."""
+    from core.contract import read_record
+    from core.errors import DataError
+
+    trained = read_record(spec_of("train").record(settings, tree, model))
+    made = read_record(spec_of("split").record(settings, tree, None))
+    if trained is None or made is None:
+        return
+    used = trained.get("inputs", {}).get("split", {}).get("run")
+    if used != made["run"]:
+        raise DataError(
+            f"the {model} bundle was trained on an earlier split than the {split} chips of today's split: some may "
+            f"have been its training chips. Retrain first: python train/train.py --model {model} --overwrite"
+        )
+
+
 def _predict_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
     bundle, outside = predict_bundle(settings, tree, model or settings.training_args.model, given)
     deps: list[Dep] = [] if outside else [Dep("train", artifact=True)]
@@ -158,6 +188,7 @@ STAGES: tuple[StageSpec, ...] = (
         inputs=_chip_inputs,
         outputs=lambda s, t, m: [Output(t.chips, f"chip_*{t.extension}"), Output(t.chips_csv)],
         record=_data_record("chip"),
+        complete=_index_has("nodata_share"),
     ),
     StageSpec(
         name="mask",
@@ -167,6 +198,7 @@ STAGES: tuple[StageSpec, ...] = (
         inputs=_mask_inputs,
         outputs=lambda s, t, m: [Output(t.masks, f"chip_*{t.extension}")],
         record=_data_record("mask"),
+        complete=_index_has("roof_share"),
     ),
     StageSpec(
         name="split",
@@ -180,6 +212,7 @@ STAGES: tuple[StageSpec, ...] = (
             for folder in (t.frames(split), t.split_masks(split))
         ],
         record=_data_record("split"),
+        complete=_index_has("split"),
     ),
     StageSpec(
         name="flatten",
@@ -218,6 +251,7 @@ STAGES: tuple[StageSpec, ...] = (
         outputs=lambda s, t, m: [Output(t.bundle(m))],
         record=lambda s, t, m: t.model_dir(m) / "train.record.json",
         per_model=True,
+        resumes=False,
     ),
     StageSpec(
         name="predict",

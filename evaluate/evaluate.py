@@ -49,7 +49,7 @@ from core.metrics import Confusion, ThresholdSearch, metrics_record, pixel_score
 from core.raster import atomic_path, read_mask, read_raster, rgb_preview, valid_pixels
 from core.report import evaluation_dir, write_report, write_summary
 from core.settings import EvaluateArgs, Settings
-from core.stages import spec_of
+from core.stages import refuse_leaky_bundle, spec_of
 from core.tree import DataTree, require
 
 log = logging.getLogger(__name__)
@@ -430,9 +430,16 @@ def evaluate_model(
     if run.skip:
         run.say_skip()
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    fix = "run python split/split.py first"
+    if split == "test" and settings.split_args.fractions.test == 0:
+        fix = (
+            "there is no test split: set split_args.fractions.test above 0 and rerun python split/split.py --overwrite"
+        )
+    truth = require(tree.split_masks(split), f"{split} masks folder", fix)
     require(pred_dir / "masks", f"{model} predictions", f"run python predict/predict.py --model {model}")
-    truth = require(tree.split_masks(split), f"{split} masks folder", "run python split/split.py first")
     predicted = read_record(spec_of("predict").record(settings, tree, model))
+    if predicted is not None and Path(predicted.get("summary", {}).get("bundle", "")) == tree.bundle(model).resolve():
+        refuse_leaky_bundle(settings, tree, model, split)  # whatever the predictions' input was
     if predicted is not None and predicted.get("state") == "complete":
         # Paired by chip, as predict recorded what each mask is of; never by file name alone.
         pairs = pair_by_chip(predicted["summary"]["outputs"], split, truth, tree.frames(split), tree)

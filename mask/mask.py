@@ -139,8 +139,10 @@ def mask_chips(
     shares = map_tasks(burn_mask, tasks, parallel, desc="mask", unit="chip")
     # Tasks were grouped by CRS: match results to rows by file name.
     by_file = {Path(t.out).name: share for t, share in zip(tasks, shares, strict=True)}
-    index = index[list(CHIP_COLUMNS)].copy()
-    index["roof_share"] = index["file"].map(by_file)
+    # A resumed run is the same run: the split made from it still holds. A new one drops it.
+    kept = [c for c in ("split", "split_file") if resume and c in index.columns]
+    index = index[[*CHIP_COLUMNS, *kept]].copy()
+    index.insert(len(CHIP_COLUMNS), "roof_share", index["file"].map(by_file))
     write_index(index, tree.chips_csv)
     roofed = int((index["roof_share"] > 0).sum())
     log.info(
@@ -170,7 +172,9 @@ def mask_stage(settings: Settings, tree: DataTree, *, overwrite: bool = False) -
     compression = settings.chip_args.compression
     plan = plan_masks(tree, settings.mask_args, compression=compression, reuse=run.resume)
     run.start()
-    index = mask_chips(tree, settings.mask_args, settings.parallel, compression=compression, plan=plan)
+    index = mask_chips(
+        tree, settings.mask_args, settings.parallel, compression=compression, resume=run.resume, plan=plan
+    )
     run.finish(masks=len(index), chips_with_roofs=int((index["roof_share"] > 0).sum()))
     return index
 

@@ -37,7 +37,7 @@ from rasterio.windows import Window
 from core import cli
 from core.bundle import BUNDLE_JSON, KINDS, Predictor, load_predictor, read_info
 from core.check import preflight
-from core.contract import begin, file_identity, file_key, read_record
+from core.contract import begin, file_identity, file_key
 from core.errors import BlankPredictionError, DataError, InputMissingError
 from core.index import chip_ids, grid_of
 from core.parallel import map_tasks, worker_cached
@@ -51,7 +51,7 @@ from core.raster import (
     window_starts,
 )
 from core.settings import ParallelArgs, PredictArgs, Settings
-from core.stages import predict_bundle, predict_source, spec_of, split_of_folder
+from core.stages import predict_bundle, predict_source, refuse_leaky_bundle, split_of_folder
 from core.tree import DataTree, refuse_overwrite
 
 log = logging.getLogger(__name__)
@@ -283,6 +283,8 @@ def resolve_inputs(tree: DataTree, args: PredictArgs, given: Path | None) -> lis
         return found
     if not path.exists():
         raise InputMissingError(f"prediction input {path} not found: set predict_args.input or pass --input")
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        raise InputMissingError(f"prediction input {path} is not a GeoTIFF: give a .tif raster or a folder of them")
     return [path]
 
 
@@ -425,20 +427,6 @@ def output_records(results: list[RasterResult], tree: DataTree) -> list[dict[str
     return rows
 
 
-def refuse_leaky_bundle(settings: Settings, tree: DataTree, model: str, split: str) -> None:
-    """A bundle trained on an earlier split may have trained on today's val chips: scoring it there would leak."""
-    trained = read_record(spec_of("train").record(settings, tree, model))
-    made = read_record(spec_of("split").record(settings, tree, None))
-    if trained is None or made is None:
-        return
-    used = trained.get("inputs", {}).get("split", {}).get("run")
-    if used != made["run"]:
-        raise DataError(
-            f"the {model} bundle was trained on an earlier split than the {split} chips of today's split: some may "
-            f"have been its training chips. Retrain first: python train/train.py --model {model} --overwrite"
-        )
-
-
 def predict_stage(
     settings: Settings,
     tree: DataTree,
@@ -460,7 +448,7 @@ def predict_stage(
     inputs = resolve_inputs(tree, settings.predict_args, source)
     split = split_of_folder(predict_source(settings, tree, given), tree)
     if split is not None and not outside:
-        refuse_leaky_bundle(settings, tree, model, split)
+        refuse_leaky_bundle(settings, tree, model, split)  # predicting today's val chips with it would leak
     preflight(settings, tree, "predict", bundle=bundle, inputs=inputs)
     run.start()
     args = settings.predict_args

@@ -615,3 +615,128 @@ def test_evaluate_reports_the_threshold_predict_applied_and_refuses_predictions_
         json.loads((tree.prediction_dir("regression") / "predict.record.json").read_text())["summary"]["threshold"]
         == 0.3
     )
+
+
+# --- what a new user's trial found next ------------------------------------------------------------
+
+
+def test_a_deleted_output_folder_is_remade_not_called_up_to_date(scene, capsys, tmp_path):
+    import shutil
+
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    tree = tree_of(argv)
+    clean = files(tree.masks)
+    shutil.rmtree(tree.masks)
+    assert pipeline.main([*argv, "check", "--only", "split"]) == 1
+    assert "FATAL" in capsys.readouterr().out  # split would read a mask folder removed by hand
+    assert mask_main(argv) == 0  # resumes: the missing masks are made again, the split still holds
+    assert files(tree.masks) == clean
+    index = read_index(tree.chips_csv, needs=("split",))
+    assert set(index["split"]) >= {"train", "val"}
+    shutil.rmtree(tree.chips)
+    capsys.readouterr()
+    assert mask_main(argv) == 1
+    assert error(capsys) == (
+        "error: chips/ are incomplete: files were removed since chip ran: rerun python chip/chip.py to remake them"
+    )
+    assert chip_main(argv) == 0 and len(list(tree.chips.iterdir())) == 16
+
+
+def test_deleted_predictions_are_made_again(scene, capsys):
+    import shutil
+
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main, predict_main)
+    tree = tree_of(argv)
+    masks = tree.prediction_dir("regression") / "masks"
+    made = files(masks)
+    shutil.rmtree(masks)
+    assert predict_main([*argv, *model]) == 0
+    assert files(masks) == made
+
+
+def test_the_metrics_table_marks_scores_made_before_a_retraining(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main, predict_main, evaluate_main)
+    capsys.readouterr()
+    assert pipeline.main([*argv, "--only", "train-regression", "--set", "ml_args.regression.max_iter=20"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "outdated scores: regression (evaluated before the latest changes; python pipeline.py evaluates again)" in out
+    )
+
+
+def test_evaluate_refuses_a_bundle_trained_on_another_split_whatever_was_predicted(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main)
+    tree = tree_of(argv)
+    seven = scene("split_args.seed=7")
+    assert split_main([*seven, "--overwrite"]) == 0
+    assert predict_main([*seven, *model, "--input", str(tree.chips)]) == 0  # every chip: not the split's folder
+    capsys.readouterr()
+    assert evaluate_main([*seven, *model]) == 1
+    assert error(capsys).startswith("error: the regression bundle was trained on an earlier split than the val chips")
+
+
+def test_pipeline_reruns_a_chip_run_made_with_input(scene, capsys, tmp_path):
+    argv = scene()
+    prepare(argv, mosaic_main)
+    assert chip_main([*argv, "--input", str(tmp_path / "data" / "raw" / "tile.tif")]) == 0
+    capsys.readouterr()
+    assert chip_main(argv) == 1
+    assert error(capsys).startswith(
+        f"error: chips/ were made from --input {tmp_path / 'data' / 'raw' / 'tile.tif'}, now the inputs the settings "
+        "name: add --overwrite"
+    )
+    assert pipeline.main([*argv, "--only", "chip"]) == 0
+    assert "chip        ok" in capsys.readouterr().out
+
+
+def test_a_second_label_file_stops_mask_even_when_masks_were_made(scene, capsys, tmp_path):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main)
+    labels = tmp_path / "data" / "labels"
+    (labels / "other.geojson").write_bytes((labels / "roofs.geojson").read_bytes())
+    capsys.readouterr()
+    assert mask_main(argv) == 1
+    assert "several label files" in error(capsys)
+    (labels / "other.geojson").unlink()
+    (labels / "roofs.geojson").rename(labels / "renamed.geojson")
+    assert mask_main(argv) == 1
+    assert error(capsys) == (
+        "error: masks/ were made from labels/roofs.geojson (gone now), without labels/renamed.geojson (new): add "
+        "--overwrite to redo them (python pipeline.py reruns outdated stages)"
+    )
+
+
+def test_pipeline_option_mistakes_are_usage_errors(capsys):
+    assert pipeline.main(["--from", "predict", "--to", "chip"]) == 2
+    assert "--from predict comes after --to chip" in capsys.readouterr().err
+    assert pipeline.main(["--only", "train-forest", "--from", "chip"]) == 2
+    assert "--only cannot be combined with --from or --to" in capsys.readouterr().err
+
+
+def test_small_mistakes_get_the_right_advice(scene, capsys, tmp_path):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main)
+    tree = tree_of(argv)
+    before = files(tree.chips)
+    capsys.readouterr()
+    assert chip_main([*scene("chip_args.size=1024"), "--overwrite"]) == 1  # refused before old chips go
+    assert "too small for chips of 1024 px" in error(capsys)
+    assert files(tree.chips) == before
+    assert chip_main(scene("chip_args.size=0")) == 1
+    assert "with the --set overrides: chip_args.size" in error(capsys)
+    prepare(argv, mask_main, split_main)
+    prepare([*argv, "--model", "regression"], train_main)
+    assert predict_main([*argv, "--model", "regression", "--input", str(tree.chips_csv)]) == 1
+    assert error(capsys).endswith("is not a GeoTIFF: give a .tif raster or a folder of them")
+    assert evaluate_main([*argv, "--model", "regression", "--split", "test"]) == 1
+    assert "there is no test split: set split_args.fractions.test above 0" in error(capsys)
