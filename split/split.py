@@ -182,6 +182,43 @@ def _roof_imbalance(chosen: dict, sizes: pd.Series, roof: pd.Series) -> float:
     return cost
 
 
+def overlapping(index: pd.DataFrame, splits: pd.Series, split: str) -> pd.Index:
+    """Chips of ``split`` that share pixels with a training chip of the same source (chips overlap
+    when chip_args.stride is smaller than the size)."""
+    found = []
+    for _, group in index.groupby("source", sort=False):
+        train = group[splits.loc[group.index] == "train"]
+        other = group[splits.loc[group.index] == split]
+        if train.empty or other.empty:
+            continue
+        rows = np.abs(other["row_off"].to_numpy()[:, None] - train["row_off"].to_numpy()[None, :])
+        cols = np.abs(other["col_off"].to_numpy()[:, None] - train["col_off"].to_numpy()[None, :])
+        touch = (rows < train["height"].to_numpy()[None, :]) & (cols < train["width"].to_numpy()[None, :])
+        found += list(other.index[touch.any(axis=1)])
+    return pd.Index(found)
+
+
+def drop_overlaps(index: pd.DataFrame, splits: pd.Series) -> pd.Series:
+    """Leave out of val and test every chip that shares pixels with a training chip: their scores would
+    count pixels the model trained on."""
+    splits = splits.copy()
+    for split in ("val", "test"):
+        shared = overlapping(index, splits, split)
+        if len(shared):
+            splits.loc[shared] = ""
+            log.warning(
+                "split: %d %s chips share pixels with training chips (chip_args.stride is smaller than the size) "
+                "and are left out of %s; %d remain",
+                len(shared), split, split, int((splits == split).sum()),
+            )  # fmt: skip
+    if not (splits == "val").any():
+        raise DataError(
+            "every val chip shares pixels with a training chip (chip_args.stride is smaller than the size): use "
+            "split_args.strategy spatial with a larger split_args.block, or chips without overlap"
+        )
+    return splits
+
+
 def place(src: Path, dst: Path) -> None:
     """Hard-link ``src`` at ``dst`` (copy when linking is not possible), replacing ``dst``."""
     dst.unlink(missing_ok=True)
@@ -206,7 +243,7 @@ def check_masks(tree: DataTree) -> pd.DataFrame:
 def split_chips(tree: DataTree, args: SplitArgs) -> pd.DataFrame:
     """Assign splits, fill the split folders (emptied first), record the split in chips.csv; return the index."""
     index = check_masks(tree)
-    splits = assign_splits(index, args)
+    splits = drop_overlaps(index, assign_splits(index, args))
     train_roof = index.loc[splits == "train", "roof_share"].sum()
     if train_roof <= 0:
         raise DataError(

@@ -740,3 +740,20 @@ def test_small_mistakes_get_the_right_advice(scene, capsys, tmp_path):
     assert error(capsys).endswith("is not a GeoTIFF: give a .tif raster or a folder of them")
     assert evaluate_main([*argv, "--model", "regression", "--split", "test"]) == 1
     assert "there is no test split: set split_args.fractions.test above 0" in error(capsys)
+
+
+def test_val_chips_never_share_pixels_with_training_chips(scene, capsys):
+    argv = scene("chip_args.stride=32", "split_args.block=4")
+    prepare(argv, mosaic_main, chip_main, mask_main)
+    capsys.readouterr()
+    assert split_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "val chips share pixels with training chips (chip_args.stride is smaller than the size)" in err
+    index = read_index(tree_of(argv).chips_csv, needs=("split",))
+    train, val = index[index["split"] == "train"], index[index["split"] == "val"]
+    assert len(val) > 0
+    for row in val.itertuples():
+        assert not ((abs(train["row_off"] - row.row_off) < 64) & (abs(train["col_off"] - row.col_off) < 64)).any()
+    capsys.readouterr()
+    assert split_main([*scene("chip_args.stride=32", "split_args.block=1"), "--overwrite"]) == 1
+    assert error(capsys).startswith("error: every val chip shares pixels with a training chip")
