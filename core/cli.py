@@ -64,7 +64,12 @@ def make_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentPa
         metavar="KEY.PATH=VALUE",
         help="override one setting, e.g. --set training_args.epochs=3 (repeatable; values are JSON or text)",
     )
-    common.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    common.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo the stage's outputs from scratch (without it an up-to-date stage is skipped, an interrupted one "
+        "resumes, and one whose settings or inputs changed refuses, saying what changed)",
+    )
     common.add_argument("--print-settings", action="store_true", help="print the resolved settings as JSON and exit")
     noise = common.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="store_true", help="debug messages, and tracebacks on errors")

@@ -493,6 +493,18 @@ class PredictArgs(Section):
         None, gt=0.0, lt=1.0, description="Decision threshold; null = the bundle's tuned one."
     )
     save_probabilities: bool = Field(True, description="Also write float32 probability GeoTIFFs.")
+    instances: bool = Field(
+        True,
+        description="One polygon per roof: a seeded watershed on the probabilities separates touching roofs "
+        "(instances/NAME.tif holds each roof's id); false: one polygon per connected group of roof pixels.",
+    )
+    seed_threshold: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Probability of the roof cores that seed the watershed; null = halfway between the decision "
+        "threshold and 1 (0.75 for 0.5).",
+    )
     min_area: float = Field(4.0, ge=0.0, description="Drop roof polygons smaller than this, m2.")
     simplify: float = Field(0.0, ge=0.0, description="Simplify polygons with this tolerance, map units.")
     compression: Literal["zstd", "deflate", "lzw", "none"] = Field("zstd", description=COMPRESSION_HELP)
@@ -512,6 +524,12 @@ class EvaluateArgs(Section):
         gt=0.0,
         le=1.0,
         description="IoU at which a predicted object matches a true one (SpaceNet: 0.5).",
+    )
+    min_area_m2: float = Field(
+        4.0,
+        ge=0.0,
+        description="Roof polygons (true or predicted, clipped to their chip) under this ground area in m2 are "
+        "ignored in the polygon scores, as SpaceNet ignores tiny buildings.",
     )
 
 

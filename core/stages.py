@@ -263,6 +263,7 @@ STAGES: tuple[StageSpec, ...] = (
         outputs=lambda s, t, m: [
             Output(t.prediction_dir(m) / "masks", "*.tif"),
             Output(t.prediction_dir(m) / "probabilities", "*.tif"),
+            Output(t.prediction_dir(m) / "instances", "*.tif"),
             Output(t.prediction_dir(m) / "roofs.gpkg"),
         ],
         record=lambda s, t, m: t.prediction_dir(m) / "predict.record.json",

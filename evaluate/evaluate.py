@@ -38,19 +38,30 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import shapely
+from rasterio.transform import from_bounds
 from scipy import ndimage
 
 from core import cli
 from core.bundle import BUNDLE_JSON, KINDS, read_info
 from core.contract import begin, read_record
-from core.errors import DataError
+from core.errors import DataError, LabelError
 from core.index import read_index
 from core.metrics import Confusion, ThresholdSearch, metrics_record, pixel_scores, write_metrics
+from core.polygons import (
+    PolygonCounts,
+    match_polygons,
+    read_spacenet_csv,
+    score_spacenet,
+    to_pixels,
+    write_spacenet_csv,
+)
 from core.raster import atomic_path, read_mask, read_raster, rgb_preview, valid_pixels
 from core.report import evaluation_dir, write_report, write_summary
 from core.settings import EvaluateArgs, Settings
 from core.stages import refuse_leaky_bundle, spec_of
 from core.tree import DataTree, require
+from core.vector import ground_area, load_roofs
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +322,76 @@ def _grid(profile: dict[str, Any]) -> str:
     return f"{profile['width']}x{profile['height']} px at ({t.c:.6g}, {t.f:.6g})"
 
 
+# --- polygons ----------------------------------------------------------------------------------
+
+
+def polygon_scores(
+    settings: Settings, tree: DataTree, split: str, pairs: list[tuple[str, str]], pred_dir: Path, out: Path
+) -> PolygonCounts | None:
+    """SpaceNet polygon scores: each chip's true roofs (the label file's polygons, as mask keeps them,
+    clipped to the chip) against the roofs.gpkg polygons predicted from it; also writes both as
+    SpaceNet CSVs (truth.csv, predictions.csv) in pixel coordinates. None when there is no roofs.gpkg
+    or no usable label file."""
+    import geopandas as gpd
+
+    roofs_file = pred_dir / "roofs.gpkg"
+    if not roofs_file.is_file():
+        log.info("evaluate: %s not found: no polygon scores", roofs_file)
+        return None
+    try:
+        labels, _ = load_roofs(tree.labels, settings.mask_args)
+    except LabelError as exc:
+        log.warning("evaluate: no polygon scores, the true polygons are not readable: %s", exc)
+        return None
+    index = read_index(tree.chips_csv, needs=("split", "split_file"), fix="run python split/split.py first")
+    rows = {r.split_file: r for r in index[index["split"] == split].itertuples()}
+    predicted = gpd.read_file(roofs_file, engine="pyogrio")
+    args = settings.evaluate_args
+    total = PolygonCounts()
+    truth_csv: dict[str, list] = {}
+    pred_csv: dict[str, list] = {}
+    in_crs: dict[str, tuple] = {}
+    for truth_name, pred_name in pairs:
+        row = rows.get(truth_name)
+        if row is None:
+            continue
+        if row.crs not in in_crs:  # each side once per CRS, with a spatial index
+            t = labels.to_crs(row.crs) if labels.crs != row.crs else labels
+            p = predicted.to_crs(row.crs) if predicted.crs is not None and predicted.crs != row.crs else predicted
+            in_crs[row.crs] = (t, p)
+        t_all, p_all = in_crs[row.crs]
+        chip = shapely.box(row.left, row.bottom, row.right, row.top)
+        truth = _clipped(t_all, chip)
+        mine = p_all[p_all["source"] == pred_name]
+        pred = _clipped(mine, chip)
+        t_keep = _at_least(truth, args.min_area_m2)
+        p_keep = _at_least(pred, args.min_area_m2)
+        total.add(match_polygons(list(t_keep.geometry), list(p_keep.geometry), args.iou_threshold)[0])
+        transform = from_bounds(row.left, row.bottom, row.right, row.top, row.width, row.height)
+        stem = Path(truth_name).stem
+        truth_csv[stem] = [(to_pixels(g, transform), 1.0) for g in t_keep.geometry]
+        conf = p_keep["mean_probability"] if "mean_probability" in p_keep.columns else [1.0] * len(p_keep)
+        pred_csv[stem] = [(to_pixels(g, transform), float(c)) for g, c in zip(p_keep.geometry, conf, strict=True)]
+    out.mkdir(parents=True, exist_ok=True)
+    write_spacenet_csv(out / "truth.csv", truth_csv)
+    write_spacenet_csv(out / "predictions.csv", pred_csv)
+    return total
+
+
+def _clipped(gdf, chip):
+    """The polygons of ``gdf`` inside ``chip``, cut at its edges (a roof across a chip edge is one in each)."""
+    hits = gdf.iloc[gdf.sindex.query(chip, predicate="intersects")] if len(gdf) else gdf
+    clipped = hits.copy()
+    clipped["geometry"] = shapely.intersection(hits.geometry.to_numpy(), chip)
+    return clipped[~clipped.geometry.is_empty & clipped.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
+
+
+def _at_least(gdf, min_area_m2: float):
+    if gdf.empty:
+        return gdf
+    return gdf[ground_area(gdf) >= min_area_m2]
+
+
 # --- pictures --------------------------------------------------------------------------------
 
 
@@ -452,8 +533,11 @@ def evaluate_model(
     result = evaluate_folder(pred_dir, tree.frames(split), truth, args, tree, pairs)
     # The threshold predict applied, as it recorded it; else what settings and bundle say now.
     threshold = (predicted or {}).get("summary", {}).get("threshold", used_threshold(settings, tree, model))
+    scored = [(c.name, c.prediction or c.name) for c in result.chips]
+    polygons = polygon_scores(settings, tree, split, scored, pred_dir, out)
     extra: dict[str, Any] = {
         "object": result.objects.scores(),
+        **({"polygon": polygons.scores(), "min_area_m2": args.min_area_m2} if polygons is not None else {}),
         "chips": len(result.chips),
         "min_area": args.min_area,
         "iou_threshold": args.iou_threshold,
@@ -502,8 +586,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.make_parser(__doc__)
     parser.add_argument("--model", choices=KINDS, help="whose predictions to score (default: training_args.model)")
     parser.add_argument("--split", choices=("val", "test"), help="truth split (default: evaluate_args.split)")
+    parser.add_argument(
+        "--spacenet",
+        nargs=2,
+        type=Path,
+        metavar=("TRUTH.csv", "PREDICTIONS.csv"),
+        help="only score two SpaceNet CSVs (ImageId,BuildingId,PolygonWKT_Pix) against each other and print the "
+        "scores (IoU evaluate_args.iou_threshold, polygons under evaluate_args.min_area pixels ignored)",
+    )
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
+        if args.spacenet:
+            a = settings.evaluate_args
+            counts = score_spacenet(*(read_spacenet_csv(p) for p in args.spacenet), a.iou_threshold, a.min_area)
+            print(json.dumps(counts.scores()))
+            return
         model = args.model or settings.training_args.model
         evaluate_model(settings, tree, model, args.split, overwrite=args.overwrite)
 

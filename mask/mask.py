@@ -31,7 +31,7 @@ from core.parallel import map_tasks
 from core.raster import open_raster, read_raster, valid_pixels, write_raster
 from core.settings import MaskArgs, ParallelArgs, Settings
 from core.tree import DataTree
-from core.vector import LabelIndex, filter_labels, find_label_file, read_labels, repair_geometries
+from core.vector import LabelIndex, load_roofs
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,6 @@ def burn_mask(task: MaskTask) -> float:
         write_raster(task.out, mask, crs=crs, transform=transform, nodata=None, compression=task.compression)
     n_valid = int(valid.sum())
     return float((mask[valid] > 0).sum() / n_valid) if n_valid else 0.0
-
-
-def load_roofs(labels_dir: Path, args: MaskArgs) -> tuple:
-    """Read, filter and repair the roof polygons; return (GeoDataFrame, label file)."""
-    path = find_label_file(labels_dir, args.label_file)
-    gdf = read_labels(path)
-    if args.filter is not None:
-        gdf = filter_labels(gdf, args.filter.attribute, args.filter.values, source=path.name)
-    gdf = repair_geometries(gdf, source=path.name)
-    if len(gdf) == 0:
-        raise LabelError(f"label file {path} has no usable polygon after repair: check its geometries")
-    return gdf, path
 
 
 def plan_masks(tree: DataTree, args: MaskArgs, *, compression: str = "zstd", reuse: bool = False) -> tuple:

@@ -7,7 +7,11 @@ the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
 
   masks/NAME.tif          uint8, 0 = background, 255 = roof; the input's CRS, transform, size
   probabilities/NAME.tif  float32 roof probability (predict_args.save_probabilities)
-  roofs.gpkg              roof polygons with area_m2 and source, in the input CRS
+  instances/NAME.tif      uint32, each roof's id in its pixels (predict_args.instances)
+  roofs.gpkg              one polygon per roof: id, source, mean_probability, area_m2 (input CRS)
+
+Touching roofs are separated by a seeded watershed on the probabilities (predict_args.instances,
+seed_threshold); without it a polygon is a connected group of roof pixels.
 
 Rasters larger than predict_args.window are predicted in overlapping windows whose overlap
 is blended with linear weights, so no seams appear; they are read and written strip by
@@ -40,6 +44,7 @@ from core.check import preflight
 from core.contract import begin, file_identity, file_key
 from core.errors import BlankPredictionError, DataError, InputMissingError
 from core.index import chip_ids, grid_of
+from core.instances import default_seed_threshold, raster_instances, write_instances
 from core.parallel import map_tasks, worker_cached
 from core.raster import (
     atomic_path,
@@ -53,6 +58,7 @@ from core.raster import (
 from core.settings import ParallelArgs, PredictArgs, Settings
 from core.stages import predict_bundle, predict_source, refuse_leaky_bundle, split_of_folder
 from core.tree import DataTree, refuse_overwrite
+from core.vector import ground_area
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +115,30 @@ def predict_raster(
     bar=None,
 ) -> RasterResult:
     """Predict one raster in blended windows, strip by strip; write its mask (and probabilities)."""
+    if args.instances:
+        keep = prob_path is not None
+        probs = prob_path if keep else mask_path.with_name(f".{mask_path.stem}.probabilities.tmp.tif")
+        try:
+            result = _predict_raster(predictor, source, mask_path, probs, args, threshold, bar)
+            seed = default_seed_threshold(threshold, args.seed_threshold)
+            result.polygons = raster_instances(probs, threshold, seed)
+        finally:
+            if not keep:
+                probs.unlink(missing_ok=True)
+        result.probability = prob_path
+        return result
+    return _predict_raster(predictor, source, mask_path, prob_path, args, threshold, bar)
+
+
+def _predict_raster(
+    predictor: Predictor,
+    source: Path,
+    mask_path: Path,
+    prob_path: Path | None,
+    args: PredictArgs,
+    threshold: float,
+    bar=None,
+) -> RasterResult:
     info = predictor.info
     result = RasterResult(source, mask_path, prob_path)
     with open_raster(source) as src:
@@ -185,7 +215,8 @@ def predict_raster(
                     _flush(acc[:done_to], wsum[:done_to], valid[:done_to], top, threshold, mask_dst, prob_dst, result)
                     acc, wsum, valid = acc[done_to:], wsum[done_to:], valid[done_to:]
                     top += done_to
-        result.polygons = polygonize(mask_path)
+    if not args.instances:
+        result.polygons = [(g, None) for g in polygonize(mask_path)]
     return result
 
 
@@ -243,31 +274,22 @@ def _touches_row(poly, src, row: int) -> bool:
     return bool(np.isclose(ys, y, rtol=0, atol=abs(src.transform.e) * 1e-3).any())
 
 
-def ground_area(gdf: gpd.GeoDataFrame) -> np.ndarray:
-    """True ground areas in m2, whatever the CRS: measured in the local UTM zone.
-
-    The areas of a projected CRS are not ground areas in general (Web Mercator's grow with
-    latitude: +27% at Gorakhpur), nor are a geographic CRS's degrees. A UTM zone's scale error
-    is under 0.1% inside the zone.
-    """
-    if gdf.crs is None:
-        log.warning("predict: the imagery has no CRS: roof areas are in square map units, not m2")
-        return gdf.geometry.area.to_numpy()
-    return gdf.to_crs(gdf.estimate_utm_crs()).geometry.area.to_numpy()
-
-
 def roofs_frame(results: list[RasterResult], crs, args: PredictArgs) -> gpd.GeoDataFrame:
-    """One table of roof polygons with their area in m2, filtered by min_area and simplified."""
-    rows = [(r.source.name, g) for r in results for g in r.polygons]
-    gdf = gpd.GeoDataFrame({"source": [s for s, _ in rows]}, geometry=[g for _, g in rows], crs=crs)
+    """One table of roof polygons (id from 1, as in the instance rasters; source; area in m2; mean
+    probability with instances), filtered by min_area and simplified."""
+    rows = [(r.source.name, g, p) for r in results for g, p in r.polygons]
+    gdf = gpd.GeoDataFrame({"source": [s for s, _, _ in rows]}, geometry=[g for _, g, _ in rows], crs=crs)
+    if args.instances:
+        gdf["mean_probability"] = pd.Series([p for _, _, p in rows], dtype=float)
     if gdf.empty:
         gdf["area_m2"] = pd.Series(dtype=float)
+        gdf.insert(0, "id", pd.Series(dtype=np.int64))
         return gdf
     if args.simplify > 0:
         gdf["geometry"] = gdf.geometry.simplify(args.simplify, preserve_topology=True)
     gdf["area_m2"] = ground_area(gdf)
     gdf = gdf[gdf["area_m2"] >= args.min_area].reset_index(drop=True)
-    gdf.insert(0, "id", np.arange(len(gdf)))
+    gdf.insert(0, "id", np.arange(1, len(gdf) + 1))
     return gdf
 
 
@@ -381,6 +403,11 @@ def predict_all(
     with open_raster(inputs[0]) as src:
         crs = src.crs
     gdf = roofs_frame(results, crs, args)
+    if args.instances:  # each roof's id in its pixels: the polygons of roofs.gpkg, rasterized
+        for r in results:
+            mine = gdf[gdf["source"] == r.source.name]
+            write_instances(out / "instances" / r.mask.name, r.mask, list(mine.geometry), list(mine["id"]),
+                            args.compression)  # fmt: skip
     with atomic_path(roofs) as tmp:
         gdf.to_file(tmp, layer="roofs", driver="GPKG", engine="pyogrio")
     blank = [r for r in results if r.roof_pixels == 0]

@@ -249,3 +249,57 @@ def _restore_logging() -> Iterator[None]:
     for logger, level in levels.items():
         logger.setLevel(level)
     cli._quiet = quiet
+
+
+# --- a small scene every stage runs on in seconds ----------------------------------------------
+
+SCENE_SIDE = 256  # the scene fixture is SCENE_SIDE x SCENE_SIDE px, 3 bands
+#: A small scene and a fast model: a whole chip..evaluate run takes seconds.
+SCENE = [
+    "chip_args.size=64",
+    "split_args.block=1",
+    "load_dataset_args.channels=3",
+    "model_args.input_shape=[64,64,3]",
+    "ml_args.texture_windows=[]",
+    "ml_args.max_train_pixels=3000",
+    "parallel.workers=1",
+    "experiment=contract",
+]
+
+
+def roof_rects(n: int = 24) -> list[tuple[int, int, int, int]]:
+    rng = np.random.default_rng(5)
+    rects = []
+    for _ in range(n):
+        r, c = rng.integers(2, SCENE_SIDE - 20, 2)
+        h, w = rng.integers(8, 16, 2)
+        rects.append((int(c), int(r), int(c + w), int(r + h)))
+    return rects
+
+
+@pytest.fixture
+def scene(tmp_path: Path, settings_file: Path) -> Callable[..., list[str]]:
+    """raw/tile.tif (bright striped roofs on dark ground) and labels/roofs.geojson (metal and concrete);
+    returns ``argv(*sets)``: the common arguments of every stage."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(400, 60, (3, SCENE_SIDE, SCENE_SIDE))
+    rects = roof_rects()
+    for col0, row0, col1, row1 in rects:
+        image[:, row0:row1, col0:col1] = 1400 + 100 * (np.arange(col1 - col0) % 2)
+    write_geotiff(tmp_path / "data" / "raw" / "tile.tif", array=np.clip(image, 1, 4000).astype(np.uint16), nodata=0)
+    kinds = ["metal" if i % 3 else "concrete" for i in range(len(rects))]
+    write_labels(tmp_path / "data" / "labels" / "roofs.geojson", [pixel_box(*r) for r in rects], roof_type=kinds)
+
+    def argv(*sets: str) -> list[str]:
+        out = ["--settings", str(settings_file), "--quiet"]
+        for item in (
+            f"data_root={tmp_path / 'data'}",
+            f"training_args.results_folder={tmp_path / 'results'}",
+            f"predict_args.output={tmp_path / 'predictions'}",
+            *SCENE,
+            *sets,
+        ):
+            out += ["--set", item]
+        return out
+
+    return argv

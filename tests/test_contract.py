@@ -14,7 +14,8 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import shapely
-from conftest import interrupted, pixel_box, write_geotiff, write_labels
+from conftest import SCENE_SIDE as SIDE
+from conftest import interrupted, write_geotiff, write_labels
 
 import pipeline
 from chip.chip import main as chip_main
@@ -29,57 +30,6 @@ from mosaic.mosaic import main as mosaic_main
 from predict.predict import main as predict_main
 from split.split import main as split_main
 from train.train import main as train_main
-
-SIDE = 256  # the scene is SIDE x SIDE px, 3 bands
-#: A small scene and a fast model: a whole chip..evaluate run takes seconds.
-SCENE = [
-    "chip_args.size=64",
-    "split_args.block=1",
-    "load_dataset_args.channels=3",
-    "model_args.input_shape=[64,64,3]",
-    "ml_args.texture_windows=[]",
-    "ml_args.max_train_pixels=3000",
-    "parallel.workers=1",
-    "experiment=contract",
-]
-
-
-def roof_rects(n: int = 24) -> list[tuple[int, int, int, int]]:
-    rng = np.random.default_rng(5)
-    rects = []
-    for _ in range(n):
-        r, c = rng.integers(2, SIDE - 20, 2)
-        h, w = rng.integers(8, 16, 2)
-        rects.append((int(c), int(r), int(c + w), int(r + h)))
-    return rects
-
-
-@pytest.fixture
-def scene(tmp_path: Path, settings_file: Path):
-    """raw/tile.tif (bright striped roofs on dark ground) and labels/roofs.geojson (metal and concrete);
-    returns ``argv(*sets)``: the common arguments of every stage."""
-    rng = np.random.default_rng(0)
-    image = rng.normal(400, 60, (3, SIDE, SIDE))
-    rects = roof_rects()
-    for col0, row0, col1, row1 in rects:
-        image[:, row0:row1, col0:col1] = 1400 + 100 * (np.arange(col1 - col0) % 2)
-    write_geotiff(tmp_path / "data" / "raw" / "tile.tif", array=np.clip(image, 1, 4000).astype(np.uint16), nodata=0)
-    kinds = ["metal" if i % 3 else "concrete" for i in range(len(rects))]
-    write_labels(tmp_path / "data" / "labels" / "roofs.geojson", [pixel_box(*r) for r in rects], roof_type=kinds)
-
-    def argv(*sets: str) -> list[str]:
-        out = ["--settings", str(settings_file), "--quiet"]
-        for item in (
-            f"data_root={tmp_path / 'data'}",
-            f"training_args.results_folder={tmp_path / 'results'}",
-            f"predict_args.output={tmp_path / 'predictions'}",
-            *SCENE,
-            *sets,
-        ):
-            out += ["--set", item]
-        return out
-
-    return argv
 
 
 def tree_of(argv: list[str]) -> DataTree:
@@ -498,7 +448,7 @@ def test_roof_areas_are_ground_areas_in_web_mercator(tmp_path):
     utm = gpd.GeoSeries([shapely.box(500000, 2960000, 500010, 2960010)], crs="EPSG:32644")  # 100 m2
     mercator = utm.to_crs("EPSG:3857")
     assert mercator.area.iloc[0] == pytest.approx(127.0, rel=0.01)  # what the old areas said
-    result = RasterResult(Path("t.tif"), Path("m.tif"), None, polygons=list(mercator))
+    result = RasterResult(Path("t.tif"), Path("m.tif"), None, polygons=[(g, 0.9) for g in mercator])
     from core.settings import PredictArgs
 
     gdf = roofs_frame([result], "EPSG:3857", PredictArgs(min_area=101))

@@ -1,0 +1,152 @@
+"""Roof polygons scored as SpaceNet scores buildings, and SpaceNet's CSV layout.
+
+A predicted polygon matches at most one true polygon, and the other way round, at IoU >=
+``iou_threshold`` (0.5), greedily by IoU, highest first; polygons under a ground area are
+ignored on both sides. Precision, recall and F1 follow from the counts. SpaceNet's CSV files
+(``ImageId,BuildingId,PolygonWKT_Pix,Confidence``: one row per building in the pixel
+coordinates of its image, ``POLYGON EMPTY`` for an image without buildings) are read and
+written so that results compare with published ones.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+from affine import Affine
+from shapely import STRtree
+from shapely.geometry.base import BaseGeometry
+
+from core.errors import DataError
+
+#: SpaceNet's columns.
+SPACENET_COLUMNS = ("ImageId", "BuildingId", "PolygonWKT_Pix", "Confidence")
+
+
+@dataclass
+class PolygonCounts:
+    """Matched (tp), unmatched predicted (fp) and unmatched true (fn) polygons."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def add(self, other: PolygonCounts) -> PolygonCounts:
+        self.tp, self.fp, self.fn = self.tp + other.tp, self.fp + other.fp, self.fn + other.fn
+        return self
+
+    def scores(self) -> dict[str, float | int]:
+        """Precision, recall, F1 (0 where undefined) and the counts."""
+        precision = self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+        recall = self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {"precision": precision, "recall": recall, "f1": f1, "tp": self.tp, "fp": self.fp, "fn": self.fn}
+
+
+def match_polygons(
+    truth: Sequence[BaseGeometry], predicted: Sequence[BaseGeometry], iou_threshold: float = 0.5
+) -> tuple[PolygonCounts, list[tuple[int, int, float]]]:
+    """SpaceNet one-to-one matching: pairs (truth index, predicted index, IoU) taken greedily by IoU.
+
+    Returns the counts and the matched pairs.
+    """
+    truth, predicted = list(truth), list(predicted)
+    pairs: list[tuple[float, int, int]] = []
+    if truth and predicted:
+        tree = STRtree(truth)
+        p_idx, t_idx = tree.query(predicted, predicate="intersects")
+        if len(p_idx):
+            t_geoms, p_geoms = np.asarray(truth, object)[t_idx], np.asarray(predicted, object)[p_idx]
+            inter = shapely.area(shapely.intersection(t_geoms, p_geoms))
+            union = shapely.area(t_geoms) + shapely.area(p_geoms) - inter
+            iou = np.where(union > 0, inter / np.maximum(union, 1e-300), 0.0)
+            pairs = [(float(v), int(t), int(p)) for v, t, p in zip(iou, t_idx, p_idx, strict=True) if v > 0]
+    used_t: set[int] = set()
+    used_p: set[int] = set()
+    matched = []
+    for iou, t, p in sorted(pairs, key=lambda x: (-x[0], x[1], x[2])):
+        if iou < iou_threshold:
+            break
+        if t in used_t or p in used_p:
+            continue
+        used_t.add(t)
+        used_p.add(p)
+        matched.append((t, p, iou))
+    counts = PolygonCounts(tp=len(matched), fp=len(predicted) - len(matched), fn=len(truth) - len(matched))
+    return counts, matched
+
+
+def keep_at_least(geoms: Iterable[BaseGeometry], min_area: float, areas: Iterable[float] | None = None) -> list:
+    """The polygons whose area (``areas``, else their own) is at least ``min_area``; empty ones dropped."""
+    geoms = list(geoms)
+    areas = list(areas) if areas is not None else [g.area for g in geoms]
+    return [g for g, a in zip(geoms, areas, strict=True) if not g.is_empty and a >= min_area]
+
+
+# --- SpaceNet CSV ---------------------------------------------------------------------------------
+
+
+def to_pixels(geom: BaseGeometry, transform: Affine) -> BaseGeometry:
+    """A polygon in map coordinates in the pixel coordinates (column, row) of a raster."""
+    inverse = ~transform
+    return shapely.transform(geom, lambda xy: np.column_stack(inverse * (xy[:, 0], xy[:, 1])))
+
+
+def write_spacenet_csv(path: Path, images: dict[str, list[tuple[BaseGeometry, float]]]) -> Path:
+    """Write SpaceNet's CSV: one row per polygon (pixel coordinates) with its confidence; an image
+    without polygons gets one ``POLYGON EMPTY`` row, as in SpaceNet's truth files."""
+    from core.raster import atomic_path
+
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(SPACENET_COLUMNS)
+        for image, polygons in images.items():
+            if not polygons:
+                writer.writerow([image, -1, "POLYGON EMPTY", 1])
+            for k, (geom, confidence) in enumerate(polygons):
+                writer.writerow([image, k, shapely.to_wkt(geom, rounding_precision=2), f"{confidence:.4f}"])
+    return path
+
+
+def read_spacenet_csv(path: Path) -> dict[str, list[BaseGeometry]]:
+    """Polygons by image from a SpaceNet CSV (``PolygonWKT_Pix``; empty images have none)."""
+    images: dict[str, list[BaseGeometry]] = {}
+    try:
+        with Path(path).open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in ("ImageId", "PolygonWKT_Pix") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(
+                    f"{path} is not a SpaceNet CSV: it lacks the column(s) {missing} (ImageId,BuildingId,PolygonWKT_Pix)"
+                )
+            for line, row in enumerate(reader, start=2):
+                polygons = images.setdefault(row["ImageId"], [])
+                try:
+                    geom = shapely.from_wkt(row["PolygonWKT_Pix"])
+                except shapely.errors.GEOSException as exc:
+                    raise DataError(f"{path}, line {line}: PolygonWKT_Pix is not WKT ({exc})") from exc
+                if not geom.is_empty:
+                    polygons.append(shapely.make_valid(geom) if not geom.is_valid else geom)
+    except OSError as exc:
+        raise DataError(f"SpaceNet CSV {path} cannot be read ({exc.strerror or exc})") from exc
+    return images
+
+
+def score_spacenet(
+    truth: dict[str, list[BaseGeometry]],
+    predicted: dict[str, list[BaseGeometry]],
+    iou_threshold: float = 0.5,
+    min_area: float = 0.0,
+) -> PolygonCounts:
+    """SpaceNet scores of two CSVs' polygons, image by image (areas in pixels); images only in the
+    predictions count their polygons as false positives."""
+    total = PolygonCounts()
+    for image in sorted(set(truth) | set(predicted)):
+        t = keep_at_least(truth.get(image, []), min_area)
+        p = keep_at_least(predicted.get(image, []), min_area)
+        total.add(match_polygons(t, p, iou_threshold)[0])
+    return total

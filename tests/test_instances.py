@@ -1,0 +1,83 @@
+"""One object per roof: seeded watershed separates touching roofs, block by block, whatever the raster size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from conftest import write_geotiff
+
+from core.instances import default_seed_threshold, label_instances, raster_instances
+
+
+def touching_roofs(rows: int = 40, cols: int = 60) -> np.ndarray:
+    """Probabilities: two roofs of 10 x 12 px sharing an edge (0.6 along it), a faint roof (0.55)."""
+    prob = np.full((rows, cols), 0.05, np.float32)
+    prob[5:15, 5:17] = 0.95
+    prob[5:15, 17:29] = 0.9
+    prob[5:15, 16:18] = 0.6  # the valley where the two roofs touch
+    prob[25:29, 40:44] = 0.55  # a faint roof: above the threshold, no seed
+    return prob
+
+
+def test_touching_roofs_are_two_objects_and_a_faint_roof_is_kept():
+    labels, n = label_instances(touching_roofs(), 0.5, default_seed_threshold(0.5))
+    assert n == 3
+    assert default_seed_threshold(0.5) == 0.75 and default_seed_threshold(0.4, 0.9) == 0.9
+    left, right, faint = labels[10, 8], labels[10, 25], labels[27, 42]
+    assert len({left, right, faint}) == 3 and 0 not in (left, right, faint)
+    assert (labels > 0).sum() == ((touching_roofs() >= 0.5).sum())  # every roof pixel, none more
+    assert (labels == left).sum() + (labels == right).sum() == 10 * 24
+    assert (labels == faint).sum() == 16
+
+
+def test_no_roof_is_no_object():
+    labels, n = label_instances(np.zeros((8, 8), np.float32), 0.5, 0.75)
+    assert n == 0 and not labels.any()
+
+
+@pytest.mark.parametrize(("block", "margin"), [(4096, 0), (32, 16), (24, 20)])
+def test_blocks_give_the_same_roofs_as_one_pass(tmp_path, block, margin):
+    rng = np.random.default_rng(3)
+    prob = np.full((130, 170), 0.05, np.float32)
+    truth = []
+    for r in range(4, 110, 19):
+        for c in range(3, 160, 23):
+            h, w = rng.integers(6, 15, 2)
+            prob[r : r + h, c : c + w] = rng.uniform(0.8, 0.99)
+            truth.append(int(h * w))
+    path = write_geotiff(tmp_path / "p.tif", array=prob, nodata=None)
+    found = raster_instances(path, 0.5, 0.75, block=block, margin=margin)
+    assert sorted(round(g.area / 0.25) for g, _ in found) == sorted(truth)  # 0.5 m pixels
+    assert all(0.8 <= p <= 0.99 for _, p in found)
+    union = shapely.union_all([g for g, _ in found])
+    assert round(union.area / 0.25) == sum(truth)  # no roof twice
+
+
+def test_predict_writes_instances_matching_the_polygons(scene, tmp_path, capsys):
+    import geopandas as gpd
+
+    from chip.chip import main as chip_main
+    from mask.mask import main as mask_main
+    from mosaic.mosaic import main as mosaic_main
+    from predict.predict import main as predict_main
+    from split.split import main as split_main
+    from train.train import main as train_main
+
+    argv = scene()
+    for main in (mosaic_main, chip_main, mask_main, split_main):
+        assert main(argv) == 0
+    model = ["--model", "regression"]
+    assert train_main([*argv, *model]) == 0
+    assert predict_main([*argv, *model, "--set", "predict_args.save_probabilities=false"]) == 0
+    out = tmp_path / "predictions" / "contract" / "regression"
+    roofs = gpd.read_file(out / "roofs.gpkg")
+    assert list(roofs.columns) == ["id", "source", "mean_probability", "area_m2", "geometry"]
+    assert roofs["id"].tolist() == list(range(1, len(roofs) + 1))
+    assert not (out / "probabilities").exists() and not list((out / "masks").glob(".*"))
+    first = roofs.iloc[0]
+    with rasterio.open(out / "instances" / first["source"]) as src:
+        ids = src.read(1)
+        assert src.dtypes[0] == "uint32" and src.transform == rasterio.open(out / "masks" / first["source"]).transform
+    assert round((ids == first["id"]).sum() * 0.25, 6) == pytest.approx(first["area_m2"], rel=0.01)

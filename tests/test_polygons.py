@@ -1,0 +1,111 @@
+"""Polygon scores as SpaceNet's (one-to-one, greedy by IoU, minimum area) and SpaceNet's CSV layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import shapely
+from affine import Affine
+
+from core.errors import DataError
+from core.polygons import (
+    PolygonCounts,
+    match_polygons,
+    read_spacenet_csv,
+    score_spacenet,
+    to_pixels,
+    write_spacenet_csv,
+)
+
+
+def square(x: float, y: float, w: float = 10, h: float = 10) -> shapely.Polygon:
+    return shapely.box(x, y, x + w, y + h)
+
+
+def test_touching_roofs_merged_into_one_polygon_match_none():
+    truth = [square(0, 0), square(10, 0), square(20, 0)]  # three touching roofs in a row
+    merged = [square(0, 0, 30)]
+    counts, pairs = match_polygons(truth, merged)
+    assert (counts.tp, counts.fp, counts.fn) == (0, 1, 3)
+    assert pairs == []
+    counts, pairs = match_polygons(truth, [square(0, 0), square(10, 0), square(20.5, 0, 9.5)])
+    assert (counts.tp, counts.fp, counts.fn) == (3, 0, 0)
+    assert [(t, p) for t, p, _ in pairs] == [(0, 0), (1, 1), (2, 2)]
+    assert pairs[2][2] == pytest.approx(0.95)
+
+
+def test_matching_is_one_to_one_and_greedy_by_iou():
+    truth = [square(0, 0), square(0, 0, 10, 9)]
+    predicted = [square(0, 0, 10, 9.5)]  # IoU 0.95 with the first, 0.947 with the second
+    counts, pairs = match_polygons(truth, predicted)
+    assert (counts.tp, counts.fp, counts.fn) == (1, 0, 1)
+    assert pairs[0][:2] == (0, 0)
+    counts, _ = match_polygons(truth, [square(0, 0, 10, 4)])  # IoU 0.4 and 0.44: under 0.5
+    assert (counts.tp, counts.fp, counts.fn) == (0, 1, 2)
+    assert match_polygons([], [])[0].scores() == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 0,
+                                                  "fn": 0}  # fmt: skip
+
+
+def test_scores_from_counts():
+    assert PolygonCounts(tp=3, fp=1, fn=2).scores() == {
+        "precision": 0.75, "recall": 0.6, "f1": pytest.approx(2 / 3), "tp": 3, "fp": 1, "fn": 2,
+    }  # fmt: skip
+
+
+def test_spacenet_csv_round_trip_and_scores(tmp_path: Path):
+    transform = Affine(0.5, 0, 500000, 0, -0.5, 2960000)
+    roof = shapely.box(500001, 2959990, 500006, 2959995)  # 10 x 10 px
+    pixels = to_pixels(roof, transform)
+    assert shapely.equals_exact(pixels.normalize(), shapely.box(2, 10, 12, 20).normalize(), tolerance=1e-9)
+    truth = write_spacenet_csv(tmp_path / "t.csv", {"img_1": [(pixels, 1.0)], "img_2": []})
+    pred = write_spacenet_csv(tmp_path / "p.csv", {"img_1": [(pixels, 0.9), (shapely.box(40, 40, 42, 42), 0.3)]})
+    lines = truth.read_text().splitlines()
+    assert lines[0] == "ImageId,BuildingId,PolygonWKT_Pix,Confidence"
+    assert lines[2] == "img_2,-1,POLYGON EMPTY,1"
+    read = read_spacenet_csv(truth)
+    assert list(read) == ["img_1", "img_2"] and read["img_2"] == [] and read["img_1"][0].area == 100
+    assert score_spacenet(read, read_spacenet_csv(pred)).scores()["tp"] == 1
+    assert score_spacenet(read, read_spacenet_csv(pred)).fp == 1
+    assert score_spacenet(read, read_spacenet_csv(pred), min_area=5).fp == 0  # the 4 px polygon is ignored
+
+
+def test_a_csv_that_is_not_spacenet_is_one_clear_error(tmp_path: Path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,wkt\n1,POLYGON((0 0,1 0,1 1,0 0))\n")
+    with pytest.raises(
+        DataError, match=r"is not a SpaceNet CSV: it lacks the column\(s\) \['ImageId', 'PolygonWKT_Pix'\]"
+    ):
+        read_spacenet_csv(bad)
+    worse = tmp_path / "worse.csv"
+    worse.write_text("ImageId,BuildingId,PolygonWKT_Pix\nimg,0,POLYGON((0 0, 1\n")
+    with pytest.raises(DataError, match=r"line 2: PolygonWKT_Pix is not WKT"):
+        read_spacenet_csv(worse)
+
+
+def test_evaluate_scores_polygons_and_writes_spacenet_files(scene, tmp_path: Path, capsys):
+    from chip.chip import main as chip_main
+    from evaluate.evaluate import main as evaluate_main
+    from mask.mask import main as mask_main
+    from mosaic.mosaic import main as mosaic_main
+    from predict.predict import main as predict_main
+    from split.split import main as split_main
+    from train.train import main as train_main
+
+    argv = scene("evaluate_args.min_area=16")
+    for main in (mosaic_main, chip_main, mask_main, split_main):
+        assert main(argv) == 0
+    for main in (train_main, predict_main, evaluate_main):
+        assert main([*argv, "--model", "regression"]) == 0
+    out = tmp_path / "results" / "contract" / "regression" / "evaluation" / "val"
+    metrics = json.loads((out / "metrics.json").read_text())
+    polygon = metrics["polygon"]
+    assert set(polygon) == {"precision", "recall", "f1", "tp", "fp", "fn"}
+    assert polygon["tp"] + polygon["fn"] > 0
+    truth = read_spacenet_csv(out / "truth.csv")
+    assert sum(len(v) for v in truth.values()) == polygon["tp"] + polygon["fn"]
+    assert all(0 <= c <= 64 for polys in truth.values() for g in polys for c in g.bounds)
+    capsys.readouterr()
+    assert evaluate_main([*argv, "--spacenet", str(out / "truth.csv"), str(out / "predictions.csv")]) == 0
+    assert json.loads(capsys.readouterr().out) == polygon  # min_area 16 px = 4 m2 at 0.5 m: the same polygons
