@@ -42,19 +42,28 @@ def default_seed_threshold(threshold: float, setting: float | None = None) -> fl
     return setting if setting is not None else threshold + 0.5 * (1.0 - threshold)
 
 
+def label_objects(mask: np.ndarray, min_area: int = 0) -> tuple[np.ndarray, int]:
+    """Number the 4-connected objects of a boolean mask 1..n in raster order, dropping those under ``min_area`` pixels.
+
+    Returns the label image (0 = background or dropped) and n.
+    """
+    labels, n = ndimage.label(np.asarray(mask, bool), structure=_CROSS)
+    if n and min_area > 0:
+        areas = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = areas >= min_area
+        keep[0] = False
+        new = np.zeros(n + 1, labels.dtype)
+        new[keep] = np.arange(1, int(keep.sum()) + 1)
+        labels, n = new[labels], int(keep.sum())
+    return labels, n
+
+
 def label_instances(prob: np.ndarray, threshold: float, seed_threshold: float) -> tuple[np.ndarray, int]:
     """Label image of roofs (1..n, 0 = background) from a probability array: seeded watershed."""
     from skimage.segmentation import watershed
 
     roof = prob >= threshold
-    seeds, n = ndimage.label(roof & (prob >= seed_threshold), structure=_CROSS)
-    if n:
-        sizes = np.bincount(seeds.ravel(), minlength=n + 1)
-        keep = sizes >= MIN_SEED_PIXELS
-        keep[0] = False
-        renumber = np.zeros(n + 1, np.int32)
-        renumber[keep] = np.arange(1, int(keep.sum()) + 1)
-        seeds, n = renumber[seeds], int(keep.sum())
+    seeds, n = label_objects(roof & (prob >= seed_threshold), MIN_SEED_PIXELS)
     labels = (
         watershed(-prob, seeds, mask=roof, connectivity=1).astype(np.int32) if n else np.zeros(prob.shape, np.int32)
     )

@@ -40,13 +40,13 @@ import numpy as np
 import pandas as pd
 import shapely
 from rasterio.transform import from_bounds
-from scipy import ndimage
 
 from core import cli
 from core.bundle import BUNDLE_JSON, KINDS, read_info
 from core.contract import begin, read_record
 from core.errors import DataError, LabelError
 from core.index import read_index
+from core.instances import label_objects
 from core.metrics import Confusion, ThresholdSearch, metrics_record, pixel_scores, write_metrics
 from core.polygons import (
     PolygonCounts,
@@ -71,9 +71,6 @@ LABELS = {"precision": "precision", "recall": "recall", "f1": "F1", "iou": "IoU"
 #: Chips shown in each of best.png and worst.png.
 SHOWN = 4
 
-#: 4-connectivity, as rasterio.features.shapes polygonizes (diagonal neighbours are two objects).
-_CROSS = ndimage.generate_binary_structure(2, 1)
-
 
 # --- objects ---------------------------------------------------------------------------------
 
@@ -97,22 +94,6 @@ class ObjectCounts:
         s = pixel_scores(self.tp, self.fp, self.fn, 0)
         return {"precision": s["precision"], "recall": s["recall"], "f1": s["f1"], "tp": self.tp, "fp": self.fp,
                 "fn": self.fn}  # fmt: skip
-
-
-def label_objects(mask: np.ndarray, min_area: int = 0) -> tuple[np.ndarray, int]:
-    """Number the 4-connected objects of a boolean mask 1..n in raster order, dropping those under ``min_area`` pixels.
-
-    Returns the label image (0 = background or dropped) and n.
-    """
-    labels, n = ndimage.label(np.asarray(mask, bool), structure=_CROSS)
-    if n and min_area > 0:
-        areas = np.bincount(labels.ravel(), minlength=n + 1)
-        keep = areas >= min_area
-        keep[0] = False
-        new = np.zeros(n + 1, labels.dtype)
-        new[keep] = np.arange(1, int(keep.sum()) + 1)
-        labels, n = new[labels], int(keep.sum())
-    return labels, n
 
 
 def object_ious(truth: np.ndarray, n_truth: int, pred: np.ndarray, n_pred: int) -> tuple[np.ndarray, ...]:
