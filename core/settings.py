@@ -498,6 +498,12 @@ class PredictArgs(Section):
         description="One polygon per roof: a seeded watershed on the probabilities separates touching roofs "
         "(instances/NAME.tif holds each roof's id); false: one polygon per connected group of roof pixels.",
     )
+    grid_size: float = Field(
+        100.0,
+        gt=0.0,
+        description="Side in metres of the grid cells of grid.gpkg and grid.csv: roofs and roof area per cell "
+        "(a roof counts in the cell holding its centroid).",
+    )
     seed_threshold: float | None = Field(
         None,
         gt=0.0,

@@ -265,6 +265,8 @@ STAGES: tuple[StageSpec, ...] = (
             Output(t.prediction_dir(m) / "probabilities", "*.tif"),
             Output(t.prediction_dir(m) / "instances", "*.tif"),
             Output(t.prediction_dir(m) / "roofs.gpkg"),
+            Output(t.prediction_dir(m) / "grid.gpkg"),
+            Output(t.prediction_dir(m) / "grid.csv"),
         ],
         record=lambda s, t, m: t.prediction_dir(m) / "predict.record.json",
         per_model=True,

@@ -168,3 +168,33 @@ def ground_area(gdf: gpd.GeoDataFrame) -> np.ndarray:
         log.warning("the polygons have no CRS: their areas are in square map units, not m2")
         return gdf.geometry.area.to_numpy()
     return gdf.to_crs(gdf.estimate_utm_crs()).geometry.area.to_numpy()
+
+
+def roof_grid(roofs: gpd.GeoDataFrame, bounds: tuple[float, float, float, float], size: float) -> gpd.GeoDataFrame:
+    """Square cells of ``size`` metres over ``bounds`` (in the roofs' CRS) with the number of roofs whose
+    centroid lies in each and their ground area (``area_m2``); cells are laid out in the local UTM zone,
+    so they are ``size`` metres on the ground whatever the CRS, and returned in the roofs' CRS."""
+    crs = roofs.crs
+    frame = gpd.GeoDataFrame(geometry=[box(*bounds)], crs=crs)
+    metric = frame.estimate_utm_crs() if crs is not None else None
+    if metric is not None:
+        frame = frame.to_crs(metric)
+    x0, y0, x1, y1 = frame.total_bounds
+    cols, rows = max(1, int(np.ceil((x1 - x0) / size))), max(1, int(np.ceil((y1 - y0) / size)))
+    cells = [box(x0 + c * size, y1 - (r + 1) * size, x0 + (c + 1) * size, y1 - r * size)
+             for r in range(rows) for c in range(cols)]  # fmt: skip
+    grid = gpd.GeoDataFrame(
+        {"cell": np.arange(len(cells)), "row": np.repeat(np.arange(rows), cols), "col": np.tile(np.arange(cols), rows)},
+        geometry=cells,
+        crs=metric if metric is not None else crs,
+    )
+    grid["roofs"] = 0
+    grid["roof_area_m2"] = 0.0
+    if len(roofs):
+        centres = roofs.to_crs(grid.crs).geometry.centroid if metric is not None else roofs.geometry.centroid
+        col = np.clip(((centres.x - x0) // size).astype(int), 0, cols - 1)
+        row = np.clip(((y1 - centres.y) // size).astype(int), 0, rows - 1)
+        cell = (row * cols + col).to_numpy()
+        grid["roofs"] = np.bincount(cell, minlength=len(cells))
+        grid["roof_area_m2"] = np.bincount(cell, weights=roofs["area_m2"].to_numpy(), minlength=len(cells))
+    return grid.to_crs(crs) if metric is not None else grid

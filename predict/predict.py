@@ -58,7 +58,7 @@ from core.raster import (
 from core.settings import ParallelArgs, PredictArgs, Settings
 from core.stages import predict_bundle, predict_source, refuse_leaky_bundle, split_of_folder
 from core.tree import DataTree, refuse_overwrite
-from core.vector import ground_area
+from core.vector import ground_area, roof_grid
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,20 @@ def roofs_frame(results: list[RasterResult], crs, args: PredictArgs) -> gpd.GeoD
     return gdf
 
 
+def write_grid(roofs: gpd.GeoDataFrame, inputs: list[Path], out: Path, size: float) -> None:
+    """grid.gpkg and grid.csv: roofs and roof area in m2 per cell of ``size`` metres over the inputs."""
+    bounds = []
+    for path in inputs:
+        with open_raster(path) as src:
+            bounds.append(tuple(src.bounds))
+    b = np.array(bounds)
+    grid = roof_grid(roofs, (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()), size)
+    with atomic_path(out / "grid.gpkg") as tmp:
+        grid.to_file(tmp, layer="grid", driver="GPKG", engine="pyogrio")
+    with atomic_path(out / "grid.csv") as tmp:
+        grid.drop(columns="geometry").to_csv(tmp, index=False, float_format="%.2f")
+
+
 def resolve_inputs(tree: DataTree, args: PredictArgs, given: Path | None) -> list[Path]:
     """The rasters to predict: --input, else predict_args.input (relative to data_root)."""
     path = given if given is not None else Path(args.input)
@@ -410,6 +424,7 @@ def predict_all(
                             args.compression)  # fmt: skip
     with atomic_path(roofs) as tmp:
         gdf.to_file(tmp, layer="roofs", driver="GPKG", engine="pyogrio")
+    write_grid(gdf, inputs, out, args.grid_size)
     blank = [r for r in results if r.roof_pixels == 0]
     for r in blank:
         log.info(

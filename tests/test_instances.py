@@ -81,3 +81,29 @@ def test_predict_writes_instances_matching_the_polygons(scene, tmp_path, capsys)
         ids = src.read(1)
         assert src.dtypes[0] == "uint32" and src.transform == rasterio.open(out / "masks" / first["source"]).transform
     assert round((ids == first["id"]).sum() * 0.25, 6) == pytest.approx(first["area_m2"], rel=0.01)
+    grid = gpd.read_file(out / "grid.gpkg")
+    assert grid["roofs"].sum() == len(roofs) and grid["roof_area_m2"].sum() == pytest.approx(roofs["area_m2"].sum())
+    assert (out / "grid.csv").read_text().splitlines()[0] == "cell,row,col,roofs,roof_area_m2"
+
+
+def test_roofs_per_grid_cell_count_centroids_and_sum_ground_areas():
+    import geopandas as gpd
+
+    from core.vector import roof_grid
+
+    roofs = gpd.GeoDataFrame(
+        {"area_m2": [4.0, 9.0, 16.0]},
+        geometry=[
+            shapely.box(500001, 2959981, 500003, 2959983),
+            shapely.box(500004, 2959984, 500007, 2959987),
+            shapely.box(500012, 2959981, 500016, 2959985),
+        ],  # fmt: skip
+        crs="EPSG:32644",
+    )
+    grid = roof_grid(roofs, (500000, 2959980, 500020, 2960000), 10.0)
+    assert grid[["row", "col", "roofs", "roof_area_m2"]].values.tolist() == [
+        [0, 0, 0, 0.0], [0, 1, 0, 0.0], [1, 0, 2, 13.0], [1, 1, 1, 16.0],
+    ]  # fmt: skip
+    assert grid.crs == roofs.crs and grid.geometry.iloc[0].area == pytest.approx(100.0)
+    mercator = roof_grid(roofs.to_crs("EPSG:3857"), tuple(roofs.to_crs("EPSG:3857").total_bounds), 100.0)
+    assert mercator["roofs"].sum() == 3 and mercator.to_crs("EPSG:32644").area.iloc[0] == pytest.approx(1e4, rel=0.01)
