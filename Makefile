@@ -14,6 +14,7 @@ test: setup
 
 readme: setup
 	$(PY) -m core.settings --readme docs/settings.md
+	$(PY) -m core.settings --schema settings.schema.json
 
 lint: setup
 	.venv/bin/ruff check .

@@ -744,6 +744,7 @@ def validate_settings(data: dict[str, Any], source: str = "settings") -> Setting
     """Validate raw settings; a :class:`SettingsError` names every bad key path."""
     if not isinstance(data, dict):
         raise SettingsError(f"{source}: the top level must be a JSON object {{...}}, got {type(data).__name__}")
+    data = {k: v for k, v in data.items() if k != "$schema"}  # for editors: settings.schema.json
     model_args = data.get("model_args")
     if isinstance(model_args, dict) and {"bachnorm_momentum", "batchnorm_momentum"} <= model_args.keys():
         raise SettingsError(
@@ -878,6 +879,30 @@ def settings_reference() -> str:
     return "\n\n".join(parts) + "\n"
 
 
+#: The JSON Schema file beside settings.json that editors use to complete and check it.
+SCHEMA_NAME = "settings.schema.json"
+
+
+def settings_schema() -> dict[str, Any]:
+    """JSON Schema of settings.json from the models: descriptions, defaults, enums, ranges, unknown keys refused.
+
+    ``settings.json`` names it (``"$schema": "./settings.schema.json"``) so that VS Code and other
+    editors complete keys, show the descriptions and flag a typo while editing.
+    """
+    schema = Settings.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "roof-classify settings.json"
+    schema["properties"] = {"$schema": {"type": "string", "description": "This schema, for editors."},
+                            **schema["properties"]}  # fmt: skip
+    model = schema["$defs"]["ModelArgs"]["properties"]
+    model["batchnorm_momentum"] = {**model["bachnorm_momentum"], "description": "Same as bachnorm_momentum."}
+    return schema
+
+
+def schema_text() -> str:
+    return json.dumps(settings_schema(), indent=2) + "\n"
+
+
 README_MARKERS = ("<!-- settings-reference:start -->\n", "<!-- settings-reference:end -->")
 
 
@@ -892,7 +917,9 @@ def splice_reference(readme: str) -> str:
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] == ["--readme"]:
+    if sys.argv[1:2] == ["--schema"]:
+        Path(sys.argv[2]).write_text(schema_text(), encoding="utf-8")
+    elif sys.argv[1:2] == ["--readme"]:
         path = Path(sys.argv[2])
         path.write_text(splice_reference(path.read_text(encoding="utf-8")), encoding="utf-8")
     else:

@@ -97,7 +97,7 @@ def test_roofs_per_grid_cell_count_centroids_and_sum_ground_areas():
             shapely.box(500001, 2959981, 500003, 2959983),
             shapely.box(500004, 2959984, 500007, 2959987),
             shapely.box(500012, 2959981, 500016, 2959985),
-        ],  # fmt: skip
+        ],
         crs="EPSG:32644",
     )
     grid = roof_grid(roofs, (500000, 2959980, 500020, 2960000), 10.0)

@@ -296,3 +296,35 @@ def test_checkpoint_names_keras_3_accepts():
     for given, saved in [("results_4.h5", "results_4.weights.h5"), ("best.weights.h5", "best.weights.h5"),
                          ("ckpt", "ckpt.weights.h5"), ("model.keras", "model.weights.h5")]:  # fmt: skip
         assert checkpoint_file(load_settings(overrides=[f"checkpoint_args.checkpoint_path={given}"])) == saved
+
+
+# --- the JSON Schema editors read ----------------------------------------------------------------
+
+
+def test_the_committed_schema_is_current_and_settings_json_names_it():
+    from core.settings import SCHEMA_NAME, schema_text
+
+    root = DEFAULT_SETTINGS_PATH.parent
+    assert (root / SCHEMA_NAME).read_text(encoding="utf-8") == schema_text(), "run make readme"
+    assert json.loads(DEFAULT_SETTINGS_PATH.read_text())["$schema"] == "./settings.schema.json"
+    assert "$schema" not in json.loads(dump_settings(load_settings()))
+
+
+def test_the_schema_accepts_the_settings_files_and_flags_a_typo(original_settings):
+    import jsonschema
+
+    from core.settings import settings_schema
+
+    schema = settings_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    assert list(validator.iter_errors(json.loads(DEFAULT_SETTINGS_PATH.read_text()))) == []
+    assert list(validator.iter_errors(original_settings)) == []
+    original_settings["model_args"]["batchnorm_momentum"] = original_settings["model_args"].pop("bachnorm_momentum")
+    assert list(validator.iter_errors(original_settings)) == []
+    original_settings["chip_args"] = {"szie": 256}
+    errors = [e.message for e in validator.iter_errors(original_settings)]
+    assert errors == ["Additional properties are not allowed ('szie' was unexpected)"]
+    assert (
+        validator.iter_errors({"training_args": {"epochs": "50"}}).__next__().message == "'50' is not of type 'integer'"
+    )
