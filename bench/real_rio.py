@@ -56,19 +56,26 @@ def main() -> int:
     parser.add_argument("--holdout", nargs="+", default=["rio_img52", "rio_img54"])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra settings overrides")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep WORKDIR's data and trained bundles: only predict and score again"
+    )
     args = parser.parse_args()
     if not (args.data / "buildings.geojson").is_file():
         print(f"real_rio: {args.data} has no buildings.geojson", file=sys.stderr)
         return 1
     work = args.workdir or Path(tempfile.mkdtemp(prefix="real_rio_"))
     data = work / "data"
-    shutil.rmtree(data, ignore_errors=True)
-    (data / "raw").mkdir(parents=True)
-    (data / "labels").mkdir(parents=True)
-    (data / "holdout").mkdir(parents=True)
-    for tif in sorted((args.data / "images").glob("*.tif")):
-        shutil.copy(tif, data / ("holdout" if tif.stem in args.holdout else "raw") / tif.name)
-    shutil.copy(args.data / "buildings.geojson", data / "labels")
+    if args.reuse and not args.workdir:
+        print("real_rio: --reuse needs the --workdir of an earlier run", file=sys.stderr)
+        return 2
+    if not args.reuse:
+        shutil.rmtree(data, ignore_errors=True)
+        (data / "raw").mkdir(parents=True)
+        (data / "labels").mkdir(parents=True)
+        (data / "holdout").mkdir(parents=True)
+        for tif in sorted((args.data / "images").glob("*.tif")):
+            shutil.copy(tif, data / ("holdout" if tif.stem in args.holdout else "raw") / tif.name)
+        shutil.copy(args.data / "buildings.geojson", data / "labels")
 
     common = [
         "--quiet",
@@ -94,14 +101,16 @@ def main() -> int:
     ]
     for item in args.extra:
         common += ["--set", item]
-    for stage in ("chip.chip", "mask.mask", "split.split"):
-        run(stage, common)
+    if not args.reuse:
+        for stage in ("chip.chip", "mask.mask", "split.split"):
+            run(stage, common)
 
     buildings = gpd.read_file(args.data / "buildings.geojson")
     rows = []
     for model in args.models:
         started = time.perf_counter()
-        run("train.train", [*common, "--model", model])
+        if not args.reuse:
+            run("train.train", [*common, "--model", model])
         train_s = time.perf_counter() - started
         run("predict.predict", [*common, "--model", model, "--input", str(data / "holdout")])
         total = Confusion()

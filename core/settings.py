@@ -498,6 +498,11 @@ class PredictArgs(Section):
         description="One polygon per roof: a seeded watershed on the probabilities separates touching roofs "
         "(instances/NAME.tif holds each roof's id); false: one polygon per connected group of roof pixels.",
     )
+    tta: bool = Field(
+        False,
+        description="Test-time augmentation: average the probabilities of the 8 flips and quarter turns of every "
+        "window (8 times the prediction time).",
+    )
     grid_size: float = Field(
         100.0,
         gt=0.0,

@@ -178,7 +178,8 @@ def _predict_raster(
                     chips = np.stack([src.read(window=w) for w in batch])
                 except Exception as exc:
                     raise DataError(f"{source} could not be read ({exc}): it may be truncated or corrupt") from exc
-                return predictor.prepare(chips), [valid_pixels(chip, src.nodata) for chip in chips]
+                valids = [valid_pixels(chip, src.nodata) for chip in chips]
+                return (chips if args.tta else predictor.prepare(chips)), valids
 
             acc = np.zeros((0, width), np.float32)
             wsum = np.zeros((0, width), np.float32)
@@ -197,7 +198,7 @@ def _predict_raster(
                         acc = np.vstack([acc, np.zeros((grow, width), np.float32)])
                         wsum = np.vstack([wsum, np.zeros((grow, width), np.float32)])
                         valid = np.vstack([valid, np.zeros((grow, width), bool)])
-                    probs = predictor.forward(prepared)
+                    probs = tta_forward(predictor, prepared) if args.tta else predictor.forward(prepared)
                     wr = ramp(wh, overlap, r > 0, r + wh < height)
                     for w, ok, prob in zip(batch, valids, probs, strict=True):
                         c = int(w.col_off)
@@ -218,6 +219,23 @@ def _predict_raster(
     if not args.instances:
         result.polygons = [(g, None) for g in polygonize(mask_path)]
     return result
+
+
+def tta_forward(predictor: Predictor, chips: np.ndarray) -> np.ndarray:
+    """Probabilities averaged over the 8 flips and quarter turns of the chips (test-time augmentation).
+
+    Each view is prepared from the raw chips, as training prepared its augmented chips, and its
+    probabilities turned back before averaging.
+    """
+    total = np.zeros((chips.shape[0], *chips.shape[2:]), np.float64)
+    for turns in range(4):
+        for flip in (False, True):
+            view = np.rot90(chips, turns, axes=(2, 3))
+            view = view[..., ::-1] if flip else view
+            prob = predictor.forward(predictor.prepare(np.ascontiguousarray(view)))
+            prob = prob[..., ::-1] if flip else prob
+            total += np.rot90(prob, -turns, axes=(1, 2))
+    return (total / 8).astype(np.float32)
 
 
 class _nowhere:

@@ -107,3 +107,32 @@ def test_roofs_per_grid_cell_count_centroids_and_sum_ground_areas():
     assert grid.crs == roofs.crs and grid.geometry.iloc[0].area == pytest.approx(100.0)
     mercator = roof_grid(roofs.to_crs("EPSG:3857"), tuple(roofs.to_crs("EPSG:3857").total_bounds), 100.0)
     assert mercator["roofs"].sum() == 3 and mercator.to_crs("EPSG:32644").area.iloc[0] == pytest.approx(1e4, rel=0.01)
+
+
+class _Fake:
+    """A predictor whose probabilities are the first band scaled, or a fixed ramp when ``ramp``."""
+
+    def __init__(self, ramp: bool = False) -> None:
+        self.ramp = ramp
+
+    def prepare(self, chips):
+        return chips.astype(np.float32)
+
+    def forward(self, prepared):
+        if self.ramp:  # ignores the image: not equivariant at all
+            n, _, h, w = prepared.shape
+            return np.broadcast_to(np.linspace(0, 1, w, dtype=np.float32), (n, h, w)).copy()
+        return prepared[:, 0] / 100.0
+
+
+def test_tta_averages_the_eight_views_turned_back():
+    from predict.predict import tta_forward
+
+    chips = np.random.default_rng(0).uniform(0, 100, (2, 3, 16, 16)).astype(np.float32)
+    # A per-pixel model sees the same pixel in every view: TTA changes nothing.
+    np.testing.assert_allclose(tta_forward(_Fake(), chips), chips[:, 0] / 100.0, rtol=1e-6)
+    # A model that ignores the image gives the average of its output over the 8 views: symmetric.
+    out = tta_forward(_Fake(ramp=True), chips)
+    np.testing.assert_allclose(out, np.rot90(out, 1, axes=(1, 2)), atol=1e-6)
+    np.testing.assert_allclose(out, out[..., ::-1], atol=1e-6)
+    assert out.mean() == pytest.approx(0.5)
