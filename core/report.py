@@ -97,6 +97,7 @@ class ModelResult:
             "precision": pixel.get("precision"),
             "recall": pixel.get("recall"),
             "object_f1": ev["object"]["f1"] if ev and "object" in ev else None,
+            "polygon_f1": ev["polygon"]["f1"] if ev and "polygon" in ev else None,
             "threshold": source.get("threshold"),
             "train_seconds": self.train_seconds,
             "settings": "; ".join(f"{k}={_compact(v)}" for k, v in settings_changes(self.settings or {}).items()),
@@ -176,6 +177,7 @@ SUMMARY_COLUMNS = {
     "pixel_iou": "pixel IoU",
     "pixel_f1": "pixel F1",
     "object_f1": "object F1",
+    "polygon_f1": "polygon F1",
     "train_seconds": "training s",
     "settings": "settings that differ from the defaults",
 }
@@ -217,10 +219,7 @@ def write_summary(results_root: Path) -> tuple[Path, Path]:
         + "|",
     ]
     for _, row in frame.iterrows():
-        cells = [
-            _fmt(row[k], 1 if k == "train_seconds" else 3).replace("|", "\\|") or ("—" if k == "settings" else "")
-            for k in SUMMARY_COLUMNS
-        ]
+        cells = [_fmt(row[k], 1 if k == "train_seconds" else 3).replace("|", "\\|") or "—" for k in SUMMARY_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     with atomic_path(md_path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -237,7 +236,7 @@ def metrics_table(tree: DataTree, split: str = "val") -> list[str]:
         return []
     header = (
         f"{'model':<12}{'split':<6}{'pixel IoU':>10}{'F1':>7}{'precision':>11}{'recall':>8}{'object F1':>11}"
-        f"{'threshold':>11}{'train s':>9}"
+        f"{'polygon F1':>12}{'threshold':>11}{'train s':>9}"
     )
     lines = [header]
     for r in results:
@@ -245,7 +244,7 @@ def metrics_table(tree: DataTree, split: str = "val") -> list[str]:
         lines.append(
             f"{r.model:<12}{row['split']:<6}{_fmt(row['pixel_iou']):>10}{_fmt(row['pixel_f1']):>7}"
             f"{_fmt(row['precision']):>11}{_fmt(row['recall']):>8}{_fmt(row['object_f1']) or '—':>11}"
-            f"{_fmt(row['threshold']):>11}{_fmt(row['train_seconds'], 0):>9}"
+            f"{_fmt(row['polygon_f1']) or '—':>12}{_fmt(row['threshold']):>11}{_fmt(row['train_seconds'], 0):>9}"
         )
     return lines
 
@@ -330,6 +329,7 @@ def _metrics_section(results: list[ModelResult], split: str) -> str:
                 _fmt(obj.get("precision")) or "—",
                 _fmt(obj.get("recall")) or "—",
                 _fmt(row["object_f1"]) or "—",
+                _fmt(row["polygon_f1"]) or "—",
                 _fmt(row["threshold"]),
                 _fmt(row["train_seconds"], 0),
             ]
@@ -337,7 +337,7 @@ def _metrics_section(results: list[ModelResult], split: str) -> str:
     best = max(range(len(rows)), key=lambda i: f1s[i])
     rows[best][3] = f"<b>{rows[best][3]}</b>"
     header = ["model", "scored on", "pixel IoU", "pixel F1", "precision", "recall", "accuracy", "object precision",
-              "object recall", "object F1", "threshold", "training s"]  # fmt: skip
+              "object recall", "object F1", "polygon F1", "threshold", "training s"]  # fmt: skip
     note = (
         '<p class="note">Pixel scores come from confusion counts over the whole split. Objects are 4-connected roof '
         "pieces; a predicted roof matches a true one at IoU &ge; the evaluation's iou_threshold (SpaceNet rules); "

@@ -256,7 +256,7 @@ def test_evaluate_writes_metrics_chips_pictures_summary_and_report(tmp_path: Pat
     ]
     assert summary["object_f1"].iloc[0] == pytest.approx(2 / 3)
     md = (tree.results_root / "summary.md").read_text()
-    assert "| fake | forest | val | 0.711 | 0.831 | 0.667 | 12.5 |" in md
+    assert "| fake | forest | val | 0.711 | 0.831 | 0.667 | — | 12.5 |" in md  # no roofs.gpkg: no polygon scores
 
     report = (tree.results / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 3
