@@ -248,10 +248,9 @@ STAGES: tuple[StageSpec, ...] = (
         ),
         model_settings=_train_settings,
         inputs=_train_inputs,
-        outputs=lambda s, t, m: [Output(t.bundle(m))],
+        outputs=lambda s, t, m: [Output(t.bundle(m)), Output(t.model_dir(m) / "backup", "*")],
         record=lambda s, t, m: t.model_dir(m) / "train.record.json",
         per_model=True,
-        resumes=False,
     ),
     StageSpec(
         name="predict",

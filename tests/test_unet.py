@@ -607,3 +607,62 @@ def test_pretrained_with_nothing_to_continue_from_is_one_line(tiny) -> None:
     settings.training_args.pretrained = True
     with pytest.raises(DataError, match=r"^training_args.pretrained is true but there is neither a bundle \("):
         train_unet(settings, tree)
+
+
+@pytest.mark.slow
+def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path: Path, settings_file: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tiny_tree(tmp_path / "data")
+    argv = [sys.executable, "train/train.py", "--settings", str(settings_file), "--model", "unet"]
+    for item in (*TINY, "training_args.epochs=6", "training_args.patience=20", f"data_root={tmp_path / 'data'}",
+                 f"training_args.results_folder={tmp_path / 'results'}", "experiment=resume"):  # fmt: skip
+        argv += ["--set", item]
+    out = tmp_path / "results" / "resume" / "unet"
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(argv, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = out / "backup" / "state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text()).get("epochs", 0) >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # a preempted node: no chance to clean up
+    proc.communicate(timeout=60)
+    done = json.loads(state.read_text())["epochs"]
+    assert 2 <= done < 6 and not (out / "bundle").exists()
+    again = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"train: resuming from the end of epoch {done} of 6 (backup in {out / 'backup'})" in again.stderr
+    history = (out / "history.csv").read_text().strip().splitlines()
+    assert [int(line.split(",")[0]) for line in history[1:]] == list(range(6))  # one history, every epoch once
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 6
+    assert not (out / "backup").exists() and (out / "bundle" / "model.keras").is_file()
+
+
+def test_a_backup_restores_weights_optimizer_and_callback_state(tmp_path: Path) -> None:
+    from unet.resume import Backup, finished_epochs, restore
+
+    def model():
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+        return m
+
+    x, y = np.random.default_rng(0).normal(size=(16, 4)), np.ones((16, 2))
+    first = model()
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=50)
+    first.fit(x, y, epochs=3, verbose=0, callbacks=[stop, Backup(tmp_path / "b", [stop], restore=False)])
+    assert finished_epochs(tmp_path / "b") == 3
+    second = model()
+    assert restore(second, tmp_path / "b") == 3
+    for a, b in zip(first.optimizer.variables, second.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # iteration, learning rate, moments
+    np.testing.assert_array_equal(first.get_weights()[0], second.get_weights()[0])
+    later = keras.callbacks.EarlyStopping(monitor="loss", patience=50)
+    Backup(tmp_path / "b", [later], restore=True).on_train_begin()
+    assert (later.wait, later.best) == (stop.wait, float(stop.best))
+    assert finished_epochs(tmp_path / "nothing") == 0

@@ -140,10 +140,18 @@ class _Monitor:
         return CollapseMonitor()
 
 
-def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, from_bundle: Path | None = None) -> Path:
+def train_unet(
+    settings: Settings,
+    tree: DataTree,
+    *,
+    overwrite: bool = False,
+    from_bundle: Path | None = None,
+    resume: bool = False,
+) -> Path:
     """Train the U-Net on the train split, tune the threshold on val, write the bundle and reports.
 
-    Returns the bundle folder.
+    With ``resume`` a backup left by an interrupted run of the same training (unet/resume.py)
+    is restored and only the remaining epochs run. Returns the bundle folder.
     """
     out = tree.model_dir("unet")
     bundle_dir = tree.bundle("unet")
@@ -187,6 +195,8 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
     from unet.losses import get_loss
     from unet.metrics import training_metrics
     from unet.model import build_model, pad_multiple
+    from unet.resume import Backup, backup_dir, finished_epochs, restore
+    from unet.resume import remove as remove_backup
 
     jit = _configure_tensorflow(settings)
     strategy = _strategy(settings)
@@ -244,6 +254,12 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
         "train: the best epoch's weights are kept in %s while training; the bundle is what predict reads", checkpoint
     )
     monitor = _Monitor.make(args.patience)
+    backup = backup_dir(out)
+    done_epochs = 0
+    if resume and finished_epochs(backup):
+        with scope():
+            done_epochs = restore(model, backup)
+        log.info("train: resuming from the end of epoch %d of %d (backup in %s)", done_epochs, args.epochs, backup)
     callbacks = [
         keras.callbacks.ModelCheckpoint(
             checkpoint, monitor="val_iou", mode="max", save_best_only=True, save_weights_only=True, verbose=0
@@ -258,9 +274,10 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
             min_lr=args.learning_rate / 100,
             verbose=0,
         ),
-        keras.callbacks.CSVLogger(out / "history.csv"),
+        keras.callbacks.CSVLogger(out / "history.csv", append=done_epochs > 0),
         monitor,
     ]
+    callbacks.append(Backup(backup, callbacks, restore=done_epochs > 0))  # last: restores after the others reset
     log.info(
         "train: %d training chips (%.2f%% roof), %d batches of %d per epoch, %d validation chips, %d bands %s, "
         "padded to x%d",
@@ -277,7 +294,14 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
     verbose = args.verbose
     if verbose == 1 and not sys.stdout.isatty():
         verbose = 2  # a progress bar written to a log file is a screenful per epoch
-    history = model.fit(train_seq, validation_data=val_seq, epochs=args.epochs, callbacks=callbacks, verbose=verbose)
+    history = model.fit(
+        train_seq,
+        validation_data=val_seq,
+        epochs=args.epochs,
+        initial_epoch=done_epochs,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
     seconds = time.perf_counter() - started
     if monitor.collapsed:
         raise CollapseError(
@@ -304,7 +328,7 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
     info = replace(info, threshold=threshold)
     unet_bundle.save(bundle_dir, model, info)
     record = metrics_record(
-        "unet", "val", threshold, confusion, epochs=len(history.epoch), train_seconds=round(seconds, 1)
+        "unet", "val", threshold, confusion, epochs=done_epochs + len(history.epoch), train_seconds=round(seconds, 1)
     )
     write_metrics(out / "metrics.json", record)
     from unet.plots import plot_curves, plot_overlays
@@ -320,10 +344,11 @@ def train_unet(settings: Settings, tree: DataTree, *, overwrite: bool = False, f
         scores["precision"],
         scores["recall"],
         threshold,
-        len(history.epoch),
+        done_epochs + len(history.epoch),
         seconds,
         out,
     )
+    remove_backup(backup)  # the bundle is written: nothing to resume
     return bundle_dir
 
 
