@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         failed = any(r.startswith("failed") for _, r, _ in rows)
         if not failed:  # after a failure the table would show models of an earlier run as if of this one
             print_metrics(tree, settings)
-        outcome["code"] = 1 if failed else 0
+        # An interrupted stage's code (130 Ctrl-C, 143 SIGTERM) passes through: a scheduler tells it from a failure.
+        codes = [int(r.split("exit ")[1].rstrip(")")) for _, r, _ in rows if r.startswith("failed (exit ")]
+        outcome["code"] = codes[-1] if codes and codes[-1] in (130, 143) else 1 if failed else 0
 
     try:
         code = cli.run(parser, argv, body)

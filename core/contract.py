@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,6 +183,17 @@ def file_identity(path: Path, hashed: bool) -> str:
         return "missing"
     if not hashed:
         return f"{stat.st_size}:{stat.st_mtime_ns}"
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:  # status() is asked often (every stage checks its upstream): hash a file once
+        _HASHES[key] = _content_hash(path)
+    return _HASHES[key]
+
+
+#: Content hashes by (path, size, modification time).
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _content_hash(path: Path) -> str:
     digest = hashlib.sha256()
     # A Shapefile is several files: the geometry, its attributes and its CRS.
     parts = [path]
@@ -454,8 +466,9 @@ class StageRun:
         keeps them, for a trainer continuing from its bundle); any start removes temporary files
         a killed run left; then the record says "running"."""
         path = self._path()
-        if self.mode == "fresh":
-            path.unlink(missing_ok=True)
+        # The old record stays while its outputs are removed: a kill in between leaves outputs it
+        # describes, some gone (a rerun with its settings remakes them; other settings refuse), never
+        # outputs without a record or under the new record.
         if self.mode == "fresh" and clear:
             for output in self._outputs():
                 for old in output.existing():
@@ -504,7 +517,34 @@ class StageRun:
             "files": files,
             "given": {k: str(v) for k, v in self.given.items()},
             "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "process_start": _process_start(os.getpid()),
         }
+
+
+def _process_start(pid: int) -> str | None:
+    """When a process started (Linux: /proc), so that a reused pid is not taken for the run."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def running_elsewhere(record: dict[str, Any] | None) -> bool:
+    """Whether a "running" record belongs to a process that is still running (on this machine)."""
+    if not record or record.get("state") != "running" or record.get("host") != socket.gethostname():
+        return False
+    pid = record.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    started = record.get("process_start")
+    return started is None or started == _process_start(pid)
 
 
 def _now() -> str:
@@ -559,6 +599,12 @@ def upstream_problems(
                     f"(or python pipeline.py --from {spec.name}) before {reader}"
                 )
             )
+        elif st.state == "running" and running_elsewhere(st.record):
+            problems.append(
+                InputMissingError(
+                    f"{spec.are} not finished: {st.label} is running now (pid {st.record.get('pid')}): wait for it"
+                )
+            )
         elif st.state == "running":
             problems.append(
                 InputMissingError(
@@ -607,10 +653,16 @@ def begin(
         OutputExistsError: this stage's outputs were made under other settings or inputs (or
             carry no record) and ``overwrite`` is false; the message names what changed.
     """
-    given = {k: v for k, v in (given or {}).items() if v is not None}
+    given = {k: Path(v).resolve() for k, v in (given or {}).items() if v is not None}
     st = status(name, settings, tree, model, given=given)
     spec = st.spec
     label = st.label
+    if running_elsewhere(st.record):
+        record = st.record or {}
+        raise OutputExistsError(
+            f"{label} is running now (pid {record.get('pid')}, started {record.get('started')}): wait for it to "
+            "finish, or stop it, before running it again"
+        )
     if st.inputs_error is not None:
         raise st.inputs_error
     if "deps" in st.current:

@@ -245,6 +245,7 @@ STAGES: tuple[StageSpec, ...] = (
             "training_args.verbose",
             "training_args.results_folder",
             "training_args.model",
+            "ml_args.forest.n_jobs",
         ),
         model_settings=_train_settings,
         inputs=_train_inputs,
@@ -260,9 +261,10 @@ STAGES: tuple[StageSpec, ...] = (
         exclude=("predict_args.output", "predict_args.batch_size"),
         inputs=_predict_inputs,
         outputs=lambda s, t, m: [
-            Output(t.prediction_dir(m) / "masks", "*.tif"),
-            Output(t.prediction_dir(m) / "probabilities", "*.tif"),
-            Output(t.prediction_dir(m) / "instances", "*.tif"),
+            # Named after their inputs: .tif or .tiff; hidden names are a killed run's temporary files.
+            Output(t.prediction_dir(m) / "masks", "[!.]*.tif*"),
+            Output(t.prediction_dir(m) / "probabilities", "[!.]*.tif*"),
+            Output(t.prediction_dir(m) / "instances", "[!.]*.tif*"),
             Output(t.prediction_dir(m) / "roofs.gpkg"),
             Output(t.prediction_dir(m) / "grid.gpkg"),
             Output(t.prediction_dir(m) / "grid.csv"),

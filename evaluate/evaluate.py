@@ -56,7 +56,7 @@ from core.polygons import (
     to_pixels,
     write_spacenet_csv,
 )
-from core.raster import atomic_path, read_mask, read_raster, rgb_preview, valid_pixels
+from core.raster import atomic_path, open_raster, read_mask, read_raster, rgb_preview, valid_pixels
 from core.report import evaluation_dir, write_report, write_summary
 from core.settings import EvaluateArgs, Settings
 from core.stages import refuse_leaky_bundle, spec_of
@@ -272,16 +272,11 @@ def evaluate_folder(
             "evaluate: %s lacks some chips' probabilities (predict_args.save_probabilities false?): no threshold sweep",
             probs_dir,
         )
+    check_grids(pairs, pred_dir / "masks", truth_masks)
     result = Evaluation(search=ThresholdSearch() if with_probs else None)
     for name, predicted in cli.progress(pairs, desc="evaluate", unit="chip"):
-        truth, truth_profile = read_mask(truth_masks / name)
-        pred, pred_profile = read_mask(pred_dir / "masks" / predicted)
-        if not same_grid(truth_profile, pred_profile):
-            raise DataError(
-                f"prediction {pred_dir / 'masks' / predicted} lies on another grid than its truth "
-                f"{truth_masks / name} ({_grid(pred_profile)} vs {_grid(truth_profile)}): it is not a prediction of "
-                f"that chip; predict the split's chips again (python predict/predict.py --overwrite)"
-            )
+        truth, _ = read_mask(truth_masks / name)
+        pred, _ = read_mask(pred_dir / "masks" / predicted)
         valid = None
         if (frames / name).is_file():
             image, profile = read_raster(frames / name)
@@ -296,6 +291,19 @@ def evaluate_folder(
             prob, _ = read_raster(probs_dir / predicted)
             result.search.add(truth, prob[0], valid)
     return result
+
+
+def check_grids(pairs: list[tuple[str, str]], pred_masks: Path, truth_masks: Path) -> None:
+    """Every prediction lies on its truth's grid (CRS, size, transform), read from the headers alone."""
+    for name, predicted in pairs:
+        with open_raster(truth_masks / name) as t, open_raster(pred_masks / predicted) as p:
+            a, b = dict(t.profile), dict(p.profile)
+        if not same_grid(a, b):
+            raise DataError(
+                f"prediction {pred_masks / predicted} lies on another grid than its truth {truth_masks / name} "
+                f"({_grid(b)} vs {_grid(a)}): it is not a prediction of that chip; predict the split's chips again "
+                "(python predict/predict.py --overwrite)"
+            )
 
 
 def _grid(profile: dict[str, Any]) -> str:
@@ -509,7 +517,8 @@ def evaluate_model(
         log.info(
             "evaluate: %s carries no record of its inputs: predictions paired with the truth by file name", pred_dir
         )
-        pairs = None
+        pairs = matching_names(pred_dir / "masks", truth, tree.frames(split), tree)
+    check_grids(pairs, pred_dir / "masks", truth)  # before the previous evaluation is removed
     run.start()
     result = evaluate_folder(pred_dir, tree.frames(split), truth, args, tree, pairs)
     # The threshold predict applied, as it recorded it; else what settings and bundle say now.

@@ -707,3 +707,47 @@ def test_val_chips_never_share_pixels_with_training_chips(scene, capsys):
     capsys.readouterr()
     assert split_main([*scene("chip_args.stride=32", "split_args.block=1"), "--overwrite"]) == 1
     assert error(capsys).startswith("error: every val chip shares pixels with a training chip")
+
+
+# --- what a review found ------------------------------------------------------------------------------
+
+
+def test_predictions_left_half_cleared_are_redone_not_skipped(scene, capsys, tmp_path):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main, predict_main, evaluate_main)
+    tree = tree_of(argv)
+    masks = sorted((tree.prediction_dir("regression") / "masks").iterdir())
+    for path in masks[1:]:  # a fresh start killed while clearing: the old record, some old masks
+        path.unlink()
+    capsys.readouterr()
+    at_09 = [*argv, "--set", "predict_args.threshold=0.9"]
+    assert pipeline.main([*at_09, "--from", "predict", "--to", "evaluate"]) == 0
+    out = capsys.readouterr().out
+    assert "predict regression  ok" in out and "evaluate regression ok" in out
+    metrics = json.loads((tree.model_dir("regression") / "evaluation" / "val" / "metrics.json").read_text())
+    assert metrics["threshold"] == 0.9 and metrics["chips"] == len(masks)
+
+
+def test_a_relative_input_is_recorded_as_an_absolute_path(scene, capsys, tmp_path, monkeypatch):
+    argv = scene()
+    prepare(argv, mosaic_main)
+    monkeypatch.chdir(tmp_path)
+    assert chip_main([*argv, "--input", "data/mosaic/mosaic.tif"]) == 0
+    record = json.loads((tmp_path / "data" / "chip.record.json").read_text())
+    assert record["given"] == {"input": str(tmp_path / "data" / "mosaic" / "mosaic.tif")}
+    monkeypatch.chdir(tmp_path / "data")
+    assert mask_main(argv) == 0  # from another folder, the chips are still made from that file
+
+
+def test_an_interrupted_stage_s_exit_code_passes_through_the_pipeline(monkeypatch, settings_file, capsys):
+    import sys
+    import types
+
+    module = types.ModuleType("fake_interrupted")
+    module.main = lambda argv: 130
+    monkeypatch.setitem(sys.modules, "fake_interrupted", module)
+    monkeypatch.setattr(pipeline, "STAGES", (pipeline.Stage("a", "fake_interrupted", exists=lambda t, m: False),))
+    assert pipeline.main(["--settings", str(settings_file), "--only", "a", "--quiet"]) == 130
+    assert "failed (exit 130)" in capsys.readouterr().out

@@ -98,3 +98,15 @@ def test_kill_9_leaves_no_worker_and_the_rerun_resumes_and_cleans_up(big_mosaic,
     assert len(list(chips.glob("chip_*.tif"))) == (SIDE // 32) ** 2
     assert list(chips.glob(".*")) == []
     assert (tmp_path / "data" / "chips.csv").read_text().count("\n") == (SIDE // 32) ** 2 + 1
+
+
+def test_a_second_run_while_the_first_is_running_is_refused(big_mosaic, tmp_path):
+    proc, _ = start_and_wait_for_workers(big_mosaic, tmp_path / "data" / "chips")
+    try:
+        second = subprocess.run(big_mosaic, cwd=REPO, capture_output=True, text=True, timeout=120)
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert second.returncode == 1
+    assert second.stderr.startswith(f"error: chip is running now (pid {proc.pid}, started ")
+    assert second.stderr.rstrip().endswith("wait for it to finish, or stop it, before running it again")
