@@ -125,7 +125,17 @@ class LoadDatasetArgs(Section):
         description="percentile: clip each band to its training 2nd..98th percentile and scale to 0..1; "
         "zscore: subtract the training mean, divide by the training std.",
     )
-    seed: int = Field(0, description="Seed of shuffling and augmentation.")
+    seed: int = Field(
+        0,
+        description="Seed of shuffling and augmentation; each chip's augmentation comes from (seed, epoch, batch, "
+        "place in the batch), so the batches are the same whatever the number of workers.",
+    )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="Threads that read and augment batches ahead of the model; null = the machine's cores less one "
+        "(at least 1). The batches do not depend on it.",
+    )
 
 
 class ModelArgs(Section):

@@ -666,3 +666,24 @@ def test_a_backup_restores_weights_optimizer_and_callback_state(tmp_path: Path) 
     Backup(tmp_path / "b", [later], restore=True).on_train_begin()
     assert (later.wait, later.best) == (stop.wait, float(stop.best))
     assert finished_epochs(tmp_path / "nothing") == 0
+
+
+def test_batches_do_not_depend_on_the_order_they_are_made_in(tiny) -> None:
+    _settings, tree, *_ = tiny
+    frames = tree.list_rasters(tree.frames("train"))
+    masks = [tree.split_masks("train") / f.name for f in frames]
+    norm = Normalization.from_stats(band_statistics(frames), "percentile", 0)
+    args = LoadDatasetArgs(batch_size=4, seed=5, shear_range=10.0, zoom_range=0.1)
+    one = ChipSequence(frames, masks, norm, args.model_copy(update={"workers": 1}), 8, augment_data=True)
+    four = ChipSequence(frames, masks, norm, args.model_copy(update={"workers": 4}), 8, augment_data=True)
+    assert four.workers == 4
+    forward = [one[i] for i in range(len(one))]
+    backward = [four[i] for i in reversed(range(len(four)))][::-1]  # as threads might make them
+    for (x1, y1), (x2, y2) in zip(forward, backward, strict=True):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    one.on_epoch_end()
+    resumed = ChipSequence(frames, masks, norm, args, 8, augment_data=True)
+    resumed.set_epoch(1)  # a training resumed at epoch 1 sees epoch 1's batches
+    np.testing.assert_array_equal(one[2][0], resumed[2][0])
+    assert not np.array_equal(one[2][0], forward[2][0])

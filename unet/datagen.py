@@ -11,6 +11,7 @@ resized.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,7 +91,8 @@ class ChipSequence(keras.utils.PyDataset):
         augment_data: bool,
         steps: int | None = None,
     ) -> None:
-        super().__init__()
+        workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
         if len(frames) != len(masks):
             raise DataError(f"{len(frames)} chips but {len(masks)} masks: rerun python split/split.py")
         if not frames:
@@ -100,15 +102,23 @@ class ChipSequence(keras.utils.PyDataset):
         self.augment_data = augment_data
         self.batch_size = min(args.batch_size, len(self.frames))
         self.steps = steps or math.ceil(len(self.frames) / self.batch_size)
-        self.rng = np.random.default_rng(args.seed)
+        self.epoch = 0
         self.order = np.arange(len(self.frames))
         self._epoch_order()
 
+    def set_epoch(self, epoch: int) -> None:
+        """Continue at ``epoch`` (a resumed training): its order and augmentations, as an uninterrupted run's."""
+        self.epoch = epoch
+        self._epoch_order()
+
     def _epoch_order(self) -> None:
+        # Randomness comes from (seed, epoch[, batch, place]), never from a generator shared by the
+        # batches: workers building batches in any order make the same batches.
         if self.augment_data:
+            rng = np.random.default_rng([self.args.seed, self.epoch])
             needed = self.steps * self.batch_size
             reps = math.ceil(needed / len(self.frames))
-            self.order = np.concatenate([self.rng.permutation(len(self.frames)) for _ in range(reps)])
+            self.order = np.concatenate([rng.permutation(len(self.frames)) for _ in range(reps)])
 
     def __len__(self) -> int:
         return self.steps
@@ -119,10 +129,11 @@ class ChipSequence(keras.utils.PyDataset):
         else:
             ids = np.arange(index * self.batch_size, min((index + 1) * self.batch_size, len(self.frames)))
         xs, ys = [], []
-        for i in ids:
+        for place, i in enumerate(ids):
             x, y = read_pair(self.frames[i], self.masks[i], self.norm)
             if self.augment_data:
-                x, y = augment(x, y, self.rng, self.args)
+                rng = np.random.default_rng([self.args.seed, self.epoch, index, place])
+                x, y = augment(x, y, rng, self.args)
             x, _ = pad_to_multiple(x, self.multiple)
             y, _ = pad_to_multiple(y, self.multiple)
             xs.append(x)
@@ -130,4 +141,5 @@ class ChipSequence(keras.utils.PyDataset):
         return np.stack(xs), np.stack(ys)
 
     def on_epoch_end(self) -> None:
+        self.epoch += 1
         self._epoch_order()

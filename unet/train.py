@@ -260,6 +260,7 @@ def train_unet(
         with scope():
             done_epochs = restore(model, backup)
         log.info("train: resuming from the end of epoch %d of %d (backup in %s)", done_epochs, args.epochs, backup)
+        train_seq.set_epoch(done_epochs)  # the remaining epochs' batches are those of an uninterrupted run
     callbacks = [
         keras.callbacks.ModelCheckpoint(
             checkpoint, monitor="val_iou", mode="max", save_best_only=True, save_weights_only=True, verbose=0
