@@ -31,18 +31,15 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from core.errors import DataError, PipelineError
-from core.raster import BandStats, atomic_path, valid_pixels
+from core.errors import BundleError, DataError
+from core.files import atomic_path
+from core.raster import BandStats, valid_pixels
 
 BUNDLE_JSON = "bundle.json"
 KINDS = ("unet", "forest", "regression")
 
 #: Percentiles that bound the "percentile" normalization.
 LOW_PCT, HIGH_PCT = 2.0, 98.0
-
-
-class BundleError(PipelineError, ValueError):
-    """A bundle folder is missing, incomplete or corrupt."""
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from core.bundle import BUNDLE_JSON, BundleError, read_info
-from core.errors import LabelError, PipelineError, RasterError
+from core.errors import CheckError, LabelError, PipelineError, RasterError
 from core.raster import open_raster, valid_pixels
 from core.settings import Settings
 from core.tree import DataTree
@@ -55,10 +55,6 @@ FIXED_NEEDS = {"summarize": 20 * _MiB, "train": 200 * _MiB, "evaluate": 50 * _Mi
 
 #: Bytes per value of a flat table: a long CSV row per pixel and band, or a wide value.
 FLAT_BYTES = {("long", "csv"): 64, ("wide", "csv"): 8, ("long", "parquet"): 12, ("wide", "parquet"): 3}
-
-
-class CheckError(PipelineError):
-    """The pre-flight check found at least one fatal problem."""
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,7 @@ def read_record(path: Path) -> dict[str, Any] | None:
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
-    from core.raster import atomic_path  # core.raster imports heavy GDAL bindings
+    from core.files import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")

@@ -44,3 +44,19 @@ class BlankPredictionError(DataError):
     def __init__(self, message: str, results: list | None = None) -> None:
         super().__init__(message)
         self.results = results or []
+
+
+class CheckError(PipelineError):
+    """The pre-flight check found at least one fatal problem."""
+
+
+class BundleError(PipelineError, ValueError):
+    """A bundle folder is missing, incomplete or corrupt."""
+
+
+class CollapseError(PipelineError):
+    """Training collapsed to predicting one class everywhere."""
+
+
+class DownloadError(PipelineError):
+    """The store cannot be reached or read, or nothing usable is there; the message says what to do."""

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from core.errors import DataError, InputMissingError
-from core.raster import atomic_path, kind_of, open_raster, require_kind
+from core.files import atomic_path
+from core.raster import kind_of, open_raster, require_kind
 from core.tree import DataTree, require
 
 #: Columns chip writes, in order.

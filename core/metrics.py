@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from core.raster import atomic_path
+from core.files import atomic_path
 
 #: Probability bins of :class:`ThresholdSearch`; thresholds are tried at bin edges.
 BINS = 1000

@@ -99,7 +99,7 @@ def to_pixels(geom: BaseGeometry, transform: Affine) -> BaseGeometry:
 def write_spacenet_csv(path: Path, images: dict[str, list[tuple[BaseGeometry, float]]]) -> Path:
     """Write SpaceNet's CSV: one row per polygon (pixel coordinates) with its confidence; an image
     without polygons gets one ``POLYGON EMPTY`` row, as in SpaceNet's truth files."""
-    from core.raster import atomic_path
+    from core.files import atomic_path
 
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

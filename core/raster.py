@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from core.errors import DataError, RasterError
+from core.files import atomic_path
 
 # GDAL's block cache defaults to 5% of RAM; the stages read each block about once, so a
 # large cache only grows memory (1 GB when chipping a large mosaic). A user's own setting wins.
@@ -36,42 +36,6 @@ COMPRESSIONS = ("zstd", "deflate", "lzw", "none")
 DEFAULT_PERCENTILES = (1.0, 2.0, 50.0, 98.0, 99.0)
 
 _TILE = 256
-
-
-def _new_file_beside(path: Path) -> Path:
-    """Create an empty, uniquely named hidden file in ``path``'s folder and return its path.
-
-    Not ``tempfile.mkstemp``: its files are private (0600) and the rename would hand that to
-    every output; mode 0o666 lets the umask decide, as for any file a program creates.
-    """
-    for _ in range(100):
-        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return tmp
-    raise FileExistsError(f"no free temporary name beside {path}")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it onto ``path`` only on success.
-
-    The temporary file lives in the same folder so that ``os.replace`` is an atomic rename.
-    On any exception the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = _new_file_beside(path)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        # Also removes GDAL's side files (.aux.xml) written next to the temporary file.
-        for leftover in (tmp_path, tmp_path.with_name(tmp_path.name + ".aux.xml")):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
 
 
 def gtiff_profile(

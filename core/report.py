@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from core.raster import atomic_path
+from core.files import atomic_path
 from core.settings import Settings
 from core.tree import SPLITS, DataTree
 

@@ -63,8 +63,8 @@ from botocore.exceptions import (
 )
 
 from core import cli
-from core.errors import PipelineError
-from core.raster import atomic_path
+from core.errors import DownloadError
+from core.files import atomic_path
 from core.settings import DownloadArgs, Settings
 from core.tree import DataTree
 
@@ -96,10 +96,6 @@ _STREAM_ERRORS = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError,
 
 Ask = Callable[[str], str]
 Say = Callable[[str], None]
-
-
-class DownloadError(PipelineError):
-    """The store cannot be reached or read, or nothing usable is there; the message says what to do."""
 
 
 class TransferError(Exception):

@@ -45,6 +45,7 @@ from core import cli
 from core.bundle import BUNDLE_JSON, KINDS, read_info
 from core.contract import begin, read_record
 from core.errors import DataError, LabelError
+from core.files import atomic_path
 from core.index import read_index
 from core.instances import label_objects
 from core.metrics import Confusion, ThresholdSearch, metrics_record, pixel_scores, write_metrics
@@ -56,7 +57,7 @@ from core.polygons import (
     to_pixels,
     write_spacenet_csv,
 )
-from core.raster import atomic_path, open_raster, read_mask, read_raster, rgb_preview, valid_pixels
+from core.raster import open_raster, read_mask, read_raster, rgb_preview, valid_pixels
 from core.report import evaluation_dir, write_report, write_summary
 from core.settings import EvaluateArgs, Settings
 from core.stages import refuse_leaky_bundle, spec_of

@@ -37,9 +37,10 @@ from rasterio.crs import CRS as RasterioCRS
 from core import cli
 from core.contract import begin
 from core.errors import DataError, InputMissingError
+from core.files import atomic_path
 from core.index import missing_masks
 from core.parallel import map_tasks
-from core.raster import atomic_path, common_kind, open_raster, read_pair, valid_pixels
+from core.raster import common_kind, open_raster, read_pair, valid_pixels
 from core.settings import FlattenArgs, ParallelArgs, Settings
 from core.tree import DataTree, refuse_overwrite
 from ml.table import LONG_COLUMNS, band_column, table_name, wide_columns

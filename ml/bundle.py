@@ -21,7 +21,8 @@ from sklearn.pipeline import Pipeline
 
 from core.bundle import BundleError, BundleInfo
 from core.errors import DataError
-from core.raster import atomic_path, valid_pixels
+from core.files import atomic_path
+from core.raster import valid_pixels
 from ml.features import FeatureSpec, chip_features
 from ml.models import roof_probability
 

@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from core.raster import atomic_path
+from core.files import atomic_path
 from core.settings import MlArgs
 
 CLASSICAL = ("forest", "regression")

@@ -26,9 +26,10 @@ import numpy as np
 from core import cli
 from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, Predictor, load_predictor, new_bundle, write_info
 from core.errors import DataError
+from core.files import atomic_path
 from core.index import chip_kind, split_pairs
 from core.metrics import ThresholdSearch, combine, metrics_record, validate_pairs, write_metrics
-from core.raster import atomic_path, band_statistics, read_pair, valid_pixels
+from core.raster import band_statistics, read_pair, valid_pixels
 from core.settings import Settings, dump_settings
 from core.tree import DataTree, refuse_overwrite
 from ml.bundle import save_model

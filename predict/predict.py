@@ -43,18 +43,11 @@ from core.bundle import BUNDLE_JSON, KINDS, Predictor, load_predictor, read_info
 from core.check import preflight
 from core.contract import begin, file_identity, file_key
 from core.errors import BlankPredictionError, DataError, InputMissingError
+from core.files import atomic_path
 from core.index import chip_ids, grid_of
 from core.instances import default_seed_threshold, raster_instances, write_instances
 from core.parallel import map_tasks, worker_cached
-from core.raster import (
-    atomic_path,
-    create_raster,
-    gtiff_profile,
-    iter_windows,
-    open_raster,
-    valid_pixels,
-    window_starts,
-)
+from core.raster import create_raster, gtiff_profile, iter_windows, open_raster, valid_pixels, window_starts
 from core.settings import ParallelArgs, PredictArgs, Settings
 from core.stages import predict_bundle, predict_source, refuse_leaky_bundle, split_of_folder
 from core.tree import DataTree, refuse_overwrite

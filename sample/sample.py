@@ -34,7 +34,8 @@ from shapely.geometry import LineString, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
 from core import cli
-from core.raster import atomic_path, write_raster
+from core.files import atomic_path
+from core.raster import write_raster
 from core.settings import Settings
 from core.tree import DataTree, refuse_overwrite
 

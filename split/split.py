@@ -25,8 +25,8 @@ import pandas as pd
 from core import cli
 from core.contract import begin
 from core.errors import DataError, InputMissingError
+from core.files import atomic_path
 from core.index import missing_masks, read_index, write_index
-from core.raster import atomic_path
 from core.settings import Settings, SplitArgs
 from core.tree import SPLITS, DataTree
 

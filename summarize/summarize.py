@@ -29,8 +29,9 @@ import numpy as np
 from core import cli
 from core.contract import begin
 from core.errors import InputMissingError
+from core.files import atomic_path
 from core.index import missing_masks
-from core.raster import CLASSES, DEFAULT_PERCENTILES, ClassBandStats, atomic_path, class_band_statistics
+from core.raster import CLASSES, DEFAULT_PERCENTILES, ClassBandStats, class_band_statistics
 from core.settings import Settings
 from core.tree import DataTree, refuse_overwrite
 from ml.table import find_table, table_statistics

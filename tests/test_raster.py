@@ -11,7 +11,7 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from core import raster
+from core import files, raster
 from core.errors import DataError, RasterError
 
 CRS_UTM = CRS.from_epsg(32644)
@@ -138,14 +138,14 @@ def test_output_permissions_follow_umask(tmp_path):
 
 def test_atomic_path_for_other_writers(tmp_path):
     path = tmp_path / "index.csv"
-    with raster.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         assert tmp.parent == tmp_path
         assert tmp.name.startswith(".")
         tmp.write_text("a\n")
         assert not path.exists()
     assert path.read_text() == "a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.csv"]
-    with pytest.raises(KeyError), raster.atomic_path(path) as tmp:
+    with pytest.raises(KeyError), files.atomic_path(path) as tmp:
         tmp.write_text("b\n")
         raise KeyError("x")
     assert path.read_text() == "a\n"

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from core.raster import atomic_path, read_raster, rgb_preview
+from core.files import atomic_path
+from core.raster import read_raster, rgb_preview
 
 
 def _save(fig, path: Path) -> Path:

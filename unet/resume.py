@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from core.raster import atomic_path
+from core.files import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, read_info
-from core.errors import DataError, PipelineError
+from core.errors import CollapseError, DataError
 from core.index import chip_kind, split_pairs
 from core.metrics import Confusion, combine, metrics_record, validate_pairs, write_metrics
 from core.raster import band_statistics, read_raster
@@ -42,10 +42,6 @@ def steps_per_epoch(n_chips: int, batch_size: int, setting: int | None) -> int:
     if setting is not None:
         return setting
     return max(math.ceil(n_chips / min(batch_size, n_chips)), MIN_STEPS_PER_EPOCH)
-
-
-class CollapseError(PipelineError):
-    """Training collapsed to predicting one class everywhere."""
 
 
 def roof_share(masks: list[Path]) -> float:
