@@ -235,12 +235,15 @@ class Predictor(Protocol):
         ...
 
 
-#: Module whose ``load(folder, info) -> Predictor`` loads each kind.
-_LOADERS = {"unet": "unet.bundle", "forest": "ml.bundle", "regression": "ml.bundle"}
-
-
 def load_predictor(folder: Path) -> Predictor:
-    """Load any bundle for prediction (TensorFlow is imported only for a U-Net)."""
+    """Load any bundle for prediction.
+
+    The loaders are imported here, not at the top: unet.bundle and ml.bundle build on this
+    module, and TensorFlow is imported only when a U-Net is loaded.
+    """
     info = read_info(folder)
-    module = importlib.import_module(_LOADERS[info.kind])
-    return module.load(Path(folder), info)
+    if info.kind == "unet":
+        from unet.bundle import load
+    else:
+        from ml.bundle import load
+    return load(Path(folder), info)
