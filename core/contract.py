@@ -121,7 +121,6 @@ class StageSpec:
     model_settings: Callable[[str], tuple[str, ...]] | None = None
     plural: bool = True
     complete: Callable[..., bool] | None = None
-    resumes: bool = True  # False: an unfinished run starts over (a new run id: training is not deterministic)
 
     @property
     def were(self) -> str:
@@ -232,7 +231,7 @@ def _fingerprint(settings: dict[str, Any], inputs: dict[str, Any], files: dict[s
 
 
 def _show(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, str | type(None) | bool) else json.dumps(value, default=str)
+    return json.dumps(value, default=str)
 
 
 # --- status ------------------------------------------------------------------------------------------
@@ -266,19 +265,6 @@ class Status:
     @property
     def done(self) -> bool:
         return self.state == "complete" and not self.changes and self.outputs_present and self.outputs_whole
-
-    @property
-    def resumable(self) -> bool:
-        return self.state in ("running", "complete") and not self.changes and not self.done
-
-    @property
-    def run(self) -> str | None:
-        if self.state == "missing":
-            return None
-        if self.state == "unrecorded":
-            return "unrecorded"
-        assert self.record is not None
-        return self.record["run"]
 
     def describe(self) -> str:
         """One phrase: 'done', 'outdated: ...', 'interrupted', 'not run', 'no record'."""
@@ -349,11 +335,9 @@ def status(
     outputs = spec.outputs(settings, tree, model)
     present = any(o.existing() for o in outputs)
     if record is None:
-        st = Status(spec, model, "unrecorded" if present else "missing", None, current, outputs_present=present)
-        st.inputs_error = inputs_error
-        return st
-    st = Status(spec, model, record["state"], record, current, outputs_present=present)
-    st.inputs_error = inputs_error
+        state: State = "unrecorded" if present else "missing"
+        return Status(spec, model, state, None, current, outputs_present=present, inputs_error=inputs_error)
+    st = Status(spec, model, record["state"], record, current, outputs_present=present, inputs_error=inputs_error)
     st.changes = _changes(record, current)
     if inputs_error is not None:
         st.changes.append(f"from inputs that cannot be read now ({inputs_error})")
@@ -461,10 +445,9 @@ class StageRun:
         return self.status.spec.outputs(self.settings, self.tree, self.status.model)
 
     def start(self, clear: bool = True) -> None:
-        """Call once the stage's own input checks pass: a fresh start removes the old outputs (and
-        the record first, so a kill in between leaves no record claiming them; ``clear=False``
-        keeps them, for a trainer continuing from its bundle); any start removes temporary files
-        a killed run left; then the record says "running"."""
+        """Call once the stage's own input checks pass: a fresh start removes the old outputs
+        (``clear=False`` keeps them, for a trainer continuing from its bundle); any start removes
+        temporary files a killed run left; then the record says "running"."""
         path = self._path()
         # The old record stays while its outputs are removed: a kill in between leaves outputs it
         # describes, some gone (a rerun with its settings remakes them; other settings refuse), never
@@ -563,6 +546,7 @@ def upstream_problems(
     from core.stages import order_of, spec_of
 
     seen: dict[str, tuple[Dep, str | None]] = {}
+    statuses: dict[str, Status] = {}  # each upstream stage's status is worked out once
 
     def walk(dep: Dep, m: str | None) -> None:
         spec = spec_of(dep.stage)
@@ -573,15 +557,15 @@ def upstream_problems(
         seen[key] = (dep, um)
         if dep.artifact:
             return
-        st = status(dep.stage, settings, tree, um)
-        for up in st.current.get("deps", ()):
+        statuses[key] = statuses.get(key) or status(dep.stage, settings, tree, um)
+        for up in statuses[key].current.get("deps", ()):
             walk(up, um)
 
     for dep in deps:
         walk(dep, model)
     problems: list[PipelineError] = []
-    for dep, um in sorted(seen.values(), key=lambda d: order_of(d[0].stage)):
-        st = status(dep.stage, settings, tree, um)
+    for key, (dep, um) in sorted(seen.items(), key=lambda kv: order_of(kv[1][0].stage)):
+        st = statuses.get(key) or status(dep.stage, settings, tree, um)
         spec = st.spec
         if st.state == "missing":
             continue
@@ -683,5 +667,5 @@ def begin(
     elif st.done:
         mode = "skip"
     else:
-        mode = "resume" if spec.resumes else "fresh"
+        mode = "resume"
     return StageRun(st, mode, settings, tree, given)

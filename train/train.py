@@ -23,13 +23,6 @@ from core.settings import Settings
 from core.tree import DataTree
 
 
-def resumable_unet(tree: DataTree) -> bool:
-    """Whether an interrupted U-Net training left a backup to continue from (unet/resume.py)."""
-
-    state = tree.model_dir("unet") / "backup" / "state.json"
-    return state.is_file()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = cli.make_parser(__doc__)
     parser.add_argument("--model", choices=KINDS, help="model to train (default: training_args.model)")
@@ -44,13 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         preflight(settings, tree, "train")
         # Continuing from the bundle: it must not be removed before it is read.
         continuing = kind == "unet" and (args.from_bundle is not None or settings.training_args.pretrained)
-        if run.resume and not (kind == "unet" and resumable_unet(tree)):
-            run.mode = "fresh"  # nothing to continue from: a new run (training is not deterministic)
-        run.start(clear=not continuing)
-        # Imported here: TensorFlow loads only when a U-Net is trained.
-        if kind == "unet":
+        backed_up = 0
+        if kind == "unet":  # imported here: TensorFlow loads only when a U-Net is trained
+            from unet.resume import backup_dir, finished_epochs
             from unet.train import train_unet
 
+            backed_up = finished_epochs(backup_dir(tree.model_dir("unet")))
+        if run.resume and not backed_up:
+            run.mode = "fresh"  # nothing to continue from: a new run (training is not deterministic)
+        run.start(clear=not continuing)
+        if kind == "unet":
             train_unet(settings, tree, overwrite=True, from_bundle=args.from_bundle, resume=run.resume)
         else:
             from ml.train import train_classical
