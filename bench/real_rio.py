@@ -33,13 +33,15 @@ from core.metrics import Confusion
 from core.polygons import PolygonCounts, match_polygons
 from core.raster import read_raster, rgb_preview
 from core.settings import EvaluateArgs
-from core.vector import ground_area
+from core.vector import at_least_m2, clip_to
 from evaluate.evaluate import ObjectCounts, match_objects
 from predict.predict import polygonize
 from unet.plots import draw_comparison
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "spacenet-rio"
+#: Polygons under this ground area are ignored in the polygon scores, as evaluate's default.
+MIN_M2 = 4.0
 
 
 def run(module: str, argv: list[str]) -> None:
@@ -127,15 +129,15 @@ def main() -> int:
             pictures.append((name, image, truth, pred[0] > 0, c.scores()["iou"]))
             # Polygons, as SpaceNet scores them: the watershed's roofs, and the mask's connected groups.
             tile = shapely.box(*rasterio.transform.array_bounds(*image.shape[1:], profile["transform"]))
-            true_polys = _ground_at_least(_clip(buildings, tile))
+            true_polys = at_least_m2(clip_to(buildings, tile), MIN_M2)
             roofs = gpd.read_file(work / "predictions" / "rio" / model / "roofs.gpkg")
-            watershed = _ground_at_least(
-                roofs[roofs["source"] == f"{name}.tif"].set_crs(buildings.crs, allow_override=True)
+            watershed = at_least_m2(
+                roofs[roofs["source"] == f"{name}.tif"].set_crs(buildings.crs, allow_override=True), MIN_M2
             )
             groups = gpd.GeoSeries(
                 polygonize(work / "predictions" / "rio" / model / "masks" / f"{name}.tif"), crs=buildings.crs
             )
-            components = _ground_at_least(gpd.GeoDataFrame(geometry=groups))
+            components = at_least_m2(gpd.GeoDataFrame(geometry=groups), MIN_M2)
             poly_ws.add(match_polygons(list(true_polys.geometry), list(watershed.geometry))[0])
             poly_cc.add(match_polygons(list(true_polys.geometry), list(components.geometry))[0])
         rows.append(
@@ -166,16 +168,6 @@ def main() -> int:
     )
     print(f"overlays: {work}/rio_overlay_*.png")
     return 0
-
-
-def _clip(gdf: gpd.GeoDataFrame, box) -> gpd.GeoDataFrame:
-    hits = gdf.iloc[gdf.sindex.query(box, predicate="intersects")].copy()
-    hits["geometry"] = shapely.intersection(hits.geometry.to_numpy(), box)
-    return hits[~hits.geometry.is_empty]
-
-
-def _ground_at_least(gdf: gpd.GeoDataFrame, min_area: float = 4.0) -> gpd.GeoDataFrame:
-    return gdf[ground_area(gdf) >= min_area] if len(gdf) else gdf
 
 
 def overlay(pictures: list, model: str, path: Path) -> None:

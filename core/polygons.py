@@ -80,11 +80,9 @@ def match_polygons(
     return counts, matched
 
 
-def keep_at_least(geoms: Iterable[BaseGeometry], min_area: float, areas: Iterable[float] | None = None) -> list:
-    """The polygons whose area (``areas``, else their own) is at least ``min_area``; empty ones dropped."""
-    geoms = list(geoms)
-    areas = list(areas) if areas is not None else [g.area for g in geoms]
-    return [g for g, a in zip(geoms, areas, strict=True) if not g.is_empty and a >= min_area]
+def keep_at_least(geoms: Iterable[BaseGeometry], min_area: float) -> list:
+    """The polygons whose area is at least ``min_area`` (pixel polygons of a SpaceNet CSV); empty ones dropped."""
+    return [g for g in geoms if not g.is_empty and g.area >= min_area]
 
 
 # --- SpaceNet CSV ---------------------------------------------------------------------------------

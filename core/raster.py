@@ -207,7 +207,7 @@ def read_pair(frame: str | os.PathLike[str], mask: str | os.PathLike[str]) -> tu
     """A chip (bands, rows, cols), its mask as booleans and the chip's profile; the two must share a grid."""
     chw, profile = read_raster(frame)
     roof, mask_profile = read_mask(mask)
-    if roof.shape != chw.shape[1:] or not _same_transform(profile["transform"], mask_profile["transform"]):
+    if roof.shape != chw.shape[1:] or not same_transform(profile["transform"], mask_profile["transform"]):
         raise DataError(
             f"mask {mask} ({roof.shape[1]}x{roof.shape[0]} px) does not lie on the grid of its chip {frame} "
             f"({chw.shape[2]}x{chw.shape[1]} px): rerun python mask/mask.py and python split/split.py"
@@ -215,7 +215,8 @@ def read_pair(frame: str | os.PathLike[str], mask: str | os.PathLike[str]) -> tu
     return chw, roof, profile
 
 
-def _same_transform(a: Any, b: Any) -> bool:
+def same_transform(a: Any, b: Any) -> bool:
+    """Two geotransforms place pixels at the same spots (to a millionth of a pixel)."""
     scale = max(abs(a.a), abs(a.e), 1e-12)
     return all(abs(x - y) <= 1e-6 * scale for x, y in zip(tuple(a)[:6], tuple(b)[:6], strict=True))
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from core.contract import Dep, Inputs, Output, StageSpec
 
 if TYPE_CHECKING:
-    from core.settings import Settings
+    from core.settings import PredictArgs, Settings
     from core.tree import DataTree
 
 #: Models the per-model stages run for, in pipeline order.
@@ -104,11 +104,11 @@ def split_of_folder(path: Path, tree: DataTree) -> str | None:
     return next((s for s in SPLITS if tree.frames(s).resolve() == resolved), None)
 
 
-def predict_source(settings: Settings, tree: DataTree, given: dict[str, Any]) -> Path:
+def predict_source(args: PredictArgs, tree: DataTree, given: dict[str, Any]) -> Path:
     """The raster or folder predict reads: --input, else predict_args.input under data_root."""
     if given.get("input"):
         return Path(given["input"])
-    path = Path(settings.predict_args.input)
+    path = Path(args.input)
     return path if path.is_absolute() else tree.root / path
 
 
@@ -142,7 +142,7 @@ def _predict_inputs(settings: Settings, tree: DataTree, model: str | None, given
     bundle, outside = predict_bundle(settings, tree, model or settings.training_args.model, given)
     deps: list[Dep] = [] if outside else [Dep("train", artifact=True)]
     files: list[Path] = [bundle / "bundle.json"] if outside else []
-    source = predict_source(settings, tree, given)
+    source = predict_source(settings.predict_args, tree, given)
     if split_of_folder(source, tree) is not None:
         deps.append(Dep("split"))
     else:

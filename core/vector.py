@@ -198,3 +198,16 @@ def roof_grid(roofs: gpd.GeoDataFrame, bounds: tuple[float, float, float, float]
         grid["roofs"] = np.bincount(cell, minlength=len(cells))
         grid["roof_area_m2"] = np.bincount(cell, weights=roofs["area_m2"].to_numpy(), minlength=len(cells))
     return grid.to_crs(crs) if metric is not None else grid
+
+
+def clip_to(gdf: gpd.GeoDataFrame, area: BaseGeometry) -> gpd.GeoDataFrame:
+    """The polygons of ``gdf`` inside ``area``, cut at its edges (a roof across a chip edge is one in each)."""
+    hits = gdf.iloc[gdf.sindex.query(area, predicate="intersects")] if len(gdf) else gdf
+    clipped = hits.copy()
+    clipped["geometry"] = shapely.intersection(hits.geometry.to_numpy(), area)
+    return clipped[~clipped.geometry.is_empty & clipped.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
+
+
+def at_least_m2(gdf: gpd.GeoDataFrame, min_area: float) -> gpd.GeoDataFrame:
+    """The polygons of at least ``min_area`` square metres of ground (:func:`ground_area`)."""
+    return gdf[ground_area(gdf) >= min_area] if len(gdf) else gdf

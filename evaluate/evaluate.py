@@ -57,12 +57,12 @@ from core.polygons import (
     to_pixels,
     write_spacenet_csv,
 )
-from core.raster import open_raster, read_mask, read_raster, rgb_preview, valid_pixels
+from core.raster import open_raster, read_mask, read_raster, rgb_preview, same_transform, valid_pixels
 from core.report import evaluation_dir, write_report, write_summary
 from core.settings import EvaluateArgs, Settings
 from core.stages import refuse_leaky_bundle, spec_of
 from core.tree import DataTree, require
-from core.vector import ground_area, load_roofs
+from core.vector import at_least_m2, clip_to, load_roofs
 
 log = logging.getLogger(__name__)
 
@@ -240,11 +240,8 @@ def pair_by_chip(
 
 def same_grid(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two rasters' profiles describe the same pixels: CRS, size and transform (to a millionth of a pixel)."""
-    if (a["width"], a["height"]) != (b["width"], b["height"]) or a.get("crs") != b.get("crs"):
-        return False
-    ta, tb = a["transform"], b["transform"]
-    scale = max(abs(ta.a), abs(ta.e), 1e-12)
-    return all(abs(x - y) <= 1e-6 * scale for x, y in zip(tuple(ta)[:6], tuple(tb)[:6], strict=True))
+    same_pixels = (a["width"], a["height"]) == (b["width"], b["height"]) and a.get("crs") == b.get("crs")
+    return same_pixels and same_transform(a["transform"], b["transform"])
 
 
 def _natural(name: str) -> tuple:
@@ -351,11 +348,8 @@ def polygon_scores(
             in_crs[row.crs] = (t, p)
         t_all, p_all = in_crs[row.crs]
         chip = shapely.box(row.left, row.bottom, row.right, row.top)
-        truth = _clipped(t_all, chip)
-        mine = p_all[p_all["source"] == pred_name]
-        pred = _clipped(mine, chip)
-        t_keep = _at_least(truth, args.min_area_m2)
-        p_keep = _at_least(pred, args.min_area_m2)
+        t_keep = at_least_m2(clip_to(t_all, chip), args.min_area_m2)
+        p_keep = at_least_m2(clip_to(p_all[p_all["source"] == pred_name], chip), args.min_area_m2)
         total.add(match_polygons(list(t_keep.geometry), list(p_keep.geometry), args.iou_threshold)[0])
         transform = from_bounds(row.left, row.bottom, row.right, row.top, row.width, row.height)
         stem = Path(truth_name).stem
@@ -366,20 +360,6 @@ def polygon_scores(
     write_spacenet_csv(out / "truth.csv", truth_csv)
     write_spacenet_csv(out / "predictions.csv", pred_csv)
     return total
-
-
-def _clipped(gdf, chip):
-    """The polygons of ``gdf`` inside ``chip``, cut at its edges (a roof across a chip edge is one in each)."""
-    hits = gdf.iloc[gdf.sindex.query(chip, predicate="intersects")] if len(gdf) else gdf
-    clipped = hits.copy()
-    clipped["geometry"] = shapely.intersection(hits.geometry.to_numpy(), chip)
-    return clipped[~clipped.geometry.is_empty & clipped.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
-
-
-def _at_least(gdf, min_area_m2: float):
-    if gdf.empty:
-        return gdf
-    return gdf[ground_area(gdf) >= min_area_m2]
 
 
 # --- pictures --------------------------------------------------------------------------------

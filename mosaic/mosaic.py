@@ -74,7 +74,8 @@ def inspect_tiles(paths: list[Path]) -> list[TileInfo]:
 
 
 def mismatches(infos: list[TileInfo]) -> list[str]:
-    """One line per tile that differs from the first in CRS, resolution, pixel grid, bands or dtype."""
+    """One line per tile that differs from the first in CRS, resolution or pixel grid (band count and
+    dtype are checked before: reprojecting cannot fix them)."""
     ref = infos[0]
     lines = []
     for info in infos[1:]:
@@ -85,10 +86,6 @@ def mismatches(infos: list[TileInfo]) -> list[str]:
             diff.append(f"resolution {info.res[0]:.9g}x{info.res[1]:.9g} vs {ref.res[0]:.9g}x{ref.res[1]:.9g}")
         elif info.crs == ref.crs and not on_grid(info, ref):
             diff.append("pixel grid offset by a fraction of a pixel")
-        if info.count != ref.count:
-            diff.append(f"{info.count} bands vs {ref.count}")
-        if info.dtype != ref.dtype:
-            diff.append(f"dtype {info.dtype} vs {ref.dtype}")
         if diff:
             lines.append(f"{info.path.name}: {', '.join(diff)}")
     return lines
@@ -183,7 +180,6 @@ def build_mosaic(
     if not paths:
         raise InputMissingError(f"no tiles to mosaic into {output}: give at least one GeoTIFF")
     infos = inspect_tiles(paths)
-    odd = mismatches(infos)
     kinds = [
         f"{i.path.name}: {i.count} bands of {i.dtype}"
         for i in infos
@@ -196,6 +192,7 @@ def build_mosaic(
             + "; ".join(kinds)
             + ": move the odd tiles out of the folder, or mosaic them separately"
         )
+    odd = mismatches(infos)
     if odd and not args.reproject:
         raise DataError(
             f"tiles differ from {infos[0].path.name}: "

@@ -320,9 +320,7 @@ def write_grid(roofs: gpd.GeoDataFrame, inputs: list[Path], out: Path, size: flo
 
 def resolve_inputs(tree: DataTree, args: PredictArgs, given: Path | None) -> list[Path]:
     """The rasters to predict: --input, else predict_args.input (relative to data_root)."""
-    path = given if given is not None else Path(args.input)
-    if not path.is_absolute() and given is None:
-        path = tree.root / path
+    path = predict_source(args, tree, {"input": given})
     if path.is_dir():
         found = tree.list_rasters(path)
         if not found:
@@ -499,7 +497,7 @@ def predict_stage(
         return []
     bundle, outside = predict_bundle(settings, tree, model, given)
     inputs = resolve_inputs(tree, settings.predict_args, source)
-    split = split_of_folder(predict_source(settings, tree, given), tree)
+    split = split_of_folder(predict_source(settings.predict_args, tree, given), tree)
     if split is not None and not outside:
         refuse_leaky_bundle(settings, tree, model, split)  # predicting today's val chips with it would leak
     preflight(settings, tree, "predict", bundle=bundle, inputs=inputs)
