@@ -163,15 +163,22 @@ def plan_chips(sources: list[Path], tree: DataTree, args: ChipArgs, reuse: bool)
 
 
 def chip_sources(
-    sources: list[Path], tree: DataTree, args: ChipArgs, parallel: ParallelArgs, *, resume: bool = False
+    sources: list[Path],
+    tree: DataTree,
+    args: ChipArgs,
+    parallel: ParallelArgs,
+    *,
+    resume: bool = False,
+    tasks: list[ChipTask] | None = None,
 ) -> pd.DataFrame:
     """Chip every source into ``tree.chips`` and write ``tree.chips_csv``; return the index.
 
     With ``resume`` chips already in ``tree.chips`` are kept (a run with the same settings
     stopped halfway: the stage contract decides that) and only the missing ones are written.
-    No chip kept is an error that says why.
+    No chip kept is an error that says why. ``tasks`` is what :func:`plan_chips` returned, when
+    the caller has it already.
     """
-    tasks = plan_chips(sources, tree, args, reuse=resume)
+    tasks = tasks if tasks is not None else plan_chips(sources, tree, args, reuse=resume)
     tree.chips.mkdir(parents=True, exist_ok=True)
     # Work goes out in batches of chips of one source: one open per batch, fewer round trips.
     batches = [tuple(group[i : i + _BATCH]) for group in _by_source(tasks) for i in range(0, len(group), _BATCH)]
@@ -236,11 +243,11 @@ def chip_stage(
     sources = resolve_sources(tree, settings.chip_args, given)
     # Plan first: it opens every source, so an unreadable one fails before old chips are deleted;
     # so do chips too large for every source (they could only be padding).
-    plan_chips(sources, tree, settings.chip_args, reuse=False)
+    tasks = plan_chips(sources, tree, settings.chip_args, reuse=run.resume)
     if too_small(sources, settings.chip_args):
         raise DataError(no_chips_message(sources, settings.chip_args, 0))
     run.start()
-    frame = chip_sources(sources, tree, settings.chip_args, settings.parallel, resume=run.resume)
+    frame = chip_sources(sources, tree, settings.chip_args, settings.parallel, resume=run.resume, tasks=tasks)
     run.finish(chips=len(frame), size=settings.chip_args.size)
     return frame
 

@@ -258,11 +258,12 @@ def evaluate_folder(
     tree: DataTree,
     pairs: list[tuple[str, str]] | None = None,
 ) -> Evaluation:
-    """Score every (truth, prediction) pair (default: by file name); sweep thresholds when probabilities exist.
-
-    A prediction on another grid than its truth (other CRS, size or transform) is an error.
+    """Score every (truth, prediction) pair (default: by file name, grids checked: :func:`check_grids`;
+    given pairs are the caller's, checked by it); sweep thresholds when probabilities exist.
     """
-    pairs = pairs if pairs is not None else matching_names(pred_dir / "masks", truth_masks, frames, tree)
+    if pairs is None:
+        pairs = matching_names(pred_dir / "masks", truth_masks, frames, tree)
+        check_grids(pairs, pred_dir / "masks", truth_masks)
     probs_dir = pred_dir / "probabilities"
     with_probs = all((probs_dir / p).is_file() for _, p in pairs)
     if not with_probs:
@@ -270,7 +271,6 @@ def evaluate_folder(
             "evaluate: %s lacks some chips' probabilities (predict_args.save_probabilities false?): no threshold sweep",
             probs_dir,
         )
-    check_grids(pairs, pred_dir / "masks", truth_masks)
     result = Evaluation(search=ThresholdSearch() if with_probs else None)
     for name, predicted in cli.progress(pairs, desc="evaluate", unit="chip"):
         truth, _ = read_mask(truth_masks / name)

@@ -261,11 +261,15 @@ def flatten_chips(
     parallel: ParallelArgs,
     *,
     overwrite: bool = False,
+    pairs: list[tuple[Path, Path]] | None = None,
 ) -> Path:
-    """Flatten every chip in ``frames`` with its mask into ``tree.flat``; return the table's path."""
+    """Flatten every chip in ``frames`` with its mask into ``tree.flat``; return the table's path.
+
+    ``pairs`` is what :func:`pair_chips` returned, when the caller has it already.
+    """
     output = tree.flat / table_name(args.format)
     refuse_overwrite([output], overwrite, "flatten")
-    pairs = pair_chips(frames, masks, tree)
+    pairs = pairs if pairs is not None else pair_chips(frames, masks, tree)
     with open_raster(pairs[0][0]) as src:
         bands = src.count
     roof_keep, background_keep = keep_probabilities(args, pairs, parallel)
@@ -328,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         if run.skip:
             run.say_skip()
             return
-        pair_chips(frames, masks, tree)
+        pairs = pair_chips(frames, masks, tree)
         run.start()
         # A resumed run keeps the parts of the chips it finished; a fresh one starts them over.
-        output = flatten_chips(frames, masks, tree, flat, settings.parallel, overwrite=not run.resume)
+        output = flatten_chips(frames, masks, tree, flat, settings.parallel, overwrite=not run.resume, pairs=pairs)
         run.finish(table=output.name)
 
     return cli.run(parser, argv, body)

@@ -240,9 +240,12 @@ def check_masks(tree: DataTree) -> pd.DataFrame:
     return index.drop(columns=[c for c in ("split", "split_file") if c in index.columns])
 
 
-def split_chips(tree: DataTree, args: SplitArgs) -> pd.DataFrame:
-    """Assign splits, fill the split folders (emptied first), record the split in chips.csv; return the index."""
-    index = check_masks(tree)
+def split_chips(tree: DataTree, args: SplitArgs, index: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Assign splits, fill the split folders (emptied first), record the split in chips.csv; return the index.
+
+    ``index`` is what :func:`check_masks` returned, when the caller has it already.
+    """
+    index = check_masks(tree) if index is None else index
     splits = drop_overlaps(index, assign_splits(index, args))
     train_roof = index.loc[splits == "train", "roof_share"].sum()
     if train_roof <= 0:
@@ -296,9 +299,9 @@ def split_stage(settings: Settings, tree: DataTree, *, overwrite: bool = False) 
     if run.skip:
         run.say_skip()
         return read_index(tree.chips_csv, needs=("split",))
-    check_masks(tree)
+    index = check_masks(tree)
     run.start()
-    index = split_chips(tree, settings.split_args)
+    index = split_chips(tree, settings.split_args, index)
     run.finish(**{s: int((index["split"] == s).sum()) for s in SPLITS})
     return index
 
