@@ -44,7 +44,7 @@ class Run:
     state: Callable[[], str]
 
 
-#: States of a run (see :func:`run_state`).
+#: States of a run (see :meth:`Stage.state`).
 DONE, OUTDATED, TODO, UNRECORDED = "done", "outdated", "to do", "unrecorded"
 
 
@@ -179,24 +179,24 @@ def record_findings(chosen: list[Stage], tree: DataTree, settings: Settings) -> 
         models = trained_models(tree) if stage.per_model else [stage.model]
         for model in models:
             st = status(stage.contract, settings, tree, model, given={})
-            label = stage.name if stage.per_model is False else f"{stage.name} {model}"
+            label = f"{stage.name} {model}" if stage.per_model else stage.name
             ahead = stage in chosen
+            # Before the chosen stages, bad outputs are fatal: those stages would refuse to read them.
+            fatal = not ahead and names.index(stage.name) < first
             if st.stale:
                 cmd = st.spec.run_command(st.model, overwrite=True)
                 if ahead:
                     todo = "this run redoes it"
-                elif names.index(stage.name) < first:
+                elif fatal:
                     todo = f"rerun {cmd} (or python pipeline.py --from {stage.name})"
                 else:
                     todo = f"{cmd} redoes it"
-                fatal = not ahead and names.index(stage.name) < first
                 findings.append(
                     Finding("fatal" if fatal else "warning", f"{label}: {st.spec.are} outdated: made "
                             f"{'; '.join(st.changes)}: {todo}")
                 )  # fmt: skip
-            elif st.state == "running" or (st.state == "complete" and not (st.outputs_present and st.outputs_whole)):
+            elif st.state == "running" or st.removed:
                 why = "the run was interrupted" if st.state == "running" else "files were removed since it ran"
-                fatal = not ahead and names.index(stage.name) < first
                 findings.append(
                     Finding("fatal" if fatal else "warning", f"{label}: {st.spec.are} incomplete ({why}): "
                             f"{st.spec.run_command(st.model)} resumes it")

@@ -263,8 +263,13 @@ class Status:
         return self.state in ("running", "complete") and bool(self.changes)
 
     @property
+    def removed(self) -> bool:
+        """A finished run whose outputs were removed (some or all) since."""
+        return self.state == "complete" and not (self.outputs_present and self.outputs_whole)
+
+    @property
     def done(self) -> bool:
-        return self.state == "complete" and not self.changes and self.outputs_present and self.outputs_whole
+        return self.state == "complete" and not self.changes and not self.removed
 
     def describe(self) -> str:
         """One phrase: 'done', 'outdated: ...', 'interrupted', 'not run', 'no record'."""
@@ -276,7 +281,7 @@ class Status:
             return "outdated: made " + "; ".join(self.changes)
         if self.state == "running":
             return "interrupted (a rerun resumes)"
-        if not (self.outputs_present and self.outputs_whole):
+        if self.removed:
             return "outputs removed since (a rerun remakes them)"
         return "done"
 
@@ -595,7 +600,7 @@ def upstream_problems(
                     f"{spec.are} incomplete: {st.label} did not finish: rerun {spec.run_command(um)} to resume it"
                 )
             )
-        elif not (st.outputs_present and st.outputs_whole):
+        elif st.removed:
             problems.append(
                 InputMissingError(
                     f"{spec.are} incomplete: files were removed since {st.label} ran: rerun {spec.run_command(um)} "
