@@ -141,6 +141,7 @@ class BundleInfo:
     normalization: Normalization
     threshold: float
     pad_multiple: int = 1
+    targets: list[str] = field(default_factory=lambda: ["footprint"])  # the model's output bands (a U-Net's)
     features: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)

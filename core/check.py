@@ -259,7 +259,8 @@ class Checker:
             )
 
     def pairs(self, frames_dir: Path, masks_dir: Path | None, what: str, *, need_roof: bool, shape_key: str) -> None:
-        """Chips and their masks: readable, one band kind, masks 0/255 of their chip's size.
+        """Chips and their masks: readable, one band kind, masks 0/255 (128 unknown) of their chip's size, one
+        band count.
 
         ``masks_dir`` None checks the chips alone; ``need_roof`` makes masks without a roof fatal.
         """
@@ -282,19 +283,21 @@ class Checker:
                 continue
             masks.append(mask)
             roof += mask.roof
-            if mask.bands != 1:
-                multi.append(path)
+            multi.append((path, mask.bands))
             if (mask.width, mask.height) != (frame.width, frame.height):
                 size.append((path, mask, frame))
-            if mask.full and not set(mask.values) <= {0, 255}:
+            if mask.full and not set(mask.values) <= {0, 128, 255}:
                 values.append((path, mask.values))
         if missing:
             self.fatal(
                 f"{what}: {len(missing)} chips have no mask ({_names(missing, folder=True)}): rerun mask and split"
             )
-        if multi:
+        counts = sorted({bands for _, bands in multi})
+        if len(counts) > 1:
+            odd = [p for p, bands in multi if bands != multi[0][1]]
             self.fatal(
-                f"{what}: masks {_names(multi, folder=True)} have more than one band: masks are single-band 0/255"
+                f"{what}: the masks have {' or '.join(map(str, counts))} bands (e.g. {_names(odd, folder=True)} "
+                f"against {multi[0][0].name}): they come from different runs of mask; rerun mask and split"
             )
         if size:
             path, mask, frame = size[0]
@@ -305,7 +308,8 @@ class Checker:
         if values:
             shown = "; ".join(f"{p.name}: {', '.join(map(str, v))}" for p, v in values[:SHOWN])
             self.fatal(
-                f"{what}: {len(values)} masks in {values[0][0].parent} hold values other than 0 and 255 ({shown}): "
+                f"{what}: {len(values)} masks in {values[0][0].parent} hold values other than 0, 255 (and 128, unknown) "
+                f"({shown}): "
                 "masks must be uint8 0/255 (a 0/1 mask is read as no roof); rerun python mask/mask.py"
             )
         if masks and roof == 0 and not values:

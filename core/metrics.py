@@ -131,7 +131,7 @@ def validate_pairs(predictor: Any, pairs: list[tuple[Path, Path]], desc: str = "
 
     The one threshold search every trainer uses: the sum of the chips' searches tunes the
     threshold; each chip's alone gives its score. Nodata pixels never count (the bundle's
-    nodata value decides which they are, as at predict time).
+    nodata value decides which they are, as at predict time), nor do pixels of unknown class.
     """
     from core.cli import progress
     from core.raster import read_pair, valid_pixels
@@ -139,10 +139,10 @@ def validate_pairs(predictor: Any, pairs: list[tuple[Path, Path]], desc: str = "
     nodata = predictor.info.normalization.nodata
     chips = []
     for frame, mask in progress(pairs, desc=desc, unit="chip"):
-        chw, roof, _ = read_pair(frame, mask)
+        chw, roof, known, _ = read_pair(frame, mask)
         prob = predictor.predict(chw[np.newaxis])[0]
         chip = ThresholdSearch()
-        chip.add(roof, prob, valid_pixels(chw, nodata))
+        chip.add(roof, prob, valid_pixels(chw, nodata) & known)
         chips.append(chip)
     return chips
 

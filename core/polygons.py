@@ -14,6 +14,7 @@ import csv
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import shapely
@@ -45,6 +46,33 @@ class PolygonCounts:
         recall = self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         return {"precision": precision, "recall": recall, "f1": f1, "tp": self.tp, "fp": self.fp, "fn": self.fn}
+
+
+def group_counts(
+    truth: Sequence[BaseGeometry], groups: Sequence[Any], predicted: Sequence[BaseGeometry], iou_threshold: float = 0.5
+) -> dict[Any, PolygonCounts]:
+    """SpaceNet counts of each group of true polygons (``groups``: one value per true polygon).
+
+    A predicted polygon belongs to the group of the true polygon it overlaps most (by area);
+    one that overlaps none belongs to no group. Each group is then matched on its own.
+    """
+    truth, predicted = list(truth), list(predicted)
+    owner = np.full(len(predicted), -1)
+    if truth and predicted:
+        p_idx, t_idx = STRtree(truth).query(predicted, predicate="intersects")
+        if len(p_idx):
+            inter = shapely.area(shapely.intersection(np.asarray(truth, object)[t_idx],
+                                                      np.asarray(predicted, object)[p_idx]))  # fmt: skip
+            for k in np.argsort(inter, kind="stable"):  # the largest overlap is written last
+                if inter[k] > 0:
+                    owner[p_idx[k]] = t_idx[k]
+    values = np.asarray(list(groups), object)
+    out: dict[Any, PolygonCounts] = {}
+    for value in sorted(set(values.tolist()), key=str):
+        ts = [g for g, v in zip(truth, values, strict=True) if v == value]
+        ps = [g for g, o in zip(predicted, owner, strict=True) if o >= 0 and values[o] == value]
+        out[value] = match_polygons(ts, ps, iou_threshold)[0]
+    return out
 
 
 def match_polygons(

@@ -106,8 +106,9 @@ def write_raster(
     transform: Any,
     nodata: float | None = None,
     compression: str = "zstd",
+    descriptions: Sequence[str] | None = None,
 ) -> Path:
-    """Write a (bands, rows, cols) or (rows, cols) array as a GeoTIFF, atomically."""
+    """Write a (bands, rows, cols) or (rows, cols) array as a GeoTIFF, atomically (band names optional)."""
     data = array[np.newaxis] if array.ndim == 2 else array
     if data.ndim != 3:
         raise ValueError(f"expected a 2-D or 3-D array, got shape {array.shape}")
@@ -123,6 +124,8 @@ def write_raster(
     )
     with create_raster(path, profile) as dst:
         dst.write(data)
+        for band, name in enumerate(descriptions or (), start=1):
+            dst.set_band_description(band, name)
     return Path(path)
 
 
@@ -179,40 +182,56 @@ def common_kind(paths: Sequence[str | os.PathLike[str]], fix: str) -> tuple[int,
     return kind
 
 
-#: Mask values on disk: 0 background, 255 roof (DESIGN contract 2). One rule for every reader.
+#: Mask values on disk: 0 background, 255 roof (DESIGN contract 2), 128 unknown in the footprint
+#: (core/targets.py); further bands (boundary, contact) 0/255. One rule for every reader.
 MASK_VALUES = frozenset((0, 255))
+FOOTPRINT_VALUES = frozenset((0, 128, 255))
+UNKNOWN = 128
 
 
 def check_mask(data: np.ndarray, path: str | os.PathLike[str]) -> None:
-    """Refuse a mask that is not 1 band of uint8 0/255, naming the file and what it holds."""
-    if (data.ndim == 3 and data.shape[0] != 1) or data.dtype != np.uint8:
+    """Refuse a mask that is not uint8 with a 0/128/255 footprint band (and 0/255 further bands), naming the file."""
+    if data.dtype != np.uint8:
         bands = data.shape[0] if data.ndim == 3 else 1
-        raise DataError(f"mask {path} has {bands} band(s) of {data.dtype}: masks are 1 band of uint8 0/255")
-    values = np.unique(data)
-    if not set(values.tolist()) <= MASK_VALUES:
-        raise DataError(
-            f"mask {path} holds values {values[:6].tolist()}, not only 0 and 255: write truth masks with "
-            "python mask/mask.py (0 = background, 255 = roof) and predictions with python predict/predict.py"
-        )
+        raise DataError(f"mask {path} has {bands} band(s) of {data.dtype}: masks are uint8 0/255")
+    bands = data if data.ndim == 3 else data[np.newaxis]
+    for band, allowed in enumerate(bands):
+        values = np.unique(allowed)
+        if not set(values.tolist()) <= (FOOTPRINT_VALUES if band == 0 else MASK_VALUES):
+            raise DataError(
+                f"mask {path} holds values {values[:6].tolist()}{f' in band {band + 1}' if band else ''}, not only "
+                f"0 and 255{' (and 128, unknown)' if band == 0 else ''}: write truth masks with python mask/mask.py (0 = "
+                "background, 255 = roof) and predictions with python predict/predict.py"
+            )
+
+
+def read_truth(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """A mask's footprint as booleans (roof = True), where its class is known (not 128), and its profile."""
+    data, profile = read_raster(path)
+    check_mask(data, path)
+    return data[0] == 255, data[0] != UNKNOWN, profile
 
 
 def read_mask(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
-    """A mask as booleans (roof = True), and its profile; anything but 1 band of uint8 0/255 is an error."""
-    data, profile = read_raster(path)
-    check_mask(data, path)
-    return data[0] == 255, profile
+    """A mask's footprint as booleans (roof = True), and its profile; other values than :func:`check_mask`'s
+    are an error. Unknown pixels read as background: use :func:`read_truth` where they must not count."""
+    roof, _, profile = read_truth(path)
+    return roof, profile
 
 
-def read_pair(frame: str | os.PathLike[str], mask: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """A chip (bands, rows, cols), its mask as booleans and the chip's profile; the two must share a grid."""
+def read_pair(
+    frame: str | os.PathLike[str], mask: str | os.PathLike[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """A chip (bands, rows, cols), its footprint as booleans, where the class is known, and the chip's
+    profile; the two must share a grid."""
     chw, profile = read_raster(frame)
-    roof, mask_profile = read_mask(mask)
+    roof, known, mask_profile = read_truth(mask)
     if roof.shape != chw.shape[1:] or not same_transform(profile["transform"], mask_profile["transform"]):
         raise DataError(
             f"mask {mask} ({roof.shape[1]}x{roof.shape[0]} px) does not lie on the grid of its chip {frame} "
             f"({chw.shape[2]}x{chw.shape[1]} px): rerun python mask/mask.py and python split/split.py"
         )
-    return chw, roof, profile
+    return chw, roof, known, profile
 
 
 def same_transform(a: Any, b: Any) -> bool:
@@ -696,9 +715,9 @@ def class_band_statistics(
                 nd = src.nodata if nodata is None else nodata
                 for win in iter_windows(src.width, src.height, block):
                     data = src.read(window=win)
-                    keep = valid_pixels(data, nd)
                     labels = msk.read(1, window=win)
                     check_mask(labels, mask)
+                    keep = valid_pixels(data, nd) & (labels != UNKNOWN)  # unknown pixels are in neither class
                     yield data[:, keep], labels[keep] == 255
 
     lo = hi = None

@@ -48,6 +48,7 @@ EVALUATION_PICTURES = (
     ("threshold_sweep.png", "Threshold sweep"),
     ("best.png", "Best chips"),
     ("worst.png", "Worst chips"),
+    ("instances.png", "Roofs as objects: one colour per predicted roof, true roofs in white"),
 )
 
 

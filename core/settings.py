@@ -151,7 +151,13 @@ class ModelArgs(Section):
         description="[rows, cols, bands] of a training chip; bands must equal load_dataset_args.channels. "
         "The model accepts any size: inputs are padded to a multiple of 2**num_layers.",
     )
-    num_classes: int = Field(1, ge=1, le=1, description="Output channels; 1 (roof probability).")
+    num_classes: int = Field(
+        1,
+        ge=1,
+        le=1,
+        description="Roof classes; 1 (metal roof). The U-Net has one output channel per mask band "
+        "(mask_args.targets), the footprint first.",
+    )
     num_layers: int = Field(4, ge=1, le=8, description="Encoder depth (poolings).")
     filters: int = Field(
         16,
@@ -224,6 +230,14 @@ KERAS_INITIALIZERS = ("he_normal", "he_uniform", "glorot_normal", "glorot_unifor
                       "zeros", "ones")  # fmt: skip
 
 
+class TargetWeights(Section):
+    """Loss weight of each target band (SpaceNet 6's winners used 1 / 0.25 / 0.1)."""
+
+    footprint: float = Field(1.0, gt=0.0, description="Weight of the footprint's loss.")
+    boundary: float = Field(0.25, ge=0.0, description="Weight of the boundary band's loss.")
+    contact: float = Field(0.1, ge=0.0, description="Weight of the contact band's loss.")
+
+
 class TrainingArgs(Section):
     """Training loop settings."""
 
@@ -255,6 +269,11 @@ class TrainingArgs(Section):
     learning_rate: float = Field(1e-3, gt=0.0, description="Initial learning rate.")
     loss: Literal["bce", "dice", "bce_dice", "focal", "jaccard"] = Field(
         "bce_dice", description="Loss; bce_dice handles the imbalance of a few percent roof pixels."
+    )
+    target_weights: TargetWeights = Field(
+        default_factory=lambda: TargetWeights(),
+        description="Weight of each mask band in the U-Net's loss (the loss of each band is training_args.loss); "
+        "bands the masks do not have are skipped.",
     )
     patience: int = Field(8, ge=1, description="Epochs without validation IoU gain before early stopping.")
     seed: int = Field(0, description="Seed of weight initialization.")
@@ -352,6 +371,15 @@ class LabelFilter(Section):
     values: list[str] = Field(["metal"], min_length=1, description="Values of the attribute that are roofs.")
 
 
+class IgnoreFilter(Section):
+    """Label polygons whose class is unknown: neither roof nor background."""
+
+    attribute: str = Field(description="Attribute to test.")
+    values: list[str | None] = Field(
+        min_length=1, description="Values that mean unknown; null matches polygons without a value."
+    )
+
+
 class MaskArgs(Section):
     """mask/mask.py: polygon labels into uint8 0/255 masks."""
 
@@ -364,6 +392,38 @@ class MaskArgs(Section):
         False, description="Burn every pixel a polygon touches, not only those whose centre it covers."
     )
     burn_value: Literal[255] = Field(255, description="Mask value of roof pixels (background is 0).")
+    targets: list[Literal["footprint", "boundary", "contact"]] = Field(
+        ["footprint", "boundary", "contact"],
+        min_length=1,
+        description="Bands of each mask: footprint (the roof mask every stage reads), boundary (roof pixels "
+        "within boundary_width of a roof's edge) and contact (background pixels in gaps narrower than contact_width "
+        "between roofs); the U-Net learns them all and predict seeds its watershed with footprint x (1 - boundary) x "
+        "(1 - contact); the classical models use the footprint alone.",
+    )
+    boundary_width: int | None = Field(
+        None,
+        ge=1,
+        description="Width in pixels of the boundary band inside each roof's edge; null = 0.9 m of ground "
+        "(3 px at 0.3 m, 2 px at 0.5 m).",
+    )
+    contact_width: int | None = Field(
+        None,
+        ge=1,
+        description="Background pixels in a gap narrower than this many pixels between two roofs are contact; "
+        "null = 3 m of ground (10 px at 0.3 m, 6 px at 0.5 m).",
+    )
+    ignore: IgnoreFilter | None = Field(
+        None,
+        description="Polygons of unknown class (e.g. no roof:material tag): their pixels get the mask value 128 "
+        "and are kept out of the loss, the threshold search and every score; null = none.",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _footprint_first(cls, targets: list[str]) -> list[str]:
+        if targets[0] != "footprint" or len(set(targets)) != len(targets):
+            raise ValueError(f"must start with footprint and name each band once, got {targets}")
+        return targets
 
 
 class SplitFractions(Section):
@@ -519,6 +579,12 @@ class PredictArgs(Section):
         description="Side in metres of the grid cells of grid.gpkg and grid.csv: roofs and roof area per cell "
         "(a roof counts in the cell holding its centroid).",
     )
+    seeds: Literal["auto", "footprint", "channels"] = Field(
+        "auto",
+        description="What seeds the watershed: channels = footprint x (1 - boundary) x (1 - contact) from a U-Net "
+        "trained on those mask bands (an error for a bundle without them); footprint = the roof probability "
+        "alone; auto = channels when the bundle has them.",
+    )
     seed_threshold: float | None = Field(
         None,
         gt=0.0,
@@ -545,6 +611,11 @@ class EvaluateArgs(Section):
         gt=0.0,
         le=1.0,
         description="IoU at which a predicted object matches a true one (SpaceNet: 0.5).",
+    )
+    group_by: str | None = Field(
+        None,
+        description="An attribute of the label file: polygon scores also for each of its values (e.g. the sample "
+        "scene's layout: row for roofs that touch their neighbours, detached for the others); null = none.",
     )
     min_area_m2: float = Field(
         4.0,
@@ -869,7 +940,11 @@ def _rows(model: type[BaseModel], values: dict[str, Any], prefix: str = "", scal
     for name, info in model.model_fields.items():
         sub = _section_of(info.annotation)
         if sub is not None:
-            if not scalars_only:
+            if not scalars_only and values[name] is None:  # an optional section, off by default
+                desc = (info.description or "").replace("|", "\\|")
+                rows.append(f"| `{prefix}{name}` | {sub.__name__} or null | `null` | {desc} |")
+                rows += [r.replace("| `null` |", "| (required) |") for r in _rows(sub, {}, f"{prefix}{name}.")]
+            elif not scalars_only:
                 rows += _rows(sub, values[name], f"{prefix}{name}.")
             continue
         default = "exp-<today>" if model is Settings and name == "experiment" else json.dumps(values.get(name))

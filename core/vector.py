@@ -147,14 +147,54 @@ class LabelIndex:
 
 def load_roofs(labels_dir: Path, args: MaskArgs) -> tuple[gpd.GeoDataFrame, Path]:
     """Read, filter and repair the roof polygons; return (GeoDataFrame, label file)."""
+    roofs, _, path = load_labels(labels_dir, args)
+    return roofs, path
+
+
+def load_labels(labels_dir: Path, args: MaskArgs) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame, Path]:
+    """Read and repair the label polygons; return the roofs (mask_args.filter), the polygons of unknown
+    class (mask_args.ignore; none without it) and the label file. An ignore filter that matches no
+    polygon, or every one, is an error naming the values present."""
     path = find_label_file(labels_dir, args.label_file)
     gdf = read_labels(path)
+    unknown = np.zeros(len(gdf), bool)
+    if args.ignore is not None:
+        unknown = ignored_labels(gdf, args.ignore.attribute, args.ignore.values, source=path.name)
+    roofs = gdf[~unknown]
     if args.filter is not None:
-        gdf = filter_labels(gdf, args.filter.attribute, args.filter.values, source=path.name)
-    gdf = repair_geometries(gdf, source=path.name)
-    if len(gdf) == 0:
+        roofs = filter_labels(roofs, args.filter.attribute, args.filter.values, source=path.name)
+    roofs = repair_geometries(roofs, source=path.name)
+    if len(roofs) == 0:
         raise LabelError(f"label file {path} has no usable polygon after repair: check its geometries")
-    return gdf, path
+    others = repair_geometries(gdf[unknown], source=path.name) if unknown.any() else gdf.iloc[:0]
+    return roofs, others, path
+
+
+def ignored_labels(gdf: gpd.GeoDataFrame, attribute: str, values: Sequence[str | None], source: Any) -> np.ndarray:
+    """Which polygons have ``attribute`` in ``values`` (None: no value); matching none or all is an error."""
+    if attribute not in gdf.columns:
+        raise LabelError(
+            f"mask_args.ignore.attribute {attribute!r} is not an attribute of {source} (it has "
+            f"{', '.join(c for c in gdf.columns if c != 'geometry')}): name one of them, or set mask_args.ignore null"
+        )
+    column = gdf[attribute]
+    named = [str(v) for v in values if v is not None]
+    hits = column.astype(str).isin(named).to_numpy() & column.notna().to_numpy()
+    if None in values:
+        hits |= column.isna().to_numpy() | (column.astype(str).str.strip() == "").to_numpy()
+    present = sorted(str(v) for v in column.dropna().unique())
+    if not hits.any():
+        raise LabelError(
+            f"mask_args.ignore matches none of the {len(gdf)} polygons of {source} ({attribute} in {list(values)}; "
+            f"values present: {present[:12]}{', and missing' if column.isna().any() else ''}): fix its values, or set "
+            "it null"
+        )
+    if hits.all():
+        raise LabelError(
+            f"mask_args.ignore matches all {len(gdf)} polygons of {source} ({attribute} in {list(values)}): nothing "
+            "would be left to learn from; narrow its values, or set it null"
+        )
+    return hits
 
 
 def ground_area(gdf: gpd.GeoDataFrame) -> np.ndarray:

@@ -10,6 +10,8 @@ results/EXPERIMENT/MODEL/evaluation/SPLIT/:
   chips.csv                 the same for every chip
   best.png, worst.png       the chips with the highest and lowest pixel IoU: the image with
                             the truth (cyan) and predicted (magenta) roof outlines
+  instances.png             the chips with the most true roofs: each predicted roof (roofs.gpkg)
+                            outlined in its own colour, the true roofs in white
   threshold_sweep.csv/.png  precision, recall and F1 against the threshold, from probabilities/
 
 then refreshes results/summary.csv and summary.md (one row per experiment and model) and the
@@ -51,18 +53,19 @@ from core.instances import label_objects
 from core.metrics import Confusion, ThresholdSearch, metrics_record, pixel_scores, write_metrics
 from core.polygons import (
     PolygonCounts,
+    group_counts,
     match_polygons,
     read_spacenet_csv,
     score_spacenet,
     to_pixels,
     write_spacenet_csv,
 )
-from core.raster import open_raster, read_mask, read_raster, rgb_preview, same_transform, valid_pixels
+from core.raster import open_raster, read_mask, read_raster, read_truth, rgb_preview, same_transform, valid_pixels
 from core.report import evaluation_dir, write_report, write_summary
 from core.settings import EvaluateArgs, Settings
 from core.stages import refuse_leaky_bundle, spec_of
 from core.tree import DataTree, require
-from core.vector import at_least_m2, clip_to, load_roofs
+from core.vector import at_least_m2, clip_to, load_labels
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +111,20 @@ def object_ious(truth: np.ndarray, n_truth: int, pred: np.ndarray, n_pred: int) 
     return t, p, inter / (area_t[t] + area_p[p] - inter)
 
 
-def match_objects(truth: np.ndarray, pred: np.ndarray, args: EvaluateArgs) -> ObjectCounts:
+def match_objects(
+    truth: np.ndarray, pred: np.ndarray, args: EvaluateArgs, known: np.ndarray | None = None
+) -> ObjectCounts:
     """SpaceNet object counts of two boolean masks.
 
     Each predicted object, in raster order, takes the still unmatched true object with the
     highest IoU; a match at ``args.iou_threshold`` or above is a true positive and uses the
-    true object up. Objects under ``args.min_area`` pixels are ignored.
+    true object up. Objects under ``args.min_area`` pixels are ignored, and so are predicted
+    objects lying mostly (half or more) on pixels of unknown class (``~known``).
     """
     t_labels, n_t = label_objects(truth, args.min_area)
     p_labels, n_p = label_objects(pred, args.min_area)
+    if known is not None and n_p and not known.all():
+        p_labels, n_p = drop_unknown(p_labels, n_p, known)
     t, p, iou = object_ious(t_labels, n_t, p_labels, n_p)
     used: set[int] = set()
     decided: set[int] = set()
@@ -129,6 +137,17 @@ def match_objects(truth: np.ndarray, pred: np.ndarray, args: EvaluateArgs) -> Ob
             used.add(t[i])
             tp += 1
     return ObjectCounts(tp=tp, fp=n_p - tp, fn=n_t - tp)
+
+
+def drop_unknown(labels: np.ndarray, n: int, known: np.ndarray) -> tuple[np.ndarray, int]:
+    """The objects of a label image of which less than half lies on unknown pixels, renumbered 1..m."""
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    unknown = np.bincount(labels[~known], minlength=n + 1)
+    keep = 2 * unknown < area
+    keep[0] = False
+    new = np.zeros(n + 1, labels.dtype)
+    new[keep] = np.arange(1, int(keep.sum()) + 1)
+    return new[labels], int(keep.sum())
 
 
 # --- one chip, a whole folder ------------------------------------------------------------------
@@ -164,15 +183,21 @@ class ChipScore:
 
 
 def score_chip(
-    name: str, truth: np.ndarray, pred: np.ndarray, args: EvaluateArgs, valid: np.ndarray | None = None
+    name: str,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    args: EvaluateArgs,
+    valid: np.ndarray | None = None,
+    known: np.ndarray | None = None,
 ) -> ChipScore:
-    """Pixel counts (only where ``valid``) and object counts of boolean truth and prediction."""
+    """Pixel counts (only where ``valid`` and ``known``) and object counts of boolean truth and prediction."""
     if truth.shape != pred.shape:
         raise DataError(
             f"{name}: the prediction is {pred.shape[1]}x{pred.shape[0]}, the truth {truth.shape[1]}x{truth.shape[0]}"
         )
-    confusion = Confusion().add(truth, pred, valid)
-    objects = match_objects(truth, pred, args)
+    where = valid if known is None else (known if valid is None else valid & known)
+    confusion = Confusion().add(truth, pred, where)
+    objects = match_objects(truth, pred, args, known)
     return ChipScore(name, confusion, objects, objects.tp + objects.fn, objects.tp + objects.fp)
 
 
@@ -273,13 +298,13 @@ def evaluate_folder(
         )
     result = Evaluation(search=ThresholdSearch() if with_probs else None)
     for name, predicted in cli.progress(pairs, desc="evaluate", unit="chip"):
-        truth, _ = read_mask(truth_masks / name)
+        truth, known, _ = read_truth(truth_masks / name)
         pred, _ = read_mask(pred_dir / "masks" / predicted)
-        valid = None
+        valid = known  # pixels of unknown class count nowhere, as nodata
         if (frames / name).is_file():
             image, profile = read_raster(frames / name)
-            valid = valid_pixels(image, profile.get("nodata"))
-        chip = score_chip(name, truth, pred, args, valid)
+            valid = valid_pixels(image, profile.get("nodata")) & known
+        chip = score_chip(name, truth, pred, args, valid, known)
         chip.prediction = predicted if predicted != name else ""
         result.chips.append(chip)
         for key in ("tp", "fp", "fn", "tn"):
@@ -313,8 +338,9 @@ def _grid(profile: dict[str, Any]) -> str:
 
 
 def polygon_scores(
-    settings: Settings, tree: DataTree, split: str, pairs: list[tuple[str, str]], pred_dir: Path, out: Path
-) -> PolygonCounts | None:
+    settings: Settings, tree: DataTree, split: str, pairs: list[tuple[str, str]], pred_dir: Path, out: Path,
+    groups: dict[Any, PolygonCounts] | None = None,
+) -> PolygonCounts | None:  # fmt: skip
     """SpaceNet polygon scores: each chip's true roofs (the label file's polygons, as mask keeps them,
     clipped to the chip) against the roofs.gpkg polygons predicted from it; also writes both as
     SpaceNet CSVs (truth.csv, predictions.csv) in pixel coordinates. None when there is no roofs.gpkg
@@ -326,7 +352,7 @@ def polygon_scores(
         log.info("evaluate: %s not found: no polygon scores", roofs_file)
         return None
     try:
-        labels, _ = load_roofs(tree.labels, settings.mask_args)
+        labels, unknown, _ = load_labels(tree.labels, settings.mask_args)
     except LabelError as exc:
         log.warning("evaluate: no polygon scores, the true polygons are not readable: %s", exc)
         return None
@@ -344,13 +370,20 @@ def polygon_scores(
             continue
         if row.crs not in in_crs:  # each side once per CRS, with a spatial index
             t = labels.to_crs(row.crs) if labels.crs != row.crs else labels
+            u = unknown.to_crs(row.crs) if len(unknown) and unknown.crs != row.crs else unknown
             p = predicted.to_crs(row.crs) if predicted.crs is not None and predicted.crs != row.crs else predicted
-            in_crs[row.crs] = (t, p)
-        t_all, p_all = in_crs[row.crs]
+            in_crs[row.crs] = (t, u, p)
+        t_all, u_all, p_all = in_crs[row.crs]
         chip = shapely.box(row.left, row.bottom, row.right, row.top)
         t_keep = at_least_m2(clip_to(t_all, chip), args.min_area_m2)
         p_keep = at_least_m2(clip_to(p_all[p_all["source"] == pred_name], chip), args.min_area_m2)
+        p_keep = off_unknown(p_keep, clip_to(u_all, chip) if len(u_all) else u_all)
         total.add(match_polygons(list(t_keep.geometry), list(p_keep.geometry), args.iou_threshold)[0])
+        if groups is not None and args.group_by in t_keep.columns:
+            values = t_keep[args.group_by].astype(str).to_numpy()
+            for value, counts in group_counts(list(t_keep.geometry), values, list(p_keep.geometry),
+                                              args.iou_threshold).items():  # fmt: skip
+                groups.setdefault(value, PolygonCounts()).add(counts)
         transform = from_bounds(row.left, row.bottom, row.right, row.top, row.width, row.height)
         stem = Path(truth_name).stem
         truth_csv[stem] = [(to_pixels(g, transform), 1.0) for g in t_keep.geometry]
@@ -360,6 +393,17 @@ def polygon_scores(
     write_spacenet_csv(out / "truth.csv", truth_csv)
     write_spacenet_csv(out / "predictions.csv", pred_csv)
     return total
+
+
+def off_unknown(predicted, unknown):
+    """The predicted polygons lying less than half on polygons of unknown class (mask_args.ignore):
+    a roof of unknown material found is neither right nor wrong."""
+    if not len(unknown) or not len(predicted):
+        return predicted
+    grey = shapely.union_all(unknown.geometry.to_numpy())
+    geoms = predicted.geometry.to_numpy()
+    covered = shapely.area(shapely.intersection(geoms, grey))
+    return predicted[2 * covered < shapely.area(geoms)]
 
 
 # --- pictures --------------------------------------------------------------------------------
@@ -440,6 +484,50 @@ def plot_chips(
     return _save(fig, path)
 
 
+def plot_instances(
+    picks: list[ChipScore], frames: Path, truth_masks: Path, pred_dir: Path, path: Path, title: str,
+    stretch: tuple[list[float], list[float]] | None = None,
+) -> Path | None:  # fmt: skip
+    """Roofs as objects: each chip's image with every predicted roof (roofs.gpkg) outlined in its own colour
+    and the true roofs in white beneath; None without roofs.gpkg."""
+    import geopandas as gpd
+
+    roofs_file = pred_dir / "roofs.gpkg"
+    if not roofs_file.is_file() or not picks:
+        return None
+    roofs = gpd.read_file(roofs_file, engine="pyogrio")
+    plt = _plt()
+    colours = plt.get_cmap("tab20").colors
+    fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 4.4), squeeze=False)
+    for ax, chip in zip(axes[0], picks, strict=True):
+        truth, _ = read_mask(truth_masks / chip.name)
+        predicted = chip.prediction or chip.name
+        if (frames / chip.name).is_file():
+            image, profile = read_raster(frames / chip.name)
+            low, high = stretch if stretch and len(stretch[0]) == image.shape[0] else (None, None)
+            ax.imshow(rgb_preview(image, profile.get("nodata"), low, high))
+            inverse = ~profile["transform"]
+        else:
+            ax.imshow(np.zeros((*truth.shape, 3), np.uint8))
+            with open_raster(pred_dir / "masks" / predicted) as src:
+                inverse = ~src.transform
+        if truth.any() and not truth.all():
+            ax.contour(truth.astype(np.float32), levels=[0.5], colors="white", linewidths=2.4)
+        mine = roofs[roofs["source"] == predicted]
+        for k, geom in enumerate(mine.geometry):
+            for part in getattr(geom, "geoms", [geom]):
+                xs, ys = part.exterior.xy
+                cols, rows = inverse * (np.asarray(xs), np.asarray(ys))
+                ax.plot(cols - 0.5, rows - 0.5, color=colours[k % len(colours)], lw=1.4)
+        ax.set_xlim(-0.5, truth.shape[1] - 0.5)
+        ax.set_ylim(truth.shape[0] - 0.5, -0.5)
+        ax.set_title(f"{chip.name}: {len(mine)} roofs predicted, {chip.truth_objects} true", fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return _save(fig, path)
+
+
 def best_and_worst(chips: list[ChipScore], n: int = SHOWN) -> tuple[list[ChipScore], list[ChipScore]]:
     """Chips with roofs (true or predicted), highest pixel IoU first, and lowest first; no chip in both."""
     scored = [c for c in chips if c.confusion.tp + c.confusion.fp + c.confusion.fn > 0]
@@ -505,10 +593,13 @@ def evaluate_model(
     # The threshold predict applied, as it recorded it; else what settings and bundle say now.
     threshold = (predicted or {}).get("summary", {}).get("threshold", used_threshold(settings, tree, model))
     scored = [(c.name, c.prediction or c.name) for c in result.chips]
-    polygons = polygon_scores(settings, tree, split, scored, pred_dir, out)
+    groups: dict[Any, PolygonCounts] = {}
+    polygons = polygon_scores(settings, tree, split, scored, pred_dir, out, groups if args.group_by else None)
     extra: dict[str, Any] = {
         "object": result.objects.scores(),
         **({"polygon": polygons.scores(), "min_area_m2": args.min_area_m2} if polygons is not None else {}),
+        **({"polygon_by": {"attribute": args.group_by, **{k: v.scores() for k, v in groups.items()}}}
+           if groups else {}),  # fmt: skip
         "chips": len(result.chips),
         "min_area": args.min_area,
         "iou_threshold": args.iou_threshold,
@@ -537,6 +628,11 @@ def evaluate_model(
         if picks:
             plot_chips(picks, tree.frames(split), truth, pred_dir / "masks", out / name,
                        f"{model}, {split}: chips with the {what} pixel IoU", stretch)  # fmt: skip
+    (out / "instances.png").unlink(missing_ok=True)
+    crowded = sorted(result.chips, key=lambda c: (-c.truth_objects, _natural(c.name)))[:SHOWN]
+    plot_instances([c for c in crowded if c.truth_objects], tree.frames(split), truth, pred_dir,
+                   out / "instances.png", f"{model}, {split}: one outline per predicted roof (true roofs white)",
+                   stretch)  # fmt: skip
     record = metrics_record(model, split, threshold, result.confusion, **extra)
     write_metrics(out / "metrics.json", record)
     p, o = record["pixel"], record["object"]
@@ -546,6 +642,10 @@ def evaluate_model(
         model, len(result.chips), split, p["iou"], p["f1"], p["precision"], p["recall"], o["f1"], o["tp"], o["fp"],
         o["fn"], out,
     )  # fmt: skip
+    for value, counts in groups.items():
+        g = counts.scores()
+        log.info("evaluate: %s roofs with %s %s: polygon F1 %.3f (%d matched, %d false, %d missed)",
+                 model, args.group_by, value, g["f1"], g["tp"], g["fp"], g["fn"])  # fmt: skip
     run.finish(pixel_iou=p["iou"], object_f1=o["f1"], chips=len(result.chips))
     write_summary(tree.results_root)
     report = write_report(settings, tree)

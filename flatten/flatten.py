@@ -73,9 +73,9 @@ def _to_lonlat(crs_wkt: str) -> Transformer:
 
 
 def _read_pair(frame: Path, mask: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, Affine, RasterioCRS | None]:
-    """Chip pixels, its valid-pixel mask, the roof mask, transform and CRS."""
-    data, roof, profile = read_pair(frame, mask)
-    return data, valid_pixels(data, profile["nodata"]), roof, profile["transform"], profile["crs"]
+    """Chip pixels, its pixels to use (valid and of known class), the roof mask, transform and CRS."""
+    data, roof, known, profile = read_pair(frame, mask)
+    return data, valid_pixels(data, profile["nodata"]) & known, roof, profile["transform"], profile["crs"]
 
 
 def select_pixels(

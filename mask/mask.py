@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import shapely
-from rasterio.features import rasterize
 
 from core import cli
 from core.contract import begin
@@ -29,50 +28,54 @@ from core.errors import LabelError
 from core.index import CHIP_COLUMNS, read_index, write_index
 from core.parallel import map_tasks
 from core.raster import open_raster, read_raster, valid_pixels, write_raster
+from core.targets import ROOF, UNKNOWN, band_widths, make_targets, pixel_size_m
 from core.settings import MaskArgs, ParallelArgs, Settings
 from core.tree import DataTree
-from core.vector import LabelIndex, load_roofs
+from core.vector import LabelIndex, load_labels
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MaskTask:
-    """One mask to burn: the chip, the output, and the chip's polygons as WKB."""
+    """One mask to burn: the chip, the output, the chip's roofs and unknown polygons as WKB, the bands."""
 
     chip: str
     out: str
     shapes: tuple[bytes, ...]
     all_touched: bool
-    burn_value: int
     compression: str
     reuse: bool
+    unknown: tuple[bytes, ...] = ()
+    targets: tuple[str, ...] = ("footprint",)
+    widths: tuple[int, int] = (1, 2)
 
 
 def burn_mask(task: MaskTask) -> float:
-    """Write one mask on its chip's grid; return the roof share of the chip's valid pixels."""
+    """Write one mask on its chip's grid; return the roof share of the chip's valid pixels of known class."""
     data, profile = read_raster(task.chip)  # a truncated chip is an error naming it
     transform, crs, shape = profile["transform"], profile["crs"], data.shape[1:]
     valid = valid_pixels(data, profile["nodata"])
     if task.reuse and Path(task.out).is_file():
         with open_raster(task.out) as done:
-            mask = done.read(1)
+            footprint = done.read(1)
     else:
-        geoms = shapely.from_wkb(list(task.shapes)) if task.shapes else []
-        mask = np.zeros(shape, np.uint8)
-        if len(geoms):
-            mask = rasterize(
-                [(g, task.burn_value) for g in geoms],
-                out_shape=shape,
-                transform=transform,
-                fill=0,
-                all_touched=task.all_touched,
-                dtype="uint8",
-            )
-        mask[~valid] = 0
-        write_raster(task.out, mask, crs=crs, transform=transform, nodata=None, compression=task.compression)
-    n_valid = int(valid.sum())
-    return float((mask[valid] > 0).sum() / n_valid) if n_valid else 0.0
+        bands = make_targets(
+            shapely.from_wkb(list(task.shapes)) if task.shapes else [],
+            shapely.from_wkb(list(task.unknown)) if task.unknown else [],
+            shape,
+            transform,
+            targets=task.targets,
+            widths=task.widths,
+            all_touched=task.all_touched,
+            valid=valid,
+        )
+        write_raster(task.out, bands, crs=crs, transform=transform, nodata=None, compression=task.compression,
+                     descriptions=task.targets)  # fmt: skip
+        footprint = bands[0]
+    known = valid & (footprint != UNKNOWN)
+    n_known = int(known.sum())
+    return float((footprint[known] == ROOF).sum() / n_known) if n_known else 0.0
 
 
 def plan_masks(tree: DataTree, args: MaskArgs, *, compression: str = "zstd", reuse: bool = False) -> tuple:
@@ -81,29 +84,49 @@ def plan_masks(tree: DataTree, args: MaskArgs, *, compression: str = "zstd", reu
     Fails before anything is written when no polygon overlaps any chip.
     """
     index = read_index(tree.chips_csv)
-    gdf, label_path = load_roofs(tree.labels, args)
+    gdf, unknown, label_path = load_labels(tree.labels, args)
     tasks: list[MaskTask] = []
     hits = 0
     for crs, group in index.groupby("crs", sort=False):
         roofs = gdf.to_crs(crs) if gdf.crs != crs else gdf
         lookup = LabelIndex(roofs.geometry.to_numpy())
+        others = unknown.to_crs(crs) if len(unknown) and unknown.crs != crs else unknown
+        unknown_lookup = LabelIndex(others.geometry.to_numpy()) if len(others) else None
+        widths = group_widths(group, crs, args)
         for row in group.itertuples():
-            shapes = lookup.query((row.left, row.bottom, row.right, row.top))
+            box = (row.left, row.bottom, row.right, row.top)
+            shapes = lookup.query(box)
             hits += bool(shapes)
+            grey = unknown_lookup.query(box) if unknown_lookup is not None else []
             tasks.append(
                 MaskTask(
                     chip=str(tree.chips / row.file),
                     out=str(tree.masks / row.file),
                     shapes=tuple(shapely.to_wkb(shapes)) if shapes else (),
                     all_touched=args.all_touched,
-                    burn_value=args.burn_value,
                     compression=compression,
                     reuse=reuse,
+                    unknown=tuple(shapely.to_wkb(grey)) if grey else (),
+                    targets=tuple(args.targets),
+                    widths=widths,
                 )
             )
     if hits == 0:
         raise LabelError(no_overlap_message(label_path, gdf, index))
     return index, tasks, gdf, label_path
+
+
+def group_widths(group: pd.DataFrame, crs: str, args: MaskArgs) -> tuple[int, int]:
+    """Boundary and contact widths in pixels for the chips of one CRS (mask_args, else from their pixel size)."""
+    from rasterio.crs import CRS
+    from rasterio.transform import from_bounds
+
+    first = group.iloc[0]
+    transform = from_bounds(first.left, first.bottom, first.right, first.top, first.width, first.height)
+    known = CRS.from_user_input(crs) if isinstance(crs, str) and crs else None
+    pixel_m = pixel_size_m(transform, known, (first.bottom + first.top) / 2)
+    chip = int(min(group["width"].min(), group["height"].min()))
+    return band_widths(args.boundary_width, args.contact_width, pixel_m, chip)
 
 
 def mask_chips(

@@ -70,8 +70,8 @@ def _draw(roof: np.ndarray, valid: np.ndarray, shares: tuple[float, float], rng:
 
 
 def _read_pair(pair: Pair, nodata: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    chw, roof, _ = read_pair(*pair)
-    return chw, roof, valid_pixels(chw, nodata)
+    chw, roof, known, _ = read_pair(*pair)
+    return chw, roof, valid_pixels(chw, nodata) & known
 
 
 def sample_chips(pairs: list[Pair], normalization: Normalization, spec: FeatureSpec, budget: int, seed: int) -> Sample:

@@ -6,12 +6,14 @@ another) and a folder of chips or one raster of any size (predict_args.input, de
 the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
 
   masks/NAME.tif          uint8, 0 = background, 255 = roof; the input's CRS, transform, size
-  probabilities/NAME.tif  float32 roof probability (predict_args.save_probabilities)
+  probabilities/NAME.tif  float32 roof probability (predict_args.save_probabilities); a U-Net trained
+                          on boundary and contact bands adds them as bands 2 and 3
   instances/NAME.tif      uint32, each roof's id in its pixels (predict_args.instances)
   roofs.gpkg              one polygon per roof: id, source, mean_probability, area_m2 (input CRS)
 
 Touching roofs are separated by a seeded watershed on the probabilities (predict_args.instances,
-seed_threshold); without it a polygon is a connected group of roof pixels.
+seed_threshold), seeded with footprint x (1 - boundary) x (1 - contact) when the U-Net predicts
+those bands (predict_args.seeds); without it a polygon is a connected group of roof pixels.
 
 Rasters larger than predict_args.window are predicted in overlapping windows whose overlap
 is blended with linear weights, so no seams appear; they are read and written strip by
@@ -39,10 +41,10 @@ from rasterio.features import shapes
 from rasterio.windows import Window
 
 from core import cli
-from core.bundle import BUNDLE_JSON, KINDS, Predictor, load_predictor, read_info
+from core.bundle import BUNDLE_JSON, KINDS, BundleInfo, Predictor, load_predictor, read_info
 from core.check import preflight
 from core.contract import begin, file_identity, file_key
-from core.errors import BlankPredictionError, DataError, InputMissingError
+from core.errors import BlankPredictionError, DataError, InputMissingError, SettingsError
 from core.files import atomic_path
 from core.index import chip_ids, grid_of
 from core.instances import default_seed_threshold, raster_instances, write_instances
@@ -114,13 +116,35 @@ def predict_raster(
         try:
             result = _predict_raster(predictor, source, mask_path, probs, args, threshold, bar)
             seed = default_seed_threshold(threshold, args.seed_threshold)
-            result.polygons = raster_instances(probs, threshold, seed)
+            result.polygons = raster_instances(probs, threshold, seed, seed_targets(predictor.info, args))
         finally:
             if not keep:
                 probs.unlink(missing_ok=True)
         result.probability = prob_path
         return result
     return _predict_raster(predictor, source, mask_path, prob_path, args, threshold, bar)
+
+
+def seed_targets(info: BundleInfo, args: PredictArgs) -> tuple[str, ...]:
+    """The bands predict writes and seeds its watershed with: the footprint alone, or with the boundary and
+    contact bands of a U-Net trained on them (predict_args.seeds)."""
+    extra = tuple(t for t in info.targets if t != "footprint")
+    if args.seeds == "channels" and not extra:
+        raise SettingsError(
+            f"predict_args.seeds is channels but the {info.kind} bundle predicts the footprint alone (trained on "
+            f"the mask bands {list(info.targets)}): set predict_args.seeds auto or footprint, or train a U-Net on "
+            "masks with mask_args.targets [footprint, boundary, contact]"
+        )
+    if args.seeds == "footprint" or not args.instances:
+        return ("footprint",)
+    return tuple(info.targets)
+
+
+def forward_targets(predictor: Predictor, prepared: Any, targets: tuple[str, ...]) -> np.ndarray:
+    """The predictor's bands (n, len(targets), rows, cols): a U-Net's named targets, else its probabilities."""
+    if len(targets) > 1:
+        return predictor.forward_targets(prepared)
+    return predictor.forward(prepared)[:, np.newaxis]
 
 
 def _predict_raster(
@@ -133,6 +157,8 @@ def _predict_raster(
     bar=None,
 ) -> RasterResult:
     info = predictor.info
+    targets = seed_targets(info, args)
+    bands = len(targets)
     result = RasterResult(source, mask_path, prob_path)
     with open_raster(source) as src:
         if src.count != info.bands or src.dtypes[0] != info.dtype:
@@ -152,7 +178,7 @@ def _predict_raster(
             nodata=None,
             compression=args.compression,
         )
-        prob_profile = {**mask_profile, "dtype": "float32", "predictor": 3}
+        prob_profile = {**mask_profile, "count": bands, "dtype": "float32", "predictor": 3}
         if args.compression == "none":
             prob_profile.pop("predictor")
         with (
@@ -174,7 +200,10 @@ def _predict_raster(
                 valids = [valid_pixels(chip, src.nodata) for chip in chips]
                 return (chips if args.tta else predictor.prepare(chips)), valids
 
-            acc = np.zeros((0, width), np.float32)
+            if prob_dst is not None and bands > 1:
+                for band, name in enumerate(targets, start=1):
+                    prob_dst.set_band_description(band, name)
+            acc = np.zeros((bands, 0, width), np.float32)
             wsum = np.zeros((0, width), np.float32)
             valid = np.zeros((0, width), bool)
             top = 0  # raster row of acc[0]
@@ -186,18 +215,22 @@ def _predict_raster(
                     if k + 1 < len(jobs):
                         ahead = reader.submit(load, jobs[k + 1][1])
                     need = r + wh - top
-                    if acc.shape[0] < need:
-                        grow = need - acc.shape[0]
-                        acc = np.vstack([acc, np.zeros((grow, width), np.float32)])
+                    if acc.shape[1] < need:
+                        grow = need - acc.shape[1]
+                        acc = np.concatenate([acc, np.zeros((bands, grow, width), np.float32)], axis=1)
                         wsum = np.vstack([wsum, np.zeros((grow, width), np.float32)])
                         valid = np.vstack([valid, np.zeros((grow, width), bool)])
-                    probs = tta_forward(predictor, prepared) if args.tta else predictor.forward(prepared)
+                    probs = (
+                        tta_forward(predictor, prepared, targets)
+                        if args.tta
+                        else forward_targets(predictor, prepared, targets)
+                    )
                     wr = ramp(wh, overlap, r > 0, r + wh < height)
                     for w, ok, prob in zip(batch, valids, probs, strict=True):
                         c = int(w.col_off)
                         weight = np.outer(wr, ramp(ww, overlap, c > 0, c + ww < width))
                         sl = np.s_[r - top : r - top + wh, c : c + ww]
-                        acc[sl] += prob * weight
+                        acc[(slice(None), *sl)] += prob * weight
                         wsum[sl] += weight
                         valid[sl] |= ok
                     if bar is not None:
@@ -206,28 +239,29 @@ def _predict_raster(
                         continue
                     # Rows above the next window row get no more contributions: write them out.
                     done_to = (rows[i + 1] if i + 1 < len(rows) else height) - top
-                    _flush(acc[:done_to], wsum[:done_to], valid[:done_to], top, threshold, mask_dst, prob_dst, result)
-                    acc, wsum, valid = acc[done_to:], wsum[done_to:], valid[done_to:]
+                    _flush(acc[:, :done_to], wsum[:done_to], valid[:done_to], top, threshold, mask_dst, prob_dst, result)
+                    acc, wsum, valid = acc[:, done_to:], wsum[done_to:], valid[done_to:]
                     top += done_to
     if not args.instances:
         result.polygons = [(g, None) for g in polygonize(mask_path)]
     return result
 
 
-def tta_forward(predictor: Predictor, chips: np.ndarray) -> np.ndarray:
-    """Probabilities averaged over the 8 flips and quarter turns of the chips (test-time augmentation).
+def tta_forward(predictor: Predictor, chips: np.ndarray, targets: tuple[str, ...] = ("footprint",)) -> np.ndarray:
+    """Bands (n, len(targets), rows, cols) averaged over the 8 flips and quarter turns of the chips
+    (test-time augmentation).
 
     Each view is prepared from the raw chips, as training prepared its augmented chips, and its
     probabilities turned back before averaging.
     """
-    total = np.zeros((chips.shape[0], *chips.shape[2:]), np.float64)
+    total = np.zeros((chips.shape[0], len(targets), *chips.shape[2:]), np.float64)
     for turns in range(4):
         for flip in (False, True):
             view = np.rot90(chips, turns, axes=(2, 3))
             view = view[..., ::-1] if flip else view
-            prob = predictor.forward(predictor.prepare(np.ascontiguousarray(view)))
+            prob = forward_targets(predictor, predictor.prepare(np.ascontiguousarray(view)), targets)
             prob = prob[..., ::-1] if flip else prob
-            total += np.rot90(prob, -turns, axes=(1, 2))
+            total += np.rot90(prob, -turns, axes=(2, 3))
     return (total / 8).astype(np.float32)
 
 
@@ -242,14 +276,15 @@ class _nowhere:
 
 
 def _flush(acc, wsum, valid, top, threshold, mask_dst, prob_dst, result: RasterResult) -> None:
-    if acc.shape[0] == 0:
+    if acc.shape[1] == 0:
         return
-    prob = np.where(valid, acc / np.maximum(wsum, 1e-12), 0.0).astype(np.float32)
+    bands = np.where(valid, acc / np.maximum(wsum, 1e-12), 0.0).astype(np.float32)
+    prob = bands[0]  # the footprint: the roof probability
     mask = np.where(valid & (prob >= threshold), 255, 0).astype(np.uint8)
-    window = Window(0, top, acc.shape[1], acc.shape[0])
+    window = Window(0, top, acc.shape[2], acc.shape[1])
     mask_dst.write(mask[None], window=window)
     if prob_dst is not None:
-        prob_dst.write(prob[None], window=window)
+        prob_dst.write(bands, window=window)
     if valid.any():
         seen = prob[valid]
         result.prob_min = min(result.prob_min, float(seen.min()))
@@ -501,9 +536,10 @@ def predict_stage(
     if split is not None and not outside:
         refuse_leaky_bundle(settings, tree, model, split)  # predicting today's val chips with it would leak
     preflight(settings, tree, "predict", bundle=bundle, inputs=inputs)
-    run.start()
     args = settings.predict_args
     info = read_info(bundle)
+    targets = seed_targets(info, args)  # before the old predictions are removed
+    run.start()
     threshold = args.threshold if args.threshold is not None else info.threshold
 
     def finish(results: list[RasterResult]) -> None:
@@ -512,6 +548,7 @@ def predict_stage(
             bundle_hash=file_identity(Path(bundle) / BUNDLE_JSON, hashed=True),
             kind=info.kind,
             threshold=threshold,
+            seeds="+".join(targets),
             outputs=output_records(results, tree),
         )
 

@@ -6,7 +6,8 @@ stored as uint16, 0.5 m pixels in EPSG:32644, nodata 0, with a no-data corner in
 like the edge of a satellite strip. It shows fields, a pond, roads, trees with shadows and
 buildings whose roofs are metal (the target: painted, galvanized or rusted, corrugated),
 concrete or brick. Outputs, in the data tree: raw/tile_R_C.tif, labels/roofs.geojson
-(EPSG:4326; every building, with id and roof_type) and quicklook.png. The same --seed
+(EPSG:4326; every building, with id, roof_type, row: the row of touching roofs it belongs to,
+0 for a detached one, and layout: row or detached) and quicklook.png. The same --seed
 gives byte-identical files. The scene is built in memory (about 0.7 GB at the default size).
 """
 
@@ -125,6 +126,7 @@ class _Building:
     length: float
     width: float
     height: float
+    row: int = 0  # the row of touching roofs it belongs to (1, 2 ...), 0 for a detached building
 
 
 @dataclass
@@ -186,6 +188,8 @@ def generate_scene(seed: int = 0, tiles: int = 2, tile_size: int = 1024) -> Scen
         {
             "id": np.arange(1, len(buildings) + 1, dtype=np.int32),
             "roof_type": [b.roof_type for b in buildings],
+            "row": np.array([b.row for b in buildings], dtype=np.int32),
+            "layout": ["row" if b.row else "detached" for b in buildings],
         },
         geometry=[b.polygon for b in buildings],
         crs=CRS_EPSG,
@@ -361,8 +365,9 @@ def _buildings(rng: np.random.Generator, layout: _Layout) -> list[_Building]:
     lengths = np.array([r.line.intersection(box).length for r in layout.roads])
     road_p = lengths / lengths.sum() if lengths.sum() > 0 else np.full(len(lengths), 1 / len(lengths))
     grid = _Grid()
-    buildings: list[_Building] = []
-    metal_area = other_area = 0.0
+    buildings = _rows_of_roofs(rng, layout, grid, blocked, inner, road_p)
+    metal_area = sum(b.polygon.area for b in buildings)
+    other_area = 0.0
     max_tries = 400 + int(60 * (metal_target + other_target) / 120.0)
     for _ in range(max_tries):
         need_metal, need_other = metal_area < metal_target, other_area < other_target
@@ -429,6 +434,48 @@ def _buildings(rng: np.random.Generator, layout: _Layout) -> list[_Building]:
             )
         )
     return buildings
+
+
+def _rows_of_roofs(
+    rng: np.random.Generator, layout: _Layout, grid: _Grid, blocked: BaseGeometry, inner: BaseGeometry,
+    road_p: np.ndarray,
+) -> list[_Building]:  # fmt: skip
+    """Rows of 3 to 6 metal roofs sharing walls along the roads (shop-houses): touching roofs of other
+    colours, the case a roof mask merges into one blob. About 8 rows per km2."""
+    wanted = max(2, round(8 * (layout.box.area - layout.nodata.area) / 1e6))
+    rows: list[_Building] = []
+    for _ in range(40 * wanted):
+        if len(rows) and rows[-1].row >= wanted:
+            break
+        road = layout.roads[int(rng.choice(len(layout.roads), p=road_p))]
+        at = _point_in(rng, road.line, box=layout.box)
+        heading = _heading(road.line, at)
+        depth = rng.uniform(8.0, 13.0)
+        widths = rng.uniform(5.0, 9.0, int(rng.integers(3, 7)))
+        side = rng.choice([-1.0, 1.0])
+        across = np.array([-math.sin(heading), math.cos(heading)])
+        along = np.array([math.cos(heading), math.sin(heading)])
+        centre = at + side * (road.width / 2 + rng.uniform(2.0, 4.0) + depth / 2) * across
+        starts = np.concatenate([[0.0], np.cumsum(widths)]) - widths.sum() / 2
+        polys = [
+            _rectangle(*(centre + (starts[i] + widths[i] / 2) * along), heading + math.pi / 2, depth, widths[i])
+            for i in range(len(widths))
+        ]
+        whole = shapely.union_all(polys)
+        if not inner.contains(whole) or blocked.intersects(whole) or grid.near(whole, 1.5):
+            continue
+        row = (rows[-1].row if rows else 0) + 1
+        variant = ""
+        for poly, width, k in zip(polys, widths, range(len(polys)), strict=True):
+            # Neighbours differ in colour, as sheets bought and painted at different times do.
+            choices = [v for v in METAL_VARIANTS if v != variant]
+            p = np.array([METAL_VARIANT_P[METAL_VARIANTS.index(v)] for v in choices])
+            variant = str(rng.choice(choices, p=p / p.sum()))
+            mid = centre + (starts[k] + width / 2) * along
+            grid.add(poly)
+            rows.append(_Building(poly, "metal", variant, float(mid[0]), float(mid[1]), float(heading + math.pi / 2),
+                                  float(depth), float(width), float(rng.uniform(3.0, 4.5)), row))  # fmt: skip
+    return rows
 
 
 def _trees(rng: np.random.Generator, layout: _Layout) -> np.ndarray:

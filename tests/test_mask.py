@@ -95,7 +95,7 @@ def test_masks_match_their_chips(chips, make_labels, pixel_box):
             assert profile["crs"] == chip.crs
             assert (profile["height"], profile["width"]) == (chip.height, chip.width)
             valid = (chip.read() != 0).any(axis=0)
-        assert profile["count"] == 1
+        assert profile["count"] == 3  # footprint, boundary, contact: mask_args.targets
         assert profile["dtype"] == "uint8"
         assert set(np.unique(mask)) <= {0, 255}
         assert not mask[~valid].any()  # 0 wherever the chip is nodata

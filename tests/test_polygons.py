@@ -109,3 +109,16 @@ def test_evaluate_scores_polygons_and_writes_spacenet_files(scene, tmp_path: Pat
     capsys.readouterr()
     assert evaluate_main([*argv, "--spacenet", str(out / "truth.csv"), str(out / "predictions.csv")]) == 0
     assert json.loads(capsys.readouterr().out) == polygon  # min_area 16 px = 4 m2 at 0.5 m: the same polygons
+
+
+def test_group_counts_score_each_group_of_true_polygons_apart():
+    from core.polygons import group_counts
+
+    left, right, alone = shapely.box(0, 0, 10, 10), shapely.box(10, 0, 20, 10), shapely.box(40, 0, 50, 10)
+    merged = shapely.box(-1, 0, 21, 10)  # the two touching roofs found as one (IoU 100/220 with each)
+    counts = group_counts([left, right, alone], ["row", "row", "detached"], [merged, alone, shapely.box(80, 0, 90, 9)])
+    assert counts["row"].scores()["tp"] == 0 and (counts["row"].fp, counts["row"].fn) == (1, 2)
+    assert (counts["detached"].tp, counts["detached"].fp, counts["detached"].fn) == (1, 0, 0)
+    split = group_counts([left, right, alone], ["row", "row", "detached"], [left, right])
+    assert (split["row"].tp, split["row"].fp, split["row"].fn) == (2, 0, 0)
+    assert (split["detached"].tp, split["detached"].fn) == (0, 1)

@@ -142,11 +142,17 @@ def test_labels_rasterize_back_to_the_same_pixels(small):
     assert np.array_equal(back, made)
 
 
-def test_roofs_do_not_overlap(small):
+def test_roofs_do_not_overlap_and_only_roofs_of_a_row_touch(small):
     scene, _ = small
     geoms = scene.roofs.geometry.values
-    pairs = shapely.STRtree(geoms).query(geoms, predicate="intersects")
-    assert (pairs[0] == pairs[1]).all()
+    a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    a, b = a[a != b], b[a != b]
+    assert (shapely.area(shapely.intersection(geoms[a], geoms[b])) < 1e-6).all()  # they share walls at most
+    rows = scene.roofs["row"].to_numpy()
+    assert len(a) and (rows[a] > 0).all() and (rows[a] == rows[b]).all()
+    layout = scene.roofs["layout"].to_numpy()
+    assert set(layout[rows > 0]) == {"row"} and set(layout[rows == 0]) == {"detached"}
+    assert (scene.roofs.loc[rows > 0, "roof_type"] == "metal").all()
 
 
 def test_default_scene_metal_share_is_3_to_6_percent(tmp_path):

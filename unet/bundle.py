@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from core.bundle import BundleError, BundleInfo, new_bundle, write_info
+from core.bundle import BUNDLE_JSON, BundleError, BundleInfo, new_bundle, write_info
 from core.errors import DataError
 from core.raster import crop_to, pad_to_multiple
 from unet import losses
@@ -47,17 +47,21 @@ class UNetPredictor:
         return np.stack([p for p, _ in padded]), padded[0][1]
 
     def predict(self, chips: np.ndarray) -> np.ndarray:
-        """Raw (n, bands, rows, cols) pixels -> (n, rows, cols) float32 probabilities."""
+        """Raw (n, bands, rows, cols) pixels -> (n, rows, cols) float32 roof (footprint) probabilities."""
         return self.forward(self.prepare(chips))
 
     def forward(self, prepared: tuple[np.ndarray, tuple[int, int]]) -> np.ndarray:
-        """Probabilities (n, rows, cols) from :meth:`prepare`'s padded input and original size."""
+        """Roof probabilities (n, rows, cols) from :meth:`prepare`'s padded input and original size."""
+        return self.forward_targets(prepared)[:, 0]
+
+    def forward_targets(self, prepared: tuple[np.ndarray, tuple[int, int]]) -> np.ndarray:
+        """Every output band (n, targets, rows, cols): footprint, then boundary and contact when trained on them."""
         x, shape = prepared
         out = []
         for start in range(0, len(x), self.batch_size):
             out.append(np.asarray(self._forward(x[start : start + self.batch_size])))
-        prob = np.concatenate(out)[..., 0]
-        return np.stack([crop_to(p, shape) for p in prob]).astype(np.float32)
+        prob = np.stack([crop_to(p, shape) for p in np.concatenate(out)])  # (n, rows, cols, targets)
+        return np.ascontiguousarray(prob.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
 def save(folder: Path, model: keras.Model, info: BundleInfo) -> Path:
@@ -82,5 +86,14 @@ def load_model(folder: Path) -> keras.Model:
 
 
 def load(folder: Path, info: BundleInfo) -> UNetPredictor:
-    """Load a U-Net bundle for prediction (called by core.bundle.load_predictor)."""
-    return UNetPredictor(load_model(folder), info)
+    """Load a U-Net bundle for prediction (called by core.bundle.load_predictor); its model must have one
+    output band per target bundle.json names."""
+    model = load_model(folder)
+    outputs = model.output_shape[-1]
+    if outputs != len(info.targets):
+        raise BundleError(
+            f"{Path(folder) / MODEL_FILE} has {outputs} output bands but {Path(folder) / BUNDLE_JSON} names "
+            f"{len(info.targets)} ({', '.join(info.targets)}): the model and bundle.json are of different trainings; "
+            "retrain with python train/train.py --model unet"
+        )
+    return UNetPredictor(model, info)

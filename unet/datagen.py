@@ -1,7 +1,8 @@
 """The training data generator: chips and masks from disk, normalized and augmented.
 
-Masks on disk are uint8 0/255; :func:`read_mask` maps them to float 0/1 exactly once and
-refuses any other value (a 0/1 mask read as 0/255 was one cause of blank masks). Images go
+Masks on disk are uint8 0/255 (128: unknown, in the footprint band); :func:`read_targets` maps
+them to float 0/1 exactly once, adds the known channel the loss weighs pixels with, and refuses
+any other value (a 0/1 mask read as 0/255 was one cause of blank masks). Images go
 through :meth:`core.bundle.Normalization.apply`, the function predict uses too. Augmentation
 moves image and mask together; shear and zoom resample the image bilinearly and the mask
 with nearest neighbour only. Inputs are padded (reflect) to the network's multiple, never
@@ -27,20 +28,43 @@ from core.settings import LoadDatasetArgs
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """A 0/255 uint8 mask as float32 0/1 (rows, cols): the one place masks become targets."""
+    """A mask's 0/255 footprint as float32 0/1 (rows, cols)."""
     roof, _ = raster.read_mask(path)
     return roof.astype(np.float32)
 
 
+def read_targets(path: Path) -> np.ndarray:
+    """Every band of a mask as float32 0/1 and, last, the known channel (0 where the footprint is 128,
+    unknown class): (rows, cols, bands + 1). The one place masks become targets."""
+    data, _ = read_raster(path)
+    raster.check_mask(data, path)
+    known = data[0] != raster.UNKNOWN
+    return np.concatenate([data == 255, known[None]]).transpose(1, 2, 0).astype(np.float32)
+
+
+def mask_targets(path: Path) -> tuple[str, ...]:
+    """The names of a mask's bands (mask.py writes them as band descriptions); one unnamed band is a footprint."""
+    with raster.open_raster(path) as src:
+        names = tuple(d or "" for d in src.descriptions)
+    if names == ("",):
+        return ("footprint",)
+    if not all(names) or names[0] != "footprint":
+        raise DataError(
+            f"mask {path} has {len(names)} bands named {list(names)}: masks of several bands come from python "
+            "mask/mask.py, which names them (footprint first); rerun mask and split"
+        )
+    return names
+
+
 def read_pair(frame: Path, mask: Path, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
-    """Normalized image (rows, cols, bands) and 0/1 mask (rows, cols, 1) of one chip."""
+    """Normalized image (rows, cols, bands) and targets (rows, cols, mask bands + known) of one chip."""
     image, _ = read_raster(frame)
-    y = read_mask(mask)
-    if image.shape[1:] != y.shape:
+    y = read_targets(mask)
+    if image.shape[1:] != y.shape[:2]:
         raise DataError(
             f"mask {mask} is {y.shape[0]}x{y.shape[1]} but its chip {frame} is {image.shape[1]}x{image.shape[2]}"
         )
-    return norm.apply(image), y[..., None]
+    return norm.apply(image), y
 
 
 def augment(
@@ -64,7 +88,10 @@ def augment(
             [ndimage.affine_transform(x[..., b], matrix, offset, order=1, mode="reflect") for b in range(x.shape[-1])],
             axis=-1,
         )
-        y = ndimage.affine_transform(y[..., 0], matrix, offset, order=0, mode="reflect")[..., None]
+        y = np.stack(
+            [ndimage.affine_transform(y[..., b], matrix, offset, order=0, mode="reflect") for b in range(y.shape[-1])],
+            axis=-1,
+        )
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
 
 

@@ -1,4 +1,5 @@
-"""Losses for a binary roof mask: bce, dice, bce_dice (default), focal, jaccard.
+"""Losses for a binary roof mask: bce, dice, bce_dice (default), focal, jaccard; TargetLoss weighs them
+over the mask's bands (footprint, boundary, contact) and leaves pixels of unknown class out.
 
 Dice and Jaccard are computed over every pixel of the batch together, never over the last
 axis alone: keras-unet's ``jaccard_distance`` sums over the last axis, which is the size-1
@@ -8,8 +9,9 @@ background everywhere wins — one cause of the original pipeline's blank masks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import keras
 from keras import ops
 
 #: Added to numerator and denominator of Dice and Jaccard so an all-background batch is defined.
@@ -17,43 +19,50 @@ SMOOTH = 1.0
 _EPS = 1e-7
 
 
-def _flat(y_true, y_pred):
+def _flat(y_true, y_pred, weight=None):
     y_true = ops.reshape(ops.cast(y_true, "float32"), (-1,))
     y_pred = ops.reshape(ops.cast(y_pred, "float32"), (-1,))
-    return y_true, y_pred
+    weight = ops.ones_like(y_true) if weight is None else ops.reshape(ops.cast(weight, "float32"), (-1,))
+    return y_true, y_pred, weight
 
 
-def bce(y_true, y_pred):
-    """Mean binary cross-entropy over every pixel of the batch."""
-    t, p = _flat(y_true, y_pred)
+def _mean(values, weight):
+    return ops.sum(values * weight) / ops.maximum(ops.sum(weight), 1.0)
+
+
+def bce(y_true, y_pred, weight=None):
+    """Mean binary cross-entropy over every pixel of the batch (of weight 1; weight 0 pixels do not count)."""
+    t, p, w = _flat(y_true, y_pred, weight)
     p = ops.clip(p, _EPS, 1.0 - _EPS)
-    return -ops.mean(t * ops.log(p) + (1.0 - t) * ops.log(1.0 - p))
+    return -_mean(t * ops.log(p) + (1.0 - t) * ops.log(1.0 - p), w)
 
 
-def dice(y_true, y_pred):
+def dice(y_true, y_pred, weight=None):
     """1 - soft Dice over the whole batch."""
-    t, p = _flat(y_true, y_pred)
+    t, p, w = _flat(y_true, y_pred, weight)
+    t, p = t * w, p * w
     inter = ops.sum(t * p)
     return 1.0 - (2.0 * inter + SMOOTH) / (ops.sum(t) + ops.sum(p) + SMOOTH)
 
 
-def bce_dice(y_true, y_pred):
+def bce_dice(y_true, y_pred, weight=None):
     """BCE + Dice: BCE keeps per-pixel gradients, Dice rewards overlap whatever the roof share."""
-    return bce(y_true, y_pred) + dice(y_true, y_pred)
+    return bce(y_true, y_pred, weight) + dice(y_true, y_pred, weight)
 
 
-def focal(y_true, y_pred, alpha: float = 0.25, gamma: float = 2.0):
+def focal(y_true, y_pred, weight=None, alpha: float = 0.25, gamma: float = 2.0):
     """Focal loss (Lin et al. 2017): cross-entropy down-weighted on easy pixels."""
-    t, p = _flat(y_true, y_pred)
+    t, p, w = _flat(y_true, y_pred, weight)
     p = ops.clip(p, _EPS, 1.0 - _EPS)
     pt = t * p + (1.0 - t) * (1.0 - p)
-    weight = t * alpha + (1.0 - t) * (1.0 - alpha)
-    return -ops.mean(weight * (1.0 - pt) ** gamma * ops.log(pt))
+    balance = t * alpha + (1.0 - t) * (1.0 - alpha)
+    return -_mean(balance * (1.0 - pt) ** gamma * ops.log(pt), w)
 
 
-def jaccard(y_true, y_pred):
+def jaccard(y_true, y_pred, weight=None):
     """1 - soft IoU over the whole batch."""
-    t, p = _flat(y_true, y_pred)
+    t, p, w = _flat(y_true, y_pred, weight)
+    t, p = t * w, p * w
     inter = ops.sum(t * p)
     return 1.0 - (inter + SMOOTH) / (ops.sum(t) + ops.sum(p) - inter + SMOOTH)
 
@@ -66,3 +75,31 @@ def get_loss(name: str) -> Callable:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}: use one of {', '.join(LOSSES)}")
     return LOSSES[name]
+
+
+@keras.saving.register_keras_serializable(package="roof_classify")
+class TargetLoss(keras.losses.Loss):
+    """The loss of every target band, weighted, over the pixels of known class.
+
+    ``y_true`` holds the target bands (footprint, boundary, contact ...) and, last, the known
+    channel (1 = known, 0 = unknown class or nothing to learn); ``y_pred`` the network's bands
+    in the same order. Each band's loss is ``base`` (training_args.loss) over the known pixels
+    of the whole batch, times its weight (training_args.target_weights).
+    """
+
+    def __init__(self, base: str = "bce_dice", weights: Sequence[float] = (1.0,), name: str = "target_loss",
+                 **kwargs) -> None:  # fmt: skip
+        super().__init__(name=name, **kwargs)
+        self.base, self.weights = base, [float(w) for w in weights]
+        self._loss = get_loss(base)
+
+    def call(self, y_true, y_pred):
+        known = y_true[..., -1]
+        total = 0.0
+        for band, weight in enumerate(self.weights):
+            if weight > 0:
+                total = total + weight * self._loss(y_true[..., band], y_pred[..., band], known)
+        return total
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "base": self.base, "weights": self.weights}

@@ -5,7 +5,8 @@ total) across batches and computes its score from the sums at the end — never 
 per-batch ratios, and no smoothing term that scores an all-background batch 1.0 (what let
 keras-unet's ``iou`` report 0.12-0.20 while the original network predicted nothing).
 ``pred_share`` and ``true_share`` show the share of pixels predicted and truly roof, so a
-collapse to all-background is visible from the first epoch.
+collapse to all-background is visible from the first epoch. They score the footprint band;
+pixels of unknown class (mask value 128) do not count.
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ class _Counts(keras.metrics.Metric):
         self.total = self.add_variable(shape=(), initializer="zeros", name="total", dtype="float64")
 
     def update_state(self, y_true, y_pred, sample_weight=None) -> None:
-        t = ops.cast(y_true, "float64") > 0.5
-        p = ops.cast(y_pred, "float64") >= self.threshold
+        # The footprint is band 0; y_true's extra last band, when it has one, marks the pixels of known class.
+        known = y_true[..., -1] > 0.5 if y_true.shape[-1] == y_pred.shape[-1] + 1 else None
+        t = ops.cast(y_true[..., 0], "float64") > 0.5
+        p = ops.cast(y_pred[..., 0], "float64") >= self.threshold
+        if known is not None:
+            t, p = t & known, p & known
         self.tp.assign_add(ops.sum(ops.cast(t & p, "float64")))
         self.fp.assign_add(ops.sum(ops.cast(~t & p, "float64")))
         self.fn.assign_add(ops.sum(ops.cast(t & ~p, "float64")))
-        self.total.assign_add(ops.cast(ops.size(t), "float64"))
+        total = ops.size(t) if known is None else ops.sum(ops.cast(known, "int64"))
+        self.total.assign_add(ops.cast(total, "float64"))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "threshold": self.threshold}

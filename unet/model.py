@@ -37,7 +37,7 @@ def _bn_upconv(x: Any, filters: int, momentum: float, upconv: dict[str, Any]) ->
     return layers.Conv2DTranspose(filters, **upconv)(x)
 
 
-def satellite_unet(bands: int, m: ModelArgs, o: OutputArgs) -> keras.Model:
+def satellite_unet(bands: int, m: ModelArgs, o: OutputArgs, channels: int = 1) -> keras.Model:
     """The satellite U-Net: batch norm before each convolution, constant width, skip at every level."""
     conv = {
         "kernel_size": m.kernel_size,
@@ -83,7 +83,7 @@ def satellite_unet(bands: int, m: ModelArgs, o: OutputArgs) -> keras.Model:
     x = _bn_conv(x, m.upconv_filters, momentum, conv)
     x = _bn_conv(x, filters, momentum, conv)
     outputs = layers.Conv2D(
-        m.num_classes,
+        channels,
         kernel_size=o.kernel_size,
         strides=o.strides,
         activation=o.activation,
@@ -94,14 +94,14 @@ def satellite_unet(bands: int, m: ModelArgs, o: OutputArgs) -> keras.Model:
     return keras.Model(inputs, outputs, name="satellite_unet")
 
 
-def custom_unet(bands: int, m: ModelArgs, o: OutputArgs) -> keras.Model:
+def custom_unet(bands: int, m: ModelArgs, o: OutputArgs, channels: int = 1) -> keras.Model:
     """keras-unet's custom_unet with this project's settings (its import banner silenced)."""
     with contextlib.redirect_stdout(io.StringIO()):
         from keras_unet.models import custom_unet as build
 
     return build(
         input_shape=(None, None, bands),
-        num_classes=m.num_classes,
+        num_classes=channels,
         activation=m.activation,
         use_batch_norm=m.use_batch_norm,
         upsample_mode=m.upsample_mode,
@@ -112,11 +112,12 @@ def custom_unet(bands: int, m: ModelArgs, o: OutputArgs) -> keras.Model:
     )
 
 
-def build_model(bands: int, model_args: ModelArgs, output_args: OutputArgs) -> keras.Model:
-    """The U-Net for ``bands``-band input of any size that is a multiple of :func:`pad_multiple`."""
+def build_model(bands: int, model_args: ModelArgs, output_args: OutputArgs, channels: int = 1) -> keras.Model:
+    """The U-Net for ``bands``-band input of any size that is a multiple of :func:`pad_multiple`, with one
+    output channel per target (footprint first: the roof probability; then boundary, contact)."""
     builders = {"satellite": satellite_unet, "custom": custom_unet}
     if model_args.architecture not in builders:
         raise PipelineError(
             f"model_args.architecture {model_args.architecture!r} is unknown: use one of {', '.join(builders)}"
         )
-    return builders[model_args.architecture](bands, model_args, output_args)
+    return builders[model_args.architecture](bands, model_args, output_args, channels)

@@ -45,12 +45,12 @@ def steps_per_epoch(n_chips: int, batch_size: int, setting: int | None) -> int:
 
 
 def roof_share(masks: list[Path]) -> float:
-    """Share of roof pixels over all training masks."""
+    """Share of roof pixels over all training masks' pixels of known class."""
     roof = total = 0
     for m in masks:
         data, _ = read_raster(m)
-        roof += int(np.count_nonzero(data == 255))
-        total += data.size
+        roof += int(np.count_nonzero(data[0] == 255))
+        total += int(np.count_nonzero(data[0] != 128))
     return roof / total if total else 0.0
 
 
@@ -172,6 +172,16 @@ def train_unet(
     # One nodata value for the normalization: the one every chip that declares one agrees on.
     bands, dtype, nodata = chip_kind(train_frames + val_frames, settings.load_dataset_args.channels)
 
+    from unet.datagen import mask_targets
+
+    targets = mask_targets(train_masks[0])
+    for mask in (*train_masks[1:], *val_masks):
+        if mask_targets(mask) != targets:
+            raise DataError(
+                f"mask {mask} has the bands {list(mask_targets(mask))} but {train_masks[0]} has {list(targets)}: they "
+                "come from different runs of mask; rerun python mask/mask.py --overwrite and python split/split.py "
+                "--overwrite"
+            )
     share = roof_share(train_masks)
     if share == 0:
         raise DataError(
@@ -188,7 +198,7 @@ def train_unet(
 
     from unet import bundle as unet_bundle
     from unet.datagen import ChipSequence
-    from unet.losses import get_loss
+    from unet.losses import TargetLoss
     from unet.metrics import training_metrics
     from unet.model import build_model, pad_multiple
     from unet.resume import Backup, backup_dir, finished_epochs, restore
@@ -201,6 +211,11 @@ def train_unet(
     with scope():
         if start_from is not None:
             previous = read_info(start_from)
+            if list(previous.targets) != list(targets):
+                raise DataError(
+                    f"the bundle {start_from} was trained on the mask bands {previous.targets}, the masks now have "
+                    f"{list(targets)}: set training_args.pretrained false, or mask_args.targets {previous.targets}"
+                )
             norm = previous.normalization
             model = unet_bundle.load_model(start_from)
             multiple = previous.pad_multiple
@@ -208,7 +223,7 @@ def train_unet(
         else:
             stats = band_statistics(train_frames)
             norm = Normalization.from_stats(stats, settings.load_dataset_args.normalization, nodata)
-            model = build_model(bands, settings.model_args, settings.output_args)
+            model = build_model(bands, settings.model_args, settings.output_args, len(targets))
             multiple = pad_multiple(settings.model_args)
             if warm is not None:
                 try:
@@ -241,7 +256,7 @@ def train_unet(
     with scope():
         model.compile(
             optimizer=optimizers[args.optimizer](learning_rate=args.learning_rate),
-            loss=get_loss(args.loss),
+            loss=TargetLoss(args.loss, [getattr(args.target_weights, t) for t in targets]),
             metrics=training_metrics(),
             jit_compile=jit,
         )
@@ -277,7 +292,7 @@ def train_unet(
     callbacks.append(Backup(backup, callbacks, restore=done_epochs > 0))  # last: restores after the others reset
     log.info(
         "train: %d training chips (%.2f%% roof), %d batches of %d per epoch, %d validation chips, %d bands %s, "
-        "padded to x%d",
+        "padded to x%d; targets %s",
         len(train_frames),
         100 * share,
         steps,
@@ -286,6 +301,7 @@ def train_unet(
         bands,
         dtype,
         multiple,
+        ", ".join(targets),
     )
     started = time.perf_counter()
     verbose = args.verbose
@@ -317,6 +333,7 @@ def train_unet(
         normalization=norm,
         threshold=0.5,
         pad_multiple=multiple,
+        targets=list(targets),
         features={"architecture": settings.model_args.architecture},
         settings=settings.model_dump(mode="json"),
     )

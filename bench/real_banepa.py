@@ -1,0 +1,234 @@
+"""Metal roofs as objects on real drone imagery: Banepa, train on most chips, predict held-out rows.
+
+    python bench/real_banepa.py [--data ../shared/data/banepa-metal-roofs] [--models unet forest regression]
+                                [--holdout-rows 220247 220248] [--workdir DIR] [--reuse] [--set KEY=VALUE ...]
+
+The 48 chips (512 x 512 RGB, about 0.13 m, JPEG inside .tif with .aux.xml georeferencing) tile
+an area 6 chips wide and 8 high; the chips of the held-out tile rows (default the two southern
+rows, OAM-*-220247-19 and OAM-*-220248-19: 12 chips, a quarter of the area) never reach
+training. The rest go through chip (256 px, from the raw tiles) -> mask -> split -> train; each
+model's bundle then predicts the held-out chips whole through predict.py. Metal roofs are
+roof:material tin or metal; buildings without roof:material are unknown (mask_args.ignore:
+128 in the masks, out of the loss and of every score here); concrete, clay ... are background.
+
+Printed per model and step, on the held-out chips: pixel IoU, precision, recall and SpaceNet
+polygon F1 (one-to-one at IoU >= 0.5, polygons under --min-m2 ignored on both sides, predicted
+polygons lying mostly on unknown buildings dropped). The U-Net steps:
+
+  footprint      trained on the footprint alone; one polygon per connected group of roof pixels
+  + bnd/contact  trained on footprint, boundary and contact bands; connected groups
+  + watershed    the same model; one polygon per roof by the seeded watershed (predict's default)
+  + TTA          the same, with the 8 flips and quarter turns averaged (predict_args.tta)
+
+The classical models: connected groups and watershed. Writes WORKDIR/banepa_overlay.png (the
+held-out chips with true roofs and the best step's polygons).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import rasterio
+import shapely
+from rasterio.features import rasterize
+
+from core.metrics import Confusion
+from core.polygons import PolygonCounts, match_polygons
+from core.raster import read_raster, rgb_preview
+from core.vector import at_least_m2, clip_to
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "banepa-metal-roofs"
+METAL = ("tin", "metal")
+ATTRIBUTE = "roof:material"
+
+
+def run(module: str, argv: list[str]) -> None:
+    main = __import__(module, fromlist=["main"]).main
+    code = main(argv)
+    if code != 0:
+        raise SystemExit(f"{module} failed with exit {code}")
+
+
+def score(folder: Path, holdout: list[Path], metal, unknown, min_m2: float) -> dict:
+    """Pixel and polygon scores of one prediction folder on the held-out chips."""
+    total, polys = Confusion(), PolygonCounts()
+    roofs = gpd.read_file(folder / "roofs.gpkg")
+    for tif in holdout:
+        image, profile = read_raster(tif)
+        shape, transform = image.shape[1:], profile["transform"]
+        truth = rasterize(metal.geometry, out_shape=shape, transform=transform) > 0
+        grey = rasterize(unknown.geometry, out_shape=shape, transform=transform) > 0 if len(unknown) else None
+        known = ~grey | truth if grey is not None else np.ones(shape, bool)
+        pred, _ = read_raster(folder / "masks" / tif.name)
+        c = Confusion().add(truth, pred[0] > 0, known)
+        total.tp, total.fp, total.fn, total.tn = total.tp + c.tp, total.fp + c.fp, total.fn + c.fn, total.tn + c.tn
+        tile = shapely.box(*rasterio.transform.array_bounds(*shape, transform))
+        true_polys = at_least_m2(clip_to(metal, tile), min_m2)
+        found = roofs[roofs["source"] == tif.name].set_crs(metal.crs, allow_override=True)
+        found = at_least_m2(found, min_m2)
+        u = clip_to(unknown, tile) if len(unknown) else unknown
+        if len(u) and len(found):
+            grey_union = shapely.union_all(u.geometry.to_numpy())
+            geoms = found.geometry.to_numpy()
+            found = found[2 * shapely.area(shapely.intersection(geoms, grey_union)) < shapely.area(geoms)]
+        polys.add(match_polygons(list(true_polys.geometry), list(found.geometry))[0])
+    return {**total.scores(), "poly": polys.scores()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--models", nargs="+", default=["unet", "forest", "regression"])
+    parser.add_argument("--holdout-rows", nargs="+", default=["220247", "220248"])
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--min-m2", type=float, default=4.0, help="polygons under this ground area are ignored")
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="extra settings overrides")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep WORKDIR's data and trained bundles: only predict and score again"
+    )
+    args = parser.parse_args()
+    if not (args.data / "buildings.geojson").is_file():
+        print(f"real_banepa: {args.data} has no buildings.geojson", file=sys.stderr)
+        return 1
+    if args.reuse and not args.workdir:
+        print("real_banepa: --reuse needs the --workdir of an earlier run", file=sys.stderr)
+        return 2
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="real_banepa_"))
+    holdout_dir = work / "holdout"
+    experiments = {"footprint": '["footprint"]', "channels": '["footprint","boundary","contact"]'}
+    if not args.reuse:
+        shutil.rmtree(holdout_dir, ignore_errors=True)
+        holdout_dir.mkdir(parents=True)
+        for experiment in experiments:  # a data tree each: the masks differ
+            data = work / experiment
+            shutil.rmtree(data, ignore_errors=True)
+            for folder in (data / "raw", data / "labels"):
+                folder.mkdir(parents=True)
+            shutil.copy(args.data / "buildings.geojson", data / "labels")
+            for tif in sorted((args.data / "images").glob("*.tif")):
+                target = holdout_dir if tif.stem.split("-")[2] in args.holdout_rows else data / "raw"
+                for f in (tif, tif.with_name(tif.name + ".aux.xml")):
+                    shutil.copy(f, target / f.name)
+    holdout = sorted(holdout_dir.glob("*.tif"))
+
+    base = [
+        "--quiet", "--overwrite",
+        "--set", f"training_args.results_folder={work / 'results'}",
+        "--set", "chip_args.source=raw",
+        "--set", "load_dataset_args.channels=3",
+        "--set", "model_args.input_shape=[256,256,3]",
+        "--set", f'mask_args.filter={{"attribute": "{ATTRIBUTE}", "values": ["tin", "metal"]}}',
+        "--set", f'mask_args.ignore={{"attribute": "{ATTRIBUTE}", "values": [null]}}',
+        "--set", f"evaluate_args.min_area_m2={args.min_m2}",
+        "--set", "predict_args.min_area=0",
+    ]  # fmt: skip
+    for item in args.extra:
+        base += ["--set", item]
+
+    buildings = gpd.read_file(args.data / "buildings.geojson")
+    material = buildings[ATTRIBUTE]
+    metal = buildings[material.isin(METAL)]
+    unknown = buildings[material.isna()]
+
+    # (label, experiment, model, predict overrides)
+    steps = []
+    if "unet" in args.models:
+        steps += [
+            ("unet footprint", "footprint", "unet", ["predict_args.instances=false"]),
+            ("unet + bnd/contact", "channels", "unet", ["predict_args.instances=false"]),
+            ("unet + watershed", "channels", "unet", []),
+            ("unet + TTA", "channels", "unet", ["predict_args.tta=true"]),
+        ]
+    for model in ("forest", "regression"):
+        if model in args.models:
+            steps += [
+                (f"{model} cc", "footprint", model, ["predict_args.instances=false"]),
+                (f"{model} watershed", "footprint", model, []),
+            ]
+    prepared: set[str] = set()
+    trained: dict[tuple[str, str], float] = {}
+    rows = []
+    for label, experiment, model, overrides in steps:
+        common = [*base, "--set", f"data_root={work / experiment}", "--set", f"experiment={experiment}",
+                  "--set", f"mask_args.targets={experiments[experiment]}"]  # fmt: skip
+        if experiment not in prepared and not args.reuse:
+            for stage in ("chip.chip", "mask.mask", "split.split"):
+                run(stage, common)
+        prepared.add(experiment)
+        if (experiment, model) not in trained:
+            started = time.perf_counter()
+            if not args.reuse:
+                run("train.train", [*common, "--model", model])
+            trained[(experiment, model)] = time.perf_counter() - started
+        name = "".join(c if c.isalnum() else "_" for c in label)
+        predict = [*common, "--model", model, "--input", str(holdout_dir),
+                   "--set", f"predict_args.output={work / 'predictions' / name}"]  # fmt: skip
+        for item in overrides:
+            predict += ["--set", item]
+        started = time.perf_counter()
+        run("predict.predict", predict)
+        folder = work / "predictions" / name / experiment / model
+        s = score(folder, holdout, metal, unknown, args.min_m2)
+        rows.append((label, s, trained[(experiment, model)], time.perf_counter() - started, folder))
+
+    print(f"\nBanepa metal roofs, held-out tile rows {', '.join(args.holdout_rows)} ({len(holdout)} chips, never trained on)")
+    print(f"{'step':<22}{'pixel IoU':>10}{'precision':>11}{'recall':>8}{'poly F1':>9}{'poly P':>8}{'poly R':>8}"
+          f"{'matched':>9}{'train s':>9}{'predict s':>11}")  # fmt: skip
+    for label, s, train_s, predict_s, _ in rows:
+        p = s["poly"]
+        print(f"{label:<22}{s['iou']:>10.3f}{s['precision']:>11.3f}{s['recall']:>8.3f}{p['f1']:>9.3f}"
+              f"{p['precision']:>8.3f}{p['recall']:>8.3f}{p['tp']:>4}/{p['tp'] + p['fn']:<4}{train_s:>9.0f}"
+              f"{predict_s:>11.0f}")  # fmt: skip
+    print(f"poly F1: SpaceNet polygon F1 against the OSM metal-roof polygons (IoU >= 0.5, under {args.min_m2} m2 "
+          "ignored; buildings without roof:material are unknown and kept out). Targets: pixel IoU >= 0.6, poly F1 >= 0.5")  # fmt: skip
+    best = max(rows, key=lambda r: r[1]["poly"]["f1"])
+    overlay(best[4], best[0], holdout, metal, unknown, work / "banepa_overlay.png")
+    print(f"overlay of the best step ({best[0]}): {work / 'banepa_overlay.png'}")
+    return 0
+
+
+def overlay(folder: Path, label: str, holdout: list[Path], metal, unknown, path: Path, n: int = 4) -> None:
+    """The first held-out chips: true metal roofs (cyan), unknown buildings (grey), predicted roofs (magenta)."""
+    roofs = gpd.read_file(folder / "roofs.gpkg")
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.6), squeeze=False)
+    for ax, tif in zip(axes[0], holdout[:n], strict=False):
+        image, profile = read_raster(tif)
+        t = profile["transform"]
+        ax.imshow(rgb_preview(image))
+        inv = ~t
+
+        def draw(geoms, colour, width):
+            for g in geoms:
+                for part in getattr(g, "geoms", [g]):
+                    xs, ys = part.exterior.xy
+                    cols, rows = inv * (np.asarray(xs), np.asarray(ys))
+                    ax.plot(cols, rows, color=colour, lw=width)
+
+        tile = shapely.box(*rasterio.transform.array_bounds(*image.shape[1:], t))
+        draw(clip_to(unknown, tile).geometry, "0.6", 1.0)
+        draw(clip_to(metal, tile).geometry, "cyan", 2.4)
+        draw(roofs[roofs["source"] == tif.name].geometry, "magenta", 1.0)
+        ax.set_xlim(0, image.shape[2])
+        ax.set_ylim(image.shape[1], 0)
+        ax.set_title(tif.stem, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(f"Banepa held out, {label}: true metal roofs cyan, unknown grey, predicted roofs magenta")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
