@@ -47,6 +47,7 @@ from core.metrics import Confusion
 from core.polygons import PolygonCounts, match_polygons
 from core.raster import read_raster, rgb_preview
 from core.vector import at_least_m2, clip_to
+from evaluate.evaluate import off_unknown
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "banepa-metal-roofs"
@@ -78,11 +79,7 @@ def score(folder: Path, holdout: list[Path], metal, unknown, min_m2: float) -> d
         true_polys = at_least_m2(clip_to(metal, tile), min_m2)
         found = roofs[roofs["source"] == tif.name].set_crs(metal.crs, allow_override=True)
         found = at_least_m2(found, min_m2)
-        u = clip_to(unknown, tile) if len(unknown) else unknown
-        if len(u) and len(found):
-            grey_union = shapely.union_all(u.geometry.to_numpy())
-            geoms = found.geometry.to_numpy()
-            found = found[2 * shapely.area(shapely.intersection(geoms, grey_union)) < shapely.area(geoms)]
+        found = off_unknown(found, clip_to(unknown, tile) if len(unknown) else unknown)
         polys.add(match_polygons(list(true_polys.geometry), list(found.geometry))[0])
     return {**total.scores(), "poly": polys.scores()}
 
@@ -209,17 +206,17 @@ def overlay(folder: Path, label: str, holdout: list[Path], metal, unknown, path:
         ax.imshow(rgb_preview(image))
         inv = ~t
 
-        def draw(geoms, colour, width):
+        tile = shapely.box(*rasterio.transform.array_bounds(*image.shape[1:], t))
+        for geoms, colour, width in (
+            (clip_to(unknown, tile).geometry, "0.6", 1.0),
+            (clip_to(metal, tile).geometry, "cyan", 2.4),
+            (roofs[roofs["source"] == tif.name].geometry, "magenta", 1.0),
+        ):
             for g in geoms:
                 for part in getattr(g, "geoms", [g]):
                     xs, ys = part.exterior.xy
                     cols, rows = inv * (np.asarray(xs), np.asarray(ys))
                     ax.plot(cols, rows, color=colour, lw=width)
-
-        tile = shapely.box(*rasterio.transform.array_bounds(*image.shape[1:], t))
-        draw(clip_to(unknown, tile).geometry, "0.6", 1.0)
-        draw(clip_to(metal, tile).geometry, "cyan", 2.4)
-        draw(roofs[roofs["source"] == tif.name].geometry, "magenta", 1.0)
         ax.set_xlim(0, image.shape[2])
         ax.set_ylim(image.shape[1], 0)
         ax.set_title(tif.stem, fontsize=9)

@@ -51,13 +51,17 @@ def label_objects(mask: np.ndarray, min_area: int = 0) -> tuple[np.ndarray, int]
     """
     labels, n = ndimage.label(np.asarray(mask, bool), structure=_CROSS)
     if n and min_area > 0:
-        areas = np.bincount(labels.ravel(), minlength=n + 1)
-        keep = areas >= min_area
-        keep[0] = False
-        new = np.zeros(n + 1, labels.dtype)
-        new[keep] = np.arange(1, int(keep.sum()) + 1)
-        labels, n = new[labels], int(keep.sum())
+        labels, n = keep_labels(labels, np.bincount(labels.ravel(), minlength=n + 1) >= min_area)
     return labels, n
+
+
+def keep_labels(labels: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, int]:
+    """The objects ``keep`` (a boolean per label 0..n) of a label image, renumbered 1..m in order; m."""
+    keep = keep.copy()
+    keep[0] = False
+    new = np.zeros(len(keep), labels.dtype)
+    new[keep] = np.arange(1, int(keep.sum()) + 1)
+    return new[labels], int(keep.sum())
 
 
 def seed_score(bands: np.ndarray, targets: tuple[str, ...]) -> np.ndarray:

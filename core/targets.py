@@ -26,9 +26,10 @@ from scipy import ndimage
 from shapely.geometry.base import BaseGeometry
 
 from core.errors import SettingsError
+from core.raster import UNKNOWN
 
-#: Footprint values on disk (DESIGN contract 2, plus unknown pixels).
-ROOF, UNKNOWN = 255, 128
+#: Roof pixels on disk (DESIGN contract 2); unknown ones are core.raster.UNKNOWN.
+ROOF = 255
 #: Ground widths of the default bands: 3 and 10 px at 0.3 m, as solaris' defaults; 2 and 6 px at 0.5 m.
 BOUNDARY_M, CONTACT_M = 0.9, 3.0
 #: The widest band, as a share of the chip side: wider ones cover whole roofs and chips.

@@ -49,7 +49,7 @@ from core.contract import begin, read_record
 from core.errors import DataError, LabelError
 from core.files import atomic_path
 from core.index import read_index
-from core.instances import label_objects
+from core.instances import keep_labels, label_objects
 from core.metrics import Confusion, ThresholdSearch, metrics_record, pixel_scores, write_metrics
 from core.polygons import (
     PolygonCounts,
@@ -143,11 +143,7 @@ def drop_unknown(labels: np.ndarray, n: int, known: np.ndarray) -> tuple[np.ndar
     """The objects of a label image of which less than half lies on unknown pixels, renumbered 1..m."""
     area = np.bincount(labels.ravel(), minlength=n + 1)
     unknown = np.bincount(labels[~known], minlength=n + 1)
-    keep = 2 * unknown < area
-    keep[0] = False
-    new = np.zeros(n + 1, labels.dtype)
-    new[keep] = np.arange(1, int(keep.sum()) + 1)
-    return new[labels], int(keep.sum())
+    return keep_labels(labels, 2 * unknown < area)
 
 
 # --- one chip, a whole folder ------------------------------------------------------------------
@@ -598,8 +594,9 @@ def evaluate_model(
     extra: dict[str, Any] = {
         "object": result.objects.scores(),
         **({"polygon": polygons.scores(), "min_area_m2": args.min_area_m2} if polygons is not None else {}),
-        **({"polygon_by": {"attribute": args.group_by, **{k: v.scores() for k, v in groups.items()}}}
-           if groups else {}),  # fmt: skip
+        **(
+            {"polygon_by": {"attribute": args.group_by, **{k: v.scores() for k, v in groups.items()}}} if groups else {}
+        ),
         "chips": len(result.chips),
         "min_area": args.min_area,
         "iou_threshold": args.iou_threshold,

@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import shapely
 
@@ -28,8 +27,8 @@ from core.errors import LabelError
 from core.index import CHIP_COLUMNS, read_index, write_index
 from core.parallel import map_tasks
 from core.raster import open_raster, read_raster, valid_pixels, write_raster
-from core.targets import ROOF, UNKNOWN, band_widths, make_targets, pixel_size_m
 from core.settings import MaskArgs, ParallelArgs, Settings
+from core.targets import ROOF, UNKNOWN, band_widths, make_targets, pixel_size_m
 from core.tree import DataTree
 from core.vector import LabelIndex, load_labels
 

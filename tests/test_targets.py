@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
+from conftest import write_labels
 from rasterio.transform import from_origin
 
 from core.bundle import BundleInfo, Normalization
@@ -28,8 +29,6 @@ from core.targets import ROOF, UNKNOWN, band_widths, make_targets, pixel_size_m
 from core.tree import DataTree
 from core.vector import load_labels
 from evaluate.evaluate import score_chip
-
-from conftest import write_labels
 
 #: A 32 x 32 px chip of 1 m pixels: pixel (row, col) covers x in [col, col + 1], y in [31 - row, 32 - row].
 T32 = from_origin(0, 32, 1, 1)
@@ -171,7 +170,7 @@ def test_the_mask_stage_writes_named_bands_and_unknown_pixels(scene, settings_fi
         with rasterio.open(name) as src:
             assert src.descriptions == ("footprint", "boundary", "contact")
             assert src.count == 3 and src.dtypes[0] == "uint8"
-        roof, known, _ = read_truth(name)
+        _, known, _ = read_truth(name)
         unknown += int((~known).sum())
     assert unknown > 0
     from core.index import read_index
@@ -306,7 +305,8 @@ def _chip(rng: np.random.Generator, side: int = 64) -> tuple[np.ndarray, np.ndar
             image[0, r : r + 10, c0:c1] = tone + 150 * (np.arange(c1 - c0) % 4 < 2)
             image[1, r : r + 10, c0:c1] = tone - 200
             image[2, r : r + 10, c0:c1] = 900
-            roofs.append(shapely.box(*rasterio.transform.array_bounds(10, c1 - c0, TRANSFORM * rasterio.Affine.translation(c0, r))))  # noqa: E501
+            at = TRANSFORM * rasterio.Affine.translation(c0, r)
+            roofs.append(shapely.box(*rasterio.transform.array_bounds(10, c1 - c0, at)))
     unknown = [shapely.box(*rasterio.transform.array_bounds(6, 6, TRANSFORM * rasterio.Affine.translation(50, 50)))]
     bands = make_targets(roofs, unknown, (side, side), TRANSFORM, targets=("footprint", "boundary", "contact"),
                          widths=(1, 3))  # fmt: skip

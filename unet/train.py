@@ -20,7 +20,7 @@ from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, read_info
 from core.errors import CollapseError, DataError
 from core.index import chip_kind, split_pairs
 from core.metrics import Confusion, combine, metrics_record, validate_pairs, write_metrics
-from core.raster import band_statistics, read_raster
+from core.raster import UNKNOWN, band_statistics, read_raster
 from core.settings import Settings, checkpoint_file
 from core.tree import DataTree, refuse_overwrite
 
@@ -50,7 +50,7 @@ def roof_share(masks: list[Path]) -> float:
     for m in masks:
         data, _ = read_raster(m)
         roof += int(np.count_nonzero(data[0] == 255))
-        total += int(np.count_nonzero(data[0] != 128))
+        total += int(np.count_nonzero(data[0] != UNKNOWN))
     return roof / total if total else 0.0
 
 
