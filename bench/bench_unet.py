@@ -36,7 +36,7 @@ from affine import Affine
 
 from core.bundle import BundleInfo, Normalization, load_predictor
 from core.raster import band_statistics, create_raster, gtiff_profile, read_raster, write_raster
-from core.settings import load_settings
+from core.settings import CPU_PREDICT_BATCH, CPU_TRAIN_BATCH, load_settings
 from predict.predict import plan_windows, predict_all
 from sample.sample import generate_scene
 from unet import bundle as unet_bundle
@@ -95,6 +95,8 @@ def main() -> int:
         norm = Normalization.from_stats(band_statistics(frames), "percentile", 0)
         m, o, data_args = settings.model_args, settings.output_args, settings.load_dataset_args
         multiple = pad_multiple(m)
+        if data_args.batch_size is None:  # null: the CPU's batch, as training chooses it without a GPU
+            data_args = data_args.model_copy(update={"batch_size": CPU_TRAIN_BATCH})
         bs = data_args.batch_size
 
         print(f"== training throughput, {args.chips} chips 256x256x8, batch {bs}, filters {m.filters}")
@@ -153,7 +155,13 @@ def main() -> int:
             settings=settings.model_dump(mode="json"),
         )
         unet_bundle.save(work / "bundle", model, info)
-        pargs = settings.predict_args.model_copy(update={"save_probabilities": True, "min_area": 0.0})
+        pargs = settings.predict_args.model_copy(
+            update={
+                "save_probabilities": True,
+                "min_area": 0.0,
+                "batch_size": settings.predict_args.batch_size or CPU_PREDICT_BATCH,
+            }
+        )
         # The bare baseline predicts the very windows predict.py plans (overlap included), preloaded.
         rows, cols, wh, ww, _ = plan_windows(side, side, pargs)
         tiles = np.stack([norm.apply(image[:, r : r + wh, c : c + ww]) for r in rows for c in cols])

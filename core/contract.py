@@ -51,10 +51,16 @@ RECORD_VERSION = 1
 
 @dataclass(frozen=True)
 class Output:
-    """An output a stage owns: a file, or the files matching ``pattern`` in a folder."""
+    """An output a stage owns: a file, or the files matching ``pattern`` in a folder.
+
+    ``counted``: a finished run records how many there are, and fewer later make the stage
+    unfinished (a rerun remakes them). Logs are not counted: removing them loses no result.
+    A fresh start removes every output, counted or not.
+    """
 
     path: Path
     pattern: str | None = None
+    counted: bool = True
 
     def existing(self) -> list[Path]:
         if self.pattern is None:
@@ -485,7 +491,7 @@ class StageRun:
         record["finished"] = _now()
         record["summary"] = summary
         # What was made, so that outputs removed by hand later make the stage unfinished again.
-        record["made"] = {_output_key(o, self.tree): len(o.existing()) for o in self._outputs()}
+        record["made"] = {_output_key(o, self.tree): len(o.existing()) for o in self._outputs() if o.counted}
         write_record(self._path(), record)
 
     def _record(self, state: str) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 Touching roofs merge into one blob when the probability map is thresholded; the low
 probabilities along their shared edge still tell them apart. Seeds are the cores where the
-probability is high (``seed_threshold``, by default halfway between the decision threshold
-and 1: 0.75 for 0.5, as SpaceNet 6's winners seeded); a watershed grows each seed over the
+probability is high (``seed_threshold``, by default three quarters of the way from the
+decision threshold to 1: 0.875 for 0.5); a watershed grows each seed over the
 roof pixels (probability >= the threshold) down to the valleys between roofs. A U-Net trained
 on the boundary and contact bands (core/targets.py) gives better seeds and valleys:
 footprint x (1 - boundary) x (1 - contact), as SpaceNet 6's winner seeded. Roof pixels no
@@ -40,8 +40,13 @@ _CROSS = ndimage.generate_binary_structure(2, 1)
 
 
 def default_seed_threshold(threshold: float, setting: float | None = None) -> float:
-    """The seed threshold: the setting, else halfway between the decision threshold and 1."""
-    return setting if setting is not None else threshold + 0.5 * (1.0 - threshold)
+    """The seed threshold: the setting, else three quarters of the way from the decision threshold to 1.
+
+    Halfway (SpaceNet 6's winners seeded at 0.75 over 0.5) left touching roofs of the demo's rows
+    merged: on its validation rows polygon F1 0.848 halfway, 0.923 at three quarters (seeds only in
+    roof cores; roofs no seed reaches still become roofs of their own).
+    """
+    return setting if setting is not None else threshold + 0.75 * (1.0 - threshold)
 
 
 def label_objects(mask: np.ndarray, min_area: int = 0) -> tuple[np.ndarray, int]:

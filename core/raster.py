@@ -196,8 +196,11 @@ def check_mask(data: np.ndarray, path: str | os.PathLike[str]) -> None:
         raise DataError(f"mask {path} has {bands} band(s) of {data.dtype}: masks are uint8 0/255")
     bands = data if data.ndim == 3 else data[np.newaxis]
     for band, allowed in enumerate(bands):
-        values = np.unique(allowed)
-        if not set(values.tolist()) <= (FOOTPRINT_VALUES if band == 0 else MASK_VALUES):
+        # Table lookups release the GIL (loader threads check masks side by side); np.unique only for the message.
+        table = np.zeros(256, bool)
+        table[list(FOOTPRINT_VALUES if band == 0 else MASK_VALUES)] = True
+        if not table[allowed].all():
+            values = np.unique(allowed)
             raise DataError(
                 f"mask {path} holds values {values[:6].tolist()}{f' in band {band + 1}' if band else ''}, not only "
                 f"0 and 255{' (and 128, unknown)' if band == 0 else ''}: write truth masks with python mask/mask.py (0 = "

@@ -89,6 +89,12 @@ class ExtensionArgs(Section):
     extension: Literal[".tif", ".tiff"] = Field(".tif", description="Extension of chip and mask files (GeoTIFF).")
 
 
+#: The batch sizes a null load_dataset_args.batch_size / predict_args.batch_size means without a GPU
+#: (the fixed defaults they had before null meant "choose"); on a GPU unet/device.py chooses.
+CPU_TRAIN_BATCH = 8
+CPU_PREDICT_BATCH = 4
+
+
 class LoadDatasetArgs(Section):
     """How the U-Net's data generator reads and augments chips."""
 
@@ -98,7 +104,13 @@ class LoadDatasetArgs(Section):
         le=1,
         description="Legacy: 1 selected the original custom (rasterio) reader, which is now the only one.",
     )
-    batch_size: int = Field(8, ge=1, description="Chips per training batch.")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Chips per training batch (per GPU with training_args.distribute mirrored); null = "
+        f"{CPU_TRAIN_BATCH} on a CPU; on a GPU, as many as fit in its free memory by a rule measured per chip "
+        "pixel and filter (unet/device.py). The choice is logged.",
+    )
     target_size: tuple[int, int] | None = Field(
         None,
         description="Legacy, ignored: chips are never resized (resizing 650 to 640 was one cause of blank masks). "
@@ -281,12 +293,27 @@ class TrainingArgs(Section):
         None,
         description="XLA compilation; null = off on a CPU (measured faster there), on with a GPU.",
     )
-    mixed_precision: bool = Field(False, description="float16 compute on a GPU (mixed_float16); ignored on a CPU.")
+    mixed_precision: bool | None = Field(
+        None,
+        description="float16 compute with a float32 output layer (mixed_float16) on a GPU; null = on when a GPU is "
+        "present, false = off; ignored on a CPU. The bundle is saved in float32 either way, so it predicts on a CPU.",
+    )
     distribute: Literal["none", "mirrored"] = Field(
         "none",
         description="mirrored: train on every visible GPU of this machine with tf.distribute.MirroredStrategy; "
         "each batch is load_dataset_args.batch_size chips per GPU (global batch = batch_size x GPUs, learning "
         "rate unchanged). Without a GPU it says so and trains on the CPU.",
+    )
+    tensorboard: bool = Field(
+        True,
+        description="Write TensorBoard logs in results/EXPERIMENT/unet/tensorboard/ while the U-Net trains: loss, "
+        "metrics and learning rate every epoch (tensorboard --logdir results/EXPERIMENT/unet/tensorboard).",
+    )
+    tensorboard_images_every: int = Field(
+        5,
+        ge=0,
+        description="Every this many epochs the TensorBoard logs also get a few validation chips as images (image, "
+        "true roofs, predicted roof probability); 0 = no images.",
     )
 
 
@@ -558,7 +585,13 @@ class PredictArgs(Section):
     bundle: str | None = Field(None, description="Model bundle folder; null = results/EXPERIMENT/.")
     window: int = Field(512, ge=16, description="Sliding-window size for rasters larger than it.")
     overlap: int = Field(64, ge=0, description="Overlap of sliding windows, blended to avoid seams.")
-    batch_size: int = Field(4, ge=1, description="Windows per prediction batch.")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description=f"Windows per prediction batch; null = {CPU_PREDICT_BATCH} on a CPU and for forest and "
+        "regression bundles; a U-Net on a GPU, as many as fit in its free memory by a rule measured per window "
+        "pixel and filter (unet/device.py). The choice is logged.",
+    )
     threshold: float | None = Field(
         None, gt=0.0, lt=1.0, description="Decision threshold; null = the bundle's tuned one."
     )
@@ -589,8 +622,8 @@ class PredictArgs(Section):
         None,
         gt=0.0,
         lt=1.0,
-        description="Probability of the roof cores that seed the watershed; null = halfway between the decision "
-        "threshold and 1 (0.75 for 0.5).",
+        description="Probability of the roof cores that seed the watershed; null = three quarters of the way from "
+        "the decision threshold to 1 (0.875 for 0.5).",
     )
     min_area: float = Field(4.0, ge=0.0, description="Drop roof polygons smaller than this, m2.")
     simplify: float = Field(0.0, ge=0.0, description="Simplify polygons with this tolerance, map units.")

@@ -243,13 +243,20 @@ STAGES: tuple[StageSpec, ...] = (
         settings=(),
         exclude=(
             "training_args.verbose",
+            "training_args.tensorboard",
+            "training_args.tensorboard_images_every",
+            "load_dataset_args.workers",  # the batches are the same for any number of workers
             "training_args.results_folder",
             "training_args.model",
             "ml_args.forest.n_jobs",
         ),
         model_settings=_train_settings,
         inputs=_train_inputs,
-        outputs=lambda s, t, m: [Output(t.bundle(m)), Output(t.model_dir(m) / "backup", "*")],
+        outputs=lambda s, t, m: [
+            Output(t.bundle(m)),
+            Output(t.model_dir(m) / "backup", "*"),
+            Output(t.model_dir(m) / "tensorboard", counted=False),  # the U-Net's logs (unet/logs.py)
+        ],
         record=lambda s, t, m: t.model_dir(m) / "train.record.json",
         per_model=True,
     ),

@@ -50,7 +50,7 @@ from core.index import chip_ids, grid_of
 from core.instances import default_seed_threshold, raster_instances, write_instances
 from core.parallel import map_tasks, worker_cached
 from core.raster import create_raster, gtiff_profile, iter_windows, open_raster, valid_pixels, window_starts
-from core.settings import ParallelArgs, PredictArgs, Settings
+from core.settings import CPU_PREDICT_BATCH, ParallelArgs, PredictArgs, Settings
 from core.stages import predict_bundle, predict_source, refuse_leaky_bundle, split_of_folder
 from core.tree import DataTree, refuse_overwrite
 from core.vector import ground_area, roof_grid
@@ -110,6 +110,7 @@ def predict_raster(
     bar=None,
 ) -> RasterResult:
     """Predict one raster in blended windows, strip by strip; write its mask (and probabilities)."""
+    args = with_batch(args, predictor)  # (predict_all has resolved a null batch size once for every raster)
     if args.instances:
         keep = prob_path is not None
         probs = prob_path if keep else mask_path.with_name(f".{mask_path.stem}.probabilities.tmp.tif")
@@ -138,6 +139,34 @@ def seed_targets(info: BundleInfo, args: PredictArgs) -> tuple[str, ...]:
     if args.seeds == "footprint" or not args.instances:
         return ("footprint",)
     return tuple(info.targets)
+
+
+def with_batch(args: PredictArgs, predictor: Predictor) -> PredictArgs:
+    """The settings with predict_args.batch_size resolved for this predictor and machine (logged when chosen).
+
+    Null is 4 windows, except for a U-Net on a GPU: the batch unet.device chooses for the
+    window and the network's filters. A U-Net predictor, which splits what it is given into
+    batches of its own, gets the same size.
+    """
+    batch = args.batch_size
+    if batch is None:
+        info = predictor.info
+        batch, why = CPU_PREDICT_BATCH, "the default"
+        if info.kind == "unet":
+            from unet.device import choose_batch, describe, gpu_memory, padded
+
+            side = padded(args.window, info.pad_multiple)
+            model = info.settings.get("model_args", {})
+            filters = int(model.get("filters", 16))
+            memory = gpu_memory()
+            batch = choose_batch(memory, side * side, filters, architecture=model.get("architecture", "satellite"),
+                                 training=False)  # fmt: skip
+            why = f"{describe(memory)}; windows of {side} x {side} padded, filters {filters}"
+        log.info("predict: predict_args.batch_size null: %d windows per batch (%s)", batch, why)
+        args = args.model_copy(update={"batch_size": batch})
+    if hasattr(predictor, "batch_size"):
+        predictor.batch_size = batch
+    return args
 
 
 def forward_targets(predictor: Predictor, prepared: Any, targets: tuple[str, ...]) -> np.ndarray:
@@ -239,7 +268,9 @@ def _predict_raster(
                         continue
                     # Rows above the next window row get no more contributions: write them out.
                     done_to = (rows[i + 1] if i + 1 < len(rows) else height) - top
-                    _flush(acc[:, :done_to], wsum[:done_to], valid[:done_to], top, threshold, mask_dst, prob_dst, result)
+                    _flush(
+                        acc[:, :done_to], wsum[:done_to], valid[:done_to], top, threshold, mask_dst, prob_dst, result
+                    )
                     acc, wsum, valid = acc[:, done_to:], wsum[done_to:], valid[done_to:]
                     top += done_to
     if not args.instances:
@@ -391,7 +422,8 @@ def predict_task(task: PredictTask) -> RasterResult:
     bundle = Path(task.bundle)
     predictor = worker_cached(("predictor", *_bundle_key(bundle)), lambda: load_predictor(bundle))
     probability = Path(task.probability) if task.probability else None
-    return predict_raster(predictor, Path(task.source), Path(task.mask), probability, task.args, task.threshold)
+    args = with_batch(task.args, predictor)  # on the worker: its GPU, if it has one
+    return predict_raster(predictor, Path(task.source), Path(task.mask), probability, args, task.threshold)
 
 
 def _on_workers(parallel: ParallelArgs | None, inputs: list[Path]) -> bool:
@@ -438,6 +470,7 @@ def predict_all(
         results = map_tasks(predict_task, tasks, parallel, desc="predict", unit="raster")
     else:
         predictor = load_predictor(bundle)
+        args = with_batch(args, predictor)
         threshold = args.threshold if args.threshold is not None else predictor.info.threshold
         total = 0
         for path in inputs:

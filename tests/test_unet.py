@@ -5,6 +5,7 @@ bad inputs)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from core.tree import DataTree  # noqa: E402
 from predict.predict import predict_all, predict_raster  # noqa: E402
 from unet import losses  # noqa: E402
 from unet.bundle import UNetPredictor  # noqa: E402
-from unet.datagen import ChipSequence, augment, read_mask  # noqa: E402
+from unet.datagen import ChipSequence, augment, read_mask, warp  # noqa: E402
 from unet.metrics import F1, IoU, Precision, PredShare, Recall, TrueShare  # noqa: E402
 from unet.model import build_model, pad_multiple  # noqa: E402
 
@@ -213,6 +214,39 @@ def test_augmentation_moves_image_and_mask_together() -> None:
         assert set(np.unique(ay).tolist()) <= {0.0, 1.0}  # nearest neighbour only for the mask
         roof = ay[..., 0] == 1
         assert ax[..., 0][roof].mean() > 3 * max(ax[..., 0][~roof].mean(), 0.1)
+
+
+@pytest.mark.parametrize("shear_deg, zoom", [(0.0, 1.0), (10.0, 1.0), (-8.0, 0.85), (5.0, 1.2)])
+def test_warp_matches_scipy_affine_per_band(shear_deg: float, zoom: float) -> None:
+    """One cv2.warpAffine for all bands samples where scipy.ndimage.affine_transform (the loader's
+    warp before, one call per band, reflected edges) does: same geometry, same edges, same nearest pixels."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    x = ndimage.gaussian_filter(rng.random((40, 56, 9)), (2, 2, 0)).astype(np.float32)
+    y = (x[..., :3] > 0.5).astype(np.float32)
+    shear = math.radians(shear_deg)
+    matrix = np.array([[1 / zoom, math.tan(shear) / zoom], [0.0, 1 / zoom]])
+    centre = (np.array(x.shape[:2]) - 1) / 2
+    offset = centre - matrix @ centre
+
+    def scipy(a: np.ndarray, order: int) -> np.ndarray:
+        return np.stack(
+            [
+                ndimage.affine_transform(a[..., b], matrix, offset, order=order, mode="reflect")
+                for b in range(a.shape[-1])
+            ],
+            axis=-1,
+        )
+
+    out = warp(x, shear, zoom, order=1)
+    assert out.shape == x.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, scipy(x, 1), atol=2e-3)
+    nearest, reference = warp(y, shear, zoom, order=0), scipy(y, 0)
+    assert set(np.unique(nearest).tolist()) <= {0.0, 1.0}
+    assert np.array_equal(nearest[4:-4, 4:-4], reference[4:-4, 4:-4])  # edges: reflection rounds apart in < 1%
+    assert np.mean(nearest != reference) < 0.01
+    assert warp(y[..., :1], shear, zoom, order=0).shape == (40, 56, 1)  # a single band keeps its axis
 
 
 def test_epochs_are_reshuffled_and_seeded(tiny) -> None:
@@ -640,6 +674,12 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path: Path, set
     assert f"train: resuming from the end of epoch {done} of 6 (backup in {out / 'backup'})" in again.stderr
     history = (out / "history.csv").read_text().strip().splitlines()
     assert [int(line.split(",")[0]) for line in history[1:]] == list(range(6))  # one history, every epoch once
+    from unet.logs import read_scalars
+
+    logged = [step for step, _ in read_scalars(out / "tensorboard" / "train")["loss"]]
+    # The TensorBoard logs continue too: no epoch twice (the kill may land before epoch `done` was logged).
+    assert logged == sorted(set(logged)) and set(logged) <= set(range(1, 7))
+    assert set(range(1, done)) | set(range(done + 1, 7)) <= set(logged)
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 6
     assert not (out / "backup").exists() and (out / "bundle" / "model.keras").is_file()
 

@@ -16,9 +16,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
-from scipy import ndimage
 
 from core import raster
 from core.bundle import Normalization
@@ -81,18 +81,30 @@ def augment(
     if args.shear_range > 0 or args.zoom_range > 0:
         shear = math.radians(rng.uniform(-args.shear_range, args.shear_range))
         zoom = rng.uniform(1 - args.zoom_range, 1 + args.zoom_range)
-        matrix = np.array([[1 / zoom, math.tan(shear) / zoom], [0.0, 1 / zoom]])
-        centre = (np.array(x.shape[:2]) - 1) / 2
-        offset = centre - matrix @ centre
-        x = np.stack(
-            [ndimage.affine_transform(x[..., b], matrix, offset, order=1, mode="reflect") for b in range(x.shape[-1])],
-            axis=-1,
-        )
-        y = np.stack(
-            [ndimage.affine_transform(y[..., b], matrix, offset, order=0, mode="reflect") for b in range(y.shape[-1])],
-            axis=-1,
-        )
+        x, y = warp(x, shear, zoom, order=1), warp(y, shear, zoom, order=0)
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+def warp(a: np.ndarray, shear: float, zoom: float, order: int) -> np.ndarray:
+    """Shear (radians, along the columns) and zoom ``a`` (rows, cols, bands) about its centre, all bands in
+    one ``cv2.warpAffine`` call: bilinear (``order`` 1) or nearest neighbour (0), edges reflected.
+
+    Output pixel (r, c) samples the input at ``[[1/z, tan(s)/z], [0, 1/z]] @ (r, c) + offset``, the
+    centre staying in place. One OpenCV call for the stacked bands measured 7x faster than a
+    ``scipy.ndimage.affine_transform`` per band on 650x650x8 chips (bench/bench_loader.py).
+    """
+    matrix = np.array([[1 / zoom, math.tan(shear) / zoom], [0.0, 1 / zoom]])
+    centre = (np.array(a.shape[:2]) - 1) / 2
+    offset = centre - matrix @ centre
+    # OpenCV indexes (x = column, y = row): swap the axes of the row-major matrix.
+    cv_matrix = np.array(
+        [[matrix[1, 1], matrix[1, 0], offset[1]], [matrix[0, 1], matrix[0, 0], offset[0]]], dtype=np.float64
+    )
+    flags = (cv2.INTER_LINEAR if order == 1 else cv2.INTER_NEAREST) | cv2.WARP_INVERSE_MAP
+    out = cv2.warpAffine(
+        np.ascontiguousarray(a), cv_matrix, (a.shape[1], a.shape[0]), flags=flags, borderMode=cv2.BORDER_REFLECT
+    )
+    return out.reshape(a.shape)  # OpenCV drops a last axis of length 1
 
 
 class ChipSequence(keras.utils.PyDataset):

@@ -120,4 +120,25 @@ def build_model(bands: int, model_args: ModelArgs, output_args: OutputArgs, chan
         raise PipelineError(
             f"model_args.architecture {model_args.architecture!r} is unknown: use one of {', '.join(builders)}"
         )
-    return builders[model_args.architecture](bands, model_args, output_args, channels)
+    model = builders[model_args.architecture](bands, model_args, output_args, channels)
+    if model.outputs[0].dtype != "float32":
+        # Under mixed precision keras-unet's last layer computes in float16: the losses and the
+        # probabilities near 0 and 1 want float32, as the satellite network's output layer has.
+        out = layers.Activation("linear", dtype="float32", name="roof_probability")(model.outputs[0])
+        model = keras.Model(model.inputs[0], out, name=model.name)
+    return model
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """The same network and weights computing in float32 throughout.
+
+    A model built under mixed precision records the mixed_float16 policy in every layer, and
+    would compute in float16 wherever it is loaded, a CPU included; the bundle gets this copy.
+    """
+    config = model.get_config()  # (not keras.models.clone_model: it would compile the copy as the model is)
+    for layer in config["layers"]:
+        if "dtype" in layer["config"]:
+            layer["config"]["dtype"] = "float32"
+    copy = keras.Model.from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy

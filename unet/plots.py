@@ -49,19 +49,36 @@ def plot_curves(history_csv: Path, path: Path) -> Path:
     return _save(fig, path)
 
 
+#: True roofs in every overlay: cyan, over the image.
+TRUTH_RGBA = (0.0, 1.0, 1.0, 0.55)
+
+
 def draw_comparison(axes, rgb: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> None:
     """Three panels: the image; truth in cyan; hits green, false alarms magenta, misses yellow."""
     for ax in axes:
         ax.imshow(rgb)
         ax.set_axis_off()
     truth_rgba = np.zeros((*truth.shape, 4))
-    truth_rgba[truth] = (0, 1, 1, 0.55)
+    truth_rgba[truth] = TRUTH_RGBA
     axes[1].imshow(truth_rgba)
     result = np.zeros((*truth.shape, 4))
     result[pred & truth] = (0, 1, 0, 0.6)
     result[pred & ~truth] = (1, 0, 1, 0.6)
     result[~pred & truth] = (1, 1, 0, 0.7)
     axes[2].imshow(result)
+
+
+def probability_strip(rgb: np.ndarray, truth: np.ndarray, prob: np.ndarray, gap: int = 4) -> np.ndarray:
+    """One (rows, 3 x cols + 2 x gap, 3) uint8 picture: the image; the true roofs in cyan over it; the
+    predicted roof probability (magma: black 0, yellow 1). TensorBoard shows it as one image."""
+    alpha = TRUTH_RGBA[3]
+    image = rgb.astype(np.float32) / 255
+    marked = image.copy()
+    marked[truth] = (1 - alpha) * image[truth] + alpha * np.asarray(TRUTH_RGBA[:3], np.float32)
+    colour = matplotlib.colormaps["magma"](np.clip(prob, 0, 1))[..., :3]
+    white = np.ones((rgb.shape[0], gap, 3), np.float32)
+    strip = np.concatenate([image, white, marked, white, colour], axis=1)
+    return np.round(255 * strip).astype(np.uint8)
 
 
 def plot_overlays(

@@ -71,8 +71,9 @@ def _plain(value: Any) -> Any:
 class Backup(keras.callbacks.Callback):
     """Writes the backup at every epoch's end and restores it at the start of training.
 
-    Put it last in the callback list: its ``on_train_begin`` runs after the others have reset
-    themselves, and overwrites what they reset with the saved state.
+    Put it after the callbacks whose state it keeps: its ``on_train_begin`` runs after they have
+    reset themselves, and overwrites what they reset with the saved state. (The TensorBoard logs,
+    unet/logs.py, come after it: an epoch is logged once it is backed up.)
     """
 
     def __init__(self, folder: Path, callbacks: list[keras.callbacks.Callback], restore: bool) -> None:

@@ -1,7 +1,8 @@
 """Training the U-Net: data checks, fit with callbacks, threshold tuning, bundle and reports.
 
 Called by ``python train/train.py --model unet``. Writes results/EXPERIMENT/unet/: bundle/
-(model.keras + bundle.json), history.csv, curves.png, metrics.json, overlays.png.
+(model.keras + bundle.json), history.csv, curves.png, metrics.json, overlays.png, and while
+training the TensorBoard logs (tensorboard/) and the backup a rerun resumes from (backup/).
 """
 
 from __future__ import annotations
@@ -54,8 +55,12 @@ def roof_share(masks: list[Path]) -> float:
     return roof / total if total else 0.0
 
 
-def _configure_tensorflow(settings: Settings) -> bool:
-    """Seed, and pick XLA and precision for the device; returns whether XLA is on."""
+def configure_tensorflow(settings: Settings, from_bundle: bool = False) -> tuple[bool, bool]:
+    """Seed, and pick XLA and precision for the device; returns whether XLA and mixed precision are on.
+
+    A training continued from a bundle computes in float32: a bundle is saved in float32 and its
+    layers keep that policy when loaded.
+    """
     import keras
     import tensorflow as tf
 
@@ -64,10 +69,35 @@ def _configure_tensorflow(settings: Settings) -> bool:
     jit = settings.training_args.jit_compile
     if jit is None:
         jit = bool(gpus)  # measured on a 2-core CPU: XLA made training slower (bench/bench_unet.py)
-    if settings.training_args.mixed_precision and gpus:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    log.info("train: %s, XLA %s", f"{len(gpus)} GPU(s)" if gpus else "CPU only", "on" if jit else "off")
-    return jit
+    mixed = bool(gpus) and settings.training_args.mixed_precision is not False and not from_bundle
+    # Set either way: the policy is global, and an earlier training in this process may have set it.
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    precision = ""
+    if gpus:
+        precision = f", mixed precision {'on' if mixed else 'off'}"
+        if from_bundle:
+            precision += " (a float32 bundle continued)"
+    log.info("train: %s, XLA %s%s", f"{len(gpus)} GPU(s)" if gpus else "CPU only", "on" if jit else "off", precision)
+    return jit, mixed
+
+
+def training_batch(settings: Settings, frame: Path, multiple: int, mixed: bool) -> int:
+    """load_dataset_args.batch_size, or when null the batch unet.device chooses (logged)."""
+    if settings.load_dataset_args.batch_size is not None:
+        return settings.load_dataset_args.batch_size
+    from core.raster import open_raster
+    from unet.device import choose_batch, describe, gpu_memory, padded
+
+    with open_raster(frame) as src:
+        rows, cols = padded(src.height, multiple), padded(src.width, multiple)
+    memory = gpu_memory()
+    m = settings.model_args
+    batch = choose_batch(memory, rows * cols, m.filters, architecture=m.architecture, mixed=mixed)
+    log.info(
+        "train: load_dataset_args.batch_size null: %d chips per batch (%s; %d x %d padded chips, filters %d)",
+        batch, describe(memory), rows, cols, m.filters,
+    )  # fmt: skip
+    return batch
 
 
 def _strategy(settings: Settings):
@@ -197,14 +227,15 @@ def train_unet(
     import keras
 
     from unet import bundle as unet_bundle
+    from unet import logs
     from unet.datagen import ChipSequence
     from unet.losses import TargetLoss
     from unet.metrics import training_metrics
-    from unet.model import build_model, pad_multiple
+    from unet.model import build_model, float32_copy, pad_multiple
     from unet.resume import Backup, backup_dir, finished_epochs, restore
     from unet.resume import remove as remove_backup
 
-    jit = _configure_tensorflow(settings)
+    jit, mixed = configure_tensorflow(settings, from_bundle=start_from is not None)
     strategy = _strategy(settings)
     # Variables (model, optimizer, metrics) are made inside the strategy's scope to be mirrored.
     scope = strategy.scope if strategy is not None else contextlib.nullcontext
@@ -236,7 +267,9 @@ def train_unet(
                 log.info("train: continuing from the checkpoint %s", warm)
 
     args = settings.training_args
-    data_args = settings.load_dataset_args
+    data_args = settings.load_dataset_args.model_copy(
+        update={"batch_size": training_batch(settings, train_frames[0], multiple, mixed)}
+    )
     if strategy is not None:
         # batch_size is per replica: each batch is split evenly over the GPUs.
         data_args = data_args.model_copy(update={"batch_size": data_args.batch_size * strategy.num_replicas_in_sync})
@@ -272,6 +305,20 @@ def train_unet(
             done_epochs = restore(model, backup)
         log.info("train: resuming from the end of epoch %d of %d (backup in %s)", done_epochs, args.epochs, backup)
         train_seq.set_epoch(done_epochs)  # the remaining epochs' batches are those of an uninterrupted run
+    board = logs.log_dir(out)
+    if done_epochs == 0:
+        logs.remove(board)  # a fresh training (also one continued from a bundle) counts its epochs from 1
+    info = BundleInfo(
+        kind="unet",
+        bands=bands,
+        dtype=dtype,
+        normalization=norm,
+        threshold=0.5,
+        pad_multiple=multiple,
+        targets=list(targets),
+        features={"architecture": settings.model_args.architecture},
+        settings=settings.model_dump(mode="json"),
+    )
     callbacks = [
         keras.callbacks.ModelCheckpoint(
             checkpoint, monitor="val_iou", mode="max", save_best_only=True, save_weights_only=True, verbose=0
@@ -289,7 +336,19 @@ def train_unet(
         keras.callbacks.CSVLogger(out / "history.csv", append=done_epochs > 0),
         monitor,
     ]
-    callbacks.append(Backup(backup, callbacks, restore=done_epochs > 0))  # last: restores after the others reset
+    callbacks.append(Backup(backup, callbacks, restore=done_epochs > 0))  # restores after the others reset
+    if args.tensorboard and logs.available():
+        shown = logs.pick_chips(val_frames, val_masks) if args.tensorboard_images_every else []
+        callbacks.append(  # after the backup: an epoch is logged once the backup holds it, never twice
+            logs.EpochLogs(
+                board,
+                unet_bundle.UNetPredictor(model, info),
+                [val_frames[i] for i in shown],
+                [val_masks[i] for i in shown],
+                args.tensorboard_images_every,
+            )
+        )
+        log.info("train: TensorBoard logs: tensorboard --logdir %s", board)
     log.info(
         "train: %d training chips (%.2f%% roof), %d batches of %d per epoch, %d validation chips, %d bands %s, "
         "padded to x%d; targets %s",
@@ -325,18 +384,9 @@ def train_unet(
         )
     if checkpoint.is_file():
         model.load_weights(checkpoint)
+    if mixed:
+        model = float32_copy(model)  # the bundle computes in float32 wherever it is loaded, a CPU included
 
-    info = BundleInfo(
-        kind="unet",
-        bands=bands,
-        dtype=dtype,
-        normalization=norm,
-        threshold=0.5,
-        pad_multiple=multiple,
-        targets=list(targets),
-        features={"architecture": settings.model_args.architecture},
-        settings=settings.model_dump(mode="json"),
-    )
     predictor = unet_bundle.UNetPredictor(model, info, batch_size=data_args.batch_size)
     threshold, confusion, per_chip = evaluate_split(predictor, val_frames, val_masks)
     info = replace(info, threshold=threshold)
