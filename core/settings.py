@@ -622,8 +622,9 @@ class PredictArgs(Section):
         None,
         gt=0.0,
         lt=1.0,
-        description="Probability of the roof cores that seed the watershed; null = three quarters of the way from "
-        "the decision threshold to 1 (0.875 for 0.5).",
+        description="Probability of the roof cores that seed the watershed; null = halfway between the decision "
+        "threshold and 1 (0.75 for 0.5) for seeds from the footprint, three quarters of the way (0.875 for 0.5) for "
+        "seeds from the boundary and contact bands.",
     )
     min_area: float = Field(4.0, ge=0.0, description="Drop roof polygons smaller than this, m2.")
     simplify: float = Field(0.0, ge=0.0, description="Simplify polygons with this tolerance, map units.")

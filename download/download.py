@@ -27,15 +27,13 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import random
+import queue
 import re
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import (
@@ -50,17 +49,18 @@ from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
     EndpointConnectionError,
-    FlexibleChecksumError,
-    IncompleteReadError,
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
     ProfileNotFound,
     ProxyConnectionError,
     ReadTimeoutError,
-    ResponseStreamingError,
     SSLError,
 )
+from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError, S3ValidationError
+from s3transfer.futures import TransferFuture
+from s3transfer.subscribers import BaseSubscriber
+from s3transfer.utils import OSUtils
 
 from core import cli
 from core.errors import DownloadError
@@ -72,9 +72,9 @@ log = logging.getLogger(__name__)
 
 #: Sidecar in each target folder: relative path -> key, size, ETag, mtime of finished downloads.
 MANIFEST = ".download-manifest.json"
-#: Suffix of a file being downloaded; it never counts as done.
+#: Suffix of a file being downloaded (s3transfer's temporary file); it never counts as done.
 PART = ".part"
-#: Bytes read and written at a time, and the step of the progress bar.
+#: Bytes read at a time when checking a file's MD5.
 CHUNK = 1 << 20
 #: The first request (does the endpoint answer, does the bucket exist) fails fast: a wrong
 #: endpoint is a typo far more often than a network that needs a dozen retries.
@@ -91,19 +91,12 @@ NO_CREDENTIALS = (
     "for a public bucket use --set download_args.anonymous=true"
 )
 
-#: The body of a response was cut off or garbled: botocore retries requests, not the reading of a body.
-_STREAM_ERRORS = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError, FlexibleChecksumError)
-
 Ask = Callable[[str], str]
 Say = Callable[[str], None]
 
 
 class TransferError(Exception):
     """One file arrived incomplete or did not match its checksum."""
-
-
-class _Cancelled(Exception):
-    """A transfer stopped because the run was interrupted."""
 
 
 @dataclass(frozen=True)
@@ -126,10 +119,6 @@ class Item:
     @property
     def dest(self) -> Path:
         return self.root / self.rel
-
-    @property
-    def part(self) -> Path:
-        return self.dest.with_name(self.dest.name + PART)
 
 
 @dataclass
@@ -177,6 +166,8 @@ class Store:
     client: Any
     probe: Any
     endpoint: str
+    #: ETags that look like an MD5 but are not one: the GET said SSE-KMS or SSE-C.
+    not_md5: set[str] = field(default_factory=set)
 
 
 # --- names and paths -----------------------------------------------------------------------------
@@ -323,10 +314,10 @@ def explain(exc: BaseException, *, bucket: str | None = None, key: str = "", end
             )
         elif code == "NoSuchKey" or status == 404:
             msg = f"{where} no longer exists: rerun to list the bucket again"
-        elif code == "PreconditionFailed" or status == 412:
-            msg = f"{where} changed in the bucket during the download: rerun to fetch the new version"
         else:
             msg = f"S3 error {code or status} on {where}{at}: {error.get('Message', '')}".rstrip(": ")
+    elif isinstance(exc, S3DownloadFailedError):  # s3transfer's word for a GET answered 412 to its If-Match
+        msg = f"{where} changed in the bucket during the download: rerun to fetch the new version"
     elif isinstance(exc, NoCredentialsError):
         msg = NO_CREDENTIALS
     elif isinstance(exc, PartialCredentialsError):
@@ -390,7 +381,7 @@ def connect(args: DownloadArgs) -> Store:
             ) from None
 
     with s3_errors(None, None):
-        return Store(
+        store = Store(
             client=client(args.connect_timeout, args.retries),
             # The first request answers fast or not at all: an endpoint that accepts connections and
             # never answers is found in FIRST_REQUEST_TIMEOUT seconds, not after minutes of retries.
@@ -399,6 +390,14 @@ def connect(args: DownloadArgs) -> Store:
             ),
             endpoint=endpoint,
         )
+
+    def note_not_md5(parsed: dict[str, Any], **kwargs: Any) -> None:
+        # The ETag of an SSE-KMS or SSE-C object is not the MD5 of its content; only the GET says so.
+        if str(parsed.get("ServerSideEncryption") or "").startswith("aws:kms") or parsed.get("SSECustomerAlgorithm"):
+            store.not_md5.add(str(parsed.get("ETag", "")).strip('"'))
+
+    store.client.meta.events.register("after-call.s3.GetObject", note_not_md5)
+    return store
 
 
 #: Error codes an S3 store answers a listing with; anything else (an HTML page's 404) is not S3.
@@ -625,61 +624,73 @@ def describe(plan: Plan) -> str:
 # --- transfers -----------------------------------------------------------------------------------
 
 
-def fetch(
-    client: Any,
-    bucket: str,
-    item: Item,
-    *,
-    chunk_size: int = CHUNK,
-    retries: int = 5,
-    cancel: threading.Event | None = None,
-    on_bytes: Callable[[int], None] | None = None,
-) -> None:
-    """Download one object into ``item.part``, check size and MD5, then rename it to ``item.dest``.
+def check_part(part: Path, obj: S3Object, not_md5: Container[str] = ()) -> None:
+    """Raise :class:`TransferError` unless ``part`` holds ``obj``: its size, and its MD5 when the ETag is one.
 
-    ``on_bytes`` gets each chunk's size as it is written, and minus what an attempt had
-    written when a cut-off body is retried. On any failure the ``.part`` file is removed and
-    ``item.dest`` is left as it was.
+    ``not_md5`` holds ETags that look like an MD5 and are not one (SSE-KMS and SSE-C objects).
     """
-    obj = item.obj
-    item.dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        for attempt in range(1, retries + 1):
-            written = 0
-            try:
-                # If-Match: fail rather than mix versions when the object changes during the run.
-                response = client.get_object(Bucket=bucket, Key=obj.key, IfMatch=f'"{obj.etag}"')
-                sse = str(response.get("ServerSideEncryption") or "")
-                digest = (
-                    hashlib.md5(usedforsecurity=False)
-                    if _is_md5(obj.etag) and not sse.startswith("aws:kms") and not response.get("SSECustomerAlgorithm")
-                    else None
-                )
-                with open(item.part, "wb") as out:
-                    for chunk in response["Body"].iter_chunks(chunk_size):
-                        if cancel is not None and cancel.is_set():
-                            raise _Cancelled(obj.key)
-                        out.write(chunk)
-                        if digest is not None:
-                            digest.update(chunk)
-                        written += len(chunk)
-                        if on_bytes is not None:
-                            on_bytes(len(chunk))
-                if written != obj.size:
-                    raise TransferError(f"got {written} of {obj.size} bytes")
-                if digest is not None and digest.hexdigest() != obj.etag:
-                    raise TransferError(f"content does not match its ETag (MD5 {digest.hexdigest()} != {obj.etag})")
-                break
-            except (*_STREAM_ERRORS, TransferError):
-                if on_bytes is not None and written:
-                    on_bytes(-written)
-                if attempt == retries:
-                    raise
-                time.sleep(random.uniform(0, min(0.25 * 2**attempt, 8.0)))  # full-jitter backoff
-        os.replace(item.part, item.dest)
-    except BaseException:
-        item.part.unlink(missing_ok=True)
-        raise
+    size = part.stat().st_size
+    if size != obj.size:
+        raise TransferError(f"got {size} of {obj.size} bytes")
+    if _is_md5(obj.etag) and obj.etag not in not_md5:
+        md5 = file_md5(part)
+        if md5 != obj.etag:
+            raise TransferError(f"content does not match its ETag (MD5 {md5} != {obj.etag})")
+
+
+class _PartFiles(OSUtils):
+    """s3transfer's file operations, with NAME.part as the temporary file, renamed once ``check`` accepts it.
+
+    A fixed name (not s3transfer's random suffix) is overwritten by the next run instead of left
+    behind by a killed one; the check before the rename keeps a file that arrived garbled from
+    ever appearing under its final name.
+    """
+
+    def __init__(self, check: Callable[[Path, Path], None]) -> None:
+        self._check = check
+
+    def get_temp_filename(self, filename: str) -> str:
+        return filename + PART
+
+    def rename_file(self, current_filename: str, new_filename: str) -> None:
+        self._check(Path(current_filename), Path(new_filename))
+        super().rename_file(current_filename, new_filename)
+
+
+class _Attempt(BaseSubscriber):
+    """One attempt at one file, subscribed to its transfer: size and ETag in, bytes and the end out."""
+
+    def __init__(
+        self, item: Item, number: int, count: Callable[[_Attempt, int], None], ended: queue.SimpleQueue
+    ) -> None:
+        self.item = item
+        self.number = number
+        self.count = count
+        self.ended = ended
+        self.bytes = 0
+        self.future: TransferFuture | None = None
+
+    def on_queued(self, future: TransferFuture, **kwargs: Any) -> None:
+        # The listing's size and ETag: no HeadObject, and every ranged GET carries If-Match, so the
+        # file is the version listed or the transfer fails (PreconditionFailed).
+        future.meta.provide_transfer_size(self.item.obj.size)
+        future.meta.provide_object_etag(f'"{self.item.obj.etag}"')
+
+    def on_progress(self, future: TransferFuture, bytes_transferred: int, **kwargs: Any) -> None:
+        self.count(self, bytes_transferred)  # negative when s3transfer retries a body cut off midway
+
+    def on_done(self, future: TransferFuture, **kwargs: Any) -> None:
+        self.future = future
+        self.ended.put(self)
+
+
+def failure(exc: BaseException, bucket: str, key: str, endpoint: str) -> str:
+    """The summary's line for a file that failed."""
+    if isinstance(exc, RetriesExceededError):  # s3transfer gave up on a body cut off again and again
+        exc = exc.last_exception
+    if isinstance(exc, BotoCoreError | ClientError | S3DownloadFailedError):
+        return str(explain(exc, bucket=bucket, key=key, endpoint=endpoint))
+    return f"s3://{bucket}/{key}: {exc}"
 
 
 def download(
@@ -688,54 +699,67 @@ def download(
     *,
     workers: int = 8,
     retries: int = 5,
-    chunk_size: int = CHUNK,
     on_bytes: Callable[[int], None] | None = None,
 ) -> Summary:
-    """Download ``plan.todo`` with ``workers`` parallel transfers and one progress bar in bytes.
+    """Download ``plan.todo`` with boto3's transfer manager: ``workers`` GETs at a time, one progress bar in bytes.
 
+    s3transfer fetches each file (large ones in 8 MiB ranges) into NAME.part, gets a body cut off
+    midway again (``retries`` attempts per GET), and renames the file once :func:`check_part`
+    accepts it; a file that fails the check is downloaded again, ``retries`` times in all.
     Failed files are recorded in the summary, not raised; the manifests are written in the
     end, interrupted or not, so a rerun skips every finished file.
     """
     start = time.monotonic()
     summary = Summary(skipped=len(plan.present), refused=list(plan.refused))
-    cancel = threading.Event()
+    objects = {item.dest: item.obj for item in plan.todo}
+    config = TransferConfig(
+        multipart_threshold=1,  # every GET ranged: s3transfer sends If-Match with ranged GETs only
+        max_concurrency=workers,
+        num_download_attempts=retries,
+        preferred_transfer_client="classic",  # s3transfer, not the CRT, which takes no osutil
+    )
+    files = _PartFiles(lambda part, dest: check_part(part, objects[dest], store.not_md5))
+    ended: queue.SimpleQueue[_Attempt] = queue.SimpleQueue()
     lock = threading.Lock()
     with cli.progress(total=plan.size, unit="B", unit_scale=True, unit_divisor=1024, desc="download") as bar:
 
-        def count(n: int) -> None:
+        def count(attempt: _Attempt, n: int) -> None:
             with lock:
+                attempt.bytes += n
                 bar.update(n)
             if on_bytes is not None:
                 on_bytes(n)
 
-        def transfer(item: Item) -> None:
-            fetch(
-                store.client, plan.bucket, item, chunk_size=chunk_size, retries=retries, cancel=cancel, on_bytes=count
-            )
-            with lock:
-                plan.manifests.setdefault(item.root, {})[item.rel] = manifest_entry(item)
-
         try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
-                futures = {pool.submit(transfer, item): item for item in plan.todo}
-                try:
-                    for future in as_completed(futures):
-                        item = futures[future]
-                        try:
-                            future.result()
-                        except (BotoCoreError, ClientError) as exc:
-                            error = explain(exc, bucket=plan.bucket, key=item.obj.key, endpoint=store.endpoint)
-                            summary.failed[item.obj.key] = str(error)
-                        except (TransferError, OSError) as exc:
-                            summary.failed[item.obj.key] = f"s3://{plan.bucket}/{item.obj.key}: {exc}"
-                        else:
-                            summary.downloaded += 1
-                            summary.bytes += item.obj.size
-                except BaseException:  # Ctrl-C: stop the transfers in flight, keep what is finished
-                    cancel.set()
-                    for future in futures:
-                        future.cancel()
-                    raise
+            # On any exception, Ctrl-C included, leaving the manager cancels the transfers in
+            # flight and waits for them; s3transfer then removes their NAME.part files.
+            with create_transfer_manager(store.client, config, files) as manager:
+
+                def submit(item: Item, number: int) -> None:
+                    item.dest.parent.mkdir(parents=True, exist_ok=True)
+                    attempt = _Attempt(item, number, count, ended)
+                    manager.download(plan.bucket, item.obj.key, str(item.dest), subscribers=[attempt])
+
+                for item in plan.todo:
+                    submit(item, 1)
+                left = len(plan.todo)
+                while left:
+                    attempt = ended.get()
+                    item = attempt.item
+                    try:
+                        attempt.future.result()  # type: ignore[union-attr]
+                    except (BotoCoreError, ClientError, TransferError, OSError, RetriesExceededError,
+                            S3DownloadFailedError, S3ValidationError) as exc:  # fmt: skip
+                        count(attempt, -attempt.bytes)  # the bar counts finished files only
+                        if isinstance(exc, TransferError) and attempt.number < retries:
+                            submit(item, attempt.number + 1)
+                            continue
+                        summary.failed[item.obj.key] = failure(exc, plan.bucket, item.obj.key, store.endpoint)
+                    else:
+                        summary.downloaded += 1
+                        summary.bytes += item.obj.size
+                        plan.manifests.setdefault(item.root, {})[item.rel] = manifest_entry(item)
+                    left -= 1
         finally:
             for root, entries in plan.manifests.items():
                 if root.is_dir():
@@ -841,7 +865,8 @@ def download_prefix(
     ``ask`` (a prompt function such as ``input``) makes the run interactive where the bucket
     or prefix is missing; without it a missing bucket is an error and a missing prefix means
     the whole bucket. ``overwrite`` downloads files even when present. ``on_bytes`` is called
-    with the size of every chunk written (negative when a cut-off attempt is taken back).
+    with the size of every chunk received (negative when an attempt is taken back: a body cut
+    off midway, a file that failed its check).
     """
     bucket, prefix = split_s3_url(args.bucket, args.prefix)
     interactive = ask is not None and (bucket is None or prefix is None)

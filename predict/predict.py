@@ -116,8 +116,9 @@ def predict_raster(
         probs = prob_path if keep else mask_path.with_name(f".{mask_path.stem}.probabilities.tmp.tif")
         try:
             result = _predict_raster(predictor, source, mask_path, probs, args, threshold, bar)
-            seed = default_seed_threshold(threshold, args.seed_threshold)
-            result.polygons = raster_instances(probs, threshold, seed, seed_targets(predictor.info, args))
+            targets = seed_targets(predictor.info, args)
+            seed = default_seed_threshold(threshold, args.seed_threshold, channels=len(targets) > 1)
+            result.polygons = raster_instances(probs, threshold, seed, targets)
         finally:
             if not keep:
                 probs.unlink(missing_ok=True)
