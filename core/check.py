@@ -222,12 +222,13 @@ class Checker:
                 f"the other {rest} raster{'s' * (rest != 1)} there {'have' if rest != 1 else 'has'} {bands} bands of "
                 f"{dtype}: every raster must have the same bands; remove the odd ones or rerun the stage that wrote them"
             )
-        channels = self.settings.load_dataset_args.channels
-        if bands != channels and not self._said("channels"):
+        channels = self.settings.bands
+        if channels is not None and bands != channels and not self._said("channels"):
             self.fatal(
-                f"{what}: {bands} bands ({infos[0].path.name}) but load_dataset_args.channels is {channels} "
-                f"and model_args.input_shape is {list(self.settings.model_args.input_shape)}: set "
-                f"load_dataset_args.channels={bands} and model_args.input_shape[2]={bands}"
+                f"{what}: {bands} bands ({infos[0].path.name}) but the settings say {channels} "
+                f"(load_dataset_args.channels {self.settings.load_dataset_args.channels}, model_args.input_shape "
+                f"{list(self.settings.model_args.input_shape)}): set load_dataset_args.channels={bands}, or null "
+                "with a two-number input_shape to take the chips' count"
             )
 
     def _said(self, topic: str) -> bool:
@@ -343,8 +344,8 @@ class Checker:
             if (rows, cols) != tuple(shape[:2]) and not self._said("input_shape"):
                 self.warn(
                     f"{what}: chips are {cols}x{rows} pixels but model_args.input_shape is {shape}: the network "
-                    f"takes any size, but set model_args.input_shape=[{rows},{cols},{shape[2]}] so settings "
-                    "describe the data"
+                    f"takes any size, but set model_args.input_shape="
+                    f"[{','.join(str(n) for n in (rows, cols, *shape[2:]))}] so settings describe the data"
                 )
 
     def raw(self) -> None:

@@ -60,8 +60,9 @@ def write_index(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def chip_kind(paths: list[Path], channels: int) -> tuple[int, str, float | None]:
-    """Band count, dtype and nodata value shared by the chips; errors when they differ or disagree with settings.
+def chip_kind(paths: list[Path], channels: int | None) -> tuple[int, str, float | None]:
+    """Band count, dtype and nodata value shared by the chips; errors when they differ or disagree with
+    ``channels`` (:attr:`core.settings.Settings.bands`; None: any count).
 
     Chips that declare no nodata (an unpadded chip of imagery without one) agree with any value,
     so the value is that of every chip that declares one, whichever chip comes first.
@@ -78,10 +79,11 @@ def chip_kind(paths: list[Path], channels: int) -> tuple[int, str, float | None]
     if kind is None:
         raise ValueError("chip_kind needs at least one chip")
     (bands, dtype), example = kind, Path(paths[0])
-    if bands != channels:
+    if channels is not None and bands != channels:
         raise DataError(
-            f"the chips have {bands} bands ({example.name}) but load_dataset_args.channels is {channels}: set "
-            f"load_dataset_args.channels and model_args.input_shape[2] to {bands}"
+            f"the chips have {bands} bands ({example.name}) but the settings say {channels} "
+            f"(load_dataset_args.channels or model_args.input_shape[2]): set load_dataset_args.channels to {bands}, "
+            "or to null with model_args.input_shape [rows, cols] to take the chips' count"
         )
     if len(nodatas) > 1:
         raise DataError(

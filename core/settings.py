@@ -130,7 +130,12 @@ class LoadDatasetArgs(Section):
         None, description="Legacy, ignored: masks are always read from the masks folder beside the frames."
     )
     mask_color: Literal["grayscale"] = Field("grayscale", description="Masks are single-band 0/255 rasters.")
-    channels: int = Field(8, ge=1, description="Bands per chip; must equal model_args.input_shape[2].")
+    channels: int | None = Field(
+        None,
+        ge=1,
+        description="Bands per chip; null = the chips' band count. Set it to insist on one: training refuses chips "
+        "with another count (model_args.input_shape's third number, when given, must agree).",
+    )
     data_format: Literal["channels_last"] = Field("channels_last", description="Array layout fed to the network.")
     normalization: Literal["percentile", "zscore"] = Field(
         "percentile",
@@ -158,10 +163,11 @@ class ModelArgs(Section):
         description="satellite: the original pipeline's U-Net built from the fields below; "
         "custom: keras-unet's custom_unet.",
     )
-    input_shape: tuple[int, int, int] = Field(
-        (256, 256, 8),
-        description="[rows, cols, bands] of a training chip; bands must equal load_dataset_args.channels. "
-        "The model accepts any size: inputs are padded to a multiple of 2**num_layers.",
+    input_shape: tuple[int, int] | tuple[int, int, int] = Field(
+        (256, 256),
+        description="[rows, cols] of a training chip, or [rows, cols, bands] (bands as load_dataset_args.channels: "
+        "say the band count in either place, or in neither to take it from the chips). The model accepts any "
+        "size: inputs are padded to a multiple of 2**num_layers.",
     )
     num_classes: int = Field(
         1,
@@ -712,13 +718,20 @@ class Settings(Section):
             raise ValueError(f"experiment must be a plain folder name, got {value!r}")
         return value
 
+    @property
+    def bands(self) -> int | None:
+        """The band count the settings insist on (load_dataset_args.channels, else model_args.input_shape's third
+        number); None: whatever the chips have."""
+        shape = self.model_args.input_shape
+        return self.load_dataset_args.channels or (shape[2] if len(shape) == 3 else None)
+
     @model_validator(mode="after")
     def _cross_field(self) -> Settings:
-        bands = self.model_args.input_shape[2]
-        if bands != self.load_dataset_args.channels:
+        shape, channels = self.model_args.input_shape, self.load_dataset_args.channels
+        if len(shape) == 3 and channels is not None and shape[2] != channels:
             raise ValueError(
-                f"model_args.input_shape[2] is {bands} but load_dataset_args.channels is "
-                f"{self.load_dataset_args.channels}: set both to the band count of your imagery"
+                f"model_args.input_shape[2] is {shape[2]} but load_dataset_args.channels is {channels}: say the band "
+                "count once (load_dataset_args.channels), or in neither place to take it from the chips"
             )
         if self.chip_args.stride is not None and self.chip_args.stride > self.chip_args.size:
             log.debug("chip_args.stride > size: chips leave gaps between them")

@@ -41,7 +41,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
-from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import (
@@ -59,6 +58,7 @@ from botocore.exceptions import (
 )
 from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError, S3ValidationError
 from s3transfer.futures import TransferFuture
+from s3transfer.manager import TransferConfig, TransferManager
 from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import OSUtils
 
@@ -624,55 +624,46 @@ def describe(plan: Plan) -> str:
 # --- transfers -----------------------------------------------------------------------------------
 
 
-def check_part(part: Path, obj: S3Object, not_md5: Container[str] = ()) -> None:
-    """Raise :class:`TransferError` unless ``part`` holds ``obj``: its size, and its MD5 when the ETag is one.
-
-    ``not_md5`` holds ETags that look like an MD5 and are not one (SSE-KMS and SSE-C objects).
-    """
-    size = part.stat().st_size
-    if size != obj.size:
-        raise TransferError(f"got {size} of {obj.size} bytes")
-    if _is_md5(obj.etag) and obj.etag not in not_md5:
-        md5 = file_md5(part)
-        if md5 != obj.etag:
-            raise TransferError(f"content does not match its ETag (MD5 {md5} != {obj.etag})")
-
-
 class _PartFiles(OSUtils):
-    """s3transfer's file operations, with NAME.part as the temporary file, renamed once ``check`` accepts it.
+    """s3transfer's file operations: NAME.part as the temporary file, renamed only once it holds the object.
 
-    A fixed name (not s3transfer's random suffix) is overwritten by the next run instead of left
-    behind by a killed one; the check before the rename keeps a file that arrived garbled from
-    ever appearing under its final name.
+    A fixed name is overwritten by the next run, not left behind by a killed one as s3transfer's
+    random suffix would be; the check before the rename keeps a garbled file from ever
+    appearing under its final name.
     """
 
-    def __init__(self, check: Callable[[Path, Path], None]) -> None:
-        self._check = check
+    def __init__(self, objects: dict[str, S3Object], not_md5: Container[str]) -> None:
+        self.objects = objects
+        self.not_md5 = not_md5
 
     def get_temp_filename(self, filename: str) -> str:
         return filename + PART
 
     def rename_file(self, current_filename: str, new_filename: str) -> None:
-        self._check(Path(current_filename), Path(new_filename))
+        obj, size = self.objects[new_filename], Path(current_filename).stat().st_size
+        if size != obj.size:
+            raise TransferError(f"got {size} of {obj.size} bytes")
+        if _is_md5(obj.etag) and obj.etag not in self.not_md5:
+            md5 = file_md5(Path(current_filename))
+            if md5 != obj.etag:
+                raise TransferError(f"content does not match its ETag (MD5 {md5} != {obj.etag})")
         super().rename_file(current_filename, new_filename)
 
 
+@dataclass(eq=False)
 class _Attempt(BaseSubscriber):
-    """One attempt at one file, subscribed to its transfer: size and ETag in, bytes and the end out."""
+    """One attempt at one file, subscribed to its transfer: the listed size and ETag in, bytes and the end out."""
 
-    def __init__(
-        self, item: Item, number: int, count: Callable[[_Attempt, int], None], ended: queue.SimpleQueue
-    ) -> None:
-        self.item = item
-        self.number = number
-        self.count = count
-        self.ended = ended
-        self.bytes = 0
-        self.future: TransferFuture | None = None
+    item: Item
+    number: int
+    count: Callable[[_Attempt, int], None]
+    ended: queue.SimpleQueue
+    bytes: int = 0
+    future: TransferFuture | None = None
 
     def on_queued(self, future: TransferFuture, **kwargs: Any) -> None:
-        # The listing's size and ETag: no HeadObject, and every ranged GET carries If-Match, so the
-        # file is the version listed or the transfer fails (PreconditionFailed).
+        # No HeadObject; and every ranged GET carries If-Match, so the file is the listed version
+        # or the transfer fails with PreconditionFailed.
         future.meta.provide_transfer_size(self.item.obj.size)
         future.meta.provide_object_etag(f'"{self.item.obj.etag}"')
 
@@ -684,9 +675,9 @@ class _Attempt(BaseSubscriber):
         self.ended.put(self)
 
 
-def failure(exc: BaseException, bucket: str, key: str, endpoint: str) -> str:
+def failure(exc: Exception, bucket: str, key: str, endpoint: str) -> str:
     """The summary's line for a file that failed."""
-    if isinstance(exc, RetriesExceededError):  # s3transfer gave up on a body cut off again and again
+    if isinstance(exc, RetriesExceededError):  # s3transfer gave up on a body cut off each time
         exc = exc.last_exception
     if isinstance(exc, BotoCoreError | ClientError | S3DownloadFailedError):
         return str(explain(exc, bucket=bucket, key=key, endpoint=endpoint))
@@ -701,24 +692,23 @@ def download(
     retries: int = 5,
     on_bytes: Callable[[int], None] | None = None,
 ) -> Summary:
-    """Download ``plan.todo`` with boto3's transfer manager: ``workers`` GETs at a time, one progress bar in bytes.
+    """Download ``plan.todo`` with boto3's transfer manager, ``workers`` GETs at a time, one progress bar in bytes.
 
-    s3transfer fetches each file (large ones in 8 MiB ranges) into NAME.part, gets a body cut off
-    midway again (``retries`` attempts per GET), and renames the file once :func:`check_part`
-    accepts it; a file that fails the check is downloaded again, ``retries`` times in all.
-    Failed files are recorded in the summary, not raised; the manifests are written in the
-    end, interrupted or not, so a rerun skips every finished file.
+    s3transfer writes each file to NAME.part (large ones in 8 MiB ranges), gets a body cut off
+    midway again (``retries`` attempts per GET) and renames the file once its size and MD5 are
+    right; a file that fails that check is downloaded again, ``retries`` times in all. Failed
+    files are recorded in the summary, not raised; the manifests are written in the end,
+    interrupted or not, so a rerun skips every finished file.
     """
     start = time.monotonic()
     summary = Summary(skipped=len(plan.present), refused=list(plan.refused))
-    objects = {item.dest: item.obj for item in plan.todo}
     config = TransferConfig(
         multipart_threshold=1,  # every GET ranged: s3transfer sends If-Match with ranged GETs only
-        max_concurrency=workers,
+        max_request_concurrency=workers,
+        max_submission_concurrency=1,  # GETs start in the plan's order
         num_download_attempts=retries,
-        preferred_transfer_client="classic",  # s3transfer, not the CRT, which takes no osutil
     )
-    files = _PartFiles(lambda part, dest: check_part(part, objects[dest], store.not_md5))
+    files = _PartFiles({str(item.dest): item.obj for item in plan.todo}, store.not_md5)
     ended: queue.SimpleQueue[_Attempt] = queue.SimpleQueue()
     lock = threading.Lock()
     with cli.progress(total=plan.size, unit="B", unit_scale=True, unit_divisor=1024, desc="download") as bar:
@@ -731,9 +721,9 @@ def download(
                 on_bytes(n)
 
         try:
-            # On any exception, Ctrl-C included, leaving the manager cancels the transfers in
-            # flight and waits for them; s3transfer then removes their NAME.part files.
-            with create_transfer_manager(store.client, config, files) as manager:
+            # Leaving the manager on an exception (Ctrl-C too) cancels the transfers in flight and
+            # waits for them; s3transfer removes their NAME.part files.
+            with TransferManager(store.client, config, files) as manager:
 
                 def submit(item: Item, number: int) -> None:
                     item.dest.parent.mkdir(parents=True, exist_ok=True)

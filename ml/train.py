@@ -151,7 +151,7 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
     out, bundle = tree.model_dir(kind), tree.bundle(kind)
     refuse_overwrite([bundle / BUNDLE_JSON], overwrite, f"train --model {kind}")
     train_pairs, val_pairs = split_pairs(tree, "train"), split_pairs(tree, "val")
-    bands, dtype, nodata = chip_kind([p[0] for p in train_pairs + val_pairs], settings.load_dataset_args.channels)
+    bands, dtype, nodata = chip_kind([p[0] for p in train_pairs + val_pairs], settings.bands)
     spec = FeatureSpec(bands=bands, indices=args.indices, texture_windows=tuple(args.texture_windows))
     method = settings.load_dataset_args.normalization
 

@@ -428,6 +428,7 @@ def test_ctrl_c_cancels_the_transfers_in_flight(bucket, moto_endpoint, data_tree
         if not pressed:
             pressed.append(n)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(1)  # hold this transfer midway while the main thread cancels it
 
     with pytest.raises(KeyboardInterrupt):
         dl.download_prefix(args, data_tree, on_bytes=ctrl_c)

@@ -48,9 +48,12 @@ def test_band_count_or_type_differs(tmp_path) -> None:
 def test_channels_setting_must_match(tmp_path) -> None:
     chips = [write_geotiff(tmp_path / "x1.tif"), write_geotiff(tmp_path / "x2.tif")]
     with pytest.raises(
-        DataError, match=r"^the chips have 3 bands \(x1\.tif\) but load_dataset_args\.channels is 8: set"
+        DataError,
+        match=r"^the chips have 3 bands \(x1\.tif\) but the settings say 8 \(load_dataset_args\.channels or "
+        r"model_args\.input_shape\[2\]\): set load_dataset_args\.channels to 3, or to null",
     ):
         chip_kind(chips, 8)
+    assert chip_kind(chips, None)[0] == 3  # no band count in the settings: the chips'
 
 
 def test_split_pairs_pairs_by_name_and_says_what_to_run(tmp_path) -> None:

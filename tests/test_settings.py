@@ -16,7 +16,8 @@ def test_repo_settings_load():
     settings = load_settings()
     assert isinstance(settings, Settings)
     assert settings == load_settings(DEFAULT_SETTINGS_PATH)
-    assert settings.model_args.input_shape[2] == settings.load_dataset_args.channels
+    assert settings.load_dataset_args.channels is None and settings.model_args.input_shape == (256, 256)
+    assert settings.bands is None  # the band count comes from the chips
 
 
 def test_original_settings_validate_unchanged(original_settings, write_settings, caplog):
@@ -149,7 +150,20 @@ def test_input_shape_must_match_channels(original_settings, write_settings):
     with pytest.raises(SettingsError) as info:
         load_settings(write_settings(original_settings))
     message = str(info.value)
-    assert "model_args.input_shape[2] is 4 but load_dataset_args.channels is 3" in message
+    assert "model_args.input_shape[2] is 4 but load_dataset_args.channels is 3: say the band count once" in message
+
+
+@pytest.mark.parametrize(
+    "channels, shape, bands",
+    [(None, [64, 64], None), (None, [64, 64, 4], 4), (5, [64, 64], 5), (5, [64, 64, 5], 5)],
+)
+def test_band_count_said_once_or_never(write_settings, channels, shape, bands):
+    """One place is enough (channels or input_shape's third number), none takes the chips' count."""
+    settings = load_settings(
+        write_settings({"load_dataset_args": {"channels": channels}, "model_args": {"input_shape": shape}})
+    )
+    assert settings.bands == bands
+    assert settings.model_args.input_shape == tuple(shape)
 
 
 def test_split_fractions_must_sum_to_one(settings_file):
@@ -254,8 +268,8 @@ def test_default_experiment_is_today(settings_file):
 
 def test_empty_file_is_all_defaults(write_settings):
     settings = load_settings(write_settings({}))
-    assert settings.model_args.input_shape == (256, 256, 8)
-    assert settings.load_dataset_args.channels == 8
+    assert settings.model_args.input_shape == (256, 256)
+    assert settings.load_dataset_args.channels is None and settings.bands is None
 
 
 @pytest.mark.parametrize("name", ["a/b", "a\\b", "..", "."])

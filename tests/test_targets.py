@@ -327,7 +327,8 @@ def test_a_unet_trained_on_three_bands_predicts_them_and_seeds_with_them(tmp_pat
                          nodata=0)  # fmt: skip
             write_raster(data / f"{split}_masks" / f"{split}_{i}.tif", bands, crs="EPSG:32644", transform=TRANSFORM,
                          descriptions=("footprint", "boundary", "contact"))  # fmt: skip
-    sets = ["load_dataset_args.channels=3", "model_args.input_shape=[64,64,3]", "model_args.filters=8",
+    # No band count in the settings: the U-Net takes the chips' 3 bands.
+    sets = ["load_dataset_args.channels=null", "model_args.input_shape=[64,64]", "model_args.filters=8",
             "model_args.upconv_filters=8", "model_args.num_layers=2", "load_dataset_args.batch_size=4",
             "training_args.epochs=12", "training_args.steps_per_epoch=3", "training_args.learning_rate=0.003",
             "training_args.verbose=0", f"data_root={data}", f"training_args.results_folder={tmp_path / 'results'}",
@@ -339,7 +340,7 @@ def test_a_unet_trained_on_three_bands_predicts_them_and_seeds_with_them(tmp_pat
     assert train_main([*argv, "--model", "unet"]) == 0
     tree = DataTree.from_settings(load_settings(settings_file, sets))
     info = json.loads((tree.bundle("unet") / "bundle.json").read_text())
-    assert info["targets"] == ["footprint", "boundary", "contact"]
+    assert info["targets"] == ["footprint", "boundary", "contact"] and info["bands"] == 3
     metrics = json.loads((tree.model_dir("unet") / "metrics.json").read_text())
     assert metrics["pixel"]["iou"] >= 0.5
     assert predict_main([*argv, "--model", "unet"]) == 0

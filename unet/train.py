@@ -200,7 +200,7 @@ def train_unet(
     train_frames, train_masks = [c for c, _ in train_pairs], [m for _, m in train_pairs]
     val_frames, val_masks = [c for c, _ in val_pairs], [m for _, m in val_pairs]
     # One nodata value for the normalization: the one every chip that declares one agrees on.
-    bands, dtype, nodata = chip_kind(train_frames + val_frames, settings.load_dataset_args.channels)
+    bands, dtype, nodata = chip_kind(train_frames + val_frames, settings.bands)
 
     from unet.datagen import mask_targets
 
