@@ -358,7 +358,13 @@ class DownloadArgs(Section):
     region: str | None = Field(None, description="AWS region; null = the profile's or environment's.")
     profile: str | None = Field(None, description="AWS credentials profile name (~/.aws/credentials, ~/.aws/config).")
     anonymous: bool = Field(False, description="Unsigned requests, for public buckets; no credentials needed.")
-    workers: int = Field(8, ge=1, le=64, description="Parallel transfers.")
+    workers: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Parallel GET requests (s3transfer's max_request_concurrency): files, and the 8 MiB ranges "
+        "of large files.",
+    )
     target: Literal["raw", "labels"] = Field("raw", description="data/ folder imagery goes to.")
     keep_folders: bool = Field(
         False,
@@ -366,7 +372,11 @@ class DownloadArgs(Section):
         "as the later stages read raw/ and labels/ (two keys with one file name are then an error).",
     )
     retries: int = Field(
-        5, ge=1, le=20, description="Attempts per request, with exponential backoff, for transient errors."
+        5,
+        ge=1,
+        le=20,
+        description="Attempts per request, with exponential backoff, for transient errors; also per GET whose "
+        "body is cut off (s3transfer's num_download_attempts) and per file that fails its size or MD5 check.",
     )
     connect_timeout: float = Field(
         10.0, gt=0, description="Seconds to wait for a connection; the first request waits at most 5."
