@@ -28,9 +28,9 @@ from core import cli
 from core.bundle import BUNDLE_JSON
 from core.check import CheckError, Finding, run_checks
 from core.contract import outdated, status
-from core.report import MODEL_ORDER, metrics_table
 from core.settings import Settings, legacy_in_use, load_settings
 from core.tree import DataTree
+from evaluate.report import MODEL_ORDER, metrics_table
 
 log = logging.getLogger("pipeline")
 

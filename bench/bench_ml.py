@@ -48,7 +48,7 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 
 def make_chips(root: Path, count: int) -> int:
     """Write ``count`` chips and masks (the scene's, rotated when repeated); return their valid values (pixels x bands)."""
-    from sample.sample import generate_scene
+    from sample.scene import generate_scene
 
     scene = generate_scene(seed=0, tiles=2, tile_size=512)
     metal = scene.roofs[scene.roofs["roof_type"] == "metal"]

@@ -37,10 +37,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from core.parallel import connect, map_tasks
+from core.parallel import connect_scheduler, map_tasks
 from core.raster import band_statistics
 from core.settings import ParallelArgs, load_settings
-from sample.sample import generate_scene, write_scene
+from sample.scene import generate_scene, write_scene
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -104,7 +104,7 @@ def noop_overhead(n: int, address: str) -> dict[str, float]:
         res[name + " (1 task)"] = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(5):
-        connect(address).close()
+        connect_scheduler(address).close()
     res["connect"] = (time.perf_counter() - started) / 5
     return res
 

@@ -36,7 +36,7 @@ import shapely
 from affine import Affine
 
 from core.raster import create_raster, gtiff_profile, write_raster
-from sample.sample import generate_scene
+from sample.scene import generate_scene
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable

@@ -38,7 +38,7 @@ from core.bundle import BundleInfo, Normalization, load_predictor
 from core.raster import band_statistics, create_raster, gtiff_profile, read_raster, write_raster
 from core.settings import CPU_PREDICT_BATCH, CPU_TRAIN_BATCH, load_settings
 from predict.predict import plan_windows, predict_all
-from sample.sample import generate_scene
+from sample.scene import generate_scene
 from unet import bundle as unet_bundle
 from unet.datagen import ChipSequence, read_mask
 from unet.losses import bce_dice

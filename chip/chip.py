@@ -182,7 +182,7 @@ def chip_sources(
     tree.chips.mkdir(parents=True, exist_ok=True)
     # Work goes out in batches of chips of one source: one open per batch, fewer round trips.
     batches = [tuple(group[i : i + _BATCH]) for group in _by_source(tasks) for i in range(0, len(group), _BATCH)]
-    results = map_tasks(make_chips, batches, parallel, desc="chip", unit="batch")
+    results = map_tasks(make_chips, batches, parallel, desc="chip", unit="batch", progress=cli.progress)
     rows = [r for batch in results for r in batch if r is not None]
     if not rows:
         raise DataError(no_chips_message(sources, args, len(tasks)))
@@ -240,7 +240,7 @@ def chip_stage(
     if run.skip:
         run.say_skip()
         return read_index(tree.chips_csv)
-    sources = resolve_sources(tree, settings.chip_args, given)
+    sources = resolve_inputs(tree, settings.chip_args, given)
     # Plan first: it opens every source, so an unreadable one fails before old chips are deleted;
     # so do chips too large for every source (they could only be padding).
     tasks = plan_chips(sources, tree, settings.chip_args, reuse=run.resume)
@@ -259,7 +259,7 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def resolve_sources(tree: DataTree, args: ChipArgs, given: Path | None) -> list[Path]:
+def resolve_inputs(tree: DataTree, args: ChipArgs, given: Path | None) -> list[Path]:
     """The rasters to chip: --input (a raster or a folder), else the mosaic or raw/."""
     if given is not None:
         if given.is_dir():

@@ -35,6 +35,7 @@ from rasterio.windows import Window
 
 from core.bundle import BUNDLE_JSON, BundleError, read_info
 from core.errors import CheckError, LabelError, PipelineError, RasterError
+from core.files import human_size
 from core.raster import open_raster, valid_pixels
 from core.settings import Settings
 from core.tree import DataTree
@@ -500,12 +501,12 @@ class Checker:
             free = shutil.disk_usage(anchor).free
             if free < need:
                 self.fatal(
-                    f"too little disk space: {_size(free)} free on {anchor}, the next stages need about {_size(need)}: "
+                    f"too little disk space: {human_size(free)} free on {anchor}, the next stages need about {human_size(need)}: "
                     "free some space, or move data_root, training_args.results_folder or predict_args.output"
                 )
             elif free < 2 * need:
                 self.warn(
-                    f"disk space is short: {_size(free)} free on {anchor}, the next stages write about {_size(need)}"
+                    f"disk space is short: {human_size(free)} free on {anchor}, the next stages write about {human_size(need)}"
                 )
 
     def _need(self, stage: str, predict: list[RasterInfo]) -> tuple[Path, int]:
@@ -547,14 +548,6 @@ def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def run_checks(

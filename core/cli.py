@@ -169,3 +169,11 @@ def _handle_sigterm() -> Callable[[], None]:
         return lambda: None
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def unshadow_package(script: str) -> None:
+    """Let a stage script import its own package: ``python evaluate/evaluate.py`` puts evaluate/ first on
+    sys.path, where ``import evaluate`` finds the script instead of the package. Drops that entry, as
+    ``python -P`` would; call it under ``if __name__ == "__main__"`` before importing the package."""
+    if sys.path and Path(sys.path[0]).resolve() == Path(script).resolve().parent:
+        del sys.path[0]

@@ -1,4 +1,5 @@
-"""Files written whole or not at all: every output of the pipeline goes through :func:`atomic_path`.
+"""Files written whole or not at all: every output of the pipeline goes through :func:`atomic_path`;
+and :func:`human_size`, how messages say a size in bytes.
 
 Kept apart from the raster code: seventeen modules write through it, most of them no raster.
 """
@@ -46,3 +47,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         for leftover in (tmp_path, tmp_path.with_name(tmp_path.name + ".aux.xml")):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
+
+
+def human_size(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -33,7 +33,6 @@ from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from core.cli import progress
 from core.errors import PipelineError
 from core.settings import ParallelArgs
 
@@ -64,6 +63,15 @@ def worker_count(parallel: ParallelArgs) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: A progress bar around an iterable, called as ``progress(iterable, total=, desc=, unit=)``:
+#: the stages pass ``core.cli.progress``, which knows whether bars are on (--quiet, a terminal).
+Progress = Callable[..., Iterable[Any]]
+
+
+def _no_bar(iterable: Iterable[T], **_: Any) -> Iterable[T]:
+    return iterable
+
+
 def map_tasks(
     func: Callable[[T], R],
     items: Sequence[T] | Iterable[T],
@@ -71,6 +79,7 @@ def map_tasks(
     *,
     desc: str = "",
     unit: str = "tile",
+    progress: Progress = _no_bar,
 ) -> list[R]:
     """Run ``func`` on every item and return the results in input order.
 
@@ -80,10 +89,11 @@ def map_tasks(
         parallel: the ``parallel`` settings section.
         desc: progress bar label.
         unit: progress bar unit.
+        progress: the progress bar, e.g. ``core.cli.progress``; none by default.
     """
     items = list(items)
     if parallel.scheduler:
-        return _map_dask(func, items, parallel.scheduler, desc=desc, unit=unit)
+        return _map_dask(func, items, parallel.scheduler, desc=desc, unit=unit, progress=progress)
     workers = min(worker_count(parallel), len(items)) if items else 1
     if workers <= 1:
         return [func(item) for item in progress(items, desc=desc, unit=unit)]
@@ -182,7 +192,7 @@ def _run_task(func: Callable[[T], R], item: T) -> R | _Failed:
         return _Failed(exc)
 
 
-def connect(address: str) -> Client:
+def connect_scheduler(address: str) -> Client:
     """A client of the Dask scheduler at ``address`` with at least one worker, or a PipelineError."""
     from distributed import Client
     from distributed.comm import get_address_host_port
@@ -214,14 +224,16 @@ def connect(address: str) -> Client:
     return client
 
 
-def _map_dask(func: Callable[[T], R], items: list[T], address: str, *, desc: str, unit: str) -> list[R]:
+def _map_dask(
+    func: Callable[[T], R], items: list[T], address: str, *, desc: str, unit: str, progress: Progress
+) -> list[R]:
     """Run the items as tasks on the cluster at ``address``; results in input order."""
     from distributed import KilledWorker
     from distributed import as_completed as dask_completed
 
     if not items:
         return []
-    client = connect(address)
+    client = connect_scheduler(address)
     try:
         run = uuid.uuid4().hex[:8]
         name = desc or getattr(func, "__name__", "task")

@@ -64,7 +64,7 @@ from s3transfer.utils import OSUtils
 
 from core import cli
 from core.errors import DownloadError
-from core.files import atomic_path
+from core.files import atomic_path, human_size
 from core.settings import DownloadArgs, Settings
 from core.tree import DataTree
 
@@ -171,15 +171,6 @@ class Store:
 
 
 # --- names and paths -----------------------------------------------------------------------------
-
-
-def human_size(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def plural(n: int, word: str) -> str:

@@ -43,7 +43,11 @@ import pandas as pd
 import shapely
 from rasterio.transform import from_bounds
 
-from core import cli
+from core import cli  # first: it makes `import evaluate` find the package
+
+if __name__ == "__main__":
+    cli.unshadow_package(__file__)
+
 from core.bundle import BUNDLE_JSON, KINDS, read_info
 from core.contract import begin, read_record
 from core.errors import DataError, LabelError
@@ -61,11 +65,11 @@ from core.polygons import (
     write_spacenet_csv,
 )
 from core.raster import open_raster, read_mask, read_raster, read_truth, rgb_preview, same_transform, valid_pixels
-from core.report import evaluation_dir, write_report, write_summary
 from core.settings import EvaluateArgs, Settings
 from core.stages import refuse_leaky_bundle, spec_of
 from core.tree import DataTree, require
 from core.vector import at_least_m2, clip_to, load_labels
+from evaluate.report import evaluation_dir, write_experiments_table, write_report
 
 log = logging.getLogger(__name__)
 
@@ -644,7 +648,7 @@ def evaluate_model(
         log.info("evaluate: %s roofs with %s %s: polygon F1 %.3f (%d matched, %d false, %d missed)",
                  model, args.group_by, value, g["f1"], g["tp"], g["fp"], g["fn"])  # fmt: skip
     run.finish(pixel_iou=p["iou"], object_f1=o["f1"], chips=len(result.chips))
-    write_summary(tree.results_root)
+    write_experiments_table(tree.results_root)
     report = write_report(settings, tree)
     log.info("evaluate: report %s", report)
     return record

@@ -34,7 +34,11 @@ from affine import Affine
 from pyproj import CRS, Transformer
 from rasterio.crs import CRS as RasterioCRS
 
-from core import cli
+from core import cli  # first: it makes `import flatten` find the package
+
+if __name__ == "__main__":
+    cli.unshadow_package(__file__)
+
 from core.contract import begin
 from core.errors import DataError, InputMissingError
 from core.files import atomic_path
@@ -43,7 +47,7 @@ from core.parallel import map_tasks
 from core.raster import common_kind, open_raster, read_pair, valid_pixels
 from core.settings import FlattenArgs, ParallelArgs, Settings
 from core.tree import DataTree, refuse_overwrite
-from ml.table import LONG_COLUMNS, band_column, table_name, wide_columns
+from flatten.table import LONG_COLUMNS, band_column, table_name, wide_columns
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,9 @@ def _to_lonlat(crs_wkt: str) -> Transformer:
     return Transformer.from_crs(CRS.from_wkt(crs_wkt), CRS.from_epsg(4326), always_xy=True)
 
 
-def _read_pair(frame: Path, mask: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, Affine, RasterioCRS | None]:
+def _read_image_valid_roof_georef(
+    frame: Path, mask: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Affine, RasterioCRS | None]:
     """Chip pixels, its pixels to use (valid and of known class), the roof mask, transform and CRS."""
     data, roof, known, profile = read_pair(frame, mask)
     return data, valid_pixels(data, profile["nodata"]) & known, roof, profile["transform"], profile["crs"]
@@ -98,8 +104,8 @@ def chip_table(
     background_keep: float = 1.0,
     rng: np.random.Generator | None = None,
 ) -> pa.Table:
-    """One chip's rows of the flat table (see ml.table for the columns), pixels in row-major order."""
-    data, valid, roof, transform, crs = _read_pair(frame, mask)
+    """One chip's rows of the flat table (see flatten.table for the columns), pixels in row-major order."""
+    data, valid, roof, transform, crs = _read_image_valid_roof_georef(frame, mask)
     if crs is None:
         raise DataError(f"{frame} has no CRS, so latitude and longitude are unknown: chip georeferenced imagery")
     keep = select_pixels(valid, roof, roof_keep, background_keep, rng or np.random.default_rng(0))
@@ -169,7 +175,7 @@ def flatten_chip(task: FlattenTask) -> tuple[int, int]:
 
 def count_classes(pair: tuple[str, str]) -> tuple[int, int]:
     """(roof, background) valid pixels of one chip and its mask."""
-    _, valid, roof, _, _ = _read_pair(Path(pair[0]), Path(pair[1]))
+    _, valid, roof, _, _ = _read_image_valid_roof_georef(Path(pair[0]), Path(pair[1]))
     n_roof = int(np.count_nonzero(valid & roof))
     return n_roof, int(np.count_nonzero(valid)) - n_roof
 
@@ -180,7 +186,9 @@ def keep_probabilities(
     """Probabilities of keeping a roof and a background pixel, from sample_fraction and balance."""
     if args.balance is None:
         return args.sample_fraction, args.sample_fraction
-    counts = map_tasks(count_classes, [(str(f), str(m)) for f, m in pairs], parallel, desc="count", unit="chip")
+    counts = map_tasks(
+        count_classes, [(str(f), str(m)) for f, m in pairs], parallel, desc="count", unit="chip", progress=cli.progress
+    )
     roof, background = (sum(c[i] for c in counts) for i in (0, 1))
     if roof == 0:
         raise DataError(
@@ -298,7 +306,7 @@ def flatten_chips(
         )
         for i, (frame, mask) in enumerate(pairs)
     ]
-    counts = map_tasks(flatten_chip, tasks, parallel, desc="flatten", unit="chip")
+    counts = map_tasks(flatten_chip, tasks, parallel, desc="flatten", unit="chip", progress=cli.progress)
     pixels, roof = sum(c[0] for c in counts), sum(c[1] for c in counts)
     if pixels == 0:
         shutil.rmtree(parts_dir)

@@ -146,7 +146,7 @@ def mask_chips(
     """
     index, tasks, gdf, label_path = plan or plan_masks(tree, args, compression=compression, reuse=resume)
     tree.masks.mkdir(parents=True, exist_ok=True)
-    shares = map_tasks(burn_mask, tasks, parallel, desc="mask", unit="chip")
+    shares = map_tasks(burn_mask, tasks, parallel, desc="mask", unit="chip", progress=cli.progress)
     # Tasks were grouped by CRS: match results to rows by file name.
     by_file = {Path(t.out).name: share for t, share in zip(tasks, shares, strict=True)}
     # A resumed run is the same run: the split made from it still holds. A new one drops it.

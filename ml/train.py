@@ -32,10 +32,10 @@ from core.metrics import ThresholdSearch, combine, metrics_record, validate_pair
 from core.raster import band_statistics, read_pair, valid_pixels
 from core.settings import Settings, dump_settings
 from core.tree import DataTree, refuse_overwrite
+from flatten.table import TableInfo, find_table, inspect_table, iter_chunks, iter_pixels, table_statistics
 from ml.bundle import save_model
 from ml.features import FeatureSpec, chip_features, pixel_features
 from ml.models import CLASSICAL, build_model, plot_weights
-from ml.table import TableInfo, find_table, inspect_table, iter_chunks, iter_pixels, table_statistics
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _draw(roof: np.ndarray, valid: np.ndarray, shares: tuple[float, float], rng:
     return valid & np.where(roof, draw < shares[0], draw < shares[1])
 
 
-def _read_pair(pair: Pair, nodata: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_image_roof_valid(pair: Pair, nodata: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     chw, roof, known, _ = read_pair(*pair)
     return chw, roof, valid_pixels(chw, nodata) & known
 
@@ -78,12 +78,12 @@ def sample_chips(pairs: list[Pair], normalization: Normalization, spec: FeatureS
     """Draw training pixels from chips (see module doc); features from :func:`chip_features` on whole chips."""
     counts = []
     for pair in cli.progress(pairs, desc="count", unit="chip"):
-        _, roof, valid = _read_pair(pair, normalization.nodata)
+        _, roof, valid = _read_image_roof_valid(pair, normalization.nodata)
         counts.append((int(np.count_nonzero(roof & valid)), int(np.count_nonzero(~roof & valid))))
     shares = keep_shares(sum(c[0] for c in counts), sum(c[1] for c in counts), budget)
     parts: list[tuple[np.ndarray, ...]] = []
     for i, pair in enumerate(cli.progress(pairs, desc="features", unit="chip")):
-        chw, roof, valid = _read_pair(pair, normalization.nodata)
+        chw, roof, valid = _read_image_roof_valid(pair, normalization.nodata)
         keep = _draw(roof, valid, shares, np.random.default_rng([seed, i]))
         if not keep.any():
             continue

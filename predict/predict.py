@@ -468,7 +468,7 @@ def predict_all(
             )
             for path in inputs
         ]
-        results = map_tasks(predict_task, tasks, parallel, desc="predict", unit="raster")
+        results = map_tasks(predict_task, tasks, parallel, desc="predict", unit="raster", progress=cli.progress)
     else:
         predictor = load_predictor(bundle)
         args = with_batch(args, predictor)

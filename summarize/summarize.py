@@ -34,7 +34,7 @@ from core.index import missing_masks
 from core.raster import CLASSES, DEFAULT_PERCENTILES, ClassBandStats, class_band_statistics
 from core.settings import Settings
 from core.tree import DataTree, refuse_overwrite
-from ml.table import find_table, table_statistics
+from flatten.table import find_table, table_statistics
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def plot_overlays(stats: ClassBandStats, bins: int, path: Path) -> Path:
     return path
 
 
-def write_summary(
+def write_stats_and_histograms(
     stats: ClassBandStats, folder: Path, bins: int, source: str, labelled: bool, **extra: Any
 ) -> dict[str, Any]:
     """Write stats.json and the PNGs into ``folder``; return the stats record."""
@@ -156,13 +156,13 @@ def summarize(
         if missing:
             raise InputMissingError(f"chip {missing[0]} has no mask in {masks}: run python split/split.py")
         stats = class_band_statistics(chips, [masks / c.name for c in chips])
-        record = write_summary(stats, tree.summary, args.bins, str(frames), True, kind="chips")
+        record = write_stats_and_histograms(stats, tree.summary, args.bins, str(frames), True, kind="chips")
     else:
         path = table or find_table(tree.flat, settings.flatten_args.format)
         stats, info = table_statistics(path, args.chunk_rows)
         if not info.has_label:
             log.warning("summarize: %s has no label column: statistics of all pixels only, no roof/background", path)
-        record = write_summary(
+        record = write_stats_and_histograms(
             stats, tree.summary, args.bins, str(path), info.has_label, kind="flat", layout=info.layout
         )
     pixels = record["pixels"]

@@ -10,7 +10,7 @@ import pytest
 import rasterio
 from conftest import interrupted
 
-from chip.chip import chip_grid, chip_sources, main, resolve_sources
+from chip.chip import chip_grid, chip_sources, main, resolve_inputs
 from core.errors import InputMissingError, RasterError
 from core.index import CHIP_COLUMNS, read_index
 from core.raster import window_starts
@@ -290,9 +290,9 @@ def test_empty_input_folder(stage_argv, tmp_path, data_tree, capsys):
     assert main([*stage_argv, "--input", str(tmp_path / "empty")]) == 1
     assert f"no GeoTIFF in {tmp_path / 'empty'}" in capsys.readouterr().err
     with pytest.raises(InputMissingError, match="not found"):
-        resolve_sources(data_tree, ChipArgs(), tmp_path / "nothing.tif")
+        resolve_inputs(data_tree, ChipArgs(), tmp_path / "nothing.tif")
     with pytest.raises(InputMissingError, match="no GeoTIFF"):
-        resolve_sources(data_tree, ChipArgs(source="raw"), None)
+        resolve_inputs(data_tree, ChipArgs(source="raw"), None)
 
 
 @pytest.mark.parametrize("damage", ["zero-byte", "garbage", "truncated"])

@@ -15,10 +15,10 @@ from conftest import REPO_SETTINGS, write_geotiff
 from core.bundle import BundleInfo, Normalization, write_info
 from core.errors import DataError, OutputExistsError
 from core.instances import label_objects
-from core.report import evaluation_dir, model_results, settings_changes, summary_frame, write_report
 from core.settings import EvaluateArgs, load_settings
 from core.tree import DataTree
 from evaluate.evaluate import best_and_worst, evaluate_model, main, match_objects, score_chip
+from evaluate.report import evaluation_dir, model_results, settings_changes, summary_frame, write_report
 
 ARGS = EvaluateArgs()  # min_area 20, iou_threshold 0.5
 SIDE = 64

@@ -11,7 +11,7 @@ from pyproj import Transformer
 from core.errors import DataError, InputMissingError, OutputExistsError
 from core.settings import FlattenArgs, ParallelArgs
 from flatten.flatten import flatten_chips, main
-from ml.table import LONG_COLUMNS, inspect_table, iter_pixels, wide_columns
+from flatten.table import LONG_COLUMNS, inspect_table, iter_pixels, wide_columns
 
 ONE_WORKER = ParallelArgs(workers=1)
 

@@ -152,6 +152,14 @@ def test_atomic_path_for_other_writers(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.csv"]
 
 
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (200 * 1024**2, "200.0 MiB"), (5 * 1024**5, "5120.0 TiB")],
+)
+def test_human_size(size: int, text: str) -> None:
+    assert files.human_size(size) == text
+
+
 def test_write_creates_parent_folders(tmp_path):
     path = tmp_path / "a" / "b" / "out.tif"
     raster.write_raster(path, np.zeros((4, 4), "uint8"), crs=CRS_UTM, transform=TRANSFORM)

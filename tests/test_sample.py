@@ -12,12 +12,12 @@ import shapely
 from pyproj import Transformer
 from rasterio.features import rasterize
 
-from sample.sample import (
+from sample.sample import main
+from sample.scene import (
     CENTRE_LONLAT,
     LABELS_NAME,
     Scene,
     generate_scene,
-    main,
     tile_paths,
     write_scene,
 )

@@ -12,7 +12,7 @@ from core.errors import DataError, InputMissingError
 from core.raster import class_band_statistics
 from core.settings import FlattenArgs, ParallelArgs, load_settings
 from flatten.flatten import flatten_chips
-from ml.table import table_statistics
+from flatten.table import table_statistics
 from summarize.summarize import main, summarize
 
 PCTS = (1.0, 2.0, 50.0, 98.0, 99.0)

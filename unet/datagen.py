@@ -56,7 +56,7 @@ def mask_targets(path: Path) -> tuple[str, ...]:
     return names
 
 
-def read_pair(frame: Path, mask: Path, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
+def read_input_targets(frame: Path, mask: Path, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
     """Normalized image (rows, cols, bands) and targets (rows, cols, mask bands + known) of one chip."""
     image, _ = read_raster(frame)
     y = read_targets(mask)
@@ -169,7 +169,7 @@ class ChipSequence(keras.utils.PyDataset):
             ids = np.arange(index * self.batch_size, min((index + 1) * self.batch_size, len(self.frames)))
         xs, ys = [], []
         for place, i in enumerate(ids):
-            x, y = read_pair(self.frames[i], self.masks[i], self.norm)
+            x, y = read_input_targets(self.frames[i], self.masks[i], self.norm)
             if self.augment_data:
                 rng = np.random.default_rng([self.args.seed, self.epoch, index, place])
                 x, y = augment(x, y, rng, self.args)

@@ -3,7 +3,7 @@
 - :func:`model_results`: each model of an experiment with train's metrics.json, evaluate's
   metrics (results/EXPERIMENT/MODEL/evaluation/SPLIT/metrics.json), its settings snapshot
   and training time;
-- :func:`write_summary`: results/summary.csv and summary.md, one row per experiment and
+- :func:`write_experiments_table`: results/summary.csv and summary.md, one row per experiment and
   model: the settings that differ from the defaults, pixel IoU and F1, object F1, training time;
 - :func:`write_report`: results/EXPERIMENT/report.html, one self-contained page (images
   embedded as base64): metrics of every model, settings, data, training curves, overlays.
@@ -202,7 +202,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def write_summary(results_root: Path) -> tuple[Path, Path]:
+def write_experiments_table(results_root: Path) -> tuple[Path, Path]:
     """Write results/summary.csv (every column) and summary.md (the main ones); return both paths."""
     frame = summary_frame(results_root)
     csv_path, md_path = results_root / "summary.csv", results_root / "summary.md"
