@@ -40,8 +40,8 @@ from core.settings import CPU_PREDICT_BATCH, CPU_TRAIN_BATCH, load_settings
 from predict.predict import plan_windows, predict_all
 from sample.scene import generate_scene
 from unet import bundle as unet_bundle
-from unet.datagen import ChipSequence, read_mask
-from unet.losses import bce_dice
+from unet.datagen import ChipSequence, read_targets
+from unet.losses import TargetLoss
 from unet.model import build_model, pad_multiple
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,12 +102,12 @@ def main() -> int:
         print(f"== training throughput, {args.chips} chips 256x256x8, batch {bs}, filters {m.filters}")
         seq = ChipSequence(frames, masks, norm, data_args, multiple, augment_data=True)
         x = np.stack([norm.apply(read_raster(f)[0]) for f in frames])
-        y = np.stack([read_mask(p)[..., None] for p in masks])
+        y = np.stack([read_targets(p) for p in masks])  # footprint and the known channel, as the generator gives
         models = {}
         for source, jit in (("numpy", False), ("numpy", True), ("generator", False), ("generator", True)):
             keras.utils.set_random_seed(0)
             models[(source, jit)] = build_model(8, m, o)
-            models[(source, jit)].compile(optimizer="adam", loss=bce_dice, jit_compile=jit)
+            models[(source, jit)].compile(optimizer="adam", loss=TargetLoss("bce_dice", [1.0]), jit_compile=jit)
 
         def epoch(key: tuple[str, bool]) -> float:
             if key[0] == "numpy":
