@@ -262,14 +262,11 @@ def _relative(path: Path, root: Path) -> str:
 def resolve_inputs(tree: DataTree, args: ChipArgs, given: Path | None) -> list[Path]:
     """The rasters to chip: --input (a raster or a folder), else the mosaic or raw/."""
     if given is not None:
-        if given.is_dir():
-            found = tree.list_rasters(given)
-            if not found:
-                raise InputMissingError(f"no GeoTIFF in {given}: point --input at a raster or a folder of .tif files")
-            return found
-        if not given.exists():
-            raise InputMissingError(f"--input {given} not found")
-        return [given]
+        return tree.rasters_at(
+            given,
+            empty=f"no GeoTIFF in {given}: point --input at a raster or a folder of .tif files",
+            missing=f"--input {given} not found",
+        )
     if args.source == "raw":
         found = tree.list_rasters(tree.raw) if tree.raw.is_dir() else []
         if not found:

@@ -133,6 +133,18 @@ class DataTree:
             p for p in folder.iterdir() if p.suffix.lower() in (".tif", ".tiff") and not p.name.startswith(".")
         )
 
+    def rasters_at(self, path: Path, *, empty: str, missing: str) -> list[Path]:
+        """The GeoTIFFs of a folder, or the one file ``path``: a stage's --input. An InputMissingError says
+        ``empty`` for a folder without GeoTIFFs, ``missing`` for a path that does not exist."""
+        if path.is_dir():
+            found = self.list_rasters(path)
+            if not found:
+                raise InputMissingError(empty)
+            return found
+        if not path.exists():
+            raise InputMissingError(missing)
+        return [path]
+
 
 def _check_split(split: str) -> str:
     if split not in SPLITS:

@@ -388,16 +388,14 @@ def write_grid(roofs: gpd.GeoDataFrame, inputs: list[Path], out: Path, size: flo
 def resolve_inputs(tree: DataTree, args: PredictArgs, given: Path | None) -> list[Path]:
     """The rasters to predict: --input, else predict_args.input (relative to data_root)."""
     path = predict_source(args, tree, {"input": given})
-    if path.is_dir():
-        found = tree.list_rasters(path)
-        if not found:
-            raise InputMissingError(f"no GeoTIFF in {path}: set predict_args.input to a folder of chips or a raster")
-        return found
-    if not path.exists():
-        raise InputMissingError(f"prediction input {path} not found: set predict_args.input or pass --input")
-    if path.suffix.lower() not in (".tif", ".tiff"):
+    found = tree.rasters_at(
+        path,
+        empty=f"no GeoTIFF in {path}: set predict_args.input to a folder of chips or a raster",
+        missing=f"prediction input {path} not found: set predict_args.input or pass --input",
+    )
+    if found == [path] and path.suffix.lower() not in (".tif", ".tiff"):
         raise InputMissingError(f"prediction input {path} is not a GeoTIFF: give a .tif raster or a folder of them")
-    return [path]
+    return found
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,21 @@ def test_list_rasters(tree, tmp_path):
     assert [p.name for p in tree.list_rasters(folder)] == ["a.TIF", "b.tif", "c.tiff"]
 
 
+def test_rasters_at_a_folder_a_file_an_empty_folder_and_nothing(tree, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("b.tif", "a.TIFF", ".a.tif.tmp.tif", "notes.txt"):
+        (folder / name).write_bytes(b"")
+    kw = {"empty": "no GeoTIFF here", "missing": "nothing there"}
+    assert [p.name for p in tree.rasters_at(folder, **kw)] == ["a.TIFF", "b.tif"]
+    assert tree.rasters_at(folder / "notes.txt", **kw) == [folder / "notes.txt"]  # one file: the caller checks its kind
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputMissingError, match=r"^no GeoTIFF here$"):
+        tree.rasters_at(tmp_path / "empty", **kw)
+    with pytest.raises(InputMissingError, match=r"^nothing there$"):
+        tree.rasters_at(tmp_path / "absent.tif", **kw)
+
+
 def test_require_existing(tmp_path):
     (tmp_path / "chips").mkdir()
     (tmp_path / "chips" / "chip_000000.tif").touch()
