@@ -187,7 +187,7 @@ def record_findings(chosen: list[Stage], tree: DataTree, settings: Settings) -> 
             if st.stale:
                 cmd = st.spec.run_command(st.model, overwrite=True)
                 if ahead:
-                    todo = "this run redoes it"
+                    todo = "python pipeline.py redoes it"  # (check runs nothing: say who does)
                 elif fatal:
                     todo = f"rerun {cmd} (or python pipeline.py --from {stage.name})"
                 else:

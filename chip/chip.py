@@ -236,6 +236,8 @@ def chip_stage(
     settings: Settings, tree: DataTree, *, overwrite: bool = False, given: Path | None = None
 ) -> pd.DataFrame:
     """The chip stage under the stage contract: skip, resume or redo; refuse to mix settings."""
+    if given is not None and not given.exists():  # before the record's "inputs changed": the path is the news
+        raise InputMissingError(f"--input {given} not found")
     run = begin("chip", settings, tree, overwrite=overwrite, given={"input": given})
     if run.skip:
         run.say_skip()

@@ -368,7 +368,8 @@ def _changes(record: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What differs between a record and now, one phrase each ('with chip_args.size 64, now 128')."""
     changes = []
     old, new = record.get("settings", {}), current["settings"]
-    for key in sorted(set(old) | set(new)):
+    # Keys the record holds that the stage no longer reads (a setting it now excludes) changed nothing.
+    for key in sorted(new):
         if old.get(key, "absent") != new.get(key, "absent"):
             a = _show(old[key]) if key in old else "unset"
             b = _show(new[key]) if key in new else "unset"
@@ -390,13 +391,13 @@ def _changes(record: dict[str, Any], current: dict[str, Any]) -> list[str]:
         elif stage not in old_in:
             changes.append(f"without {stage} outputs it now reads")
         elif old_in[stage].get("run") != new_in[stage].get("run"):
-            what = "an earlier run" if new_in[stage].get("run") else "a run since removed"
+            what = f"an earlier run of {stage}" if new_in[stage].get("run") else f"a run of {stage} since removed"
             diff = [
                 f"{k} {_show(old_in[stage].get('settings', {}).get(k))}"
                 for k in sorted(new_in[stage].get("settings", {}))
                 if old_in[stage].get("settings", {}).get(k) != new_in[stage]["settings"].get(k)
             ]
-            changes.append(f"from {what} of {stage}" + (f" (made with {', '.join(diff)})" if diff else ""))
+            changes.append(f"from {what}" + (f" (made with {', '.join(diff)})" if diff else ""))
     old_files, new_files = record.get("files", {}), current["files"]
     added = sorted(set(new_files) - set(old_files))
     gone = sorted(set(old_files) - set(new_files))

@@ -162,7 +162,7 @@ def _train_settings(model: str) -> tuple[str, ...]:
         return ("load_dataset_args", "model_args", "training_args", "output_args", "checkpoint_args")
     # A forest does not depend on the regression's settings, nor the other way round.
     keys = [f"ml_args.{k}" for k in ("texture_windows", "indices", "source", "max_train_pixels", "seed", model)]
-    return (*keys, "load_dataset_args.channels", "load_dataset_args.normalization")
+    return (*keys, "load_dataset_args.normalization")
 
 
 def _evaluation_dir(tree: DataTree, model: str, settings: Settings) -> Path:
@@ -246,6 +246,10 @@ STAGES: tuple[StageSpec, ...] = (
             "training_args.tensorboard",
             "training_args.tensorboard_images_every",
             "load_dataset_args.workers",  # the batches are the same for any number of workers
+            # The band count and chip size the settings may name only check the chips, which are train's
+            # inputs: chips of another kind make it outdated by themselves, and null vs 8 changes nothing.
+            "load_dataset_args.channels",
+            "model_args.input_shape",
             "training_args.results_folder",
             "training_args.model",
             "ml_args.forest.n_jobs",

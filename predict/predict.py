@@ -391,7 +391,7 @@ def resolve_inputs(tree: DataTree, args: PredictArgs, given: Path | None) -> lis
     found = tree.rasters_at(
         path,
         empty=f"no GeoTIFF in {path}: set predict_args.input to a folder of chips or a raster",
-        missing=f"prediction input {path} not found: set predict_args.input or pass --input",
+        missing=f"--input {path} not found" if given else f"prediction input {path} not found: set predict_args.input",
     )
     if found == [path] and path.suffix.lower() not in (".tif", ".tiff"):
         raise InputMissingError(f"prediction input {path} is not a GeoTIFF: give a .tif raster or a folder of them")
@@ -558,6 +558,9 @@ def predict_stage(
     threshold and inputs made the predictions."""
     model = model or settings.training_args.model
     given = {"input": source, "bundle": bundle}
+    for option, path in given.items():  # before the record's "inputs changed": the missing path is the news
+        if path is not None and not Path(path).exists():
+            raise InputMissingError(f"--{option} {path} not found")
     run = begin("predict", settings, tree, overwrite=overwrite, model=model, given=given)
     if run.skip:
         run.say_skip()

@@ -235,6 +235,13 @@ def test_rerun_with_other_settings_refuses_and_names_the_change(mosaic, stage_ar
     assert snapshot(data_tree.chips) | {"csv": data_tree.chips_csv.read_bytes()} == before
 
 
+def test_a_missing_input_is_said_before_a_changed_one(mosaic, stage_argv, data_tree, capsys):
+    assert main([*stage_argv, *SIZE_32]) == 0
+    capsys.readouterr()
+    assert main([*stage_argv, *SIZE_32, "--input", "/nonexistent/tiles"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --input /nonexistent/tiles not found"
+
+
 def test_outputs_without_a_record_need_overwrite(mosaic, stage_argv, data_tree, capsys):
     assert main([*stage_argv, *SIZE_32]) == 0
     (data_tree.root / "chip.record.json").unlink()  # made by an older version, or by hand

@@ -751,3 +751,13 @@ def test_an_interrupted_stage_s_exit_code_passes_through_the_pipeline(monkeypatc
     monkeypatch.setattr(pipeline, "STAGES", (pipeline.Stage("a", "fake_interrupted", exists=lambda t, m: False),))
     assert pipeline.main(["--settings", str(settings_file), "--only", "a", "--quiet"]) == 130
     assert "failed (exit 130)" in capsys.readouterr().out
+
+
+def test_a_setting_the_stage_no_longer_reads_changes_nothing():
+    """A record made when the stage read a key it now excludes (load_dataset_args.channels for train)
+    is not outdated by it; a key it reads still is."""
+    from core.contract import _changes
+
+    record = {"settings": {"training_args.epochs": 20, "load_dataset_args.channels": 8}}
+    assert _changes(record, {"settings": {"training_args.epochs": 20}}) == []
+    assert _changes(record, {"settings": {"training_args.epochs": 30}}) == ["with training_args.epochs 20, now 30"]
