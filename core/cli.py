@@ -39,10 +39,17 @@ _quiet = False
 Body = Callable[[argparse.Namespace, Settings, DataTree], Any]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line like every other error (argparse prints its usage first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
     """A parser with the options every stage shares; the stage adds its own."""
     summary, _, details = (doc or "").strip().partition("\n")
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description=summary,
         epilog=details.strip() or None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from core import cli
 from core.errors import DataError
 from core.settings import dump_settings, load_settings
@@ -139,3 +141,14 @@ def test_quiet_turns_progress_off(settings_file):
     body = Recorder()
     assert run(["--settings", str(settings_file), "--quiet"], body) == 0
     assert cli.progress(range(3)).disable is True
+
+
+def test_a_usage_mistake_is_one_line(capsys):
+    parser = cli.make_parser("Do a thing.", prog="thing.py")
+    parser.add_argument("--model", choices=["unet", "forest"])
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--model", "foo"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: argument --model: invalid choice: 'foo' (choose from 'unet', 'forest') (see thing.py --help)\n"
+    )

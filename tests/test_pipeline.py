@@ -79,7 +79,9 @@ def test_overwrite_reruns_finished_stages(fake_stages, tmp_path: Path) -> None:
 
 def test_main_unknown_stage_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert pipeline.main(["--from", "nope"]) == 2
-    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --from: invalid choice: 'nope'") and err.endswith(" --help)\n")
+    assert err.count("\n") == 1  # one line, no usage block
 
 
 def test_main_runs_data_stages_on_a_small_sample(settings_file: Path, tmp_path: Path, capsys) -> None:
