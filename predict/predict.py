@@ -421,8 +421,8 @@ def predict_task(task: PredictTask) -> RasterResult:
     bundle = Path(task.bundle)
     predictor = worker_cached(("predictor", *_bundle_key(bundle)), lambda: load_predictor(bundle))
     probability = Path(task.probability) if task.probability else None
-    args = with_batch(task.args, predictor)  # on the worker: its GPU, if it has one
-    return predict_raster(predictor, Path(task.source), Path(task.mask), probability, args, task.threshold)
+    # predict_raster resolves a null batch size here, on the worker: its GPU, if it has one.
+    return predict_raster(predictor, Path(task.source), Path(task.mask), probability, task.args, task.threshold)
 
 
 def _on_workers(parallel: ParallelArgs | None, inputs: list[Path]) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from core.raster import read_raster, rgb_preview
+from core.raster import read_mask, read_raster, rgb_preview
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def pick_chips(frames: list[Path], masks: list[Path], n: int = SHOWN) -> list[in
     """The first ``n`` validation chips with roof pixels (among the first few), else the first ``n``."""
     with_roofs = []
     for i, mask in enumerate(masks[:_LOOKED_AT]):
-        if (read_raster(mask)[0][0] == 255).any():
+        if read_mask(mask)[0].any():
             with_roofs.append(i)
             if len(with_roofs) == n:
                 break
@@ -90,7 +90,7 @@ class EpochLogs(keras.callbacks.Callback):
             norm = predictor.info.normalization
             for frame, mask in zip(frames, masks, strict=True):
                 image, profile = read_raster(frame)
-                truth = read_raster(mask)[0][0] == 255
+                truth, _ = read_mask(mask)
                 rgb = rgb_preview(image, profile.get("nodata"), norm.low, norm.high)
                 self.samples.append((frame.name, image, truth, rgb))
         self._writers: dict = {}
