@@ -142,6 +142,7 @@ class BundleInfo:
     threshold: float
     pad_multiple: int = 1
     targets: list[str] = field(default_factory=lambda: ["footprint"])  # the model's output bands (a U-Net's)
+    classes: list[str] = field(default_factory=list)  # a class map's classes (ids 1, 2 ...); empty: one class
     features: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
@@ -233,6 +234,11 @@ class Predictor(Protocol):
 
     def forward(self, prepared: Any) -> np.ndarray:
         """The rest of :meth:`predict`: the model, on what :meth:`prepare` returned."""
+        ...
+
+    def forward_targets(self, prepared: Any) -> np.ndarray:
+        """Every output band (n, len(info.targets) + len(info.classes), rows, cols): the targets (footprint
+        first), then with classes each class's probability given a roof (they sum to 1 at every pixel)."""
         ...
 
 

@@ -107,8 +107,10 @@ def write_raster(
     nodata: float | None = None,
     compression: str = "zstd",
     descriptions: Sequence[str] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Path:
-    """Write a (bands, rows, cols) or (rows, cols) array as a GeoTIFF, atomically (band names optional)."""
+    """Write a (bands, rows, cols) or (rows, cols) array as a GeoTIFF, atomically (band names and dataset
+    tags optional)."""
     data = array[np.newaxis] if array.ndim == 2 else array
     if data.ndim != 3:
         raise ValueError(f"expected a 2-D or 3-D array, got shape {array.shape}")
@@ -126,6 +128,8 @@ def write_raster(
         dst.write(data)
         for band, name in enumerate(descriptions or (), start=1):
             dst.set_band_description(band, name)
+        if tags:
+            dst.update_tags(**tags)
     return Path(path)
 
 
@@ -183,36 +187,71 @@ def common_kind(paths: Sequence[str | os.PathLike[str]], fix: str) -> tuple[int,
 
 
 #: Mask values on disk: 0 background, 255 roof (DESIGN contract 2), 128 unknown in the footprint
-#: (core/targets.py); further bands (boundary, contact) 0/255. One rule for every reader.
+#: (core/targets.py); further bands (boundary, contact) 0/255; the class band (a class map's masks,
+#: named "class", last) 0 background, 1..32 class ids, 128 unknown. One rule for every reader.
 MASK_VALUES = frozenset((0, 255))
 FOOTPRINT_VALUES = frozenset((0, 128, 255))
 UNKNOWN = 128
+#: The name of the class band and the tag holding the class names (ids 1, 2 ... in order).
+CLASS_BAND, CLASSES_TAG = "class", "ROOF_CLASSES"
+CLASS_VALUES = frozenset((*range(33), UNKNOWN))
 
 
-def check_mask(data: np.ndarray, path: str | os.PathLike[str]) -> None:
-    """Refuse a mask that is not uint8 with a 0/128/255 footprint band (and 0/255 further bands), naming the file."""
+def check_mask(data: np.ndarray, path: str | os.PathLike[str], names: Sequence[str] = ()) -> None:
+    """Refuse a mask that is not uint8 with a 0/128/255 footprint band (0/255 further bands; a band named
+    ``class`` in ``names``: class ids and 128), naming the file."""
     if data.dtype != np.uint8:
         bands = data.shape[0] if data.ndim == 3 else 1
         raise DataError(f"mask {path} has {bands} band(s) of {data.dtype}: masks are uint8 0/255")
     bands = data if data.ndim == 3 else data[np.newaxis]
     for band, allowed in enumerate(bands):
+        is_class = band < len(names) and names[band] == CLASS_BAND
         # Table lookups release the GIL (loader threads check masks side by side); np.unique only for the message.
         table = np.zeros(256, bool)
-        table[list(FOOTPRINT_VALUES if band == 0 else MASK_VALUES)] = True
+        table[list(CLASS_VALUES if is_class else FOOTPRINT_VALUES if band == 0 else MASK_VALUES)] = True
         if not table[allowed].all():
             values = np.unique(allowed)
+            what = (
+                "class ids 0..32 and 128 (unknown)"
+                if is_class
+                else f"0 and 255{' (and 128, unknown)' if band == 0 else ''}"
+            )
             raise DataError(
                 f"mask {path} holds values {values[:6].tolist()}{f' in band {band + 1}' if band else ''}, not only "
-                f"0 and 255{' (and 128, unknown)' if band == 0 else ''}: write truth masks with python mask/mask.py (0 = "
-                "background, 255 = roof) and predictions with python predict/predict.py"
+                f"{what}: write truth masks with python mask/mask.py (0 = background, 255 = roof) and predictions "
+                "with python predict/predict.py"
             )
+
+
+def read_mask_bands(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...], dict]:
+    """Every band of a mask (checked), the bands' names, the class names (empty: one class) and the profile."""
+    with open_raster(path) as src:
+        data, profile = _read_all(src, path)
+        names = tuple(d or "" for d in src.descriptions)
+        classes = tuple(c for c in src.tags().get(CLASSES_TAG, "").split(",") if c)
+    check_mask(data, path, names)
+    return data, names, classes, profile
+
+
+def mask_classes(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The class names of a mask written with a class map (ids 1, 2 ...); empty for a one-class mask."""
+    with open_raster(path) as src:
+        return tuple(c for c in src.tags().get(CLASSES_TAG, "").split(",") if c)
 
 
 def read_truth(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """A mask's footprint as booleans (roof = True), where its class is known (not 128), and its profile."""
-    data, profile = read_raster(path)
-    check_mask(data, path)
+    data, _, _, profile = read_mask_bands(path)
     return data[0] == 255, data[0] != UNKNOWN, profile
+
+
+def read_classes(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """A mask's class ids (0 background, 1.. the classes, 128 unknown) and the class names. A one-class mask
+    reads as its footprint (255 roof becomes 1)."""
+    data, names, classes, _ = read_mask_bands(path)
+    if CLASS_BAND in names:
+        return data[names.index(CLASS_BAND)], classes
+    return np.where(data[0] == 255, 1, data[0]).astype(np.uint8), ()
 
 
 def read_mask(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -249,13 +288,17 @@ def read_raster(path: str | os.PathLike[str], window: Window | None = None) -> t
     The returned profile's ``transform``, ``width`` and ``height`` describe what was read.
     """
     with open_raster(path) as src:
-        try:
-            data = src.read(window=window)
-        except rasterio.errors.RasterioError as exc:
-            raise RasterError(f"{path} could not be read ({exc}): it may be truncated or corrupt") from exc
-        profile = dict(src.profile)
-        if window is not None:
-            profile.update(transform=src.window_transform(window), width=int(window.width), height=int(window.height))
+        return _read_all(src, path, window)
+
+
+def _read_all(src: Any, path: Any, window: Window | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    try:
+        data = src.read(window=window)
+    except rasterio.errors.RasterioError as exc:
+        raise RasterError(f"{path} could not be read ({exc}): it may be truncated or corrupt") from exc
+    profile = dict(src.profile)
+    if window is not None:
+        profile.update(transform=src.window_transform(window), width=int(window.width), height=int(window.height))
     return data, profile
 
 

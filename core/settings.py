@@ -15,6 +15,7 @@ import datetime as _dt
 import difflib
 import json
 import logging
+import re
 import types
 import typing
 from pathlib import Path
@@ -48,6 +49,9 @@ class Section(BaseModel):
 def _default_experiment() -> str:
     return "exp-" + _dt.date.today().isoformat()
 
+
+#: Most classes a class map may name (class ids 1..MAX_CLASSES; 0 is background, 128 unknown).
+MAX_CLASSES = 32
 
 # --- the original pipeline's sections -------------------------------------------------------
 
@@ -169,12 +173,13 @@ class ModelArgs(Section):
         "say the band count in either place, or in neither to take it from the chips). The model accepts any "
         "size: inputs are padded to a multiple of 2**num_layers.",
     )
-    num_classes: int = Field(
-        1,
+    num_classes: int | None = Field(
+        None,
         ge=1,
-        le=1,
-        description="Roof classes; 1 (metal roof). The U-Net has one output channel per mask band "
-        "(mask_args.targets), the footprint first.",
+        le=MAX_CLASSES,
+        description="Roof classes: 1 = one kind of roof against everything else (metal roofs, the default); more = "
+        "the classes of mask_args.classes, a softmax output beside the footprint; null = from the masks. The "
+        "U-Net has one output channel per mask band (mask_args.targets), the footprint first, then one per class.",
     )
     num_layers: int = Field(4, ge=1, le=8, description="Encoder depth (poolings).")
     filters: int = Field(
@@ -461,6 +466,49 @@ class MaskArgs(Section):
         "and are kept out of the loss, the threshold search and every score; null = none.",
     )
 
+    classes: dict[str, list[str]] | None = Field(
+        None,
+        description='Roof classes from label values, e.g. {"metal": ["tin", "metal"], "other_roof": '
+        '["concrete", "clay_tiles"]}: class ids 1, 2 ... in the order named, 0 background; a polygon whose value '
+        "no class names (or that has none) is unknown (128, kept out of the loss and every score). Masks get a "
+        "class band; mask_args.filter is not used. null = one class: the polygons mask_args.filter keeps.",
+    )
+    class_attribute: str | None = Field(
+        None, description="Attribute the class map reads (e.g. roof:material); null = mask_args.filter's attribute."
+    )
+
+    @field_validator("classes")
+    @classmethod
+    def _class_map(cls, classes: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        if classes is None:
+            return None
+        if not 2 <= len(classes) <= MAX_CLASSES:
+            raise ValueError(
+                f"names {len(classes)} class(es): name 2 to {MAX_CLASSES} (one class is mask_args.filter's job: set "
+                "classes null)"
+            )
+        owner: dict[str, str] = {}
+        for name, values in classes.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name) or name.lower() in ("background", "unknown"):
+                raise ValueError(
+                    f"class name {name!r} must start with a letter and hold letters, digits, _ or - (background and "
+                    "unknown are taken)"
+                )
+            if not values:
+                raise ValueError(f"class {name} names no value: give it the label values it stands for")
+            for value in values:
+                if value in owner and owner[value] != name:
+                    raise ValueError(
+                        f"value {value!r} is claimed by two classes ({owner[value]} and {name}): one value, one class"
+                    )
+                owner[value] = name
+        return classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes of the class map (ids 1, 2 ...); empty without one."""
+        return tuple(self.classes or ())
+
     @field_validator("targets")
     @classmethod
     def _footprint_first(cls, targets: list[str]) -> list[str]:
@@ -742,6 +790,13 @@ class Settings(Section):
             raise ValueError(
                 f"model_args.input_shape[2] is {shape[2]} but load_dataset_args.channels is {channels}: say the band "
                 "count once (load_dataset_args.channels), or in neither place to take it from the chips"
+            )
+        classes, num = len(self.mask_args.class_names) or 1, self.model_args.num_classes
+        if num is not None and num != classes:
+            raise ValueError(
+                f"model_args.num_classes is {num} but mask_args.classes names {classes} class(es)"
+                + (" (it is null: one class)" if not self.mask_args.classes else "")
+                + ": set num_classes null to take it from the class map"
             )
         if self.chip_args.stride is not None and self.chip_args.stride > self.chip_args.size:
             log.debug("chip_args.stride > size: chips leave gaps between them")

@@ -7,7 +7,10 @@ A mask on disk is uint8 with one band per target (mask_args.targets, footprint f
 - boundary: 255 on roof pixels within ``boundary_width`` pixels of the roof's edge (where two
   roofs touch, both sides of the line between them), 0 elsewhere;
 - contact: 255 on background pixels lying in a gap narrower than ``contact_width`` pixels
-  between two roofs (the streets and alleys that merge neighbours into one blob), 0 elsewhere.
+  between two roofs (the streets and alleys that merge neighbours into one blob), 0 elsewhere;
+- class (with a class map, mask_args.classes; always last): each roof's class id (1, 2 ... in
+  the order the map names them; the names in the mask's ``ROOF_CLASSES`` tag), 0 background,
+  128 unknown.
 
 These are the targets the SpaceNet 4, 6 and 7 winners trained on (../shared/notes); a
 watershed seeded with footprint x (1 - boundary) x (1 - contact) keeps touching roofs apart
@@ -26,7 +29,7 @@ from scipy import ndimage
 from shapely.geometry.base import BaseGeometry
 
 from core.errors import SettingsError
-from core.raster import UNKNOWN
+from core.raster import CLASS_BAND, UNKNOWN
 
 #: Roof pixels on disk (DESIGN contract 2); unknown ones are core.raster.UNKNOWN.
 ROOF = 255
@@ -111,8 +114,10 @@ def make_targets(
     widths: tuple[int, int] = (1, 2),
     all_touched: bool = False,
     valid: np.ndarray | None = None,
+    classes: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """The mask bands (len(targets), rows, cols) uint8 of one chip; 0 everywhere outside ``valid``."""
+    """The mask bands (len(targets), rows, cols) uint8 of one chip, and a class band last when ``classes``
+    gives each roof's class id; 0 everywhere outside ``valid``."""
     labels = roof_labels(roofs, shape, transform, all_touched)
     roof = labels > 0
     footprint = np.where(roof, ROOF, 0).astype(np.uint8)
@@ -126,6 +131,13 @@ def make_targets(
     if "contact" in targets:
         contact = contact_band(labels, widths[1]) & (footprint != UNKNOWN)
         bands["contact"] = np.where(contact, ROOF, 0).astype(np.uint8)
+    if classes is not None:
+        ids = np.zeros(len(roofs) + 1, np.uint8)
+        ids[1:] = classes
+        band = ids[labels]
+        band[footprint == UNKNOWN] = UNKNOWN
+        bands[CLASS_BAND] = band
+        targets = (*targets, CLASS_BAND)
     out = np.stack([bands[t] for t in targets])
     if valid is not None:
         out[:, ~valid] = 0

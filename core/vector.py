@@ -136,8 +136,11 @@ class LabelIndex:
 
     def query(self, bounds: tuple[float, float, float, float]) -> list[BaseGeometry]:
         """Polygons that intersect the box (left, bottom, right, top), in input order."""
-        hits = self.tree.query(box(*bounds), predicate="intersects")
-        return list(self.geometries[np.sort(hits)])
+        return list(self.geometries[self.positions(bounds)])
+
+    def positions(self, bounds: tuple[float, float, float, float]) -> np.ndarray:
+        """Where the polygons that intersect the box stand in the input, in input order."""
+        return np.sort(self.tree.query(box(*bounds), predicate="intersects"))
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
@@ -152,22 +155,55 @@ def load_roofs(labels_dir: Path, args: MaskArgs) -> tuple[gpd.GeoDataFrame, Path
 
 
 def load_labels(labels_dir: Path, args: MaskArgs) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame, Path]:
-    """Read and repair the label polygons; return the roofs (mask_args.filter), the polygons of unknown
-    class (mask_args.ignore; none without it) and the label file. An ignore filter that matches no
-    polygon, or every one, is an error naming the values present."""
+    """Read and repair the label polygons; return the roofs (mask_args.filter; with a class map those it
+    maps, their class in the column ``class_id``), the polygons of unknown class (mask_args.ignore, and
+    with a class map those it does not map) and the label file. An ignore filter that matches no
+    polygon, or every one, is an error naming the values present; so is a class map naming values absent."""
     path = find_label_file(labels_dir, args.label_file)
     gdf = read_labels(path)
     unknown = np.zeros(len(gdf), bool)
     if args.ignore is not None:
         unknown = ignored_labels(gdf, args.ignore.attribute, args.ignore.values, source=path.name)
+    if args.classes:
+        attribute = args.class_attribute or (args.filter.attribute if args.filter else None)
+        ids = class_ids(gdf, attribute, args.classes, source=path.name)
+        unknown |= ids == 0  # a value no class names is unknown, not background
+        gdf = gdf.assign(class_id=ids)
     roofs = gdf[~unknown]
-    if args.filter is not None:
+    if args.filter is not None and not args.classes:
         roofs = filter_labels(roofs, args.filter.attribute, args.filter.values, source=path.name)
     roofs = repair_geometries(roofs, source=path.name)
     if len(roofs) == 0:
         raise LabelError(f"label file {path} has no usable polygon after repair: check its geometries")
     others = repair_geometries(gdf[unknown], source=path.name) if unknown.any() else gdf.iloc[:0]
     return roofs, others, path
+
+
+def class_ids(gdf: gpd.GeoDataFrame, attribute: str | None, classes: dict[str, list[str]], source: Any) -> np.ndarray:
+    """Each polygon's class id (1, 2 ... in the order ``classes`` names them; 0: no class names its value).
+
+    An attribute the file lacks, or a value no polygon has, is an error listing what is there.
+    """
+    if attribute is None or attribute not in gdf.columns:
+        raise LabelError(
+            f"mask_args.class_attribute {attribute!r} is not an attribute of {source} (it has "
+            f"{', '.join(c for c in gdf.columns if c != 'geometry')}): name the one mask_args.classes reads"
+        )
+    column = gdf[attribute]
+    text = column.astype(str).where(column.notna(), None)
+    present = sorted(str(v) for v in column.dropna().unique())
+    absent = {name: [v for v in values if v not in present] for name, values in classes.items()}
+    absent = {name: values for name, values in absent.items() if values}
+    if absent:
+        named = "; ".join(f"{name}: {values}" for name, values in absent.items())
+        raise LabelError(
+            f"mask_args.classes names values no polygon of {source} has in {attribute} ({named}); values present: "
+            f"{present[:20]}{' ...' if len(present) > 20 else ''}: fix the class map"
+        )
+    ids = np.zeros(len(gdf), np.uint8)
+    for k, values in enumerate(classes.values(), start=1):
+        ids[text.isin(values).to_numpy()] = k
+    return ids
 
 
 def ignored_labels(gdf: gpd.GeoDataFrame, attribute: str, values: Sequence[str | None], source: Any) -> np.ndarray:

@@ -4,7 +4,8 @@ Reads the label file in data/labels/ (Shapefile, GeoJSON or GeoPackage, any CRS;
 mask_args.label_file), keeps the polygons mask_args.filter selects (default roof_type in
 [metal], when the file has that attribute), repairs invalid ones, reprojects them to the
 chips' CRS and writes data/masks/chip_NNNNNN.tif: same name and grid as the chip, uint8,
-0 = background, 255 = metal roof, 0 wherever the chip is nodata. Adds roof_share to
+0 = background, 255 = metal roof, 0 wherever the chip is nodata; with mask_args.classes a
+last band, class, holds each roof's class id (1, 2 ... as the map names them; 128 unknown). Adds roof_share to
 data/chips.csv. A spatial index picks each chip's polygons, so work grows with chips plus
 polygons, not their product. Fails, giving both CRSs and both bounds, when no polygon
 overlaps any chip (the classic silent CRS mismatch).
@@ -26,7 +27,7 @@ from core.contract import begin
 from core.errors import LabelError
 from core.index import CHIP_COLUMNS, read_index, write_index
 from core.parallel import map_tasks
-from core.raster import open_raster, read_raster, valid_pixels, write_raster
+from core.raster import CLASS_BAND, CLASSES_TAG, open_raster, read_raster, valid_pixels, write_raster
 from core.settings import MaskArgs, ParallelArgs, Settings
 from core.targets import ROOF, UNKNOWN, band_widths, make_targets, pixel_size_m
 from core.tree import DataTree
@@ -48,6 +49,8 @@ class MaskTask:
     unknown: tuple[bytes, ...] = ()
     targets: tuple[str, ...] = ("footprint",)
     widths: tuple[int, int] = (1, 2)
+    classes: tuple[int, ...] | None = None  # each roof's class id, with a class map
+    class_names: tuple[str, ...] = ()
 
 
 def burn_mask(task: MaskTask) -> float:
@@ -68,9 +71,12 @@ def burn_mask(task: MaskTask) -> float:
             widths=task.widths,
             all_touched=task.all_touched,
             valid=valid,
+            classes=task.classes,
         )
+        names = (*task.targets, CLASS_BAND) if task.classes is not None else task.targets
+        tags = {CLASSES_TAG: ",".join(task.class_names)} if task.classes is not None else None
         write_raster(task.out, bands, crs=crs, transform=transform, nodata=None, compression=task.compression,
-                     descriptions=task.targets)  # fmt: skip
+                     descriptions=names, tags=tags)  # fmt: skip
         footprint = bands[0]
     known = valid & (footprint != UNKNOWN)
     n_known = int(known.sum())
@@ -92,9 +98,11 @@ def plan_masks(tree: DataTree, args: MaskArgs, *, compression: str = "zstd", reu
         others = unknown.to_crs(crs) if len(unknown) and unknown.crs != crs else unknown
         unknown_lookup = LabelIndex(others.geometry.to_numpy()) if len(others) else None
         widths = group_widths(group, crs, args)
+        ids = roofs["class_id"].to_numpy() if args.classes else None
         for row in group.itertuples():
             box = (row.left, row.bottom, row.right, row.top)
-            shapes = lookup.query(box)
+            found = lookup.positions(box)
+            shapes = list(lookup.geometries[found])
             hits += bool(shapes)
             grey = unknown_lookup.query(box) if unknown_lookup is not None else []
             tasks.append(
@@ -108,6 +116,8 @@ def plan_masks(tree: DataTree, args: MaskArgs, *, compression: str = "zstd", reu
                     unknown=tuple(shapely.to_wkb(grey)) if grey else (),
                     targets=tuple(args.targets),
                     widths=widths,
+                    classes=tuple(int(k) for k in ids[found]) if ids is not None else None,
+                    class_names=args.class_names,
                 )
             )
     if hits == 0:
