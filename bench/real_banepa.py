@@ -180,7 +180,9 @@ def main() -> int:
         s = score(folder, holdout, metal, unknown, args.min_m2)
         rows.append((label, s, trained[(experiment, model)], time.perf_counter() - started, folder))
 
-    print(f"\nBanepa metal roofs, held-out tile rows {', '.join(args.holdout_rows)} ({len(holdout)} chips, never trained on)")
+    print(
+        f"\nBanepa metal roofs, held-out tile rows {', '.join(args.holdout_rows)} ({len(holdout)} chips, never trained on)"
+    )
     print(f"{'step':<22}{'pixel IoU':>10}{'precision':>11}{'recall':>8}{'poly F1':>9}{'poly P':>8}{'poly R':>8}"
           f"{'matched':>9}{'train s':>9}{'predict s':>11}")  # fmt: skip
     for label, s, train_s, predict_s, _ in rows:

@@ -525,7 +525,9 @@ def test_every_reader_refuses_masks_on_another_scale(values, scene, capsys):
     assert flatten_main(argv) == 1  # the forest's flat table, as the U-Net: one rule
     assert "not only 0 and 255" in error(capsys)
     assert train_main([*argv, "--model", "regression", "--set", "ml_args.source=chips"]) == 1
-    assert "than 0, 255 (and 128, unknown) (train_0.tif: " in error(capsys)  # the pre-flight check reads the masks first
+    assert "than 0, 255 (and 128, unknown) (train_0.tif: " in error(
+        capsys
+    )  # the pre-flight check reads the masks first
     from core.metrics import validate_pairs
 
     with pytest.raises(Exception, match=r"not only 0 and 255"):  # and the threshold search, as every reader
