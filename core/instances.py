@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import shapely
 from rasterio.features import rasterize, shapes
 from rasterio.windows import Window
@@ -171,3 +172,68 @@ def write_instances(path: Path, like: Path, polygons: list[BaseGeometry], ids: l
                         )  # fmt: skip
                 dst.write(out[None], window=win)
     return path
+
+
+def roof_classes(
+    prob_path: Path,
+    polygons: list[BaseGeometry],
+    first: int,
+    classes: int,
+    rule: str = "vote",
+    *,
+    block: int = BLOCK,
+) -> list[tuple[int, float]]:
+    """Each roof's class id (1..classes) and the mean probability of that class over its pixels, from the
+    class bands ``first + 1 .. first + classes`` (1-based) of a probability raster (each class's probability
+    given a roof). One roof, one class: ``vote`` sums each pixel's class probabilities (a vote weighted by
+    probability); ``majority`` counts each pixel's most probable class. Block by block: a roof is read with
+    the block holding its first vertex, the block grown to the roofs it holds.
+    """
+    out: list[tuple[int, float]] = [(0, 0.0)] * len(polygons)
+    if not polygons:
+        return out
+    with open_raster(prob_path) as src:
+        inverse = ~src.transform
+        starts = [inverse @ tuple(shapely.get_coordinates(p)[0]) for p in polygons]
+        owner: dict[tuple[int, int], list[int]] = {}
+        for k, (col, row) in enumerate(starts):
+            owner.setdefault((int(row) // block, int(col) // block), []).append(k)
+        bands = list(range(first + 1, first + classes + 1))
+        for mine in owner.values():
+            left, bottom, right, top = shapely.total_bounds([polygons[k] for k in mine])
+            (ca, ra), (cb, rb) = inverse @ (left, top), inverse @ (right, bottom)
+            r0, c0 = max(0, int(np.floor(min(ra, rb)))), max(0, int(np.floor(min(ca, cb))))
+            r1, c1 = min(src.height, int(np.ceil(max(ra, rb)))), min(src.width, int(np.ceil(max(ca, cb))))
+            win = Window(c0, r0, max(c1 - c0, 1), max(r1 - r0, 1))
+            probs = src.read(bands, window=win)
+            labels = rasterize([(polygons[k], i) for i, k in enumerate(mine, start=1)], out_shape=probs.shape[1:],
+                               transform=src.window_transform(win), fill=0, dtype="int32")  # fmt: skip
+            ids = np.arange(1, len(mine) + 1)
+            sums = np.stack([np.atleast_1d(ndimage.sum(p, labels, ids)) for p in probs], axis=1)  # (roofs, classes)
+            pixels = np.maximum(np.atleast_1d(ndimage.sum(np.ones_like(labels), labels, ids)), 1)
+            if rule == "majority":
+                best = np.argmax(probs, axis=0)
+                counts = np.stack([np.atleast_1d(ndimage.sum(best == c, labels, ids)) for c in range(classes)], axis=1)
+                chosen = np.argmax(counts, axis=1)
+            else:
+                chosen = np.argmax(sums, axis=1)
+            for i, k in enumerate(mine):
+                out[k] = (int(chosen[i]) + 1, float(sums[i, chosen[i]] / pixels[i]))
+    return out
+
+
+def burn_roof_classes(class_path: Path, polygons: list[BaseGeometry], ids: list[int], *, block: int = BLOCK) -> None:
+    """Give every pixel of each roof its roof's class in a class raster (pixels outside the roofs keep theirs),
+    block by block, in place."""
+    if not polygons:
+        return
+    tree = STRtree(polygons)
+    with rasterio.open(class_path, "r+") as dst:
+        for win in iter_windows(dst.width, dst.height, block):
+            hits = tree.query(shapely.box(*dst.window_bounds(win)), predicate="intersects")
+            if not len(hits):
+                continue
+            data = dst.read(1, window=win)
+            burned = rasterize([(polygons[i], ids[i]) for i in hits], out_shape=data.shape,
+                               transform=dst.window_transform(win), fill=0, dtype="uint8")  # fmt: skip
+            dst.write(np.where(burned > 0, burned, data)[None], window=win)

@@ -259,6 +259,12 @@ class TargetWeights(Section):
     footprint: float = Field(1.0, gt=0.0, description="Weight of the footprint's loss.")
     boundary: float = Field(0.25, ge=0.0, description="Weight of the boundary band's loss.")
     contact: float = Field(0.1, ge=0.0, description="Weight of the contact band's loss.")
+    classes: float = Field(
+        1.0,
+        ge=0.0,
+        description="Weight of the class loss (mask_args.classes): cross-entropy weighted per class plus the mean "
+        "Dice of the classes, over roofs of known class.",
+    )
 
 
 class TrainingArgs(Section):
@@ -689,6 +695,12 @@ class PredictArgs(Section):
         description="Probability of the roof cores that seed the watershed; null = halfway between the decision "
         "threshold and 1 (0.75 for 0.5) for seeds from the footprint, three quarters of the way (0.875 for 0.5) for "
         "seeds from the boundary and contact bands.",
+    )
+    roof_class: Literal["vote", "majority"] = Field(
+        "vote",
+        description="A bundle trained on classes: the class of a roof, one per roof: vote = the class whose "
+        "probabilities summed over the roof's pixels are highest (a vote weighted by probability); majority = "
+        "the class most of its pixels find most probable.",
     )
     min_area: float = Field(4.0, ge=0.0, description="Drop roof polygons smaller than this, m2.")
     simplify: float = Field(0.0, ge=0.0, description="Simplify polygons with this tolerance, map units.")

@@ -13,6 +13,9 @@ results/EXPERIMENT/MODEL/evaluation/SPLIT/:
   instances.png             the chips with the most true roofs: each predicted roof (roofs.gpkg)
                             outlined in its own colour, the true roofs in white
   threshold_sweep.csv/.png  precision, recall and F1 against the threshold, from probabilities/
+  confusion.csv/.png        a model trained on classes (mask_args.classes): the confusion matrix of
+                            the classes' pixels, and of the roofs found; metrics.json adds each
+                            class's pixel scores and the share of found roofs given their class
 
 then refreshes results/summary.csv and summary.md (one row per experiment and model) and the
 experiment's report, results/EXPERIMENT/report.html. Train's own metrics.json, one level up,
@@ -64,11 +67,21 @@ from core.polygons import (
     to_pixels,
     write_spacenet_csv,
 )
-from core.raster import open_raster, read_mask, read_raster, read_truth, rgb_preview, same_transform, valid_pixels
+from core.raster import (
+    open_raster,
+    read_classes,
+    read_mask,
+    read_raster,
+    read_truth,
+    rgb_preview,
+    same_transform,
+    valid_pixels,
+)
 from core.settings import EvaluateArgs, Settings
 from core.stages import refuse_leaky_bundle, spec_of
 from core.tree import DataTree, require
 from core.vector import at_least_m2, clip_to, load_labels
+from evaluate.classes import ClassScores, scored_classes
 from evaluate.report import evaluation_dir, write_experiments_table, write_report
 
 log = logging.getLogger(__name__)
@@ -209,6 +222,7 @@ class Evaluation:
     confusion: Confusion = field(default_factory=Confusion)
     objects: ObjectCounts = field(default_factory=ObjectCounts)
     search: ThresholdSearch | None = None
+    classes: ClassScores | None = None
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame([c.row() for c in self.chips])
@@ -297,6 +311,9 @@ def evaluate_folder(
             probs_dir,
         )
     result = Evaluation(search=ThresholdSearch() if with_probs else None)
+    names = scored_classes(truth_masks / pairs[0][0], pred_dir / "classes" / pairs[0][1]) if pairs else ()
+    if names:
+        result.classes = ClassScores(names)
     for name, predicted in cli.progress(pairs, desc="evaluate", unit="chip"):
         truth, known, _ = read_truth(truth_masks / name)
         pred, _ = read_mask(pred_dir / "masks" / predicted)
@@ -313,6 +330,9 @@ def evaluate_folder(
         if result.search is not None:
             prob, _ = read_raster(probs_dir / predicted)
             result.search.add(truth, prob[0], valid)
+        if result.classes is not None:
+            kinds, _ = read_raster(pred_dir / "classes" / predicted)
+            result.classes.add_pixels(read_classes(truth_masks / name)[0], kinds[0], valid)
     return result
 
 
@@ -339,12 +359,12 @@ def _grid(profile: dict[str, Any]) -> str:
 
 def polygon_scores(
     settings: Settings, tree: DataTree, split: str, pairs: list[tuple[str, str]], pred_dir: Path, out: Path,
-    groups: dict[Any, PolygonCounts] | None = None,
+    groups: dict[Any, PolygonCounts] | None = None, classes: ClassScores | None = None,
 ) -> PolygonCounts | None:  # fmt: skip
     """SpaceNet polygon scores: each chip's true roofs (the label file's polygons, as mask keeps them,
     clipped to the chip) against the roofs.gpkg polygons predicted from it; also writes both as
     SpaceNet CSVs (truth.csv, predictions.csv) in pixel coordinates. None when there is no roofs.gpkg
-    or no usable label file."""
+    or no usable label file. With ``classes``, each matched roof's true and predicted class is counted."""
     import geopandas as gpd
 
     roofs_file = pred_dir / "roofs.gpkg"
@@ -378,7 +398,11 @@ def polygon_scores(
         t_keep = at_least_m2(clip_to(t_all, chip), args.min_area_m2)
         p_keep = at_least_m2(clip_to(p_all[p_all["source"] == pred_name], chip), args.min_area_m2)
         p_keep = off_unknown(p_keep, clip_to(u_all, chip) if len(u_all) else u_all)
-        total.add(match_polygons(list(t_keep.geometry), list(p_keep.geometry), args.iou_threshold)[0])
+        counts, matched = match_polygons(list(t_keep.geometry), list(p_keep.geometry), args.iou_threshold)
+        total.add(counts)
+        if classes is not None and "class_id" in t_keep.columns and "class_id" in p_keep.columns:
+            t_ids, p_ids = t_keep["class_id"].to_numpy(), p_keep["class_id"].to_numpy()
+            classes.add_roofs([int(t_ids[t]) for t, _, _ in matched], [int(p_ids[p]) for _, p, _ in matched])
         if groups is not None and args.group_by in t_keep.columns:
             values = t_keep[args.group_by].astype(str).to_numpy()
             for value, counts in group_counts(list(t_keep.geometry), values, list(p_keep.geometry),
@@ -588,19 +612,23 @@ def evaluate_model(
         )
         pairs = matching_names(pred_dir / "masks", truth, tree.frames(split), tree)
     check_grids(pairs, pred_dir / "masks", truth)  # before the previous evaluation is removed
+    if pairs:  # a bundle trained on classes against one-class masks, or the other way round: one line
+        scored_classes(truth / pairs[0][0], pred_dir / "classes" / pairs[0][1])
     run.start()
     result = evaluate_folder(pred_dir, tree.frames(split), truth, args, tree, pairs)
     # The threshold predict applied, as it recorded it; else what settings and bundle say now.
     threshold = (predicted or {}).get("summary", {}).get("threshold", used_threshold(settings, tree, model))
     scored = [(c.name, c.prediction or c.name) for c in result.chips]
     groups: dict[Any, PolygonCounts] = {}
-    polygons = polygon_scores(settings, tree, split, scored, pred_dir, out, groups if args.group_by else None)
+    polygons = polygon_scores(settings, tree, split, scored, pred_dir, out, groups if args.group_by else None,
+                              result.classes)  # fmt: skip
     extra: dict[str, Any] = {
         "object": result.objects.scores(),
         **({"polygon": polygons.scores(), "min_area_m2": args.min_area_m2} if polygons is not None else {}),
         **(
             {"polygon_by": {"attribute": args.group_by, **{k: v.scores() for k, v in groups.items()}}} if groups else {}
         ),
+        **({"classes": result.classes.record()} if result.classes is not None else {}),
         "chips": len(result.chips),
         "min_area": args.min_area,
         "iou_threshold": args.iou_threshold,
@@ -619,6 +647,9 @@ def evaluate_model(
         )
     with atomic_path(out / "chips.csv") as tmp:
         result.table().to_csv(tmp, index=False, float_format="%.6g")
+    if result.classes is not None:
+        result.classes.write_csv(out / "confusion.csv")
+        result.classes.plot(out / "confusion.png", f"{model}, {split}: classes of pixels and of the roofs found")
     stretch = None
     if (tree.bundle(model) / BUNDLE_JSON).is_file():
         norm = read_info(tree.bundle(model)).normalization
@@ -643,6 +674,11 @@ def evaluate_model(
         model, len(result.chips), split, p["iou"], p["f1"], p["precision"], p["recall"], o["f1"], o["tp"], o["fp"],
         o["fn"], out,
     )  # fmt: skip
+    if result.classes is not None:
+        accuracy, found = result.classes.roof_accuracy()
+        per = result.classes.per_class()
+        log.info("evaluate: %s classes, pixel IoU %s; material right for %.1f%% of the %d roofs found", model,
+                 ", ".join(f"{n} {per[n]['iou']:.3f}" for n in result.classes.names), 100 * accuracy, found)  # fmt: skip
     for value, counts in groups.items():
         g = counts.scores()
         log.info("evaluate: %s roofs with %s %s: polygon F1 %.3f (%d matched, %d false, %d missed)",

@@ -49,6 +49,7 @@ EVALUATION_PICTURES = (
     ("best.png", "Best chips"),
     ("worst.png", "Worst chips"),
     ("instances.png", "Roofs as objects: one colour per predicted roof, true roofs in white"),
+    ("confusion.png", "Classes: the confusion matrix of pixels and of the roofs found"),
 )
 
 
@@ -414,6 +415,17 @@ def _data_section(tree: DataTree) -> str:
     return "".join(parts)
 
 
+def _classes_table(classes: dict[str, Any]) -> str:
+    """Each class's pixel scores, and the share of found roofs given their class."""
+    rows = [[html.escape(name), _fmt(v["iou"]), _fmt(v["f1"]), _fmt(v["precision"]), _fmt(v["recall"]),
+             f"{v['pixels']:,}"] for name, v in classes["pixel"].items()]  # fmt: skip
+    note = (
+        f'<p class="note">Material right for {100 * classes["roof_accuracy"]:.1f}% of the {classes["roofs_found"]} '
+        "true roofs found (matched one to one at the polygon scores' IoU).</p>"
+    )
+    return _table(["class", "pixel IoU", "pixel F1", "precision", "recall", "true pixels"], rows) + note
+
+
 def _model_sections(results: list[ModelResult], split: str) -> str:
     parts = []
     for r in results:
@@ -424,8 +436,10 @@ def _model_sections(results: list[ModelResult], split: str) -> str:
             folder = r.folder / "evaluation" / ev["split"]
             pictures += [_img(folder / name, f"{r.model}, {ev['split']}: {caption}") for name, caption in
                          EVALUATION_PICTURES if (folder / name).is_file()]  # fmt: skip
-        if pictures:
-            parts.append(f'<h3 id="model-{html.escape(r.model)}">{html.escape(r.model)}</h3>' + "".join(pictures))
+        table = _classes_table(ev["classes"]) if ev and ev.get("classes") else ""
+        if pictures or table:
+            parts.append(f'<h3 id="model-{html.escape(r.model)}">{html.escape(r.model)}</h3>' + table
+                         + "".join(pictures))  # fmt: skip
     return "".join(parts) or "<p>No pictures yet.</p>"
 
 

@@ -9,7 +9,13 @@ the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
   probabilities/NAME.tif  float32 roof probability (predict_args.save_probabilities); a U-Net trained
                           on boundary and contact bands adds them as bands 2 and 3
   instances/NAME.tif      uint32, each roof's id in its pixels (predict_args.instances)
-  roofs.gpkg              one polygon per roof: id, source, mean_probability, area_m2 (input CRS)
+  classes/NAME.tif        a bundle trained on classes (mask_args.classes): uint8 class ids with a
+                          colour table (1, 2 ... as the class map names them; 0 background, the
+                          nodata value, so that QGIS draws it transparent), each
+                          roof one class (predict_args.roof_class); the probabilities add a band per
+                          class, its probability given a roof
+  roofs.gpkg              one polygon per roof: id, source, mean_probability, area_m2 (input CRS);
+                          with classes also class, class_id, class_probability
 
 Touching roofs are separated by a seeded watershed on the probabilities (predict_args.instances,
 seed_threshold), seeded with footprint x (1 - boundary) x (1 - contact) when the U-Net predicts
@@ -47,9 +53,25 @@ from core.contract import begin, file_identity, file_key
 from core.errors import BlankPredictionError, DataError, InputMissingError, SettingsError
 from core.files import atomic_path
 from core.index import chip_ids, grid_of
-from core.instances import default_seed_threshold, raster_instances, write_instances
+from core.instances import (
+    burn_roof_classes,
+    default_seed_threshold,
+    raster_instances,
+    roof_classes,
+    write_instances,
+)
 from core.parallel import map_tasks, worker_cached
-from core.raster import create_raster, gtiff_profile, iter_windows, open_raster, valid_pixels, window_starts
+from core.raster import (
+    CLASS_BAND,
+    CLASSES_TAG,
+    class_colormap,
+    create_raster,
+    gtiff_profile,
+    iter_windows,
+    open_raster,
+    valid_pixels,
+    window_starts,
+)
 from core.settings import CPU_PREDICT_BATCH, ParallelArgs, PredictArgs, Settings
 from core.stages import predict_bundle, predict_source, refuse_leaky_bundle, split_of_folder
 from core.tree import DataTree, refuse_overwrite
@@ -93,6 +115,7 @@ class RasterResult:
     source: Path
     mask: Path
     probability: Path | None
+    classes: Path | None = None
     roof_pixels: int = 0
     valid_pixels: int = 0
     prob_min: float = 1.0
@@ -109,22 +132,36 @@ def predict_raster(
     threshold: float,
     bar=None,
 ) -> RasterResult:
-    """Predict one raster in blended windows, strip by strip; write its mask (and probabilities)."""
+    """Predict one raster in blended windows, strip by strip; write its mask (and probabilities, classes),
+    and find its roofs: one polygon each (a seeded watershed with ``predict_args.instances``), with its
+    class when the bundle has classes."""
     args = with_batch(args, predictor)  # (predict_all has resolved a null batch size once for every raster)
-    if args.instances:
-        keep = prob_path is not None
-        probs = prob_path if keep else mask_path.with_name(f".{mask_path.stem}.probabilities.tmp.tif")
-        try:
-            result = _predict_raster(predictor, source, mask_path, probs, args, threshold, bar)
-            targets = seed_targets(predictor.info, args)
+    classes = len(predictor.info.classes)
+    class_path = mask_path.parent.parent / "classes" / mask_path.name if classes else None
+    keep = prob_path is not None
+    if not (args.instances or classes):
+        result = _predict_raster(predictor, source, mask_path, prob_path, class_path, args, threshold, bar)
+        result.polygons = [(g, None) for g in polygonize(mask_path)]
+        return result
+    probs = prob_path if keep else mask_path.with_name(f".{mask_path.stem}.probabilities.tmp.tif")
+    try:
+        result = _predict_raster(predictor, source, mask_path, probs, class_path, args, threshold, bar)
+        targets = seed_targets(predictor.info, args)
+        if args.instances:
             seed = default_seed_threshold(threshold, args.seed_threshold, channels=len(targets) > 1)
             result.polygons = raster_instances(probs, threshold, seed, targets)
-        finally:
-            if not keep:
-                probs.unlink(missing_ok=True)
-        result.probability = prob_path
-        return result
-    return _predict_raster(predictor, source, mask_path, prob_path, args, threshold, bar)
+        else:
+            result.polygons = [(g, None) for g in polygonize(mask_path)]
+        if classes:
+            geoms = [g for g, _ in result.polygons]
+            found = roof_classes(probs, geoms, len(targets), classes, args.roof_class)
+            result.polygons = [(g, p, *c) for (g, p), c in zip(result.polygons, found, strict=True)]
+            burn_roof_classes(class_path, geoms, [c for c, _ in found])
+    finally:
+        if not keep:
+            probs.unlink(missing_ok=True)
+    result.probability = prob_path
+    return result
 
 
 def seed_targets(info: BundleInfo, args: PredictArgs) -> tuple[str, ...]:
@@ -170,11 +207,20 @@ def with_batch(args: PredictArgs, predictor: Predictor) -> PredictArgs:
     return args
 
 
+def band_names(info: BundleInfo, args: PredictArgs) -> tuple[str, ...]:
+    """The bands of the probabilities predict writes: the seed targets, then each class's probability."""
+    return (*seed_targets(info, args), *info.classes)
+
+
 def forward_targets(predictor: Predictor, prepared: Any, targets: tuple[str, ...]) -> np.ndarray:
-    """The predictor's bands (n, len(targets), rows, cols): a U-Net's named targets, else its probabilities."""
-    if len(targets) > 1:
-        return predictor.forward_targets(prepared)
-    return predictor.forward(prepared)[:, np.newaxis]
+    """The predictor's bands (n, len(targets) + classes, rows, cols): the named targets (a U-Net's), then
+    each class's probability given a roof (a bundle trained on classes), else its roof probabilities."""
+    info = predictor.info
+    if len(targets) == 1 and not info.classes:
+        return predictor.forward(prepared)[:, np.newaxis]
+    index = [info.targets.index(t) for t in targets] + [len(info.targets) + k for k in range(len(info.classes))]
+    every = predictor.forward_targets(prepared)
+    return every if index == list(range(every.shape[1])) else every[:, index]
 
 
 def _predict_raster(
@@ -182,14 +228,16 @@ def _predict_raster(
     source: Path,
     mask_path: Path,
     prob_path: Path | None,
+    class_path: Path | None,
     args: PredictArgs,
     threshold: float,
     bar=None,
 ) -> RasterResult:
     info = predictor.info
     targets = seed_targets(info, args)
-    bands = len(targets)
-    result = RasterResult(source, mask_path, prob_path)
+    names = band_names(info, args)
+    bands = len(names)
+    result = RasterResult(source, mask_path, prob_path, class_path)
     with open_raster(source) as src:
         if src.count != info.bands or src.dtypes[0] != info.dtype:
             raise DataError(
@@ -214,7 +262,12 @@ def _predict_raster(
         with (
             create_raster(mask_path, mask_profile) as mask_dst,
             create_raster(prob_path, prob_profile) if prob_path else _nowhere() as prob_dst,
+            create_raster(class_path, {**mask_profile, "nodata": 0}) if class_path else _nowhere() as class_dst,
         ):
+            if class_dst is not None:
+                class_dst.write_colormap(1, class_colormap(len(info.classes)))
+                class_dst.set_band_description(1, CLASS_BAND)
+                class_dst.update_tags(**{CLASSES_TAG: ",".join(info.classes)})
             # Batches in raster order; a reader thread reads and prepares (normalizes) the next
             # batch while the model predicts this one. Only that thread touches ``src``.
             jobs: list[tuple[int, list[Window]]] = []  # (window row index, batch of windows)
@@ -231,7 +284,7 @@ def _predict_raster(
                 return (chips if args.tta else predictor.prepare(chips)), valids
 
             if prob_dst is not None and bands > 1:
-                for band, name in enumerate(targets, start=1):
+                for band, name in enumerate(names, start=1):
                     prob_dst.set_band_description(band, name)
             acc = np.zeros((bands, 0, width), np.float32)
             wsum = np.zeros((0, width), np.float32)
@@ -270,12 +323,11 @@ def _predict_raster(
                     # Rows above the next window row get no more contributions: write them out.
                     done_to = (rows[i + 1] if i + 1 < len(rows) else height) - top
                     _flush(
-                        acc[:, :done_to], wsum[:done_to], valid[:done_to], top, threshold, mask_dst, prob_dst, result
-                    )
+                        acc[:, :done_to], wsum[:done_to], valid[:done_to], top, threshold, (mask_dst, prob_dst,
+                        class_dst), result, first_class=len(targets),
+                    )  # fmt: skip
                     acc, wsum, valid = acc[:, done_to:], wsum[done_to:], valid[done_to:]
                     top += done_to
-    if not args.instances:
-        result.polygons = [(g, None) for g in polygonize(mask_path)]
     return result
 
 
@@ -286,14 +338,15 @@ def tta_forward(predictor: Predictor, chips: np.ndarray, targets: tuple[str, ...
     Each view is prepared from the raw chips, as training prepared its augmented chips, and its
     probabilities turned back before averaging.
     """
-    total = np.zeros((chips.shape[0], len(targets), *chips.shape[2:]), np.float64)
+    total = None
     for turns in range(4):
         for flip in (False, True):
             view = np.rot90(chips, turns, axes=(2, 3))
             view = view[..., ::-1] if flip else view
             prob = forward_targets(predictor, predictor.prepare(np.ascontiguousarray(view)), targets)
             prob = prob[..., ::-1] if flip else prob
-            total += np.rot90(prob, -turns, axes=(2, 3))
+            turned = np.rot90(prob, -turns, axes=(2, 3)).astype(np.float64)
+            total = turned if total is None else total + turned
     return (total / 8).astype(np.float32)
 
 
@@ -307,9 +360,10 @@ class _nowhere:
         return None
 
 
-def _flush(acc, wsum, valid, top, threshold, mask_dst, prob_dst, result: RasterResult) -> None:
+def _flush(acc, wsum, valid, top, threshold, outputs, result: RasterResult, first_class: int = 1) -> None:
     if acc.shape[1] == 0:
         return
+    mask_dst, prob_dst, class_dst = outputs
     bands = np.where(valid, acc / np.maximum(wsum, 1e-12), 0.0).astype(np.float32)
     prob = bands[0]  # the footprint: the roof probability
     mask = np.where(valid & (prob >= threshold), 255, 0).astype(np.uint8)
@@ -317,6 +371,9 @@ def _flush(acc, wsum, valid, top, threshold, mask_dst, prob_dst, result: RasterR
     mask_dst.write(mask[None], window=window)
     if prob_dst is not None:
         prob_dst.write(bands, window=window)
+    if class_dst is not None:  # each roof pixel's most probable class (each roof's own, once roofs are known)
+        kind = np.argmax(bands[first_class:], axis=0).astype(np.uint8) + 1
+        class_dst.write(np.where(mask > 0, kind, 0).astype(np.uint8)[None], window=window)
     if valid.any():
         seen = prob[valid]
         result.prob_min = min(result.prob_min, float(seen.min()))
@@ -352,13 +409,21 @@ def _touches_row(poly, src, row: int) -> bool:
     return bool(np.isclose(ys, y, rtol=0, atol=abs(src.transform.e) * 1e-3).any())
 
 
-def roofs_frame(results: list[RasterResult], crs, args: PredictArgs) -> gpd.GeoDataFrame:
+def roofs_frame(
+    results: list[RasterResult], crs, args: PredictArgs, classes: tuple[str, ...] | list[str] = ()
+) -> gpd.GeoDataFrame:
     """One table of roof polygons (id from 1, as in the instance rasters; source; area in m2; mean
-    probability with instances), filtered by min_area and simplified."""
-    rows = [(r.source.name, g, p) for r in results for g, p in r.polygons]
-    gdf = gpd.GeoDataFrame({"source": [s for s, _, _ in rows]}, geometry=[g for _, g, _ in rows], crs=crs)
+    probability with instances; class, class id and its mean probability with ``classes``), filtered by
+    min_area and simplified."""
+    rows = [(r.source.name, *polygon) for r in results for polygon in r.polygons]
+    gdf = gpd.GeoDataFrame({"source": [row[0] for row in rows]}, geometry=[row[1] for row in rows], crs=crs)
     if args.instances:
-        gdf["mean_probability"] = pd.Series([p for _, _, p in rows], dtype=float)
+        gdf["mean_probability"] = pd.Series([row[2] for row in rows], dtype=float)
+    if classes:
+        ids = np.array([row[3] for row in rows], np.int64)
+        gdf["class"] = pd.Series([classes[k - 1] for k in ids], dtype=object)
+        gdf["class_id"] = pd.Series(ids, dtype=np.int64)
+        gdf["class_probability"] = pd.Series([row[4] for row in rows], dtype=float)
     if gdf.empty:
         gdf["area_m2"] = pd.Series(dtype=float)
         gdf.insert(0, "id", pd.Series(dtype=np.int64))
@@ -469,6 +534,7 @@ def predict_all(
         results = map_tasks(predict_task, tasks, parallel, desc="predict", unit="raster", progress=cli.progress)
     else:
         predictor = load_predictor(bundle)
+        info = predictor.info
         args = with_batch(args, predictor)
         threshold = args.threshold if args.threshold is not None else predictor.info.threshold
         total = 0
@@ -492,7 +558,7 @@ def predict_all(
                 )
     with open_raster(inputs[0]) as src:
         crs = src.crs
-    gdf = roofs_frame(results, crs, args)
+    gdf = roofs_frame(results, crs, args, info.classes)
     if args.instances:  # each roof's id in its pixels: the polygons of roofs.gpkg, rasterized
         for r in results:
             mine = gdf[gdf["source"] == r.source.name]

@@ -192,3 +192,195 @@ def test_the_mask_stage_writes_the_class_band_and_names_the_classes(scene, setti
     bad = _json({"metal": ["metal"], "other_roof": ["slate"]})
     assert mask_main([*argv, "--overwrite", "--set", f"mask_args.classes={bad}"]) == 1
     assert sorted(p.read_bytes() for p in tree.masks.glob("*.tif")) == before
+
+
+# --- a tiny U-Net on two classes -------------------------------------------------------------------
+
+TRANSFORM = rasterio.transform.from_origin(600000.0, 2960000.0, 0.5, 0.5)
+#: Two materials by colour: metal bright in band 1, other roofs bright in band 3.
+TONES = {1: (1500, 700, 500), 2: (600, 700, 1500)}
+
+
+def _class_chip(rng: np.random.Generator, side: int = 64) -> tuple[np.ndarray, np.ndarray, list]:
+    """Four roofs (two of each class, one pair touching), one unknown building; the image, its mask (footprint,
+    boundary, contact, class) and the roofs as (polygon, class id)."""
+    import shapely
+
+    image = rng.normal(400, 40, (3, side, side)).clip(1, 2047)
+    roofs = []
+    spots = [(4, 4), (4, 34), (34, 4), (34, 34)]
+    for k, (r, c) in enumerate(spots):
+        kind = 1 + k % 2
+        h, w = int(rng.integers(9, 13)), int(rng.integers(9, 13))
+        r, c = r + int(rng.integers(0, 8)), c + int(rng.integers(0, 8))
+        for band, tone in enumerate(TONES[kind]):
+            image[band, r : r + h, c : c + w] = tone + rng.normal(0, 30, (h, w))
+        at = TRANSFORM @ rasterio.Affine.translation(c, r)
+        roofs.append((shapely.box(*rasterio.transform.array_bounds(h, w, at)), kind))
+    unknown = [shapely.box(*rasterio.transform.array_bounds(5, 5, TRANSFORM @ rasterio.Affine.translation(56, 56)))]
+    bands = make_targets([g for g, _ in roofs], unknown, (side, side), TRANSFORM,
+                         targets=("footprint", "boundary", "contact"), widths=(1, 3),
+                         classes=[k for _, k in roofs])  # fmt: skip
+    return image.astype(np.uint16), bands, roofs
+
+
+def test_a_unet_trained_on_classes_maps_each_roofs_material(tmp_path: Path, settings_file: Path):
+    import geopandas as gpd
+    import pandas as pd
+
+    from core.tree import DataTree
+    from predict.predict import main as predict_main
+    from train.train import main as train_main
+
+    rng = np.random.default_rng(3)
+    data = tmp_path / "data"
+    truth = {}
+    for split, n in (("train", 12), ("val", 4)):
+        for i in range(n):
+            image, bands, roofs = _class_chip(rng)
+            name = f"{split}_{i}.tif"
+            write_raster(data / f"{split}_frames" / name, image, crs="EPSG:32644", transform=TRANSFORM, nodata=0)
+            write_raster(data / f"{split}_masks" / name, bands, crs="EPSG:32644", transform=TRANSFORM,
+                         descriptions=("footprint", "boundary", "contact", "class"),
+                         tags={"ROOF_CLASSES": "metal,other_roof"})  # fmt: skip
+            truth[name] = roofs
+    sets = ["model_args.input_shape=[64,64]", "model_args.filters=8", "model_args.upconv_filters=8",
+            "model_args.num_layers=2", "load_dataset_args.batch_size=4", "training_args.epochs=30",
+            "training_args.steps_per_epoch=3", "training_args.learning_rate=0.003", "training_args.verbose=0",
+            f"data_root={data}", f"training_args.results_folder={tmp_path / 'results'}",
+            f"predict_args.output={tmp_path / 'predictions'}", "experiment=classes"]  # fmt: skip
+    argv = ["--settings", str(settings_file), "--quiet"]
+    for item in sets:
+        argv += ["--set", item]
+    assert train_main([*argv, "--model", "unet"]) == 0
+    tree = DataTree.from_settings(load_settings(settings_file, sets))
+    info = _read_json(tree.bundle("unet") / "bundle.json")
+    assert info["classes"] == ["metal", "other_roof"] and info["targets"] == ["footprint", "boundary", "contact"]
+    history = pd.read_csv(tree.model_dir("unet") / "history.csv")
+    assert history["val_class_accuracy"].iloc[-1] >= 0.9
+
+    assert predict_main([*argv, "--model", "unet"]) == 0
+    out = tree.prediction_dir("unet")
+    with rasterio.open(out / "probabilities" / "val_0.tif") as src:
+        assert src.descriptions == ("footprint", "boundary", "contact", "metal", "other_roof")
+        probs = src.read()
+    assert np.allclose(probs[3] + probs[4], 1.0, atol=1e-4)
+    with rasterio.open(out / "classes" / "val_0.tif") as src, rasterio.open(out / "masks" / "val_0.tif") as m:
+        assert src.dtypes[0] == "uint8" and src.tags()["ROOF_CLASSES"] == "metal,other_roof"
+        assert src.colormap(1)[1] == (31, 119, 180, 255) and src.colormap(1)[2] == (255, 127, 14, 255)
+        assert src.nodata == 0  # background: QGIS draws it transparent
+        classes, mask = src.read(1), m.read(1)
+    assert ((classes > 0) == (mask > 0)).all() and set(np.unique(classes)) <= {0, 1, 2}
+    roofs = gpd.read_file(out / "roofs.gpkg")
+    assert {"class", "class_id", "class_probability"} <= set(roofs.columns)
+    assert set(roofs["class"]) <= {"metal", "other_roof"}
+    assert (roofs["class"] == np.where(roofs["class_id"] == 1, "metal", "other_roof")).all()
+    assert roofs["class_probability"].between(0.5, 1.0).all()
+    # Every true roof found has its class; each roof is one class in the class raster.
+    right = found = 0
+    for name, polys in truth.items():
+        if not name.startswith("val"):
+            continue
+        mine = roofs[roofs["source"] == name]
+        for geom, kind in polys:
+            hit = mine[mine.intersects(geom.centroid)]
+            if len(hit):
+                found += 1
+                right += int(hit["class_id"].iloc[0] == kind)
+    assert found >= 14 and right == found
+    # A bundle trained on classes continued on one-class masks: one line.
+    for path in (data / "train_masks").glob("*.tif"):
+        bands, _ = _read(path)
+        write_raster(path, bands[:3], crs="EPSG:32644", transform=TRANSFORM,
+                     descriptions=("footprint", "boundary", "contact"))  # fmt: skip
+    for path in (data / "val_masks").glob("*.tif"):
+        bands, _ = _read(path)
+        write_raster(path, bands[:3], crs="EPSG:32644", transform=TRANSFORM,
+                     descriptions=("footprint", "boundary", "contact"))  # fmt: skip
+    err = _stderr_of(train_main, [*argv, "--model", "unet", "--overwrite", "--set", "training_args.pretrained=true"])
+    assert "was trained on the classes ['metal', 'other_roof'], the masks now hold one class: set " in err
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _read(path: Path):
+    from core.raster import read_raster
+
+    return read_raster(path)
+
+
+def _stderr_of(main, argv) -> str:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(argv) == 1
+    return err.getvalue()
+
+
+# --- evaluate: per-class scores, confusion matrix, per-roof material -----------------------------
+
+
+def test_class_scores_are_read_off_the_confusion_matrix_exactly(tmp_path: Path):
+    from evaluate.classes import ClassScores
+
+    scores = ClassScores(("metal", "other_roof"))
+    truth = np.array([[0, 0, 1, 1], [1, 1, 2, 2], [2, 2, UNKNOWN, 0]], np.uint8)
+    pred = np.array([[0, 1, 1, 1], [1, 2, 2, 2], [2, 0, 1, 0]], np.uint8)
+    scores.add_pixels(truth, pred, np.ones(truth.shape, bool))
+    # true rows background, metal, other_roof; predicted columns in the same order (the unknown pixel left out)
+    assert scores.pixels.tolist() == [[2, 1, 0], [0, 3, 1], [1, 0, 3]]
+    per = scores.per_class()
+    assert per["metal"]["iou"] == pytest.approx(3 / 5) and per["metal"]["precision"] == pytest.approx(3 / 4)
+    assert per["other_roof"]["f1"] == pytest.approx(2 * 0.75 * 0.75 / 1.5) and per["other_roof"]["pixels"] == 4
+    assert per["background"]["recall"] == pytest.approx(2 / 3)
+    scores.add_roofs([1, 1, 2, 2, 2], [1, 2, 2, 2, 2])
+    assert scores.roof_accuracy() == (pytest.approx(0.8), 5)
+    assert scores.record()["roof_confusion"] == [[1, 1], [0, 3]]
+    scores.write_csv(tmp_path / "confusion.csv")
+    assert (tmp_path / "confusion.csv").read_text().splitlines() == [
+        "true,predicted_background,predicted_metal,predicted_other_roof",
+        "background,2,1,0",
+        "metal,0,3,1",
+        "other_roof,1,0,3",
+    ]
+    scores.plot(tmp_path / "confusion.png", "test")
+    assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_scores_classes_and_refuses_a_class_bundle_against_one_class_masks(tmp_path: Path):
+    from core.settings import EvaluateArgs
+    from evaluate.classes import scored_classes
+    from evaluate.evaluate import evaluate_folder
+
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    truth = np.zeros((2, 8, 8), np.uint8)
+    truth[0, :4, :4], truth[1, :4, :4] = 255, 1
+    truth[0, 4:, 4:], truth[1, 4:, 4:] = 255, 2
+    write_raster(truth_dir / "a.tif", truth, crs="EPSG:32644", transform=T32, descriptions=("footprint", "class"),
+                 tags={"ROOF_CLASSES": "metal,other_roof"})  # fmt: skip
+    kinds = np.zeros((8, 8), np.uint8)
+    kinds[:4, :4] = 1
+    kinds[4:, 4:6] = 2
+    kinds[4:, 6:] = 1  # half the other roof called metal
+    write_raster(pred_dir / "masks" / "a.tif", np.where(kinds > 0, 255, 0).astype(np.uint8), crs="EPSG:32644",
+                 transform=T32)  # fmt: skip
+    write_raster(pred_dir / "classes" / "a.tif", kinds, crs="EPSG:32644", transform=T32,
+                 tags={"ROOF_CLASSES": "metal,other_roof"})  # fmt: skip
+    result = evaluate_folder(
+        pred_dir, tmp_path / "frames", truth_dir, EvaluateArgs(min_area=0), None, [("a.tif", "a.tif")]
+    )
+    assert result.classes.pixels.tolist() == [[32, 0, 0], [0, 16, 0], [0, 8, 8]]
+    assert result.confusion.tp == 32  # roofs of any class: every roof pixel found
+    # Predictions of a bundle trained on classes scored against one-class masks: one line.
+    write_raster(truth_dir / "b.tif", truth[:1], crs="EPSG:32644", transform=T32)
+    with pytest.raises(DataError, match=r"^the predictions are of a bundle trained on the classes \['metal', "
+                                        r"'other_roof'\] but the truth masks \(.*truth\) hold one class: predict "):  # fmt: skip
+        scored_classes(truth_dir / "b.tif", pred_dir / "classes" / "a.tif")
+    with pytest.raises(DataError, match=r"bundle trained on one class but the truth masks .* hold the classes"):
+        scored_classes(truth_dir / "a.tif", pred_dir / "classes" / "missing.tif")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import rasterio
@@ -115,6 +117,8 @@ def test_roofs_per_grid_cell_count_centroids_and_sum_ground_areas():
 
 class _Fake:
     """A predictor whose probabilities are the first band scaled, or a fixed ramp when ``ramp``."""
+
+    info = SimpleNamespace(targets=["footprint"], classes=[])  # a one-class bundle's
 
     def __init__(self, ramp: bool = False) -> None:
         self.ramp = ramp

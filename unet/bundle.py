@@ -55,7 +55,8 @@ class UNetPredictor:
         return self.forward_targets(prepared)[:, 0]
 
     def forward_targets(self, prepared: tuple[np.ndarray, tuple[int, int]]) -> np.ndarray:
-        """Every output band (n, targets, rows, cols): footprint, then boundary and contact when trained on them."""
+        """Every output band (n, targets + classes, rows, cols): footprint, then boundary and contact when trained
+        on them, then each class's probability given a roof when trained on classes."""
         x, shape = prepared
         out = []
         for start in range(0, len(x), self.batch_size):
@@ -90,10 +91,11 @@ def load(folder: Path, info: BundleInfo) -> UNetPredictor:
     output band per target bundle.json names."""
     model = load_model(folder)
     outputs = model.output_shape[-1]
-    if outputs != len(info.targets):
+    names = [*info.targets, *info.classes]
+    if outputs != len(names):
         raise BundleError(
             f"{Path(folder) / MODEL_FILE} has {outputs} output bands but {Path(folder) / BUNDLE_JSON} names "
-            f"{len(info.targets)} ({', '.join(info.targets)}): the model and bundle.json are of different trainings; "
+            f"{len(names)} ({', '.join(names)}): the model and bundle.json are of different trainings; "
             "retrain with python train/train.py --model unet"
         )
     return UNetPredictor(model, info)

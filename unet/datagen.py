@@ -1,8 +1,8 @@
 """The training data generator: chips and masks from disk, normalized and augmented.
 
-Masks on disk are uint8 0/255 (128: unknown, in the footprint band); :func:`read_targets` maps
-them to float 0/1 exactly once, adds the known channel the loss weighs pixels with, and refuses
-any other value (a 0/1 mask read as 0/255 was one cause of blank masks). Images go
+Masks on disk are uint8 0/255 (128: unknown, in the footprint band; a class map's class band holds
+class ids); :func:`read_targets` maps them to float 0/1 exactly once (class ids to one channel per
+class), adds the known channel the loss weighs pixels with, and refuses any other value (a 0/1 mask read as 0/255 was one cause of blank masks). Images go
 through :meth:`core.bundle.Normalization.apply`, the function predict uses too. Augmentation
 moves image and mask together; shear and zoom resample the image bilinearly and the mask
 with nearest neighbour only. Inputs are padded (reflect) to the network's multiple, never
@@ -34,16 +34,22 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def read_targets(path: Path) -> np.ndarray:
-    """Every band of a mask as float32 0/1 and, last, the known channel (0 where the footprint is 128,
-    unknown class): (rows, cols, bands + 1). The one place masks become targets."""
-    data, _ = read_raster(path)
-    raster.check_mask(data, path)
+    """Every target band of a mask as float32 0/1, then with a class map one channel per class (1 where
+    a roof is of that class), and last the known channel (0 where the footprint is 128, unknown class):
+    (rows, cols, targets + classes + 1). The one place masks become targets."""
+    data, names, classes, _ = raster.read_mask_bands(path)
+    targets = data[[i for i, n in enumerate(names) if n != raster.CLASS_BAND]] if classes else data
     known = data[0] != raster.UNKNOWN
-    return np.concatenate([data == 255, known[None]]).transpose(1, 2, 0).astype(np.float32)
+    parts = [targets == 255]
+    if classes:
+        ids = data[names.index(raster.CLASS_BAND)]
+        parts.append(ids[None] == np.arange(1, len(classes) + 1, dtype=np.uint8)[:, None, None])
+    return np.concatenate([*parts, known[None]]).transpose(1, 2, 0).astype(np.float32)
 
 
 def mask_targets(path: Path) -> tuple[str, ...]:
-    """The names of a mask's bands (mask.py writes them as band descriptions); one unnamed band is a footprint."""
+    """The names of a mask's target bands (mask.py writes them as band descriptions; the class band of a
+    class map is not one); one unnamed band is a footprint."""
     with raster.open_raster(path) as src:
         names = tuple(d or "" for d in src.descriptions)
     if names == ("",):
@@ -53,7 +59,7 @@ def mask_targets(path: Path) -> tuple[str, ...]:
             f"mask {path} has {len(names)} bands named {list(names)}: masks of several bands come from python "
             "mask/mask.py, which names them (footprint first); rerun mask and split"
         )
-    return names
+    return tuple(n for n in names if n != raster.CLASS_BAND)
 
 
 def read_input_targets(frame: Path, mask: Path, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:

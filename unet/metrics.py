@@ -107,8 +107,33 @@ class TrueShare(_Counts):
         return self._div(self.tp + self.fn, self.total)
 
 
-def training_metrics(threshold: float = 0.5) -> list[keras.metrics.Metric]:
-    """The metrics every U-Net is compiled with."""
+class ClassAccuracy(keras.metrics.Metric):
+    """Share of the roof pixels of known class whose most probable class is their class (a class map's U-Net:
+    its class channels start at ``first``; ``classes`` of them)."""
+
+    def __init__(self, first: int = 1, classes: int = 2, name: str = "class_accuracy", **kwargs) -> None:
+        super().__init__(name=name, **kwargs)
+        self.first, self.classes = first, classes
+        self.right = self.add_variable(shape=(), initializer="zeros", name="right", dtype="float64")
+        self.seen = self.add_variable(shape=(), initializer="zeros", name="seen", dtype="float64")
+
+    def update_state(self, y_true, y_pred, sample_weight=None) -> None:
+        span = slice(self.first, self.first + self.classes)
+        t, p = y_true[..., span], y_pred[..., span]
+        roof = (ops.max(t, axis=-1) > 0.5) & (y_true[..., -1] > 0.5)
+        same = ops.argmax(t, axis=-1) == ops.argmax(p, axis=-1)
+        self.right.assign_add(ops.sum(ops.cast(same & roof, "float64")))
+        self.seen.assign_add(ops.sum(ops.cast(roof, "float64")))
+
+    def result(self):
+        return ops.where(self.seen > 0, self.right / ops.maximum(self.seen, 1.0), ops.zeros_like(self.seen))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "first": self.first, "classes": self.classes}
+
+
+def training_metrics(threshold: float = 0.5, targets: int = 1, classes: int = 0) -> list[keras.metrics.Metric]:
+    """The metrics every U-Net is compiled with (and the class accuracy of one trained on ``classes``)."""
     return [
         IoU(threshold),
         F1(threshold),
@@ -116,7 +141,8 @@ def training_metrics(threshold: float = 0.5) -> list[keras.metrics.Metric]:
         Recall(threshold),
         PredShare(threshold),
         TrueShare(threshold),
+        *([ClassAccuracy(targets, classes)] if classes else []),
     ]
 
 
-CUSTOM_OBJECTS = {c.__name__: c for c in (IoU, F1, Precision, Recall, PredShare, TrueShare)}
+CUSTOM_OBJECTS = {c.__name__: c for c in (IoU, F1, Precision, Recall, PredShare, TrueShare, ClassAccuracy)}

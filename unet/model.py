@@ -112,9 +112,12 @@ def custom_unet(bands: int, m: ModelArgs, o: OutputArgs, channels: int = 1) -> k
     )
 
 
-def build_model(bands: int, model_args: ModelArgs, output_args: OutputArgs, channels: int = 1) -> keras.Model:
+def build_model(
+    bands: int, model_args: ModelArgs, output_args: OutputArgs, channels: int = 1, classes: int = 0
+) -> keras.Model:
     """The U-Net for ``bands``-band input of any size that is a multiple of :func:`pad_multiple`, with one
-    output channel per target (footprint first: the roof probability; then boundary, contact)."""
+    output channel per target (footprint first: the roof probability; then boundary, contact) and, with
+    ``classes``, a softmax over the classes after them: each class's probability given a roof."""
     builders = {"satellite": satellite_unet, "custom": custom_unet}
     if model_args.architecture not in builders:
         raise PipelineError(
@@ -126,7 +129,18 @@ def build_model(bands: int, model_args: ModelArgs, output_args: OutputArgs, chan
         # probabilities near 0 and 1 want float32, as the satellite network's output layer has.
         out = layers.Activation("linear", dtype="float32", name="roof_probability")(model.outputs[0])
         model = keras.Model(model.inputs[0], out, name=model.name)
+    if classes:
+        model = with_class_head(model, classes)
     return model
+
+
+def with_class_head(model: keras.Model, classes: int) -> keras.Model:
+    """The network with a second head beside its targets: a 1 x 1 convolution and a softmax over ``classes``
+    on the features the targets' output layer reads (float32, as the targets)."""
+    head = next(layer for layer in reversed(model.layers) if isinstance(layer, layers.Conv2D))
+    kind = layers.Conv2D(classes, 1, activation="softmax", dtype="float32", name="roof_class")(head.input)
+    out = layers.Concatenate(dtype="float32", name="roof_outputs")([model.outputs[0], kind])
+    return keras.Model(model.inputs[0], out, name=model.name)
 
 
 def float32_copy(model: keras.Model) -> keras.Model:

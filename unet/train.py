@@ -21,7 +21,7 @@ from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, read_info
 from core.errors import CollapseError, DataError
 from core.index import chip_kind, split_pairs
 from core.metrics import Confusion, combine, metrics_record, validate_pairs, write_metrics
-from core.raster import UNKNOWN, band_statistics, read_raster
+from core.raster import UNKNOWN, band_statistics, mask_classes, read_classes, read_raster
 from core.settings import Settings, checkpoint_file
 from core.tree import DataTree, refuse_overwrite
 
@@ -45,6 +45,10 @@ def steps_per_epoch(n_chips: int, batch_size: int, setting: int | None) -> int:
     return max(math.ceil(n_chips / min(batch_size, n_chips)), MIN_STEPS_PER_EPOCH)
 
 
+def _classes_phrase(classes) -> str:
+    return f"the classes {list(classes)}" if classes else "one class"
+
+
 def roof_share(masks: list[Path]) -> float:
     """Share of roof pixels over all training masks' pixels of known class."""
     roof = total = 0
@@ -53,6 +57,33 @@ def roof_share(masks: list[Path]) -> float:
         roof += int(np.count_nonzero(data[0] == 255))
         total += int(np.count_nonzero(data[0] != UNKNOWN))
     return roof / total if total else 0.0
+
+
+def class_pixels(masks: list[Path], classes: int) -> list[int]:
+    """Pixels of each class (ids 1..classes) over the masks' class bands."""
+    counts = np.zeros(classes + 1, np.int64)
+    for m in masks:
+        ids, _ = read_classes(m)
+        counts += np.bincount(ids[ids <= classes], minlength=classes + 1)
+    return [int(n) for n in counts[1:]]
+
+
+def mask_classes_of(masks: list[Path], num_classes: int | None) -> tuple[str, ...]:
+    """The class names every mask agrees on (empty: one class), checked against model_args.num_classes."""
+    classes = mask_classes(masks[0])
+    for mask in masks[1:]:
+        if mask_classes(mask) != classes:
+            raise DataError(
+                f"mask {mask} has the classes {list(mask_classes(mask))} but {masks[0]} has {list(classes)}: they come "
+                "from different runs of mask; rerun python mask/mask.py --overwrite and python split/split.py --overwrite"
+            )
+    if num_classes is not None and num_classes != max(1, len(classes)):
+        held = f"the classes {list(classes)}" if classes else "one class (no class band)"
+        raise DataError(
+            f"model_args.num_classes is {num_classes} but the masks hold {held}: set num_classes null, or rerun python "
+            "mask/mask.py with the mask_args.classes you mean"
+        )
+    return classes
 
 
 def configure_tensorflow(settings: Settings, from_bundle: bool = False) -> tuple[bool, bool]:
@@ -212,6 +243,7 @@ def train_unet(
                 "come from different runs of mask; rerun python mask/mask.py --overwrite and python split/split.py "
                 "--overwrite"
             )
+    classes = mask_classes_of([*train_masks, *val_masks], settings.model_args.num_classes)
     share = roof_share(train_masks)
     if share == 0:
         raise DataError(
@@ -247,6 +279,12 @@ def train_unet(
                     f"the bundle {start_from} was trained on the mask bands {previous.targets}, the masks now have "
                     f"{list(targets)}: set training_args.pretrained false, or mask_args.targets {previous.targets}"
                 )
+            if list(previous.classes) != list(classes):
+                raise DataError(
+                    f"the bundle {start_from} was trained on {_classes_phrase(previous.classes)}, the masks now hold "
+                    f"{_classes_phrase(classes)}: set training_args.pretrained false, or mask_args.classes as the "
+                    "bundle's"
+                )
             norm = previous.normalization
             model = unet_bundle.load_model(start_from)
             multiple = previous.pad_multiple
@@ -254,7 +292,7 @@ def train_unet(
         else:
             stats = band_statistics(train_frames)
             norm = Normalization.from_stats(stats, settings.load_dataset_args.normalization, nodata)
-            model = build_model(bands, settings.model_args, settings.output_args, len(targets))
+            model = build_model(bands, settings.model_args, settings.output_args, len(targets), len(classes))
             multiple = pad_multiple(settings.model_args)
             if warm is not None:
                 try:
@@ -285,12 +323,27 @@ def train_unet(
         augment_data=False,
         steps=min(args.validation_steps or val_steps_all, val_steps_all),
     )
+    weights: list[float] = []
+    if classes:
+        from unet.losses import class_balance
+
+        pixels = class_pixels(train_masks, len(classes))
+        weights = class_balance(pixels)
+        log.info(
+            "train: classes %s",
+            ", ".join(f"{c} {n} px (weight {w:.2f})" for c, n, w in zip(classes, pixels, weights, strict=True)),
+        )
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
     with scope():
         model.compile(
             optimizer=optimizers[args.optimizer](learning_rate=args.learning_rate),
-            loss=TargetLoss(args.loss, [getattr(args.target_weights, t) for t in targets]),
-            metrics=training_metrics(),
+            loss=TargetLoss(
+                args.loss,
+                [getattr(args.target_weights, t) for t in targets],
+                class_weights=weights,
+                class_weight=args.target_weights.classes,
+            ),
+            metrics=training_metrics(targets=len(targets), classes=len(classes)),
             jit_compile=jit,
         )
     out.mkdir(parents=True, exist_ok=True)
@@ -316,6 +369,7 @@ def train_unet(
         threshold=0.5,
         pad_multiple=multiple,
         targets=list(targets),
+        classes=list(classes),
         features={"architecture": settings.model_args.architecture},
         settings=settings.model_dump(mode="json"),
     )
