@@ -42,8 +42,6 @@ from rasterio.windows import Window
 
 from core import cli
 from core.bundle import BUNDLE_JSON, KINDS, BundleInfo, Predictor, load_predictor, read_info
-from core.check import preflight
-from core.contract import begin, file_identity, file_key
 from core.errors import BlankPredictionError, DataError, InputMissingError, SettingsError
 from core.files import atomic_path
 from core.index import chip_ids, grid_of
@@ -51,9 +49,11 @@ from core.instances import default_seed_threshold, raster_instances, write_insta
 from core.parallel import map_tasks, worker_cached
 from core.raster import create_raster, gtiff_profile, iter_windows, open_raster, valid_pixels, window_starts
 from core.settings import CPU_PREDICT_BATCH, ParallelArgs, PredictArgs, Settings
-from core.stages import predict_bundle, predict_source, refuse_leaky_bundle, split_of_folder
 from core.tree import DataTree, refuse_overwrite
 from core.vector import ground_area, roof_grid
+from workflow.check import preflight
+from workflow.contract import begin, file_identity, file_key, refuse_leaky_bundle
+from workflow.stages import predict_bundle, predict_source, split_of_folder
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +109,25 @@ def predict_raster(
     threshold: float,
     bar=None,
 ) -> RasterResult:
-    """Predict one raster in blended windows, strip by strip; write its mask (and probabilities)."""
+    """Predict one raster in blended windows, strip by strip; write its mask (and probabilities) and find
+    its roofs: one polygon per roof by the seeded watershed, or per connected group of roof pixels."""
     args = with_batch(args, predictor)  # (predict_all has resolved a null batch size once for every raster)
-    if args.instances:
-        keep = prob_path is not None
-        probs = prob_path if keep else mask_path.with_name(f".{mask_path.stem}.probabilities.tmp.tif")
-        try:
-            result = _predict_raster(predictor, source, mask_path, probs, args, threshold, bar)
-            targets = seed_targets(predictor.info, args)
-            seed = default_seed_threshold(threshold, args.seed_threshold, channels=len(targets) > 1)
-            result.polygons = raster_instances(probs, threshold, seed, targets)
-        finally:
-            if not keep:
-                probs.unlink(missing_ok=True)
-        result.probability = prob_path
+    targets = seed_targets(predictor.info, args)
+    if not args.instances:
+        result = _write_windows(predictor, source, mask_path, prob_path, args, targets, threshold, bar)
+        result.polygons = [(g, None) for g in polygonize(mask_path)]
         return result
-    return _predict_raster(predictor, source, mask_path, prob_path, args, threshold, bar)
+    # The watershed reads the probabilities: from a temporary file when they are not kept.
+    probs = prob_path or mask_path.with_name(f".{mask_path.stem}.probabilities.tmp.tif")
+    try:
+        result = _write_windows(predictor, source, mask_path, probs, args, targets, threshold, bar)
+        seed = default_seed_threshold(threshold, args.seed_threshold, channels=len(targets) > 1)
+        result.polygons = raster_instances(probs, threshold, seed, targets)
+    finally:
+        if prob_path is None:
+            probs.unlink(missing_ok=True)
+    result.probability = prob_path
+    return result
 
 
 def seed_targets(info: BundleInfo, args: PredictArgs) -> tuple[str, ...]:
@@ -177,17 +180,18 @@ def forward_targets(predictor: Predictor, prepared: Any, targets: tuple[str, ...
     return predictor.forward(prepared)[:, np.newaxis]
 
 
-def _predict_raster(
+def _write_windows(
     predictor: Predictor,
     source: Path,
     mask_path: Path,
     prob_path: Path | None,
     args: PredictArgs,
+    targets: tuple[str, ...],
     threshold: float,
     bar=None,
 ) -> RasterResult:
+    """The mask, and the probabilities of ``targets`` when ``prob_path`` is given, window by window."""
     info = predictor.info
-    targets = seed_targets(info, args)
     bands = len(targets)
     result = RasterResult(source, mask_path, prob_path)
     with open_raster(source) as src:
@@ -274,8 +278,6 @@ def _predict_raster(
                     )
                     acc, wsum, valid = acc[:, done_to:], wsum[done_to:], valid[done_to:]
                     top += done_to
-    if not args.instances:
-        result.polygons = [(g, None) for g in polygonize(mask_path)]
     return result
 
 

@@ -24,7 +24,11 @@ def touching_roofs(rows: int = 40, cols: int = 60) -> np.ndarray:
 def test_touching_roofs_are_two_objects_and_a_faint_roof_is_kept():
     labels, n = label_instances(touching_roofs(), 0.5, default_seed_threshold(0.5))
     assert n == 3
-    assert default_seed_threshold(0.5) == 0.75 and default_seed_threshold(0.5, channels=True) == 0.875 and default_seed_threshold(0.4, 0.9) == 0.9
+    assert (
+        default_seed_threshold(0.5) == 0.75
+        and default_seed_threshold(0.5, channels=True) == 0.875
+        and default_seed_threshold(0.4, 0.9) == 0.9
+    )
     left, right, faint = labels[10, 8], labels[10, 25], labels[27, 42]
     assert len({left, right, faint}) == 3 and 0 not in (left, right, faint)
     assert (labels > 0).sum() == ((touching_roofs() >= 0.5).sum())  # every roof pixel, none more

@@ -255,9 +255,7 @@ def test_band_count_differs_from_the_bundle(trained):
 def test_chips_and_settings_disagree_on_bands(trained):
     _, tree = trained
     eight = make_settings(tree.root.parent, "load_dataset_args.channels=8", f"model_args.input_shape=[{SIZE},{SIZE},8]")
-    with pytest.raises(
-        DataError, match=r"the chips have 3 bands \(train_0\.tif\) but the settings say 8"
-    ):
+    with pytest.raises(DataError, match=r"the chips have 3 bands \(train_0\.tif\) but the settings say 8"):
         train_classical("forest", eight, tree, overwrite=True)
 
 

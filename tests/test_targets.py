@@ -80,9 +80,7 @@ def test_unknown_polygons_are_128_except_where_a_roof_is_and_nodata_is_0_in_ever
     assert not bands[:, :, 30:].any()
 
 
-@pytest.mark.parametrize(
-    ("pixel", "expected"), [(0.5, (2, 6)), (0.3, (3, 10)), (0.13, (7, 23)), (2.0, (1, 2))]
-)
+@pytest.mark.parametrize(("pixel", "expected"), [(0.5, (2, 6)), (0.3, (3, 10)), (0.13, (7, 23)), (2.0, (1, 2))])
 def test_default_widths_follow_the_ground_size_of_a_pixel(pixel: float, expected: tuple[int, int]):
     assert band_widths(None, None, pixel, 512) == expected
 

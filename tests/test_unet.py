@@ -408,7 +408,9 @@ def test_training_refuses_a_band_count_other_than_channels(tiny, settings_file: 
     settings = load_settings(
         settings_file, [*overrides, "load_dataset_args.channels=4", "model_args.input_shape=[64,64,4]"]
     )
-    with pytest.raises(DataError, match=r"chips have 3 bands \(train_0.tif\) but the settings say 4 \(load_dataset_args.channels"):
+    with pytest.raises(
+        DataError, match=r"chips have 3 bands \(train_0.tif\) but the settings say 4 \(load_dataset_args.channels"
+    ):
         train_unet(settings, tree)
 
 
