@@ -15,238 +15,16 @@ selected stages need and lists what is wrong and how to fix it; exit 1 if anythi
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
-import logging
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 from core import cli
-from core.bundle import BUNDLE_JSON
-from core.check import CheckError, Finding, run_checks
-from core.contract import outdated, status
-from core.settings import Settings, legacy_in_use, load_settings
+from core.settings import Settings, load_settings
 from core.tree import DataTree
-from evaluate.report import MODEL_ORDER, metrics_table
-
-log = logging.getLogger("pipeline")
-
-
-@dataclass(frozen=True)
-class Run:
-    """One call of a stage's main(argv): its label in the table, its extra arguments, and its state now."""
-
-    label: str
-    args: tuple[str, ...]
-    state: Callable[[], str]
-
-
-#: States of a run (see :meth:`Stage.state`).
-DONE, OUTDATED, TODO, UNRECORDED = "done", "outdated", "to do", "unrecorded"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage of the pipeline: its name and the module whose main(argv) runs it.
-
-    Stages declared in :mod:`core.stages` are done, outdated or to do by their records (the
-    stage contract); download and sample, which fill raw/ and labels/, by ``exists``. A
-    ``per_model`` stage runs once for every trained model, with ``--model MODEL``.
-    """
-
-    name: str
-    module: str
-    contract: str | None = None
-    args: tuple[str, ...] = ()
-    model: str | None = None
-    per_model: bool = False
-    exists: Callable[[DataTree, str | None], bool] | None = None
-
-    def runs(self, tree: DataTree, settings: Settings) -> list[Run]:
-        """What running this stage means now (per-model stages: one run per model trained so far)."""
-        if not self.per_model:
-            return [Run(self.name, self.args, functools.partial(self.state, tree, settings, self.model))]
-        return [
-            Run(f"{self.name} {m}", (*self.args, "--model", m), functools.partial(self.state, tree, settings, m))
-            for m in trained_models(tree)
-        ]
-
-    def state(self, tree: DataTree, settings: Settings, model: str | None) -> str:
-        """done, outdated (made under other settings or from other inputs), unrecorded, or to do."""
-        if self.contract is None:
-            return DONE if self.exists is not None and self.exists(tree, model) else TODO
-        st = status(self.contract, settings, tree, model, given={})  # as the pipeline runs it: no --input
-        if st.done:
-            return DONE
-        if st.stale:
-            return OUTDATED
-        return UNRECORDED if st.state == "unrecorded" else TODO
-
-    def pending(self, tree: DataTree, settings: Settings) -> bool:
-        """Whether some run of this stage is not done (or, per model, no model is trained yet)."""
-        runs = self.runs(tree, settings)
-        return not runs or not all(r.state() in (DONE, UNRECORDED) for r in runs)
-
-
-def trained_models(tree: DataTree) -> list[str]:
-    """Models with a bundle in results/EXPERIMENT/, in pipeline order."""
-    return [m for m in MODEL_ORDER if (tree.bundle(m) / BUNDLE_JSON).is_file()]
-
-
-#: The stages, in order.
-STAGES: tuple[Stage, ...] = (
-    Stage("download", "download.download", exists=lambda t, m: t.raw.is_dir() and any(t.raw.glob("*.tif"))),
-    Stage("sample", "sample.sample", exists=lambda t, m: (t.labels / "roofs.geojson").exists()),
-    Stage("mosaic", "mosaic.mosaic", "mosaic"),
-    Stage("chip", "chip.chip", "chip"),
-    Stage("mask", "mask.mask", "mask"),
-    Stage("split", "split.split", "split"),
-    Stage("flatten", "flatten.flatten", "flatten"),
-    Stage("summarize", "summarize.summarize", "summarize"),
-    Stage("train-forest", "train.train", "train", ("--model", "forest"), model="forest"),
-    Stage("train-regression", "train.train", "train", ("--model", "regression"), model="regression"),
-    Stage("train-unet", "train.train", "train", ("--model", "unet"), model="unet"),
-    Stage("predict", "predict.predict", "predict", per_model=True),
-    Stage("evaluate", "evaluate.evaluate", "evaluate", per_model=True),
-)
-
-#: What --demo runs, in order.
-DEMO = tuple(s.name for s in STAGES if s.name != "download")
-
-#: Settings --demo adds: a tenth of the training pixels is plenty for summarize's histograms
-#: (the whole table is 1.7 GB of CSV for the sample scene); polygon scores of the roofs in rows
-#: of touching roofs apart from the detached ones.
-DEMO_SETTINGS = ("flatten_args.sample_fraction=0.1", "evaluate_args.group_by=layout")
-
-
-def select(names: list[str], start: str | None, stop: str | None, only: list[str] | None) -> list[str]:
-    """The stage names to run, in pipeline order, from --from/--to/--only (names already checked)."""
-    if only:
-        return [n for n in names if n in only]
-    lo = names.index(start) if start else 0
-    hi = names.index(stop) if stop else len(names) - 1
-    return names[lo : hi + 1]
-
-
-def run_stages(
-    stages: list[Stage], tree: DataTree, common: list[str], overwrite: bool, settings: Settings
-) -> list[tuple[str, str, float]]:
-    """Run stages in order; returns (label, outcome, seconds) rows. Stops at the first failure.
-
-    A stage whose record matches the settings and its inputs is skipped; an outdated one (a
-    setting it depends on changed, or an earlier stage has run again since) runs with
-    --overwrite. Each stage's state is read just before it runs, after the stages before it.
-    """
-    rows: list[tuple[str, str, float]] = []
-    ran = False
-    for stage in stages:
-        runs = stage.runs(tree, settings)
-        if not runs:
-            log.error("%s: no trained model in %s: run the train stages first", stage.name, tree.results)
-            rows.append((stage.name, "failed (no model)", 0.0))
-            break
-        for run in runs:
-            state = run.state()
-            redo = overwrite or state == OUTDATED or (state == UNRECORDED and ran)
-            if state in (DONE, UNRECORDED) and not redo:
-                log.info("%s: up to date, skipped (--overwrite redoes it)", run.label)
-                rows.append((run.label, "skipped", 0.0))
-                continue
-            log.info("%s: running%s", run.label, " (outdated)" if state == OUTDATED else "")
-            started = time.perf_counter()
-            main = importlib.import_module(stage.module).main
-            code = main([*common, *run.args, *(["--overwrite"] if redo else [])])
-            elapsed = time.perf_counter() - started
-            rows.append((run.label, "ok" if code == 0 else f"failed (exit {code})", elapsed))
-            if code != 0:
-                return rows
-            ran = True
-    return rows
-
-
-def record_findings(chosen: list[Stage], tree: DataTree, settings: Settings) -> list[Finding]:
-    """What the stage records say: outdated or interrupted outputs, read from the same declarations
-    the stages use. Outdated outputs of a stage before the chosen ones are fatal (the chosen
-    stages would refuse them); those of a chosen stage are warnings (the run redoes them)."""
-    names = [s.name for s in STAGES]
-    first = min((names.index(s.name) for s in chosen), default=0)
-    findings = []
-    for stage in STAGES:
-        if stage.contract is None:
-            continue
-        models = trained_models(tree) if stage.per_model else [stage.model]
-        for model in models:
-            st = status(stage.contract, settings, tree, model, given={})
-            label = f"{stage.name} {model}" if stage.per_model else stage.name
-            ahead = stage in chosen
-            # Before the chosen stages, bad outputs are fatal: those stages would refuse to read them.
-            fatal = not ahead and names.index(stage.name) < first
-            if st.stale:
-                cmd = st.spec.run_command(st.model, overwrite=True)
-                if ahead:
-                    todo = "python pipeline.py redoes it"  # (check runs nothing: say who does)
-                elif fatal:
-                    todo = f"rerun {cmd} (or python pipeline.py --from {stage.name})"
-                else:
-                    todo = f"{cmd} redoes it"
-                findings.append(
-                    Finding("fatal" if fatal else "warning", f"{label}: {st.spec.are} outdated: made "
-                            f"{'; '.join(st.changes)}: {todo}")
-                )  # fmt: skip
-            elif st.state == "running" or st.removed:
-                why = "the run was interrupted" if st.state == "running" else "files were removed since it ran"
-                findings.append(
-                    Finding("fatal" if fatal else "warning", f"{label}: {st.spec.are} incomplete ({why}): "
-                            f"{st.spec.run_command(st.model)} resumes it")
-                )  # fmt: skip
-    return findings
-
-
-def shown(path: Path) -> str:
-    """A path as the user typed it: relative to the current folder when inside it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve())) or "."
-    except ValueError:
-        return str(path)
-
-
-def print_metrics(tree: DataTree, settings: Settings) -> None:
-    """A table of every trained model's validation metrics in this experiment, and the report's path;
-    models trained on data made before the latest changes are named under it."""
-    lines = metrics_table(tree)
-    if lines:
-        print(f"\nvalidation metrics, experiment {tree.experiment} ({shown(tree.results)})")
-        print("\n".join(lines))
-        old = [m for m in trained_models(tree) if outdated("train", settings, tree, m)]
-        unscored = [m for m in trained_models(tree) if m not in old and outdated("evaluate", settings, tree, m)]
-        if old:
-            print(f"outdated: {', '.join(old)} (trained before the latest changes; python pipeline.py retrains)")
-        if unscored:
-            print(f"outdated scores: {', '.join(unscored)} (evaluated before the latest changes; python pipeline.py "
-                  "evaluates again)")  # fmt: skip
-    report = tree.results / "report.html"
-    if report.is_file():
-        print(f"\nreport: {shown(report)}")
-
-
-def print_findings(findings: list[Finding], read: int, names: list[str], tree: DataTree) -> None:
-    """The pre-flight check's list, fatal problems first."""
-    print(f"pre-flight check of {names[0]} .. {names[-1]} ({tree.root}): {read} rasters read")
-    for f in sorted(findings, key=lambda f: not f.fatal):
-        print(f"  {'FATAL' if f.fatal else 'warning':<8} {f.message}")
-    fatal = sum(f.fatal for f in findings)
-    warnings = len(findings) - fatal
-    if not findings:
-        print("no problem found")
-    else:
-        print(f"{fatal} fatal problem{'s' * (fatal != 1)}, {warnings} warning{'s' * (warnings != 1)}")
+from workflow import runner
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = [s.name for s in STAGES]
+    names = [s.name for s in runner.STAGES]
     parser = cli.make_parser(__doc__)
     parser.add_argument(
         "command", nargs="?", choices=("run", "check"), default="run", help="run the stages (default), or check inputs"
@@ -264,47 +42,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--only cannot be combined with --from or --to")
         if args.start and args.stop and names.index(args.start) > names.index(args.stop):
             parser.error(f"--from {args.start} comes after --to {args.stop} in the pipeline: nothing would run")
+        overrides = [*(runner.DEMO_SETTINGS if args.demo else ()), *args.overrides]
         if args.demo:  # the states of the stages are read under the settings they run with
-            settings = load_settings(args.settings, [*DEMO_SETTINGS, *args.overrides])
-        chosen = list(DEMO) if args.demo else select(names, args.start, args.stop, args.only)
-        if not args.demo and not args.only:
-            # Imagery comes from S3 when a bucket is set, else from the sample generator.
-            skip = "sample" if settings.download_args.bucket else "download"
-            chosen = [n for n in chosen if n != skip]
-        stages = [s for s in STAGES if s.name in chosen]
+            settings = load_settings(args.settings, overrides)
+        stages = runner.choose(settings, demo=args.demo, start=args.start, stop=args.stop, only=args.only)
         if args.command == "check":
-            upcoming = [s.name for s in stages if args.overwrite or s.pending(tree, settings)]
-            findings, read = run_checks(settings, tree, chosen, space_for=upcoming)
-            findings += record_findings(stages, tree, settings)
-            findings += [
-                Finding("warning", f"settings: {key} is the original pipeline's and ignored: {replacement}")
-                for key, replacement in legacy_in_use(settings)
-            ]
-            print_findings(findings, read, chosen, tree)
-            fatal = sum(f.fatal for f in findings)
-            if fatal:
-                raise CheckError(f"pre-flight check: {fatal} fatal problem{'s' * (fatal != 1)}, listed above")
+            runner.check(stages, settings, tree, overwrite=args.overwrite)
             return
-        common = ["--settings", str(args.settings)]
-        for item in (*(DEMO_SETTINGS if args.demo else ()), *args.overrides):
-            common += ["--set", item]
-        if args.quiet:
-            common.append("--quiet")
-        if args.verbose:
-            common.append("--verbose")
-        rows = run_stages(stages, tree, common, args.overwrite, settings)
-        cli.setup_logging(args.verbose, args.quiet)  # stages reconfigure logging; restore ours
-        width = max([11, *(len(n) for n, _, _ in rows)])
-        print(f"\n{'stage':<{width}} {'outcome':<20} seconds")
-        for name, result, seconds in rows:
-            print(f"{name:<{width}} {result:<20} {seconds:7.1f}")
-        print(f"data tree: {shown(tree.root)}")
-        failed = any(r.startswith("failed") for _, r, _ in rows)
-        if not failed:  # after a failure the table would show models of an earlier run as if of this one
-            print_metrics(tree, settings)
-        # An interrupted stage's code (130 Ctrl-C, 143 SIGTERM) passes through: a scheduler tells it from a failure.
-        codes = [int(r.split("exit ")[1].rstrip(")")) for _, r, _ in rows if r.startswith("failed (exit ")]
-        outcome["code"] = codes[-1] if codes and codes[-1] in (130, 143) else 1 if failed else 0
+        outcome["code"] = runner.run(
+            stages, settings, tree, settings_path=args.settings, overrides=overrides, overwrite=args.overwrite,
+            verbose=args.verbose, quiet=args.quiet,
+        )  # fmt: skip
 
     try:
         code = cli.run(parser, argv, body)

@@ -26,10 +26,8 @@ held-out chips with true roofs and the best step's polygons).
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,13 +39,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import rasterio
 import shapely
+from _real import options, parse, run
 from rasterio.features import rasterize
 
-from core.metrics import Confusion
-from core.polygons import PolygonCounts, match_polygons
+from chip.chip import main as chip_main
+from core.metrics import Confusion, MatchCounts
+from core.polygons import match_polygons
 from core.raster import read_raster, rgb_preview
 from core.vector import at_least_m2, clip_to
 from evaluate.evaluate import off_unknown
+from mask.mask import main as mask_main
+from predict.predict import main as predict_main
+from split.split import main as split_main
+from train.train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "banepa-metal-roofs"
@@ -55,16 +59,9 @@ METAL = ("tin", "metal")
 ATTRIBUTE = "roof:material"
 
 
-def run(module: str, argv: list[str]) -> None:
-    main = __import__(module, fromlist=["main"]).main
-    code = main(argv)
-    if code != 0:
-        raise SystemExit(f"{module} failed with exit {code}")
-
-
 def score(folder: Path, holdout: list[Path], metal, unknown, min_m2: float) -> dict:
     """Pixel and polygon scores of one prediction folder on the held-out chips."""
-    total, polys = Confusion(), PolygonCounts()
+    total, polys = Confusion(), MatchCounts()
     roofs = gpd.read_file(folder / "roofs.gpkg")
     for tif in holdout:
         image, profile = read_raster(tif)
@@ -73,36 +70,21 @@ def score(folder: Path, holdout: list[Path], metal, unknown, min_m2: float) -> d
         grey = rasterize(unknown.geometry, out_shape=shape, transform=transform) > 0 if len(unknown) else None
         known = ~grey | truth if grey is not None else np.ones(shape, bool)
         pred, _ = read_raster(folder / "masks" / tif.name)
-        c = Confusion().add(truth, pred[0] > 0, known)
-        total.tp, total.fp, total.fn, total.tn = total.tp + c.tp, total.fp + c.fp, total.fn + c.fn, total.tn + c.tn
+        total.add(truth, pred[0] > 0, known)
         tile = shapely.box(*rasterio.transform.array_bounds(*shape, transform))
         true_polys = at_least_m2(clip_to(metal, tile), min_m2)
         found = roofs[roofs["source"] == tif.name].set_crs(metal.crs, allow_override=True)
         found = at_least_m2(found, min_m2)
         found = off_unknown(found, clip_to(unknown, tile) if len(unknown) else unknown)
-        polys.add(match_polygons(list(true_polys.geometry), list(found.geometry))[0])
+        polys.merge(match_polygons(list(true_polys.geometry), list(found.geometry))[0])
     return {**total.scores(), "poly": polys.scores()}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--models", nargs="+", default=["unet", "forest", "regression"])
+    parser = options(__doc__, DEFAULT_DATA)
     parser.add_argument("--holdout-rows", nargs="+", default=["220247", "220248"])
-    parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--min-m2", type=float, default=4.0, help="polygons under this ground area are ignored")
-    parser.add_argument("--set", dest="extra", action="append", default=[], help="extra settings overrides")
-    parser.add_argument(
-        "--reuse", action="store_true", help="keep WORKDIR's data and trained bundles: only predict and score again"
-    )
-    args = parser.parse_args()
-    if not (args.data / "buildings.geojson").is_file():
-        print(f"real_banepa: {args.data} has no buildings.geojson", file=sys.stderr)
-        return 1
-    if args.reuse and not args.workdir:
-        print("real_banepa: --reuse needs the --workdir of an earlier run", file=sys.stderr)
-        return 2
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="real_banepa_"))
+    args, work = parse(parser, "real_banepa")
     holdout_dir = work / "holdout"
     experiments = {"footprint": '["footprint"]', "channels": '["footprint","boundary","contact"]'}
     if not args.reuse:
@@ -161,13 +143,13 @@ def main() -> int:
         common = [*base, "--set", f"data_root={work / experiment}", "--set", f"experiment={experiment}",
                   "--set", f"mask_args.targets={experiments[experiment]}"]  # fmt: skip
         if experiment not in prepared and not args.reuse:
-            for stage in ("chip.chip", "mask.mask", "split.split"):
+            for stage in (chip_main, mask_main, split_main):
                 run(stage, common)
         prepared.add(experiment)
         if (experiment, model) not in trained:
             started = time.perf_counter()
             if not args.reuse:
-                run("train.train", [*common, "--model", model])
+                run(train_main, [*common, "--model", model])
             trained[(experiment, model)] = time.perf_counter() - started
         name = "".join(c if c.isalnum() else "_" for c in label)
         predict = [*common, "--model", model, "--input", str(holdout_dir),
@@ -175,7 +157,7 @@ def main() -> int:
         for item in overrides:
             predict += ["--set", item]
         started = time.perf_counter()
-        run("predict.predict", predict)
+        run(predict_main, predict)
         folder = work / "predictions" / name / experiment / model
         s = score(folder, holdout, metal, unknown, args.min_m2)
         rows.append((label, s, trained[(experiment, model)], time.perf_counter() - started, folder))

@@ -13,10 +13,8 @@ DESIGN.md's figures to beat on this data: U-Net 0.32 pixel IoU, forest 0.22, reg
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,15 +25,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import rasterio
 import shapely
+from _real import options, parse, run
 from rasterio.features import rasterize
 
-from core.metrics import Confusion
-from core.polygons import PolygonCounts, match_polygons
+from chip.chip import main as chip_main
+from core.metrics import Confusion, MatchCounts
+from core.polygons import match_polygons
 from core.raster import read_raster, rgb_preview
 from core.settings import EvaluateArgs
 from core.vector import at_least_m2, clip_to
-from evaluate.evaluate import ObjectCounts, match_objects
+from evaluate.evaluate import match_objects
+from mask.mask import main as mask_main
+from predict.predict import main as predict_main
 from predict.predict import polygonize
+from split.split import main as split_main
+from train.train import main as train_main
 from unet.plots import draw_comparison
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,32 +48,11 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "spacenet-rio"
 MIN_M2 = 4.0
 
 
-def run(module: str, argv: list[str]) -> None:
-    main = __import__(module, fromlist=["main"]).main
-    code = main(argv)
-    if code != 0:
-        raise SystemExit(f"{module} failed with exit {code}")
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--models", nargs="+", default=["unet", "forest", "regression"])
+    parser = options(__doc__, DEFAULT_DATA)
     parser.add_argument("--holdout", nargs="+", default=["rio_img52", "rio_img54"])
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--set", dest="extra", action="append", default=[], help="extra settings overrides")
-    parser.add_argument(
-        "--reuse", action="store_true", help="keep WORKDIR's data and trained bundles: only predict and score again"
-    )
-    args = parser.parse_args()
-    if not (args.data / "buildings.geojson").is_file():
-        print(f"real_rio: {args.data} has no buildings.geojson", file=sys.stderr)
-        return 1
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="real_rio_"))
+    args, work = parse(parser, "real_rio")
     data = work / "data"
-    if args.reuse and not args.workdir:
-        print("real_rio: --reuse needs the --workdir of an earlier run", file=sys.stderr)
-        return 2
     if not args.reuse:
         shutil.rmtree(data, ignore_errors=True)
         (data / "raw").mkdir(parents=True)
@@ -104,7 +87,7 @@ def main() -> int:
     for item in args.extra:
         common += ["--set", item]
     if not args.reuse:
-        for stage in ("chip.chip", "mask.mask", "split.split"):
+        for stage in (chip_main, mask_main, split_main):
             run(stage, common)
 
     buildings = gpd.read_file(args.data / "buildings.geojson")
@@ -112,20 +95,20 @@ def main() -> int:
     for model in args.models:
         started = time.perf_counter()
         if not args.reuse:
-            run("train.train", [*common, "--model", model])
+            run(train_main, [*common, "--model", model])
         train_s = time.perf_counter() - started
-        run("predict.predict", [*common, "--model", model, "--input", str(data / "holdout")])
+        run(predict_main, [*common, "--model", model, "--input", str(data / "holdout")])
         total = Confusion()
-        objects = ObjectCounts()
-        poly_ws, poly_cc = PolygonCounts(), PolygonCounts()
+        objects = MatchCounts()
+        poly_ws, poly_cc = MatchCounts(), MatchCounts()
         pictures = []
         for name in args.holdout:
             image, profile = read_raster(data / "holdout" / f"{name}.tif")
             truth = rasterize(buildings.geometry, out_shape=image.shape[1:], transform=profile["transform"]) > 0
             pred, _ = read_raster(work / "predictions" / "rio" / model / "masks" / f"{name}.tif")
             c = Confusion().add(truth, pred[0] > 0)
-            total.tp, total.fp, total.fn, total.tn = total.tp + c.tp, total.fp + c.fp, total.fn + c.fn, total.tn + c.tn
-            objects.add(match_objects(truth, pred[0] > 0, EvaluateArgs()))
+            total.merge(c)
+            objects.merge(match_objects(truth, pred[0] > 0, EvaluateArgs()))
             pictures.append((name, image, truth, pred[0] > 0, c.scores()["iou"]))
             # Polygons, as SpaceNet scores them: the watershed's roofs, and the mask's connected groups.
             tile = shapely.box(*rasterio.transform.array_bounds(*image.shape[1:], profile["transform"]))
@@ -138,8 +121,8 @@ def main() -> int:
                 polygonize(work / "predictions" / "rio" / model / "masks" / f"{name}.tif"), crs=buildings.crs
             )
             components = at_least_m2(gpd.GeoDataFrame(geometry=groups), MIN_M2)
-            poly_ws.add(match_polygons(list(true_polys.geometry), list(watershed.geometry))[0])
-            poly_cc.add(match_polygons(list(true_polys.geometry), list(components.geometry))[0])
+            poly_ws.merge(match_polygons(list(true_polys.geometry), list(watershed.geometry))[0])
+            poly_cc.merge(match_polygons(list(true_polys.geometry), list(components.geometry))[0])
         rows.append(
             (model, total.scores(), objects.scores()["f1"], poly_cc.scores()["f1"], poly_ws.scores()["f1"], train_s)
         )

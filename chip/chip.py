@@ -25,7 +25,6 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from core import cli
-from core.contract import begin
 from core.errors import DataError, InputMissingError, RasterError
 from core.index import CHIP_COLUMNS, read_index, write_index
 from core.parallel import map_tasks
@@ -40,6 +39,7 @@ from core.raster import (
 )
 from core.settings import ChipArgs, ParallelArgs, Settings
 from core.tree import DataTree
+from workflow.contract import begin
 
 log = logging.getLogger(__name__)
 

@@ -44,9 +44,39 @@ class Confusion:
         self.tn += int(t.size) - tp - fp - fn
         return self
 
+    def merge(self, other: Confusion) -> Confusion:
+        """Add another's counts (a chip's to a split's); returns self."""
+        self.tp, self.fp, self.fn, self.tn = (
+            self.tp + other.tp,
+            self.fp + other.fp,
+            self.fn + other.fn,
+            self.tn + other.tn,
+        )
+        return self
+
     def scores(self) -> dict[str, float | int]:
         """IoU, F1, precision, recall, accuracy (0 where undefined) and the counts."""
         return {**pixel_scores(self.tp, self.fp, self.fn, self.tn), **asdict(self)}
+
+
+@dataclass
+class MatchCounts:
+    """Objects or polygons matched one to one: matched (tp), unmatched predicted (fp) and unmatched true (fn)."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def merge(self, other: MatchCounts) -> MatchCounts:
+        """Add another's counts (a chip's to a split's); returns self."""
+        self.tp, self.fp, self.fn = self.tp + other.tp, self.fp + other.fp, self.fn + other.fn
+        return self
+
+    def scores(self) -> dict[str, float | int]:
+        """Precision, recall and F1 (0 where undefined, as for pixels) and the counts."""
+        s = pixel_scores(self.tp, self.fp, self.fn, 0)
+        return {"precision": s["precision"], "recall": s["recall"], "f1": s["f1"], "tp": self.tp, "fp": self.fp,
+                "fn": self.fn}  # fmt: skip
 
 
 def _ratio(num: float, den: float) -> float:
@@ -134,7 +164,7 @@ def validate_pairs(predictor: Any, pairs: list[tuple[Path, Path]], desc: str = "
     nodata value decides which they are, as at predict time), nor do pixels of unknown class.
     """
     from core.cli import progress
-    from core.raster import read_pair, valid_pixels
+    from core.raster import read_pair, usable_pixels
 
     nodata = predictor.info.normalization.nodata
     chips = []
@@ -142,7 +172,7 @@ def validate_pairs(predictor: Any, pairs: list[tuple[Path, Path]], desc: str = "
         chw, roof, known, _ = read_pair(frame, mask)
         prob = predictor.predict(chw[np.newaxis])[0]
         chip = ThresholdSearch()
-        chip.add(roof, prob, valid_pixels(chw, nodata) & known)
+        chip.add(roof, prob, usable_pixels(chw, nodata, known))
         chips.append(chip)
     return chips
 

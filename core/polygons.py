@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,34 +22,15 @@ from shapely import STRtree
 from shapely.geometry.base import BaseGeometry
 
 from core.errors import DataError
+from core.metrics import MatchCounts
 
 #: SpaceNet's columns.
 SPACENET_COLUMNS = ("ImageId", "BuildingId", "PolygonWKT_Pix", "Confidence")
 
 
-@dataclass
-class PolygonCounts:
-    """Matched (tp), unmatched predicted (fp) and unmatched true (fn) polygons."""
-
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
-
-    def add(self, other: PolygonCounts) -> PolygonCounts:
-        self.tp, self.fp, self.fn = self.tp + other.tp, self.fp + other.fp, self.fn + other.fn
-        return self
-
-    def scores(self) -> dict[str, float | int]:
-        """Precision, recall, F1 (0 where undefined) and the counts."""
-        precision = self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
-        recall = self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        return {"precision": precision, "recall": recall, "f1": f1, "tp": self.tp, "fp": self.fp, "fn": self.fn}
-
-
 def group_counts(
     truth: Sequence[BaseGeometry], groups: Sequence[Any], predicted: Sequence[BaseGeometry], iou_threshold: float = 0.5
-) -> dict[Any, PolygonCounts]:
+) -> dict[Any, MatchCounts]:
     """SpaceNet counts of each group of true polygons (``groups``: one value per true polygon).
 
     A predicted polygon belongs to the group of the true polygon it overlaps most (by area);
@@ -67,7 +47,7 @@ def group_counts(
                 if inter[k] > 0:
                     owner[p_idx[k]] = t_idx[k]
     values = np.asarray(list(groups), object)
-    out: dict[Any, PolygonCounts] = {}
+    out: dict[Any, MatchCounts] = {}
     for value in sorted(set(values.tolist()), key=str):
         ts = [g for g, v in zip(truth, values, strict=True) if v == value]
         ps = [g for g, o in zip(predicted, owner, strict=True) if o >= 0 and values[o] == value]
@@ -77,7 +57,7 @@ def group_counts(
 
 def match_polygons(
     truth: Sequence[BaseGeometry], predicted: Sequence[BaseGeometry], iou_threshold: float = 0.5
-) -> tuple[PolygonCounts, list[tuple[int, int, float]]]:
+) -> tuple[MatchCounts, list[tuple[int, int, float]]]:
     """SpaceNet one-to-one matching: pairs (truth index, predicted index, IoU) taken greedily by IoU.
 
     Returns the counts and the matched pairs.
@@ -104,7 +84,7 @@ def match_polygons(
         used_t.add(t)
         used_p.add(p)
         matched.append((t, p, iou))
-    counts = PolygonCounts(tp=len(matched), fp=len(predicted) - len(matched), fn=len(truth) - len(matched))
+    counts = MatchCounts(tp=len(matched), fp=len(predicted) - len(matched), fn=len(truth) - len(matched))
     return counts, matched
 
 
@@ -167,12 +147,12 @@ def score_spacenet(
     predicted: dict[str, list[BaseGeometry]],
     iou_threshold: float = 0.5,
     min_area: float = 0.0,
-) -> PolygonCounts:
+) -> MatchCounts:
     """SpaceNet scores of two CSVs' polygons, image by image (areas in pixels); images only in the
     predictions count their polygons as false positives."""
-    total = PolygonCounts()
+    total = MatchCounts()
     for image in sorted(set(truth) | set(predicted)):
         t = keep_at_least(truth.get(image, []), min_area)
         p = keep_at_least(predicted.get(image, []), min_area)
-        total.add(match_polygons(t, p, iou_threshold)[0])
+        total.merge(match_polygons(t, p, iou_threshold)[0])
     return total

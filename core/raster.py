@@ -611,6 +611,13 @@ def valid_pixels(chw: np.ndarray, nodata: float | None) -> np.ndarray:
     return ~missing.all(axis=0)
 
 
+def usable_pixels(chw: np.ndarray, nodata: float | None, known: np.ndarray) -> np.ndarray:
+    """Boolean (rows, cols): the pixels that count in training, threshold search, scores and the flat table:
+    not nodata (:func:`valid_pixels`) and of known class (``known``: the mask is not the ignore value,
+    see :func:`read_truth`)."""
+    return valid_pixels(chw, nodata) & known
+
+
 def exact_dtype(lo: float, hi: float) -> np.dtype | None:
     """The smallest 8- or 16-bit integer dtype that holds every integer in [lo, hi], else None."""
     for dtype in _SMALL_INTS:
@@ -777,7 +784,7 @@ def class_band_statistics(
                     data = src.read(window=win)
                     labels = msk.read(1, window=win)
                     check_mask(labels, mask)
-                    keep = valid_pixels(data, nd) & (labels != UNKNOWN)  # unknown pixels are in neither class
+                    keep = usable_pixels(data, nd, labels != UNKNOWN)  # unknown pixels are in neither class
                     yield data[:, keep], labels[keep] == 255
 
     lo = hi = None

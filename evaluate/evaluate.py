@@ -52,14 +52,12 @@ if __name__ == "__main__":
     cli.unshadow_package(__file__)
 
 from core.bundle import BUNDLE_JSON, KINDS, read_info
-from core.contract import begin, read_record
 from core.errors import DataError, LabelError
 from core.files import atomic_path
 from core.index import read_index
 from core.instances import keep_labels, label_objects
-from core.metrics import Confusion, ThresholdSearch, metrics_record, pixel_scores, write_metrics
+from core.metrics import Confusion, MatchCounts, ThresholdSearch, metrics_record, write_metrics
 from core.polygons import (
-    PolygonCounts,
     group_counts,
     match_polygons,
     read_spacenet_csv,
@@ -75,14 +73,15 @@ from core.raster import (
     read_truth,
     rgb_preview,
     same_transform,
-    valid_pixels,
+    usable_pixels,
 )
 from core.settings import EvaluateArgs, Settings
-from core.stages import refuse_leaky_bundle, spec_of
 from core.tree import DataTree, require
 from core.vector import at_least_m2, clip_to, load_labels
 from evaluate.classes import ClassScores, scored_classes
 from evaluate.report import evaluation_dir, write_experiments_table, write_report
+from workflow.contract import begin, read_record, refuse_leaky_bundle
+from workflow.stages import spec_of
 
 log = logging.getLogger(__name__)
 
@@ -94,27 +93,6 @@ SHOWN = 4
 
 
 # --- objects ---------------------------------------------------------------------------------
-
-
-@dataclass
-class ObjectCounts:
-    """Matched (tp), unmatched predicted (fp) and unmatched true (fn) objects."""
-
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
-
-    def add(self, other: ObjectCounts) -> ObjectCounts:
-        self.tp += other.tp
-        self.fp += other.fp
-        self.fn += other.fn
-        return self
-
-    def scores(self) -> dict[str, float | int]:
-        """Precision, recall and F1 (0 where undefined, as for pixels) and the counts."""
-        s = pixel_scores(self.tp, self.fp, self.fn, 0)
-        return {"precision": s["precision"], "recall": s["recall"], "f1": s["f1"], "tp": self.tp, "fp": self.fp,
-                "fn": self.fn}  # fmt: skip
 
 
 def object_ious(truth: np.ndarray, n_truth: int, pred: np.ndarray, n_pred: int) -> tuple[np.ndarray, ...]:
@@ -130,7 +108,7 @@ def object_ious(truth: np.ndarray, n_truth: int, pred: np.ndarray, n_pred: int) 
 
 def match_objects(
     truth: np.ndarray, pred: np.ndarray, args: EvaluateArgs, known: np.ndarray | None = None
-) -> ObjectCounts:
+) -> MatchCounts:
     """SpaceNet object counts of two boolean masks.
 
     Each predicted object, in raster order, takes the still unmatched true object with the
@@ -153,7 +131,7 @@ def match_objects(
         if iou[i] >= args.iou_threshold:
             used.add(t[i])
             tp += 1
-    return ObjectCounts(tp=tp, fp=n_p - tp, fn=n_t - tp)
+    return MatchCounts(tp=tp, fp=n_p - tp, fn=n_t - tp)
 
 
 def drop_unknown(labels: np.ndarray, n: int, known: np.ndarray) -> tuple[np.ndarray, int]:
@@ -172,7 +150,7 @@ class ChipScore:
 
     name: str
     confusion: Confusion
-    objects: ObjectCounts
+    objects: MatchCounts
     truth_objects: int
     predicted_objects: int
     prediction: str = ""  # the predicted mask's file name, when not the truth's
@@ -220,7 +198,7 @@ class Evaluation:
 
     chips: list[ChipScore] = field(default_factory=list)
     confusion: Confusion = field(default_factory=Confusion)
-    objects: ObjectCounts = field(default_factory=ObjectCounts)
+    objects: MatchCounts = field(default_factory=MatchCounts)
     search: ThresholdSearch | None = None
     classes: ClassScores | None = None
 
@@ -320,13 +298,12 @@ def evaluate_folder(
         valid = known  # pixels of unknown class count nowhere, as nodata
         if (frames / name).is_file():
             image, profile = read_raster(frames / name)
-            valid = valid_pixels(image, profile.get("nodata")) & known
+            valid = usable_pixels(image, profile.get("nodata"), known)
         chip = score_chip(name, truth, pred, args, valid, known)
         chip.prediction = predicted if predicted != name else ""
         result.chips.append(chip)
-        for key in ("tp", "fp", "fn", "tn"):
-            setattr(result.confusion, key, getattr(result.confusion, key) + getattr(chip.confusion, key))
-        result.objects.add(chip.objects)
+        result.confusion.merge(chip.confusion)
+        result.objects.merge(chip.objects)
         if result.search is not None:
             prob, _ = read_raster(probs_dir / predicted)
             result.search.add(truth, prob[0], valid)
@@ -359,8 +336,8 @@ def _grid(profile: dict[str, Any]) -> str:
 
 def polygon_scores(
     settings: Settings, tree: DataTree, split: str, pairs: list[tuple[str, str]], pred_dir: Path, out: Path,
-    groups: dict[Any, PolygonCounts] | None = None, classes: ClassScores | None = None,
-) -> PolygonCounts | None:  # fmt: skip
+    groups: dict[Any, MatchCounts] | None = None, classes: ClassScores | None = None,
+) -> MatchCounts | None:  # fmt: skip
     """SpaceNet polygon scores: each chip's true roofs (the label file's polygons, as mask keeps them,
     clipped to the chip) against the roofs.gpkg polygons predicted from it; also writes both as
     SpaceNet CSVs (truth.csv, predictions.csv) in pixel coordinates. None when there is no roofs.gpkg
@@ -380,7 +357,7 @@ def polygon_scores(
     rows = {r.split_file: r for r in index[index["split"] == split].itertuples()}
     predicted = gpd.read_file(roofs_file, engine="pyogrio")
     args = settings.evaluate_args
-    total = PolygonCounts()
+    total = MatchCounts()
     truth_csv: dict[str, list] = {}
     pred_csv: dict[str, list] = {}
     in_crs: dict[str, tuple] = {}
@@ -399,7 +376,7 @@ def polygon_scores(
         p_keep = at_least_m2(clip_to(p_all[p_all["source"] == pred_name], chip), args.min_area_m2)
         p_keep = off_unknown(p_keep, clip_to(u_all, chip) if len(u_all) else u_all)
         counts, matched = match_polygons(list(t_keep.geometry), list(p_keep.geometry), args.iou_threshold)
-        total.add(counts)
+        total.merge(counts)
         if classes is not None and "class_id" in t_keep.columns and "class_id" in p_keep.columns:
             t_ids, p_ids = t_keep["class_id"].to_numpy(), p_keep["class_id"].to_numpy()
             classes.add_roofs([int(t_ids[t]) for t, _, _ in matched], [int(p_ids[p]) for _, p, _ in matched])
@@ -407,7 +384,7 @@ def polygon_scores(
             values = t_keep[args.group_by].astype(str).to_numpy()
             for value, counts in group_counts(list(t_keep.geometry), values, list(p_keep.geometry),
                                               args.iou_threshold).items():  # fmt: skip
-                groups.setdefault(value, PolygonCounts()).add(counts)
+                groups.setdefault(value, MatchCounts()).merge(counts)
         transform = from_bounds(row.left, row.bottom, row.right, row.top, row.width, row.height)
         stem = Path(truth_name).stem
         truth_csv[stem] = [(to_pixels(g, transform), 1.0) for g in t_keep.geometry]
@@ -619,7 +596,7 @@ def evaluate_model(
     # The threshold predict applied, as it recorded it; else what settings and bundle say now.
     threshold = (predicted or {}).get("summary", {}).get("threshold", used_threshold(settings, tree, model))
     scored = [(c.name, c.prediction or c.name) for c in result.chips]
-    groups: dict[Any, PolygonCounts] = {}
+    groups: dict[Any, MatchCounts] = {}
     polygons = polygon_scores(settings, tree, split, scored, pred_dir, out, groups if args.group_by else None,
                               result.classes)  # fmt: skip
     extra: dict[str, Any] = {

@@ -8,7 +8,7 @@
 - :func:`write_report`: results/EXPERIMENT/report.html, one self-contained page (images
   embedded as base64): metrics of every model, settings, data, training curves, overlays.
 
-evaluate writes all three after scoring a model; pipeline.py prints :func:`metrics_table`.
+evaluate writes all three after scoring a model; the runner (pipeline.py) prints :func:`metrics_table`.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ import pandas as pd
 from core.files import atomic_path
 from core.settings import Settings
 from core.tree import SPLITS, DataTree
+from workflow.stages import MODELS
 
 log = logging.getLogger(__name__)
-
-#: Models in the order the pipeline trains them, which is the order tables list them in.
-MODEL_ORDER = ("forest", "regression", "unet")
 
 #: PNGs larger than this are embedded as JPEG (the files themselves stay PNG).
 JPEG_ABOVE = 300_000
@@ -120,7 +118,7 @@ def _compact(value: Any) -> str:
 
 
 def _model_key(model: str) -> tuple[int, str]:
-    return (MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), model)
+    return (MODELS.index(model) if model in MODELS else len(MODELS), model)  # tables list them in pipeline order
 
 
 def model_results(experiment_dir: Path) -> list[ModelResult]:

@@ -39,15 +39,15 @@ from core import cli  # first: it makes `import flatten` find the package
 if __name__ == "__main__":
     cli.unshadow_package(__file__)
 
-from core.contract import begin
 from core.errors import DataError, InputMissingError
 from core.files import atomic_path
 from core.index import missing_masks
 from core.parallel import map_tasks
-from core.raster import common_kind, open_raster, read_pair, valid_pixels
+from core.raster import common_kind, open_raster, read_pair, usable_pixels
 from core.settings import FlattenArgs, ParallelArgs, Settings
 from core.tree import DataTree, refuse_overwrite
 from flatten.table import LONG_COLUMNS, band_column, table_name, wide_columns
+from workflow.contract import begin
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _read_image_valid_roof_georef(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Affine, RasterioCRS | None]:
     """Chip pixels, its pixels to use (valid and of known class), the roof mask, transform and CRS."""
     data, roof, known, profile = read_pair(frame, mask)
-    return data, valid_pixels(data, profile["nodata"]) & known, roof, profile["transform"], profile["crs"]
+    return data, usable_pixels(data, profile["nodata"], known), roof, profile["transform"], profile["crs"]
 
 
 def select_pixels(

@@ -23,7 +23,6 @@ import pandas as pd
 import shapely
 
 from core import cli
-from core.contract import begin
 from core.errors import LabelError
 from core.index import CHIP_COLUMNS, read_index, write_index
 from core.parallel import map_tasks
@@ -32,6 +31,7 @@ from core.settings import MaskArgs, ParallelArgs, Settings
 from core.targets import ROOF, UNKNOWN, band_widths, make_targets, pixel_size_m
 from core.tree import DataTree
 from core.vector import LabelIndex, load_labels
+from workflow.contract import begin
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from core.errors import DataError
 from core.files import atomic_path
 from core.index import chip_kind, split_pairs
 from core.metrics import ThresholdSearch, combine, metrics_record, validate_pairs, write_metrics
-from core.raster import band_statistics, read_pair, valid_pixels
+from core.raster import band_statistics, read_pair, usable_pixels
 from core.settings import Settings, dump_settings
 from core.tree import DataTree, refuse_overwrite
 from flatten.table import TableInfo, find_table, inspect_table, iter_chunks, iter_pixels, table_statistics
@@ -71,7 +71,7 @@ def _draw(roof: np.ndarray, valid: np.ndarray, shares: tuple[float, float], rng:
 
 def _read_image_roof_valid(pair: Pair, nodata: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     chw, roof, known, _ = read_pair(*pair)
-    return chw, roof, valid_pixels(chw, nodata) & known
+    return chw, roof, usable_pixels(chw, nodata, known)
 
 
 def sample_chips(pairs: list[Pair], normalization: Normalization, spec: FeatureSpec, budget: int, seed: int) -> Sample:

@@ -29,11 +29,11 @@ from rasterio.warp import Resampling, transform_bounds
 from rasterio.windows import Window
 
 from core import cli
-from core.contract import begin
 from core.errors import DataError, InputMissingError, RasterError
 from core.raster import create_raster, gtiff_profile, iter_windows, open_raster, require_georeference, valid_pixels
 from core.settings import MosaicArgs, Settings
 from core.tree import DataTree, refuse_overwrite
+from workflow.contract import begin
 
 log = logging.getLogger(__name__)
 

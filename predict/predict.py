@@ -48,8 +48,6 @@ from rasterio.windows import Window
 
 from core import cli
 from core.bundle import BUNDLE_JSON, KINDS, BundleInfo, Predictor, load_predictor, read_info
-from core.check import preflight
-from core.contract import begin, file_identity, file_key
 from core.errors import BlankPredictionError, DataError, InputMissingError, SettingsError
 from core.files import atomic_path
 from core.index import chip_ids, grid_of
@@ -73,9 +71,11 @@ from core.raster import (
     window_starts,
 )
 from core.settings import CPU_PREDICT_BATCH, ParallelArgs, PredictArgs, Settings
-from core.stages import predict_bundle, predict_source, refuse_leaky_bundle, split_of_folder
 from core.tree import DataTree, refuse_overwrite
 from core.vector import ground_area, roof_grid
+from workflow.check import preflight
+from workflow.contract import begin, file_identity, file_key, refuse_leaky_bundle
+from workflow.stages import predict_bundle, predict_source, split_of_folder
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +136,18 @@ def predict_raster(
     and find its roofs: one polygon each (a seeded watershed with ``predict_args.instances``), with its
     class when the bundle has classes."""
     args = with_batch(args, predictor)  # (predict_all has resolved a null batch size once for every raster)
+    targets = seed_targets(predictor.info, args)
     classes = len(predictor.info.classes)
     class_path = mask_path.parent.parent / "classes" / mask_path.name if classes else None
     keep = prob_path is not None
     if not (args.instances or classes):
-        result = _predict_raster(predictor, source, mask_path, prob_path, class_path, args, threshold, bar)
+        result = _write_windows(predictor, source, mask_path, prob_path, class_path, args, targets, threshold, bar)
         result.polygons = [(g, None) for g in polygonize(mask_path)]
         return result
+    # The watershed and the roofs' classes read the probabilities: from a temporary file when they are not kept.
     probs = prob_path if keep else mask_path.with_name(f".{mask_path.stem}.probabilities.tmp.tif")
     try:
-        result = _predict_raster(predictor, source, mask_path, probs, class_path, args, threshold, bar)
-        targets = seed_targets(predictor.info, args)
+        result = _write_windows(predictor, source, mask_path, probs, class_path, args, targets, threshold, bar)
         if args.instances:
             seed = default_seed_threshold(threshold, args.seed_threshold, channels=len(targets) > 1)
             result.polygons = raster_instances(probs, threshold, seed, targets)
@@ -207,11 +208,6 @@ def with_batch(args: PredictArgs, predictor: Predictor) -> PredictArgs:
     return args
 
 
-def band_names(info: BundleInfo, args: PredictArgs) -> tuple[str, ...]:
-    """The bands of the probabilities predict writes: the seed targets, then each class's probability."""
-    return (*seed_targets(info, args), *info.classes)
-
-
 def forward_targets(predictor: Predictor, prepared: Any, targets: tuple[str, ...]) -> np.ndarray:
     """The predictor's bands (n, len(targets) + classes, rows, cols): the named targets (a U-Net's), then
     each class's probability given a roof (a bundle trained on classes), else its roof probabilities."""
@@ -223,19 +219,21 @@ def forward_targets(predictor: Predictor, prepared: Any, targets: tuple[str, ...
     return every if index == list(range(every.shape[1])) else every[:, index]
 
 
-def _predict_raster(
+def _write_windows(
     predictor: Predictor,
     source: Path,
     mask_path: Path,
     prob_path: Path | None,
     class_path: Path | None,
     args: PredictArgs,
+    targets: tuple[str, ...],
     threshold: float,
     bar=None,
 ) -> RasterResult:
+    """The mask, the probabilities of ``targets`` (and of the bundle's classes) when ``prob_path`` is given, and
+    the class raster when ``class_path`` is, window by window."""
     info = predictor.info
-    targets = seed_targets(info, args)
-    names = band_names(info, args)
+    names = (*targets, *info.classes)
     bands = len(names)
     result = RasterResult(source, mask_path, prob_path, class_path)
     with open_raster(source) as src:

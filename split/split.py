@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 
 from core import cli
-from core.contract import begin
 from core.errors import DataError, InputMissingError
 from core.files import atomic_path
 from core.index import missing_masks, read_index, write_index
 from core.settings import Settings, SplitArgs
 from core.tree import SPLITS, DataTree
+from workflow.contract import begin
 
 log = logging.getLogger(__name__)
 

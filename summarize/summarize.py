@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from core import cli
-from core.contract import begin
 from core.errors import InputMissingError
 from core.files import atomic_path
 from core.index import missing_masks
@@ -35,6 +34,7 @@ from core.raster import CLASSES, DEFAULT_PERCENTILES, ClassBandStats, class_band
 from core.settings import Settings
 from core.tree import DataTree, refuse_overwrite
 from flatten.table import find_table, table_statistics
+from workflow.contract import begin
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,14 @@ from conftest import REPO_SETTINGS, TEST_TRANSFORM, pixel_box, write_geotiff, wr
 
 import pipeline
 from core.bundle import BundleInfo, Normalization, write_info
-from core.check import CheckError, preflight, run_checks
+from core.errors import CheckError
 from core.settings import Settings, load_settings
 from core.tree import DataTree
+from workflow.check import preflight, run_checks
+from workflow.runner import STAGES
 
 SIZE = 32
-EVERY_STAGE = [s.name for s in pipeline.STAGES if s.name != "download"]
+EVERY_STAGE = [s.name for s in STAGES if s.name != "download"]
 
 
 class Scene(NamedTuple):

@@ -19,7 +19,6 @@ from conftest import interrupted, write_geotiff, write_labels
 
 import pipeline
 from chip.chip import main as chip_main
-from core.contract import begin, file_identity, flatten, settings_of, status
 from core.errors import OutputExistsError
 from core.index import read_index
 from core.settings import load_settings
@@ -30,6 +29,8 @@ from mosaic.mosaic import main as mosaic_main
 from predict.predict import main as predict_main
 from split.split import main as split_main
 from train.train import main as train_main
+from workflow import runner
+from workflow.contract import begin, file_identity, flatten, settings_of, status
 
 
 def tree_of(argv: list[str]) -> DataTree:
@@ -744,13 +745,7 @@ def test_a_relative_input_is_recorded_as_an_absolute_path(scene, capsys, tmp_pat
 
 
 def test_an_interrupted_stage_s_exit_code_passes_through_the_pipeline(monkeypatch, settings_file, capsys):
-    import sys
-    import types
-
-    module = types.ModuleType("fake_interrupted")
-    module.main = lambda argv: 130
-    monkeypatch.setitem(sys.modules, "fake_interrupted", module)
-    monkeypatch.setattr(pipeline, "STAGES", (pipeline.Stage("a", "fake_interrupted", exists=lambda t, m: False),))
+    monkeypatch.setattr(runner, "STAGES", (runner.Stage("a", lambda argv: 130, exists=lambda t, m: False),))
     assert pipeline.main(["--settings", str(settings_file), "--only", "a", "--quiet"]) == 130
     assert "failed (exit 130)" in capsys.readouterr().out
 
@@ -758,7 +753,7 @@ def test_an_interrupted_stage_s_exit_code_passes_through_the_pipeline(monkeypatc
 def test_a_setting_the_stage_no_longer_reads_changes_nothing():
     """A record made when the stage read a key it now excludes (load_dataset_args.channels for train)
     is not outdated by it; a key it reads still is."""
-    from core.contract import _changes
+    from workflow.contract import _changes
 
     record = {"settings": {"training_args.epochs": 20, "load_dataset_args.channels": 8}}
     assert _changes(record, {"settings": {"training_args.epochs": 20}}) == []

@@ -1,9 +1,8 @@
-"""pipeline.py: stage selection, skipping finished stages, stopping at the first failure."""
+"""pipeline.py and workflow.runner: stage selection, skipping finished stages, stopping at the first failure."""
 
 from __future__ import annotations
 
-import sys
-import types
+import functools
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from conftest import REPO_SETTINGS
 import pipeline
 from core.settings import load_settings
 from core.tree import DataTree
-from pipeline import Stage, run_stages, select
+from workflow.runner import DEMO, STAGES, Stage, run_stages, select
 
 NAMES = ["sample", "mosaic", "chip", "mask", "split"]
 
@@ -32,23 +31,22 @@ def test_select(start, stop, only, expected) -> None:
 
 
 @pytest.fixture
-def fake_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def fake_stages(tmp_path: Path):
     """Three stages whose main() records its argv and writes a marker file; 'b' can be made to fail."""
     calls: list[tuple[str, list[str]]] = []
     state = {"fail": None}
-    for name in ("a", "b", "c"):
-        module = types.ModuleType(f"fake_{name}")
 
-        def main(argv, name=name):
-            calls.append((name, argv))
-            if state["fail"] == name:
-                return 1
-            (tmp_path / name).write_text("done")
-            return 0
+    def main(argv, name):
+        calls.append((name, argv))
+        if state["fail"] == name:
+            return 1
+        (tmp_path / name).write_text("done")
+        return 0
 
-        module.main = main
-        monkeypatch.setitem(sys.modules, f"fake_{name}", module)
-    stages = [Stage(n, f"fake_{n}", exists=lambda t, m, n=n: (tmp_path / n).exists()) for n in ("a", "b", "c")]
+    stages = [
+        Stage(n, functools.partial(main, name=n), exists=lambda t, m, n=n: (tmp_path / n).exists())
+        for n in ("a", "b", "c")
+    ]
     return stages, calls, state
 
 
@@ -84,24 +82,12 @@ def test_main_unknown_stage_is_a_usage_error(capsys: pytest.CaptureFixture[str])
     assert err.count("\n") == 1  # one line, no usage block
 
 
-def test_main_runs_data_stages_on_a_small_sample(settings_file: Path, tmp_path: Path, capsys) -> None:
-    argv = [
-        "--settings",
-        str(settings_file),
-        "--set",
-        f"data_root={tmp_path / 'data'}",
-        "--set",
-        "parallel.workers=1",
-        "--quiet",
-        "--to",
-        "split",
-        "--set",
-        "split_args.block=1",
-    ]
+def test_main_runs_data_stages_on_a_small_sample(stage_argv: list[str], tmp_path: Path, capsys) -> None:
+    argv = [*stage_argv, "--to", "split", "--set", "split_args.block=1"]
     # A small scene: the sample stage's own options are not pipeline options, so shrink it through its main.
     import sample.sample as sample_stage
 
-    assert sample_stage.main([*argv[:6], "--quiet", "--tiles", "1", "--tile-size", "512"]) == 0
+    assert sample_stage.main([*stage_argv, "--tiles", "1", "--tile-size", "512"]) == 0
     assert pipeline.main(argv) == 0
     out = capsys.readouterr().out
     assert "sample      skipped" in out
@@ -114,12 +100,11 @@ def test_main_runs_data_stages_on_a_small_sample(settings_file: Path, tmp_path: 
 
 
 @pytest.fixture
-def per_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def per_model(tmp_path: Path):
     """A fake per-model stage whose main() records its argv (done when a marker for the model exists), and a tree."""
     settings = load_settings(REPO_SETTINGS, [f"data_root={tmp_path}", f"training_args.results_folder={tmp_path}"])
     tree = DataTree.from_settings(settings)
     calls: list[list[str]] = []
-    module = types.ModuleType("fake_scores")
 
     def main(argv):
         calls.append(argv)
@@ -127,9 +112,7 @@ def per_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         (tmp_path / f"scored-{model}").write_text("done")
         return 0
 
-    module.main = main
-    monkeypatch.setitem(sys.modules, "fake_scores", module)
-    stage = Stage("score", "fake_scores", exists=lambda t, m: (t.root / f"scored-{m}").exists(), per_model=True)
+    stage = Stage("score", main, exists=lambda t, m: (t.root / f"scored-{m}").exists(), per_model=True)
     return stage, calls, tree
 
 
@@ -156,11 +139,11 @@ def test_a_per_model_stage_without_a_trained_model_fails(per_model) -> None:
 
 
 def test_every_stage_is_in_the_pipeline_and_the_demo() -> None:
-    assert [s.name for s in pipeline.STAGES] == [
+    assert [s.name for s in STAGES] == [
         "download", "sample", "mosaic", "chip", "mask", "split", "flatten", "summarize",
         "train-forest", "train-regression", "train-unet", "predict", "evaluate",
     ]  # fmt: skip
-    assert tuple(s.name for s in pipeline.STAGES[1:]) == pipeline.DEMO
+    assert tuple(s.name for s in STAGES[1:]) == DEMO
 
 
 # --- the stages after split on a tiny scene ---------------------------------------------------------

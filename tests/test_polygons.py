@@ -10,8 +10,8 @@ import shapely
 from affine import Affine
 
 from core.errors import DataError
+from core.metrics import MatchCounts
 from core.polygons import (
-    PolygonCounts,
     match_polygons,
     read_spacenet_csv,
     score_spacenet,
@@ -49,7 +49,7 @@ def test_matching_is_one_to_one_and_greedy_by_iou():
 
 
 def test_scores_from_counts():
-    assert PolygonCounts(tp=3, fp=1, fn=2).scores() == {
+    assert MatchCounts(tp=3, fp=1, fn=2).scores() == {
         "precision": 0.75, "recall": 0.6, "f1": pytest.approx(2 / 3), "tp": 3, "fp": 1, "fn": 2,
     }  # fmt: skip
 

@@ -297,6 +297,16 @@ def assert_exact(stat: raster.BandStats, expected: dict) -> None:
     assert stat.percentiles == expected["percentiles"]
 
 
+def assert_binned(stat: raster.BandStats, expected: dict) -> None:
+    """Float bands: exact count and range, the moments to 1e-9, percentiles to a histogram bin."""
+    assert (stat.count, stat.min, stat.max) == (expected["count"], expected["min"], expected["max"])
+    assert stat.mean == pytest.approx(expected["mean"], rel=1e-9)
+    assert stat.std == pytest.approx(expected["std"], rel=1e-9)
+    bin_width = (expected["max"] - expected["min"]) / 65536
+    for key, value in expected["percentiles"].items():
+        assert abs(stat.percentiles[key] - value) <= bin_width, key
+
+
 def with_nodata(array: np.ndarray, nodata: float, share: float, seed: int) -> np.ndarray:
     array = array.copy()
     array[np.random.default_rng(seed).random(array.shape) < share] = nodata
@@ -351,29 +361,14 @@ def test_statistics_float32(make_geotiff, tmp_path, block):
     stats = raster.band_statistics(paths, block=block)
     for i, stat in enumerate(stats):
         values = np.concatenate([a[i].ravel(), b[i].ravel()])
-        values = values[values != -9999.0]
-        expected = numpy_stats(values)
-        assert stat.count == expected["count"]
-        assert stat.min == expected["min"]
-        assert stat.max == expected["max"]
-        assert stat.mean == pytest.approx(expected["mean"], rel=1e-9)
-        assert stat.std == pytest.approx(expected["std"], rel=1e-9)
-        bin_width = (expected["max"] - expected["min"]) / 65536
-        for key, value in expected["percentiles"].items():
-            assert abs(stat.percentiles[key] - value) <= bin_width, key
+        assert_binned(stat, numpy_stats(values[values != -9999.0]))
 
 
 def test_statistics_int32_streams(make_geotiff, tmp_path):
     # 32-bit integers take the float path (a histogram of every value would need 32 GiB).
     a = np.random.default_rng(14).integers(-(2**31), 2**31 - 1, size=(1, 30, 30), dtype="int32")
     (stat,) = raster.band_statistics([make_geotiff(tmp_path, array=a, nodata=None)], block=16)
-    expected = numpy_stats(a.ravel())
-    assert (stat.count, stat.min, stat.max) == (expected["count"], expected["min"], expected["max"])
-    assert stat.mean == pytest.approx(expected["mean"], rel=1e-9)
-    assert stat.std == pytest.approx(expected["std"], rel=1e-9)
-    bin_width = (expected["max"] - expected["min"]) / 65536
-    for key, value in expected["percentiles"].items():
-        assert abs(stat.percentiles[key] - value) <= bin_width, key
+    assert_binned(stat, numpy_stats(a.ravel()))
 
 
 def test_statistics_float32_constant_band(make_geotiff, tmp_path):

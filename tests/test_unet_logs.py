@@ -108,9 +108,9 @@ def test_epoch_logs_scalars_every_epoch_images_every_n_and_a_resumed_run_appends
 def test_training_writes_logs_overwrite_starts_new_ones_and_removing_them_keeps_it_done(
     tmp_path: Path, settings_file: Path, make_geotiff
 ) -> None:
-    from core.contract import status
     from core.tree import DataTree
     from train.train import main
+    from workflow.contract import status
 
     write_split(tmp_path / "data", make_geotiff)
     overrides = [

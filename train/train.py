@@ -17,10 +17,10 @@ from pathlib import Path
 
 from core import cli
 from core.bundle import KINDS
-from core.check import preflight
-from core.contract import begin
 from core.settings import Settings
 from core.tree import DataTree
+from workflow.check import preflight
+from workflow.contract import begin
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """One declaration per stage: what it reads, what it writes, which settings shape its outputs.
 
 The stage scripts, ``pipeline.py`` and the pre-flight check all read these (through
-:mod:`core.contract`), so "done", "outdated" and "resumable" are defined once. download and
+:mod:`workflow.contract`), so "done", "outdated" and "resumable" are defined once. download and
 sample are not here: they fill ``raw/`` and ``labels/``, which the stages after them read as
 outside files (identified by size and time, labels by content).
 """
@@ -9,13 +9,11 @@ outside files (identified by size and time, labels by content).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from core.contract import Dep, Inputs, Output, StageSpec
-
-if TYPE_CHECKING:
-    from core.settings import PredictArgs, Settings
-    from core.tree import DataTree
+from core.settings import PredictArgs, Settings
+from core.tree import SPLITS, DataTree
+from workflow.spec import Dep, Inputs, Output, StageSpec
 
 #: Models the per-model stages run for, in pipeline order.
 MODELS = ("forest", "regression", "unet")
@@ -65,7 +63,7 @@ def _chip_inputs(settings: Settings, tree: DataTree, model: str | None, given: d
 
 
 def _mask_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
-    from core.vector import find_label_file
+    from core.vector import find_label_file  # geopandas: only when mask's inputs are asked for
 
     return Inputs(
         deps=(Dep("chip"),), files=(find_label_file(tree.labels, settings.mask_args.label_file),), hashed=True
@@ -98,8 +96,6 @@ def _train_inputs(settings: Settings, tree: DataTree, model: str | None, given: 
 
 def split_of_folder(path: Path, tree: DataTree) -> str | None:
     """The split whose chips folder ``path`` is, else None."""
-    from core.tree import SPLITS
-
     resolved = Path(path).resolve()
     return next((s for s in SPLITS if tree.frames(s).resolve() == resolved), None)
 
@@ -119,23 +115,6 @@ def predict_bundle(settings: Settings, tree: DataTree, model: str, given: dict[s
     if settings.predict_args.bundle:
         return Path(settings.predict_args.bundle), True
     return tree.bundle(model), False
-
-
-def refuse_leaky_bundle(settings: Settings, tree: DataTree, model: str, split: str) -> None:
-    """A bundle trained on an earlier split may have trained on today's val chips: scoring it there would leak."""
-    from core.contract import read_record
-    from core.errors import DataError
-
-    trained = read_record(spec_of("train").record(settings, tree, model))
-    made = read_record(spec_of("split").record(settings, tree, None))
-    if trained is None or made is None:
-        return
-    used = trained.get("inputs", {}).get("split", {}).get("run")
-    if used != made["run"]:
-        raise DataError(
-            f"the {model} bundle was trained on an earlier split than the {split} chips of today's split: some may "
-            f"have been its training chips. Retrain first: python train/train.py --model {model} --overwrite"
-        )
 
 
 def _predict_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:

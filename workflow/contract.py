@@ -1,12 +1,13 @@
 """The stage contract: a rerun after a change never mixes stale data.
 
 Every stage that writes into the data tree, results or predictions has one declaration
-(:class:`StageSpec`, all of them in :mod:`core.stages`): the settings that shape its outputs,
-the stages whose outputs it reads, the outside files it reads (tiles, labels, a bundle), and
-the outputs it owns. A run records, beside its outputs, ``STAGE.record.json``: those settings,
-the run ids of the upstream records it read, the identity of the outside files, and whether it
-finished. One reading of these records — :func:`status` — decides for the stage itself, for
-``pipeline.py`` and for the pre-flight check what a stage's outputs are:
+(:class:`~workflow.spec.StageSpec`, all of them in :mod:`workflow.stages`): the settings that
+shape its outputs, the stages whose outputs it reads, the outside files it reads (tiles,
+labels, a bundle), and the outputs it owns. A run records, beside its outputs,
+``STAGE.record.json``: those settings, the run ids of the upstream records it read, the
+identity of the outside files, and whether it finished. One reading of these records —
+:func:`status` — decides for the stage itself, for ``pipeline.py`` and for the pre-flight
+check what a stage's outputs are:
 
 - **done**: the record is complete and matches the current settings and inputs: a rerun skips;
 - **resumable**: it matches but the run did not finish: a rerun resumes;
@@ -32,12 +33,14 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from core.errors import DataError, InputMissingError, OutputExistsError, PipelineError
+from core.files import atomic_path
+from workflow.spec import Dep, Output, StageSpec
+from workflow.stages import order_of, spec_of
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -47,102 +50,6 @@ log = logging.getLogger(__name__)
 
 #: Version of the record format; a record of another version counts as unrecorded.
 RECORD_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Output:
-    """An output a stage owns: a file, or the files matching ``pattern`` in a folder.
-
-    ``counted``: a finished run records how many there are, and fewer later make the stage
-    unfinished (a rerun remakes them). Logs are not counted: removing them loses no result.
-    A fresh start removes every output, counted or not.
-    """
-
-    path: Path
-    pattern: str | None = None
-    counted: bool = True
-
-    def existing(self) -> list[Path]:
-        if self.pattern is None:
-            return [self.path] if self.path.exists() else []
-        return sorted(self.path.glob(self.pattern)) if self.path.is_dir() else []
-
-    def folder(self) -> Path:
-        return self.path if self.pattern is not None else self.path.parent
-
-    def leftovers(self) -> list[Path]:
-        """Temporary files of a killed run (atomic writes name them ``.STEM.XXXX.tmp...``)."""
-        folder = self.folder()
-        if not folder.is_dir():
-            return []
-        glob = ".*.tmp*" if self.pattern is not None else f".{self.path.stem}.*.tmp*"
-        return sorted(folder.glob(glob))
-
-
-@dataclass(frozen=True)
-class Dep:
-    """An upstream stage a stage reads. ``artifact``: only its identity counts (a trained bundle is
-    what it is; a later edit of the training settings does not make a prediction with it stale)."""
-
-    stage: str
-    artifact: bool = False
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What a run reads: upstream stages and outside files (``hashed``: identified by content)."""
-
-    deps: tuple[Dep, ...] = ()
-    files: tuple[Path, ...] = ()
-    hashed: bool = False
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One stage's declaration.
-
-    Attributes:
-        name: the stage name (``pipeline.py`` uses it too).
-        command: how a user runs it (used in messages).
-        what: its outputs in words, as messages name them ("chips/").
-        settings: the dotted settings keys (sections or single fields) that shape its outputs.
-        exclude: keys under those that do not (progress verbosity, output folders).
-        inputs: ``(settings, tree, model, given) -> Inputs``; ``given`` holds command-line
-            paths (``--input``, ``--bundle``) that replace what the settings name.
-        outputs: ``(settings, tree, model) -> [Output]``: what a fresh start removes.
-        record: ``(settings, tree, model) -> Path`` of its record.
-        per_model: runs once per model (train, predict, evaluate).
-        model_settings: ``model -> extra keys`` for per-model stages.
-    """
-
-    name: str
-    command: str
-    what: str
-    settings: tuple[str, ...]
-    inputs: Callable[..., Inputs]
-    outputs: Callable[..., list[Output]]
-    record: Callable[..., Path]
-    exclude: tuple[str, ...] = ()
-    per_model: bool = False
-    model_settings: Callable[[str], tuple[str, ...]] | None = None
-    plural: bool = True
-    complete: Callable[..., bool] | None = None
-
-    @property
-    def were(self) -> str:
-        return f"{self.what} {'were' if self.plural else 'was'}"
-
-    @property
-    def are(self) -> str:
-        return f"{self.what} {'are' if self.plural else 'is'}"
-
-    def keys(self, model: str | None) -> tuple[str, ...]:
-        extra = self.model_settings(model) if (self.model_settings and model) else ()
-        return (*self.settings, *extra)
-
-    def run_command(self, model: str | None, overwrite: bool = False) -> str:
-        cmd = self.command + (f" --model {model}" if self.per_model and model else "")
-        return cmd + (" --overwrite" if overwrite else "")
 
 
 # --- reading the settings and files a record holds -------------------------------------------------
@@ -224,8 +131,6 @@ def read_record(path: Path) -> dict[str, Any] | None:
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
-    from core.files import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
 
@@ -293,8 +198,6 @@ class Status:
 
 
 def _dep_identity(dep: Dep, settings: Settings, tree: DataTree, model: str | None) -> dict[str, Any]:
-    from core.stages import spec_of
-
     spec = spec_of(dep.stage)
     up_model = model if spec.per_model else None
     record = read_record(spec.record(settings, tree, up_model))
@@ -325,8 +228,6 @@ def status(
     ``given`` are command-line paths replacing what the settings name; None takes those the
     record holds (so a stage run with ``--input`` stays done for its downstream stages).
     """
-    from core.stages import spec_of
-
     spec = spec_of(name)
     model = model if spec.per_model else None
     record = read_record(spec.record(settings, tree, model))
@@ -467,17 +368,11 @@ class StageRun:
         if self.mode == "fresh" and clear:
             for output in self._outputs():
                 for old in output.existing():
-                    if old.is_dir() and not old.is_symlink():
-                        shutil.rmtree(old)
-                    else:
-                        old.unlink(missing_ok=True)
+                    _remove(old)
         for output in self._outputs():
             for leftover in output.leftovers():
                 with contextlib.suppress(OSError):
-                    if leftover.is_dir() and not leftover.is_symlink():
-                        shutil.rmtree(leftover)
-                    else:
-                        leftover.unlink()
+                    _remove(leftover)
         if self.mode == "resume" and self.status.record is not None:
             self.run_id = self.status.record["run"]
             self.started = self.status.record.get("started", "")
@@ -515,6 +410,14 @@ class StageRun:
             "host": socket.gethostname(),
             "process_start": _process_start(os.getpid()),
         }
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a folder with what it holds (a link, even to a folder, is removed, not followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _process_start(pid: int) -> str | None:
@@ -555,8 +458,6 @@ def upstream_problems(
     Missing outputs pass: the stage's own check says which stage to run. Outputs without a
     record are used as they are (logged).
     """
-    from core.stages import order_of, spec_of
-
     seen: dict[str, tuple[Dep, str | None]] = {}
     statuses: dict[str, Status] = {}  # each upstream stage's status is worked out once
 
@@ -631,6 +532,20 @@ def outdated(name: str, settings: Settings, tree: DataTree, model: str | None = 
         return True
     deps = st.current.get("deps", ())
     return bool(upstream_problems(deps, settings, tree, st.model, reader=st.label))
+
+
+def refuse_leaky_bundle(settings: Settings, tree: DataTree, model: str, split: str) -> None:
+    """A bundle trained on an earlier split may have trained on today's val chips: scoring it there would leak."""
+    trained = read_record(spec_of("train").record(settings, tree, model))
+    made = read_record(spec_of("split").record(settings, tree, None))
+    if trained is None or made is None:
+        return
+    used = trained.get("inputs", {}).get("split", {}).get("run")
+    if used != made["run"]:
+        raise DataError(
+            f"the {model} bundle was trained on an earlier split than the {split} chips of today's split: some may "
+            f"have been its training chips. Retrain first: python train/train.py --model {model} --overwrite"
+        )
 
 
 def begin(
