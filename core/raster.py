@@ -702,9 +702,14 @@ class ValueStats:
 class ClassBandStats:
     """Per-band :class:`ValueStats` of every valid pixel and of each mask class, streamed.
 
+    Always ``all``, ``roof`` (any roof class) and ``background``; with ``classes`` (the class
+    names of ids 1..K) also each class id 0..K on its own (:meth:`class_result`,
+    :meth:`class_histograms`), and :meth:`add` then takes each pixel's class id.
+
     Args:
         dtypes: the values' dtype, per band.
         lo, hi: per band value range, needed for non-integer bands (see :class:`ValueStats`).
+        classes: the class names of ids 1, 2 ... (a class map's); empty for one class.
     """
 
     def __init__(
@@ -712,44 +717,76 @@ class ClassBandStats:
         dtypes: Sequence[np.dtype | str],
         lo: Sequence[float] | None = None,
         hi: Sequence[float] | None = None,
+        classes: Sequence[str] = (),
     ) -> None:
         self.bands = len(dtypes)
-        self.values = {
-            c: [
+
+        def band_stats() -> list[ValueStats]:
+            return [
                 ValueStats(dt, None if lo is None else lo[b], None if hi is None else hi[b])
                 for b, dt in enumerate(dtypes)
             ]
-            for c in CLASSES
-        }
+
+        self.values = {c: band_stats() for c in CLASSES}
+        self.classes = tuple(classes)
+        #: With classes: per class id 0..K (0 background), each band's statistics.
+        self.by_class = [band_stats() for _ in range(len(self.classes) + 1)] if self.classes else []
+
+    @property
+    def class_labels(self) -> tuple[str, ...]:
+        """The names of class ids 0..K: ``background`` and the classes (empty for one class)."""
+        return ("background", *self.classes) if self.classes else ()
 
     def add(self, band: int, values: np.ndarray, roof: np.ndarray) -> None:
-        """Add values of band index ``band`` (0-based) and whether each is a roof pixel."""
+        """Add values of band index ``band`` (0-based) and whether each is a roof pixel; with classes,
+        ``roof`` holds each pixel's class id (0 background, 1..K; any other id is a ValueError)."""
         values = np.asarray(values).ravel()
-        roof = np.asarray(roof, bool).ravel()
+        labels = np.asarray(roof).ravel()
         if values.dtype.kind == "f":  # a band missing in a pixel whose other bands are valid
             keep = ~np.isnan(values)
-            values, roof = values[keep], roof[keep]
+            values, labels = values[keep], labels[keep]
+        roof = labels > 0 if self.classes else labels.astype(bool)
         self.values["all"][band].add(values)
         self.values["roof"][band].add(values[roof])
         self.values["background"][band].add(values[~roof])
+        if not self.classes:
+            return
+        if labels.size and int(labels.max()) > len(self.classes):
+            raise ValueError(f"class id {int(labels.max())} outside 0..{len(self.classes)} (the classes named)")
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], np.arange(len(self.by_class) + 1))
+        for k, stats in enumerate(self.by_class):
+            stats[band].add(values[order[bounds[k] : bounds[k + 1]]])
 
     def result(self, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, list[BandStats]]:
         """Statistics per class (``all``, ``roof``, ``background``), one :class:`BandStats` per band."""
         return {c: [v.result(b + 1, percentiles) for b, v in enumerate(vs)] for c, vs in self.values.items()}
 
-    def histograms(self, band: int, bins: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Bin edges over the band's range and the counts of each class in them."""
+    def class_result(self, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> list[list[BandStats]]:
+        """With classes: per class id 0..K (names :attr:`class_labels`), one :class:`BandStats` per band."""
+        return [[v.result(b + 1, percentiles) for b, v in enumerate(vs)] for vs in self.by_class]
+
+    def edges(self, band: int, bins: int) -> np.ndarray:
+        """Bin edges over the band's range (integers: whole values per bin)."""
         values = self.values["all"][band]
         stats = values.result(band + 1, ())
         lo, hi = (0.0, 1.0) if stats.count == 0 else (stats.min, stats.max)
         if values.integer:
             # Whole values per bin, edges between integers: no bin holds one value more than its neighbour.
             step = max(1, int(np.ceil((hi - lo + 1) / bins)))
-            edges = lo - 0.5 + step * np.arange(int(np.ceil((hi - lo + 1) / step)) + 1)
-        else:
-            lo, hi = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
-            edges = np.linspace(lo, hi, bins + 1)
+            return lo - 0.5 + step * np.arange(int(np.ceil((hi - lo + 1) / step)) + 1)
+        lo, hi = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
+        return np.linspace(lo, hi, bins + 1)
+
+    def histograms(self, band: int, bins: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Bin edges over the band's range and the counts of each class in them."""
+        edges = self.edges(band, bins)
         return edges, {c: vs[band].histogram(edges) for c, vs in self.values.items()}
+
+    def class_histograms(self, band: int, bins: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """With classes: the bin edges of :meth:`histograms` and the counts of each class id 0..K in them."""
+        edges = self.edges(band, bins)
+        return edges, [vs[band].histogram(edges) for vs in self.by_class]
 
 
 def class_band_statistics(
@@ -759,7 +796,8 @@ def class_band_statistics(
     nodata: float | None = None,
     block: int = 1024,
 ) -> ClassBandStats:
-    """Per-band statistics of chips, overall and per class of their masks (roof = mask > 0).
+    """Per-band statistics of chips, overall and per class of their masks (roof = footprint 255; masks with
+    a class band: each class too, the masks' classes must agree).
 
     The same statistics summarize computes from a flat table, straight from chips and masks
     (pairs in order). Nodata pixels (every band equal to ``nodata``, default each chip's own)
@@ -772,6 +810,7 @@ def class_band_statistics(
     with open_raster(frames[0]) as src:
         kind = kind_of(src)
     count, dtype = kind[0], np.dtype(kind[1])
+    classes = common_classes(masks)
 
     def windows() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for frame, mask in zip(frames, masks, strict=True):
@@ -779,9 +818,20 @@ def class_band_statistics(
                 require_kind(src, kind, frames[0], "statistics need chips of one kind")
                 if (msk.width, msk.height) != (src.width, src.height):
                     raise RasterError(f"mask {mask} is {msk.width}x{msk.height}, its chip {src.width}x{src.height}")
+                names = tuple(d or "" for d in msk.descriptions)
+                if classes and CLASS_BAND not in names:
+                    raise DataError(f"mask {mask} names classes ({CLASSES_TAG}) but has no class band: rerun mask")
                 nd = src.nodata if nodata is None else nodata
                 for win in iter_windows(src.width, src.height, block):
                     data = src.read(window=win)
+                    if classes:
+                        bands = msk.read((1, names.index(CLASS_BAND) + 1), window=win)
+                        check_mask(bands, mask, ("footprint", CLASS_BAND))
+                        labels, ids = bands
+                        keep = valid_pixels(data, nd) & (labels != UNKNOWN) & (ids != UNKNOWN)
+                        _check_class_ids(ids[keep], len(classes), mask)
+                        yield data[:, keep], ids[keep]
+                        continue
                     labels = msk.read(1, window=win)
                     check_mask(labels, mask)
                     keep = usable_pixels(data, nd, labels != UNKNOWN)  # unknown pixels are in neither class
@@ -797,8 +847,77 @@ def class_band_statistics(
                 hi = list(np.maximum(hi, values.max(axis=1)))
         lo = [v if np.isfinite(v) else 0.0 for v in lo]
         hi = [v if np.isfinite(v) else 0.0 for v in hi]
-    stats = ClassBandStats([dtype] * count, lo, hi)
+    stats = ClassBandStats([dtype] * count, lo, hi, classes)
     for values, roof in windows():
         for b in range(count):
             stats.add(b, values[b], roof)
     return stats
+
+
+# --- class maps: the classes of masks and chips read with their class ids ----------------------
+
+
+def _describe_classes(classes: Sequence[str]) -> str:
+    return ",".join(classes) if classes else "one class, no class band"
+
+
+def common_classes(masks: Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
+    """The class names every mask names (its ``ROOF_CLASSES`` tag; empty: one class); masks that
+    disagree are a DataError naming two of them."""
+    first: tuple[Path, tuple[str, ...]] | None = None
+    for mask in masks:
+        classes = mask_classes(mask)
+        if first is None:
+            first = (Path(mask), classes)
+        elif classes != first[1]:
+            raise DataError(
+                f"masks {first[0]} ({_describe_classes(first[1])}) and {mask} ({_describe_classes(classes)}) name "
+                "different classes: make every mask with one class map (python mask/mask.py --overwrite, then "
+                "python split/split.py --overwrite)"
+            )
+    return first[1] if first is not None else ()
+
+
+def _check_class_ids(ids: np.ndarray, k: int, path: Any) -> None:
+    """Class ids (unknown pixels left out) must be 0..k, the classes the mask names."""
+    if ids.size and int(ids.max()) > k:
+        raise DataError(
+            f"mask {path} holds class id {int(ids.max())} but names {k} classes: rewrite it with python mask/mask.py"
+        )
+
+
+def read_labelled_pair(
+    frame: str | os.PathLike[str], mask: str | os.PathLike[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, tuple[str, ...]]:
+    """:func:`read_pair` with class ids: a chip (bands, rows, cols), each pixel's label (a class map's
+    mask: its class id 0 background, 1..K; a one-class mask: 1 roof, 0 background; 128 unknown),
+    where the label is known, the chip's profile and the class names (empty: one class)."""
+    chw, profile = read_raster(frame)
+    data, names, classes, mask_profile = read_mask_bands(mask)
+    if data.shape[1:] != chw.shape[1:] or not same_transform(profile["transform"], mask_profile["transform"]):
+        raise DataError(
+            f"mask {mask} ({data.shape[2]}x{data.shape[1]} px) does not lie on the grid of its chip {frame} "
+            f"({chw.shape[2]}x{chw.shape[1]} px): rerun python mask/mask.py and python split/split.py"
+        )
+    footprint = data[0]
+    if CLASS_BAND in names:
+        if not classes:
+            raise DataError(f"mask {mask} has a class band but no {CLASSES_TAG} tag naming the classes: rerun mask")
+        labels = data[names.index(CLASS_BAND)]
+        known = (footprint != UNKNOWN) & (labels != UNKNOWN)
+        _check_class_ids(labels[known], len(classes), mask)
+        return chw, labels, known, profile, classes
+    labels = np.where(footprint == 255, 1, footprint).astype(np.uint8)
+    return chw, labels, footprint != UNKNOWN, profile, ()
+
+
+#: Colours of class ids 1, 2 ... (hex RGB; repeated past the tenth) in summarize's and the models' plots;
+#: background (id 0) is CLASS_BACKGROUND_COLOR, the green of summarize's roof-vs-background plots.
+CLASS_COLORS = ("#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#1f78b4", "#a6761d", "#e31a1c", "#666666",
+                "#17becf")  # fmt: skip
+CLASS_BACKGROUND_COLOR = "#1b9e77"
+
+
+def class_colors(k: int) -> list[str]:
+    """One colour per class id 0..k: background first, then :data:`CLASS_COLORS` in turn."""
+    return [CLASS_BACKGROUND_COLOR, *(CLASS_COLORS[i % len(CLASS_COLORS)] for i in range(k))]

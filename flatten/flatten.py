@@ -5,7 +5,10 @@ names in flatten_args.masks, and writes data/flat/pixels.csv (or pixels.parquet 
 flatten_args.format parquet). Columns: latitude, longitude (EPSG:4326, pixel centre), row,
 col (pixel in the chip), band, value, label (0 background, 1 roof), chip (file name): one row
 per pixel and band (flatten_args.layout long, the default), or one row per pixel with columns
-band_1 ... band_N (wide). Nodata pixels (every band nodata) are left out.
+band_1 ... band_N (wide). Nodata pixels (every band nodata) and pixels of unknown class are
+left out. Masks with a class band (mask_args.classes) make label the class id (0 background,
+1..K) and write data/flat/pixels.classes.json beside the table: the class names (ids 1..K in
+order) and the pixels of each class; the masks must all name the same classes.
 flatten_args.sample_fraction keeps that share of pixels; flatten_args.balance N keeps every
 roof pixel and N times as many background pixels. Each chip becomes a part file in worker
 processes (parallel.workers), so memory does not grow with the number of chips; the parts are
@@ -43,10 +46,19 @@ from core.errors import DataError, InputMissingError
 from core.files import atomic_path
 from core.index import missing_masks
 from core.parallel import map_tasks
-from core.raster import common_kind, open_raster, read_pair, usable_pixels
+from core.raster import common_classes, common_kind, open_raster, read_labelled_pair, usable_pixels
 from core.settings import FlattenArgs, ParallelArgs, Settings
 from core.tree import DataTree, refuse_overwrite
-from flatten.table import LONG_COLUMNS, band_column, table_name, wide_columns
+from flatten.table import (
+    LONG_COLUMNS,
+    band_column,
+    classes_path,
+    remove_classes,
+    table_classes,
+    table_name,
+    wide_columns,
+    write_classes,
+)
 from workflow.contract import begin
 
 log = logging.getLogger(__name__)
@@ -76,12 +88,13 @@ def _to_lonlat(crs_wkt: str) -> Transformer:
     return Transformer.from_crs(CRS.from_wkt(crs_wkt), CRS.from_epsg(4326), always_xy=True)
 
 
-def _read_image_valid_roof_georef(
+def _read_image_valid_labels_georef(
     frame: Path, mask: Path
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Affine, RasterioCRS | None]:
-    """Chip pixels, its pixels to use (valid and of known class), the roof mask, transform and CRS."""
-    data, roof, known, profile = read_pair(frame, mask)
-    return data, usable_pixels(data, profile["nodata"], known), roof, profile["transform"], profile["crs"]
+    """Chip pixels, its pixels to use (valid and of known class), the labels (0 background, 1 roof or the
+    class ids), transform and CRS."""
+    data, labels, known, profile, _ = read_labelled_pair(frame, mask)
+    return data, usable_pixels(data, profile["nodata"], known), labels, profile["transform"], profile["crs"]
 
 
 def select_pixels(
@@ -105,17 +118,17 @@ def chip_table(
     rng: np.random.Generator | None = None,
 ) -> pa.Table:
     """One chip's rows of the flat table (see flatten.table for the columns), pixels in row-major order."""
-    data, valid, roof, transform, crs = _read_image_valid_roof_georef(frame, mask)
+    data, valid, labels, transform, crs = _read_image_valid_labels_georef(frame, mask)
     if crs is None:
         raise DataError(f"{frame} has no CRS, so latitude and longitude are unknown: chip georeferenced imagery")
-    keep = select_pixels(valid, roof, roof_keep, background_keep, rng or np.random.default_rng(0))
+    keep = select_pixels(valid, labels > 0, roof_keep, background_keep, rng or np.random.default_rng(0))
     rows, cols = np.nonzero(keep)
     # Pixel centres in the chip's CRS, then EPSG:4326.
     x, y = transform @ (cols + 0.5, rows + 0.5)
     lon, lat = _to_lonlat(crs.to_wkt()).transform(np.asarray(x, np.float64), np.asarray(y, np.float64))
     values = data[:, rows, cols]
     bands, n = values.shape
-    label = roof[rows, cols].astype(np.uint8)
+    label = labels[rows, cols].astype(np.uint8)
     coords = {
         "latitude": np.asarray(lat, np.float64),
         "longitude": np.asarray(lon, np.float64),
@@ -148,13 +161,15 @@ def _write_part(table: pa.Table, path: Path, fmt: str) -> None:
             pq.write_table(table, tmp, compression=PARQUET_COMPRESSION)
 
 
-def flatten_chip(task: FlattenTask) -> tuple[int, int]:
-    """Write one chip's part file (unless a stopped run left it); return (pixels, roof pixels)."""
+def flatten_chip(task: FlattenTask) -> tuple[int, int, list[int]]:
+    """Write one chip's part file (unless a stopped run left it); return (pixels, roof pixels, pixels of
+    each label 0, 1 ...)."""
     out = Path(task.out)
     counts = out.with_suffix(".json")
     if out.is_file() and counts.is_file():
         done = json.loads(counts.read_text(encoding="utf-8"))
-        return done["pixels"], done["roof"]
+        if "labels" in done:
+            return done["pixels"], done["roof"], done["labels"]
     rng = np.random.default_rng([task.seed, task.number])
     table = chip_table(
         Path(task.frame),
@@ -166,17 +181,19 @@ def flatten_chip(task: FlattenTask) -> tuple[int, int]:
     )
     per_pixel = task.bands if task.layout == "long" else 1
     pixels = table.num_rows // per_pixel
-    roof = int(np.count_nonzero(table["label"].to_numpy())) // per_pixel
+    labels = table["label"].to_numpy()
+    roof = int(np.count_nonzero(labels)) // per_pixel
+    by_label = [int(n) // per_pixel for n in np.bincount(labels)] if labels.size else []
     _write_part(table, out, task.format)
     with atomic_path(counts) as tmp:
-        tmp.write_text(json.dumps({"pixels": pixels, "roof": roof}), encoding="utf-8")
-    return pixels, roof
+        tmp.write_text(json.dumps({"pixels": pixels, "roof": roof, "labels": by_label}), encoding="utf-8")
+    return pixels, roof, by_label
 
 
 def count_classes(pair: tuple[str, str]) -> tuple[int, int]:
-    """(roof, background) valid pixels of one chip and its mask."""
-    _, valid, roof, _, _ = _read_image_valid_roof_georef(Path(pair[0]), Path(pair[1]))
-    n_roof = int(np.count_nonzero(valid & roof))
+    """(roof, background) valid pixels of one chip and its mask (roof: of any class)."""
+    _, valid, labels, _, _ = _read_image_valid_labels_georef(Path(pair[0]), Path(pair[1]))
+    n_roof = int(np.count_nonzero(valid & (labels > 0)))
     return n_roof, int(np.count_nonzero(valid)) - n_roof
 
 
@@ -280,6 +297,7 @@ def flatten_chips(
     pairs = pairs if pairs is not None else pair_chips(frames, masks, tree)
     with open_raster(pairs[0][0]) as src:
         bands = src.count
+    classes = common_classes([m for _, m in pairs])
     roof_keep, background_keep = keep_probabilities(args, pairs, parallel)
     # Parts of a stopped run are reused only when made from the same inputs and settings.
     key = hashlib.sha256(
@@ -308,24 +326,35 @@ def flatten_chips(
     ]
     counts = map_tasks(flatten_chip, tasks, parallel, desc="flatten", unit="chip", progress=cli.progress)
     pixels, roof = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    by_label = np.zeros(max([len(classes) + 1, *(len(c[2]) for c in counts)]), np.int64)
+    for c in counts:
+        by_label[: len(c[2])] += np.asarray(c[2], np.int64)
     if pixels == 0:
         shutil.rmtree(parts_dir)
         raise DataError(
             f"no pixel of the {len(pairs)} chips in {frames} was kept: raise flatten_args.sample_fraction, "
             "or check that the chips are not all nodata"
         )
+    # The sidecar first: a table never appears without the names of its classes.
+    if classes:
+        write_classes(output, classes, by_label.tolist())
+    else:
+        remove_classes(output)
     join_parts([Path(t.out) for t in tasks], output, args.format, _header_line(args.layout, bands))
     shutil.rmtree(parts_dir)
+    per_class = ", ".join(f"{n} {name}" for name, n in zip(classes, by_label[1:].tolist(), strict=False))
     log.info(
-        "flatten: %d pixels (%d roof, %.2f%%) x %d bands from %d chips, %s layout -> %s (%.1f MB)",
+        "flatten: %d pixels (%d roof%s, %.2f%%) x %d bands from %d chips, %s layout -> %s (%.1f MB)%s",
         pixels,
         roof,
+        f": {per_class}" if classes else "",
         100 * roof / pixels,
         bands,
         len(pairs),
         args.layout,
         output,
         output.stat().st_size / 2**20,
+        f"; classes in {classes_path(output).name}" if classes else "",
     )
     return output
 
@@ -344,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         run.start()
         # A resumed run keeps the parts of the chips it finished; a fresh one starts them over.
         output = flatten_chips(frames, masks, tree, flat, settings.parallel, overwrite=not run.resume, pairs=pairs)
-        run.finish(table=output.name)
+        classes = table_classes(output)
+        run.finish(table=output.name, **({"classes": list(classes)} if classes else {}))
 
     return cli.run(parser, argv, body)
 

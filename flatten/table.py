@@ -9,10 +9,16 @@ flatten writes it; summarize and the classical models read it. Two layouts:
 ``latitude``/``longitude`` are the pixel centre in EPSG:4326, ``row``/``col`` the pixel in its
 chip, ``label`` 0 (background) or 1 (roof), ``chip`` the chip's file name. Two formats: CSV
 (``pixels.csv``) and Parquet (``pixels.parquet``).
+
+Made from masks with a class band (mask_args.classes), ``label`` is the class id: 0
+background, 1..K the classes; the sidecar ``pixels.classes.json`` (:func:`classes_path`)
+names them (``classes``, ids 1..K in order), with the table it belongs to and the pixels of
+each class. :func:`table_classes` reads it; without one a table has one class.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import DataError, InputMissingError
+from core.files import atomic_path
 from core.raster import ClassBandStats, exact_dtype
 
 COORDINATES = ("latitude", "longitude", "row", "col")
@@ -108,6 +115,7 @@ class TableInfo:
     layout: str
     bands: int
     columns: tuple[str, ...]
+    classes: tuple[str, ...] = ()  # the class names of labels 1..K (the sidecar's); empty: label 1 is roof
 
     @property
     def has_label(self) -> bool:
@@ -130,14 +138,14 @@ def inspect_table(path: Path, chunk_rows: int = 100_000) -> TableInfo:
         first = next(iter_chunks(path, chunk_rows, ["band"]), None)
         if first is None or first.empty:
             raise DataError(f"flat table {path} holds no rows: rerun python flatten/flatten.py (check sample_fraction)")
-        return TableInfo(path, _format(path), "long", int(first["band"].max()), tuple(columns))
+        return TableInfo(path, _format(path), "long", int(first["band"].max()), tuple(columns), table_classes(path))
     if wide:
         if wide != list(range(1, len(wide) + 1)):
             raise DataError(f"flat table {path}: band columns {wide} are not band_1 ... band_N")
         first = next(iter_chunks(path, chunk_rows, [band_column(1)]), None)
         if first is None or first.empty:
             raise DataError(f"flat table {path} holds no rows: rerun python flatten/flatten.py (check sample_fraction)")
-        return TableInfo(path, _format(path), "wide", len(wide), tuple(columns))
+        return TableInfo(path, _format(path), "wide", len(wide), tuple(columns), table_classes(path))
     raise DataError(
         f"flat table {path} has neither band/value columns (long layout) nor band_1 ... band_N (wide): "
         f"it has {', '.join(columns)}"
@@ -224,9 +232,74 @@ def table_statistics(path: Path, chunk_rows: int = 1_000_000) -> tuple[ClassBand
     ]
     finite_lo = [float(v) if np.isfinite(v) else 0.0 for v in lo]
     finite_hi = [float(v) if np.isfinite(v) else 0.0 for v in hi]
-    stats = ClassBandStats(dtypes, finite_lo, finite_hi)
+    k = len(info.classes)
+    stats = ClassBandStats(dtypes, finite_lo, finite_hi, info.classes if info.has_label else ())
     for chunk in iter_chunks(path, chunk_rows, columns):
         for b, values, labels in _band_values(chunk, info):
-            roof = np.zeros(values.shape, bool) if labels is None else labels > 0
+            if labels is None:
+                roof = np.zeros(values.shape, bool)
+            elif k:
+                if labels.size and (labels.min() < 0 or labels.max() > k):
+                    bad = labels.max() if labels.max() > k else labels.min()
+                    raise DataError(
+                        f"flat table {path} holds label {bad} but {classes_path(path).name} names {k} classes "
+                        f"(labels 0..{k}): rerun python flatten/flatten.py --overwrite"
+                    )
+                roof = labels
+            else:
+                roof = labels > 0
             stats.add(b, values if dtypes[b].kind == "f" else values.astype(dtypes[b]), roof)
     return stats, info
+
+
+# --- the class sidecar ---------------------------------------------------------------------------
+
+
+def classes_path(table: Path) -> Path:
+    """The sidecar naming a table's classes: ``pixels.classes.json`` beside ``pixels.csv`` / ``.parquet``."""
+    return Path(table).with_suffix(".classes.json")
+
+
+def write_classes(table: Path, classes: Sequence[str], pixels: Sequence[int]) -> Path:
+    """Write the sidecar of ``table`` (written before the table): class names of labels 1..K, and the
+    pixels of each label 0..K."""
+    names = ["background", *classes]
+    counts = list(pixels) + [0] * (len(names) - len(pixels))
+    record = {
+        "table": Path(table).name,
+        "classes": list(classes),
+        "label": {str(i): name for i, name in enumerate(names)},
+        "pixels": {name: int(n) for name, n in zip(names, counts, strict=True)},
+    }
+    path = classes_path(table)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def remove_classes(table: Path) -> None:
+    """Remove the sidecar of ``table`` (a one-class table has none); a sidecar of another table stays."""
+    path = classes_path(table)
+    if path.is_file() and _sidecar(path).get("table") == Path(table).name:
+        path.unlink()
+
+
+def _sidecar(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is unreadable ({exc}): rerun python flatten/flatten.py --overwrite") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("classes"), list):
+        raise DataError(f"{path} names no classes (a list 'classes'): rerun python flatten/flatten.py --overwrite")
+    return record
+
+
+def table_classes(table: Path) -> tuple[str, ...]:
+    """The class names of a table's labels 1..K (its sidecar's); empty: one class (label 1 roof)."""
+    path = classes_path(table)
+    if not path.is_file():
+        return ()
+    record = _sidecar(path)
+    if record.get("table") != Path(table).name:
+        return ()  # the sidecar of the table's other format
+    return tuple(str(c) for c in record["classes"])

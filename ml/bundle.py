@@ -6,6 +6,10 @@ accepts them only when every one is in :data:`ALLOWED_TYPES` (the scikit-learn a
 the forest and the regression are made of); anything else is refused with a
 :class:`~core.bundle.BundleError`. :func:`load` is what ``core.bundle.load_predictor`` calls
 for kinds forest and regression.
+
+A bundle trained on classes (``BundleInfo.classes``, names of ids 1..K) holds a multi-class
+model: :meth:`ClassicalPredictor.forward` still gives P(roof) = 1 - P(background), and
+:meth:`ClassicalPredictor.forward_targets` P(roof) then P(k | roof) for every class.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from core.errors import DataError
 from core.files import atomic_path
 from core.raster import valid_pixels
 from ml.features import FeatureSpec, chip_features
-from ml.models import roof_probability
+from ml.models import class_probabilities, class_targets, roof_probability
 
 MODEL_FILE = "model.skops"
 
@@ -93,6 +97,13 @@ class ClassicalPredictor:
         n_model = getattr(model, "n_features_in_", self.spec.count)
         if n_model != self.spec.count:
             raise BundleError(f"the model expects {n_model} features but bundle.json describes {self.spec.count}")
+        ids = [int(c) for c in getattr(model, "classes_", ())]
+        k = len(info.classes)
+        if k and (not ids or ids[0] != 0 or ids[-1] > k):
+            raise BundleError(
+                f"the {info.kind} model's classes are {ids} but bundle.json names background and {k} classes "
+                f"({', '.join(info.classes)}): retrain, or restore the bundle"
+            )
 
     def _check(self, chips: np.ndarray) -> None:
         if chips.ndim != 4:
@@ -118,7 +129,10 @@ class ClassicalPredictor:
         return chips
 
     def forward(self, chips: np.ndarray) -> np.ndarray:
-        """Probabilities of checked chips (see :meth:`prepare`)."""
+        """Roof probabilities (n, rows, cols) of checked chips (see :meth:`prepare`); with classes
+        P(roof) = 1 - P(background)."""
+        if self.info.classes:
+            return self.forward_targets(chips)[:, 0]
         n, _, rows, cols = chips.shape
         out = np.zeros((n, rows, cols), np.float32)
         for i, chw in enumerate(chips):
@@ -128,6 +142,27 @@ class ClassicalPredictor:
                 prob[start : start + PREDICT_ROWS] = roof_probability(self.model, flat[start : start + PREDICT_ROWS])
             if self.info.normalization.nodata is not None:
                 out[i][~valid_pixels(chw, self.info.normalization.nodata)] = 0.0
+        return out
+
+    def forward_targets(self, chips: np.ndarray) -> np.ndarray:
+        """Every output band (n, 1 + K, rows, cols) float32 of checked chips: P(roof), then P(k | roof) for
+        the K classes (summing to 1 at every pixel; 1 / K each on nodata, where P(roof) is 0). A one-class
+        bundle: :meth:`forward` as (n, 1, rows, cols)."""
+        k = len(self.info.classes)
+        if not k:
+            return self.forward(chips)[:, np.newaxis]
+        n, _, rows, cols = chips.shape
+        out = np.zeros((n, 1 + k, rows, cols), np.float32)
+        for i, chw in enumerate(chips):
+            flat = self.features(chw).reshape(rows * cols, -1)
+            bands = out[i].reshape(1 + k, -1)
+            for start in range(0, flat.shape[0], PREDICT_ROWS):
+                proba = class_probabilities(self.model, flat[start : start + PREDICT_ROWS], k)
+                bands[:, start : start + PREDICT_ROWS] = class_targets(proba).T
+            if self.info.normalization.nodata is not None:
+                nodata = ~valid_pixels(chw, self.info.normalization.nodata)
+                out[i, 0][nodata] = 0.0
+                out[i, 1:, nodata] = 1.0 / k
         return out
 
 

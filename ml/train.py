@@ -11,6 +11,13 @@
    (:class:`core.metrics.ThresholdSearch`, best F1).
 4. Write results/EXPERIMENT/KIND/: bundle/, metrics.json, settings.json and the feature
    importance (forest) or coefficient (regression) plot.
+
+With classes (masks made with mask_args.classes; every train and val mask, and the flat
+table's pixels.classes.json, must name the same ones) the labels are the class ids (0
+background, 1..K) and both models are multi-class; the draw and the threshold stay those of
+roof against background (P(roof) = 1 - P(background)); bundle.json lists the classes
+(``classes``) and metrics.json adds the validation roof pixels' class confusion matrix and
+material accuracy (at the argmax of P(k | roof)).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from core.errors import DataError
 from core.files import atomic_path
 from core.index import chip_kind, split_pairs
 from core.metrics import ThresholdSearch, combine, metrics_record, validate_pairs, write_metrics
-from core.raster import band_statistics, read_pair, usable_pixels
+from core.raster import band_statistics, common_classes, read_labelled_pair, usable_pixels
 from core.settings import Settings, dump_settings
 from core.tree import DataTree, refuse_overwrite
 from flatten.table import TableInfo, find_table, inspect_table, iter_chunks, iter_pixels, table_statistics
@@ -44,7 +51,8 @@ Pair = tuple[Path, Path]
 
 @dataclass
 class Sample:
-    """Training pixels: features, labels (0/1) and where each came from (chip index, row, col; -1 for a table)."""
+    """Training pixels: features, labels (0/1, or class ids 0..K) and where each came from (chip index, row,
+    col; -1 for a table)."""
 
     features: np.ndarray
     labels: np.ndarray
@@ -69,27 +77,29 @@ def _draw(roof: np.ndarray, valid: np.ndarray, shares: tuple[float, float], rng:
     return valid & np.where(roof, draw < shares[0], draw < shares[1])
 
 
-def _read_image_roof_valid(pair: Pair, nodata: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    chw, roof, known, _ = read_pair(*pair)
-    return chw, roof, usable_pixels(chw, nodata, known)
+def _read_image_labels_valid(pair: Pair, nodata: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A chip, its labels (0 background, 1 roof or the class id) and its pixels to use (valid, class known)."""
+    chw, labels, known, _, _ = read_labelled_pair(*pair)
+    return chw, labels, usable_pixels(chw, nodata, known)
 
 
 def sample_chips(pairs: list[Pair], normalization: Normalization, spec: FeatureSpec, budget: int, seed: int) -> Sample:
     """Draw training pixels from chips (see module doc); features from :func:`chip_features` on whole chips."""
     counts = []
     for pair in cli.progress(pairs, desc="count", unit="chip"):
-        _, roof, valid = _read_image_roof_valid(pair, normalization.nodata)
+        _, labels, valid = _read_image_labels_valid(pair, normalization.nodata)
+        roof = labels > 0
         counts.append((int(np.count_nonzero(roof & valid)), int(np.count_nonzero(~roof & valid))))
     shares = keep_shares(sum(c[0] for c in counts), sum(c[1] for c in counts), budget)
     parts: list[tuple[np.ndarray, ...]] = []
     for i, pair in enumerate(cli.progress(pairs, desc="features", unit="chip")):
-        chw, roof, valid = _read_image_roof_valid(pair, normalization.nodata)
-        keep = _draw(roof, valid, shares, np.random.default_rng([seed, i]))
+        chw, labels, valid = _read_image_labels_valid(pair, normalization.nodata)
+        keep = _draw(labels > 0, valid, shares, np.random.default_rng([seed, i]))
         if not keep.any():
             continue
         rows, cols = np.nonzero(keep)
         feats = chip_features(chw, normalization, spec)
-        parts.append((feats[rows, cols], roof[rows, cols].astype(np.uint8), np.full(rows.size, i), rows, cols))
+        parts.append((feats[rows, cols], labels[rows, cols].astype(np.uint8), np.full(rows.size, i), rows, cols))
     if not parts:
         return Sample(np.empty((0, spec.count), np.float32), *(np.empty(0, int) for _ in range(4)))
     return Sample(*(np.concatenate(p) for p in zip(*parts, strict=True)))
@@ -119,7 +129,7 @@ def sample_table(
         if keep.any():
             chw = values[keep].T[:, :, np.newaxis]  # (bands, n, 1): a one-column image
             feats = pixel_features(normalization.apply(chw), spec)[:, 0, :]
-            parts.append((feats, roofs[keep].astype(np.uint8)))
+            parts.append((feats, (labels[keep] if info.classes else roofs[keep]).astype(np.uint8)))
     features = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, spec.count), np.float32)
     labels = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.uint8)
     none = np.full(labels.size, -1)
@@ -129,6 +139,39 @@ def sample_table(
 def validate(predictor: Predictor, pairs: list[Pair]) -> ThresholdSearch:
     """Probabilities of every valid pixel of the validation chips, chip by chip, through ``predictor``."""
     return combine(validate_pairs(predictor, pairs))
+
+
+def validate_classes(predictor: Predictor, pairs: list[Pair]) -> tuple[ThresholdSearch, np.ndarray]:
+    """:func:`validate` for a bundle with classes, in the same pass: the threshold search on P(roof) and
+    the class confusion matrix (K, K) of the truth roof pixels (rows truth class 1..K, columns the
+    predicted one, the argmax of P(k | roof)), valid and known pixels only."""
+    k = len(predictor.info.classes)
+    nodata = predictor.info.normalization.nodata
+    total, confusion = ThresholdSearch(), np.zeros((k, k), np.int64)
+    for pair in cli.progress(pairs, desc="validate", unit="chip"):
+        chw, labels, known, _, _ = read_labelled_pair(*pair)
+        bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0]
+        use = usable_pixels(chw, nodata, known)
+        total.add(labels > 0, bands[0], use)
+        roof = use & (labels > 0)
+        truth, predicted = labels[roof].astype(np.int64) - 1, np.argmax(bands[1:, roof], axis=0)
+        confusion += np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)
+    return total, confusion
+
+
+def classes_of(pairs: list[Pair], table: TableInfo | None) -> tuple[str, ...]:
+    """The class names of the masks (train and val) and of the flat table when it is the source; they must agree."""
+    classes = common_classes([m for _, m in pairs])
+    if table is not None and table.classes != classes:
+
+        def say(names: tuple[str, ...]) -> str:
+            return ",".join(names) if names else "one class"
+
+        raise DataError(
+            f"flat table {table.path} has classes {say(table.classes)} but mask {pairs[0][1]} {say(classes)}: "
+            "rerun python flatten/flatten.py --overwrite"
+        )
+    return classes
 
 
 def _check_classes(sample: Sample, source: str) -> None:
@@ -156,6 +199,7 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
     method = settings.load_dataset_args.normalization
 
     if args.source == "chips":
+        classes = classes_of(train_pairs + val_pairs, None)
         source = str(tree.frames("train"))
         normalization = Normalization.from_stats(band_statistics([p[0] for p in train_pairs]), method, nodata)
         sample = sample_chips(train_pairs, normalization, spec, args.max_train_pixels, args.seed)
@@ -166,6 +210,7 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
             raise DataError(f"flat table {info.path} has {info.bands} bands, the chips {bands}: rerun flatten")
         if not info.has_label:
             raise DataError(f"flat table {info.path} has no label column, so it cannot train a model")
+        classes = classes_of(train_pairs + val_pairs, info)
         # The table holds no nodata pixels; the chips' nodata value still marks them at predict time.
         stats, _ = table_statistics(info.path, settings.summarize_args.chunk_rows)
         normalization = Normalization.from_stats(stats.result()["all"], method, nodata)
@@ -173,14 +218,23 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
             info, normalization, spec, args.max_train_pixels, args.seed, settings.summarize_args.chunk_rows
         )
     _check_classes(sample, source)
+    per_class = np.bincount(sample.labels, minlength=len(classes) + 1)[1:].tolist() if classes else []
     log.info(
-        "train %s: %d pixels (%.1f%% roof) x %d features from %s",
+        "train %s: %d pixels (%.1f%% roof%s) x %d features from %s",
         kind,
         sample.labels.size,
         100 * sample.roof / sample.labels.size,
+        "".join(f", {n} {name}" for name, n in zip(classes, per_class, strict=True)),
         spec.count,
         source,
     )
+    absent = [name for name, n in zip(classes, per_class, strict=True) if n == 0]
+    if absent:
+        log.warning(
+            "train %s: no training pixel of class %s: the model never predicts it (probability 0)",
+            kind,
+            ", ".join(absent),
+        )
 
     model = build_model(kind, args)
     started = time.perf_counter()
@@ -196,12 +250,16 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
             dtype=dtype,
             normalization=normalization,
             threshold=0.5,
+            classes=list(classes),
             features=spec.to_dict(),
             settings=settings.model_dump(mode="json"),
         )
         write_info(tmp, info0)
         # Validation goes through the saved bundle, exactly as predict will load it.
-        search = validate(load_predictor(tmp), val_pairs)
+        if classes:
+            search, class_confusion = validate_classes(load_predictor(tmp), val_pairs)
+        else:
+            search = validate(load_predictor(tmp), val_pairs)
         threshold, confusion = search.best()
         write_info(tmp, dataclasses.replace(info0, threshold=threshold))
 
@@ -219,10 +277,11 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
         train_pixels=int(sample.labels.size),
         train_roof_pixels=sample.roof,
         train_seconds=round(fit_seconds, 3),
+        **(class_metrics(classes, per_class, class_confusion) if classes else {}),
     )
     write_metrics(out / "metrics.json", record)
     plot_name = "feature_importance.png" if kind == "forest" else "coefficients.png"
-    plot_weights(kind, model, spec.names(), out / plot_name)
+    plot_weights(kind, model, spec.names(), out / plot_name, classes=classes)
     with atomic_path(out / "settings.json") as tmp_settings:
         tmp_settings.write_text(dump_settings(settings), encoding="utf-8")
     scores = record["pixel"]
@@ -239,4 +298,29 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
         100 * truth,
         out,
     )
+    if classes:
+        recalls = ", ".join(f"{n} {'-' if r is None else format(r, '.3f')}" for n, r in record["class_recall"].items())
+        accuracy = record["material_accuracy"]
+        log.info(
+            "train %s: validation material accuracy %s on the roof pixels (recall: %s)",
+            kind,
+            "-" if accuracy is None else f"{accuracy:.3f}",
+            recalls,
+        )
     return bundle
+
+
+def class_metrics(classes: tuple[str, ...], train_pixels: list[int], confusion: np.ndarray) -> dict:
+    """metrics.json's class entries: the classes, their training pixels, and on the validation roof pixels the
+    confusion matrix (rows truth, columns predicted), the material accuracy and each class's recall."""
+    truth = confusion.sum(axis=1)
+    total = int(truth.sum())
+    return {
+        "classes": list(classes),
+        "train_class_pixels": dict(zip(classes, train_pixels, strict=True)),
+        "class_confusion": confusion.tolist(),
+        "material_accuracy": float(np.trace(confusion) / total) if total else None,
+        "class_recall": {
+            name: float(confusion[k, k] / truth[k]) if truth[k] else None for k, name in enumerate(classes)
+        },
+    }
