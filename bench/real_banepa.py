@@ -2,6 +2,7 @@
 
     python bench/real_banepa.py [--data ../shared/data/banepa-metal-roofs] [--models unet forest regression]
                                 [--holdout-rows 220247 220248] [--workdir DIR] [--reuse] [--set KEY=VALUE ...]
+                                [--only STEP ...]
 
 The 48 chips (512 x 512 RGB, about 0.13 m, JPEG inside .tif with .aux.xml georeferencing) tile
 an area 6 chips wide and 8 high; the chips of the held-out tile rows (default the two southern
@@ -20,12 +21,21 @@ polygons lying mostly on unknown buildings dropped). The U-Net steps:
   + watershed    the same model; one polygon per roof by the seeded watershed (predict's default)
   + TTA          the same, with the 8 flips and quarter turns averaged (predict_args.tta)
 
-The classical models: connected groups and watershed. Writes WORKDIR/banepa_overlay.png (the
-held-out chips with true roofs and the best step's polygons).
+  classes        trained on classes (mask_args.classes): metal (tin, metal) and other_roof (concrete,
+                 concerte, clay_tiles), the same bands; metal is the class raster's class 1 and the
+                 roofs of class metal; "material" is the share of true roofs of known material found
+                 (matched at IoU >= 0.5 by a roof of any class) whose predicted class is theirs.
+                 "classes majority": each roof the class most of its pixels have (predict_args.roof_class)
+
+The classical models: connected groups and watershed (trained on metal alone), and classes. Then
+the metal pixel IoU of each class model against its one-class twin (target: at least as high),
+and its material accuracy (target 0.85). Writes WORKDIR/banepa_overlay.png (the held-out chips
+with true roofs and the best step's polygons).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -57,36 +67,61 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "banepa-metal-roofs"
 METAL = ("tin", "metal")
 ATTRIBUTE = "roof:material"
+#: The class map of the class steps: metal roofs, other roofs (concerte: 22 misspelt tags in the set).
+CLASSES = {"metal": ["tin", "metal"], "other_roof": ["concrete", "concerte", "clay_tiles"]}
 
 
-def score(folder: Path, holdout: list[Path], metal, unknown, min_m2: float) -> dict:
-    """Pixel and polygon scores of one prediction folder on the held-out chips."""
+def score(folder: Path, holdout: list[Path], metal, unknown, min_m2: float, classified=None) -> dict:
+    """Pixel and polygon scores of one prediction folder on the held-out chips. With ``classified`` (the
+    buildings of known material, their class id in class_id) the prediction is a class model's: its metal
+    roofs are class 1 (the class raster, the roofs of class metal), and the material of every true roof
+    found (matched one to one at IoU >= 0.5 by a predicted roof of any class) is scored."""
     total, polys = Confusion(), MatchCounts()
+    right = found = 0
     roofs = gpd.read_file(folder / "roofs.gpkg")
+    every = roofs
+    if classified is not None:
+        roofs = roofs[roofs["class_id"] == 1]
     for tif in holdout:
         image, profile = read_raster(tif)
         shape, transform = image.shape[1:], profile["transform"]
         truth = rasterize(metal.geometry, out_shape=shape, transform=transform) > 0
         grey = rasterize(unknown.geometry, out_shape=shape, transform=transform) > 0 if len(unknown) else None
         known = ~grey | truth if grey is not None else np.ones(shape, bool)
-        pred, _ = read_raster(folder / "masks" / tif.name)
-        total.add(truth, pred[0] > 0, known)
+        if classified is None:
+            pred, _ = read_raster(folder / "masks" / tif.name)
+            total.add(truth, pred[0] > 0, known)
+        else:
+            pred, _ = read_raster(folder / "classes" / tif.name)
+            total.add(truth, pred[0] == 1, known)
         tile = shapely.box(*rasterio.transform.array_bounds(*shape, transform))
         true_polys = at_least_m2(clip_to(metal, tile), min_m2)
         found = roofs[roofs["source"] == tif.name].set_crs(metal.crs, allow_override=True)
         found = at_least_m2(found, min_m2)
         found = off_unknown(found, clip_to(unknown, tile) if len(unknown) else unknown)
         polys.merge(match_polygons(list(true_polys.geometry), list(found.geometry))[0])
-    return {**total.scores(), "poly": polys.scores()}
+        if classified is not None:
+            known_roofs = at_least_m2(clip_to(classified, tile), min_m2)
+            mine = at_least_m2(every[every["source"] == tif.name].set_crs(metal.crs, allow_override=True), min_m2)
+            _, matched = match_polygons(list(known_roofs.geometry), list(mine.geometry))
+            t_ids, p_ids = known_roofs["class_id"].to_numpy(), mine["class_id"].to_numpy()
+            right += sum(int(t_ids[t] == p_ids[p]) for t, p, _ in matched)
+            found += len(matched)
+    material = {"material": right / found if found else float("nan"), "found": found}
+    return {**total.scores(), "poly": polys.scores(), **(material if classified is not None else {})}
 
 
 def main() -> int:
     parser = options(__doc__, DEFAULT_DATA)
     parser.add_argument("--holdout-rows", nargs="+", default=["220247", "220248"])
     parser.add_argument("--min-m2", type=float, default=4.0, help="polygons under this ground area are ignored")
+    parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (their labels, e.g. "
+                        "'unet + watershed' 'unet classes')")  # fmt: skip
     args, work = parse(parser, "real_banepa")
     holdout_dir = work / "holdout"
-    experiments = {"footprint": '["footprint"]', "channels": '["footprint","boundary","contact"]'}
+    experiments = {"footprint": '["footprint"]', "channels": '["footprint","boundary","contact"]',
+                   "classes": '["footprint","boundary","contact"]'}  # fmt: skip
+    wanted = set(args.only or ())
     if not args.reuse:
         shutil.rmtree(holdout_dir, ignore_errors=True)
         holdout_dir.mkdir(parents=True)
@@ -120,6 +155,10 @@ def main() -> int:
     material = buildings[ATTRIBUTE]
     metal = buildings[material.isin(METAL)]
     unknown = buildings[material.isna()]
+    ids = np.zeros(len(buildings), np.int64)
+    for k, values in enumerate(CLASSES.values(), start=1):
+        ids[material.isin(values).to_numpy()] = k
+    classified = buildings.assign(class_id=ids)[ids > 0]
 
     # (label, experiment, model, predict overrides)
     steps = []
@@ -129,19 +168,26 @@ def main() -> int:
             ("unet + bnd/contact", "channels", "unet", ["predict_args.instances=false"]),
             ("unet + watershed", "channels", "unet", []),
             ("unet + TTA", "channels", "unet", ["predict_args.tta=true"]),
+            ("unet classes", "classes", "unet", []),
+            ("unet classes majority", "classes", "unet", ["predict_args.roof_class=majority"]),
         ]
     for model in ("forest", "regression"):
         if model in args.models:
             steps += [
                 (f"{model} cc", "footprint", model, ["predict_args.instances=false"]),
                 (f"{model} watershed", "footprint", model, []),
+                (f"{model} classes", "classes", model, []),
             ]
+    steps = [step for step in steps if not wanted or step[0] in wanted]
     prepared: set[str] = set()
     trained: dict[tuple[str, str], float] = {}
     rows = []
     for label, experiment, model, overrides in steps:
         common = [*base, "--set", f"data_root={work / experiment}", "--set", f"experiment={experiment}",
                   "--set", f"mask_args.targets={experiments[experiment]}"]  # fmt: skip
+        if experiment == "classes":
+            common += ["--set", f"mask_args.classes={json.dumps(CLASSES)}", "--set",
+                       f"mask_args.class_attribute={ATTRIBUTE}"]  # fmt: skip
         if experiment not in prepared and not args.reuse:
             for stage in (chip_main, mask_main, split_main):
                 run(stage, common)
@@ -159,19 +205,28 @@ def main() -> int:
         started = time.perf_counter()
         run(predict_main, predict)
         folder = work / "predictions" / name / experiment / model
-        s = score(folder, holdout, metal, unknown, args.min_m2)
+        s = score(folder, holdout, metal, unknown, args.min_m2, classified if experiment == "classes" else None)
         rows.append((label, s, trained[(experiment, model)], time.perf_counter() - started, folder))
 
     print(
         f"\nBanepa metal roofs, held-out tile rows {', '.join(args.holdout_rows)} ({len(holdout)} chips, never trained on)"
     )
-    print(f"{'step':<22}{'pixel IoU':>10}{'precision':>11}{'recall':>8}{'poly F1':>9}{'poly P':>8}{'poly R':>8}"
-          f"{'matched':>9}{'train s':>9}{'predict s':>11}")  # fmt: skip
+    print(f"{'step':<24}{'pixel IoU':>10}{'precision':>11}{'recall':>8}{'poly F1':>9}{'poly P':>8}{'poly R':>8}"
+          f"{'matched':>9}{'material':>10}{'train s':>9}{'predict s':>11}")  # fmt: skip
     for label, s, train_s, predict_s, _ in rows:
         p = s["poly"]
-        print(f"{label:<22}{s['iou']:>10.3f}{s['precision']:>11.3f}{s['recall']:>8.3f}{p['f1']:>9.3f}"
-              f"{p['precision']:>8.3f}{p['recall']:>8.3f}{p['tp']:>4}/{p['tp'] + p['fn']:<4}{train_s:>9.0f}"
-              f"{predict_s:>11.0f}")  # fmt: skip
+        material = f"{s['material']:.3f}/{s['found']}" if "material" in s else "-"
+        print(f"{label:<24}{s['iou']:>10.3f}{s['precision']:>11.3f}{s['recall']:>8.3f}{p['f1']:>9.3f}"
+              f"{p['precision']:>8.3f}{p['recall']:>8.3f}{p['tp']:>4}/{p['tp'] + p['fn']:<4}{material:>10}"
+              f"{train_s:>9.0f}{predict_s:>11.0f}")  # fmt: skip
+    by_label = {label: s for label, s, *_ in rows}
+    for binary, multi in (("unet + watershed", "unet classes"), ("forest watershed", "forest classes"),
+                          ("regression watershed", "regression classes")):  # fmt: skip
+        if binary in by_label and multi in by_label:
+            a, b = by_label[binary]["iou"], by_label[multi]["iou"]
+            print(f"metal pixel IoU, {multi} / {binary}: {b:.3f} / {a:.3f} = {b / a if a else float('nan'):.2f}x "
+                  f"(target >= 1); material right for {by_label[multi]['material']:.3f} of "
+                  f"{by_label[multi]['found']} roofs found (target >= 0.85)")  # fmt: skip
     print(f"poly F1: SpaceNet polygon F1 against the OSM metal-roof polygons (IoU >= 0.5, under {args.min_m2} m2 "
           "ignored; buildings without roof:material are unknown and kept out). Targets: pixel IoU >= 0.6, poly F1 >= 0.5")  # fmt: skip
     best = max(rows, key=lambda r: r[1]["poly"]["f1"])
