@@ -384,3 +384,60 @@ def test_evaluate_scores_classes_and_refuses_a_class_bundle_against_one_class_ma
         scored_classes(truth_dir / "b.tif", pred_dir / "classes" / "a.tif")
     with pytest.raises(DataError, match=r"bundle trained on one class but the truth masks .* hold the classes"):
         scored_classes(truth_dir / "a.tif", pred_dir / "classes" / "missing.tif")
+
+
+# --- the stages end to end, as a user runs them ----------------------------------------------------
+
+
+def test_the_stages_map_materials_end_to_end(scene, tmp_path: Path):
+    """The scene's concrete roofs repainted (bright in band 3, metal bright in band 1); mask with a class
+    map, split, train the regression, predict, evaluate: class raster, roofs with classes, per-class
+    scores, confusion matrix and the report."""
+    import json
+
+    import geopandas as gpd
+    from conftest import SCENE_SIDE, roof_rects, write_geotiff
+
+    from chip.chip import main as chip_main
+    from core.tree import DataTree
+    from evaluate.evaluate import main as evaluate_main
+    from mask.mask import main as mask_main
+    from mosaic.mosaic import main as mosaic_main
+    from predict.predict import main as predict_main
+    from split.split import main as split_main
+    from train.train import main as train_main
+
+    classes = _json({"metal": ["metal"], "other_roof": ["concrete"]})
+    argv = scene("experiment=materials", f"mask_args.classes={classes}", "mask_args.class_attribute=roof_type")
+    rng = np.random.default_rng(0)
+    image = rng.normal(400, 60, (3, SCENE_SIDE, SCENE_SIDE))
+    for i, (c0, r0, c1, r1) in enumerate(roof_rects()):
+        image[:, r0:r1, c0:c1] = np.array((1500, 700, 500) if i % 3 else (500, 700, 1500))[:, None, None]
+    write_geotiff(tmp_path / "data" / "raw" / "tile.tif", array=np.clip(image, 1, 4000).astype(np.uint16), nodata=0)
+    for main in (mosaic_main, chip_main, mask_main, split_main):
+        assert main(argv) == 0
+    model = ["--model", "regression"]
+    assert train_main([*argv, *model]) == 0
+    assert predict_main([*argv, *model]) == 0
+    assert evaluate_main([*argv, *model]) == 0
+    tree = DataTree.from_settings(load_settings(argv[1], argv[4::2]))
+    out = tree.prediction_dir("regression")
+    assert sorted(p.name for p in (out / "classes").glob("*.tif")) == sorted(
+        p.name for p in (out / "masks").glob("*.tif")
+    )
+    roofs = gpd.read_file(out / "roofs.gpkg")
+    assert set(roofs["class"]) == {"metal", "other_roof"}
+    folder = tree.model_dir("regression") / "evaluation" / "val"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    kinds = metrics["classes"]
+    assert kinds["names"] == ["metal", "other_roof"]
+    assert kinds["pixel"]["metal"]["iou"] >= 0.8 and kinds["pixel"]["other_roof"]["iou"] >= 0.8
+    assert kinds["roofs_found"] >= 3 and kinds["roof_accuracy"] == 1.0
+    assert (folder / "confusion.png").is_file()
+    assert (folder / "confusion.csv").read_text().splitlines()[0] == (
+        "true,predicted_background,predicted_metal,predicted_other_roof"
+    )
+    report = (tree.results_root / "materials" / "report.html").read_text()
+    assert (
+        "Material right for 100.0% of the" in report and "confusion.png" in report
+    ) or "Classes: the confusion" in report
