@@ -147,6 +147,22 @@ def write_labels(path: Path, geoms: list[Any], crs: str | None = TEST_CRS, **att
     return path
 
 
+def cells(r0: int, r1: int, c0: int, c1: int, side: int = 32) -> shapely.Polygon:
+    """The polygon covering rows r0..r1-1 and columns c0..c1-1 of a chip of ``side`` 1 m pixels whose
+    transform is ``from_origin(0, side, 1, 1)``."""
+    return shapely.box(c0, side - r1, c1, side - r0)
+
+
+def material_labels(tmp_path: Path, materials: list) -> Path:
+    """labels/roofs.geojson (EPSG:32644): one 4 x 3 px roof per value of ``materials`` in roof:material
+    (None: untagged), side by side along the top of a 32 px chip; returns the folder."""
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    polys = [cells(0, 4, 4 * i, 4 * i + 3) for i in range(len(materials))]
+    write_labels(folder / "roofs.geojson", polys, crs="EPSG:32644", **{"roof:material": materials})
+    return folder
+
+
 def pixel_box(
     col0: float, row0: float, col1: float, row1: float, transform: Affine = TEST_TRANSFORM
 ) -> shapely.Polygon:

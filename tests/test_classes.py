@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import write_labels
+from conftest import cells, material_labels
 from rasterio.transform import from_origin
 
 from core.errors import DataError, LabelError, SettingsError
@@ -26,22 +26,7 @@ from core.vector import load_labels
 T32 = from_origin(0, 32, 1, 1)
 
 
-def cells(r0: int, r1: int, c0: int, c1: int, side: int = 32):
-    """The polygon covering rows r0..r1-1 and columns c0..c1-1 of a chip of ``side`` 1 m pixels."""
-    import shapely
-
-    return shapely.box(c0, side - r1, c1, side - r0)
-
-
 CLASS_MAP = {"metal": ["tin", "metal"], "other_roof": ["concrete", "clay_tiles"]}
-
-
-def _labels(tmp_path: Path, materials: list) -> Path:
-    folder = tmp_path / "labels"
-    folder.mkdir()
-    polys = [cells(0, 4, 4 * i, 4 * i + 3) for i in range(len(materials))]
-    write_labels(folder / "roofs.geojson", polys, crs="EPSG:32644", **{"roof:material": materials})
-    return folder
 
 
 def _args(classes=CLASS_MAP, attribute="roof:material", **more) -> MaskArgs:
@@ -87,7 +72,7 @@ def _json(value) -> str:
 
 
 def test_the_class_map_gives_ids_in_its_order_and_unmapped_values_are_unknown(tmp_path: Path):
-    folder = _labels(tmp_path, ["tin", "concrete", None, "metal", "plastic", "clay_tiles"])
+    folder = material_labels(tmp_path, ["tin", "concrete", None, "metal", "plastic", "clay_tiles"])
     roofs, unknown, _ = load_labels(folder, _args())
     assert roofs["class_id"].tolist() == [1, 2, 1, 2]
     assert len(unknown) == 2  # no value, and a value no class names
@@ -104,13 +89,13 @@ def test_the_class_map_gives_ids_in_its_order_and_unmapped_values_are_unknown(tm
     ],
 )  # fmt: skip
 def test_a_class_map_naming_absent_values_lists_those_present(tmp_path: Path, classes, attribute, message):
-    folder = _labels(tmp_path, ["tin", "concrete", None])
+    folder = material_labels(tmp_path, ["tin", "concrete", None])
     with pytest.raises(LabelError, match=message):
         load_labels(folder, _args(classes, attribute))
 
 
 def test_the_class_attribute_defaults_to_the_filters(tmp_path: Path):
-    folder = _labels(tmp_path, ["tin", "concrete"])
+    folder = material_labels(tmp_path, ["tin", "concrete"])
     classes = {"metal": ["tin"], "other_roof": ["concrete"]}
     args = MaskArgs.model_validate({"classes": classes, "filter": {"attribute": "roof:material", "values": ["x"]}})
     roofs, _, _ = load_labels(folder, args)  # the filter's values are not used with a class map

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
-from conftest import write_labels
+from conftest import cells, material_labels
 from rasterio.transform import from_origin
 
 from core.bundle import BundleInfo, Normalization
@@ -32,11 +32,6 @@ from evaluate.evaluate import score_chip
 
 #: A 32 x 32 px chip of 1 m pixels: pixel (row, col) covers x in [col, col + 1], y in [31 - row, 32 - row].
 T32 = from_origin(0, 32, 1, 1)
-
-
-def cells(r0: int, r1: int, c0: int, c1: int, side: int = 32) -> shapely.Polygon:
-    """The polygon covering rows r0..r1-1 and columns c0..c1-1 of a chip of ``side`` 1 m pixels."""
-    return shapely.box(c0, side - r1, c1, side - r0)
 
 
 A, B, C = cells(4, 12, 2, 10), cells(4, 12, 10, 18), cells(4, 12, 20, 28)  # A and B touch; a 2 px gap to C
@@ -106,14 +101,6 @@ def test_pixel_size_in_metres_of_degrees_and_metres():
 # --- the ignore filter -------------------------------------------------------------------------
 
 
-def _labels(tmp_path: Path, materials: list) -> Path:
-    folder = tmp_path / "labels"
-    folder.mkdir()
-    polys = [cells(0, 4, 4 * i, 4 * i + 3) for i in range(len(materials))]
-    write_labels(folder / "roofs.geojson", polys, crs="EPSG:32644", **{"roof:material": materials})
-    return folder
-
-
 def _args(**ignore) -> MaskArgs:
     return MaskArgs.model_validate(
         {"filter": {"attribute": "roof:material", "values": ["tin"]}, "ignore": ignore or None}
@@ -121,7 +108,7 @@ def _args(**ignore) -> MaskArgs:
 
 
 def test_ignore_takes_the_untagged_polygons_out_of_the_roofs(tmp_path: Path):
-    folder = _labels(tmp_path, ["tin", "concrete", None, "tin", None])
+    folder = material_labels(tmp_path, ["tin", "concrete", None, "tin", None])
     roofs, unknown, _ = load_labels(folder, _args(attribute="roof:material", values=[None]))
     assert (len(roofs), len(unknown)) == (2, 2)
     roofs, unknown, _ = load_labels(folder, _args(attribute="roof:material", values=["concrete", None]))
@@ -142,7 +129,7 @@ def test_ignore_takes_the_untagged_polygons_out_of_the_roofs(tmp_path: Path):
     ],
 )  # fmt: skip
 def test_an_ignore_filter_that_matches_nothing_or_everything_is_one_line(tmp_path: Path, ignore, message):
-    folder = _labels(tmp_path, ["tin", "concrete", None])
+    folder = material_labels(tmp_path, ["tin", "concrete", None])
     with pytest.raises(LabelError, match=message):
         load_labels(folder, _args(**ignore))
 
