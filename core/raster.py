@@ -197,17 +197,13 @@ CLASS_BAND, CLASSES_TAG = "class", "ROOF_CLASSES"
 CLASS_VALUES = frozenset((*range(33), UNKNOWN))
 
 
-#: Colours of class ids 1, 2 ... in class rasters (matplotlib's tab10); 0, background, is the rasters' nodata
-#: (GeoTIFF colour tables hold no transparency), so QGIS draws it transparent.
-CLASS_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))  # fmt: skip
-
-
 def class_colormap(classes: int) -> dict[int, tuple[int, int, int, int]]:
-    """The colour table of a class raster: background black, class k the k-th colour (repeating)."""
-    table = {0: (0, 0, 0, 0)}
-    for k in range(1, classes + 1):
-        table[k] = (*CLASS_COLOURS[(k - 1) % len(CLASS_COLOURS)], 255)
+    """The colour table of a class raster: class k in its colour of :func:`class_colors` (the plots' colours);
+    0, background, black: it is the rasters' nodata (GeoTIFF colour tables hold no transparency), so QGIS
+    draws it transparent."""
+    table = {0: (0, 0, 0, 255)}
+    for k, colour in enumerate(class_colors(classes)[1:], start=1):
+        table[k] = (int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16), 255)
     return table
 
 

@@ -252,7 +252,7 @@ def test_a_unet_trained_on_classes_maps_each_roofs_material(tmp_path: Path, sett
     assert np.allclose(probs[3] + probs[4], 1.0, atol=1e-4)
     with rasterio.open(out / "classes" / "val_0.tif") as src, rasterio.open(out / "masks" / "val_0.tif") as m:
         assert src.dtypes[0] == "uint8" and src.tags()["ROOF_CLASSES"] == "metal,other_roof"
-        assert src.colormap(1)[1] == (31, 119, 180, 255) and src.colormap(1)[2] == (255, 127, 14, 255)
+        assert src.colormap(1)[1] == (217, 95, 2, 255) and src.colormap(1)[2] == (117, 112, 179, 255)  # as plotted
         assert src.nodata == 0  # background: QGIS draws it transparent
         classes, mask = src.read(1), m.read(1)
     assert ((classes > 0) == (mask > 0)).all() and set(np.unique(classes)) <= {0, 1, 2}
