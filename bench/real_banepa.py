@@ -77,7 +77,7 @@ def score(folder: Path, holdout: list[Path], metal, unknown, min_m2: float, clas
     roofs are class 1 (the class raster, the roofs of class metal), and the material of every true roof
     found (matched one to one at IoU >= 0.5 by a predicted roof of any class) is scored."""
     total, polys = Confusion(), MatchCounts()
-    right = found = 0
+    right = matches = 0
     roofs = gpd.read_file(folder / "roofs.gpkg")
     every = roofs
     if classified is not None:
@@ -106,8 +106,8 @@ def score(folder: Path, holdout: list[Path], metal, unknown, min_m2: float, clas
             _, matched = match_polygons(list(known_roofs.geometry), list(mine.geometry))
             t_ids, p_ids = known_roofs["class_id"].to_numpy(), mine["class_id"].to_numpy()
             right += sum(int(t_ids[t] == p_ids[p]) for t, p, _ in matched)
-            found += len(matched)
-    material = {"material": right / found if found else float("nan"), "found": found}
+            matches += len(matched)
+    material = {"material": right / matches if matches else float("nan"), "found": matches}
     return {**total.scores(), "poly": polys.scores(), **(material if classified is not None else {})}
 
 
