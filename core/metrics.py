@@ -184,3 +184,41 @@ def combine(searches: list[ThresholdSearch]) -> ThresholdSearch:
         total.pos += search.pos
         total.neg += search.neg
     return total
+
+
+def validate_classes(predictor: Any, pairs: list[tuple[Path, Path]]) -> tuple[ThresholdSearch, np.ndarray]:
+    """The threshold search of a bundle with classes on P(roof) over all the validation chips, and in the
+    same pass the class confusion matrix (K, K) of the true roof pixels (rows true class 1..K, columns the
+    predicted one, the argmax of P(k | roof)), valid and known pixels only."""
+    from core.cli import progress
+    from core.raster import read_labelled_pair, usable_pixels
+
+    k = len(predictor.info.classes)
+    nodata = predictor.info.normalization.nodata
+    total, confusion = ThresholdSearch(), np.zeros((k, k), np.int64)
+    for pair in progress(pairs, desc="validate", unit="chip"):
+        chw, labels, known, _, _ = read_labelled_pair(*pair)
+        bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0]
+        use = usable_pixels(chw, nodata, known)
+        total.add(labels > 0, bands[0], use)
+        roof = use & (labels > 0)
+        # the class bands come last, after the targets (the footprint, and a U-Net's boundary and contact)
+        truth, predicted = labels[roof].astype(np.int64) - 1, np.argmax(bands[-k:, roof], axis=0)
+        confusion += np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)
+    return total, confusion
+
+
+def class_metrics(classes: tuple[str, ...], train_pixels: list[int], confusion: np.ndarray) -> dict:
+    """metrics.json's class entries: the classes, their training pixels, and on the validation roof pixels the
+    confusion matrix (rows truth, columns predicted), the material accuracy and each class's recall."""
+    truth = confusion.sum(axis=1)
+    total = int(truth.sum())
+    return {
+        "classes": list(classes),
+        "train_class_pixels": dict(zip(classes, train_pixels, strict=True)),
+        "class_confusion": confusion.tolist(),
+        "material_accuracy": float(np.trace(confusion) / total) if total else None,
+        "class_recall": {
+            name: float(confusion[k, k] / truth[k]) if truth[k] else None for k, name in enumerate(classes)
+        },
+    }

@@ -207,6 +207,33 @@ def class_colormap(classes: int) -> dict[int, tuple[int, int, int, int]]:
     return table
 
 
+def write_class_style(raster: str | os.PathLike[str], names: Sequence[str]) -> Path:
+    """RASTER.qml beside a class raster: the QGIS style (a paletted renderer: each class in its colour, with
+    its name) that QGIS applies by itself when the raster is added, as a layer's default style."""
+    from xml.sax.saxutils import quoteattr
+
+    colours = class_colors(len(names))[1:]
+    entries = "\n".join(
+        f'        <paletteEntry value="{k}" color="{c}" alpha="255" label={quoteattr(n)}/>'
+        for k, (n, c) in enumerate(zip(names, colours, strict=True), start=1)
+    )
+    path = Path(raster).with_suffix(".qml")
+    text = f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.28" styleCategories="Symbology">
+  <pipe>
+    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">
+      <colorPalette>
+{entries}
+      </colorPalette>
+    </rasterrenderer>
+  </pipe>
+</qgis>
+"""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
 def check_mask(data: np.ndarray, path: str | os.PathLike[str], names: Sequence[str] = ()) -> None:
     """Refuse a mask that is not uint8 with a 0/128/255 footprint band (0/255 further bands; a band named
     ``class`` in ``names``: class ids and 128), naming the file."""

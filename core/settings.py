@@ -434,6 +434,10 @@ class IgnoreFilter(Section):
     )
 
 
+#: Names a class may not take: class id 0, the ignore value, the mask bands (they name probability bands too).
+TAKEN_NAMES = ("background", "unknown", "footprint", "boundary", "contact", "class")
+
+
 class MaskArgs(Section):
     """mask/mask.py: polygon labels into uint8 0/255 masks."""
 
@@ -495,11 +499,13 @@ class MaskArgs(Section):
             )
         owner: dict[str, str] = {}
         for name, values in classes.items():
-            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name) or name.lower() in ("background", "unknown"):
+            if name.lower() in TAKEN_NAMES:
                 raise ValueError(
-                    f"class name {name!r} must start with a letter and hold letters, digits, _ or - (background and "
-                    "unknown are taken)"
+                    f"class name {name!r} is taken ({', '.join(TAKEN_NAMES)} name other things): call the class "
+                    "otherwise"
                 )
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+                raise ValueError(f"class name {name!r} must start with a letter and hold letters, digits, _ or -")
             if not values:
                 raise ValueError(f"class {name} names no value: give it the label values it stands for")
             for value in values:
@@ -509,6 +515,20 @@ class MaskArgs(Section):
                     )
                 owner[value] = name
         return classes
+
+    @property
+    def class_source(self) -> str | None:
+        """The attribute the class map reads: class_attribute, else the filter's (None without either)."""
+        return self.class_attribute or (self.filter.attribute if self.filter is not None else None)
+
+    def shaping(self) -> dict[str, Any]:
+        """The settings as they shape masks (what a stage record compares): with a class map the filter is
+        not read and the class attribute is the one read; without one the class attribute is not read."""
+        values = self.model_dump(mode="json")
+        values["class_attribute"] = self.class_source if self.classes else None
+        if self.classes:
+            values["filter"] = None
+        return values
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -165,8 +165,7 @@ def load_labels(labels_dir: Path, args: MaskArgs) -> tuple[gpd.GeoDataFrame, gpd
     if args.ignore is not None:
         unknown = ignored_labels(gdf, args.ignore.attribute, args.ignore.values, source=path.name)
     if args.classes:
-        attribute = args.class_attribute or (args.filter.attribute if args.filter else None)
-        ids = class_ids(gdf, attribute, args.classes, source=path.name)
+        ids = class_ids(gdf, args.class_source, args.classes, source=path.name)
         unknown |= ids == 0  # a value no class names is unknown, not background
         gdf = gdf.assign(class_id=ids)
     roofs = gdf[~unknown]
@@ -184,7 +183,12 @@ def class_ids(gdf: gpd.GeoDataFrame, attribute: str | None, classes: dict[str, l
 
     An attribute the file lacks, or a value no polygon has, is an error listing what is there.
     """
-    if attribute is None or attribute not in gdf.columns:
+    if attribute is None:
+        raise LabelError(
+            "mask_args.class_attribute and mask_args.filter are both null: name the attribute the class map reads "
+            f"(mask_args.class_attribute; {source} has {', '.join(c for c in gdf.columns if c != 'geometry')})"
+        )
+    if attribute not in gdf.columns:
         raise LabelError(
             f"mask_args.class_attribute {attribute!r} is not an attribute of {source} (it has "
             f"{', '.join(c for c in gdf.columns if c != 'geometry')}): name the one mask_args.classes reads"

@@ -654,7 +654,7 @@ def evaluate_model(
     if result.classes is not None:
         accuracy, found = result.classes.roof_accuracy()
         per = result.classes.per_class()
-        log.info("evaluate: %s classes, pixel IoU %s; material right for %.1f%% of the %d roofs found", model,
+        log.info("evaluate: %s classes, pixel IoU %s; material right for %.1f%% of the %d true roofs the polygon scores matched", model,
                  ", ".join(f"{n} {per[n]['iou']:.3f}" for n in result.classes.names), 100 * accuracy, found)  # fmt: skip
     for value, counts in groups.items():
         g = counts.scores()

@@ -390,20 +390,17 @@ def _data_section(tree: DataTree) -> str:
     stats = tree.summary / "stats.json"
     if stats.is_file():
         record = json.loads(stats.read_text(encoding="utf-8"))
-        rows = []
-        for band in record.get("bands", []):
-            roof, bg = band.get("roof", {}), band.get("background", {})
-            rows.append(
-                [str(band["band"]), _fmt(roof.get("mean"), 1), _fmt(bg.get("mean"), 1), _fmt(band.get("separation"))]
-            )
-        if rows:
-            parts.append("<h3>Bands (data/summary/stats.json)</h3>")
-            parts.append(_table(["band", "roof mean", "background mean", "separation (0 same, 1 apart)"], rows))
+        parts.append(_bands_table(record))
     pictures = []
     if tree.quicklook.is_file():
         pictures.append(_img(tree.quicklook, "The scene with its labels (data/quicklook.png)", "narrow"))
-    if (tree.summary / "roof_vs_background.png").is_file():
-        pictures.append(_img(tree.summary / "roof_vs_background.png", "Roof and background values per band"))
+    for name, caption in (
+        ("roof_vs_background.png", "Roof and background values per band"),
+        ("classes_per_band.png", "Each class's values per band"),
+        ("class_separation.png", "How far apart the classes lie in each band"),
+    ):
+        if (tree.summary / name).is_file():
+            pictures.append(_img(tree.summary / name, caption))
     parts += pictures
     hists = sorted(tree.summary.glob("histogram_band_*.png"), key=lambda p: int(p.stem.rpartition("_")[2]))
     if hists:
@@ -411,6 +408,38 @@ def _data_section(tree: DataTree) -> str:
         parts += [_img(p, p.stem.replace("_", " ")) for p in hists]
         parts.append("</div>")
     return "".join(parts)
+
+
+def _bands_table(record: dict[str, Any]) -> str:
+    """summarize's band statistics: roof and background means and their separation, or with classes each
+    class's mean and the best-separated pair of classes of each band (Cohen's d)."""
+    bands = record.get("bands", [])
+    if not bands:
+        return ""
+    title = "<h3>Bands (data/summary/stats.json)</h3>"
+    if record.get("classes"):
+        names = list(bands[0].get("classes", {}))
+        best: dict[int, dict[str, Any]] = {}
+        for pair in record.get("separation", []):
+            if pair.get("cohen_d") is None:  # (no spread in either class: nothing to compare)
+                continue
+            if pair["band"] not in best or abs(pair["cohen_d"]) > abs(best[pair["band"]]["cohen_d"]):
+                best[pair["band"]] = pair
+        rows = []
+        for band in bands:
+            pair = best.get(band["band"])
+            apart = f"{' / '.join(pair['classes'])}: d {pair['cohen_d']:.2f}" if pair else ""
+            rows.append([str(band["band"]), *(_fmt(band["classes"].get(n, {}).get("mean"), 1) for n in names),
+                         html.escape(apart)])  # fmt: skip
+        header = ["band", *(f"{n} mean" for n in names), "best separated (Cohen's d)"]
+        return title + _table(header, rows)
+    rows = []
+    for band in bands:
+        roof, bg = band.get("roof", {}), band.get("background", {})
+        rows.append(
+            [str(band["band"]), _fmt(roof.get("mean"), 1), _fmt(bg.get("mean"), 1), _fmt(band.get("separation"))]
+        )
+    return title + _table(["band", "roof mean", "background mean", "separation (0 same, 1 apart)"], rows)
 
 
 def _classes_table(classes: dict[str, Any]) -> str:

@@ -35,7 +35,15 @@ from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, Predictor, load_
 from core.errors import DataError
 from core.files import atomic_path
 from core.index import chip_kind, split_pairs
-from core.metrics import ThresholdSearch, combine, metrics_record, validate_pairs, write_metrics
+from core.metrics import (
+    ThresholdSearch,
+    class_metrics,
+    combine,
+    metrics_record,
+    validate_classes,
+    validate_pairs,
+    write_metrics,
+)
 from core.raster import band_statistics, common_classes, read_labelled_pair, usable_pixels
 from core.settings import Settings, dump_settings
 from core.tree import DataTree, refuse_overwrite
@@ -139,24 +147,6 @@ def sample_table(
 def validate(predictor: Predictor, pairs: list[Pair]) -> ThresholdSearch:
     """Probabilities of every valid pixel of the validation chips, chip by chip, through ``predictor``."""
     return combine(validate_pairs(predictor, pairs))
-
-
-def validate_classes(predictor: Predictor, pairs: list[Pair]) -> tuple[ThresholdSearch, np.ndarray]:
-    """:func:`validate` for a bundle with classes, in the same pass: the threshold search on P(roof) and
-    the class confusion matrix (K, K) of the truth roof pixels (rows truth class 1..K, columns the
-    predicted one, the argmax of P(k | roof)), valid and known pixels only."""
-    k = len(predictor.info.classes)
-    nodata = predictor.info.normalization.nodata
-    total, confusion = ThresholdSearch(), np.zeros((k, k), np.int64)
-    for pair in cli.progress(pairs, desc="validate", unit="chip"):
-        chw, labels, known, _, _ = read_labelled_pair(*pair)
-        bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0]
-        use = usable_pixels(chw, nodata, known)
-        total.add(labels > 0, bands[0], use)
-        roof = use & (labels > 0)
-        truth, predicted = labels[roof].astype(np.int64) - 1, np.argmax(bands[1:, roof], axis=0)
-        confusion += np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)
-    return total, confusion
 
 
 def classes_of(pairs: list[Pair], table: TableInfo | None) -> tuple[str, ...]:
@@ -308,19 +298,3 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
             recalls,
         )
     return bundle
-
-
-def class_metrics(classes: tuple[str, ...], train_pixels: list[int], confusion: np.ndarray) -> dict:
-    """metrics.json's class entries: the classes, their training pixels, and on the validation roof pixels the
-    confusion matrix (rows truth, columns predicted), the material accuracy and each class's recall."""
-    truth = confusion.sum(axis=1)
-    total = int(truth.sum())
-    return {
-        "classes": list(classes),
-        "train_class_pixels": dict(zip(classes, train_pixels, strict=True)),
-        "class_confusion": confusion.tolist(),
-        "material_accuracy": float(np.trace(confusion) / total) if total else None,
-        "class_recall": {
-            name: float(confusion[k, k] / truth[k]) if truth[k] else None for k, name in enumerate(classes)
-        },
-    }

@@ -11,7 +11,8 @@ the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
   instances/NAME.tif      uint32, each roof's id in its pixels (predict_args.instances)
   classes/NAME.tif        a bundle trained on classes (mask_args.classes): uint8 class ids with a
                           colour table (1, 2 ... as the class map names them; 0 background, the
-                          nodata value, so that QGIS draws it transparent), each
+                          nodata value, so that QGIS draws it transparent; NAME.qml beside it, the
+                          style QGIS applies by itself: each class by name), each
                           roof one class (predict_args.roof_class); the probabilities add a band per
                           class, its probability given a roof
   roofs.gpkg              one polygon per roof: id, source, mean_probability, area_m2 (input CRS);
@@ -69,6 +70,7 @@ from core.raster import (
     open_raster,
     valid_pixels,
     window_starts,
+    write_class_style,
 )
 from core.settings import CPU_PREDICT_BATCH, ParallelArgs, PredictArgs, Settings
 from core.tree import DataTree, refuse_overwrite
@@ -266,6 +268,7 @@ def _write_windows(
                 class_dst.write_colormap(1, class_colormap(len(info.classes)))
                 class_dst.set_band_description(1, CLASS_BAND)
                 class_dst.update_tags(**{CLASSES_TAG: ",".join(info.classes)})
+                write_class_style(class_path, info.classes)  # QGIS shows the classes by name and colour
             # Batches in raster order; a reader thread reads and prepares (normalizes) the next
             # batch while the model predicts this one. Only that thread touches ``src``.
             jobs: list[tuple[int, list[Window]]] = []  # (window row index, batch of windows)
@@ -574,6 +577,13 @@ def predict_all(
             r.prob_min,
             r.prob_max,
         )
+    stale = out / "classes"  # a class bundle's earlier predictions, their files removed by the stage's rerun
+    if not info.classes and stale.is_dir() and not any(stale.iterdir()):
+        stale.rmdir()
+    if info.classes:
+        counts = gdf["class"].value_counts()
+        log.info("predict: roofs per class: %s -> %s", ", ".join(f"{c} {int(counts.get(c, 0))}" for c in info.classes),
+                 out / "classes")  # fmt: skip
     roof = sum(r.roof_pixels for r in results)
     valid = sum(r.valid_pixels for r in results)
     log.info(

@@ -42,7 +42,10 @@ def _args(classes=CLASS_MAP, attribute="roof:material", **more) -> MaskArgs:
         ({"metal": ["tin"], "other_roof": ["tin", "concrete"]},
          r"value 'tin' is claimed by two classes \(metal and other_roof\): one value, one class"),
         ({"metal": ["tin"]}, r"names 1 class\(es\): name 2 to 32"),
-        ({"metal": ["tin"], "background": ["concrete"]}, r"class name 'background' must start with a letter"),
+        ({"metal": ["tin"], "background": ["concrete"]}, r"class name 'background' is taken \(background, unknown, "
+                                                         r"footprint, boundary, contact, class name other things\)"),
+        ({"metal": ["tin"], "footprint": ["concrete"]}, r"class name 'footprint' is taken"),
+        ({"metal": ["tin"], "2nd": ["concrete"]}, r"class name '2nd' must start with a letter"),
         ({"metal": ["tin"], "other": []}, r"class other names no value"),
     ],
 )  # fmt: skip
@@ -243,6 +246,9 @@ def test_a_unet_trained_on_classes_maps_each_roofs_material(tmp_path: Path, sett
     assert info["classes"] == ["metal", "other_roof"] and info["targets"] == ["footprint", "boundary", "contact"]
     history = pd.read_csv(tree.model_dir("unet") / "history.csv")
     assert history["val_class_accuracy"].iloc[-1] >= 0.9
+    trained = _read_json(tree.model_dir("unet") / "metrics.json")
+    assert trained["classes"] == ["metal", "other_roof"] and trained["material_accuracy"] >= 0.9
+    assert set(trained["class_recall"]) == {"metal", "other_roof"} and len(trained["class_confusion"]) == 2
 
     assert predict_main([*argv, "--model", "unet"]) == 0
     out = tree.prediction_dir("unet")
@@ -255,6 +261,9 @@ def test_a_unet_trained_on_classes_maps_each_roofs_material(tmp_path: Path, sett
         assert src.colormap(1)[1] == (217, 95, 2, 255) and src.colormap(1)[2] == (117, 112, 179, 255)  # as plotted
         assert src.nodata == 0  # background: QGIS draws it transparent
         classes, mask = src.read(1), m.read(1)
+    style = (out / "classes" / "val_0.qml").read_text()
+    assert '<paletteEntry value="1" color="#d95f02" alpha="255" label="metal"/>' in style
+    assert '<paletteEntry value="2" color="#7570b3" alpha="255" label="other_roof"/>' in style
     assert ((classes > 0) == (mask > 0)).all() and set(np.unique(classes)) <= {0, 1, 2}
     roofs = gpd.read_file(out / "roofs.gpkg")
     assert {"class", "class_id", "class_probability"} <= set(roofs.columns)
@@ -401,6 +410,15 @@ def test_the_stages_map_materials_end_to_end(scene, tmp_path: Path):
     write_geotiff(tmp_path / "data" / "raw" / "tile.tif", array=np.clip(image, 1, 4000).astype(np.uint16), nodata=0)
     for main in (mosaic_main, chip_main, mask_main, split_main):
         assert main(argv) == 0
+    # Settings the class map leaves unread do not outdate the masks: a rerun skips.
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "data" / "masks").glob("*.tif"))
+    unread = 'mask_args.filter={"attribute": "roof_type", "values": ["brick"]}'
+    assert mask_main([*argv, "--set", unread]) == 0
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "data" / "masks").glob("*.tif")) == before
+    from flatten.flatten import main as flatten_main
+    from summarize.summarize import main as summarize_main
+
+    assert flatten_main(argv) == 0 and summarize_main(argv) == 0
     model = ["--model", "regression"]
     assert train_main([*argv, *model]) == 0
     assert predict_main([*argv, *model]) == 0
@@ -423,6 +441,33 @@ def test_the_stages_map_materials_end_to_end(scene, tmp_path: Path):
         "true,predicted_background,predicted_metal,predicted_other_roof"
     )
     report = (tree.results_root / "materials" / "report.html").read_text()
+    assert "Material right for 100.0% of the" in report and "Classes: the confusion matrix" in report
+    assert ">metal mean</th>" in report and "How far apart the classes lie in each band" in report
+
+
+def test_the_check_reads_the_labels_as_mask_does(scene, tmp_path: Path):
+    """With a class map the check tests its values (not the unread filter's), as mask would."""
+    from chip.chip import main as chip_main
+    from core.tree import DataTree
+    from mosaic.mosaic import main as mosaic_main
+    from workflow.check import run_checks
+
+    argv = scene()
+    for main in (mosaic_main, chip_main):
+        assert main(argv) == 0
+    sets = argv[4::2]
+
+    def fatal(*more: str) -> list[str]:
+        settings = load_settings(argv[1], [*sets, *more])
+        found, _ = run_checks(settings, DataTree.from_settings(settings), ["mask"])
+        return [f.message for f in found if f.fatal]
+
+    good = _json({"metal": ["metal"], "other_roof": ["concrete"]})
+    assert fatal(f"mask_args.classes={good}", 'mask_args.filter={"attribute": "roof_type", "values": ["tin"]}') == []
+    bad = _json({"metal": ["metal"], "other_roof": ["concrete", "slate"]})
+    (message,) = fatal(f"mask_args.classes={bad}")
     assert (
-        "Material right for 100.0% of the" in report and "confusion.png" in report
-    ) or "Classes: the confusion" in report
+        "mask_args.classes names values no polygon of roofs.geojson has in roof_type (other_roof: ['slate'])" in message
+    )
+    (message,) = fatal(f"mask_args.classes={good}", "mask_args.class_attribute=roof_typ")
+    assert message.startswith("mask_args.class_attribute 'roof_typ' is not an attribute of roofs.geojson")

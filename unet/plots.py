@@ -23,10 +23,12 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_curves(history_csv: Path, path: Path) -> Path:
-    """Loss, IoU and predicted-vs-true roof share per epoch, training and validation."""
+    """Loss, IoU and predicted-vs-true roof share per epoch, training and validation (and the class
+    accuracy of a U-Net trained on classes)."""
     h = pd.read_csv(history_csv)
     epochs = h["epoch"] + 1
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels_n = 4 if "class_accuracy" in h else 3
+    fig, axes = plt.subplots(1, panels_n, figsize=(5 * panels_n, 4))
     panels = [
         ("loss", "loss", "Loss"),
         ("iou", "IoU (threshold 0.5)", "Pixel IoU, whole set"),
@@ -45,6 +47,15 @@ def plot_curves(history_csv: Path, path: Path) -> Path:
     ax.set(xlabel="epoch", ylabel="% of pixels", title="Roof share: a collapse shows here first")
     ax.grid(alpha=0.3)
     ax.legend()
+    if "class_accuracy" in h:  # a U-Net trained on classes: its roofs' material, on the same epochs
+        ax = axes[3]
+        ax.plot(epochs, h["class_accuracy"], "o-", label="train")
+        if "val_class_accuracy" in h:
+            ax.plot(epochs, h["val_class_accuracy"], "o-", label="validation")
+        ax.set(xlabel="epoch", ylabel="share of roof pixels", title="Material (class) accuracy on roofs")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.suptitle("U-Net training")
     return _save(fig, path)
 

@@ -20,7 +20,15 @@ import numpy as np
 from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, read_info
 from core.errors import CollapseError, DataError
 from core.index import chip_kind, split_pairs
-from core.metrics import Confusion, combine, metrics_record, validate_pairs, write_metrics
+from core.metrics import (
+    Confusion,
+    class_metrics,
+    combine,
+    metrics_record,
+    validate_classes,
+    validate_pairs,
+    write_metrics,
+)
 from core.raster import UNKNOWN, band_statistics, mask_classes, read_classes, read_raster
 from core.settings import Settings, checkpoint_file
 from core.tree import DataTree, refuse_overwrite
@@ -274,16 +282,16 @@ def train_unet(
     with scope():
         if start_from is not None:
             previous = read_info(start_from)
+            fresh = "train without --from-bundle" if from_bundle else "set training_args.pretrained false"
             if list(previous.targets) != list(targets):
                 raise DataError(
                     f"the bundle {start_from} was trained on the mask bands {previous.targets}, the masks now have "
-                    f"{list(targets)}: set training_args.pretrained false, or mask_args.targets {previous.targets}"
+                    f"{list(targets)}: {fresh}, or mask_args.targets {previous.targets}"
                 )
             if list(previous.classes) != list(classes):
                 raise DataError(
                     f"the bundle {start_from} was trained on {_classes_phrase(previous.classes)}, the masks now hold "
-                    f"{_classes_phrase(classes)}: set training_args.pretrained false, or mask_args.classes as the "
-                    "bundle's"
+                    f"{_classes_phrase(classes)}: {fresh}, or mask_args.classes as the bundle's"
                 )
             norm = previous.normalization
             model = unet_bundle.load_model(start_from)
@@ -445,9 +453,14 @@ def train_unet(
     threshold, confusion, per_chip = evaluate_split(predictor, val_frames, val_masks)
     info = replace(info, threshold=threshold)
     unet_bundle.save(bundle_dir, model, info)
+    kinds = {}
+    if classes:  # the validation roof pixels' classes, as the classical trainers report them
+        _, class_confusion = validate_classes(predictor, list(zip(val_frames, val_masks, strict=True)))
+        kinds = class_metrics(classes, class_pixels(train_masks, len(classes)), class_confusion)
     record = metrics_record(
-        "unet", "val", threshold, confusion, epochs=done_epochs + len(history.epoch), train_seconds=round(seconds, 1)
-    )
+        "unet", "val", threshold, confusion, epochs=done_epochs + len(history.epoch), train_seconds=round(seconds, 1),
+        **kinds,
+    )  # fmt: skip
     write_metrics(out / "metrics.json", record)
     from unet.plots import plot_curves, plot_overlays
 
@@ -466,6 +479,11 @@ def train_unet(
         seconds,
         out,
     )
+    if classes:
+        recalls = ", ".join(f"{n} {'-' if r is None else format(r, '.3f')}" for n, r in kinds["class_recall"].items())
+        accuracy = kinds["material_accuracy"]
+        log.info("train: unet validation material accuracy %s on the roof pixels (recall: %s)",
+                 "-" if accuracy is None else f"{accuracy:.3f}", recalls)  # fmt: skip
     remove_backup(backup)  # the bundle is written: nothing to resume
     return bundle_dir
 

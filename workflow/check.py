@@ -403,17 +403,15 @@ class Checker:
         return crs, (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max())
 
     def labels(self) -> None:
-        """The label file: readable, with roof polygons, overlapping the imagery."""
-        from core.vector import filter_labels, find_label_file, read_labels  # geopandas: only when labels are read
+        """The label file: readable, with roof polygons (by mask_args.filter, or the class map's values, which
+        must all be there), overlapping the imagery."""
+        from core.vector import load_labels  # geopandas: only when labels are read
 
         args = self.settings.mask_args
         if not self.tree.labels.is_dir() and args.label_file is None:
             return
-        try:
-            path = find_label_file(self.tree.labels, args.label_file)
-            gdf = read_labels(path)
-            if args.filter is not None:
-                gdf = filter_labels(gdf, args.filter.attribute, args.filter.values, source=path.name)
+        try:  # the roofs as mask reads them: its filter, or its class map, and its ignore filter
+            gdf, _, path = load_labels(self.tree.labels, args)
         except LabelError as exc:
             self.fatal(str(exc))
             return

@@ -66,8 +66,10 @@ def flatten(data: Any, prefix: str) -> dict[str, Any]:
 
 
 def settings_of(settings: Settings, keys: tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The values of ``keys`` (sections or fields) as a flat dict of dotted keys."""
+    """The values of ``keys`` (sections or fields) as a flat dict of dotted keys; mask_args as they shape
+    masks (:meth:`core.settings.MaskArgs.shaping`: a setting the class map makes unread is left out)."""
     dumped = settings.model_dump(mode="json")
+    dumped["mask_args"] = settings.mask_args.shaping()
     out: dict[str, Any] = {}
     for key in keys:
         value: Any = dumped

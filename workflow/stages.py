@@ -256,6 +256,7 @@ STAGES: tuple[StageSpec, ...] = (
             Output(t.prediction_dir(m) / "probabilities", "[!.]*.tif*"),
             Output(t.prediction_dir(m) / "instances", "[!.]*.tif*"),
             Output(t.prediction_dir(m) / "classes", "[!.]*.tif*"),
+            Output(t.prediction_dir(m) / "classes", "[!.]*.qml"),
             Output(t.prediction_dir(m) / "roofs.gpkg"),
             Output(t.prediction_dir(m) / "grid.gpkg"),
             Output(t.prediction_dir(m) / "grid.csv"),
