@@ -307,6 +307,35 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> s
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _outdated_note(results: list[ModelResult], settings: Settings, tree: DataTree) -> str:
+    """A warning naming the models whose evaluation the current settings and data no longer give (made before
+    an edit, e.g. of the class map): their figures on this page are of the earlier run."""
+    from workflow.contract import status, upstream_problems
+
+    stale = []
+    for r in results:
+        try:
+            state = status("evaluate", settings, tree, r.model)
+            if state.state == "missing":
+                continue
+            why = state.describe() if state.stale else ""
+            if not why:  # its own record holds; an earlier stage's may not (an edit of the class map: mask)
+                problems = upstream_problems(state.current.get("deps", ()), settings, tree, r.model, state.label)
+                why = str(problems[0]) if problems else ""
+        except Exception:  # a report is written whatever the records say
+            continue
+        if why:
+            stale.append(f"<li><b>{html.escape(r.model)}</b>: {html.escape(why)}</li>")
+    if not stale:
+        return ""
+    return (
+        '<div class="note"><p>These models\' figures are of an earlier run: the current settings or data would '
+        "give others. Rerun them (python pipeline.py --from train) before comparing.</p><ul>"
+        + "".join(stale)
+        + "</ul></div>"
+    )
+
+
 def _metrics_section(results: list[ModelResult], split: str) -> str:
     if not results:
         return "<p>No model trained yet: run python train/train.py, then predict and evaluate.</p>"
@@ -484,7 +513,7 @@ def write_report(settings: Settings, tree: DataTree) -> Path:
 <p class="meta">Written {now} from {html.escape(str(tree.results))}. Models: {", ".join(r.model for r in results) or "none"}.</p>
 <nav><a href="#metrics">Metrics</a><a href="#settings">Settings</a><a href="#data">Data</a><a href="#models">Training and evaluation</a></nav>
 <h2 id="metrics">Metrics</h2>
-{_metrics_section(results, split)}
+{_metrics_section(results, split)}{_outdated_note(results, settings, tree)}
 <h2 id="settings">Settings</h2>
 {_settings_section(settings)}
 <h2 id="data">Data</h2>

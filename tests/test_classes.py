@@ -443,6 +443,17 @@ def test_the_stages_map_materials_end_to_end(scene, tmp_path: Path):
     report = (tree.results_root / "materials" / "report.html").read_text()
     assert "Material right for 100.0% of the" in report and "Classes: the confusion matrix" in report
     assert ">metal mean</th>" in report and "How far apart the classes lie in each band" in report
+    assert "figures are of an earlier run" not in report
+    # After an edit of the class map the report says the figures are of the earlier run.
+    from evaluate.report import write_report
+
+    renamed = _json({"tin": ["metal"], "other_roof": ["concrete"]})
+    edited = load_settings(argv[1], [*argv[4::2], f"mask_args.classes={renamed}"])
+    report = write_report(edited, DataTree.from_settings(edited)).read_text()
+    assert (
+        "figures are of an earlier run" in report
+        and "<b>regression</b>: masks/ are outdated: made with mask_args.classes.tin unset" in report
+    )
 
 
 def test_the_check_reads_the_labels_as_mask_does(scene, tmp_path: Path):
