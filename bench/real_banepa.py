@@ -232,7 +232,48 @@ def main() -> int:
     best = max(rows, key=lambda r: r[1]["poly"]["f1"])
     overlay(best[4], best[0], holdout, metal, unknown, work / "banepa_overlay.png")
     print(f"overlay of the best step ({best[0]}): {work / 'banepa_overlay.png'}")
+    classed = [r for r in rows if "material" in r[1]]
+    if classed:
+        top = max(classed, key=lambda r: r[1]["iou"])
+        overlay_classes(top[4], top[0], holdout, classified, work / "banepa_classes.png")
+        print(f"the roofs' classes of the best class step ({top[0]}): {work / 'banepa_classes.png'}")
     return 0
+
+
+def overlay_classes(folder: Path, label: str, holdout: list[Path], classified, path: Path, n: int = 4) -> None:
+    """The first held-out chips: true roofs by material (thick: metal cyan, other white) under the predicted
+    roofs in their class's colour (as in the class rasters)."""
+    from core.raster import class_colors
+
+    roofs = gpd.read_file(folder / "roofs.gpkg")
+    colours = class_colors(len(CLASSES))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.8), squeeze=False)
+    for ax, tif in zip(axes[0], holdout[:n], strict=False):
+        image, profile = read_raster(tif)
+        inv = ~profile["transform"]
+        ax.imshow(rgb_preview(image))
+        tile = shapely.box(*rasterio.transform.array_bounds(*image.shape[1:], profile["transform"]))
+        truth = clip_to(classified, tile)
+        mine = roofs[roofs["source"] == tif.name]
+        layers = [(truth[truth["class_id"] == 1].geometry, "cyan", 3.0), (truth[truth["class_id"] == 2].geometry,
+                  "white", 3.0)]  # fmt: skip
+        layers += [(mine[mine["class_id"] == k].geometry, colours[k], 1.2) for k in range(1, len(CLASSES) + 1)]
+        for geoms, colour, width in layers:
+            for g in geoms:
+                for part in getattr(g, "geoms", [g]):
+                    xs, ys = part.exterior.xy
+                    cols, rows = inv @ (np.asarray(xs), np.asarray(ys))
+                    ax.plot(cols, rows, color=colour, lw=width)
+        ax.set_xlim(0, image.shape[2])
+        ax.set_ylim(image.shape[1], 0)
+        ax.set_title(tif.stem, fontsize=9)
+        ax.set_axis_off()
+    names = ", ".join(f"{name} {colours[k]}" for k, name in enumerate(CLASSES, start=1))
+    fig.suptitle(f"Banepa held out, {label}: true metal roofs cyan, true other roofs white (thick); predicted roofs "
+                 f"by class ({names})", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def overlay(folder: Path, label: str, holdout: list[Path], metal, unknown, path: Path, n: int = 4) -> None:
