@@ -25,7 +25,8 @@ polygons lying mostly on unknown buildings dropped). The U-Net steps:
                  concerte, clay_tiles), the same bands; metal is the class raster's class 1 and the
                  roofs of class metal; "material" is the share of true roofs of known material found
                  (matched at IoU >= 0.5 by a roof of any class) whose predicted class is theirs.
-                 "classes majority": each roof the class most of its pixels have (predict_args.roof_class)
+                 "classes majority": each roof the class most of its pixels have (predict_args.roof_class);
+                 "classes raw": without the class offsets tuned on validation (predict_args.calibrated_classes)
 
 The classical models: connected groups and watershed (trained on metal alone), and classes. Then
 the metal pixel IoU of each class model against its one-class twin (target: at least as high),
@@ -170,6 +171,7 @@ def main() -> int:
             ("unet + TTA", "channels", "unet", ["predict_args.tta=true"]),
             ("unet classes", "classes", "unet", []),
             ("unet classes majority", "classes", "unet", ["predict_args.roof_class=majority"]),
+            ("unet classes raw", "classes", "unet", ["predict_args.calibrated_classes=false"]),
         ]
     for model in ("forest", "regression"):
         if model in args.models:
@@ -177,6 +179,7 @@ def main() -> int:
                 (f"{model} cc", "footprint", model, ["predict_args.instances=false"]),
                 (f"{model} watershed", "footprint", model, []),
                 (f"{model} classes", "classes", model, []),
+                (f"{model} classes raw", "classes", model, ["predict_args.calibrated_classes=false"]),
             ]
     steps = [step for step in steps if not wanted or step[0] in wanted]
     prepared: set[str] = set()

@@ -186,16 +186,21 @@ def combine(searches: list[ThresholdSearch]) -> ThresholdSearch:
     return total
 
 
-def validate_classes(predictor: Any, pairs: list[tuple[Path, Path]]) -> tuple[ThresholdSearch, np.ndarray]:
+def validate_classes(
+    predictor: Any, pairs: list[tuple[Path, Path]], bias: list[float] | None = None
+) -> tuple[ThresholdSearch, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """The threshold search of a bundle with classes on P(roof) over all the validation chips, and in the
     same pass the class confusion matrix (K, K) of the true roof pixels (rows true class 1..K, columns the
-    predicted one, the argmax of P(k | roof)), valid and known pixels only."""
+    predicted one, the argmax of P(k | roof), shifted by ``bias`` when given: :func:`shift_classes`), valid
+    and known pixels only; and those pixels' true classes (0..K-1) and class probabilities (n, K), at most
+    :data:`CALIBRATION_PIXELS` of them (every n-th), to tune the bias with (:func:`tune_class_bias`)."""
     from core.cli import progress
     from core.raster import read_labelled_pair, usable_pixels
 
     k = len(predictor.info.classes)
     nodata = predictor.info.normalization.nodata
     total, confusion = ThresholdSearch(), np.zeros((k, k), np.int64)
+    truths, probs = [], []
     for pair in progress(pairs, desc="validate", unit="chip"):
         chw, labels, known, _, _ = read_labelled_pair(*pair)
         bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0]
@@ -203,14 +208,89 @@ def validate_classes(predictor: Any, pairs: list[tuple[Path, Path]]) -> tuple[Th
         total.add(labels > 0, bands[0], use)
         roof = use & (labels > 0)
         # the class bands come last, after the targets (the footprint, and a U-Net's boundary and contact)
-        truth, predicted = labels[roof].astype(np.int64) - 1, np.argmax(bands[-k:, roof], axis=0)
+        kinds = bands[-k:, roof]
+        truth = labels[roof].astype(np.int64) - 1
+        truths.append(truth)
+        probs.append(kinds.T)
+        predicted = np.argmax(shift_classes(kinds, bias) if bias else kinds, axis=0)
         confusion += np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)
-    return total, confusion
+    truth = np.concatenate(truths) if truths else np.zeros(0, np.int64)
+    prob = np.concatenate(probs) if probs else np.zeros((0, k), np.float32)
+    step = max(1, len(truth) // CALIBRATION_PIXELS)
+    return total, confusion, (truth[::step], prob[::step])
 
 
-def class_metrics(classes: tuple[str, ...], train_pixels: list[int], confusion: np.ndarray) -> dict:
+#: Validation roof pixels the class offsets are tuned on, at most.
+CALIBRATION_PIXELS = 1_000_000
+#: The offsets tried for each class (log-probability units) and the sweeps over the classes.
+_BIAS_GRID, _BIAS_SWEEPS = np.linspace(-2.0, 2.0, 41), 3
+
+
+def shift_classes(probs: np.ndarray, bias: list[float] | np.ndarray, axis: int = 0) -> np.ndarray:
+    """Class probabilities (classes along ``axis``) with per-class log offsets ``bias`` added, renormalised: a
+    shift of the classes' priors; the offsets :func:`tune_class_bias` finds make the decision fair to a class
+    the network under-calls."""
+    shape = [1] * probs.ndim
+    shape[axis] = -1
+    weighted = probs * np.exp(np.asarray(bias, np.float32)).reshape(shape)
+    return (weighted / np.maximum(weighted.sum(axis=axis, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def tune_class_bias(truth: np.ndarray, probs: np.ndarray, learned: list[bool] | None = None) -> list[float]:
+    """Per-class log offsets (the first class's 0) that maximise the mean recall of the classes (balanced
+    accuracy) of argmax(log P(k | roof) + offset) over validation roof pixels: ``truth`` (n,) class index
+    0..K-1, ``probs`` (n, K). A coordinate search over a grid of offsets in [-2, 2]; all zeros (the plain
+    argmax) unless that is beaten. Classes ``learned`` says False keep 0."""
+    k = probs.shape[1] if probs.ndim == 2 else 0
+    bias = np.zeros(k)
+    if k < 2 or truth.size == 0:
+        return bias.tolist()
+    logp = np.log(np.maximum(probs, 1e-7))
+    counts = np.bincount(truth, minlength=k)
+    present = counts > 0
+
+    def balanced(b: np.ndarray) -> float:
+        right = np.bincount(truth[np.argmax(logp + b, axis=1) == truth], minlength=k)
+        return float(np.mean(right[present] / counts[present]))
+
+    best = balanced(bias)
+    for _ in range(_BIAS_SWEEPS):
+        for c in range(1, k):
+            if learned is not None and not learned[c]:
+                continue
+            for value in _BIAS_GRID:
+                trial = bias.copy()
+                trial[c] = value
+                score = balanced(trial)
+                if score > best + 1e-9:
+                    best, bias = score, trial
+    return [round(float(b), 3) for b in bias]
+
+
+def calibrate_classes(
+    sample: tuple[np.ndarray, np.ndarray], k: int, train_pixels: list[int] | None = None
+) -> tuple[list[float], np.ndarray, np.ndarray]:
+    """The class offsets tuned on a validation sample (:func:`validate_classes`' last item), and the sample's
+    class confusion matrices (K, K) with them and without. A class without training pixels keeps offset 0:
+    the model never learned it, and no offset should make it appear."""
+    truth, probs = sample
+    learned = [n > 0 for n in train_pixels] if train_pixels is not None else None
+    bias = tune_class_bias(truth, probs, learned)
+
+    def confusion(b: list[float] | None) -> np.ndarray:
+        predicted = np.argmax(shift_classes(probs, b, axis=1) if b else probs, axis=1)
+        return np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)
+
+    return bias, confusion(bias), confusion(None)
+
+
+def class_metrics(
+    classes: tuple[str, ...], train_pixels: list[int], confusion: np.ndarray, bias: list[float] | None = None,
+    raw: np.ndarray | None = None,
+) -> dict:  # fmt: skip
     """metrics.json's class entries: the classes, their training pixels, and on the validation roof pixels the
-    confusion matrix (rows truth, columns predicted), the material accuracy and each class's recall."""
+    confusion matrix (rows truth, columns predicted), the material accuracy and each class's recall (with the
+    class offsets ``bias`` when given, and the accuracy without them, ``raw``'s)."""
     truth = confusion.sum(axis=1)
     total = int(truth.sum())
     return {
@@ -221,4 +301,10 @@ def class_metrics(classes: tuple[str, ...], train_pixels: list[int], confusion: 
         "class_recall": {
             name: float(confusion[k, k] / truth[k]) if truth[k] else None for k, name in enumerate(classes)
         },
+        **({"class_bias": dict(zip(classes, bias, strict=True))} if bias is not None else {}),
+        **(
+            {"material_accuracy_uncalibrated": float(np.trace(raw) / total) if total else None}
+            if raw is not None
+            else {}
+        ),
     }

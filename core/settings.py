@@ -722,6 +722,12 @@ class PredictArgs(Section):
         "probabilities summed over the roof's pixels are highest (a vote weighted by probability); majority = "
         "the class most of its pixels find most probable.",
     )
+    calibrated_classes: bool = Field(
+        True,
+        description="A bundle trained on classes: shift each class's probability by the offset train tuned on the "
+        "validation roofs (the decision fair to a class the model under-calls: the best mean recall of the "
+        "classes); false = the model's own probabilities.",
+    )
     min_area: float = Field(4.0, ge=0.0, description="Drop roof polygons smaller than this, m2.")
     simplify: float = Field(0.0, ge=0.0, description="Simplify polygons with this tolerance, map units.")
     compression: Literal["zstd", "deflate", "lzw", "none"] = Field("zstd", description=COMPRESSION_HELP)

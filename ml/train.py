@@ -37,6 +37,7 @@ from core.files import atomic_path
 from core.index import chip_kind, split_pairs
 from core.metrics import (
     ThresholdSearch,
+    calibrate_classes,
     class_metrics,
     combine,
     metrics_record,
@@ -246,12 +247,14 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
         )
         write_info(tmp, info0)
         # Validation goes through the saved bundle, exactly as predict will load it.
+        bias: list[float] = []
         if classes:
-            search, class_confusion = validate_classes(load_predictor(tmp), val_pairs)
+            search, _, calibration = validate_classes(load_predictor(tmp), val_pairs)
+            bias, class_confusion, raw_confusion = calibrate_classes(calibration, len(classes), per_class)
         else:
             search = validate(load_predictor(tmp), val_pairs)
         threshold, confusion = search.best()
-        write_info(tmp, dataclasses.replace(info0, threshold=threshold))
+        write_info(tmp, dataclasses.replace(info0, threshold=threshold, class_bias=bias))
 
     total = confusion.tp + confusion.fp + confusion.fn + confusion.tn
     truth, predicted = (confusion.tp + confusion.fn) / max(total, 1), (confusion.tp + confusion.fp) / max(total, 1)
@@ -267,7 +270,7 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
         train_pixels=int(sample.labels.size),
         train_roof_pixels=sample.roof,
         train_seconds=round(fit_seconds, 3),
-        **(class_metrics(classes, per_class, class_confusion) if classes else {}),
+        **(class_metrics(classes, per_class, class_confusion, bias, raw_confusion) if classes else {}),
     )
     write_metrics(out / "metrics.json", record)
     plot_name = "feature_importance.png" if kind == "forest" else "coefficients.png"

@@ -59,6 +59,7 @@ from core.instances import (
     roof_classes,
     write_instances,
 )
+from core.metrics import shift_classes
 from core.parallel import map_tasks, worker_cached
 from core.raster import (
     CLASS_BAND,
@@ -210,7 +211,9 @@ def with_batch(args: PredictArgs, predictor: Predictor) -> PredictArgs:
     return args
 
 
-def forward_targets(predictor: Predictor, prepared: Any, targets: tuple[str, ...]) -> np.ndarray:
+def forward_targets(
+    predictor: Predictor, prepared: Any, targets: tuple[str, ...], calibrated: bool = True
+) -> np.ndarray:
     """The predictor's bands (n, len(targets) + classes, rows, cols): the named targets (a U-Net's), then
     each class's probability given a roof (a bundle trained on classes), else its roof probabilities."""
     info = predictor.info
@@ -218,7 +221,11 @@ def forward_targets(predictor: Predictor, prepared: Any, targets: tuple[str, ...
         return predictor.forward(prepared)[:, np.newaxis]
     index = [info.targets.index(t) for t in targets] + [len(info.targets) + k for k in range(len(info.classes))]
     every = predictor.forward_targets(prepared)
-    return every if index == list(range(every.shape[1])) else every[:, index]
+    every = every if index == list(range(every.shape[1])) else every[:, index]
+    if calibrated and info.class_bias:  # the class offsets tuned on validation (predict_args.calibrated_classes)
+        k = len(info.classes)
+        every[:, -k:] = shift_classes(every[:, -k:], info.class_bias, axis=1)
+    return every
 
 
 def _write_windows(
@@ -305,9 +312,9 @@ def _write_windows(
                         wsum = np.vstack([wsum, np.zeros((grow, width), np.float32)])
                         valid = np.vstack([valid, np.zeros((grow, width), bool)])
                     probs = (
-                        tta_forward(predictor, prepared, targets)
+                        tta_forward(predictor, prepared, targets, args.calibrated_classes)
                         if args.tta
-                        else forward_targets(predictor, prepared, targets)
+                        else forward_targets(predictor, prepared, targets, args.calibrated_classes)
                     )
                     wr = ramp(wh, overlap, r > 0, r + wh < height)
                     for w, ok, prob in zip(batch, valids, probs, strict=True):
@@ -332,7 +339,9 @@ def _write_windows(
     return result
 
 
-def tta_forward(predictor: Predictor, chips: np.ndarray, targets: tuple[str, ...] = ("footprint",)) -> np.ndarray:
+def tta_forward(
+    predictor: Predictor, chips: np.ndarray, targets: tuple[str, ...] = ("footprint",), calibrated: bool = True
+) -> np.ndarray:
     """Bands (n, len(targets), rows, cols) averaged over the 8 flips and quarter turns of the chips
     (test-time augmentation).
 
@@ -344,7 +353,7 @@ def tta_forward(predictor: Predictor, chips: np.ndarray, targets: tuple[str, ...
         for flip in (False, True):
             view = np.rot90(chips, turns, axes=(2, 3))
             view = view[..., ::-1] if flip else view
-            prob = forward_targets(predictor, predictor.prepare(np.ascontiguousarray(view)), targets)
+            prob = forward_targets(predictor, predictor.prepare(np.ascontiguousarray(view)), targets, calibrated)
             prob = prob[..., ::-1] if flip else prob
             turned = np.rot90(prob, -turns, axes=(2, 3)).astype(np.float64)
             total = turned if total is None else total + turned

@@ -482,3 +482,18 @@ def test_the_check_reads_the_labels_as_mask_does(scene, tmp_path: Path):
     )
     (message,) = fatal(f"mask_args.classes={good}", "mask_args.class_attribute=roof_typ")
     assert message.startswith("mask_args.class_attribute 'roof_typ' is not an attribute of roofs.geojson")
+
+
+def test_class_offsets_tuned_on_validation_make_the_decision_fair_to_an_under_called_class():
+    from core.metrics import calibrate_classes, shift_classes, tune_class_bias
+
+    truth = np.array([0] * 50 + [1] * 50)
+    probs = np.array([[0.8, 0.2]] * 50 + [[0.6, 0.4]] * 50, np.float32)  # class 1 always under-called
+    assert tune_class_bias(truth, probs) == [0.0, 0.5]  # the first offset of the grid that calls it: log(0.6/0.4) < 0.5
+    bias, calibrated, raw = calibrate_classes((truth, probs), 2)
+    assert calibrated.tolist() == [[50, 0], [0, 50]] and raw.tolist() == [[50, 0], [50, 0]]
+    shifted = shift_classes(probs.T, bias, axis=0)
+    np.testing.assert_allclose(shifted.sum(axis=0), 1.0, rtol=1e-6)
+    assert shifted[1, 50] == pytest.approx(0.4 * np.exp(0.5) / (0.6 + 0.4 * np.exp(0.5)), rel=1e-6)
+    # Already fair: no offset.
+    assert tune_class_bias(np.array([0, 1]), np.array([[0.9, 0.1], [0.1, 0.9]])) == [0.0, 0.0]

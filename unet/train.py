@@ -22,6 +22,7 @@ from core.errors import CollapseError, DataError
 from core.index import chip_kind, split_pairs
 from core.metrics import (
     Confusion,
+    calibrate_classes,
     class_metrics,
     combine,
     metrics_record,
@@ -452,11 +453,14 @@ def train_unet(
     predictor = unet_bundle.UNetPredictor(model, info, batch_size=data_args.batch_size)
     threshold, confusion, per_chip = evaluate_split(predictor, val_frames, val_masks)
     info = replace(info, threshold=threshold)
-    unet_bundle.save(bundle_dir, model, info)
     kinds = {}
-    if classes:  # the validation roof pixels' classes, as the classical trainers report them
-        _, class_confusion = validate_classes(predictor, list(zip(val_frames, val_masks, strict=True)))
-        kinds = class_metrics(classes, class_pixels(train_masks, len(classes)), class_confusion)
+    if classes:  # the validation roof pixels' classes: the offsets that make the decision fair to each class
+        _, _, sample = validate_classes(predictor, list(zip(val_frames, val_masks, strict=True)))
+        pixels = class_pixels(train_masks, len(classes))
+        bias, class_confusion, raw = calibrate_classes(sample, len(classes), pixels)
+        info = replace(info, class_bias=bias)
+        kinds = class_metrics(classes, pixels, class_confusion, bias, raw)
+    unet_bundle.save(bundle_dir, model, info)
     record = metrics_record(
         "unet", "val", threshold, confusion, epochs=done_epochs + len(history.epoch), train_seconds=round(seconds, 1),
         **kinds,
