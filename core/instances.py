@@ -217,8 +217,10 @@ def roof_classes(
                 chosen = np.argmax(counts, axis=1)
             else:
                 chosen = np.argmax(sums, axis=1)
+            counted = np.atleast_1d(ndimage.sum(np.ones_like(labels), labels, ids))
             for i, k in enumerate(mine):
-                out[k] = (int(chosen[i]) + 1, float(sums[i, chosen[i]] / pixels[i]))
+                if counted[i] > 0:  # (a roof covering no pixel centre has no class: 0)
+                    out[k] = (int(chosen[i]) + 1, float(sums[i, chosen[i]] / pixels[i]))
     return out
 
 

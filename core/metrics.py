@@ -193,7 +193,8 @@ def validate_classes(
     same pass the class confusion matrix (K, K) of the true roof pixels (rows true class 1..K, columns the
     predicted one, the argmax of P(k | roof), shifted by ``bias`` when given: :func:`shift_classes`), valid
     and known pixels only; and those pixels' true classes (0..K-1) and class probabilities (n, K), at most
-    :data:`CALIBRATION_PIXELS` of them (every n-th), to tune the bias with (:func:`tune_class_bias`)."""
+    :data:`CALIBRATION_PIXELS` of them (every n-th of each chip), to tune the bias with
+    (:func:`tune_class_bias`)."""
     from core.cli import progress
     from core.raster import read_labelled_pair, usable_pixels
 
@@ -201,6 +202,7 @@ def validate_classes(
     nodata = predictor.info.normalization.nodata
     total, confusion = ThresholdSearch(), np.zeros((k, k), np.int64)
     truths, probs = [], []
+    cap = max(1, CALIBRATION_PIXELS // max(len(pairs), 1))  # pixels kept of each chip: memory stays bounded
     for pair in progress(pairs, desc="validate", unit="chip"):
         chw, labels, known, _, _ = read_labelled_pair(*pair)
         bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0]
@@ -210,14 +212,14 @@ def validate_classes(
         # the class bands come last, after the targets (the footprint, and a U-Net's boundary and contact)
         kinds = bands[-k:, roof]
         truth = labels[roof].astype(np.int64) - 1
-        truths.append(truth)
-        probs.append(kinds.T)
+        step = -(-truth.size // cap)  # every step-th roof pixel of the chip
+        truths.append(truth[::step])
+        probs.append(kinds.T[::step])
         predicted = np.argmax(shift_classes(kinds, bias) if bias else kinds, axis=0)
         confusion += np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)
     truth = np.concatenate(truths) if truths else np.zeros(0, np.int64)
     prob = np.concatenate(probs) if probs else np.zeros((0, k), np.float32)
-    step = max(1, len(truth) // CALIBRATION_PIXELS)
-    return total, confusion, (truth[::step], prob[::step])
+    return total, confusion, (truth, prob)
 
 
 #: Validation roof pixels the class offsets are tuned on, at most.

@@ -54,8 +54,12 @@ class ClassScores:
         n = len(self.names) + 1
         keep = where & (truth != UNKNOWN)
         t, p = truth[keep].astype(np.int64), predicted[keep].astype(np.int64)
-        if t.size and (t.max() >= n or p.max() >= n):
-            raise DataError(f"class ids above {n - 1} in a mask of the classes {list(self.names)}")
+        for side, ids in (("a truth mask", t), ("a predicted class raster", p)):
+            if ids.size and ids.max() >= n:
+                raise DataError(
+                    f"{side} holds class id {int(ids.max())} but the classes are {list(self.names)} (ids 1..{n - 1}): "
+                    "mask and predict again with one class map"
+                )
         self.pixels += np.bincount(t * n + p, minlength=n * n).reshape(n, n)
 
     def add_roofs(self, truth: list[int], predicted: list[int]) -> None:

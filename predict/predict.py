@@ -431,7 +431,7 @@ def roofs_frame(
         gdf["mean_probability"] = pd.Series([row[2] for row in rows], dtype=float)
     if classes:
         ids = np.array([row[3] for row in rows], np.int64)
-        gdf["class"] = pd.Series([classes[k - 1] for k in ids], dtype=object)
+        gdf["class"] = pd.Series([classes[k - 1] if k > 0 else None for k in ids], dtype=object)
         gdf["class_id"] = pd.Series(ids, dtype=np.int64)
         gdf["class_probability"] = pd.Series([row[4] for row in rows], dtype=float)
     if gdf.empty:

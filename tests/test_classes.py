@@ -452,7 +452,7 @@ def test_the_stages_map_materials_end_to_end(scene, tmp_path: Path):
     report = write_report(edited, DataTree.from_settings(edited)).read_text()
     assert (
         "figures are of an earlier run" in report
-        and "<b>regression</b>: masks/ are outdated: made with mask_args.classes.tin unset" in report
+        and "<b>regression</b>: masks/ are outdated: made with mask_args.classes [[&quot;metal&quot;" in report
     )
 
 
@@ -497,3 +497,26 @@ def test_class_offsets_tuned_on_validation_make_the_decision_fair_to_an_under_ca
     assert shifted[1, 50] == pytest.approx(0.4 * np.exp(0.5) / (0.6 + 0.4 * np.exp(0.5)), rel=1e-6)
     # Already fair: no offset.
     assert tune_class_bias(np.array([0, 1]), np.array([[0.9, 0.1], [0.1, 0.9]])) == [0.0, 0.0]
+
+
+def test_a_reordered_class_map_is_a_change_and_settings_added_at_their_default_are_not(settings_file: Path):
+    from workflow.contract import _changes, settings_of
+
+    def mask_settings(*sets: str) -> dict:
+        return settings_of(load_settings(settings_file, list(sets)), ("mask_args",))
+
+    one = mask_settings(f"mask_args.classes={_json({'metal': ['tin'], 'other': ['concrete']})}")
+    two = mask_settings(f"mask_args.classes={_json({'other': ['concrete'], 'metal': ['tin']})}")
+    assert one != two  # the ids follow the map's order
+    (change,) = _changes({"settings": one}, {"settings": two})
+    assert change.startswith('with mask_args.classes [["metal", ["tin"]], ["other", ["concrete"]]], now [["other"')
+    # Without a class map its keys are left out, as records made before class maps hold them; a setting added
+    # since, at its default, changed nothing; away from its default it did.
+    plain = mask_settings()
+    assert "mask_args.classes" not in plain and "mask_args.class_attribute" not in plain
+    old = settings_of(load_settings(settings_file), ("predict_args",))
+    new = dict(old)
+    del old["predict_args.roof_class"]
+    assert _changes({"settings": old}, {"settings": new}) == []
+    new["predict_args.roof_class"] = "majority"
+    assert _changes({"settings": old}, {"settings": new}) == ['with predict_args.roof_class unset, now "majority"']

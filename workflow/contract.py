@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -267,12 +268,23 @@ def _output_key(output: Output, tree: DataTree) -> str:
     return file_key(output.path, tree) + (f"/{output.pattern}" if output.pattern else "")
 
 
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    """Every setting's default, flat by dotted key, as :func:`settings_of` gives them."""
+    from core.settings import Settings
+
+    defaults = Settings()
+    return settings_of(defaults, tuple(type(defaults).model_fields))
+
+
 def _changes(record: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What differs between a record and now, one phrase each ('with chip_args.size 64, now 128')."""
     changes = []
     old, new = record.get("settings", {}), current["settings"]
     # Keys the record holds that the stage no longer reads (a setting it now excludes) changed nothing.
     for key in sorted(new):
+        if key not in old and new[key] == _defaults().get(key, "absent"):
+            continue  # a setting added since the record was made, at its default: what the stage did then
         if old.get(key, "absent") != new.get(key, "absent"):
             a = _show(old[key]) if key in old else "unset"
             b = _show(new[key]) if key in new else "unset"

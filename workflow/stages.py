@@ -229,6 +229,7 @@ STAGES: tuple[StageSpec, ...] = (
             # inputs: chips of another kind make it outdated by themselves, and null vs 8 changes nothing.
             "load_dataset_args.channels",
             "model_args.input_shape",
+            "model_args.num_classes",  # likewise the class count: the masks hold the classes, null vs 2 is the same
             "training_args.results_folder",
             "training_args.model",
             "ml_args.forest.n_jobs",
