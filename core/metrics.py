@@ -212,7 +212,7 @@ def validate_classes(
         # the class bands come last, after the targets (the footprint, and a U-Net's boundary and contact)
         kinds = bands[-k:, roof]
         truth = labels[roof].astype(np.int64) - 1
-        step = -(-truth.size // cap)  # every step-th roof pixel of the chip
+        step = max(1, -(-truth.size // cap))  # every step-th roof pixel of the chip (a chip may have none)
         truths.append(truth[::step])
         probs.append(kinds.T[::step])
         predicted = np.argmax(shift_classes(kinds, bias) if bias else kinds, axis=0)

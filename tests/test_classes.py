@@ -520,3 +520,41 @@ def test_a_reordered_class_map_is_a_change_and_settings_added_at_their_default_a
     assert _changes({"settings": old}, {"settings": new}) == []
     new["predict_args.roof_class"] = "majority"
     assert _changes({"settings": old}, {"settings": new}) == ['with predict_args.roof_class unset, now "majority"']
+
+
+def test_validation_with_a_chip_without_roofs(tmp_path: Path):
+    """The calibration sample takes every n-th roof pixel of each chip; a chip without roofs gives none."""
+    from types import SimpleNamespace
+
+    from core.metrics import validate_classes
+
+    class Fake:
+        info = SimpleNamespace(classes=["metal", "other"], normalization=SimpleNamespace(nodata=None))
+
+        def prepare(self, chips):
+            return chips
+
+        def forward_targets(self, chips):  # P(roof) = band 1 / 100; P(metal | roof) 0.7 everywhere
+            n, _, rows, cols = chips.shape
+            out = np.empty((n, 3, rows, cols), np.float32)
+            out[:, 0] = chips[:, 0] / 100.0
+            out[:, 1], out[:, 2] = 0.7, 0.3
+            return out
+
+    pairs = []
+    for name, roof in (("a.tif", True), ("b.tif", False)):
+        chip = np.full((1, 8, 8), 10, np.uint16)
+        mask = np.zeros((2, 8, 8), np.uint8)
+        if roof:
+            chip[0, :4] = 90
+            mask[0, :4], mask[1, :4, :4], mask[1, :4, 4:] = 255, 1, 2
+        frame = write_raster(tmp_path / "frames" / name, chip, crs="EPSG:32644", transform=T32)
+        write_raster(tmp_path / "masks" / name, mask, crs="EPSG:32644", transform=T32,
+                     descriptions=("footprint", "class"), tags={"ROOF_CLASSES": "metal,other"})  # fmt: skip
+        pairs.append((frame, tmp_path / "masks" / name))
+    search, confusion, (truth, probs) = validate_classes(Fake(), pairs)
+    assert confusion.tolist() == [[16, 0], [16, 0]]  # every roof pixel called metal
+    assert truth.tolist() == [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4
+    assert probs.shape == (32, 2)
+    _, counts = search.best()
+    assert counts.tp == 32 and counts.fp == 0
