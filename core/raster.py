@@ -265,15 +265,20 @@ def read_mask_bands(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[str
     with open_raster(path) as src:
         data, profile = _read_all(src, path)
         names = tuple(d or "" for d in src.descriptions)
-        classes = tuple(c for c in src.tags().get(CLASSES_TAG, "").split(",") if c)
+        classes = _tag_classes(src)
     check_mask(data, path, names)
     return data, names, classes, profile
 
 
+def _tag_classes(src: Any) -> tuple[str, ...]:
+    return tuple(c for c in src.tags().get(CLASSES_TAG, "").split(",") if c)
+
+
 def mask_classes(path: str | os.PathLike[str]) -> tuple[str, ...]:
-    """The class names of a mask written with a class map (ids 1, 2 ...); empty for a one-class mask."""
+    """The class names of a mask written with a class map, or of a class raster predict wrote (ids 1, 2 ...);
+    empty for a one-class mask."""
     with open_raster(path) as src:
-        return tuple(c for c in src.tags().get(CLASSES_TAG, "").split(",") if c)
+        return _tag_classes(src)
 
 
 def read_truth(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -286,9 +291,8 @@ def read_classes(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[str, .
     """A mask's class ids (0 background, 1.. the classes, 128 unknown) and the class names. A one-class mask
     reads as its footprint (255 roof becomes 1)."""
     data, names, classes, _ = read_mask_bands(path)
-    if CLASS_BAND in names:
-        return data[names.index(CLASS_BAND)], classes
-    return np.where(data[0] == 255, 1, data[0]).astype(np.uint8), ()
+    labels, _ = mask_labels(data, names, classes, path)
+    return labels, classes
 
 
 def read_mask(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -922,16 +926,25 @@ def read_labelled_pair(
             f"mask {mask} ({data.shape[2]}x{data.shape[1]} px) does not lie on the grid of its chip {frame} "
             f"({chw.shape[2]}x{chw.shape[1]} px): rerun python mask/mask.py and python split/split.py"
         )
+    labels, known = mask_labels(data, names, classes, mask)
+    return chw, labels, known, profile, classes
+
+
+def mask_labels(
+    data: np.ndarray, names: Sequence[str], classes: Sequence[str], path: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's label in a mask's bands (:func:`read_mask_bands`): a class map's class ids (0 background,
+    1..K, 128 unknown; ids beyond the classes named are an error), or for a one-class mask 1 roof, 0
+    background, 128 unknown; and where the label is known."""
     footprint = data[0]
     if CLASS_BAND in names:
         if not classes:
-            raise DataError(f"mask {mask} has a class band but no {CLASSES_TAG} tag naming the classes: rerun mask")
-        labels = data[names.index(CLASS_BAND)]
+            raise DataError(f"mask {path} has a class band but no {CLASSES_TAG} tag naming the classes: rerun mask")
+        labels = data[list(names).index(CLASS_BAND)]
         known = (footprint != UNKNOWN) & (labels != UNKNOWN)
-        _check_class_ids(labels[known], len(classes), mask)
-        return chw, labels, known, profile, classes
-    labels = np.where(footprint == 255, 1, footprint).astype(np.uint8)
-    return chw, labels, footprint != UNKNOWN, profile, ()
+        _check_class_ids(labels[known], len(classes), path)
+        return labels, known
+    return np.where(footprint == 255, 1, footprint).astype(np.uint8), footprint != UNKNOWN
 
 
 #: Colours of class ids 1, 2 ... (hex RGB; repeated past the tenth) in summarize's and the models' plots;

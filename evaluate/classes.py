@@ -24,7 +24,7 @@ import pandas as pd
 
 from core.errors import DataError
 from core.files import atomic_path
-from core.raster import UNKNOWN, mask_classes, open_raster
+from core.raster import UNKNOWN, mask_classes
 
 #: The name of class id 0 in tables and pictures.
 BACKGROUND = "background"
@@ -142,10 +142,7 @@ def scored_classes(truth_mask: Path, predicted_classes: Path) -> tuple[str, ...]
     """The classes both sides hold (empty: a one-class evaluation); one line when they disagree: a bundle
     trained on classes scored against one-class masks, or the other way round, or other classes."""
     truth = mask_classes(truth_mask)
-    predicted: tuple[str, ...] = ()
-    if predicted_classes.is_file():
-        with open_raster(predicted_classes) as src:
-            predicted = tuple(c for c in src.tags().get("ROOF_CLASSES", "").split(",") if c)
+    predicted = mask_classes(predicted_classes) if predicted_classes.is_file() else ()
     if truth == predicted:
         return truth
     said = {True: "the classes {}", False: "one class"}
