@@ -156,25 +156,61 @@ def write_metrics(path: Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def validate_pairs(predictor: Any, pairs: list[tuple[Path, Path]], desc: str = "validate") -> list[ThresholdSearch]:
+def validate_pairs(
+    predictor: Any, pairs: list[tuple[Path, Path]], desc: str = "validate", classes: ClassSample | None = None
+) -> list[ThresholdSearch]:
     """Each validation chip's probability histograms through ``predictor``, valid pixels only.
 
     The one threshold search every trainer uses: the sum of the chips' searches tunes the
     threshold; each chip's alone gives its score. Nodata pixels never count (the bundle's
     nodata value decides which they are, as at predict time), nor do pixels of unknown class.
+    With ``classes`` (a bundle trained on classes) the same pass also gathers its roof pixels'
+    classes and class probabilities there, to tune the class offsets with.
     """
     from core.cli import progress
-    from core.raster import read_pair, usable_pixels
+    from core.raster import read_labelled_pair, read_pair, usable_pixels
 
     nodata = predictor.info.normalization.nodata
     chips = []
     for frame, mask in progress(pairs, desc=desc, unit="chip"):
-        chw, roof, known, _ = read_pair(frame, mask)
-        prob = predictor.predict(chw[np.newaxis])[0]
+        if classes is None:
+            chw, roof, known, _ = read_pair(frame, mask)
+            prob = predictor.predict(chw[np.newaxis])[0]
+        else:
+            chw, labels, known, _, _ = read_labelled_pair(frame, mask)
+            bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0]
+            roof, prob = labels > 0, bands[0]
+        use = usable_pixels(chw, nodata, known)
         chip = ThresholdSearch()
-        chip.add(roof, prob, usable_pixels(chw, nodata, known))
+        chip.add(roof, prob, use)
         chips.append(chip)
+        if classes is not None:
+            classes.add(labels, bands, use & roof)
     return chips
+
+
+class ClassSample:
+    """The true classes (0..K-1) and class probabilities (n, K) of validation roof pixels, at most
+    :data:`CALIBRATION_PIXELS` of them (every n-th of each of ``chips`` chips): what the class offsets are
+    tuned on (:func:`calibrate_classes`)."""
+
+    def __init__(self, k: int, chips: int) -> None:
+        self.k = k
+        self.cap = max(1, CALIBRATION_PIXELS // max(chips, 1))  # pixels kept of each chip: memory stays bounded
+        self._truth: list[np.ndarray] = []
+        self._probs: list[np.ndarray] = []
+
+    def add(self, labels: np.ndarray, bands: np.ndarray, roof: np.ndarray) -> None:
+        """One chip: its labels (class ids), the predictor's bands (the class bands last) and its roof pixels."""
+        truth = labels[roof].astype(np.int64) - 1
+        step = max(1, -(-truth.size // self.cap))  # every step-th roof pixel of the chip (a chip may have none)
+        self._truth.append(truth[::step])
+        self._probs.append(bands[-self.k :, roof].T[::step])
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        truth = np.concatenate(self._truth) if self._truth else np.zeros(0, np.int64)
+        probs = np.concatenate(self._probs) if self._probs else np.zeros((0, self.k), np.float32)
+        return truth, probs
 
 
 def combine(searches: list[ThresholdSearch]) -> ThresholdSearch:
@@ -184,42 +220,6 @@ def combine(searches: list[ThresholdSearch]) -> ThresholdSearch:
         total.pos += search.pos
         total.neg += search.neg
     return total
-
-
-def validate_classes(
-    predictor: Any, pairs: list[tuple[Path, Path]], bias: list[float] | None = None
-) -> tuple[ThresholdSearch, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """The threshold search of a bundle with classes on P(roof) over all the validation chips, and in the
-    same pass the class confusion matrix (K, K) of the true roof pixels (rows true class 1..K, columns the
-    predicted one, the argmax of P(k | roof), shifted by ``bias`` when given: :func:`shift_classes`), valid
-    and known pixels only; and those pixels' true classes (0..K-1) and class probabilities (n, K), at most
-    :data:`CALIBRATION_PIXELS` of them (every n-th of each chip), to tune the bias with
-    (:func:`tune_class_bias`)."""
-    from core.cli import progress
-    from core.raster import read_labelled_pair, usable_pixels
-
-    k = len(predictor.info.classes)
-    nodata = predictor.info.normalization.nodata
-    total, confusion = ThresholdSearch(), np.zeros((k, k), np.int64)
-    truths, probs = [], []
-    cap = max(1, CALIBRATION_PIXELS // max(len(pairs), 1))  # pixels kept of each chip: memory stays bounded
-    for pair in progress(pairs, desc="validate", unit="chip"):
-        chw, labels, known, _, _ = read_labelled_pair(*pair)
-        bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0]
-        use = usable_pixels(chw, nodata, known)
-        total.add(labels > 0, bands[0], use)
-        roof = use & (labels > 0)
-        # the class bands come last, after the targets (the footprint, and a U-Net's boundary and contact)
-        kinds = bands[-k:, roof]
-        truth = labels[roof].astype(np.int64) - 1
-        step = max(1, -(-truth.size // cap))  # every step-th roof pixel of the chip (a chip may have none)
-        truths.append(truth[::step])
-        probs.append(kinds.T[::step])
-        predicted = np.argmax(shift_classes(kinds, bias) if bias else kinds, axis=0)
-        confusion += np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)
-    truth = np.concatenate(truths) if truths else np.zeros(0, np.int64)
-    prob = np.concatenate(probs) if probs else np.zeros((0, k), np.float32)
-    return total, confusion, (truth, prob)
 
 
 #: Validation roof pixels the class offsets are tuned on, at most.
@@ -270,12 +270,14 @@ def tune_class_bias(truth: np.ndarray, probs: np.ndarray, learned: list[bool] | 
 
 
 def calibrate_classes(
-    sample: tuple[np.ndarray, np.ndarray], k: int, train_pixels: list[int] | None = None
+    sample: ClassSample, train_pixels: list[int] | None = None
 ) -> tuple[list[float], np.ndarray, np.ndarray]:
-    """The class offsets tuned on a validation sample (:func:`validate_classes`' last item), and the sample's
-    class confusion matrices (K, K) with them and without. A class without training pixels keeps offset 0:
-    the model never learned it, and no offset should make it appear."""
-    truth, probs = sample
+    """The class offsets tuned on a validation sample (:class:`ClassSample`, gathered by
+    :func:`validate_pairs`), and the sample's class confusion matrices (K, K: rows the true class, columns
+    the most probable one) with them and without. A class without training pixels keeps offset 0: the
+    model never learned it, and no offset should make it appear."""
+    k = sample.k
+    truth, probs = sample.arrays()
     learned = [n > 0 for n in train_pixels] if train_pixels is not None else None
     bias = tune_class_bias(truth, probs, learned)
 

@@ -36,12 +36,12 @@ from core.errors import DataError
 from core.files import atomic_path
 from core.index import chip_kind, split_pairs
 from core.metrics import (
+    ClassSample,
     ThresholdSearch,
     calibrate_classes,
     class_metrics,
     combine,
     metrics_record,
-    validate_classes,
     validate_pairs,
     write_metrics,
 )
@@ -145,9 +145,10 @@ def sample_table(
     return Sample(features, labels, none, none, none)
 
 
-def validate(predictor: Predictor, pairs: list[Pair]) -> ThresholdSearch:
-    """Probabilities of every valid pixel of the validation chips, chip by chip, through ``predictor``."""
-    return combine(validate_pairs(predictor, pairs))
+def validate(predictor: Predictor, pairs: list[Pair], classes: ClassSample | None = None) -> ThresholdSearch:
+    """Probabilities of every valid pixel of the validation chips, chip by chip, through ``predictor`` (and
+    with ``classes`` its roof pixels' class probabilities gathered)."""
+    return combine(validate_pairs(predictor, pairs, classes=classes))
 
 
 def classes_of(pairs: list[Pair], table: TableInfo | None) -> tuple[str, ...]:
@@ -247,12 +248,11 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
         )
         write_info(tmp, info0)
         # Validation goes through the saved bundle, exactly as predict will load it.
+        calibration = ClassSample(len(classes), len(val_pairs)) if classes else None
+        search = validate(load_predictor(tmp), val_pairs, calibration)
         bias: list[float] = []
-        if classes:
-            search, _, calibration = validate_classes(load_predictor(tmp), val_pairs)
-            bias, class_confusion, raw_confusion = calibrate_classes(calibration, len(classes), per_class)
-        else:
-            search = validate(load_predictor(tmp), val_pairs)
+        if calibration is not None:
+            bias, class_confusion, raw_confusion = calibrate_classes(calibration, per_class)
         threshold, confusion = search.best()
         write_info(tmp, dataclasses.replace(info0, threshold=threshold, class_bias=bias))
 

@@ -485,12 +485,14 @@ def test_the_check_reads_the_labels_as_mask_does(scene, tmp_path: Path):
 
 
 def test_class_offsets_tuned_on_validation_make_the_decision_fair_to_an_under_called_class():
-    from core.metrics import calibrate_classes, shift_classes, tune_class_bias
+    from core.metrics import ClassSample, calibrate_classes, shift_classes, tune_class_bias
 
     truth = np.array([0] * 50 + [1] * 50)
     probs = np.array([[0.8, 0.2]] * 50 + [[0.6, 0.4]] * 50, np.float32)  # class 1 always under-called
     assert tune_class_bias(truth, probs) == [0.0, 0.5]  # the first offset of the grid that calls it: log(0.6/0.4) < 0.5
-    bias, calibrated, raw = calibrate_classes((truth, probs), 2)
+    sample = ClassSample(2, 1)
+    sample.add(np.array([1] * 50 + [2] * 50), probs.T.copy(), np.ones(100, bool))
+    bias, calibrated, raw = calibrate_classes(sample)
     assert calibrated.tolist() == [[50, 0], [0, 50]] and raw.tolist() == [[50, 0], [50, 0]]
     shifted = shift_classes(probs.T, bias, axis=0)
     np.testing.assert_allclose(shifted.sum(axis=0), 1.0, rtol=1e-6)
@@ -526,7 +528,7 @@ def test_validation_with_a_chip_without_roofs(tmp_path: Path):
     """The calibration sample takes every n-th roof pixel of each chip; a chip without roofs gives none."""
     from types import SimpleNamespace
 
-    from core.metrics import validate_classes
+    from core.metrics import ClassSample, calibrate_classes, combine, validate_pairs
 
     class Fake:
         info = SimpleNamespace(classes=["metal", "other"], normalization=SimpleNamespace(nodata=None))
@@ -552,7 +554,10 @@ def test_validation_with_a_chip_without_roofs(tmp_path: Path):
         write_raster(tmp_path / "masks" / name, mask, crs="EPSG:32644", transform=T32,
                      descriptions=("footprint", "class"), tags={"ROOF_CLASSES": "metal,other"})  # fmt: skip
         pairs.append((frame, tmp_path / "masks" / name))
-    search, confusion, (truth, probs) = validate_classes(Fake(), pairs)
+    sample = ClassSample(2, len(pairs))
+    search = combine(validate_pairs(Fake(), pairs, classes=sample))
+    truth, probs = sample.arrays()
+    _, _, confusion = calibrate_classes(sample)  # (without the offsets)
     assert confusion.tolist() == [[16, 0], [16, 0]]  # every roof pixel called metal
     assert truth.tolist() == [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4
     assert probs.shape == (32, 2)

@@ -21,16 +21,16 @@ from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, read_info
 from core.errors import CollapseError, DataError
 from core.index import chip_kind, split_pairs
 from core.metrics import (
+    ClassSample,
     Confusion,
     calibrate_classes,
     class_metrics,
     combine,
     metrics_record,
-    validate_classes,
     validate_pairs,
     write_metrics,
 )
-from core.raster import UNKNOWN, band_statistics, mask_classes, read_classes, read_raster
+from core.raster import UNKNOWN, band_statistics, common_classes, mask_labels, read_mask_bands
 from core.settings import Settings, checkpoint_file
 from core.tree import DataTree, refuse_overwrite
 
@@ -58,34 +58,24 @@ def _classes_phrase(classes) -> str:
     return f"the classes {list(classes)}" if classes else "one class"
 
 
-def roof_share(masks: list[Path]) -> float:
-    """Share of roof pixels over all training masks' pixels of known class."""
+def mask_pixels(masks: list[Path], classes: int = 0) -> tuple[float, list[int]]:
+    """One pass over the training masks: the share of roof pixels among their pixels of known class, and
+    with ``classes`` the pixels of each class (ids 1..classes)."""
     roof = total = 0
-    for m in masks:
-        data, _ = read_raster(m)
-        roof += int(np.count_nonzero(data[0] == 255))
-        total += int(np.count_nonzero(data[0] != UNKNOWN))
-    return roof / total if total else 0.0
-
-
-def class_pixels(masks: list[Path], classes: int) -> list[int]:
-    """Pixels of each class (ids 1..classes) over the masks' class bands."""
     counts = np.zeros(classes + 1, np.int64)
     for m in masks:
-        ids, _ = read_classes(m)
-        counts += np.bincount(ids[ids <= classes], minlength=classes + 1)
-    return [int(n) for n in counts[1:]]
+        data, names, kinds, _ = read_mask_bands(m)
+        roof += int(np.count_nonzero(data[0] == 255))
+        total += int(np.count_nonzero(data[0] != UNKNOWN))
+        if classes:
+            labels, known = mask_labels(data, names, kinds, m)
+            counts += np.bincount(labels[known], minlength=classes + 1)
+    return (roof / total if total else 0.0), [int(n) for n in counts[1:]]
 
 
 def mask_classes_of(masks: list[Path], num_classes: int | None) -> tuple[str, ...]:
     """The class names every mask agrees on (empty: one class), checked against model_args.num_classes."""
-    classes = mask_classes(masks[0])
-    for mask in masks[1:]:
-        if mask_classes(mask) != classes:
-            raise DataError(
-                f"mask {mask} has the classes {list(mask_classes(mask))} but {masks[0]} has {list(classes)}: they come "
-                "from different runs of mask; rerun python mask/mask.py --overwrite and python split/split.py --overwrite"
-            )
+    classes = common_classes(masks)
     if num_classes is not None and num_classes != max(1, len(classes)):
         held = f"the classes {list(classes)}" if classes else "one class (no class band)"
         raise DataError(
@@ -253,7 +243,7 @@ def train_unet(
                 "--overwrite"
             )
     classes = mask_classes_of([*train_masks, *val_masks], settings.model_args.num_classes)
-    share = roof_share(train_masks)
+    share, pixels = mask_pixels(train_masks, len(classes))
     if share == 0:
         raise DataError(
             "the training masks hold no roof pixel: check mask_args.filter and the label file, then rerun mask and split"
@@ -336,7 +326,6 @@ def train_unet(
     if classes:
         from unet.losses import class_balance
 
-        pixels = class_pixels(train_masks, len(classes))
         weights = class_balance(pixels)
         log.info(
             "train: classes %s",
@@ -451,13 +440,12 @@ def train_unet(
         model = float32_copy(model)  # the bundle computes in float32 wherever it is loaded, a CPU included
 
     predictor = unet_bundle.UNetPredictor(model, info, batch_size=data_args.batch_size)
-    threshold, confusion, per_chip = evaluate_split(predictor, val_frames, val_masks)
+    sample = ClassSample(len(classes), len(val_frames)) if classes else None
+    threshold, confusion, per_chip = evaluate_split(predictor, val_frames, val_masks, sample)
     info = replace(info, threshold=threshold)
     kinds = {}
-    if classes:  # the validation roof pixels' classes: the offsets that make the decision fair to each class
-        _, _, sample = validate_classes(predictor, list(zip(val_frames, val_masks, strict=True)))
-        pixels = class_pixels(train_masks, len(classes))
-        bias, class_confusion, raw = calibrate_classes(sample, len(classes), pixels)
+    if sample is not None:  # the validation roof pixels' classes: the offsets that make the decision fair to each
+        bias, class_confusion, raw = calibrate_classes(sample, pixels)
         info = replace(info, class_bias=bias)
         kinds = class_metrics(classes, pixels, class_confusion, bias, raw)
     unet_bundle.save(bundle_dir, model, info)
@@ -492,11 +480,14 @@ def train_unet(
     return bundle_dir
 
 
-def evaluate_split(predictor, frames: list[Path], masks: list[Path]) -> tuple[float, Confusion, list[float]]:
+def evaluate_split(
+    predictor, frames: list[Path], masks: list[Path], classes: ClassSample | None = None
+) -> tuple[float, Confusion, list[float]]:
     """Tune the F1-best threshold over a whole split (valid pixels only, as the classical models do);
     return it, the counts there, and each chip's IoU. A chip with no roof that gets none predicted scores 1.
+    ``classes`` gathers the roof pixels' class probabilities in the same pass.
     """
-    chips = validate_pairs(predictor, list(zip(frames, masks, strict=True)))
+    chips = validate_pairs(predictor, list(zip(frames, masks, strict=True)), classes=classes)
     threshold, confusion = combine(chips).best()
     per_chip = []
     for chip in chips:
