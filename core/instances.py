@@ -210,16 +210,15 @@ def roof_classes(
                                transform=src.window_transform(win), fill=0, dtype="int32")  # fmt: skip
             ids = np.arange(1, len(mine) + 1)
             sums = np.stack([np.atleast_1d(ndimage.sum(p, labels, ids)) for p in probs], axis=1)  # (roofs, classes)
-            pixels = np.maximum(np.atleast_1d(ndimage.sum(np.ones_like(labels), labels, ids)), 1)
+            pixels = np.atleast_1d(ndimage.sum(np.ones_like(labels), labels, ids))
             if rule == "majority":
                 best = np.argmax(probs, axis=0)
                 counts = np.stack([np.atleast_1d(ndimage.sum(best == c, labels, ids)) for c in range(classes)], axis=1)
                 chosen = np.argmax(counts, axis=1)
             else:
                 chosen = np.argmax(sums, axis=1)
-            counted = np.atleast_1d(ndimage.sum(np.ones_like(labels), labels, ids))
             for i, k in enumerate(mine):
-                if counted[i] > 0:  # (a roof covering no pixel centre has no class: 0)
+                if pixels[i] > 0:  # (a roof covering no pixel centre has no class: 0)
                     out[k] = (int(chosen[i]) + 1, float(sums[i, chosen[i]] / pixels[i]))
     return out
 

@@ -310,18 +310,14 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> s
 def _outdated_note(results: list[ModelResult], settings: Settings, tree: DataTree) -> str:
     """A warning naming the models whose evaluation the current settings and data no longer give (made before
     an edit, e.g. of the class map): their figures on this page are of the earlier run."""
-    from workflow.contract import status, upstream_problems
+    from workflow.contract import why_outdated
 
     stale = []
     for r in results:
+        if settings.evaluate_args.split not in r.evaluations:
+            continue  # (trained, not evaluated: no figures of its own on the page)
         try:
-            state = status("evaluate", settings, tree, r.model)
-            if state.state == "missing":
-                continue
-            why = state.describe() if state.stale else ""
-            if not why:  # its own record holds; an earlier stage's may not (an edit of the class map: mask)
-                problems = upstream_problems(state.current.get("deps", ()), settings, tree, r.model, state.label)
-                why = str(problems[0]) if problems else ""
+            why = why_outdated("evaluate", settings, tree, r.model)  # its own record, or an earlier stage's
         except Exception:  # a report is written whatever the records say
             continue
         if why:

@@ -541,11 +541,17 @@ def check_upstream(deps: tuple[Dep, ...], settings: Settings, tree: DataTree, mo
 
 def outdated(name: str, settings: Settings, tree: DataTree, model: str | None = None) -> bool:
     """Whether a stage's outputs no longer follow from the current settings and inputs, its own or upstream."""
+    return bool(why_outdated(name, settings, tree, model))
+
+
+def why_outdated(name: str, settings: Settings, tree: DataTree, model: str | None = None) -> str:
+    """What makes a stage's outputs no longer follow from the current settings and inputs ('' when
+    nothing does): its own record's changes, else the first problem of the upstream outputs it read."""
     st = status(name, settings, tree, model)
     if st.stale:
-        return True
-    deps = st.current.get("deps", ())
-    return bool(upstream_problems(deps, settings, tree, st.model, reader=st.label))
+        return st.describe()
+    problems = upstream_problems(st.current.get("deps", ()), settings, tree, st.model, reader=st.label)
+    return str(problems[0]) if problems else ""
 
 
 def refuse_leaky_bundle(settings: Settings, tree: DataTree, model: str, split: str) -> None:
