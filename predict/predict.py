@@ -118,7 +118,6 @@ class RasterResult:
     source: Path
     mask: Path
     probability: Path | None
-    classes: Path | None = None
     roof_pixels: int = 0
     valid_pixels: int = 0
     prob_min: float = 1.0
@@ -244,7 +243,7 @@ def _write_windows(
     info = predictor.info
     names = (*targets, *info.classes)
     bands = len(names)
-    result = RasterResult(source, mask_path, prob_path, class_path)
+    result = RasterResult(source, mask_path, prob_path)
     with open_raster(source) as src:
         if src.count != info.bands or src.dtypes[0] != info.dtype:
             raise DataError(
