@@ -287,14 +287,6 @@ def read_truth(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, di
     return data[0] == 255, data[0] != UNKNOWN, profile
 
 
-def read_classes(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[str, ...]]:
-    """A mask's class ids (0 background, 1.. the classes, 128 unknown) and the class names. A one-class mask
-    reads as its footprint (255 roof becomes 1)."""
-    data, names, classes, _ = read_mask_bands(path)
-    labels, _ = mask_labels(data, names, classes, path)
-    return labels, classes
-
-
 def read_mask(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
     """A mask's footprint as booleans (roof = True), and its profile; other values than :func:`check_mask`'s
     are an error. Unknown pixels read as background: use :func:`read_truth` where they must not count."""

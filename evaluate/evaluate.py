@@ -66,11 +66,12 @@ from core.polygons import (
     write_spacenet_csv,
 )
 from core.raster import (
+    UNKNOWN,
+    mask_labels,
     open_raster,
-    read_classes,
     read_mask,
+    read_mask_bands,
     read_raster,
-    read_truth,
     rgb_preview,
     same_transform,
     usable_pixels,
@@ -293,7 +294,8 @@ def evaluate_folder(
     if names:
         result.classes = ClassScores(names)
     for name, predicted in cli.progress(pairs, desc="evaluate", unit="chip"):
-        truth, known, _ = read_truth(truth_masks / name)
+        bands, band_names, mask_names, _ = read_mask_bands(truth_masks / name)  # once: footprint and classes
+        truth, known = bands[0] == 255, bands[0] != UNKNOWN
         pred, _ = read_mask(pred_dir / "masks" / predicted)
         valid = known  # pixels of unknown class count nowhere, as nodata
         if (frames / name).is_file():
@@ -309,7 +311,8 @@ def evaluate_folder(
             result.search.add(truth, prob[0], valid)
         if result.classes is not None:
             kinds, _ = read_raster(pred_dir / "classes" / predicted)
-            result.classes.add_pixels(read_classes(truth_masks / name)[0], kinds[0], valid)
+            labels, _ = mask_labels(bands, band_names, mask_names, truth_masks / name)
+            result.classes.add_pixels(labels, kinds[0], valid)
     return result
 
 

@@ -17,7 +17,7 @@ from conftest import cells, material_labels
 from rasterio.transform import from_origin
 
 from core.errors import DataError, LabelError, SettingsError
-from core.raster import UNKNOWN, check_mask, read_classes, read_truth, write_raster
+from core.raster import UNKNOWN, check_mask, mask_labels, read_mask_bands, read_truth, write_raster
 from core.settings import MaskArgs, load_settings, validate_settings
 from core.targets import make_targets
 from core.vector import load_labels
@@ -121,6 +121,11 @@ def test_the_class_band_holds_each_roofs_id_unknown_and_nodata():
     assert (klass == UNKNOWN).sum() == 32 and (bands[0] == UNKNOWN).sum() == 32
     assert (klass == 0).sum() == 32 * 32 - 160
     assert not bands[:, :, 30:].any()
+
+
+def read_classes(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    data, bands, names, _ = read_mask_bands(path)
+    return mask_labels(data, bands, names, path)[0], names
 
 
 def test_a_mask_with_a_class_band_is_checked_and_read(tmp_path: Path):
