@@ -144,6 +144,7 @@ class BundleInfo:
     targets: list[str] = field(default_factory=lambda: ["footprint"])  # the model's output bands (a U-Net's)
     classes: list[str] = field(default_factory=list)  # a class map's classes (ids 1, 2 ...); empty: one class
     class_bias: list[float] = field(default_factory=list)  # per-class log offsets tuned on validation; empty: none
+    object_filter: dict[str, Any] = field(default_factory=dict)  # core.objects.ObjectFilter fitted on validation
     features: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)

@@ -19,6 +19,7 @@ block, not the raster.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -114,11 +115,14 @@ def raster_instances(
     seed_threshold: float,
     targets: tuple[str, ...] = ("footprint",),
     *,
+    keep: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
+    dropped: list[BaseGeometry] | None = None,
     block: int = BLOCK,
     margin: int = MARGIN,
 ) -> list[tuple[BaseGeometry, float]]:
     """One (polygon, mean probability) per roof of a probability raster (band 1; further bands
-    ``targets[1:]`` seed the watershed), block by block."""
+    ``targets[1:]`` seed the watershed), block by block. ``keep(labels, ids, bands)`` (the object filter)
+    says which objects of a block are roofs; the others are left out, their polygons added to ``dropped``."""
     found: list[tuple[BaseGeometry, float]] = []
     with open_raster(prob_path) as src:
         for core in iter_windows(src.width, src.height, block):
@@ -141,14 +145,21 @@ def raster_instances(
             ]
             if not owned:
                 continue
-            keep = np.zeros(n + 1, bool)
-            keep[owned] = True
+            mine = np.zeros(n + 1, bool)
+            mine[owned] = True
+            roof = dict.fromkeys(owned, True)
+            if keep is not None:
+                roof = dict(zip(owned, keep(labels, np.asarray(owned), bands), strict=True))
             means = dict(zip(owned, np.atleast_1d(ndimage.mean(prob, labels, owned)), strict=True))
             parts: dict[int, list[BaseGeometry]] = {}
-            for geom, value in shapes(labels, mask=keep[labels], transform=src.window_transform(ext), connectivity=4):
+            for geom, value in shapes(labels, mask=mine[labels], transform=src.window_transform(ext), connectivity=4):
                 parts.setdefault(int(value), []).append(shapely.geometry.shape(geom))
             for value, polys in parts.items():
-                found.append((polys[0] if len(polys) == 1 else shapely.union_all(polys), float(means[value])))
+                geom = polys[0] if len(polys) == 1 else shapely.union_all(polys)
+                if roof[value]:
+                    found.append((geom, float(means[value])))
+                elif dropped is not None:
+                    dropped.append(geom)
     return found
 
 
@@ -223,18 +234,25 @@ def roof_classes(
     return out
 
 
-def burn_roof_classes(class_path: Path, polygons: list[BaseGeometry], ids: list[int], *, block: int = BLOCK) -> None:
-    """Give every pixel of each roof its roof's class in a class raster (pixels outside the roofs keep theirs),
-    block by block, in place."""
+def burn_polygons(path: Path, polygons: list[BaseGeometry], values: list[int], *, block: int = BLOCK) -> int:
+    """Give every pixel of each polygon its value in band 1 of a raster (0 included: the object filter erases
+    the objects it drops), pixels outside the polygons keeping theirs; block by block, in place. Returns
+    how many pixels that held a value other than 0 now hold 0."""
+    erased = 0
     if not polygons:
-        return
+        return erased
     tree = STRtree(polygons)
-    with rasterio.open(class_path, "r+") as dst:
+    with rasterio.open(path, "r+") as dst:
         for win in iter_windows(dst.width, dst.height, block):
             hits = tree.query(shapely.box(*dst.window_bounds(win)), predicate="intersects")
             if not len(hits):
                 continue
             data = dst.read(1, window=win)
-            burned = rasterize([(polygons[i], ids[i]) for i in hits], out_shape=data.shape,
-                               transform=dst.window_transform(win), fill=0, dtype="uint8")  # fmt: skip
-            dst.write(np.where(burned > 0, burned, data)[None], window=win)
+            transform = dst.window_transform(win)
+            burned = rasterize([(polygons[i], values[i]) for i in hits], out_shape=data.shape, transform=transform,
+                               fill=0, dtype=data.dtype)  # fmt: skip
+            inside = rasterize([(polygons[i], 1) for i in hits], out_shape=data.shape, transform=transform,
+                               fill=0, dtype="uint8")  # fmt: skip
+            erased += int(((inside > 0) & (burned == 0) & (data != 0)).sum())
+            dst.write(np.where(inside > 0, burned, data)[None], window=win)
+    return erased

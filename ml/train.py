@@ -45,6 +45,7 @@ from core.metrics import (
     validate_pairs,
     write_metrics,
 )
+from core.objects import train_object_filter
 from core.raster import band_statistics, common_classes, read_labelled_pair, usable_pixels
 from core.settings import Settings, dump_settings
 from core.tree import DataTree, refuse_overwrite
@@ -249,12 +250,15 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
         write_info(tmp, info0)
         # Validation goes through the saved bundle, exactly as predict will load it.
         calibration = ClassSample(len(classes), len(val_pairs)) if classes else None
-        search = validate(load_predictor(tmp), val_pairs, calibration)
+        predictor = load_predictor(tmp)
+        search = validate(predictor, val_pairs, calibration)
         bias: list[float] = []
         if calibration is not None:
             bias, class_confusion, raw_confusion = calibrate_classes(calibration, per_class)
         threshold, confusion = search.best()
-        write_info(tmp, dataclasses.replace(info0, threshold=threshold, class_bias=bias))
+        entry, objects, why = train_object_filter(predictor, val_pairs, threshold)
+        log.info("train %s: %s", kind, why)
+        write_info(tmp, dataclasses.replace(info0, threshold=threshold, class_bias=bias, object_filter=entry))
 
     total = confusion.tp + confusion.fp + confusion.fn + confusion.tn
     truth, predicted = (confusion.tp + confusion.fn) / max(total, 1), (confusion.tp + confusion.fp) / max(total, 1)
@@ -270,6 +274,7 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
         train_pixels=int(sample.labels.size),
         train_roof_pixels=sample.roof,
         train_seconds=round(fit_seconds, 3),
+        object_filter=objects,
         **(class_metrics(classes, per_class, class_confusion, bias, raw_confusion) if classes else {}),
     )
     write_metrics(out / "metrics.json", record)

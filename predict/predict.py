@@ -53,7 +53,7 @@ from core.errors import BlankPredictionError, DataError, InputMissingError, Sett
 from core.files import atomic_path
 from core.index import chip_ids, grid_of
 from core.instances import (
-    burn_roof_classes,
+    burn_polygons,
     default_seed_threshold,
     raster_instances,
     roof_classes,
@@ -123,6 +123,7 @@ class RasterResult:
     prob_min: float = 1.0
     prob_max: float = 0.0
     polygons: list = field(default_factory=list)
+    dropped: int = 0  # objects the object filter dropped
 
 
 def predict_raster(
@@ -152,19 +153,66 @@ def predict_raster(
         result = _write_windows(predictor, source, mask_path, probs, class_path, args, targets, threshold, bar)
         if args.instances:
             seed = default_seed_threshold(threshold, args.seed_threshold, channels=len(targets) > 1)
-            result.polygons = raster_instances(probs, threshold, seed, targets)
+            dropped: list = []
+            roofs_only = object_keeper(predictor.info, args.object_filter, targets)
+            result.polygons = raster_instances(probs, threshold, seed, targets, keep=roofs_only, dropped=dropped)
+            if dropped:  # the objects the filter dropped leave the mask (and the class raster) too
+                result.roof_pixels -= burn_polygons(mask_path, dropped, [0] * len(dropped))
+                if class_path is not None:
+                    burn_polygons(class_path, dropped, [0] * len(dropped))
+            result.dropped = len(dropped)
         else:
             result.polygons = [(g, None) for g in polygonize(mask_path)]
         if classes:
             geoms = [g for g, _ in result.polygons]
             found = roof_classes(probs, geoms, len(targets), classes, args.roof_class)
             result.polygons = [(g, p, *c) for (g, p), c in zip(result.polygons, found, strict=True)]
-            burn_roof_classes(class_path, geoms, [c for c, _ in found])
+            burn_polygons(class_path, geoms, [c for c, _ in found])
     finally:
         if not keep:
             probs.unlink(missing_ok=True)
     result.probability = prob_path
     return result
+
+
+def object_keeper(info: BundleInfo, at: float, targets: tuple[str, ...]):
+    """The object filter's decision (``keep(labels, ids, bands)``, for core.instances.raster_instances): the
+    objects whose probability of being a roof is at least ``at`` (predict_args.object_filter); None (keep
+    every object) when ``at`` is 0, the bundle has no filter, or predict leaves out bands the filter reads."""
+    from core.objects import ObjectFilter, feature_names, object_features
+
+    fitted = ObjectFilter.from_dict(info.object_filter)
+    if at <= 0 or fitted is None or fitted.features != feature_names(targets):
+        return None
+    core = default_seed_threshold(info.threshold, None, channels=len(info.targets) > 1)
+
+    def keep(labels: np.ndarray, ids: np.ndarray, bands: np.ndarray) -> np.ndarray:
+        return fitted.probability(object_features(labels, ids, bands, core)) >= at
+
+    return keep
+
+
+def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) -> str:
+    """What the object filter did, for the log."""
+    from core.objects import FEATURES, ObjectFilter, feature_names
+
+    fitted = ObjectFilter.from_dict(info.object_filter)
+    if args.object_filter <= 0:
+        return "object filter off (predict_args.object_filter 0): every object kept"
+    if fitted is None:
+        return (
+            "the bundle has no object filter (trained before filters existed, or its validation chips held too "
+            "few objects): every object kept"
+        )
+    if fitted.features != feature_names(seed_targets(info, args)):
+        return (
+            f"the object filter reads {', '.join(fitted.features[len(FEATURES) :])}, which predict_args.seeds "
+            f"{args.seeds} leaves out: every object kept"
+        )
+    return (
+        f"the object filter dropped {dropped} objects (probability of a roof under {args.object_filter:g}), kept "
+        f"{kept} roofs"
+    )
 
 
 def seed_targets(info: BundleInfo, args: PredictArgs) -> tuple[str, ...]:
@@ -592,6 +640,8 @@ def predict_all(
         counts = gdf["class"].value_counts()
         log.info("predict: roofs per class: %s -> %s", ", ".join(f"{c} {int(counts.get(c, 0))}" for c in info.classes),
                  out / "classes")  # fmt: skip
+    if args.instances:
+        log.info("predict: %s", filter_note(info, args, sum(r.dropped for r in results), len(gdf)))
     roof = sum(r.roof_pixels for r in results)
     valid = sum(r.valid_pixels for r in results)
     log.info(

@@ -30,6 +30,7 @@ from core.metrics import (
     validate_pairs,
     write_metrics,
 )
+from core.objects import train_object_filter
 from core.raster import UNKNOWN, band_statistics, common_classes, mask_labels, read_mask_bands
 from core.settings import Settings, checkpoint_file
 from core.tree import DataTree, refuse_overwrite
@@ -443,6 +444,9 @@ def train_unet(
     sample = ClassSample(len(classes), len(val_frames)) if classes else None
     threshold, confusion, per_chip = evaluate_split(predictor, val_frames, val_masks, sample)
     info = replace(info, threshold=threshold)
+    entry, objects, why = train_object_filter(predictor, list(zip(val_frames, val_masks, strict=True)), threshold)
+    info = replace(info, object_filter=entry)
+    log.info("train: unet %s", why)
     kinds = {}
     if sample is not None:  # the validation roof pixels' classes: the offsets that make the decision fair to each
         bias, class_confusion, raw = calibrate_classes(sample, pixels)
@@ -451,7 +455,7 @@ def train_unet(
     unet_bundle.save(bundle_dir, model, info)
     record = metrics_record(
         "unet", "val", threshold, confusion, epochs=done_epochs + len(history.epoch), train_seconds=round(seconds, 1),
-        **kinds,
+        object_filter=objects, **kinds,
     )  # fmt: skip
     write_metrics(out / "metrics.json", record)
     from unet.plots import plot_curves, plot_overlays

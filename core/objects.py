@@ -1,0 +1,174 @@
+"""The object filter: a logistic regression on each predicted roof's features that tells real roofs from
+false objects, as SpaceNet 4's winners rejected false objects after their watershed.
+
+A model's probability map holds, beside its roofs, many small or faint blobs (a yard, a car, a
+shadow); each becomes an object of its own and a false polygon. After the decision threshold is
+tuned, train runs the watershed predict runs on the validation chips, computes each object's
+features (:data:`FEATURES`: its size, its probabilities, its shape, its boundary and contact
+bands) and learns which objects lie on true roofs (at least half of their pixels of known class
+are roof). The coefficients go into bundle.json (``object_filter``: readable, nothing to
+unpickle); predict drops the objects whose probability of being a roof is under
+``predict_args.object_filter``, from the roofs, the mask and the class raster alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+#: Each object's features, in the order the filter reads them; then the mean of each further target band.
+FEATURES = ("log_pixels", "mean", "std", "max", "core_share", "fill", "aspect")
+#: Objects of each kind (roof, false) the validation chips must hold for a filter to be fitted.
+MIN_OBJECTS = 5
+#: An object lies on a roof when at least this share of its pixels of known class is roof.
+ROOF_SHARE = 0.5
+
+
+def object_features(
+    labels: np.ndarray, ids: np.ndarray | list[int], bands: np.ndarray, seed_threshold: float
+) -> np.ndarray:
+    """The features (:data:`FEATURES`, then the mean of each band after the first) of the objects ``ids`` of a
+    label image: (len(ids), 7 + bands - 1). ``bands`` (targets, rows, cols): the footprint probability
+    first, then the boundary and contact bands a U-Net may have. core_share is the share of the object's
+    pixels at or above the seed threshold; fill its pixels over its bounding box's; aspect its bounding
+    box's short side over its long side."""
+    ids = np.asarray(ids, np.int64)
+    if ids.size == 0:
+        return np.zeros((0, len(FEATURES) + len(bands) - 1), np.float64)
+    prob = bands[0]
+    pixels = np.bincount(labels.ravel(), minlength=int(ids.max()) + 1)[ids].astype(np.float64)
+    boxes = ndimage.find_objects(labels, max_label=int(ids.max()))
+    sides = np.array([[b[0].stop - b[0].start, b[1].stop - b[1].start] for b in (boxes[i - 1] for i in ids)], float)
+    columns = [
+        np.log(np.maximum(pixels, 1.0)),
+        ndimage.mean(prob, labels, ids),
+        ndimage.standard_deviation(prob, labels, ids),
+        ndimage.maximum(prob, labels, ids),
+        ndimage.mean(prob >= seed_threshold, labels, ids),
+        pixels / sides.prod(axis=1),
+        sides.min(axis=1) / sides.max(axis=1),
+    ]
+    columns += [ndimage.mean(band, labels, ids) for band in bands[1:]]
+    return np.column_stack([np.atleast_1d(np.asarray(c, np.float64)) for c in columns])
+
+
+@dataclass
+class ObjectFilter:
+    """A fitted filter: features standardised by ``mean`` and ``scale``, then a logistic regression."""
+
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    objects: int = 0  # validation objects it was fitted on
+    roofs: int = 0  # of which on roofs
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def probability(self, x: np.ndarray) -> np.ndarray:
+        """Each object's probability of lying on a roof (x: objects x features)."""
+        if x.shape[1] != len(self.coef):
+            from core.errors import BundleError
+
+            raise BundleError(
+                f"the bundle's object filter reads {len(self.coef)} features ({', '.join(self.features)}) but the "
+                f"objects have {x.shape[1]}: the bundle's bands disagree with its filter; retrain"
+            )
+        z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
+        return 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ObjectFilter | None:
+        """The filter of bundle.json's ``object_filter`` entry; None for an empty one (a bundle without)."""
+        return cls(**data) if data else None
+
+
+def feature_names(targets: list[str] | tuple[str, ...]) -> list[str]:
+    """The features' names for a model with these target bands."""
+    return [*FEATURES, *(f"mean_{t}" for t in targets[1:])]
+
+
+def fit_object_filter(x: np.ndarray, roof: np.ndarray, names: list[str]) -> tuple[ObjectFilter | None, str]:
+    """A filter fitted on the objects' features ``x`` and whether each lies on a roof; None and why when the
+    objects are too few of either kind (:data:`MIN_OBJECTS`)."""
+    roofs, false = int(roof.sum()), int((~roof).sum())
+    if roofs < MIN_OBJECTS or false < MIN_OBJECTS:
+        return None, (
+            f"the validation chips hold {roofs} objects on roofs and {false} false ones, under {MIN_OBJECTS} of "
+            "either kind: no object filter (predict keeps every object)"
+        )
+    from sklearn.linear_model import LogisticRegression
+
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale == 0] = 1.0
+    model = LogisticRegression(max_iter=1000, class_weight="balanced").fit((x - mean) / scale, roof)
+    fitted = ObjectFilter(
+        features=names, mean=mean.round(6).tolist(), scale=scale.round(6).tolist(),
+        coef=model.coef_[0].round(6).tolist(), intercept=round(float(model.intercept_[0]), 6),
+        objects=len(roof), roofs=roofs,
+    )  # fmt: skip
+    keep = fitted.probability(x) >= 0.5
+    fitted.stats = {
+        "false_dropped": round(float((~keep & ~roof).sum() / false), 4),
+        "roofs_kept": round(float((keep & roof).sum() / roofs), 4),
+    }
+    return fitted, (
+        f"object filter fitted on {len(roof)} validation objects ({roofs} on roofs): at 0.5 it drops "
+        f"{fitted.stats['false_dropped']:.0%} of the false ones and keeps {fitted.stats['roofs_kept']:.0%} of "
+        "the roofs"
+    )
+
+
+def validation_objects(
+    predictor: Any, pairs: list[tuple[Path, Path]], threshold: float, seed_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The features of the objects the watershed finds on the validation chips (at the tuned threshold, seeded
+    as predict seeds by default) and whether each lies on a roof. Objects mostly of unknown class are left
+    out; nodata pixels are unknown."""
+    from core.cli import progress
+    from core.instances import label_instances, seed_score
+    from core.raster import read_pair, usable_pixels
+
+    targets = tuple(predictor.info.targets)
+    nodata = predictor.info.normalization.nodata
+    xs, ys = [], []
+    for frame, mask in progress(pairs, desc="object filter", unit="chip"):
+        chw, roof, known, _ = read_pair(frame, mask)
+        bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0][: len(targets)]
+        score = seed_score(bands, targets) if len(targets) > 1 else None
+        labels, n = label_instances(bands[0], threshold, seed_threshold, score)
+        if not n:
+            continue
+        ids = np.arange(1, n + 1)
+        use = usable_pixels(chw, nodata, known)
+        known_share = np.atleast_1d(ndimage.mean(use, labels, ids))
+        roof_share = np.atleast_1d(ndimage.mean(roof & use, labels, ids)) / np.maximum(known_share, 1e-9)
+        keep = known_share >= 0.5
+        xs.append(object_features(labels, ids[keep], bands, seed_threshold))
+        ys.append(roof_share[keep] >= ROOF_SHARE)
+    width = len(FEATURES) + len(targets) - 1
+    return (np.concatenate(xs) if xs else np.zeros((0, width))), (np.concatenate(ys) if ys else np.zeros(0, bool))
+
+
+def train_object_filter(
+    predictor: Any, pairs: list[tuple[Path, Path]], threshold: float
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Fit the object filter of a trained model on its validation chips at its tuned threshold: bundle.json's
+    ``object_filter`` entry (empty: none), metrics.json's, and a line for the log."""
+    from core.instances import default_seed_threshold
+
+    targets = list(predictor.info.targets)
+    core = default_seed_threshold(threshold, None, channels=len(targets) > 1)
+    x, roof = validation_objects(predictor, pairs, threshold, core)
+    fitted, why = fit_object_filter(x, roof, feature_names(targets))
+    if fitted is None:
+        return {}, {"objects": len(roof), "roofs": int(roof.sum())}, why
+    return fitted.to_dict(), {"objects": fitted.objects, "roofs": fitted.roofs, **fitted.stats}, why

@@ -1,0 +1,204 @@
+"""The object filter: each predicted object's features, a logistic regression fitted on validation
+objects, and predict dropping the objects it rejects from the roofs, the mask and the class raster."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from conftest import write_geotiff
+
+from core.errors import BundleError
+from core.instances import burn_polygons, raster_instances
+from core.objects import (
+    FEATURES,
+    ObjectFilter,
+    feature_names,
+    fit_object_filter,
+    object_features,
+    validation_objects,
+)
+
+
+def two_objects() -> tuple[np.ndarray, np.ndarray]:
+    """A label image with a 2 x 3 object (1) and an L of 3 pixels (2), and two bands over it."""
+    labels = np.zeros((5, 6), np.int32)
+    labels[0:2, 0:3] = 1
+    labels[3, 3:5] = 2
+    labels[4, 3] = 2
+    bands = np.zeros((2, 5, 6), np.float32)
+    bands[0, 0:2, 0:3] = [[0.6, 0.8, 1.0], [0.6, 0.8, 1.0]]
+    bands[0][labels == 2] = 0.5
+    bands[1][labels == 1] = 0.25
+    bands[1][labels == 2] = 0.75
+    return labels, bands
+
+
+def test_features_of_two_objects_are_exact():
+    labels, bands = two_objects()
+    x = object_features(labels, [1, 2], bands, seed_threshold=0.8)
+    assert feature_names(["footprint", "boundary"]) == [*FEATURES, "mean_boundary"]
+    assert x.shape == (2, 8)
+    one, two = x
+    assert one[0] == pytest.approx(math.log(6)) and two[0] == pytest.approx(math.log(3))
+    assert one[1] == pytest.approx(0.8) and two[1] == pytest.approx(0.5)  # mean
+    assert one[2] == pytest.approx(np.std([0.6, 0.8, 1.0])) and two[2] == pytest.approx(0.0)  # std
+    assert one[3] == pytest.approx(1.0) and two[3] == pytest.approx(0.5)  # max
+    assert one[4] == pytest.approx(4 / 6) and two[4] == 0.0  # share at or above the seed threshold
+    assert one[5] == 1.0 and two[5] == pytest.approx(3 / 4)  # fill of the bounding box
+    assert one[6] == pytest.approx(2 / 3) and two[6] == 1.0  # aspect
+    assert one[7] == pytest.approx(0.25) and two[7] == pytest.approx(0.75)  # mean of the second band
+    # Only the objects asked for, in the order asked; none gives an empty table of the right width.
+    assert object_features(labels, [2], bands, 0.8).tolist() == [two.tolist()]
+    assert object_features(labels, [], bands, 0.8).shape == (0, 8)
+
+
+def test_a_filter_learns_which_objects_are_roofs_and_round_trips_through_json():
+    rng = np.random.default_rng(0)
+    roof = np.arange(60) % 3 == 0
+    x = rng.normal(size=(60, 7))
+    x[:, 1] += np.where(roof, 2.0, -2.0)  # roofs have a high mean probability
+    fitted, why = fit_object_filter(x, roof, feature_names(["footprint"]))
+    assert fitted is not None and fitted.objects == 60 and fitted.roofs == 20
+    assert why.startswith("object filter fitted on 60 validation objects (20 on roofs): at 0.5 it drops ")
+    assert ((fitted.probability(x) >= 0.5) == roof).all()
+    assert fitted.stats == {"false_dropped": 1.0, "roofs_kept": 1.0}
+    again = ObjectFilter.from_dict(json.loads(json.dumps(fitted.to_dict())))
+    assert again == fitted and np.allclose(again.probability(x), fitted.probability(x))
+    assert ObjectFilter.from_dict({}) is None
+    with pytest.raises(BundleError, match=r"the bundle's object filter reads 7 features .* but the objects have 9"):
+        fitted.probability(np.zeros((1, 9)))
+
+
+def test_too_few_objects_of_a_kind_fit_no_filter():
+    x = np.zeros((12, 7))
+    roof = np.array([True] * 4 + [False] * 8)
+    fitted, why = fit_object_filter(x, roof, feature_names(["footprint"]))
+    assert fitted is None
+    assert why == (
+        "the validation chips hold 4 objects on roofs and 8 false ones, under 5 of either kind: no object "
+        "filter (predict keeps every object)"
+    )
+
+
+def test_validation_objects_are_labelled_by_their_share_of_roof_pixels(tmp_path):
+    """Three objects: on a roof, off any roof, and mostly on pixels of unknown class (left out)."""
+    from core.raster import write_raster
+
+    chip = np.zeros((1, 20, 20), np.uint16)
+    chip[0, 1:5, 1:5] = 90  # object 1, on a roof
+    chip[0, 10:14, 1:5] = 90  # object 2, on background
+    chip[0, 1:5, 10:14] = 90  # object 3, on an unknown building
+    mask = np.zeros((1, 20, 20), np.uint8)
+    mask[0, 1:5, 1:5] = 255
+    mask[0, 0:6, 9:15] = 128
+    transform = rasterio.transform.from_origin(0, 20, 1, 1)
+    frame = write_raster(tmp_path / "f.tif", chip, crs="EPSG:32644", transform=transform)
+    truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform)
+
+    class Fake:
+        info = SimpleNamespace(targets=["footprint"], normalization=SimpleNamespace(nodata=None))
+
+        def prepare(self, chips):
+            return chips
+
+        def forward_targets(self, chips):
+            return (chips / 100.0).astype(np.float32)
+
+    x, roof = validation_objects(Fake(), [(frame, truth)], threshold=0.5, seed_threshold=0.75)
+    assert roof.tolist() == [True, False]
+    assert x[:, 0].tolist() == pytest.approx([math.log(16)] * 2) and x[:, 1].tolist() == pytest.approx([0.9, 0.9])
+
+
+def test_instances_leave_out_what_the_filter_drops_and_burning_erases_it(tmp_path):
+    prob = np.full((30, 40), 0.05, np.float32)
+    prob[2:12, 2:14] = 0.95  # 120 px: kept
+    prob[20:23, 30:33] = 0.9  # 9 px: dropped
+    path = write_geotiff(tmp_path / "p.tif", array=prob, nodata=None)
+    dropped: list = []
+
+    def big(labels, ids, bands):
+        return np.bincount(labels.ravel())[ids] >= 50
+
+    found = raster_instances(path, 0.5, 0.75, keep=big, dropped=dropped)
+    assert [round(g.area / 0.25) for g, _ in found] == [120] and [round(g.area / 0.25) for g in dropped] == [9]
+    mask = write_geotiff(tmp_path / "m.tif", array=np.where(prob >= 0.5, 255, 0).astype(np.uint8), nodata=None)
+    assert burn_polygons(mask, dropped, [0]) == 9
+    with rasterio.open(mask) as src:
+        kept = src.read(1)
+    assert (kept == 255).sum() == 120 and not kept[20:23, 30:33].any()
+    assert burn_polygons(mask, [shapely.box(*found[0][0].bounds)], [7]) == 0  # a value, not an erasure
+    with rasterio.open(mask) as src:
+        assert (src.read(1) == 7).sum() == 120
+
+
+def test_predict_drops_the_objects_the_filter_rejects(scene, tmp_path):
+    """A filter on the objects' size alone (the bundle's, written by hand): predict keeps roofs of at least
+    40 px in roofs.gpkg, the mask and the instances alike; predict_args.object_filter 0 keeps every object."""
+    import geopandas as gpd
+
+    from chip.chip import main as chip_main
+    from mask.mask import main as mask_main
+    from mosaic.mosaic import main as mosaic_main
+    from predict.predict import main as predict_main
+    from split.split import main as split_main
+    from train.train import main as train_main
+
+    argv = scene()
+    for main in (mosaic_main, chip_main, mask_main, split_main):
+        assert main(argv) == 0
+    model = ["--model", "regression"]
+    assert train_main([*argv, *model]) == 0
+    bundle = tmp_path / "results" / "contract" / "regression" / "bundle" / "bundle.json"
+    info = json.loads(bundle.read_text())
+    metrics = json.loads((bundle.parent.parent / "metrics.json").read_text())
+    assert set(metrics["object_filter"]) >= {"objects", "roofs"}
+    assert (info["object_filter"] != {}) == ("false_dropped" in metrics["object_filter"])
+    info["object_filter"] = ObjectFilter(
+        features=feature_names(["footprint"]), mean=[0.0] * 7, scale=[1.0] * 7,
+        coef=[20.0, 0, 0, 0, 0, 0, 0], intercept=-20.0 * math.log(40),
+    ).to_dict()  # fmt: skip
+    bundle.write_text(json.dumps(info))
+    out = tmp_path / "predictions" / "contract" / "regression"
+
+    def predicted(*extra: str) -> gpd.GeoDataFrame:
+        assert predict_main([*argv, *model, "--overwrite", *extra]) == 0
+        return gpd.read_file(out / "roofs.gpkg")
+
+    every = predicted("--set", "predict_args.object_filter=0", "--set", "predict_args.min_area=0")
+    kept = predicted("--set", "predict_args.min_area=0")
+    small = int((every["area_m2"] < 40 * 0.25).sum())
+    assert small > 0 and len(kept) == len(every) - small and (kept["area_m2"] >= 40 * 0.25).all()
+    for name in kept["source"].unique():
+        with rasterio.open(out / "masks" / name) as m, rasterio.open(out / "instances" / name) as i:
+            assert ((m.read(1) > 0) == (i.read(1) > 0)).all()  # the mask holds the kept roofs, no more
+
+
+def test_the_log_says_what_the_filter_did():
+    from core.bundle import BundleInfo, Normalization
+    from core.settings import PredictArgs
+    from predict.predict import filter_note
+
+    norm = Normalization("percentile", (0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3, None)
+    fitted = ObjectFilter(features=feature_names(["footprint", "boundary", "contact"]), mean=[0.0] * 9,
+                          scale=[1.0] * 9, coef=[0.0] * 9, intercept=0.0).to_dict()  # fmt: skip
+    info = BundleInfo(kind="unet", bands=3, dtype="uint8", normalization=norm, threshold=0.5,
+                      targets=["footprint", "boundary", "contact"], object_filter=fitted)  # fmt: skip
+    args = PredictArgs()
+    assert filter_note(info, args, 3, 10) == (
+        "the object filter dropped 3 objects (probability of a roof under 0.5), kept 10 roofs"
+    )
+    assert filter_note(info, args.model_copy(update={"object_filter": 0.0}), 0, 13) == (
+        "object filter off (predict_args.object_filter 0): every object kept"
+    )
+    assert filter_note(info, args.model_copy(update={"seeds": "footprint"}), 0, 13) == (
+        "the object filter reads mean_boundary, mean_contact, which predict_args.seeds footprint leaves out: every "
+        "object kept"
+    )
+    old = BundleInfo(kind="unet", bands=3, dtype="uint8", normalization=norm, threshold=0.5)
+    assert filter_note(old, args, 0, 13).startswith("the bundle has no object filter (trained before filters")
