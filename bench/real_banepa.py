@@ -18,7 +18,9 @@ polygons lying mostly on unknown buildings dropped). The U-Net steps:
 
   footprint      trained on the footprint alone; one polygon per connected group of roof pixels
   + bnd/contact  trained on footprint, boundary and contact bands; connected groups
-  + watershed    the same model; one polygon per roof by the seeded watershed (predict's default)
+  + watershed    the same model; one polygon per roof by the seeded watershed, every object kept
+                 (predict_args.object_filter=0)
+  + obj filter   the same, the objects the bundle's object filter rejects dropped (predict's default)
   + TTA          the same, with the 8 flips and quarter turns averaged (predict_args.tta)
 
   classes        trained on classes (mask_args.classes): metal (tin, metal) and other_roof (concrete,
@@ -28,8 +30,9 @@ polygons lying mostly on unknown buildings dropped). The U-Net steps:
                  "classes majority": each roof the class most of its pixels have (predict_args.roof_class);
                  "classes raw": without the class offsets tuned on validation (predict_args.calibrated_classes)
 
-The classical models: connected groups and watershed (trained on metal alone), and classes. Then
-the metal pixel IoU of each class model against its one-class twin (target: at least as high),
+The classical models: connected groups, watershed and object filter (trained on metal alone), and
+classes (with the object filter). Then the metal pixel IoU of each class model against its
+one-class twin with the same predict settings (target: at least as high),
 and its material accuracy (target 0.85). Writes WORKDIR/banepa_overlay.png (the held-out chips
 with true roofs and the best step's polygons).
 """
@@ -167,7 +170,8 @@ def main() -> int:
         steps += [
             ("unet footprint", "footprint", "unet", ["predict_args.instances=false"]),
             ("unet + bnd/contact", "channels", "unet", ["predict_args.instances=false"]),
-            ("unet + watershed", "channels", "unet", []),
+            ("unet + watershed", "channels", "unet", ["predict_args.object_filter=0"]),
+            ("unet + obj filter", "channels", "unet", []),
             ("unet + TTA", "channels", "unet", ["predict_args.tta=true"]),
             ("unet classes", "classes", "unet", []),
             ("unet classes majority", "classes", "unet", ["predict_args.roof_class=majority"]),
@@ -177,7 +181,8 @@ def main() -> int:
         if model in args.models:
             steps += [
                 (f"{model} cc", "footprint", model, ["predict_args.instances=false"]),
-                (f"{model} watershed", "footprint", model, []),
+                (f"{model} watershed", "footprint", model, ["predict_args.object_filter=0"]),
+                (f"{model} obj filter", "footprint", model, []),
                 (f"{model} classes", "classes", model, []),
                 (f"{model} classes raw", "classes", model, ["predict_args.calibrated_classes=false"]),
             ]
@@ -223,8 +228,8 @@ def main() -> int:
               f"{p['precision']:>8.3f}{p['recall']:>8.3f}{p['tp']:>4}/{p['tp'] + p['fn']:<4}{material:>10}"
               f"{train_s:>9.0f}{predict_s:>11.0f}")  # fmt: skip
     by_label = {label: s for label, s, *_ in rows}
-    for binary, multi in (("unet + watershed", "unet classes"), ("forest watershed", "forest classes"),
-                          ("regression watershed", "regression classes")):  # fmt: skip
+    for binary, multi in (("unet + obj filter", "unet classes"), ("forest obj filter", "forest classes"),
+                          ("regression obj filter", "regression classes")):  # fmt: skip
         if binary in by_label and multi in by_label:
             a, b = by_label[binary]["iou"], by_label[multi]["iou"]
             print(f"metal pixel IoU, {multi} / {binary}: {b:.3f} / {a:.3f} = {b / a if a else float('nan'):.2f}x "

@@ -6,13 +6,16 @@ shadow); each becomes an object of its own and a false polygon. After the decisi
 tuned, train runs the watershed predict runs on the validation chips, computes each object's
 features (:data:`FEATURES`: its size, its probabilities, its shape, its boundary and contact
 bands) and learns which objects lie on true roofs (at least half of their pixels of known class
-are roof). The coefficients go into bundle.json (``object_filter``: readable, nothing to
-unpickle); predict drops the objects whose probability of being a roof is under
-``predict_args.object_filter``, from the roofs, the mask and the class raster alike.
+are roof), and the cut on that probability that maximises the mean of the validation pixel
+F1 and object F1. The coefficients and the cut go into bundle.json (``object_filter``:
+readable, nothing to unpickle); predict drops the objects whose probability of being a roof
+is under the cut (or ``predict_args.object_filter``), from the roofs, the mask and the class
+raster alike.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,8 @@ class ObjectFilter:
     scale: list[float]
     coef: list[float]
     intercept: float
+    cut: float = 0.5  # objects under this probability are dropped (tuned on validation)
+    max_pixels: float | None = None  # the largest validation object: larger objects are kept, unjudged
     objects: int = 0  # validation objects it was fitted on
     roofs: int = 0  # of which on roofs
     stats: dict[str, Any] = field(default_factory=dict)
@@ -79,7 +84,12 @@ class ObjectFilter:
                 f"objects have {x.shape[1]}: the bundle's bands disagree with its filter; retrain"
             )
         z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
-        return 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
+        p = 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
+        # A regression extrapolates: an object larger than any it learnt from (a whole block of houses merged
+        # in a raster larger than the validation chips) is not judged, but kept.
+        if self.max_pixels is None:
+            return p
+        return np.where(x[:, 0] > math.log(self.max_pixels) + 1e-9, 1.0, p)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,9 +105,41 @@ def feature_names(targets: list[str] | tuple[str, ...]) -> list[str]:
     return [*FEATURES, *(f"mean_{t}" for t in targets[1:])]
 
 
-def fit_object_filter(x: np.ndarray, roof: np.ndarray, names: list[str]) -> tuple[ObjectFilter | None, str]:
-    """A filter fitted on the objects' features ``x`` and whether each lies on a roof; None and why when the
-    objects are too few of either kind (:data:`MIN_OBJECTS`)."""
+@dataclass
+class ValidationObjects:
+    """The objects the watershed finds on the validation chips: their features (objects x features), their
+    roof pixels and their other pixels of known class, and the roof pixels of the chips in all (in an object
+    or not)."""
+
+    x: np.ndarray
+    roof_pixels: np.ndarray
+    other_pixels: np.ndarray
+    all_roof_pixels: int
+
+    @property
+    def roof(self) -> np.ndarray:
+        """Whether each object lies on a roof: at least :data:`ROOF_SHARE` of its pixels of known class are."""
+        return self.roof_pixels >= ROOF_SHARE * np.maximum(self.roof_pixels + self.other_pixels, 1)
+
+    def scores(self, keep: np.ndarray) -> tuple[float, float]:
+        """The validation pixel F1 and object F1 when only the objects ``keep`` are kept."""
+        tp = float(self.roof_pixels[keep].sum())
+        pixel = 2 * tp / max(2 * tp + float(self.other_pixels[keep].sum()) + (self.all_roof_pixels - tp), 1.0)
+        hits = float((keep & self.roof).sum())
+        objects = 2 * hits / max(float(keep.sum()) + float(self.roof.sum()), 1.0)
+        return pixel, objects
+
+
+#: The cuts tried on the filter's probability.
+CUTS = np.round(np.arange(0.0, 0.96, 0.05), 2)
+
+
+def fit_object_filter(objects: ValidationObjects, names: list[str]) -> tuple[ObjectFilter | None, str]:
+    """A filter fitted on the validation objects, with its cut: of :data:`CUTS`, the one that maximises the
+    mean of the validation pixel F1 and object F1 (the first, the lowest, of equals), so the filter drops
+    objects only where that does not cost the pixels more than it brings the objects. None and why when
+    the objects are too few of either kind (:data:`MIN_OBJECTS`)."""
+    x, roof = objects.x, objects.roof
     roofs, false = int(roof.sum()), int((~roof).sum())
     if roofs < MIN_OBJECTS or false < MIN_OBJECTS:
         return None, (
@@ -113,49 +155,59 @@ def fit_object_filter(x: np.ndarray, roof: np.ndarray, names: list[str]) -> tupl
     fitted = ObjectFilter(
         features=names, mean=mean.round(6).tolist(), scale=scale.round(6).tolist(),
         coef=model.coef_[0].round(6).tolist(), intercept=round(float(model.intercept_[0]), 6),
-        objects=len(roof), roofs=roofs,
+        max_pixels=float(np.exp(x[:, 0].max())), objects=len(roof), roofs=roofs,
     )  # fmt: skip
-    keep = fitted.probability(x) >= 0.5
+    p = fitted.probability(x)
+    gains = [float(np.mean(objects.scores(p >= cut))) for cut in CUTS]
+    fitted.cut = float(CUTS[int(np.argmax(gains))])
+    keep = p >= fitted.cut
+    (pixel0, object0), (pixel1, object1) = objects.scores(np.ones(len(roof), bool)), objects.scores(keep)
     fitted.stats = {
         "false_dropped": round(float((~keep & ~roof).sum() / false), 4),
         "roofs_kept": round(float((keep & roof).sum() / roofs), 4),
+        "pixel_f1": [round(pixel0, 4), round(pixel1, 4)],
+        "object_f1": [round(object0, 4), round(object1, 4)],
     }
     return fitted, (
-        f"object filter fitted on {len(roof)} validation objects ({roofs} on roofs): at 0.5 it drops "
-        f"{fitted.stats['false_dropped']:.0%} of the false ones and keeps {fitted.stats['roofs_kept']:.0%} of "
-        "the roofs"
+        f"object filter fitted on {len(roof)} validation objects ({roofs} on roofs), cut {fitted.cut:g}: it drops "
+        f"{fitted.stats['false_dropped']:.0%} of the false ones and keeps {fitted.stats['roofs_kept']:.0%} of the "
+        f"roofs; validation pixel F1 {pixel0:.3f} -> {pixel1:.3f}, object F1 {object0:.3f} -> {object1:.3f}"
     )
 
 
 def validation_objects(
     predictor: Any, pairs: list[tuple[Path, Path]], threshold: float, seed_threshold: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """The features of the objects the watershed finds on the validation chips (at the tuned threshold, seeded
-    as predict seeds by default) and whether each lies on a roof. Objects mostly of unknown class are left
-    out; nodata pixels are unknown."""
+) -> ValidationObjects:
+    """The objects the watershed finds on the validation chips (at the tuned threshold, seeded as predict
+    seeds by default). Objects mostly of unknown class are left out; nodata pixels are unknown."""
     from core.cli import progress
     from core.instances import label_instances, seed_score
     from core.raster import read_pair, usable_pixels
 
     targets = tuple(predictor.info.targets)
     nodata = predictor.info.normalization.nodata
-    xs, ys = [], []
+    xs, roofs, others, total = [], [], [], 0
     for frame, mask in progress(pairs, desc="object filter", unit="chip"):
         chw, roof, known, _ = read_pair(frame, mask)
+        use = usable_pixels(chw, nodata, known)
+        total += int((roof & use).sum())
         bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0][: len(targets)]
         score = seed_score(bands, targets) if len(targets) > 1 else None
         labels, n = label_instances(bands[0], threshold, seed_threshold, score)
         if not n:
             continue
         ids = np.arange(1, n + 1)
-        use = usable_pixels(chw, nodata, known)
-        known_share = np.atleast_1d(ndimage.mean(use, labels, ids))
-        roof_share = np.atleast_1d(ndimage.mean(roof & use, labels, ids)) / np.maximum(known_share, 1e-9)
-        keep = known_share >= 0.5
+        pixels = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        on_roof = np.bincount(labels[roof & use], minlength=n + 1)[1:]
+        other = np.bincount(labels[~roof & use], minlength=n + 1)[1:]
+        keep = on_roof + other >= 0.5 * pixels  # objects mostly of unknown class (or nodata) are left out
         xs.append(object_features(labels, ids[keep], bands, seed_threshold))
-        ys.append(roof_share[keep] >= ROOF_SHARE)
+        roofs.append(on_roof[keep])
+        others.append(other[keep])
     width = len(FEATURES) + len(targets) - 1
-    return (np.concatenate(xs) if xs else np.zeros((0, width))), (np.concatenate(ys) if ys else np.zeros(0, bool))
+    if not xs:
+        return ValidationObjects(np.zeros((0, width)), np.zeros(0, np.int64), np.zeros(0, np.int64), total)
+    return ValidationObjects(np.concatenate(xs), np.concatenate(roofs), np.concatenate(others), total)
 
 
 def train_object_filter(
@@ -167,8 +219,8 @@ def train_object_filter(
 
     targets = list(predictor.info.targets)
     core = default_seed_threshold(threshold, None, channels=len(targets) > 1)
-    x, roof = validation_objects(predictor, pairs, threshold, core)
-    fitted, why = fit_object_filter(x, roof, feature_names(targets))
+    objects = validation_objects(predictor, pairs, threshold, core)
+    fitted, why = fit_object_filter(objects, feature_names(targets))
     if fitted is None:
-        return {}, {"objects": len(roof), "roofs": int(roof.sum())}, why
-    return fitted.to_dict(), {"objects": fitted.objects, "roofs": fitted.roofs, **fitted.stats}, why
+        return {}, {"objects": len(objects.roof_pixels), "roofs": int(objects.roof.sum())}, why
+    return fitted.to_dict(), {"objects": fitted.objects, "roofs": fitted.roofs, "cut": fitted.cut, **fitted.stats}, why

@@ -720,14 +720,14 @@ class PredictArgs(Section):
         "threshold and 1 (0.75 for 0.5) for seeds from the footprint, three quarters of the way (0.875 for 0.5) for "
         "seeds from the boundary and contact bands.",
     )
-    object_filter: float = Field(
-        0.5,
+    object_filter: float | None = Field(
+        None,
         ge=0.0,
         le=1.0,
         description="With instances: drop the roofs whose probability of being a roof, by the object filter "
         "train fitted on the validation chips (a logistic regression on each object's size, probabilities, shape "
-        "and bands), is under this; they leave the mask, the polygons and the class raster. 0 keeps every object; "
-        "a bundle without a filter keeps every object.",
+        "and bands), is under this; they leave the mask, the polygons and the class raster. null = the bundle's "
+        "cut (tuned on validation); 0 keeps every object; a bundle without a filter keeps every object.",
     )
     roof_class: Literal["vote", "majority"] = Field(
         "vote",

@@ -175,14 +175,18 @@ def predict_raster(
     return result
 
 
-def object_keeper(info: BundleInfo, at: float, targets: tuple[str, ...]):
+def object_keeper(info: BundleInfo, setting: float | None, targets: tuple[str, ...]):
     """The object filter's decision (``keep(labels, ids, bands)``, for core.instances.raster_instances): the
-    objects whose probability of being a roof is at least ``at`` (predict_args.object_filter); None (keep
-    every object) when ``at`` is 0, the bundle has no filter, or predict leaves out bands the filter reads."""
+    objects whose probability of being a roof is at least predict_args.object_filter (``setting``; null: the
+    bundle's cut); None (keep every object) when that is 0, the bundle has no filter, or predict leaves out
+    bands the filter reads."""
     from core.objects import ObjectFilter, feature_names, object_features
 
     fitted = ObjectFilter.from_dict(info.object_filter)
-    if at <= 0 or fitted is None or fitted.features != feature_names(targets):
+    if fitted is None or fitted.features != feature_names(targets):
+        return None
+    at = fitted.cut if setting is None else setting
+    if at <= 0:
         return None
     core = default_seed_threshold(info.threshold, None, channels=len(info.targets) > 1)
 
@@ -197,7 +201,7 @@ def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) ->
     from core.objects import FEATURES, ObjectFilter, feature_names
 
     fitted = ObjectFilter.from_dict(info.object_filter)
-    if args.object_filter <= 0:
+    if args.object_filter == 0:
         return "object filter off (predict_args.object_filter 0): every object kept"
     if fitted is None:
         return (
@@ -209,10 +213,10 @@ def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) ->
             f"the object filter reads {', '.join(fitted.features[len(FEATURES) :])}, which predict_args.seeds "
             f"{args.seeds} leaves out: every object kept"
         )
-    return (
-        f"the object filter dropped {dropped} objects (probability of a roof under {args.object_filter:g}), kept "
-        f"{kept} roofs"
-    )
+    at = fitted.cut if args.object_filter is None else args.object_filter
+    if at == 0:
+        return "object filter off (the bundle's cut is 0: on validation no cut did better): every object kept"
+    return f"the object filter dropped {dropped} objects (probability of a roof under {at:g}), kept {kept} roofs"
 
 
 def seed_targets(info: BundleInfo, args: PredictArgs) -> tuple[str, ...]:

@@ -16,8 +16,10 @@ from conftest import write_geotiff
 from core.errors import BundleError
 from core.instances import burn_polygons, raster_instances
 from core.objects import (
+    CUTS,
     FEATURES,
     ObjectFilter,
+    ValidationObjects,
     feature_names,
     fit_object_filter,
     object_features,
@@ -58,16 +60,35 @@ def test_features_of_two_objects_are_exact():
     assert object_features(labels, [], bands, 0.8).shape == (0, 8)
 
 
+def objects_of(x: np.ndarray, roof: np.ndarray, pixels: int = 10) -> ValidationObjects:
+    """Validation objects of ``pixels`` pixels each, all roof pixels or none."""
+    on = np.where(roof, pixels, 0)
+    return ValidationObjects(x, on, pixels - on, int(on.sum()))
+
+
 def test_a_filter_learns_which_objects_are_roofs_and_round_trips_through_json():
     rng = np.random.default_rng(0)
     roof = np.arange(60) % 3 == 0
     x = rng.normal(size=(60, 7))
     x[:, 1] += np.where(roof, 2.0, -2.0)  # roofs have a high mean probability
-    fitted, why = fit_object_filter(x, roof, feature_names(["footprint"]))
+    fitted, why = fit_object_filter(objects_of(x, roof), feature_names(["footprint"]))
     assert fitted is not None and fitted.objects == 60 and fitted.roofs == 20
-    assert why.startswith("object filter fitted on 60 validation objects (20 on roofs): at 0.5 it drops ")
-    assert ((fitted.probability(x) >= 0.5) == roof).all()
-    assert fitted.stats == {"false_dropped": 1.0, "roofs_kept": 1.0}
+    assert ((fitted.probability(x) >= fitted.cut) == roof).all()
+    assert fitted.stats == {
+        "false_dropped": 1.0, "roofs_kept": 1.0, "pixel_f1": [0.5, 1.0], "object_f1": [0.5, 1.0],
+    }  # fmt: skip
+    assert why == (
+        f"object filter fitted on 60 validation objects (20 on roofs), cut {fitted.cut:g}: it drops 100% of the "
+        "false ones and keeps 100% of the roofs; validation pixel F1 0.500 -> 1.000, object F1 0.500 -> 1.000"
+    )
+    p = fitted.probability(x)
+    assert fitted.cut == min(c for c in CUTS if ((p >= c) == roof).all())  # the lowest cut that separates them
+    # An object larger than any it learnt from is not judged but kept, whatever its other features.
+    assert fitted.max_pixels == pytest.approx(math.exp(x[:, 0].max()))
+    larger = x[~roof][:1].copy()
+    assert fitted.probability(larger)[0] < fitted.cut
+    larger[0, 0] = x[:, 0].max() + 0.01
+    assert fitted.probability(larger)[0] == 1.0
     again = ObjectFilter.from_dict(json.loads(json.dumps(fitted.to_dict())))
     assert again == fitted and np.allclose(again.probability(x), fitted.probability(x))
     assert ObjectFilter.from_dict({}) is None
@@ -75,10 +96,29 @@ def test_a_filter_learns_which_objects_are_roofs_and_round_trips_through_json():
         fitted.probability(np.zeros((1, 9)))
 
 
+def test_the_cut_keeps_a_large_object_that_holds_most_roof_pixels():
+    """Big blobs under half roof are false objects, yet dropping them would lose most roof pixels: the cut
+    tuned on the mean of pixel F1 and object F1 keeps them (Rio's regression lost 90% of its pixel IoU
+    to a cut of 0.5)."""
+    n = 40
+    x = np.zeros((n, 7))
+    x[:, 0] = np.log(np.r_[[5000.0] * 4, [40.0] * 12, [8.0] * 24])  # 4 blobs, 12 roofs, 24 specks
+    roof_px = np.r_[[2000] * 4, [36] * 12, [0] * 24]
+    other_px = np.r_[[3000] * 4, [4] * 12, [8] * 24]
+    objects = ValidationObjects(x, roof_px, other_px, int(roof_px.sum()) + 500)
+    assert objects.roof.tolist() == [False] * 4 + [True] * 12 + [False] * 24
+    fitted, _ = fit_object_filter(objects, feature_names(["footprint"]))
+    keep = fitted.probability(x) >= fitted.cut
+    assert keep[:16].all()  # the blobs and the roofs
+    pixel, _ = objects.scores(keep)
+    assert pixel >= objects.scores(np.ones(n, bool))[0]
+    assert objects.scores(np.r_[[False] * 4, [True] * 36])[0] < 0.1  # what dropping the blobs would cost
+
+
 def test_too_few_objects_of_a_kind_fit_no_filter():
     x = np.zeros((12, 7))
     roof = np.array([True] * 4 + [False] * 8)
-    fitted, why = fit_object_filter(x, roof, feature_names(["footprint"]))
+    fitted, why = fit_object_filter(objects_of(x, roof), feature_names(["footprint"]))
     assert fitted is None
     assert why == (
         "the validation chips hold 4 objects on roofs and 8 false ones, under 5 of either kind: no object "
@@ -110,8 +150,11 @@ def test_validation_objects_are_labelled_by_their_share_of_roof_pixels(tmp_path)
         def forward_targets(self, chips):
             return (chips / 100.0).astype(np.float32)
 
-    x, roof = validation_objects(Fake(), [(frame, truth)], threshold=0.5, seed_threshold=0.75)
-    assert roof.tolist() == [True, False]
+    objects = validation_objects(Fake(), [(frame, truth)], threshold=0.5, seed_threshold=0.75)
+    assert objects.roof.tolist() == [True, False]
+    assert objects.roof_pixels.tolist() == [16, 0] and objects.other_pixels.tolist() == [0, 16]
+    assert objects.all_roof_pixels == 16
+    x = objects.x
     assert x[:, 0].tolist() == pytest.approx([math.log(16)] * 2) and x[:, 1].tolist() == pytest.approx([0.9, 0.9])
 
 
@@ -158,10 +201,10 @@ def test_predict_drops_the_objects_the_filter_rejects(scene, tmp_path):
     info = json.loads(bundle.read_text())
     metrics = json.loads((bundle.parent.parent / "metrics.json").read_text())
     assert set(metrics["object_filter"]) >= {"objects", "roofs"}
-    assert (info["object_filter"] != {}) == ("false_dropped" in metrics["object_filter"])
+    assert (info["object_filter"] != {}) == ("cut" in metrics["object_filter"])
     info["object_filter"] = ObjectFilter(
         features=feature_names(["footprint"]), mean=[0.0] * 7, scale=[1.0] * 7,
-        coef=[20.0, 0, 0, 0, 0, 0, 0], intercept=-20.0 * math.log(40),
+        coef=[20.0, 0, 0, 0, 0, 0, 0], intercept=-20.0 * math.log(40), cut=0.5,
     ).to_dict()  # fmt: skip
     bundle.write_text(json.dumps(info))
     out = tmp_path / "predictions" / "contract" / "regression"
@@ -202,3 +245,10 @@ def test_the_log_says_what_the_filter_did():
     )
     old = BundleInfo(kind="unet", bands=3, dtype="uint8", normalization=norm, threshold=0.5)
     assert filter_note(old, args, 0, 13).startswith("the bundle has no object filter (trained before filters")
+    assert filter_note(info, args.model_copy(update={"object_filter": 0.8}), 1, 2) == (
+        "the object filter dropped 1 objects (probability of a roof under 0.8), kept 2 roofs"
+    )
+    info.object_filter = {**fitted, "cut": 0.0}
+    assert filter_note(info, args, 0, 13) == (
+        "object filter off (the bundle's cut is 0: on validation no cut did better): every object kept"
+    )
