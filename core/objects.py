@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from core.errors import BundleError
+
 #: Each object's features, in the order the filter reads them; then the mean of each further target band.
 FEATURES = ("log_pixels", "mean", "std", "max", "core_share", "fill", "aspect")
 #: Objects of each kind (roof, false) the validation chips must hold for a filter to be fitted.
@@ -77,8 +79,6 @@ class ObjectFilter:
     def probability(self, x: np.ndarray) -> np.ndarray:
         """Each object's probability of lying on a roof (x: objects x features)."""
         if x.shape[1] != len(self.coef):
-            from core.errors import BundleError
-
             raise BundleError(
                 f"the bundle's object filter reads {len(self.coef)} features ({', '.join(self.features)}) but the "
                 f"objects have {x.shape[1]}: the bundle's bands disagree with its filter; retrain"
@@ -97,7 +97,12 @@ class ObjectFilter:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ObjectFilter | None:
         """The filter of bundle.json's ``object_filter`` entry; None for an empty one (a bundle without)."""
-        return cls(**data) if data else None
+        if not data:
+            return None
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise BundleError(f"bundle.json's object_filter entry is damaged ({exc}): retrain") from exc
 
 
 def feature_names(targets: list[str] | tuple[str, ...]) -> list[str]:
@@ -150,11 +155,11 @@ def fit_object_filter(objects: ValidationObjects, names: list[str]) -> tuple[Obj
 
     mean = x.mean(axis=0)
     scale = x.std(axis=0)
-    scale[scale == 0] = 1.0
+    scale[scale < 1e-9] = 1.0  # a feature all objects share (no contact anywhere) standardises to 0
     model = LogisticRegression(max_iter=1000, class_weight="balanced").fit((x - mean) / scale, roof)
     fitted = ObjectFilter(
-        features=names, mean=mean.round(6).tolist(), scale=scale.round(6).tolist(),
-        coef=model.coef_[0].round(6).tolist(), intercept=round(float(model.intercept_[0]), 6),
+        features=names, mean=mean.tolist(), scale=scale.tolist(),
+        coef=model.coef_[0].tolist(), intercept=float(model.intercept_[0]),
         max_pixels=float(np.exp(x[:, 0].max())), objects=len(roof), roofs=roofs,
     )  # fmt: skip
     p = fitted.probability(x)
@@ -182,7 +187,7 @@ def validation_objects(
     seeds by default). Objects mostly of unknown class are left out; nodata pixels are unknown."""
     from core.cli import progress
     from core.instances import label_instances, seed_score
-    from core.raster import read_pair, usable_pixels
+    from core.raster import read_pair, usable_pixels, valid_pixels
 
     targets = tuple(predictor.info.targets)
     nodata = predictor.info.normalization.nodata
@@ -192,6 +197,7 @@ def validation_objects(
         use = usable_pixels(chw, nodata, known)
         total += int((roof & use).sum())
         bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0][: len(targets)]
+        bands[:, ~valid_pixels(chw, nodata)] = 0.0  # as predict writes nodata: no object grows over it
         score = seed_score(bands, targets) if len(targets) > 1 else None
         labels, n = label_instances(bands[0], threshold, seed_threshold, score)
         if not n:

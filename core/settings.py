@@ -727,7 +727,8 @@ class PredictArgs(Section):
         description="With instances: drop the roofs whose probability of being a roof, by the object filter "
         "train fitted on the validation chips (a logistic regression on each object's size, probabilities, shape "
         "and bands), is under this; they leave the mask, the polygons and the class raster. null = the bundle's "
-        "cut (tuned on validation); 0 keeps every object; a bundle without a filter keeps every object.",
+        "cut (tuned on validation); 0 keeps every object, as does a bundle without a filter, or seeds footprint "
+        "on a bundle whose filter reads the boundary and contact bands.",
     )
     roof_class: Literal["vote", "majority"] = Field(
         "vote",

@@ -157,9 +157,10 @@ def predict_raster(
             roofs_only = object_keeper(predictor.info, args.object_filter, targets)
             result.polygons = raster_instances(probs, threshold, seed, targets, keep=roofs_only, dropped=dropped)
             if dropped:  # the objects the filter dropped leave the mask (and the class raster) too
-                result.roof_pixels -= burn_polygons(mask_path, dropped, [0] * len(dropped))
+                erase = outside_roofs(dropped, [g for g, _ in result.polygons])
+                result.roof_pixels -= burn_polygons(mask_path, erase, [0] * len(erase))
                 if class_path is not None:
-                    burn_polygons(class_path, dropped, [0] * len(dropped))
+                    burn_polygons(class_path, erase, [0] * len(erase))
             result.dropped = len(dropped)
         else:
             result.polygons = [(g, None) for g in polygonize(mask_path)]
@@ -173,6 +174,19 @@ def predict_raster(
             probs.unlink(missing_ok=True)
     result.probability = prob_path
     return result
+
+
+def outside_roofs(dropped: list, kept: list) -> list:
+    """The dropped objects less any part of a kept roof: two blocks of the watershed may cut a blob wider
+    than their margin differently, and erasing a dropped object must not erase a kept roof's pixels."""
+    tree = shapely.STRtree(kept) if kept else None
+    out = []
+    for geom in dropped:
+        near = tree.query(geom, predicate="intersects") if tree is not None else []
+        rest = shapely.difference(geom, shapely.union_all([kept[i] for i in near])) if len(near) else geom
+        if not rest.is_empty:
+            out.append(rest)
+    return out
 
 
 def object_keeper(info: BundleInfo, setting: float | None, targets: tuple[str, ...]):
@@ -205,8 +219,8 @@ def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) ->
         return "object filter off (predict_args.object_filter 0): every object kept"
     if fitted is None:
         return (
-            "the bundle has no object filter (trained before filters existed, or its validation chips held too "
-            "few objects): every object kept"
+            "the bundle has no object filter (trained before filters existed: retrain with --overwrite to fit one; "
+            "or its validation chips held too few objects): every object kept"
         )
     if fitted.features != feature_names(seed_targets(info, args)):
         return (
@@ -630,6 +644,9 @@ def predict_all(
     write_grid(gdf, inputs, out, args.grid_size)
     blank = [r for r in results if r.roof_pixels == 0]
     for r in blank:
+        if r.dropped:
+            log.info("predict: the object filter dropped every object of %s (%d)", r.source.name, r.dropped)
+            continue
         log.info(
             "predict: no pixel of %s reaches the threshold %.3f (probabilities %.3f..%.3f)",
             r.source.name,
@@ -644,6 +661,9 @@ def predict_all(
         counts = gdf["class"].value_counts()
         log.info("predict: roofs per class: %s -> %s", ", ".join(f"{c} {int(counts.get(c, 0))}" for c in info.classes),
                  out / "classes")  # fmt: skip
+    if not args.instances and args.object_filter:
+        log.warning("predict: predict_args.object_filter %g is unused: the object filter judges the watershed's "
+                    "objects (predict_args.instances)", args.object_filter)  # fmt: skip
     if args.instances:
         log.info("predict: %s", filter_note(info, args, sum(r.dropped for r in results), len(gdf)))
     roof = sum(r.roof_pixels for r in results)
@@ -656,6 +676,13 @@ def predict_all(
         threshold,
         out,
     )
+    if len(blank) == len(results) and any(r.dropped for r in results):
+        raise BlankPredictionError(
+            f"every predicted mask is blank: the object filter dropped every object "
+            f"({sum(r.dropped for r in results)}); predict_args.object_filter=0 keeps them (or a lower cut than the "
+            f"bundle's); outputs are in {out}",
+            results,
+        )
     if len(blank) == len(results):
         lo = min(r.prob_min for r in results)
         hi = max(r.prob_max for r in results)

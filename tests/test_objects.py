@@ -115,6 +115,32 @@ def test_the_cut_keeps_a_large_object_that_holds_most_roof_pixels():
     assert objects.scores(np.r_[[False] * 4, [True] * 36])[0] < 0.1  # what dropping the blobs would cost
 
 
+def test_a_feature_every_object_shares_does_not_break_the_filter():
+    """A band without any signal (no contact anywhere: its mean 0 for every object, or a spread of 1e-10) is
+    standardised to 0 and kept through bundle.json; a damaged entry is a BundleError."""
+    roof = np.arange(30) % 2 == 0
+    x = np.zeros((30, 8))
+    x[:, 1] = np.where(roof, 0.9, 0.3)
+    x[:, 7] = 1e-10 * (np.arange(30) % 3)
+    fitted, _ = fit_object_filter(objects_of(x, roof), feature_names(["footprint", "contact"]))
+    again = ObjectFilter.from_dict(json.loads(json.dumps(fitted.to_dict())))
+    assert fitted.scale[7] == 1.0 and np.isfinite(again.probability(x)).all()
+    assert ((again.probability(x) >= again.cut) == roof).all()
+    with pytest.raises(BundleError, match=r"bundle.json's object_filter entry is damaged .*: retrain"):
+        ObjectFilter.from_dict({"features": ["log_pixels"]})
+
+
+def test_erasing_a_dropped_object_spares_the_kept_roofs():
+    from predict.predict import outside_roofs
+
+    kept = [shapely.box(0, 0, 4, 4)]
+    dropped = [shapely.box(2, 0, 8, 4), shapely.box(10, 10, 12, 12), shapely.box(1, 1, 3, 3)]
+    erase = outside_roofs(dropped, kept)
+    assert [round(g.area, 6) for g in erase] == [16.0, 4.0]  # the third lies inside the kept roof: nothing
+    assert erase[0].equals(shapely.box(4, 0, 8, 4))
+    assert outside_roofs(dropped[:1], []) == dropped[:1]
+
+
 def test_too_few_objects_of_a_kind_fit_no_filter():
     x = np.zeros((12, 7))
     roof = np.array([True] * 4 + [False] * 8)
@@ -180,7 +206,7 @@ def test_instances_leave_out_what_the_filter_drops_and_burning_erases_it(tmp_pat
         assert (src.read(1) == 7).sum() == 120
 
 
-def test_predict_drops_the_objects_the_filter_rejects(scene, tmp_path):
+def test_predict_drops_the_objects_the_filter_rejects(scene, tmp_path, capsys):
     """A filter on the objects' size alone (the bundle's, written by hand): predict keeps roofs of at least
     40 px in roofs.gpkg, the mask and the instances alike; predict_args.object_filter 0 keeps every object."""
     import geopandas as gpd
@@ -200,8 +226,8 @@ def test_predict_drops_the_objects_the_filter_rejects(scene, tmp_path):
     bundle = tmp_path / "results" / "contract" / "regression" / "bundle" / "bundle.json"
     info = json.loads(bundle.read_text())
     metrics = json.loads((bundle.parent.parent / "metrics.json").read_text())
-    assert set(metrics["object_filter"]) >= {"objects", "roofs"}
-    assert (info["object_filter"] != {}) == ("cut" in metrics["object_filter"])
+    # The scene's validation chips hold 8 objects, 3 on roofs: too few for a filter, so train fits none.
+    assert metrics["object_filter"] == {"objects": 8, "roofs": 3} and info["object_filter"] == {}
     info["object_filter"] = ObjectFilter(
         features=feature_names(["footprint"]), mean=[0.0] * 7, scale=[1.0] * 7,
         coef=[20.0, 0, 0, 0, 0, 0, 0], intercept=-20.0 * math.log(40), cut=0.5,
@@ -220,6 +246,11 @@ def test_predict_drops_the_objects_the_filter_rejects(scene, tmp_path):
     for name in kept["source"].unique():
         with rasterio.open(out / "masks" / name) as m, rasterio.open(out / "instances" / name) as i:
             assert ((m.read(1) > 0) == (i.read(1) > 0)).all()  # the mask holds the kept roofs, no more
+    # A filter that drops every object says so, not that no pixel reached the threshold.
+    capsys.readouterr()
+    assert predict_main([*argv, *model, "--overwrite", "--set", "predict_args.object_filter=1"]) != 0
+    err = capsys.readouterr().err
+    assert f"every predicted mask is blank: the object filter dropped every object ({len(every)})" in err
 
 
 def test_the_log_says_what_the_filter_did():
