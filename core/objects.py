@@ -31,6 +31,9 @@ FEATURES = ("log_pixels", "mean", "std", "max", "core_share", "fill", "aspect")
 MIN_OBJECTS = 5
 #: An object lies on a roof when at least this share of its pixels of known class is roof.
 ROOF_SHARE = 0.5
+#: The object F1 the cut is tuned on counts objects of at least this ground area (m2): predict_args.min_area's
+#: default, under which predict drops polygons anyway, and SpaceNet ignores smaller buildings.
+MIN_OBJECT_M2 = 4.0
 
 
 def object_features(
@@ -120,6 +123,7 @@ class ValidationObjects:
     roof_pixels: np.ndarray
     other_pixels: np.ndarray
     all_roof_pixels: int
+    area_m2: np.ndarray | None = None  # each object's ground area; None: every object counts as large enough
 
     @property
     def roof(self) -> np.ndarray:
@@ -127,11 +131,16 @@ class ValidationObjects:
         return self.roof_pixels >= ROOF_SHARE * np.maximum(self.roof_pixels + self.other_pixels, 1)
 
     def scores(self, keep: np.ndarray) -> tuple[float, float]:
-        """The validation pixel F1 and object F1 when only the objects ``keep`` are kept."""
+        """The validation pixel F1 and object F1 when only the objects ``keep`` are kept; the object F1 over the
+        objects of at least :data:`MIN_OBJECT_M2` (all, when none is that large)."""
         tp = float(self.roof_pixels[keep].sum())
         pixel = 2 * tp / max(2 * tp + float(self.other_pixels[keep].sum()) + (self.all_roof_pixels - tp), 1.0)
-        hits = float((keep & self.roof).sum())
-        objects = 2 * hits / max(float(keep.sum()) + float(self.roof.sum()), 1.0)
+        large = np.ones(len(keep), bool) if self.area_m2 is None else self.area_m2 >= MIN_OBJECT_M2
+        if not large.any():
+            large[:] = True
+        roof = self.roof & large
+        hits = float((keep & roof).sum())
+        objects = 2 * hits / max(float((keep & large).sum()) + float(roof.sum()), 1.0)
         return pixel, objects
 
 
@@ -191,9 +200,9 @@ def validation_objects(
 
     targets = tuple(predictor.info.targets)
     nodata = predictor.info.normalization.nodata
-    xs, roofs, others, total = [], [], [], 0
+    xs, roofs, others, areas, total = [], [], [], [], 0
     for frame, mask in progress(pairs, desc="object filter", unit="chip"):
-        chw, roof, known, _ = read_pair(frame, mask)
+        chw, roof, known, profile = read_pair(frame, mask)
         use = usable_pixels(chw, nodata, known)
         total += int((roof & use).sum())
         bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0][: len(targets)]
@@ -210,10 +219,29 @@ def validation_objects(
         xs.append(object_features(labels, ids[keep], bands, seed_threshold))
         roofs.append(on_roof[keep])
         others.append(other[keep])
+        areas.append(pixels[keep] * pixel_m2(profile, chw.shape[1:]))
     width = len(FEATURES) + len(targets) - 1
     if not xs:
-        return ValidationObjects(np.zeros((0, width)), np.zeros(0, np.int64), np.zeros(0, np.int64), total)
-    return ValidationObjects(np.concatenate(xs), np.concatenate(roofs), np.concatenate(others), total)
+        return ValidationObjects(np.zeros((0, width)), np.zeros(0, np.int64), np.zeros(0, np.int64), total, np.zeros(0))
+    return ValidationObjects(
+        np.concatenate(xs), np.concatenate(roofs), np.concatenate(others), total, np.concatenate(areas)
+    )
+
+
+def pixel_m2(profile: dict[str, Any], shape: tuple[int, int]) -> float:
+    """The mean ground area of a raster's pixel in m2 (its bounds measured in the local UTM zone); the square
+    map units of a raster without a CRS."""
+    import geopandas as gpd
+    import rasterio
+    import shapely
+
+    from core.vector import ground_area
+
+    rows, cols = shape
+    if profile.get("crs") is None:
+        return abs(profile["transform"].a * profile["transform"].e)
+    box = shapely.box(*rasterio.transform.array_bounds(rows, cols, profile["transform"]))
+    return float(ground_area(gpd.GeoDataFrame(geometry=[box], crs=profile.get("crs")))[0]) / (rows * cols)
 
 
 def train_object_filter(

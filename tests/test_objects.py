@@ -141,6 +141,19 @@ def test_erasing_a_dropped_object_spares_the_kept_roofs():
     assert outside_roofs(dropped[:1], []) == dropped[:1]
 
 
+def test_the_object_f1_counts_objects_of_at_least_4_m2():
+    """Specks under 4 m2 (predict drops them by default; SpaceNet ignores them) do not count in the object F1
+    the cut is tuned on; the pixel F1 counts every pixel."""
+    area = np.array([40.0, 30.0, 1.0, 2.0, 12.0])
+    objects = ValidationObjects(np.zeros((5, 7)), np.array([40, 30, 0, 0, 0]), np.array([0, 0, 1, 2, 12]), 70, area)
+    assert objects.roof.tolist() == [True, True, False, False, False]
+    every = np.ones(5, bool)
+    assert objects.scores(every) == (pytest.approx(2 * 70 / (140 + 15)), pytest.approx(2 * 2 / (3 + 2)))
+    assert objects.scores(np.array([True, True, True, True, False]))[1] == 1.0  # the specks kept cost nothing
+    tiny = ValidationObjects(np.zeros((2, 7)), np.array([1, 0]), np.array([0, 1]), 1, np.array([1.0, 1.0]))
+    assert tiny.scores(np.array([True, False]))[1] == 1.0  # none of 4 m2: every object counts
+
+
 def test_too_few_objects_of_a_kind_fit_no_filter():
     x = np.zeros((12, 7))
     roof = np.array([True] * 4 + [False] * 8)
@@ -179,7 +192,7 @@ def test_validation_objects_are_labelled_by_their_share_of_roof_pixels(tmp_path)
     objects = validation_objects(Fake(), [(frame, truth)], threshold=0.5, seed_threshold=0.75)
     assert objects.roof.tolist() == [True, False]
     assert objects.roof_pixels.tolist() == [16, 0] and objects.other_pixels.tolist() == [0, 16]
-    assert objects.all_roof_pixels == 16
+    assert objects.all_roof_pixels == 16 and objects.area_m2.tolist() == pytest.approx([16.0, 16.0], rel=0.01)
     x = objects.x
     assert x[:, 0].tolist() == pytest.approx([math.log(16)] * 2) and x[:, 1].tolist() == pytest.approx([0.9, 0.9])
 
