@@ -210,6 +210,14 @@ def object_keeper(info: BundleInfo, setting: float | None, targets: tuple[str, .
     return keep
 
 
+def filter_cut(info: BundleInfo, args: PredictArgs) -> float:
+    """The cut predict applies: predict_args.object_filter, else the bundle's (0 without a filter)."""
+    from core.objects import ObjectFilter
+
+    fitted = ObjectFilter.from_dict(info.object_filter)
+    return args.object_filter if args.object_filter is not None else (fitted.cut if fitted else 0.0)
+
+
 def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) -> str:
     """What the object filter did, for the log."""
     from core.objects import FEATURES, ObjectFilter, feature_names
@@ -227,10 +235,10 @@ def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) ->
             f"the object filter reads {', '.join(fitted.features[len(FEATURES) :])}, which predict_args.seeds "
             f"{args.seeds} leaves out: every object kept"
         )
-    at = fitted.cut if args.object_filter is None else args.object_filter
+    at = filter_cut(info, args)
     if at == 0:
         return "object filter off (the bundle's cut is 0: on validation no cut did better): every object kept"
-    return f"the object filter dropped {dropped} objects (probability of a roof under {at:g}), kept {kept} roofs"
+    return f"the object filter dropped {dropped} objects (probability of a roof under {at:g}), kept {kept}"
 
 
 def seed_targets(info: BundleInfo, args: PredictArgs) -> tuple[str, ...]:
@@ -665,7 +673,8 @@ def predict_all(
         log.warning("predict: predict_args.object_filter %g is unused: the object filter judges the watershed's "
                     "objects (predict_args.instances)", args.object_filter)  # fmt: skip
     if args.instances:
-        log.info("predict: %s", filter_note(info, args, sum(r.dropped for r in results), len(gdf)))
+        kept = sum(len(r.polygons) for r in results)  # (before predict_args.min_area drops the smallest)
+        log.info("predict: %s", filter_note(info, args, sum(r.dropped for r in results), kept))
     roof = sum(r.roof_pixels for r in results)
     valid = sum(r.valid_pixels for r in results)
     log.info(
@@ -679,8 +688,8 @@ def predict_all(
     if len(blank) == len(results) and any(r.dropped for r in results):
         raise BlankPredictionError(
             f"every predicted mask is blank: the object filter dropped every object "
-            f"({sum(r.dropped for r in results)}); predict_args.object_filter=0 keeps them (or a lower cut than the "
-            f"bundle's); outputs are in {out}",
+            f"({sum(r.dropped for r in results)}) at {filter_cut(info, args):g}; predict_args.object_filter=0 keeps "
+            f"them, null uses the bundle's cut; outputs are in {out}",
             results,
         )
     if len(blank) == len(results):

@@ -263,7 +263,7 @@ def test_predict_drops_the_objects_the_filter_rejects(scene, tmp_path, capsys):
     capsys.readouterr()
     assert predict_main([*argv, *model, "--overwrite", "--set", "predict_args.object_filter=1"]) != 0
     err = capsys.readouterr().err
-    assert f"every predicted mask is blank: the object filter dropped every object ({len(every)})" in err
+    assert f"every predicted mask is blank: the object filter dropped every object ({len(every)}) at 1;" in err
 
 
 def test_the_log_says_what_the_filter_did():
@@ -278,7 +278,7 @@ def test_the_log_says_what_the_filter_did():
                       targets=["footprint", "boundary", "contact"], object_filter=fitted)  # fmt: skip
     args = PredictArgs()
     assert filter_note(info, args, 3, 10) == (
-        "the object filter dropped 3 objects (probability of a roof under 0.5), kept 10 roofs"
+        "the object filter dropped 3 objects (probability of a roof under 0.5), kept 10"
     )
     assert filter_note(info, args.model_copy(update={"object_filter": 0.0}), 0, 13) == (
         "object filter off (predict_args.object_filter 0): every object kept"
@@ -290,7 +290,7 @@ def test_the_log_says_what_the_filter_did():
     old = BundleInfo(kind="unet", bands=3, dtype="uint8", normalization=norm, threshold=0.5)
     assert filter_note(old, args, 0, 13).startswith("the bundle has no object filter (trained before filters")
     assert filter_note(info, args.model_copy(update={"object_filter": 0.8}), 1, 2) == (
-        "the object filter dropped 1 objects (probability of a roof under 0.8), kept 2 roofs"
+        "the object filter dropped 1 objects (probability of a roof under 0.8), kept 2"
     )
     info.object_filter = {**fitted, "cut": 0.0}
     assert filter_note(info, args, 0, 13) == (
