@@ -736,6 +736,9 @@ def predict_stage(
     run = begin("predict", settings, tree, overwrite=overwrite, model=model, given=given)
     if run.skip:
         run.say_skip()
+        blank = ((run.status.record or {}).get("summary") or {}).get("blank")
+        if blank:  # the same answer as the run that made them: a rerun must not turn the failure into success
+            raise BlankPredictionError(f"{blank} (these predictions are up to date: --overwrite redoes them)")
         return []
     bundle, outside = predict_bundle(settings, tree, model, given)
     inputs = resolve_inputs(tree, settings.predict_args, source)
@@ -749,7 +752,7 @@ def predict_stage(
     run.start()
     threshold = args.threshold if args.threshold is not None else info.threshold
 
-    def finish(results: list[RasterResult]) -> None:
+    def finish(results: list[RasterResult], blank: str | None = None) -> None:
         run.finish(
             bundle=str(Path(bundle).resolve()),
             bundle_hash=file_identity(Path(bundle) / BUNDLE_JSON, hashed=True),
@@ -757,6 +760,7 @@ def predict_stage(
             threshold=threshold,
             seeds="+".join(targets),
             outputs=output_records(results, tree),
+            **({"blank": blank} if blank else {}),
         )
 
     try:
@@ -764,7 +768,7 @@ def predict_stage(
             bundle, inputs, tree.prediction_dir(model), args, overwrite=True, parallel=settings.parallel
         )
     except BlankPredictionError as exc:
-        finish(exc.results)  # the outputs are complete, only blank: evaluate may score them
+        finish(exc.results, str(exc))  # the outputs are complete, only blank: evaluate may score them
         raise
     finish(results)
     return results

@@ -264,6 +264,11 @@ def test_predict_drops_the_objects_the_filter_rejects(scene, tmp_path, capsys):
     assert predict_main([*argv, *model, "--overwrite", "--set", "predict_args.object_filter=1"]) != 0
     err = capsys.readouterr().err
     assert f"every predicted mask is blank: the object filter dropped every object ({len(every)}) at 1;" in err
+    # A rerun says the same, not "up to date" and success.
+    assert predict_main([*argv, *model, "--set", "predict_args.object_filter=1"]) != 0
+    again = capsys.readouterr().err
+    assert "every predicted mask is blank: the object filter dropped every object" in again
+    assert "(these predictions are up to date: --overwrite redoes them)" in again
 
 
 def test_the_log_says_what_the_filter_did():
