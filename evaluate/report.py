@@ -478,6 +478,22 @@ def _classes_table(classes: dict[str, Any]) -> str:
     return _table(["class", "pixel IoU", "pixel F1", "precision", "recall", "true pixels"], rows) + note
 
 
+def _object_filter_note(stats: dict[str, Any] | None) -> str:
+    """What train's metrics.json says of the model's object filter, as a paragraph ("" before filters existed)."""
+    if not stats:
+        return ""
+    if "cut" not in stats:
+        return (f'<p class="note">No object filter: the validation chips held {stats["objects"]} objects, '
+                f"{stats['roofs']} on roofs, too few of a kind; predict keeps every object.</p>")  # fmt: skip
+    (p0, p1), (o0, o1) = stats["pixel_f1"], stats["object_f1"]
+    return (
+        f'<p class="note">Object filter, fitted on the {stats["objects"]} objects of the validation chips '
+        f"({stats['roofs']} on roofs): cut {stats['cut']:g}; it drops {stats['false_dropped']:.0%} of the false "
+        f"objects and keeps {stats['roofs_kept']:.0%} of the roofs; validation pixel F1 {p0:.3f} &rarr; {p1:.3f}, "
+        f"object F1 (objects of 4 m&sup2; or more) {o0:.3f} &rarr; {o1:.3f}.</p>"
+    )
+
+
 def _model_sections(results: list[ModelResult], split: str) -> str:
     parts = []
     for r in results:
@@ -489,6 +505,7 @@ def _model_sections(results: list[ModelResult], split: str) -> str:
             pictures += [_img(folder / name, f"{r.model}, {ev['split']}: {caption}") for name, caption in
                          EVALUATION_PICTURES if (folder / name).is_file()]  # fmt: skip
         table = _classes_table(ev["classes"]) if ev and ev.get("classes") else ""
+        table = _object_filter_note((r.train or {}).get("object_filter")) + table
         if pictures or table:
             parts.append(f'<h3 id="model-{html.escape(r.model)}">{html.escape(r.model)}</h3>' + table
                          + "".join(pictures))  # fmt: skip
