@@ -760,8 +760,10 @@ def predict_stage(
             threshold=threshold,
             seeds="+".join(targets),
             outputs=output_records(results, tree),
+            **({"object_filter": {"cut": filter_cut(info, args), "dropped": sum(r.dropped for r in results)}}
+               if args.instances and object_keeper(info, args.object_filter, targets) else {}),
             **({"blank": blank} if blank else {}),
-        )
+        )  # fmt: skip
 
     try:
         results = predict_all(

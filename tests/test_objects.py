@@ -253,9 +253,13 @@ def test_predict_drops_the_objects_the_filter_rejects(scene, tmp_path, capsys):
         return gpd.read_file(out / "roofs.gpkg")
 
     every = predicted("--set", "predict_args.object_filter=0", "--set", "predict_args.min_area=0")
+    record = json.loads((out / "predict.record.json").read_text())
+    assert "object_filter" not in record["summary"]  # off: nothing applied
     kept = predicted("--set", "predict_args.min_area=0")
+    record = json.loads((out / "predict.record.json").read_text())
     small = int((every["area_m2"] < 40 * 0.25).sum())
     assert small > 0 and len(kept) == len(every) - small and (kept["area_m2"] >= 40 * 0.25).all()
+    assert record["summary"]["object_filter"] == {"cut": 0.5, "dropped": small}
     for name in kept["source"].unique():
         with rasterio.open(out / "masks" / name) as m, rasterio.open(out / "instances" / name) as i:
             assert ((m.read(1) > 0) == (i.read(1) > 0)).all()  # the mask holds the kept roofs, no more
