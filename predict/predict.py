@@ -154,7 +154,7 @@ def predict_raster(
         if args.instances:
             seed = default_seed_threshold(threshold, args.seed_threshold, channels=len(targets) > 1)
             dropped: list = []
-            roofs_only = object_keeper(predictor.info, args.object_filter, targets)
+            roofs_only = object_keeper(predictor.info, args, targets)
             result.polygons = raster_instances(probs, threshold, seed, targets, keep=roofs_only, dropped=dropped)
             if dropped:  # the objects the filter dropped leave the mask (and the class raster) too
                 erase = outside_roofs(dropped, [g for g, _ in result.polygons])
@@ -189,56 +189,66 @@ def outside_roofs(dropped: list, kept: list) -> list:
     return out
 
 
-def object_keeper(info: BundleInfo, setting: float | None, targets: tuple[str, ...]):
-    """The object filter's decision (``keep(labels, ids, bands)``, for core.instances.raster_instances): the
-    objects whose probability of being a roof is at least predict_args.object_filter (``setting``; null: the
-    bundle's cut); None (keep every object) when that is 0, the bundle has no filter, or predict leaves out
-    bands the filter reads."""
-    from core.objects import ObjectFilter, feature_names, object_features
-
-    fitted = ObjectFilter.from_dict(info.object_filter)
-    if fitted is None or fitted.features != feature_names(targets):
-        return None
-    at = fitted.cut if setting is None else setting
-    if at <= 0:
-        return None
-    core = default_seed_threshold(info.threshold, None, channels=len(info.targets) > 1)
-
-    def keep(labels: np.ndarray, ids: np.ndarray, bands: np.ndarray) -> np.ndarray:
-        return fitted.probability(object_features(labels, ids, bands, core)) >= at
-
-    return keep
-
-
-def filter_cut(info: BundleInfo, args: PredictArgs) -> float:
-    """The cut predict applies: predict_args.object_filter, else the bundle's (0 without a filter)."""
-    from core.objects import ObjectFilter
-
-    fitted = ObjectFilter.from_dict(info.object_filter)
-    return args.object_filter if args.object_filter is not None else (fitted.cut if fitted else 0.0)
-
-
-def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) -> str:
-    """What the object filter did, for the log."""
+def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...]) -> tuple[Any, float, str]:
+    """The object filter predict applies (core.objects.ObjectFilter) and its cut: predict_args.object_filter,
+    else the bundle's; or None, 0 and why every object is kept (a setting of 0, a bundle without a filter, bands
+    the filter reads that predict leaves out of ``targets``, a cut tuned to 0)."""
     from core.objects import FEATURES, ObjectFilter, feature_names
 
     fitted = ObjectFilter.from_dict(info.object_filter)
     if args.object_filter == 0:
-        return "object filter off (predict_args.object_filter 0): every object kept"
+        return None, 0.0, "object filter off (predict_args.object_filter 0): every object kept"
     if fitted is None:
         return (
-            "the bundle has no object filter (trained before filters existed: retrain with --overwrite to fit one; "
-            "or its validation chips held too few objects): every object kept"
+            None,
+            0.0,
+            (
+                "the bundle has no object filter (trained before filters existed: retrain with --overwrite to fit one; "
+                "or its validation chips held too few objects): every object kept"
+            ),
         )
-    if fitted.features != feature_names(seed_targets(info, args)):
+    if fitted.features != feature_names(targets):
         return (
-            f"the object filter reads {', '.join(fitted.features[len(FEATURES) :])}, which predict_args.seeds "
-            f"{args.seeds} leaves out: every object kept"
+            None,
+            0.0,
+            (
+                f"the object filter reads {', '.join(fitted.features[len(FEATURES) :])}, which predict_args.seeds "
+                f"{args.seeds} leaves out: every object kept"
+            ),
         )
-    at = filter_cut(info, args)
-    if at == 0:
-        return "object filter off (the bundle's cut is 0: on validation no cut did better): every object kept"
-    return f"the object filter dropped {dropped} objects (probability of a roof under {at:g}), kept {kept}"
+    cut = fitted.cut if args.object_filter is None else args.object_filter
+    if cut <= 0:
+        return (
+            None,
+            0.0,
+            "object filter off (the bundle's cut is 0: on validation no cut did better): every object kept",
+        )
+    return fitted, cut, ""
+
+
+def object_keeper(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...]):
+    """The object filter's decision (``keep(labels, ids, bands)``, for core.instances.raster_instances): the
+    objects whose probability of being a roof is at least the cut of :func:`filter_decision`; None (keep every
+    object) where no filter applies."""
+    from core.objects import object_features
+
+    fitted, cut, _ = filter_decision(info, args, targets)
+    if fitted is None:
+        return None
+    core = default_seed_threshold(info.threshold, None, channels=len(info.targets) > 1)
+
+    def keep(labels: np.ndarray, ids: np.ndarray, bands: np.ndarray) -> np.ndarray:
+        return fitted.probability(object_features(labels, ids, bands, core)) >= cut
+
+    return keep
+
+
+def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) -> str:
+    """What the object filter did, for the log."""
+    fitted, cut, why = filter_decision(info, args, seed_targets(info, args))
+    if fitted is None:
+        return why
+    return f"the object filter dropped {dropped} objects (probability of a roof under {cut:g}), kept {kept}"
 
 
 def seed_targets(info: BundleInfo, args: PredictArgs) -> tuple[str, ...]:
@@ -687,8 +697,8 @@ def predict_all(
     )
     if len(blank) == len(results) and any(r.dropped for r in results):
         raise BlankPredictionError(
-            f"every predicted mask is blank: the object filter dropped every object "
-            f"({sum(r.dropped for r in results)}) at {filter_cut(info, args):g}; predict_args.object_filter=0 keeps "
+            f"every predicted mask is blank: the object filter dropped every object ({sum(r.dropped for r in results)})"
+            f" at {filter_decision(info, args, seed_targets(info, args))[1]:g}; predict_args.object_filter=0 keeps "
             f"them, null uses the bundle's cut; outputs are in {out}",
             results,
         )
@@ -751,6 +761,7 @@ def predict_stage(
     targets = seed_targets(info, args)  # before the old predictions are removed
     run.start()
     threshold = args.threshold if args.threshold is not None else info.threshold
+    applied, cut, _ = filter_decision(info, args, targets)
 
     def finish(results: list[RasterResult], blank: str | None = None) -> None:
         run.finish(
@@ -760,8 +771,8 @@ def predict_stage(
             threshold=threshold,
             seeds="+".join(targets),
             outputs=output_records(results, tree),
-            **({"object_filter": {"cut": filter_cut(info, args), "dropped": sum(r.dropped for r in results)}}
-               if args.instances and object_keeper(info, args.object_filter, targets) else {}),
+            **({"object_filter": {"cut": cut, "dropped": sum(r.dropped for r in results)}}
+               if args.instances and applied is not None else {}),
             **({"blank": blank} if blank else {}),
         )  # fmt: skip
 
