@@ -248,11 +248,9 @@ def burn_polygons(path: Path, polygons: list[BaseGeometry], values: list[int], *
             if not len(hits):
                 continue
             data = dst.read(1, window=win)
-            transform = dst.window_transform(win)
-            burned = rasterize([(polygons[i], values[i]) for i in hits], out_shape=data.shape, transform=transform,
-                               fill=0, dtype=data.dtype)  # fmt: skip
-            inside = rasterize([(polygons[i], 1) for i in hits], out_shape=data.shape, transform=transform,
-                               fill=0, dtype="uint8")  # fmt: skip
-            erased += int(((inside > 0) & (burned == 0) & (data != 0)).sum())
-            dst.write(np.where(inside > 0, burned, data)[None], window=win)
+            burned = rasterize([(polygons[i], values[i]) for i in hits], out_shape=data.shape,
+                               transform=dst.window_transform(win), fill=-1, dtype="int32")  # fmt: skip
+            inside = burned >= 0  # (-1: no polygon's pixel; a value of 0 erases)
+            erased += int((inside & (burned == 0) & (data != 0)).sum())
+            dst.write(np.where(inside, burned, data).astype(data.dtype)[None], window=win)
     return erased
