@@ -27,6 +27,8 @@ polygons lying mostly on unknown buildings dropped). The U-Net steps:
                  concerte, clay_tiles), the same bands; metal is the class raster's class 1 and the
                  roofs of class metal; "material" is the share of true roofs of known material found
                  (matched at IoU >= 0.5 by a roof of any class) whose predicted class is theirs.
+                 roofs are split where the class changes (predict_args.split_classes);
+                 "classes unsplit": one class per object of the watershed, as before that split existed;
                  "classes majority": each roof the class most of its pixels have (predict_args.roof_class);
                  "classes raw": without the class offsets tuned on validation (predict_args.calibrated_classes)
 
@@ -174,6 +176,7 @@ def main() -> int:
             ("unet + obj filter", "channels", "unet", []),
             ("unet + TTA", "channels", "unet", ["predict_args.tta=true"]),
             ("unet classes", "classes", "unet", []),
+            ("unet classes unsplit", "classes", "unet", ["predict_args.split_classes=false"]),
             ("unet classes majority", "classes", "unet", ["predict_args.roof_class=majority"]),
             ("unet classes raw", "classes", "unet", ["predict_args.calibrated_classes=false"]),
         ]

@@ -9,7 +9,8 @@ on the boundary and contact bands (core/targets.py) gives better seeds and valle
 footprint x (1 - boundary) x (1 - contact), as SpaceNet 6's winner seeded, with seeds three
 quarters of the way from the threshold to 1 by default. Roof pixels no
 seed reaches (a small, faint roof) are objects of their own, so the roof pixels are exactly
-the mask's.
+the mask's. A model trained on classes may also split objects where the class changes
+(:func:`split_by_class`): a metal roof touching a concrete one is two roofs.
 
 A raster of any size is processed in blocks with a margin around each: an object belongs to
 the block holding the top-left corner of its bounding box and is polygonized from that
@@ -32,12 +33,18 @@ from shapely import STRtree
 from shapely.geometry.base import BaseGeometry
 
 from core.raster import create_raster, gtiff_profile, iter_windows, open_raster
+from core.vector import pixel_m2
 
 #: Block side and margin of the block-by-block watershed, pixels.
 BLOCK = 2048
 MARGIN = 256
 #: Seeds smaller than this many pixels are noise, not roof cores.
 MIN_SEED_PIXELS = 4
+#: A part of a roof of another class splits off as a roof of its own from this ground area (m2) up; smaller
+#: parts take their roof's class. Measured on the Banepa validation chips (U-Net at 60 epochs, metal pixel IoU):
+#: 0.400 one class per watershed object, 0.455 split at every change, 0.461 from 4 or 8 m2, 0.456 from 17 m2,
+#: 0.432 from 35 m2.
+MIN_PART_M2 = 8.0
 #: 4-connectivity, as rasterio.features.shapes and evaluate's objects.
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
@@ -86,14 +93,62 @@ def seed_score(bands: np.ndarray, targets: tuple[str, ...]) -> np.ndarray:
     return score
 
 
+def class_kinds(class_bands: np.ndarray) -> np.ndarray:
+    """Each pixel's most probable class (0-based) from a (classes, rows, cols) array of class probabilities."""
+    return np.argmax(class_bands, axis=0).astype(np.int16)
+
+
+def split_by_class(labels: np.ndarray, kinds: np.ndarray, min_part: int = 0) -> tuple[np.ndarray, int]:
+    """A label image's objects split where the class changes: each 4-connected group of one object's pixels
+    of one class (``kinds``, each pixel's class) is an object of its own, numbered 1..n in raster order.
+    A group under ``min_part`` pixels does not split off (a speck of another class is noise, not a roof of its
+    own): it takes the class of the nearest large group of its object, or, where its object has none, the
+    class most of the object's pixels have."""
+    from skimage.measure import label
+
+    if not labels.any():
+        return np.zeros(labels.shape, np.int32), 0
+    width = int(kinds.max()) + 1
+
+    def parts(kinds: np.ndarray) -> tuple[np.ndarray, int]:
+        pieces = np.where(labels > 0, labels.astype(np.int64) * width + kinds, 0)
+        split, n = label(pieces, background=0, return_num=True, connectivity=1)
+        return split.astype(np.int32), int(n)
+
+    split, n = parts(kinds)
+    small = np.bincount(split.ravel(), minlength=n + 1) < min_part
+    small[0] = False
+    if not small.any():
+        return split, n
+    counts = np.bincount((labels.astype(np.int64) * width + kinds).ravel(), minlength=(int(labels.max()) + 1) * width)
+    fill = np.argmax(counts.reshape(-1, width), axis=1).astype(kinds.dtype)[labels]  # each object's majority
+    large = (split > 0) & ~small[split]
+    if large.any():
+        _, (rows, cols) = ndimage.distance_transform_edt(~large, return_indices=True)
+        fill = np.where(labels[rows, cols] == labels, kinds[rows, cols], fill)
+    return parts(np.where(small[split], fill, kinds))
+
+
+def part_pixels(pixel_m2: float) -> int:
+    """The pixels of :data:`MIN_PART_M2` at this pixel area (m2): the smallest part that splits off a roof."""
+    return max(1, int(np.ceil(MIN_PART_M2 / max(pixel_m2, 1e-12))))
+
+
 def label_instances(
-    prob: np.ndarray, threshold: float, seed_threshold: float, score: np.ndarray | None = None
+    prob: np.ndarray,
+    threshold: float,
+    seed_threshold: float,
+    score: np.ndarray | None = None,
+    kinds: np.ndarray | None = None,
+    min_part: int = 0,
 ) -> tuple[np.ndarray, int]:
     """Label image of roofs (1..n, 0 = background) from a probability array: seeded watershed.
 
     ``score`` (default: the probability) picks the seeds (score >= seed_threshold) and is the
     surface the seeds grow over, down to its valleys: :func:`seed_score` of a U-Net's boundary
-    and contact bands makes the lines between touching roofs deep valleys.
+    and contact bands makes the lines between touching roofs deep valleys. With ``kinds`` (each
+    pixel's class) the objects are then split where the class changes, in parts of at least
+    ``min_part`` pixels (:func:`split_by_class`).
     """
     from skimage.segmentation import watershed
 
@@ -106,6 +161,8 @@ def label_instances(
     rest, m = ndimage.label(roof & (labels == 0), structure=_CROSS)
     if m:
         labels[rest > 0] = rest[rest > 0] + n
+    if kinds is not None:
+        return split_by_class(labels, kinds, min_part)
     return labels, n + m
 
 
@@ -117,23 +174,29 @@ def raster_instances(
     *,
     keep: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
     dropped: list[BaseGeometry] | None = None,
+    split_classes: int = 0,
     block: int = BLOCK,
     margin: int = MARGIN,
 ) -> list[tuple[BaseGeometry, float]]:
     """One (polygon, mean probability) per roof of a probability raster (band 1; further bands
     ``targets[1:]`` seed the watershed), block by block. ``keep(labels, ids, bands)`` (the object filter)
-    says which objects of a block are roofs; the others are left out, their polygons added to ``dropped``."""
+    says which objects of a block are roofs; the others are left out, their polygons added to ``dropped``.
+    ``split_classes`` (the number of class bands after the targets' bands, 0 = none) splits the objects
+    where the most probable class changes (parts of at least :data:`MIN_PART_M2`)."""
     found: list[tuple[BaseGeometry, float]] = []
     with open_raster(prob_path) as src:
+        min_part = part_pixels(pixel_m2(src.profile, (src.height, src.width))) if split_classes else 0
         for core in iter_windows(src.width, src.height, block):
             r0, c0 = max(0, int(core.row_off) - margin), max(0, int(core.col_off) - margin)
             r1 = min(src.height, int(core.row_off + core.height) + margin)
             c1 = min(src.width, int(core.col_off + core.width) + margin)
             ext = Window(c0, r0, c1 - c0, r1 - r0)
-            bands = src.read(list(range(1, len(targets) + 1)), window=ext)
+            bands = src.read(list(range(1, len(targets) + split_classes + 1)), window=ext)
+            kinds = class_kinds(bands[len(targets) :]) if split_classes else None
+            bands = bands[: len(targets)]
             prob = bands[0]
             score = seed_score(bands, targets) if len(targets) > 1 else None
-            labels, n = label_instances(prob, threshold, seed_threshold, score)
+            labels, n = label_instances(prob, threshold, seed_threshold, score, kinds, min_part)
             if n == 0:
                 continue
             owned = [

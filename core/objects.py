@@ -190,13 +190,21 @@ def fit_object_filter(objects: ValidationObjects, names: list[str]) -> tuple[Obj
 
 
 def validation_objects(
-    predictor: Any, pairs: list[tuple[Path, Path]], threshold: float, seed_threshold: float
+    predictor: Any,
+    pairs: list[tuple[Path, Path]],
+    threshold: float,
+    seed_threshold: float,
+    class_bias: list[float] | None = None,
 ) -> ValidationObjects:
     """The objects the watershed finds on the validation chips (at the tuned threshold, seeded as predict
-    seeds by default). Objects mostly of unknown class are left out; nodata pixels are unknown."""
+    seeds by default; a bundle trained on classes split where the most probable class changes, its class
+    probabilities shifted by ``class_bias``, as predict does by default). Objects mostly of unknown class are
+    left out; nodata pixels are unknown."""
     from core.cli import progress
-    from core.instances import label_instances, seed_score
+    from core.instances import class_kinds, label_instances, part_pixels, seed_score
+    from core.metrics import shift_classes
     from core.raster import read_pair, usable_pixels, valid_pixels
+    from core.vector import pixel_m2
 
     targets = tuple(predictor.info.targets)
     nodata = predictor.info.normalization.nodata
@@ -205,10 +213,16 @@ def validation_objects(
         chw, roof, known, profile = read_pair(frame, mask)
         use = usable_pixels(chw, nodata, known)
         total += int((roof & use).sum())
-        bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0][: len(targets)]
+        every = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0]
+        bands, kinds = every[: len(targets)], None
+        if predictor.info.classes:  # each pixel's class, as predict splits the roofs (predict_args.split_classes)
+            kinds = class_kinds(
+                shift_classes(every[len(targets) :], class_bias) if class_bias else every[len(targets) :]
+            )
         bands[:, ~valid_pixels(chw, nodata)] = 0.0  # as predict writes nodata: no object grows over it
         score = seed_score(bands, targets) if len(targets) > 1 else None
-        labels, n = label_instances(bands[0], threshold, seed_threshold, score)
+        area = pixel_m2(profile, chw.shape[1:])
+        labels, n = label_instances(bands[0], threshold, seed_threshold, score, kinds, part_pixels(area))
         if not n:
             continue
         ids = np.arange(1, n + 1)
@@ -219,7 +233,7 @@ def validation_objects(
         xs.append(object_features(labels, ids[keep], bands, seed_threshold))
         roofs.append(on_roof[keep])
         others.append(other[keep])
-        areas.append(pixels[keep] * pixel_m2(profile, chw.shape[1:]))
+        areas.append(pixels[keep] * area)
     width = len(FEATURES) + len(targets) - 1
     if not xs:
         return ValidationObjects(np.zeros((0, width)), np.zeros(0, np.int64), np.zeros(0, np.int64), total, np.zeros(0))
@@ -228,32 +242,16 @@ def validation_objects(
     )
 
 
-def pixel_m2(profile: dict[str, Any], shape: tuple[int, int]) -> float:
-    """The mean ground area of a raster's pixel in m2 (its bounds measured in the local UTM zone); the square
-    map units of a raster without a CRS."""
-    import geopandas as gpd
-    import rasterio
-    import shapely
-
-    from core.vector import ground_area
-
-    rows, cols = shape
-    if profile.get("crs") is None:
-        return abs(profile["transform"].a * profile["transform"].e)
-    box = shapely.box(*rasterio.transform.array_bounds(rows, cols, profile["transform"]))
-    return float(ground_area(gpd.GeoDataFrame(geometry=[box], crs=profile.get("crs")))[0]) / (rows * cols)
-
-
 def train_object_filter(
-    predictor: Any, pairs: list[tuple[Path, Path]], threshold: float
+    predictor: Any, pairs: list[tuple[Path, Path]], threshold: float, class_bias: list[float] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """Fit the object filter of a trained model on its validation chips at its tuned threshold: bundle.json's
-    ``object_filter`` entry (empty: none), metrics.json's, and a line for the log."""
+    """Fit the object filter of a trained model on its validation chips at its tuned threshold (and class
+    offsets): bundle.json's ``object_filter`` entry (empty: none), metrics.json's, and a line for the log."""
     from core.instances import default_seed_threshold
 
     targets = list(predictor.info.targets)
     core = default_seed_threshold(threshold, None, channels=len(targets) > 1)
-    objects = validation_objects(predictor, pairs, threshold, core)
+    objects = validation_objects(predictor, pairs, threshold, core, class_bias)
     fitted, why = fit_object_filter(objects, feature_names(targets))
     if fitted is None:
         return {}, {"objects": len(objects.roof_pixels), "roofs": int(objects.roof.sum())}, why

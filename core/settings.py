@@ -736,6 +736,12 @@ class PredictArgs(Section):
         "probabilities summed over the roof's pixels are highest (a vote weighted by probability); majority = "
         "the class most of its pixels find most probable.",
     )
+    split_classes: bool = Field(
+        True,
+        description="A bundle trained on classes, with instances: split a roof where its pixels' most probable "
+        "class changes, each part a roof of its own (a metal roof touching a concrete one is two roofs, not one "
+        "roof of one material); false = one class for the whole object the watershed found.",
+    )
     calibrated_classes: bool = Field(
         True,
         description="A bundle trained on classes: shift each class's probability by the offset train tuned on the "

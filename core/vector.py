@@ -250,6 +250,18 @@ def ground_area(gdf: gpd.GeoDataFrame) -> np.ndarray:
     return gdf.to_crs(gdf.estimate_utm_crs()).geometry.area.to_numpy()
 
 
+def pixel_m2(profile: dict[str, Any], shape: tuple[int, int]) -> float:
+    """The mean ground area of a raster's pixel in m2 (its bounds measured in the local UTM zone); the square
+    map units of a raster without a CRS."""
+    import rasterio
+
+    rows, cols = shape
+    if profile.get("crs") is None:
+        return abs(profile["transform"].a * profile["transform"].e)
+    bounds = box(*rasterio.transform.array_bounds(rows, cols, profile["transform"]))
+    return float(ground_area(gpd.GeoDataFrame(geometry=[bounds], crs=profile.get("crs")))[0]) / (rows * cols)
+
+
 def roof_grid(roofs: gpd.GeoDataFrame, bounds: tuple[float, float, float, float], size: float) -> gpd.GeoDataFrame:
     """Square cells of ``size`` metres over ``bounds`` (in the roofs' CRS) with the number of roofs whose
     centroid lies in each and their ground area (``area_m2``); cells are laid out in the local UTM zone,

@@ -256,7 +256,7 @@ def train_classical(kind: str, settings: Settings, tree: DataTree, *, overwrite:
         if calibration is not None:
             bias, class_confusion, raw_confusion = calibrate_classes(calibration, per_class)
         threshold, confusion = search.best()
-        entry, objects, why = train_object_filter(predictor, val_pairs, threshold)
+        entry, objects, why = train_object_filter(predictor, val_pairs, threshold, bias)
         log.info("train %s: %s", kind, why)
         write_info(tmp, dataclasses.replace(info0, threshold=threshold, class_bias=bias, object_filter=entry))
 

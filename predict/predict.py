@@ -13,7 +13,8 @@ the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
                           colour table (1, 2 ... as the class map names them; 0 background, the
                           nodata value, so that QGIS draws it transparent; NAME.qml beside it, the
                           style QGIS applies by itself: each class by name), each
-                          roof one class (predict_args.roof_class); the probabilities add a band per
+                          roof one class (predict_args.roof_class; a roof whose pixels change class is
+                          split there, predict_args.split_classes); the probabilities add a band per
                           class, its probability given a roof
   roofs.gpkg              one polygon per roof: id, source, mean_probability, area_m2 (input CRS);
                           with classes also class, class_id, class_probability
@@ -155,7 +156,10 @@ def predict_raster(
             seed = default_seed_threshold(threshold, args.seed_threshold, channels=len(targets) > 1)
             dropped: list = []
             roofs_only = object_keeper(predictor.info, args, targets)
-            result.polygons = raster_instances(probs, threshold, seed, targets, keep=roofs_only, dropped=dropped)
+            split = classes if args.split_classes else 0
+            result.polygons = raster_instances(
+                probs, threshold, seed, targets, keep=roofs_only, dropped=dropped, split_classes=split
+            )
             if dropped:  # the objects the filter dropped leave the mask (and the class raster) too
                 erase = outside_roofs(dropped, [g for g, _ in result.polygons])
                 result.roof_pixels -= burn_polygons(mask_path, erase, [0] * len(erase))

@@ -144,3 +144,50 @@ def test_tta_averages_the_eight_views_turned_back():
     np.testing.assert_allclose(out, np.rot90(out, 1, axes=(1, 2)), atol=1e-6)
     np.testing.assert_allclose(out, out[..., ::-1], atol=1e-6)
     assert out.mean() == pytest.approx(0.5)
+
+
+def test_an_object_is_split_where_its_class_changes_and_a_speck_takes_its_neighbours_class():
+    """One watershed object: a metal half (class 0), a concrete half (class 1) and a 2 x 2 speck of class 1
+    inside the metal half. Split at every change: three parts. From 5 pixels: the speck joins the metal half
+    around it (the nearest large part), although most of the object is concrete."""
+    from core.instances import split_by_class
+
+    labels = np.zeros((12, 24), np.int32)
+    labels[1:11, 1:23] = 1
+    kinds = np.zeros(labels.shape, np.int16)
+    kinds[1:11, 11:23] = 1  # 120 px of class 1, 100 px of class 0 (4 of them the speck's)
+    kinds[4:6, 4:6] = 1
+    split, n = split_by_class(labels, kinds)
+    assert n == 3 and sorted(np.bincount(split.ravel())[1:].tolist()) == [4, 96, 120]
+    split, n = split_by_class(labels, kinds, min_part=5)
+    assert n == 2 and split[1, 1] == 1 and split[1, 20] == 2  # numbered in raster order
+    assert (split == 1).sum() == 100 and (split == 2).sum() == 120 and split[4, 4] == 1
+    # An object with no large part: each speck takes the class most of the object's pixels have.
+    small = np.zeros((4, 6), np.int32)
+    small[1:3, 1:5] = 7
+    mixed = np.zeros(small.shape, np.int16)
+    mixed[1:3, 4] = 1  # 2 px of class 1 beside 6 px of class 0
+    split, n = split_by_class(small, mixed, min_part=10)
+    assert n == 1 and (split == 1).sum() == 8
+    assert split_by_class(np.zeros((3, 3), np.int32), np.zeros((3, 3), np.int16))[1] == 0
+
+
+def test_raster_instances_split_by_the_class_bands_and_keep_small_parts_whole(tmp_path):
+    """A probability raster with one class band pair after the footprint: two touching roofs, one metal and
+    one concrete, with no valley between them, are one object unsplit and two split; a 1 m2 speck of the
+    other class (4 px of 0.5 m) stays part of its roof (MIN_PART_M2 is 8 m2)."""
+    from core.instances import MIN_PART_M2
+
+    bands = np.zeros((3, 30, 40), np.float32)
+    bands[0] = 0.05
+    bands[0, 5:15, 5:29] = 0.95  # one flat blob: the watershed has one seed region
+    bands[1] = 0.9  # P(metal | roof) ...
+    bands[1, 5:15, 17:29] = 0.2  # ... low on the right half: concrete
+    bands[1, 8:10, 8:10] = 0.1  # a speck of 'concrete' inside the metal half
+    bands[2] = 1.0 - bands[1]
+    path = write_geotiff(tmp_path / "p.tif", array=bands, nodata=None)
+    whole = raster_instances(path, 0.5, 0.75)
+    assert [round(g.area / 0.25) for g, _ in whole] == [240]
+    split = raster_instances(path, 0.5, 0.75, split_classes=2)
+    assert sorted(round(g.area / 0.25) for g, _ in split) == [120, 120] and MIN_PART_M2 > 1.0
+    assert all(g.is_valid and not g.interiors for g, _ in split)  # the speck is no hole in the metal roof

@@ -181,7 +181,7 @@ def test_validation_objects_are_labelled_by_their_share_of_roof_pixels(tmp_path)
     truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform)
 
     class Fake:
-        info = SimpleNamespace(targets=["footprint"], normalization=SimpleNamespace(nodata=None))
+        info = SimpleNamespace(targets=["footprint"], classes=[], normalization=SimpleNamespace(nodata=None))
 
         def prepare(self, chips):
             return chips
@@ -322,3 +322,37 @@ def test_the_report_says_what_the_filter_learnt():
         "predict keeps every object.</p>"
     )
     assert _object_filter_note(None) == ""
+
+
+def test_validation_objects_of_a_class_bundle_are_split_by_class_as_predict_splits_them(tmp_path):
+    """A bundle trained on classes: one 8 x 8 object whose left half the model calls metal and right half
+    other; split by the (offset) class probabilities, as predict does by default, it is two validation
+    objects. An offset that makes metal win everywhere leaves it one."""
+    from core.raster import write_raster
+
+    chip = np.zeros((1, 20, 20), np.uint16)
+    chip[0, 2:10, 2:10] = 90
+    mask = np.zeros((1, 20, 20), np.uint8)
+    mask[0, 2:10, 2:10] = 255
+    transform = rasterio.transform.from_origin(0, 20, 1, 1)
+    frame = write_raster(tmp_path / "f.tif", chip, crs="EPSG:32644", transform=transform)
+    truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform)
+
+    class Fake:
+        info = SimpleNamespace(
+            targets=["footprint"], classes=["metal", "other"], normalization=SimpleNamespace(nodata=None)
+        )
+
+        def prepare(self, chips):
+            return chips
+
+        def forward_targets(self, chips):
+            prob = (chips / 100.0).astype(np.float32)
+            metal = np.full_like(prob, 0.8)
+            metal[..., 6:] = 0.3  # columns 6.. (the object's right half): other
+            return np.concatenate([prob, metal, 1.0 - metal], axis=1)
+
+    split = validation_objects(Fake(), [(frame, truth)], threshold=0.5, seed_threshold=0.75)
+    assert split.roof_pixels.tolist() == [32, 32] and split.other_pixels.tolist() == [0, 0]
+    whole = validation_objects(Fake(), [(frame, truth)], threshold=0.5, seed_threshold=0.75, class_bias=[0.0, -2.0])
+    assert whole.roof_pixels.tolist() == [64]

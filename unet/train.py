@@ -444,14 +444,15 @@ def train_unet(
     sample = ClassSample(len(classes), len(val_frames)) if classes else None
     threshold, confusion, per_chip = evaluate_split(predictor, val_frames, val_masks, sample)
     info = replace(info, threshold=threshold)
-    entry, objects, why = train_object_filter(predictor, list(zip(val_frames, val_masks, strict=True)), threshold)
-    info = replace(info, object_filter=entry)
-    log.info("train: unet %s", why)
     kinds = {}
     if sample is not None:  # the validation roof pixels' classes: the offsets that make the decision fair to each
         bias, class_confusion, raw = calibrate_classes(sample, pixels)
         info = replace(info, class_bias=bias)
         kinds = class_metrics(classes, pixels, class_confusion, bias, raw)
+    pairs = list(zip(val_frames, val_masks, strict=True))
+    entry, objects, why = train_object_filter(predictor, pairs, threshold, info.class_bias or None)
+    info = replace(info, object_filter=entry)
+    log.info("train: unet %s", why)
     unet_bundle.save(bundle_dir, model, info)
     record = metrics_record(
         "unet", "val", threshold, confusion, epochs=done_epochs + len(history.epoch), train_seconds=round(seconds, 1),
