@@ -102,31 +102,49 @@ def split_by_class(labels: np.ndarray, kinds: np.ndarray, min_part: int = 0) -> 
     """A label image's objects split where the class changes: each 4-connected group of one object's pixels
     of one class (``kinds``, each pixel's class) is an object of its own, numbered 1..n in raster order.
     A group under ``min_part`` pixels does not split off (a speck of another class is noise, not a roof of its
-    own): it takes the class of the nearest large group of its object, or, where its object has none, the
-    class most of the object's pixels have."""
+    own): it takes the class of the nearest large group of its own object, or, where its object has none,
+    the class most of the object's pixels have; a group still apart and small after that (in a concave
+    roof, the nearest large group need not touch it) takes the class of the neighbours it borders most."""
     from skimage.measure import label
 
     if not labels.any():
         return np.zeros(labels.shape, np.int32), 0
     width = int(kinds.max()) + 1
 
-    def parts(kinds: np.ndarray) -> tuple[np.ndarray, int]:
+    def parts(kinds: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
         pieces = np.where(labels > 0, labels.astype(np.int64) * width + kinds, 0)
         split, n = label(pieces, background=0, return_num=True, connectivity=1)
-        return split.astype(np.int32), int(n)
+        small = np.bincount(split.ravel(), minlength=n + 1) < min_part
+        small[0] = False
+        return split.astype(np.int32), int(n), small
 
-    split, n = parts(kinds)
-    small = np.bincount(split.ravel(), minlength=n + 1) < min_part
-    small[0] = False
+    split, n, small = parts(kinds)
     if not small.any():
         return split, n
+    kinds = kinds.copy()
     counts = np.bincount((labels.astype(np.int64) * width + kinds).ravel(), minlength=(int(labels.max()) + 1) * width)
-    fill = np.argmax(counts.reshape(-1, width), axis=1).astype(kinds.dtype)[labels]  # each object's majority
-    large = (split > 0) & ~small[split]
-    if large.any():
-        _, (rows, cols) = ndimage.distance_transform_edt(~large, return_indices=True)
-        fill = np.where(labels[rows, cols] == labels, kinds[rows, cols], fill)
-    return parts(np.where(small[split], fill, kinds))
+    majority = np.argmax(counts.reshape(-1, width), axis=1).astype(kinds.dtype)
+    boxes = ndimage.find_objects(labels)
+    for obj in np.unique(labels[small[split]]):
+        box = boxes[obj - 1]
+        own = labels[box] == obj
+        specks = own & small[split[box]]
+        large = own & ~specks
+        if large.any():  # the nearest large group of this object, not of a touching one
+            rows, cols = ndimage.distance_transform_edt(~large, return_distances=False, return_indices=True)
+            kinds[box][specks] = kinds[box][rows, cols][specks]
+        else:
+            kinds[box][specks] = majority[obj]
+    split, n, small = parts(kinds)
+    for k in np.flatnonzero(small):  # still apart: the class of the object's pixels that border it most
+        box = ndimage.find_objects((split == k).astype(np.int8))[0]
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
+        piece = split[box] == k
+        rim = ndimage.binary_dilation(piece, structure=_CROSS) & ~piece & (labels[box] == labels[box][piece][0])
+        if rim.any():
+            kinds[box][piece] = np.bincount(kinds[box][rim]).argmax()
+    split, n, _ = parts(kinds)
+    return split, n
 
 
 def part_pixels(pixel_m2: float) -> int:

@@ -77,6 +77,7 @@ class ObjectFilter:
     max_pixels: float | None = None  # the largest validation object: larger objects are kept, unjudged
     objects: int = 0  # validation objects it was fitted on
     roofs: int = 0  # of which on roofs
+    split_classes: bool = False  # a class bundle's: fitted on objects split by class (predict_args.split_classes)
     stats: dict[str, Any] = field(default_factory=dict)
 
     def probability(self, x: np.ndarray) -> np.ndarray:
@@ -253,6 +254,8 @@ def train_object_filter(
     core = default_seed_threshold(threshold, None, channels=len(targets) > 1)
     objects = validation_objects(predictor, pairs, threshold, core, class_bias)
     fitted, why = fit_object_filter(objects, feature_names(targets))
+    if fitted is not None:
+        fitted.split_classes = bool(predictor.info.classes)
     if fitted is None:
         return {}, {"objects": len(objects.roof_pixels), "roofs": int(objects.roof.sum())}, why
     return fitted.to_dict(), {"objects": fitted.objects, "roofs": fitted.roofs, "cut": fitted.cut, **fitted.stats}, why

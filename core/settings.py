@@ -740,7 +740,8 @@ class PredictArgs(Section):
         True,
         description="A bundle trained on classes, with instances: split a roof where its pixels' most probable "
         "class changes, each part a roof of its own (a metal roof touching a concrete one is two roofs, not one "
-        "roof of one material); false = one class for the whole object the watershed found.",
+        "roof of one material; parts under 8 m2 keep their roof's class); false = one class for the whole object "
+        "the watershed found, and every object kept (the object filter learnt from split roofs).",
     )
     calibrated_classes: bool = Field(
         True,

@@ -196,7 +196,8 @@ def outside_roofs(dropped: list, kept: list) -> list:
 def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...]) -> tuple[Any, float, str]:
     """The object filter predict applies (core.objects.ObjectFilter) and its cut: predict_args.object_filter,
     else the bundle's; or None, 0 and why every object is kept (a setting of 0, a bundle without a filter, bands
-    the filter reads that predict leaves out of ``targets``, a cut tuned to 0)."""
+    the filter reads that predict leaves out of ``targets``, objects split by class otherwise than the filter
+    learnt from, a cut tuned to 0)."""
     from core.objects import FEATURES, ObjectFilter, feature_names
 
     fitted = ObjectFilter.from_dict(info.object_filter)
@@ -220,6 +221,17 @@ def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...
                 f"{args.seeds} leaves out: every object kept"
             ),
         )
+    if info.classes and fitted.split_classes != args.split_classes:
+        if fitted.split_classes:
+            why = (
+                "learnt from roofs split by class, and predict_args.split_classes is false: every object kept (set it "
+            )
+            why += "true to filter)"
+        else:
+            why = "learnt from roofs not split by class (the bundle was trained before predict split them), and "
+            why += "predict_args.split_classes is true: every object kept (retrain with --overwrite, or set it false "
+            why += "to filter)"
+        return None, 0.0, f"the object filter {why}"
     cut = fitted.cut if args.object_filter is None else args.object_filter
     if cut <= 0:
         return (

@@ -162,6 +162,14 @@ def test_an_object_is_split_where_its_class_changes_and_a_speck_takes_its_neighb
     split, n = split_by_class(labels, kinds, min_part=5)
     assert n == 2 and split[1, 1] == 1 and split[1, 20] == 2  # numbered in raster order
     assert (split == 1).sum() == 100 and (split == 2).sum() == 120 and split[4, 4] == 1
+    # Two touching roofs: a speck at the edge of roof 2 joins the nearest large part of roof 2, not roof 1's.
+    two = np.zeros((12, 40), np.int32)
+    two[1:11, 0:10], two[1:11, 10:40] = 1, 2
+    kinds = np.zeros(two.shape, np.int16)
+    kinds[1:11, 10:22] = 1  # roof 2: 120 px of class 1 beside roof 1, then 180 of class 0
+    kinds[4:6, 10:12] = 0  # a class-0 speck in it, touching roof 1 (all class 0)
+    split, n = split_by_class(two, kinds, min_part=5)
+    assert n == 3 and np.bincount(split.ravel())[1:].tolist() == [100, 120, 180] and split[4, 10] == split[1, 15]
     # An object with no large part: each speck takes the class most of the object's pixels have.
     small = np.zeros((4, 6), np.int32)
     small[1:3, 1:5] = 7

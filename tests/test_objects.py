@@ -305,6 +305,22 @@ def test_the_log_says_what_the_filter_did():
     assert filter_note(info, args, 0, 13) == (
         "object filter off (the bundle's cut is 0: on validation no cut did better): every object kept"
     )
+    # A class bundle's filter applies only to objects split by class as the ones it learnt from.
+    info.classes, info.object_filter = ["metal", "other_roof"], {**fitted, "split_classes": True}
+    assert filter_note(info, args, 3, 10).startswith("the object filter dropped 3 objects")
+    assert filter_note(info, args.model_copy(update={"split_classes": False}), 0, 13) == (
+        "the object filter learnt from roofs split by class, and predict_args.split_classes is false: every object "
+        "kept (set it true to filter)"
+    )
+    info.object_filter = fitted  # a class bundle trained before predict split roofs by class
+    assert filter_note(info, args, 0, 13) == (
+        "the object filter learnt from roofs not split by class (the bundle was trained before predict split them), "
+        "and predict_args.split_classes is true: every object kept (retrain with --overwrite, or set it false to "
+        "filter)"
+    )
+    assert filter_note(info, args.model_copy(update={"split_classes": False}), 3, 10).startswith(
+        "the object filter dropped"
+    )
 
 
 def test_the_report_says_what_the_filter_learnt():
