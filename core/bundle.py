@@ -141,6 +141,7 @@ class BundleInfo:
     normalization: Normalization
     threshold: float
     pad_multiple: int = 1
+    threshold_tta: float | None = None  # a U-Net's threshold tuned on test-time-augmented probabilities; None: none
     targets: list[str] = field(default_factory=lambda: ["footprint"])  # the model's output bands (a U-Net's)
     classes: list[str] = field(default_factory=list)  # a class map's classes (ids 1, 2 ...); empty: one class
     class_bias: list[float] = field(default_factory=list)  # per-class log offsets tuned on validation; empty: none
@@ -256,3 +257,43 @@ def load_predictor(folder: Path) -> Predictor:
     else:
         from ml.bundle import load
     return load(Path(folder), info)
+
+
+def forward_targets(
+    predictor: Predictor, prepared: Any, targets: tuple[str, ...], calibrated: bool = True
+) -> np.ndarray:
+    """The predictor's bands (n, len(targets) + classes, rows, cols): the named targets (a U-Net's), then
+    each class's probability given a roof (a bundle trained on classes), else its roof probabilities."""
+    from core.metrics import shift_classes
+
+    info = predictor.info
+    if len(targets) == 1 and not info.classes:
+        return predictor.forward(prepared)[:, np.newaxis]
+    index = [info.targets.index(t) for t in targets] + [len(info.targets) + k for k in range(len(info.classes))]
+    every = predictor.forward_targets(prepared)
+    every = every if index == list(range(every.shape[1])) else every[:, index]
+    if calibrated and info.class_bias:  # the class offsets tuned on validation (predict_args.calibrated_classes)
+        k = len(info.classes)
+        every[:, -k:] = shift_classes(every[:, -k:], info.class_bias, axis=1)
+    return every
+
+
+def tta_forward(
+    predictor: Predictor, chips: np.ndarray, targets: tuple[str, ...] = ("footprint",), calibrated: bool = True
+) -> np.ndarray:
+    """Bands (n, len(targets), rows, cols) averaged over the 8 flips and quarter turns of the chips
+    (test-time augmentation).
+
+    Each view is prepared from the raw chips, as training prepared its augmented chips, and its
+    probabilities turned back before averaging.
+    """
+    total = None
+    for turns in range(4):
+        for flip in (False, True):
+            view = np.rot90(chips, turns, axes=(2, 3))
+            view = view[..., ::-1] if flip else view
+            prob = forward_targets(predictor, predictor.prepare(np.ascontiguousarray(view)), targets, calibrated)
+            prob = prob[..., ::-1] if flip else prob
+            turned = np.rot90(prob, -turns, axes=(2, 3)).astype(np.float64)
+            total = turned if total is None else total + turned
+    return (total / 8).astype(np.float32)

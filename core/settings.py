@@ -698,7 +698,8 @@ class PredictArgs(Section):
     tta: bool = Field(
         False,
         description="Test-time augmentation: average the probabilities of the 8 flips and quarter turns of every "
-        "window (8 times the prediction time).",
+        "window (8 times the prediction time), with a U-Net's threshold tuned on averaged validation "
+        "probabilities (bundle.json threshold_tta) unless predict_args.threshold is set.",
     )
     grid_size: float = Field(
         100.0,

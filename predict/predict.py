@@ -49,7 +49,16 @@ from rasterio.features import shapes
 from rasterio.windows import Window
 
 from core import cli
-from core.bundle import BUNDLE_JSON, KINDS, BundleInfo, Predictor, load_predictor, read_info
+from core.bundle import (
+    BUNDLE_JSON,
+    KINDS,
+    BundleInfo,
+    Predictor,
+    forward_targets,
+    load_predictor,
+    read_info,
+    tta_forward,
+)
 from core.errors import BlankPredictionError, DataError, InputMissingError, SettingsError
 from core.files import atomic_path
 from core.index import chip_ids, grid_of
@@ -60,7 +69,6 @@ from core.instances import (
     roof_classes,
     write_instances,
 )
-from core.metrics import shift_classes
 from core.parallel import map_tasks, worker_cached
 from core.raster import (
     CLASS_BAND,
@@ -267,6 +275,17 @@ def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) ->
     return f"the object filter dropped {dropped} objects (probability of a roof under {cut:g}), kept {kept}"
 
 
+def decision_threshold(info: BundleInfo, args: PredictArgs) -> float:
+    """The threshold the roof pixels must reach: predict_args.threshold, else the bundle's, tuned on
+    validation; with predict_args.tta the one train tuned on the averaged probabilities, where it did
+    (a U-Net's ``threshold_tta``)."""
+    if args.threshold is not None:
+        return args.threshold
+    if args.tta and info.threshold_tta is not None:
+        return info.threshold_tta
+    return info.threshold
+
+
 def seed_targets(info: BundleInfo, args: PredictArgs) -> tuple[str, ...]:
     """The bands predict writes and seeds its watershed with: the footprint alone, or with the boundary and
     contact bands of a U-Net trained on them (predict_args.seeds)."""
@@ -308,23 +327,6 @@ def with_batch(args: PredictArgs, predictor: Predictor) -> PredictArgs:
     if hasattr(predictor, "batch_size"):
         predictor.batch_size = batch
     return args
-
-
-def forward_targets(
-    predictor: Predictor, prepared: Any, targets: tuple[str, ...], calibrated: bool = True
-) -> np.ndarray:
-    """The predictor's bands (n, len(targets) + classes, rows, cols): the named targets (a U-Net's), then
-    each class's probability given a roof (a bundle trained on classes), else its roof probabilities."""
-    info = predictor.info
-    if len(targets) == 1 and not info.classes:
-        return predictor.forward(prepared)[:, np.newaxis]
-    index = [info.targets.index(t) for t in targets] + [len(info.targets) + k for k in range(len(info.classes))]
-    every = predictor.forward_targets(prepared)
-    every = every if index == list(range(every.shape[1])) else every[:, index]
-    if calibrated and info.class_bias:  # the class offsets tuned on validation (predict_args.calibrated_classes)
-        k = len(info.classes)
-        every[:, -k:] = shift_classes(every[:, -k:], info.class_bias, axis=1)
-    return every
 
 
 def _write_windows(
@@ -436,27 +438,6 @@ def _write_windows(
                     acc, wsum, valid = acc[:, done_to:], wsum[done_to:], valid[done_to:]
                     top += done_to
     return result
-
-
-def tta_forward(
-    predictor: Predictor, chips: np.ndarray, targets: tuple[str, ...] = ("footprint",), calibrated: bool = True
-) -> np.ndarray:
-    """Bands (n, len(targets), rows, cols) averaged over the 8 flips and quarter turns of the chips
-    (test-time augmentation).
-
-    Each view is prepared from the raw chips, as training prepared its augmented chips, and its
-    probabilities turned back before averaging.
-    """
-    total = None
-    for turns in range(4):
-        for flip in (False, True):
-            view = np.rot90(chips, turns, axes=(2, 3))
-            view = view[..., ::-1] if flip else view
-            prob = forward_targets(predictor, predictor.prepare(np.ascontiguousarray(view)), targets, calibrated)
-            prob = prob[..., ::-1] if flip else prob
-            turned = np.rot90(prob, -turns, axes=(2, 3)).astype(np.float64)
-            total = turned if total is None else total + turned
-    return (total / 8).astype(np.float32)
 
 
 class _nowhere:
@@ -628,7 +609,7 @@ def predict_all(
     refuse_overwrite([roofs], overwrite, "predict")
     if _on_workers(parallel, inputs):
         info = read_info(bundle)
-        threshold = args.threshold if args.threshold is not None else info.threshold
+        threshold = decision_threshold(info, args)
         tasks = [
             PredictTask(
                 bundle=str(Path(bundle).resolve()),
@@ -645,7 +626,7 @@ def predict_all(
         predictor = load_predictor(bundle)
         info = predictor.info
         args = with_batch(args, predictor)
-        threshold = args.threshold if args.threshold is not None else predictor.info.threshold
+        threshold = decision_threshold(predictor.info, args)
         total = 0
         for path in inputs:
             with open_raster(path) as src:

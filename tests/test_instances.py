@@ -199,3 +199,18 @@ def test_raster_instances_split_by_the_class_bands_and_keep_small_parts_whole(tm
     split = raster_instances(path, 0.5, 0.75, split_classes=2)
     assert sorted(round(g.area / 0.25) for g, _ in split) == [120, 120] and MIN_PART_M2 > 1.0
     assert all(g.is_valid and not g.interiors for g, _ in split)  # the speck is no hole in the metal roof
+
+
+def test_tta_uses_the_threshold_tuned_on_averaged_probabilities_unless_one_is_set():
+    from core.bundle import BundleInfo, Normalization
+    from core.settings import PredictArgs
+    from predict.predict import decision_threshold
+
+    norm = Normalization("percentile", (0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3, None)
+    info = BundleInfo(kind="unet", bands=3, dtype="uint8", normalization=norm, threshold=0.05, threshold_tta=0.38)
+    args = PredictArgs()
+    assert decision_threshold(info, args) == 0.05
+    assert decision_threshold(info, args.model_copy(update={"tta": True})) == 0.38
+    assert decision_threshold(info, args.model_copy(update={"tta": True, "threshold": 0.5})) == 0.5
+    older = BundleInfo(kind="forest", bands=3, dtype="uint8", normalization=norm, threshold=0.6)  # no TTA threshold
+    assert decision_threshold(older, args.model_copy(update={"tta": True})) == 0.6

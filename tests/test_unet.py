@@ -365,6 +365,15 @@ def test_tiny_unet_learns_and_its_masks_are_not_blank(trained) -> None:
     info = read_info(tree.bundle("unet"))
     assert (info.kind, info.bands, info.dtype, info.pad_multiple) == ("unet", 3, "uint16", 8)
     assert 0 < info.threshold < 1
+    # The threshold for test-time augmentation: tuned on the validation chips' averaged probabilities.
+    from core.bundle import load_predictor
+    from core.metrics import tta_threshold
+
+    frames = sorted(tree.frames("val").glob("*.tif"))
+    pairs = [(f, tree.split_masks("val") / f.name) for f in frames]
+    assert info.threshold_tta == tta_threshold(load_predictor(tree.bundle("unet")), pairs)[0]
+    assert 0 < info.threshold_tta < 1 and metrics["threshold_tta"] == info.threshold_tta
+    assert set(metrics["tta_pixel"]) >= {"iou", "f1"}
     assert info.settings["model_args"]["filters"] == 8
     assert "keras" in info.versions
 

@@ -27,6 +27,7 @@ from core.metrics import (
     class_metrics,
     combine,
     metrics_record,
+    tta_threshold,
     validate_pairs,
     write_metrics,
 )
@@ -453,10 +454,14 @@ def train_unet(
     entry, objects, why = train_object_filter(predictor, pairs, threshold, info.class_bias or None)
     info = replace(info, object_filter=entry)
     log.info("train: unet %s", why)
+    threshold_tta, tta_confusion = tta_threshold(predictor, pairs)  # for predict_args.tta
+    info = replace(info, threshold_tta=threshold_tta)
+    log.info("train: unet threshold with test-time augmentation %.3f (validation IoU %.3f; predict_args.tta)",
+             threshold_tta, tta_confusion.scores()["iou"])  # fmt: skip
     unet_bundle.save(bundle_dir, model, info)
     record = metrics_record(
         "unet", "val", threshold, confusion, epochs=done_epochs + len(history.epoch), train_seconds=round(seconds, 1),
-        object_filter=objects, **kinds,
+        object_filter=objects, threshold_tta=threshold_tta, tta_pixel=tta_confusion.scores(), **kinds,
     )  # fmt: skip
     write_metrics(out / "metrics.json", record)
     from unet.plots import plot_curves, plot_overlays
