@@ -494,6 +494,17 @@ def _object_filter_note(stats: dict[str, Any] | None) -> str:
     )
 
 
+def _tta_note(train: dict[str, Any] | None) -> str:
+    """The threshold train tuned for test-time augmentation (a U-Net's metrics.json), as a paragraph ("" without)."""
+    if not train or train.get("threshold_tta") is None:
+        return ""
+    return (
+        f'<p class="note">With test-time augmentation (predict_args.tta) predict uses the threshold '
+        f"{train['threshold_tta']:.3f}, tuned on the averaged validation probabilities: validation pixel IoU "
+        f"{train['tta_pixel']['iou']:.3f}, against {train['pixel']['iou']:.3f} without at {train['threshold']:.3f}.</p>"
+    )
+
+
 def _model_sections(results: list[ModelResult], split: str) -> str:
     parts = []
     for r in results:
@@ -505,7 +516,7 @@ def _model_sections(results: list[ModelResult], split: str) -> str:
             pictures += [_img(folder / name, f"{r.model}, {ev['split']}: {caption}") for name, caption in
                          EVALUATION_PICTURES if (folder / name).is_file()]  # fmt: skip
         table = _classes_table(ev["classes"]) if ev and ev.get("classes") else ""
-        table = _object_filter_note((r.train or {}).get("object_filter")) + table
+        table = _object_filter_note((r.train or {}).get("object_filter")) + _tta_note(r.train) + table
         if pictures or table:
             parts.append(f'<h3 id="model-{html.escape(r.model)}">{html.escape(r.model)}</h3>' + table
                          + "".join(pictures))  # fmt: skip

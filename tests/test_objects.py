@@ -340,6 +340,17 @@ def test_the_report_says_what_the_filter_learnt():
     assert _object_filter_note(None) == ""
 
 
+def test_the_report_says_which_threshold_tta_uses():
+    from evaluate.report import _tta_note
+
+    train = {"threshold": 0.445, "pixel": {"iou": 0.969}, "threshold_tta": 0.431, "tta_pixel": {"iou": 0.976}}
+    assert _tta_note(train) == (
+        '<p class="note">With test-time augmentation (predict_args.tta) predict uses the threshold 0.431, tuned on '
+        "the averaged validation probabilities: validation pixel IoU 0.976, against 0.969 without at 0.445.</p>"
+    )
+    assert _tta_note({"threshold": 0.8, "pixel": {"iou": 0.98}}) == "" and _tta_note(None) == ""  # forest, none
+
+
 def test_validation_objects_of_a_class_bundle_are_split_by_class_as_predict_splits_them(tmp_path):
     """A bundle trained on classes: one 8 x 8 object whose left half the model calls metal and right half
     other; split by the (offset) class probabilities, as predict does by default, it is two validation
