@@ -22,6 +22,9 @@ the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
 Touching roofs are separated by a seeded watershed on the probabilities (predict_args.instances,
 seed_threshold), seeded with footprint x (1 - boundary) x (1 - contact) when the U-Net predicts
 those bands (predict_args.seeds); without it a polygon is a connected group of roof pixels.
+predict_args.tta averages the 8 flips and quarter turns of every window (8 times the time),
+at a U-Net's threshold tuned on averaged validation probabilities (bundle.json threshold_tta).
+Every setting: docs/settings.md#predict_args; the stage: docs/stages/predict.md.
 
 Rasters larger than predict_args.window are predicted in overlapping windows whose overlap
 is blended with linear weights, so no seams appear; they are read and written strip by
@@ -685,11 +688,12 @@ def predict_all(
     roof = sum(r.roof_pixels for r in results)
     valid = sum(r.valid_pixels for r in results)
     log.info(
-        "predict: %d raster(s), %.2f%% roof pixels, %d roof polygons (threshold %.3f) -> %s",
+        "predict: %d raster(s), %.2f%% roof pixels, %d roof polygons (threshold %.3f%s) -> %s",
         len(results),
         100 * roof / max(valid, 1),
         len(gdf),
         threshold,
+        ", test-time augmentation: 8 views averaged" if args.tta else "",
         out,
     )
     if len(blank) == len(results) and any(r.dropped for r in results):
@@ -757,7 +761,7 @@ def predict_stage(
     info = read_info(bundle)
     targets = seed_targets(info, args)  # before the old predictions are removed
     run.start()
-    threshold = args.threshold if args.threshold is not None else info.threshold
+    threshold = decision_threshold(info, args)
     applied, cut, _ = filter_decision(info, args, targets)
 
     def finish(results: list[RasterResult], blank: str | None = None) -> None:

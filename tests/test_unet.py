@@ -398,6 +398,10 @@ def test_tiny_unet_learns_and_its_masks_are_not_blank(trained) -> None:
     roofs = gpd.read_file(tree.prediction_dir("unet") / "roofs.gpkg")
     assert len(roofs) > 0 and roofs.crs.to_string() == CRS
     assert (roofs["area_m2"] >= settings.predict_args.min_area).all()
+    # With test-time augmentation predict applies, and records, the bundle's TTA threshold.
+    assert predict_main([*trained[2], "--set", "predict_args.tta=true", "--overwrite"]) == 0
+    record = json.loads((tree.prediction_dir("unet") / "predict.record.json").read_text())
+    assert record["summary"]["threshold"] == info.threshold_tta != info.threshold
 
 
 def test_training_refuses_masks_without_roofs(tiny) -> None:
