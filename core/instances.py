@@ -136,9 +136,9 @@ def split_by_class(labels: np.ndarray, kinds: np.ndarray, min_part: int = 0) -> 
         else:
             kinds[box][specks] = majority[obj]
     split, n, small = parts(kinds)
+    boxes = ndimage.find_objects(split) if small.any() else []
     for k in np.flatnonzero(small):  # still apart: the class of the object's pixels that border it most
-        box = ndimage.find_objects((split == k).astype(np.int8))[0]
-        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[k - 1])
         piece = split[box] == k
         rim = ndimage.binary_dilation(piece, structure=_CROSS) & ~piece & (labels[box] == labels[box][piece][0])
         if rim.any():

@@ -157,7 +157,11 @@ def write_metrics(path: Path, record: dict[str, Any]) -> Path:
 
 
 def validate_pairs(
-    predictor: Any, pairs: list[tuple[Path, Path]], desc: str = "validate", classes: ClassSample | None = None
+    predictor: Any,
+    pairs: list[tuple[Path, Path]],
+    desc: str = "validate",
+    classes: ClassSample | None = None,
+    tta: bool = False,
 ) -> list[ThresholdSearch]:
     """Each validation chip's probability histograms through ``predictor``, valid pixels only.
 
@@ -165,8 +169,11 @@ def validate_pairs(
     threshold; each chip's alone gives its score. Nodata pixels never count (the bundle's
     nodata value decides which they are, as at predict time), nor do pixels of unknown class.
     With ``classes`` (a bundle trained on classes) the same pass also gathers its roof pixels'
-    classes and class probabilities there, to tune the class offsets with.
+    classes and class probabilities there, to tune the class offsets with. With ``tta`` (and no
+    ``classes``) the roof probabilities are averaged over the 8 flips and quarter turns, as
+    predict_args.tta predicts (core.bundle.tta_forward).
     """
+    from core.bundle import tta_forward
     from core.cli import progress
     from core.raster import read_labelled_pair, read_pair, usable_pixels
 
@@ -175,7 +182,7 @@ def validate_pairs(
     for frame, mask in progress(pairs, desc=desc, unit="chip"):
         if classes is None:
             chw, roof, known, _ = read_pair(frame, mask)
-            prob = predictor.predict(chw[np.newaxis])[0]
+            prob = tta_forward(predictor, chw[np.newaxis])[0, 0] if tta else predictor.predict(chw[np.newaxis])[0]
         else:
             chw, labels, known, _, _ = read_labelled_pair(frame, mask)
             bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0]
@@ -215,19 +222,9 @@ class ClassSample:
 
 def tta_threshold(predictor: Any, pairs: list[tuple[Path, Path]]) -> tuple[float, Confusion]:
     """The F1-best threshold over the validation chips' roof probabilities averaged over the 8 flips and
-    quarter turns (core.bundle.tta_forward, as predict_args.tta predicts), and the counts there: averaged
-    probabilities are smoother, and their best threshold may lie elsewhere (on the Rio sample 0.38, against
-    0.05 for the plain ones). Valid pixels of known class only, as :func:`validate_pairs`."""
-    from core.bundle import tta_forward
-    from core.cli import progress
-    from core.raster import read_pair, usable_pixels
-
-    nodata = predictor.info.normalization.nodata
-    total = ThresholdSearch()
-    for frame, mask in progress(pairs, desc="validate with TTA", unit="chip"):
-        chw, roof, known, _ = read_pair(frame, mask)
-        total.add(roof, tta_forward(predictor, chw[np.newaxis])[0, 0], usable_pixels(chw, nodata, known))
-    return total.best()
+    quarter turns (as predict_args.tta predicts), and the counts there: averaged probabilities are smoother,
+    and their best threshold may lie elsewhere (on the Rio sample 0.38, against 0.05 for the plain ones)."""
+    return combine(validate_pairs(predictor, pairs, desc="validate with TTA", tta=True)).best()
 
 
 def combine(searches: list[ThresholdSearch]) -> ThresholdSearch:

@@ -254,8 +254,7 @@ def train_object_filter(
     core = default_seed_threshold(threshold, None, channels=len(targets) > 1)
     objects = validation_objects(predictor, pairs, threshold, core, class_bias)
     fitted, why = fit_object_filter(objects, feature_names(targets))
-    if fitted is not None:
-        fitted.split_classes = bool(predictor.info.classes)
     if fitted is None:
         return {}, {"objects": len(objects.roof_pixels), "roofs": int(objects.roof.sum())}, why
+    fitted.split_classes = bool(predictor.info.classes)
     return fitted.to_dict(), {"objects": fitted.objects, "roofs": fitted.roofs, "cut": fitted.cut, **fitted.stats}, why
