@@ -80,7 +80,7 @@ from core.settings import EvaluateArgs, Settings
 from core.tree import DataTree, require
 from core.vector import at_least_m2, clip_to, load_labels
 from evaluate.classes import ClassScores, scored_classes
-from evaluate.report import evaluation_dir, write_experiments_table, write_report
+from evaluate.report import evaluation_dir, settings_changes, write_experiments_table, write_report
 from workflow.contract import begin, read_record, refuse_leaky_bundle
 from workflow.stages import spec_of
 
@@ -614,6 +614,9 @@ def evaluate_model(
         "iou_threshold": args.iou_threshold,
         "predictions": str(pred_dir),
         "truth": str(truth),
+        # What the predictions were made with, where it is not the default (TTA, a threshold of one's own...):
+        # the summary lists it beside the bundle's settings.
+        "predict_settings": settings_changes((predicted or {}).get("settings") or {}),
     }
     out.mkdir(parents=True, exist_ok=True)
     if result.search is not None:

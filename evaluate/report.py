@@ -82,6 +82,15 @@ class ModelResult:
         value = self.train.get("train_seconds", self.train.get("fit_seconds"))
         return float(value) if value is not None else None
 
+    def changes(self, evaluation: dict[str, Any] | None) -> dict[str, Any]:
+        """The settings that differ from the defaults: the bundle's, its predict_args replaced by those the
+        scored predictions were made with (predict_args.tta, a threshold...) where evaluate recorded them."""
+        changed = settings_changes(self.settings or {})
+        if evaluation is None or "predict_settings" not in evaluation:
+            return changed
+        kept = {k: v for k, v in changed.items() if not k.startswith("predict_args.")}
+        return kept | evaluation["predict_settings"]
+
     def row(self, split: str | None = None) -> dict[str, Any]:
         """The summary row: evaluate's scores when there are some, else train's validation scores."""
         ev = self.evaluation(split)
@@ -100,7 +109,7 @@ class ModelResult:
             "polygon_f1": ev["polygon"]["f1"] if ev and "polygon" in ev else None,
             "threshold": source.get("threshold"),
             "train_seconds": self.train_seconds,
-            "settings": "; ".join(f"{k}={_compact(v)}" for k, v in settings_changes(self.settings or {}).items()),
+            "settings": "; ".join(f"{k}={_compact(v)}" for k, v in self.changes(ev).items()),
         }
 
 

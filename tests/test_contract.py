@@ -24,6 +24,7 @@ from core.index import read_index
 from core.settings import load_settings
 from core.tree import DataTree
 from evaluate.evaluate import main as evaluate_main
+from evaluate.report import summary_frame
 from mask.mask import main as mask_main
 from mosaic.mosaic import main as mosaic_main
 from predict.predict import main as predict_main
@@ -564,6 +565,10 @@ def test_evaluate_reports_the_threshold_predict_applied_and_refuses_predictions_
     tree = tree_of(argv)
     metrics = json.loads((tree.model_dir("regression") / "evaluation" / "val" / "metrics.json").read_text())
     assert metrics["threshold"] == 0.3
+    assert metrics["predict_settings"] == {"predict_args.threshold": 0.3}  # and so the summary says it
+    row = summary_frame(tree.results.parent).set_index("model").loc["regression"]
+    assert [c for c in row["settings"].split("; ") if c.startswith("predict_args.")] == ["predict_args.threshold=0.3"]
+    assert "predict_args.threshold=0.3 |" in (tree.results.parent / "summary.md").read_text()
     assert (
         json.loads((tree.prediction_dir("regression") / "predict.record.json").read_text())["summary"]["threshold"]
         == 0.3

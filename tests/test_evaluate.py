@@ -18,7 +18,14 @@ from core.instances import label_objects
 from core.settings import EvaluateArgs, load_settings
 from core.tree import DataTree
 from evaluate.evaluate import best_and_worst, evaluate_model, main, match_objects, score_chip
-from evaluate.report import evaluation_dir, model_results, settings_changes, summary_frame, write_report
+from evaluate.report import (
+    ModelResult,
+    evaluation_dir,
+    model_results,
+    settings_changes,
+    summary_frame,
+    write_report,
+)
 
 ARGS = EvaluateArgs()  # min_area 20, iou_threshold 0.5
 SIDE = 64
@@ -325,6 +332,16 @@ def test_settings_changes_list_what_differs_from_the_defaults() -> None:
     settings = load_settings(REPO_SETTINGS, ["training_args.epochs=5", "experiment=x", "chip_args.size=128"])
     assert settings_changes(settings.model_dump(mode="json")) == {"chip_args.size": 128, "training_args.epochs": 5}
     assert settings_changes({"old_section": {"key": 1}}) == {"old_section.key": 1}
+
+
+def test_summary_settings_are_the_bundles_with_the_predict_settings_of_the_scored_predictions() -> None:
+    snapshot = load_settings(REPO_SETTINGS, ["chip_args.size=128", "predict_args.tta=true"]).model_dump(mode="json")
+    result = ModelResult("x", "unet", Path(), None, {}, snapshot)
+    assert result.changes(None) == {"chip_args.size": 128, "predict_args.tta": True}  # not evaluated: the bundle's
+    # Predicted without TTA after all, and with a threshold: what evaluate recorded replaces the bundle's predict_args.
+    scored = {"predict_settings": {"predict_args.threshold": 0.3}}
+    assert result.changes(scored) == {"chip_args.size": 128, "predict_args.threshold": 0.3}
+    assert result.changes({}) == {"chip_args.size": 128, "predict_args.tta": True}  # an evaluation from before
 
 
 def test_summary_has_one_row_per_experiment_and_model(tmp_path: Path) -> None:
