@@ -762,7 +762,7 @@ def predict_stage(
     targets = seed_targets(info, args)  # before the old predictions are removed
     run.start()
     threshold = decision_threshold(info, args)
-    applied, cut, _ = filter_decision(info, args, targets)
+    applied, cut, why = filter_decision(info, args, targets)
 
     def finish(results: list[RasterResult], blank: str | None = None) -> None:
         run.finish(
@@ -772,8 +772,8 @@ def predict_stage(
             threshold=threshold,
             seeds="+".join(targets),
             outputs=output_records(results, tree),
-            **({"object_filter": {"cut": cut, "dropped": sum(r.dropped for r in results)}}
-               if args.instances and applied is not None else {}),
+            **({"object_filter": {"cut": cut, "dropped": sum(r.dropped for r in results)} if applied is not None
+                else {"off": why}} if args.instances else {}),  # why every object was kept
             **({"blank": blank} if blank else {}),
         )  # fmt: skip
 

@@ -254,7 +254,9 @@ def test_predict_drops_the_objects_the_filter_rejects(scene, tmp_path, capsys):
 
     every = predicted("--set", "predict_args.object_filter=0", "--set", "predict_args.min_area=0")
     record = json.loads((out / "predict.record.json").read_text())
-    assert "object_filter" not in record["summary"]  # off: nothing applied
+    assert record["summary"]["object_filter"] == {  # off: nothing applied, and the record says why
+        "off": "object filter off (predict_args.object_filter 0): every object kept"
+    }
     kept = predicted("--set", "predict_args.min_area=0")
     record = json.loads((out / "predict.record.json").read_text())
     small = int((every["area_m2"] < 40 * 0.25).sum())
