@@ -146,6 +146,9 @@ class BundleInfo:
     classes: list[str] = field(default_factory=list)  # a class map's classes (ids 1, 2 ...); empty: one class
     class_bias: list[float] = field(default_factory=list)  # per-class log offsets tuned on validation; empty: none
     object_filter: dict[str, Any] = field(default_factory=dict)  # core.objects.ObjectFilter fitted on validation
+    # Touching objects merge where their border's mean boundary probability is under this (a U-Net with a
+    # boundary band; tuned on validation by core.objects.tune_merge); 0: never; None: a bundle from before.
+    merge: float | None = None
     features: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)

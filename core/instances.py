@@ -159,6 +159,8 @@ def label_instances(
     score: np.ndarray | None = None,
     kinds: np.ndarray | None = None,
     min_part: int = 0,
+    boundary: np.ndarray | None = None,
+    merge: float = 0.0,
 ) -> tuple[np.ndarray, int]:
     """Label image of roofs (1..n, 0 = background) from a probability array: seeded watershed.
 
@@ -166,7 +168,9 @@ def label_instances(
     surface the seeds grow over, down to its valleys: :func:`seed_score` of a U-Net's boundary
     and contact bands makes the lines between touching roofs deep valleys. With ``kinds`` (each
     pixel's class) the objects are then split where the class changes, in parts of at least
-    ``min_part`` pixels (:func:`split_by_class`).
+    ``min_part`` pixels (:func:`split_by_class`). Before that, with ``boundary`` (a U-Net's boundary band) and
+    ``merge`` > 0, touching objects whose shared border's mean boundary probability is under ``merge`` are one
+    (:func:`merge_fragments`).
     """
     from skimage.segmentation import watershed
 
@@ -179,9 +183,63 @@ def label_instances(
     rest, m = ndimage.label(roof & (labels == 0), structure=_CROSS)
     if m:
         labels[rest > 0] = rest[rest > 0] + n
+    n += m
+    if boundary is not None and merge > 0 and n > 1:
+        labels, n = merge_fragments(labels, boundary, merge)
     if kinds is not None:
         return split_by_class(labels, kinds, min_part)
-    return labels, n + m
+    return labels, n
+
+
+def border_means(labels: np.ndarray, boundary: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of 4-adjacent objects of a label image (a < b) and the mean of ``boundary`` along their
+    shared border (the two pixels of each neighbouring pair averaged): arrays a, b, mean."""
+    lows, highs, values = [], [], []
+    for a, b, va, vb in (
+        (labels[:, :-1], labels[:, 1:], boundary[:, :-1], boundary[:, 1:]),
+        (labels[:-1], labels[1:], boundary[:-1], boundary[1:]),
+    ):
+        touch = (a > 0) & (b > 0) & (a != b)
+        lows.append(np.minimum(a[touch], b[touch]))
+        highs.append(np.maximum(a[touch], b[touch]))
+        values.append((va[touch].astype(np.float64) + vb[touch]) / 2)
+    low, high = np.concatenate(lows).astype(np.int64), np.concatenate(highs).astype(np.int64)
+    if not len(low):
+        return low, high, np.zeros(0)
+    width = int(labels.max()) + 1
+    codes, inverse = np.unique(low * width + high, return_inverse=True)
+    means = np.bincount(inverse, weights=np.concatenate(values)) / np.bincount(inverse)
+    return codes // width, codes % width, means
+
+
+def merge_fragments(
+    labels: np.ndarray, boundary: np.ndarray, limit: float, borders: tuple | None = None
+) -> tuple[np.ndarray, int]:
+    """Touching objects whose shared border has a mean boundary probability under ``limit`` joined into one,
+    numbered 1..n. A large roof's ridges and seams can seed the watershed twice; its pieces
+    meet where the boundary band is faint, two roofs where it is strong. Each merged object takes the place
+    of its lowest old number. ``borders`` (:func:`border_means` of these labels) spares computing them again."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    low, high, means = borders if borders is not None else border_means(labels, boundary)
+    join = means < limit
+    if not join.any():
+        return labels, int(labels.max())
+    width = int(labels.max()) + 1
+    graph = coo_matrix((np.ones(int(join.sum())), (low[join], high[join])), shape=(width, width))
+    _, group = connected_components(graph, directed=False)
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    # Each merged object keeps the place of its lowest old number: numbered 1..n in the watershed's order.
+    lowest = np.full(int(group.max()) + 1, width)
+    np.minimum.at(lowest, group[ids], ids)
+    used = np.unique(group[ids])
+    rank = np.zeros(len(lowest), np.int32)
+    rank[used[np.argsort(lowest[used])]] = np.arange(1, len(used) + 1, dtype=np.int32)
+    lut = np.zeros(width, np.int32)
+    lut[ids] = rank[group[ids]]
+    return lut[labels], len(used)
 
 
 def raster_instances(
@@ -193,6 +251,7 @@ def raster_instances(
     keep: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
     dropped: list[BaseGeometry] | None = None,
     split_classes: int = 0,
+    merge: float = 0.0,
     block: int = BLOCK,
     margin: int = MARGIN,
 ) -> list[tuple[BaseGeometry, float]]:
@@ -200,7 +259,9 @@ def raster_instances(
     ``targets[1:]`` seed the watershed), block by block. ``keep(labels, ids, bands)`` (the object filter)
     says which objects of a block are roofs; the others are left out, their polygons added to ``dropped``.
     ``split_classes`` (the number of class bands after the targets' bands, 0 = none) splits the objects
-    where the most probable class changes (parts of at least :data:`MIN_PART_M2`)."""
+    where the most probable class changes (parts of at least :data:`MIN_PART_M2`). ``merge`` > 0 joins touching
+    objects whose border's mean boundary probability is under it, where ``targets`` has a boundary band
+    (:func:`merge_fragments`)."""
     found: list[tuple[BaseGeometry, float]] = []
     with open_raster(prob_path) as src:
         min_part = part_pixels(pixel_m2(src.profile, (src.height, src.width))) if split_classes else 0
@@ -214,7 +275,8 @@ def raster_instances(
             bands = bands[: len(targets)]
             prob = bands[0]
             score = seed_score(bands, targets) if len(targets) > 1 else None
-            labels, n = label_instances(prob, threshold, seed_threshold, score, kinds, min_part)
+            boundary = bands[targets.index("boundary")] if "boundary" in targets else None
+            labels, n = label_instances(prob, threshold, seed_threshold, score, kinds, min_part, boundary, merge)
             if n == 0:
                 continue
             owned = [

@@ -721,6 +721,15 @@ class PredictArgs(Section):
         "threshold and 1 (0.75 for 0.5) for seeds from the footprint, three quarters of the way (0.875 for 0.5) for "
         "seeds from the boundary and contact bands.",
     )
+    merge: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.01,
+        description="With instances and a U-Net trained on the boundary band: join touching objects whose shared "
+        "border has a mean boundary probability under this (the pieces of one large roof its ridges seeded twice); "
+        "null = the limit train chose on the validation chips (bundle.json merge); 0 = never merge; 1.01 = merge "
+        "every touching pair.",
+    )
     object_filter: float | None = Field(
         None,
         ge=0.0,

@@ -169,8 +169,9 @@ def predict_raster(
             roofs_only = object_keeper(predictor.info, args, targets)
             split = classes if args.split_classes else 0
             result.polygons = raster_instances(
-                probs, threshold, seed, targets, keep=roofs_only, dropped=dropped, split_classes=split
-            )
+                probs, threshold, seed, targets, keep=roofs_only, dropped=dropped, split_classes=split,
+                merge=merge_limit(predictor.info, args, targets),
+            )  # fmt: skip
             if dropped:  # the objects the filter dropped leave the mask (and the class raster) too
                 erase = outside_roofs(dropped, [g for g, _ in result.polygons])
                 result.roof_pixels -= burn_polygons(mask_path, erase, [0] * len(erase))
@@ -287,6 +288,34 @@ def decision_threshold(info: BundleInfo, args: PredictArgs) -> float:
     if args.tta and info.threshold_tta is not None:
         return info.threshold_tta
     return info.threshold
+
+
+def merge_limit(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...]) -> float:
+    """The merge limit predict applies to touching objects: predict_args.merge, else the bundle's (tuned on
+    validation); 0 (never merge) for a bundle without one, or when the watershed is seeded without the boundary
+    band."""
+    if "boundary" not in targets:
+        return 0.0
+    if args.merge is not None:
+        return args.merge
+    return info.merge or 0.0
+
+
+def merge_note(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...]) -> str:
+    """What predict did with touching objects, for the log (empty where there is no boundary band)."""
+    if "boundary" not in targets:
+        return ""
+    limit = merge_limit(info, args, targets)
+    if args.merge is None and info.merge is None:
+        return (
+            "the bundle has no merge limit (trained before touching objects were merged: retrain with --overwrite "
+            "to tune one, or set predict_args.merge): touching objects kept apart"
+        )
+    if limit == 0:
+        return "touching objects kept apart (" + ("predict_args.merge 0)" if args.merge is not None else
+                                                  "the bundle's choice: merging did not help on validation)")  # fmt: skip
+    source = "predict_args.merge" if args.merge is not None else "the bundle's limit, tuned on validation"
+    return f"touching objects merged where their border's mean boundary probability is under {limit:g} ({source})"
 
 
 def seed_targets(info: BundleInfo, args: PredictArgs) -> tuple[str, ...]:
@@ -685,6 +714,9 @@ def predict_all(
     if args.instances:
         kept = sum(len(r.polygons) for r in results)  # (before predict_args.min_area drops the smallest)
         log.info("predict: %s", filter_note(info, args, sum(r.dropped for r in results), kept))
+        note = merge_note(info, args, seed_targets(info, args))
+        if note:
+            log.info("predict: %s", note)
     roof = sum(r.roof_pixels for r in results)
     valid = sum(r.valid_pixels for r in results)
     log.info(
@@ -771,6 +803,7 @@ def predict_stage(
             kind=info.kind,
             threshold=threshold,
             seeds="+".join(targets),
+            **({"merge": merge_limit(info, args, targets)} if args.instances else {}),
             outputs=output_records(results, tree),
             **({"object_filter": {"cut": cut, "dropped": sum(r.dropped for r in results)} if applied is not None
                 else {"off": why}} if args.instances else {}),  # why every object was kept

@@ -334,10 +334,19 @@ def test_a_unet_trained_on_three_bands_predicts_them_and_seeds_with_them(tmp_pat
         assert src.count == 3 and src.descriptions == ("footprint", "boundary", "contact")
     record = json.loads((tmp_path / "predictions" / "bands" / "unet" / "predict.record.json").read_text())
     assert record["summary"]["seeds"] == "footprint+boundary+contact"
+    # The merge limit for touching objects: tuned on the validation chips, applied and recorded by predict.
+    from core.bundle import load_predictor
+    from core.objects import MERGE_LIMITS, tune_merge
+
+    pairs = [(f, tree.split_masks("val") / f.name) for f in sorted(tree.frames("val").glob("*.tif"))]
+    assert info["merge"] == tune_merge(load_predictor(tree.bundle("unet")), pairs, info["threshold"])[0]
+    assert info["merge"] in MERGE_LIMITS and metrics["merge"]["limit"] == info["merge"]
+    assert list(metrics["merge"]["object_f1"]) == [f"{v:g}" for v in MERGE_LIMITS]
+    assert record["summary"]["merge"] == info["merge"]
     # A model of 3 bands with a bundle.json that names one: refused in one line.
     info["targets"] = ["footprint"]
     (tree.bundle("unet") / "bundle.json").write_text(json.dumps(info))
-    from core.bundle import BundleError, load_predictor
+    from core.bundle import BundleError
 
     with pytest.raises(BundleError, match=r"model.keras has 3 output bands but .*bundle.json names 1 \(footprint\)"):
         load_predictor(tree.bundle("unet"))

@@ -374,6 +374,7 @@ def test_tiny_unet_learns_and_its_masks_are_not_blank(trained) -> None:
     assert info.threshold_tta == tta_threshold(load_predictor(tree.bundle("unet")), pairs)[0]
     assert 0 < info.threshold_tta < 1 and metrics["threshold_tta"] == info.threshold_tta
     assert set(metrics["tta_pixel"]) >= {"iou", "f1"}
+    assert info.merge == 0.0 and "merge" not in metrics  # masks without a boundary band: nothing to merge by
     assert info.settings["model_args"]["filters"] == 8
     assert "keras" in info.versions
 

@@ -31,7 +31,7 @@ from core.metrics import (
     validate_pairs,
     write_metrics,
 )
-from core.objects import train_object_filter
+from core.objects import train_object_filter, tune_merge
 from core.raster import UNKNOWN, band_statistics, common_classes, mask_labels, read_mask_bands
 from core.settings import Settings, checkpoint_file
 from core.tree import DataTree, refuse_overwrite
@@ -451,7 +451,10 @@ def train_unet(
         info = replace(info, class_bias=bias)
         kinds = class_metrics(classes, pixels, class_confusion, bias, raw)
     pairs = list(zip(val_frames, val_masks, strict=True))
-    entry, objects, why = train_object_filter(predictor, pairs, threshold, info.class_bias or None)
+    merge, merged, why = tune_merge(predictor, pairs, threshold)  # before the filter, which judges merged objects
+    info = replace(info, merge=merge)
+    log.info("train: unet %s", why)
+    entry, objects, why = train_object_filter(predictor, pairs, threshold, info.class_bias or None, merge)
     info = replace(info, object_filter=entry)
     log.info("train: unet %s", why)
     threshold_tta, tta_confusion = tta_threshold(predictor, pairs)  # for predict_args.tta
@@ -461,7 +464,7 @@ def train_unet(
     unet_bundle.save(bundle_dir, model, info)
     record = metrics_record(
         "unet", "val", threshold, confusion, epochs=done_epochs + len(history.epoch), train_seconds=round(seconds, 1),
-        object_filter=objects, threshold_tta=threshold_tta, tta_pixel=tta_confusion.scores(), **kinds,
+        object_filter=objects, **({"merge": merged} if merged else {}), threshold_tta=threshold_tta, tta_pixel=tta_confusion.scores(), **kinds,
     )  # fmt: skip
     write_metrics(out / "metrics.json", record)
     from unet.plots import plot_curves, plot_overlays

@@ -1,0 +1,164 @@
+"""Merging the pieces of one roof: touching objects whose border the boundary band does not mark are one
+roof; the limit is tuned on validation chips and applied by predict."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import rasterio
+
+from core.instances import border_means, label_instances, merge_fragments
+from core.objects import MERGE_LIMITS, object_matches, truth_instances, tune_merge
+from core.raster import write_raster
+from core.settings import PredictArgs
+from core.targets import boundary_band
+from predict.predict import merge_limit, merge_note
+
+
+def three_objects() -> tuple[np.ndarray, np.ndarray]:
+    """Objects 1 | 2 | 3 side by side (4 x 3 px each); the boundary band is 0.2 along 1|2, 0.9 along 2|3."""
+    labels = np.zeros((4, 9), np.int32)
+    labels[:, 0:3], labels[:, 3:6], labels[:, 6:9] = 1, 2, 3
+    boundary = np.zeros((4, 9), np.float32)
+    boundary[:, 2:4] = 0.2
+    boundary[:, 5:7] = 0.9
+    return labels, boundary
+
+
+def test_border_means_are_the_mean_boundary_along_each_touching_pair():
+    labels, boundary = three_objects()
+    low, high, means = border_means(labels, boundary)
+    assert low.tolist() == [1, 2] and high.tolist() == [2, 3]
+    assert means.tolist() == pytest.approx([0.2, 0.9])
+    assert [len(a) for a in border_means(np.zeros((3, 3), np.int32), np.zeros((3, 3)))] == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected", "n"),
+    [(0.1, [1, 2, 3], 3), (0.2, [1, 2, 3], 3), (0.5, [1, 1, 2], 2), (0.95, [1, 1, 1], 1)],
+)
+def test_merge_fragments_joins_pairs_under_the_limit(limit, expected, n):
+    labels, boundary = three_objects()
+    merged, m = merge_fragments(labels, boundary, limit)
+    assert m == n
+    assert merged[0, [0, 4, 8]].tolist() == expected  # one pixel of each old object
+    assert (merged > 0).sum() == 36  # no pixel gained or lost
+
+
+def test_merged_objects_keep_the_order_of_their_lowest_old_number():
+    labels, boundary = three_objects()
+    labels = 4 - labels  # 3 | 2 | 1, the faint border now between 3 and 2
+    merged, m = merge_fragments(labels, boundary, 0.5)
+    assert m == 2 and merged[0, [0, 4, 8]].tolist() == [2, 2, 1]  # {3, 2} takes 2's place, after 1
+
+
+def test_label_instances_merges_the_pieces_a_ridge_seeded_apart():
+    """One 8 x 20 roof with a faint ridge across it: the seeds stop at the ridge, so the watershed finds two
+    objects; merged where the boundary band is faint, they are one."""
+    prob = np.zeros((10, 22), np.float32)
+    prob[1:9, 1:21] = 0.95
+    boundary = np.zeros_like(prob)
+    boundary[1:9, 10] = 0.4  # the ridge
+    score = prob * (1 - boundary)
+    apart, n = label_instances(prob, 0.5, 0.875, score)
+    assert n == 2
+    one, m = label_instances(prob, 0.5, 0.875, score, boundary=boundary, merge=0.3)
+    assert m == 1 and ((one > 0) == (prob >= 0.5)).all()
+    still, k = label_instances(prob, 0.5, 0.875, score, boundary=boundary, merge=0.1)
+    assert k == 2 and (still == apart).all()
+
+
+def test_truth_instances_part_touching_roofs_by_their_boundary_band():
+    roofs = np.zeros((12, 16), np.int32)
+    roofs[1:6, 1:8], roofs[1:6, 8:15] = 1, 2  # two touching roofs
+    roofs[8:11, 2:12] = 3
+    roofs[10, 14] = 4  # one pixel: all boundary, no core
+    band = boundary_band(roofs, 1)
+    labels, n = truth_instances(roofs > 0, band)
+    assert n == 3
+    for k in (1, 2, 3):  # each true roof is one instance, whole
+        assert len(np.unique(labels[roofs == k])) == 1 and (labels == labels[roofs == k][0]).sum() == (roofs == k).sum()
+    assert labels[10, 14] == 0
+
+
+def test_object_matches_count_spacenet_style():
+    truth = np.zeros((6, 12), np.int32)
+    truth[0:4, 0:4], truth[0:4, 6:10] = 1, 2
+    known = np.ones(truth.shape, bool)
+    assert object_matches(truth, truth, known, 1) == (2, 0, 2 - 2)
+    one = np.where(truth > 0, 1, 0)
+    one[0:4, 4:6] = 1  # both roofs and the gap as one object: IoU 16 / 40 with each
+    assert object_matches(truth, one, known, 1) == (0, 1, 2)
+    two = np.where(truth > 0, 1, 0)  # both roofs as one object without the gap: IoU exactly 0.5 with each
+    assert object_matches(truth, two, known, 1) == (1, 0, 1)  # one to one: it matches one of them
+    pred = truth.copy()
+    pred[5, 0:2] = 3  # a speck of 2 px: left out under 3 px, a false object from 2
+    assert object_matches(truth, pred, known, 3) == (2, 0, 0)
+    assert object_matches(truth, pred, known, 2) == (2, 1, 0)
+    known[5, :] = False  # ... unless it lies on pixels of unknown class
+    assert object_matches(truth, pred, known, 2) == (2, 0, 0)
+
+
+def test_tune_merge_chooses_the_least_merging_that_makes_each_roof_one(tmp_path):
+    """A 10 x 30 roof whose two faint ridges seed it in three pieces (none matches the roof: IoU 1/3), and two
+    touching roofs whose border the boundary band marks. Merging under 0.4 makes the large roof one and keeps
+    the touching pair apart; 1.01 merges the pair too, which then matches only the larger of the two."""
+    roofs = np.zeros((34, 34), np.int32)
+    roofs[2:12, 2:32] = 1
+    roofs[20:30, 2:10], roofs[20:30, 10:26] = 2, 3  # merged, the pair matches the larger roof (IoU 2/3)
+    band = boundary_band(roofs, 1)
+    mask = np.stack([np.where(roofs > 0, 255, 0), np.where(band, 255, 0)]).astype(np.uint8)
+    transform = rasterio.transform.from_origin(0, 34, 1, 1)
+    frame = write_raster(tmp_path / "f.tif", np.ones((1, 34, 34), np.uint16), crs="EPSG:32644", transform=transform)
+    truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform,
+                         descriptions=["footprint", "boundary"])  # fmt: skip
+    prob = np.where(roofs > 0, 0.95, 0.0).astype(np.float32)
+    boundary = np.where(band, 0.95, 0.0).astype(np.float32)
+    boundary[3:11, [11, 21]] = (
+        0.35  # the ridges, one pixel wide: their borders average about (8 x 0.175 + 2 x 0.95) / 10
+    )
+
+    class Fake:
+        info = SimpleNamespace(
+            targets=["footprint", "boundary"], classes=[], normalization=SimpleNamespace(nodata=None)
+        )
+
+        def prepare(self, chips):
+            return chips
+
+        def forward_targets(self, chips):
+            return np.stack([prob, boundary])[np.newaxis]
+
+    limit, record, why = tune_merge(Fake(), [(frame, truth)], threshold=0.5)
+    f1 = record["object_f1"]
+    assert [f1["0"], f1["0.3"], f1["0.4"], f1["0.9"], f1["1.01"]] == [0.5, 0.5, 1.0, 1.0, 0.8]
+    assert limit == 0.4 and record["limit"] == 0.4 and list(f1) == [f"{v:g}" for v in MERGE_LIMITS]
+    assert why == (
+        "touching objects merge where their border's mean boundary probability is under 0.4 (validation object "
+        "F1 1.000, unmerged 0.500; predict_args.merge)"
+    )
+    Fake.info = SimpleNamespace(targets=["footprint"], classes=[], normalization=SimpleNamespace(nodata=None))
+    assert tune_merge(Fake(), [(frame, truth)], 0.5) == (
+        0.0, {}, "no merge of touching objects (the model has no boundary band)"
+    )  # fmt: skip
+
+
+def test_predict_applies_the_bundles_merge_unless_the_setting_says_otherwise():
+    tuned, old = SimpleNamespace(merge=0.6), SimpleNamespace(merge=None)
+    channels, footprint = ("footprint", "boundary", "contact"), ("footprint",)
+    assert merge_limit(tuned, PredictArgs(), channels) == 0.6
+    assert merge_limit(tuned, PredictArgs(merge=0.3), channels) == 0.3
+    assert merge_limit(tuned, PredictArgs(), footprint) == 0.0  # seeds footprint: no boundary band to read
+    assert merge_limit(old, PredictArgs(), channels) == 0.0
+    assert merge_note(tuned, PredictArgs(), channels) == (
+        "touching objects merged where their border's mean boundary probability is under 0.6 (the bundle's "
+        "limit, tuned on validation)"
+    )
+    assert merge_note(tuned, PredictArgs(merge=0), channels) == "touching objects kept apart (predict_args.merge 0)"
+    assert merge_note(SimpleNamespace(merge=0.0), PredictArgs(), channels) == (
+        "touching objects kept apart (the bundle's choice: merging did not help on validation)"
+    )
+    assert merge_note(old, PredictArgs(), channels).startswith("the bundle has no merge limit (trained before")
+    assert merge_note(tuned, PredictArgs(), footprint) == ""
