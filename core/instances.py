@@ -248,7 +248,7 @@ def raster_instances(
     seed_threshold: float,
     targets: tuple[str, ...] = ("footprint",),
     *,
-    keep: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
+    keep: Callable[[np.ndarray, np.ndarray, np.ndarray, Window], np.ndarray] | None = None,
     dropped: list[BaseGeometry] | None = None,
     split_classes: int = 0,
     merge: float = 0.0,
@@ -256,7 +256,7 @@ def raster_instances(
     margin: int = MARGIN,
 ) -> list[tuple[BaseGeometry, float]]:
     """One (polygon, mean probability) per roof of a probability raster (band 1; further bands
-    ``targets[1:]`` seed the watershed), block by block. ``keep(labels, ids, bands)`` (the object filter)
+    ``targets[1:]`` seed the watershed), block by block. ``keep(labels, ids, bands, window)`` (the object filter)
     says which objects of a block are roofs; the others are left out, their polygons added to ``dropped``.
     ``split_classes`` (the number of class bands after the targets' bands, 0 = none) splits the objects
     where the most probable class changes (parts of at least :data:`MIN_PART_M2`). ``merge`` > 0 joins touching
@@ -292,7 +292,7 @@ def raster_instances(
             mine[owned] = True
             roof = dict.fromkeys(owned, True)
             if keep is not None:
-                roof = dict(zip(owned, keep(labels, np.asarray(owned), bands), strict=True))
+                roof = dict(zip(owned, keep(labels, np.asarray(owned), bands, ext), strict=True))
             means = dict(zip(owned, np.atleast_1d(ndimage.mean(prob, labels, owned)), strict=True))
             parts: dict[int, list[BaseGeometry]] = {}
             for geom, value in shapes(labels, mask=mine[labels], transform=src.window_transform(ext), connectivity=4):

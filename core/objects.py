@@ -37,16 +37,21 @@ MIN_OBJECT_M2 = 4.0
 
 
 def object_features(
-    labels: np.ndarray, ids: np.ndarray | list[int], bands: np.ndarray, seed_threshold: float
+    labels: np.ndarray,
+    ids: np.ndarray | list[int],
+    bands: np.ndarray,
+    seed_threshold: float,
+    image: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The features (:data:`FEATURES`, then the mean of each band after the first) of the objects ``ids`` of a
-    label image: (len(ids), 7 + bands - 1). ``bands`` (targets, rows, cols): the footprint probability
-    first, then the boundary and contact bands a U-Net may have. core_share is the share of the object's
-    pixels at or above the seed threshold; fill its pixels over its bounding box's; aspect its bounding
-    box's short side over its long side."""
+    """The features (:data:`FEATURES`, then the mean of each band after the first, then with ``image`` its
+    :func:`image_features`) of the objects ``ids`` of a label image: (len(ids), 7 + bands - 1 [+ 3 x image
+    bands]). ``bands`` (targets, rows, cols): the footprint probability first, then the boundary and contact
+    bands a U-Net may have. core_share is the share of the object's pixels at or above the seed threshold;
+    fill its pixels over its bounding box's; aspect its bounding box's short side over its long side."""
     ids = np.asarray(ids, np.int64)
     if ids.size == 0:
-        return np.zeros((0, len(FEATURES) + len(bands) - 1), np.float64)
+        width = len(FEATURES) + len(bands) - 1 + (3 * image.shape[-1] if image is not None else 0)
+        return np.zeros((0, width), np.float64)
     prob = bands[0]
     pixels = np.bincount(labels.ravel(), minlength=int(ids.max()) + 1)[ids].astype(np.float64)
     boxes = ndimage.find_objects(labels, max_label=int(ids.max()))
@@ -61,7 +66,20 @@ def object_features(
         sides.min(axis=1) / sides.max(axis=1),
     ]
     columns += [ndimage.mean(band, labels, ids) for band in bands[1:]]
+    if image is not None:
+        columns += image_features(labels, ids, image)
     return np.column_stack([np.atleast_1d(np.asarray(c, np.float64)) for c in columns])
+
+
+def image_features(labels: np.ndarray, ids: np.ndarray, image: np.ndarray) -> list[np.ndarray]:
+    """What an object looks like (``image``: the normalized model input, rows x cols x bands): for each band
+    the mean and spread of its pixels, then for each band its mean less the mean of all bands (its colour,
+    whatever the brightness). A false object on a concrete roof or a yard is often only told apart by that."""
+    grey = image.mean(axis=-1)
+    means = [ndimage.mean(image[..., k], labels, ids) for k in range(image.shape[-1])]
+    spreads = [ndimage.standard_deviation(image[..., k], labels, ids) for k in range(image.shape[-1])]
+    colours = [ndimage.mean(image[..., k] - grey, labels, ids) for k in range(image.shape[-1])]
+    return [*means, *spreads, *colours]
 
 
 @dataclass
@@ -78,6 +96,7 @@ class ObjectFilter:
     objects: int = 0  # validation objects it was fitted on
     roofs: int = 0  # of which on roofs
     split_classes: bool = False  # a class bundle's: fitted on objects split by class (predict_args.split_classes)
+    image_bands: int = 0  # the filter also reads the image (its bands' image_features); 0: probabilities only
     stats: dict[str, Any] = field(default_factory=dict)
 
     def probability(self, x: np.ndarray) -> np.ndarray:
@@ -109,9 +128,11 @@ class ObjectFilter:
             raise BundleError(f"bundle.json's object_filter entry is damaged ({exc}): retrain") from exc
 
 
-def feature_names(targets: list[str] | tuple[str, ...]) -> list[str]:
-    """The features' names for a model with these target bands."""
-    return [*FEATURES, *(f"mean_{t}" for t in targets[1:])]
+def feature_names(targets: list[str] | tuple[str, ...], image_bands: int = 0) -> list[str]:
+    """The features' names for a model with these target bands (and a filter that reads the image's
+    ``image_bands``)."""
+    image = [f"{kind}_band{k}" for kind in ("mean", "std", "colour") for k in range(1, image_bands + 1)]
+    return [*FEATURES, *(f"mean_{t}" for t in targets[1:]), *image]
 
 
 @dataclass
@@ -236,11 +257,12 @@ def validation_objects(
         on_roof = np.bincount(labels[roof & use], minlength=n + 1)[1:]
         other = np.bincount(labels[~roof & use], minlength=n + 1)[1:]
         keep = on_roof + other >= 0.5 * pixels  # objects mostly of unknown class (or nodata) are left out
-        xs.append(object_features(labels, ids[keep], bands, seed_threshold))
+        image = predictor.info.normalization.apply(chw)  # what the model read, as predict's filter reads it
+        xs.append(object_features(labels, ids[keep], bands, seed_threshold, image))
         roofs.append(on_roof[keep])
         others.append(other[keep])
         areas.append(pixels[keep] * area)
-    width = len(FEATURES) + len(targets) - 1
+    width = len(FEATURES) + len(targets) - 1 + 3 * predictor.info.bands
     if not xs:
         return ValidationObjects(np.zeros((0, width)), np.zeros(0, np.int64), np.zeros(0, np.int64), total, np.zeros(0))
     return ValidationObjects(
@@ -263,10 +285,11 @@ def train_object_filter(
     targets = list(predictor.info.targets)
     core = default_seed_threshold(threshold, None, channels=len(targets) > 1)
     objects = validation_objects(predictor, pairs, threshold, core, class_bias, merge)
-    fitted, why = fit_object_filter(objects, feature_names(targets))
+    fitted, why = fit_object_filter(objects, feature_names(targets, predictor.info.bands))
     if fitted is None:
         return {}, {"objects": len(objects.roof_pixels), "roofs": int(objects.roof.sum())}, why
     fitted.split_classes = bool(predictor.info.classes)
+    fitted.image_bands = predictor.info.bands
     return fitted.to_dict(), {"objects": fitted.objects, "roofs": fitted.roofs, "cut": fitted.cut, **fitted.stats}, why
 
 

@@ -166,7 +166,7 @@ def predict_raster(
         if args.instances:
             seed = default_seed_threshold(threshold, args.seed_threshold, channels=len(targets) > 1)
             dropped: list = []
-            roofs_only = object_keeper(predictor.info, args, targets)
+            roofs_only = object_keeper(predictor.info, args, targets, source)
             split = classes if args.split_classes else 0
             result.polygons = raster_instances(
                 probs, threshold, seed, targets, keep=roofs_only, dropped=dropped, split_classes=split,
@@ -224,14 +224,13 @@ def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...
                 "or its validation chips held too few objects): every object kept"
             ),
         )
-    if fitted.features != feature_names(targets):
+    if fitted.features != feature_names(targets, fitted.image_bands):
+        bands = fitted.features[len(FEATURES) : len(FEATURES) + len(info.targets) - 1]
         return (
             None,
             0.0,
-            (
-                f"the object filter reads {', '.join(fitted.features[len(FEATURES) :])}, which predict_args.seeds "
-                f"{args.seeds} leaves out: every object kept"
-            ),
+            f"the object filter reads {', '.join(bands)}, which predict_args.seeds {args.seeds} leaves out: every "
+            "object kept",
         )
     if info.classes and fitted.split_classes != args.split_classes:
         if fitted.split_classes:
@@ -254,10 +253,11 @@ def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...
     return fitted, cut, ""
 
 
-def object_keeper(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...]):
-    """The object filter's decision (``keep(labels, ids, bands)``, for core.instances.raster_instances): the
-    objects whose probability of being a roof is at least the cut of :func:`filter_decision`; None (keep every
-    object) where no filter applies."""
+def object_keeper(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...], source: Path | None = None):
+    """The object filter's decision (``keep(labels, ids, bands, window)``, for core.instances.raster_instances):
+    the objects whose probability of being a roof is at least the cut of :func:`filter_decision`; None (keep
+    every object) where no filter applies. A filter that reads the image reads that window of ``source`` (the
+    raster predicted, on the probabilities' grid), normalized as the model read it."""
     from core.objects import object_features
 
     fitted, cut, _ = filter_decision(info, args, targets)
@@ -265,8 +265,12 @@ def object_keeper(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...])
         return None
     core = default_seed_threshold(info.threshold, None, channels=len(info.targets) > 1)
 
-    def keep(labels: np.ndarray, ids: np.ndarray, bands: np.ndarray) -> np.ndarray:
-        return fitted.probability(object_features(labels, ids, bands, core)) >= cut
+    def keep(labels: np.ndarray, ids: np.ndarray, bands: np.ndarray, window: Window) -> np.ndarray:
+        image = None
+        if fitted.image_bands:
+            with open_raster(source) as src:
+                image = info.normalization.apply(src.read(window=window))
+        return fitted.probability(object_features(labels, ids, bands, core, image)) >= cut
 
     return keep
 

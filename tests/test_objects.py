@@ -26,6 +26,9 @@ from core.objects import (
     validation_objects,
 )
 
+#: A fake bundle's normalization: raw values / 100, bands last, as the model input.
+HUNDREDTHS = SimpleNamespace(nodata=None, apply=lambda chw: (np.moveaxis(chw, 0, -1) / 100.0).astype(np.float32))
+
 
 def two_objects() -> tuple[np.ndarray, np.ndarray]:
     """A label image with a 2 x 3 object (1) and an L of 3 pixels (2), and two bands over it."""
@@ -181,7 +184,7 @@ def test_validation_objects_are_labelled_by_their_share_of_roof_pixels(tmp_path)
     truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform)
 
     class Fake:
-        info = SimpleNamespace(targets=["footprint"], classes=[], normalization=SimpleNamespace(nodata=None))
+        info = SimpleNamespace(targets=["footprint"], classes=[], bands=1, normalization=HUNDREDTHS)
 
         def prepare(self, chips):
             return chips
@@ -195,6 +198,8 @@ def test_validation_objects_are_labelled_by_their_share_of_roof_pixels(tmp_path)
     assert objects.all_roof_pixels == 16 and objects.area_m2.tolist() == pytest.approx([16.0, 16.0], rel=0.01)
     x = objects.x
     assert x[:, 0].tolist() == pytest.approx([math.log(16)] * 2) and x[:, 1].tolist() == pytest.approx([0.9, 0.9])
+    # Then what the objects look like in the image (normalized): the band's mean, spread and colour.
+    assert x.shape == (2, 10) and x[:, 7:].ravel().tolist() == pytest.approx([0.9, 0.0, 0.0] * 2)
 
 
 def test_instances_leave_out_what_the_filter_drops_and_burning_erases_it(tmp_path):
@@ -204,11 +209,15 @@ def test_instances_leave_out_what_the_filter_drops_and_burning_erases_it(tmp_pat
     path = write_geotiff(tmp_path / "p.tif", array=prob, nodata=None)
     dropped: list = []
 
-    def big(labels, ids, bands):
+    windows = []
+
+    def big(labels, ids, bands, window):
+        windows.append((window.col_off, window.row_off, window.width, window.height))
         return np.bincount(labels.ravel())[ids] >= 50
 
     found = raster_instances(path, 0.5, 0.75, keep=big, dropped=dropped)
     assert [round(g.area / 0.25) for g, _ in found] == [120] and [round(g.area / 0.25) for g in dropped] == [9]
+    assert windows == [(0, 0, 40, 30)]  # the block's window, for a filter that reads the image there
     mask = write_geotiff(tmp_path / "m.tif", array=np.where(prob >= 0.5, 255, 0).astype(np.uint8), nodata=None)
     assert burn_polygons(mask, dropped, [0]) == 9
     with rasterio.open(mask) as src:
@@ -368,9 +377,7 @@ def test_validation_objects_of_a_class_bundle_are_split_by_class_as_predict_spli
     truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform)
 
     class Fake:
-        info = SimpleNamespace(
-            targets=["footprint"], classes=["metal", "other"], normalization=SimpleNamespace(nodata=None)
-        )
+        info = SimpleNamespace(targets=["footprint"], classes=["metal", "other"], bands=1, normalization=HUNDREDTHS)
 
         def prepare(self, chips):
             return chips
@@ -385,3 +392,53 @@ def test_validation_objects_of_a_class_bundle_are_split_by_class_as_predict_spli
     assert split.roof_pixels.tolist() == [32, 32] and split.other_pixels.tolist() == [0, 0]
     whole = validation_objects(Fake(), [(frame, truth)], threshold=0.5, seed_threshold=0.75, class_bias=[0.0, -2.0])
     assert whole.roof_pixels.tolist() == [64]
+
+
+def test_image_features_are_each_bands_mean_spread_and_colour():
+    labels, _ = two_objects()
+    image = np.zeros((5, 6, 2), np.float32)
+    image[0:2, 0:3, 0] = [[0.2, 0.4, 0.6], [0.2, 0.4, 0.6]]  # object 1: band 1 varies, band 2 is 0.1
+    image[0:2, 0:3, 1] = 0.1
+    image[labels == 2] = [0.5, 0.9]
+    from core.objects import image_features
+
+    means1, means2, std1, std2, colour1, colour2 = image_features(labels, np.array([1, 2]), image)
+    assert means1.tolist() == pytest.approx([0.4, 0.5]) and means2.tolist() == pytest.approx([0.1, 0.9])
+    assert std1.tolist() == pytest.approx([np.std([0.2, 0.4, 0.6]), 0.0]) and std2.tolist() == pytest.approx([0, 0])
+    # Each band less the pixel's mean of the bands: object 1 (0.4 - 0.25, 0.1 - 0.25), object 2 (-0.2, 0.2).
+    assert colour1.tolist() == pytest.approx([0.15, -0.2]) and colour2.tolist() == pytest.approx([-0.15, 0.2])
+    assert feature_names(["footprint", "boundary"], 2)[8:] == [
+        "mean_band1", "mean_band2", "std_band1", "std_band2", "colour_band1", "colour_band2"
+    ]  # fmt: skip
+    assert object_features(labels, [], two_objects()[1], 0.8, image).shape == (0, 14)
+
+
+def test_predicts_filter_reads_the_image_of_the_window_it_judges(tmp_path):
+    """A filter that reads the image (image_bands) keeps the object on bright pixels and drops the one on dark
+    pixels of the same probability: predict reads the source raster's window and normalizes it as the model."""
+    from rasterio.windows import Window
+
+    from core.bundle import BundleInfo, Normalization
+    from core.settings import PredictArgs
+    from predict.predict import object_keeper
+
+    image = np.full((1, 12, 12), 10, np.uint16)
+    image[0, 1:4, 1:4] = 90  # under object 1: bright
+    source = write_geotiff(tmp_path / "s.tif", array=image, nodata=None)
+    labels = np.zeros((12, 12), np.int32)
+    labels[1:4, 1:4], labels[6:9, 6:9] = 1, 2
+    bands = np.where(labels > 0, 0.9, 0.0).astype(np.float32)[np.newaxis]
+    names = feature_names(["footprint"], 1)
+    coef = [0.0] * len(names)
+    coef[names.index("mean_band1")] = 10.0
+    fitted = ObjectFilter(features=names, mean=[0.0] * len(names), scale=[1.0] * len(names), coef=coef,
+                          intercept=-5.0, cut=0.5, image_bands=1)  # fmt: skip
+    norm = Normalization("percentile", (0.0,), (100.0,), (0.0,), (1.0,), None)
+    info = BundleInfo(kind="unet", bands=1, dtype="uint16", normalization=norm, threshold=0.5,
+                      object_filter=fitted.to_dict())  # fmt: skip
+    keep = object_keeper(info, PredictArgs(), ("footprint",), source)
+    assert keep(labels, np.array([1, 2]), bands, Window(0, 0, 12, 12)).tolist() == [True, False]
+    # The window is where the block lies in the raster: the same objects seen from an offset block.
+    shifted = np.zeros((11, 11), np.int32)
+    shifted[0:3, 0:3] = 1
+    assert keep(shifted, np.array([1]), bands[:, 1:, 1:], Window(1, 1, 11, 11)).tolist() == [True]
