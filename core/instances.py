@@ -161,6 +161,7 @@ def label_instances(
     min_part: int = 0,
     boundary: np.ndarray | None = None,
     merge: float = 0.0,
+    max_side: int | None = None,
 ) -> tuple[np.ndarray, int]:
     """Label image of roofs (1..n, 0 = background) from a probability array: seeded watershed.
 
@@ -170,7 +171,7 @@ def label_instances(
     pixel's class) the objects are then split where the class changes, in parts of at least
     ``min_part`` pixels (:func:`split_by_class`). Before that, with ``boundary`` (a U-Net's boundary band) and
     ``merge`` > 0, touching objects whose shared border's mean boundary probability is under ``merge`` are one
-    (:func:`merge_fragments`).
+    (:func:`merge_fragments`; none that would make an object wider or higher than ``max_side``).
     """
     from skimage.segmentation import watershed
 
@@ -185,7 +186,7 @@ def label_instances(
         labels[rest > 0] = rest[rest > 0] + n
     n += m
     if boundary is not None and merge > 0 and n > 1:
-        labels, n = merge_fragments(labels, boundary, merge)
+        labels, n = merge_fragments(labels, boundary, merge, max_side=max_side)
     if kinds is not None:
         return split_by_class(labels, kinds, min_part)
     return labels, n
@@ -213,24 +214,43 @@ def border_means(labels: np.ndarray, boundary: np.ndarray) -> tuple[np.ndarray, 
 
 
 def merge_fragments(
-    labels: np.ndarray, boundary: np.ndarray, limit: float, borders: tuple | None = None
+    labels: np.ndarray,
+    boundary: np.ndarray,
+    limit: float,
+    borders: tuple | None = None,
+    max_side: int | None = None,
 ) -> tuple[np.ndarray, int]:
     """Touching objects whose shared border has a mean boundary probability under ``limit`` joined into one,
-    numbered 1..n. A large roof's ridges and seams can seed the watershed twice; its pieces
-    meet where the boundary band is faint, two roofs where it is strong. Each merged object takes the place
-    of its lowest old number. ``borders`` (:func:`border_means` of these labels) spares computing them again."""
+    numbered 1..n. A large roof's ridges and seams can seed the watershed twice; its pieces meet where the
+    boundary band is faint, two roofs where it is strong. Each merged object takes the place of its lowest old
+    number. A merge whose object would be more than ``max_side`` pixels wide or high is not made (its pieces
+    stay apart): block by block, a block sees an object whole only up to its margin. ``borders``
+    (:func:`border_means` of these labels) spares computing them again."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     low, high, means = borders if borders is not None else border_means(labels, boundary)
-    join = means < limit
-    if not join.any():
-        return labels, int(labels.max())
     width = int(labels.max()) + 1
+    join = means < limit
     graph = coo_matrix((np.ones(int(join.sum())), (low[join], high[join])), shape=(width, width))
     _, group = connected_components(graph, directed=False)
     ids = np.unique(labels)
     ids = ids[ids > 0]
+    if max_side is not None and join.any():
+        boxes = ndimage.find_objects(labels)
+        spans = np.array([[b[0].start, b[0].stop, b[1].start, b[1].stop] for b in (boxes[i - 1] for i in ids)])
+        groups = len(group)
+        top, left = np.full(groups, np.iinfo(np.int64).max), np.full(groups, np.iinfo(np.int64).max)
+        bottom, right = np.zeros(groups, np.int64), np.zeros(groups, np.int64)
+        np.minimum.at(top, group[ids], spans[:, 0])
+        np.maximum.at(bottom, group[ids], spans[:, 1])
+        np.minimum.at(left, group[ids], spans[:, 2])
+        np.maximum.at(right, group[ids], spans[:, 3])
+        too_big = np.maximum(bottom - top, right - left) > max_side
+        if too_big[group[ids]].any():  # those pieces keep a group of their own each
+            alone = ids[too_big[group[ids]]]
+            group = group.copy()
+            group[alone] = group.max() + 1 + np.arange(len(alone))
     # Each merged object keeps the place of its lowest old number: numbered 1..n in the watershed's order.
     lowest = np.full(int(group.max()) + 1, width)
     np.minimum.at(lowest, group[ids], ids)
@@ -276,7 +296,9 @@ def raster_instances(
             prob = bands[0]
             score = seed_score(bands, targets) if len(targets) > 1 else None
             boundary = bands[targets.index("boundary")] if "boundary" in targets else None
-            labels, n = label_instances(prob, threshold, seed_threshold, score, kinds, min_part, boundary, merge)
+            labels, n = label_instances(
+                prob, threshold, seed_threshold, score, kinds, min_part, boundary, merge, max_side=margin
+            )
             if n == 0:
                 continue
             owned = [

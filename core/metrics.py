@@ -79,6 +79,46 @@ class MatchCounts:
                 "fn": self.fn}  # fmt: skip
 
 
+def object_ious(truth: np.ndarray, n_truth: int, pred: np.ndarray, n_pred: int) -> tuple[np.ndarray, ...]:
+    """Every overlapping pair of objects of two label images: (truth label, predicted label, IoU) arrays."""
+    both = (truth > 0) & (pred > 0)
+    pairs = truth[both].astype(np.int64) * (n_pred + 1) + pred[both]
+    codes, inter = np.unique(pairs, return_counts=True)
+    t, p = codes // (n_pred + 1), codes % (n_pred + 1)
+    area_t = np.bincount(truth.ravel(), minlength=n_truth + 1)
+    area_p = np.bincount(pred.ravel(), minlength=n_pred + 1)
+    return t, p, inter / (area_t[t] + area_p[p] - inter)
+
+
+def match_labels(
+    truth: np.ndarray, n_truth: int, pred: np.ndarray, n_pred: int, iou_threshold: float = 0.5
+) -> MatchCounts:
+    """SpaceNet object counts of two label images (1..n each): each predicted object, in raster order, takes the
+    still unmatched true object with the highest IoU; a match at ``iou_threshold`` or above is a true positive
+    and uses the true object up."""
+    t, p, iou = object_ious(truth, n_truth, pred, n_pred)
+    used: set[int] = set()
+    decided: set[int] = set()
+    tp = 0
+    for i in np.lexsort((t, -iou, p)):  # by prediction, then highest IoU first
+        if p[i] in decided or t[i] in used:
+            continue
+        decided.add(p[i])
+        if iou[i] >= iou_threshold:
+            used.add(t[i])
+            tp += 1
+    return MatchCounts(tp=tp, fp=n_pred - tp, fn=n_truth - tp)
+
+
+def drop_unknown(labels: np.ndarray, n: int, known: np.ndarray) -> tuple[np.ndarray, int]:
+    """The objects of a label image of which less than half lies on unknown pixels, renumbered 1..m."""
+    from core.instances import keep_labels
+
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    unknown = np.bincount(labels[~known], minlength=n + 1)
+    return keep_labels(labels, 2 * unknown < area)
+
+
 def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else 0.0
 

@@ -41,16 +41,17 @@ def object_features(
     ids: np.ndarray | list[int],
     bands: np.ndarray,
     seed_threshold: float,
-    image: np.ndarray | None = None,
+    chw: np.ndarray | None = None,
+    norm: Any = None,
 ) -> np.ndarray:
-    """The features (:data:`FEATURES`, then the mean of each band after the first, then with ``image`` its
-    :func:`image_features`) of the objects ``ids`` of a label image: (len(ids), 7 + bands - 1 [+ 3 x image
-    bands]). ``bands`` (targets, rows, cols): the footprint probability first, then the boundary and contact
+    """The features (:data:`FEATURES`, then the mean of each band after the first, then with ``chw`` (the
+    image, raw) and ``norm`` (the bundle's normalization) its :func:`image_features`) of the objects ``ids`` of
+    a label image: (len(ids), 7 + bands - 1 [+ 3 x image bands]). ``bands`` (targets, rows, cols): the footprint probability first, then the boundary and contact
     bands a U-Net may have. core_share is the share of the object's pixels at or above the seed threshold;
     fill its pixels over its bounding box's; aspect its bounding box's short side over its long side."""
     ids = np.asarray(ids, np.int64)
     if ids.size == 0:
-        width = len(FEATURES) + len(bands) - 1 + (3 * image.shape[-1] if image is not None else 0)
+        width = len(FEATURES) + len(bands) - 1 + (3 * chw.shape[0] if chw is not None else 0)
         return np.zeros((0, width), np.float64)
     prob = bands[0]
     pixels = np.bincount(labels.ravel(), minlength=int(ids.max()) + 1)[ids].astype(np.float64)
@@ -66,20 +67,23 @@ def object_features(
         sides.min(axis=1) / sides.max(axis=1),
     ]
     columns += [ndimage.mean(band, labels, ids) for band in bands[1:]]
-    if image is not None:
-        columns += image_features(labels, ids, image)
+    if chw is not None:
+        columns += image_features(labels, ids, chw, norm)
     return np.column_stack([np.atleast_1d(np.asarray(c, np.float64)) for c in columns])
 
 
-def image_features(labels: np.ndarray, ids: np.ndarray, image: np.ndarray) -> list[np.ndarray]:
-    """What an object looks like (``image``: the normalized model input, rows x cols x bands): for each band
-    the mean and spread of its pixels, then for each band its mean less the mean of all bands (its colour,
-    whatever the brightness). A false object on a concrete roof or a yard is often only told apart by that."""
-    grey = image.mean(axis=-1)
-    means = [ndimage.mean(image[..., k], labels, ids) for k in range(image.shape[-1])]
-    spreads = [ndimage.standard_deviation(image[..., k], labels, ids) for k in range(image.shape[-1])]
-    colours = [ndimage.mean(image[..., k] - grey, labels, ids) for k in range(image.shape[-1])]
-    return [*means, *spreads, *colours]
+def image_features(labels: np.ndarray, ids: np.ndarray, chw: np.ndarray, norm: Any) -> list[np.ndarray]:
+    """What an object looks like in the image ``chw`` (bands, rows, cols, raw): for each band the mean and
+    spread of its pixels normalized as the model reads them (``norm``), then for each band its mean share of
+    the pixel's sum of bands (raw values): the object's colour, whatever its brightness. A false object on a
+    concrete roof or a yard is often only told apart by that."""
+    image = norm.apply(chw)
+    raw = chw.astype(np.float64)
+    total = np.maximum(raw.sum(axis=0), 1e-9)
+    means = [ndimage.mean(image[..., k], labels, ids) for k in range(len(chw))]
+    spreads = [ndimage.standard_deviation(image[..., k], labels, ids) for k in range(len(chw))]
+    shares = [ndimage.mean(raw[k] / total, labels, ids) for k in range(len(chw))]
+    return [*means, *spreads, *shares]
 
 
 @dataclass
@@ -131,7 +135,7 @@ class ObjectFilter:
 def feature_names(targets: list[str] | tuple[str, ...], image_bands: int = 0) -> list[str]:
     """The features' names for a model with these target bands (and a filter that reads the image's
     ``image_bands``)."""
-    image = [f"{kind}_band{k}" for kind in ("mean", "std", "colour") for k in range(1, image_bands + 1)]
+    image = [f"{kind}_band{k}" for kind in ("mean", "std", "share") for k in range(1, image_bands + 1)]
     return [*FEATURES, *(f"mean_{t}" for t in targets[1:]), *image]
 
 
@@ -257,8 +261,7 @@ def validation_objects(
         on_roof = np.bincount(labels[roof & use], minlength=n + 1)[1:]
         other = np.bincount(labels[~roof & use], minlength=n + 1)[1:]
         keep = on_roof + other >= 0.5 * pixels  # objects mostly of unknown class (or nodata) are left out
-        image = predictor.info.normalization.apply(chw)  # what the model read, as predict's filter reads it
-        xs.append(object_features(labels, ids[keep], bands, seed_threshold, image))
+        xs.append(object_features(labels, ids[keep], bands, seed_threshold, chw, predictor.info.normalization))
         roofs.append(on_roof[keep])
         others.append(other[keep])
         areas.append(pixels[keep] * area)
@@ -302,45 +305,32 @@ MERGE_LIMITS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)
 
 def truth_instances(footprint: np.ndarray, boundary: np.ndarray) -> tuple[np.ndarray, int]:
     """The true roofs of a mask as a label image: the cores of its footprint (the roof pixels off the boundary
-    band, which parts touching roofs) grown back over the footprint, each roof pixel to its nearest core of
-    the same group of roof pixels. A roof all boundary (narrower than twice the band) has no core and stays 0."""
-    from skimage.segmentation import expand_labels
+    band, which parts touching roofs) grown back over the footprint, each core through its own group of roof
+    pixels. A group without a core (a roof narrower than twice the band) stays 0."""
+    from skimage.segmentation import watershed
 
     from core.instances import label_objects
 
     cores, n = label_objects(footprint & ~boundary)
     if not n:
         return np.zeros(footprint.shape, np.int32), 0
-    groups, _ = ndimage.label(footprint, structure=ndimage.generate_binary_structure(2, 1))
-    group_of_core = np.zeros(n + 1, np.int64)
-    group_of_core[cores[cores > 0]] = groups[cores > 0]
-    grown = expand_labels(cores, distance=max(footprint.shape))
-    return np.where(footprint & (group_of_core[grown] == groups), grown, 0).astype(np.int32), n
+    flat = np.zeros(footprint.shape, np.uint8)
+    return watershed(flat, cores, mask=footprint, connectivity=1).astype(np.int32), n
 
 
 def object_matches(truth: np.ndarray, pred: np.ndarray, known: np.ndarray, min_pixels: int) -> tuple[int, int, int]:
-    """SpaceNet counts (matched, false, missed) of two label images: a predicted and a true object match at IoU
-    >= 0.5, one to one, the highest IoU first; objects under ``min_pixels`` and predicted objects mostly on
-    pixels of unknown class are left out."""
-    t_area = np.bincount(truth.ravel())
-    p_area = np.bincount(pred.ravel())
-    p_unknown = np.bincount(pred[~known].ravel(), minlength=len(p_area))
-    t_ok = t_area >= min_pixels
-    p_ok = (p_area >= min_pixels) & (2 * p_unknown < p_area)
-    t_ok[0] = p_ok[0] = False
-    both = (truth > 0) & (pred > 0)
-    width = len(p_area)
-    codes, inter = np.unique(truth[both].astype(np.int64) * width + pred[both], return_counts=True)
-    t, p = codes // width, codes % width
-    iou = inter / (t_area[t] + p_area[p] - inter)
-    good = np.flatnonzero(t_ok[t] & p_ok[p] & (iou >= 0.5))
-    used_t, used_p = set(), set()
-    for i in good[np.argsort(-iou[good], kind="stable")]:  # at exactly 0.5 an object can match two
-        if t[i] not in used_t and p[i] not in used_p:
-            used_t.add(t[i])
-            used_p.add(p[i])
-    tp = len(used_t)
-    return tp, int(p_ok.sum()) - tp, int(t_ok.sum()) - tp
+    """SpaceNet counts (matched, false, missed) of two label images (:func:`core.metrics.match_labels`, IoU >=
+    0.5), as evaluate counts them: objects under ``min_pixels`` and predicted objects mostly on pixels of unknown
+    class are left out."""
+    from core.instances import keep_labels
+    from core.metrics import drop_unknown, match_labels
+
+    truth, n_t = keep_labels(truth, np.bincount(truth.ravel()) >= min_pixels)
+    pred, n_p = keep_labels(pred, np.bincount(pred.ravel()) >= min_pixels)
+    if n_p:
+        pred, n_p = drop_unknown(pred, n_p, known)
+    counts = match_labels(truth, n_t, pred, n_p, 0.5)
+    return counts.tp, counts.fp, counts.fn
 
 
 def tune_merge(predictor: Any, pairs: list[tuple[Path, Path]], threshold: float) -> tuple[float, dict[str, Any], str]:
@@ -352,7 +342,7 @@ def tune_merge(predictor: Any, pairs: list[tuple[Path, Path]], threshold: float)
     the log."""
     from core.cli import progress
     from core.instances import border_means, default_seed_threshold, label_instances, merge_fragments, seed_score
-    from core.raster import UNKNOWN, read_mask_bands, read_raster, valid_pixels
+    from core.raster import read_mask_bands, read_pair, usable_pixels, valid_pixels
     from core.vector import pixel_m2
 
     targets = tuple(predictor.info.targets)
@@ -362,10 +352,10 @@ def tune_merge(predictor: Any, pairs: list[tuple[Path, Path]], threshold: float)
     nodata = predictor.info.normalization.nodata
     counts = {limit: np.zeros(3, np.int64) for limit in MERGE_LIMITS}
     for frame, mask in progress(pairs, desc="merge", unit="chip"):
-        chw, profile = read_raster(frame)
+        chw, roof, known, profile = read_pair(frame, mask)  # (and the two on one grid)
         data, names, _, _ = read_mask_bands(mask)
-        truth, _ = truth_instances(data[0] == 255, data[names.index("boundary")] == 255)
-        known = (data[0] != UNKNOWN) & valid_pixels(chw, nodata)
+        truth, _ = truth_instances(roof, data[names.index("boundary")] == 255)
+        known = usable_pixels(chw, nodata, known)
         bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0][: len(targets)]
         bands[:, ~valid_pixels(chw, nodata)] = 0.0
         labels, n = label_instances(bands[0], threshold, seed, seed_score(bands, targets))

@@ -735,8 +735,8 @@ class PredictArgs(Section):
         ge=0.0,
         le=1.0,
         description="With instances: drop the roofs whose probability of being a roof, by the object filter "
-        "train fitted on the validation chips (a logistic regression on each object's size, probabilities, shape "
-        "and bands), is under this; they leave the mask, the polygons and the class raster. null = the bundle's "
+        "train fitted on the validation chips (a logistic regression on each object's size, probabilities, shape, "
+        "bands and what it looks like in the image: each band's mean, spread and share), is under this; they leave the mask, the polygons and the class raster. null = the bundle's "
         "cut (tuned on validation); 0 keeps every object, as does a bundle without a filter, or seeds footprint "
         "on a bundle whose filter reads the boundary and contact bands.",
     )

@@ -55,8 +55,16 @@ from core.bundle import BUNDLE_JSON, KINDS, read_info
 from core.errors import DataError, LabelError
 from core.files import atomic_path
 from core.index import read_index
-from core.instances import keep_labels, label_objects
-from core.metrics import Confusion, MatchCounts, ThresholdSearch, metrics_record, write_metrics
+from core.instances import label_objects
+from core.metrics import (
+    Confusion,
+    MatchCounts,
+    ThresholdSearch,
+    drop_unknown,
+    match_labels,
+    metrics_record,
+    write_metrics,
+)
 from core.polygons import (
     group_counts,
     match_polygons,
@@ -96,50 +104,17 @@ SHOWN = 4
 # --- objects ---------------------------------------------------------------------------------
 
 
-def object_ious(truth: np.ndarray, n_truth: int, pred: np.ndarray, n_pred: int) -> tuple[np.ndarray, ...]:
-    """Every overlapping pair of objects of two label images: (truth label, predicted label, IoU) arrays."""
-    both = (truth > 0) & (pred > 0)
-    pairs = truth[both].astype(np.int64) * (n_pred + 1) + pred[both]
-    codes, inter = np.unique(pairs, return_counts=True)
-    t, p = codes // (n_pred + 1), codes % (n_pred + 1)
-    area_t = np.bincount(truth.ravel(), minlength=n_truth + 1)
-    area_p = np.bincount(pred.ravel(), minlength=n_pred + 1)
-    return t, p, inter / (area_t[t] + area_p[p] - inter)
-
-
 def match_objects(
     truth: np.ndarray, pred: np.ndarray, args: EvaluateArgs, known: np.ndarray | None = None
 ) -> MatchCounts:
-    """SpaceNet object counts of two boolean masks.
-
-    Each predicted object, in raster order, takes the still unmatched true object with the
-    highest IoU; a match at ``args.iou_threshold`` or above is a true positive and uses the
-    true object up. Objects under ``args.min_area`` pixels are ignored, and so are predicted
-    objects lying mostly (half or more) on pixels of unknown class (``~known``).
-    """
+    """SpaceNet object counts of two boolean masks (:func:`core.metrics.match_labels`): objects under
+    ``args.min_area`` pixels are ignored, and so are predicted objects lying mostly (half or more) on pixels of
+    unknown class (``~known``)."""
     t_labels, n_t = label_objects(truth, args.min_area)
     p_labels, n_p = label_objects(pred, args.min_area)
     if known is not None and n_p and not known.all():
         p_labels, n_p = drop_unknown(p_labels, n_p, known)
-    t, p, iou = object_ious(t_labels, n_t, p_labels, n_p)
-    used: set[int] = set()
-    decided: set[int] = set()
-    tp = 0
-    for i in np.lexsort((t, -iou, p)):  # by prediction, then highest IoU first
-        if p[i] in decided or t[i] in used:
-            continue
-        decided.add(p[i])
-        if iou[i] >= args.iou_threshold:
-            used.add(t[i])
-            tp += 1
-    return MatchCounts(tp=tp, fp=n_p - tp, fn=n_t - tp)
-
-
-def drop_unknown(labels: np.ndarray, n: int, known: np.ndarray) -> tuple[np.ndarray, int]:
-    """The objects of a label image of which less than half lies on unknown pixels, renumbered 1..m."""
-    area = np.bincount(labels.ravel(), minlength=n + 1)
-    unknown = np.bincount(labels[~known], minlength=n + 1)
-    return keep_labels(labels, 2 * unknown < area)
+    return match_labels(t_labels, n_t, p_labels, n_p, args.iou_threshold)
 
 
 # --- one chip, a whole folder ------------------------------------------------------------------
@@ -615,8 +590,8 @@ def evaluate_model(
         "predictions": str(pred_dir),
         "truth": str(truth),
         # What the predictions were made with, where it is not the default (TTA, a threshold of one's own...):
-        # the summary lists it beside the bundle's settings.
-        "predict_settings": settings_changes((predicted or {}).get("settings") or {}),
+        # the summary lists it beside the bundle's settings. Unknown without predict's record: left out.
+        **({"predict_settings": settings_changes(predicted.get("settings") or {})} if predicted is not None else {}),
     }
     out.mkdir(parents=True, exist_ok=True)
     if result.search is not None:

@@ -266,11 +266,11 @@ def object_keeper(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...],
     core = default_seed_threshold(info.threshold, None, channels=len(info.targets) > 1)
 
     def keep(labels: np.ndarray, ids: np.ndarray, bands: np.ndarray, window: Window) -> np.ndarray:
-        image = None
+        chw = None
         if fitted.image_bands:
             with open_raster(source) as src:
-                image = info.normalization.apply(src.read(window=window))
-        return fitted.probability(object_features(labels, ids, bands, core, image)) >= cut
+                chw = src.read(window=window)
+        return fitted.probability(object_features(labels, ids, bands, core, chw, info.normalization)) >= cut
 
     return keep
 
@@ -715,6 +715,9 @@ def predict_all(
     if not args.instances and args.object_filter:
         log.warning("predict: predict_args.object_filter %g is unused: the object filter judges the watershed's "
                     "objects (predict_args.instances)", args.object_filter)  # fmt: skip
+    if args.merge and (not args.instances or "boundary" not in seed_targets(info, args)):
+        log.warning("predict: predict_args.merge %g is unused: merging reads the boundary band of a U-Net trained on "
+                    "it, with instances and seeds auto or channels", args.merge)  # fmt: skip
     if args.instances:
         kept = sum(len(r.polygons) for r in results)  # (before predict_args.min_area drops the smallest)
         log.info("predict: %s", filter_note(info, args, sum(r.dropped for r in results), kept))

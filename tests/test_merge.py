@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import rasterio
+import shapely
 
 from core.instances import border_means, label_instances, merge_fragments
 from core.objects import MERGE_LIMITS, object_matches, truth_instances, tune_merge
@@ -162,3 +163,56 @@ def test_predict_applies_the_bundles_merge_unless_the_setting_says_otherwise():
     )
     assert merge_note(old, PredictArgs(), channels).startswith("the bundle has no merge limit (trained before")
     assert merge_note(tuned, PredictArgs(), footprint) == ""
+
+
+def test_merge_fragments_renumbers_labels_with_gaps_and_keeps_merges_within_max_side():
+    labels = np.zeros((3, 7), np.int32)
+    labels[:, 0:2], labels[:, 5:7] = 1, 3  # no 2, nothing touching
+    merged, n = merge_fragments(labels, np.zeros(labels.shape), 0.5)
+    assert n == 2 and merged[0, [0, 6]].tolist() == [1, 2]
+    labels, boundary = three_objects()
+    assert merge_fragments(labels, boundary, 0.5, max_side=5)[1] == 3  # 1 | 2 joined would be 6 px wide
+    assert merge_fragments(labels, boundary, 0.5, max_side=6)[1] == 2
+
+
+def test_raster_instances_merge_within_a_block_margin_and_lose_no_roof_pixel(tmp_path):
+    """A long 8 x 60 px roof with a faint ridge every 5 px and a short 8 x 10 px one with a ridge in its middle,
+    in blocks of 16 px with a margin of 12. Block by block, only merges that leave the objects within the
+    margin are made (the short roof's), so each block sees the objects it owns whole and the polygons hold every
+    roof pixel; merged across blocks, the long roof would be cut off where its owning block stops. In one
+    block both roofs are one object each."""
+    from conftest import write_geotiff
+
+    from core.instances import raster_instances
+
+    prob = np.zeros((2, 24, 64), np.float32)
+    prob[0, 2:10, 2:62] = 0.95
+    prob[1, 2:10, 2:62][:, ::5] = 0.5  # the long roof's ridges
+    prob[0, 14:22, 2:12] = 0.95
+    prob[1, 14:22, 7] = 0.5  # the short roof's ridge
+    path = write_geotiff(tmp_path / "p.tif", array=prob, nodata=None)
+    targets = ("footprint", "boundary")
+    apart = raster_instances(path, 0.5, 0.875, targets, block=16, margin=12)
+    merged = raster_instances(path, 0.5, 0.875, targets, merge=0.6, block=16, margin=12)
+    whole = raster_instances(path, 0.5, 0.875, targets, merge=0.6)
+    pixel = 0.5 * 0.5  # conftest's rasters: 0.5 m pixels
+
+    def pixels(found):
+        return round(shapely.union_all([g for g, _ in found]).area / pixel)
+
+    # Blocks may share out a ridge pixel differently (a pixel or two in two roofs or none), merged or not; the
+    # merge loses nothing more. Merged across the blocks, the long roof would keep only what one block sees.
+    assert pixels(merged) == pixels(apart) >= 480 + 80 - 4 and pixels(whole) == 480 + 80
+    assert len(whole) == 2 and len(merged) == len(apart) - 1
+    assert sorted(round(g.area / pixel) for g, _ in whole) == [80, 480]
+
+
+def test_truth_instances_grow_each_core_through_its_own_roof():
+    """Roof A's one-pixel spur reaches closer to roof B's core than to A's, across a gap: it is still A's."""
+    roofs = np.zeros((11, 22), np.int32)
+    roofs[1:6, 1:6] = 1
+    roofs[3, 6:11] = 1  # the spur, all boundary
+    roofs[1:10, 12:21] = 2
+    labels, n = truth_instances(roofs > 0, boundary_band(roofs, 1))
+    assert n == 2 and len(np.unique(labels[roofs == 1])) == 1 and (labels[roofs == 1] > 0).all()
+    assert labels[3, 10] == labels[3, 3] != labels[5, 15]

@@ -198,8 +198,8 @@ def test_validation_objects_are_labelled_by_their_share_of_roof_pixels(tmp_path)
     assert objects.all_roof_pixels == 16 and objects.area_m2.tolist() == pytest.approx([16.0, 16.0], rel=0.01)
     x = objects.x
     assert x[:, 0].tolist() == pytest.approx([math.log(16)] * 2) and x[:, 1].tolist() == pytest.approx([0.9, 0.9])
-    # Then what the objects look like in the image (normalized): the band's mean, spread and colour.
-    assert x.shape == (2, 10) and x[:, 7:].ravel().tolist() == pytest.approx([0.9, 0.0, 0.0] * 2)
+    # Then what the objects look like in the image: the band's mean and spread (normalized) and share (raw).
+    assert x.shape == (2, 10) and x[:, 7:].ravel().tolist() == pytest.approx([0.9, 0.0, 1.0] * 2)
 
 
 def test_instances_leave_out_what_the_filter_drops_and_burning_erases_it(tmp_path):
@@ -394,23 +394,26 @@ def test_validation_objects_of_a_class_bundle_are_split_by_class_as_predict_spli
     assert whole.roof_pixels.tolist() == [64]
 
 
-def test_image_features_are_each_bands_mean_spread_and_colour():
+def test_image_features_are_each_bands_mean_spread_and_share():
     labels, _ = two_objects()
-    image = np.zeros((5, 6, 2), np.float32)
-    image[0:2, 0:3, 0] = [[0.2, 0.4, 0.6], [0.2, 0.4, 0.6]]  # object 1: band 1 varies, band 2 is 0.1
-    image[0:2, 0:3, 1] = 0.1
-    image[labels == 2] = [0.5, 0.9]
+    chw = np.zeros((2, 5, 6), np.uint16)
+    chw[0, 0:2, 0:3] = [[20, 40, 60], [20, 40, 60]]  # object 1: band 1 varies, band 2 is 20
+    chw[1, 0:2, 0:3] = 20
+    chw[:, labels == 2] = np.array([[30], [90]])  # object 2: a quarter band 1, three quarters band 2
     from core.objects import image_features
 
-    means1, means2, std1, std2, colour1, colour2 = image_features(labels, np.array([1, 2]), image)
-    assert means1.tolist() == pytest.approx([0.4, 0.5]) and means2.tolist() == pytest.approx([0.1, 0.9])
+    mean1, mean2, std1, std2, share1, share2 = image_features(labels, np.array([1, 2]), chw, HUNDREDTHS)
+    assert mean1.tolist() == pytest.approx([0.4, 0.3]) and mean2.tolist() == pytest.approx([0.2, 0.9])
     assert std1.tolist() == pytest.approx([np.std([0.2, 0.4, 0.6]), 0.0]) and std2.tolist() == pytest.approx([0, 0])
-    # Each band less the pixel's mean of the bands: object 1 (0.4 - 0.25, 0.1 - 0.25), object 2 (-0.2, 0.2).
-    assert colour1.tolist() == pytest.approx([0.15, -0.2]) and colour2.tolist() == pytest.approx([-0.15, 0.2])
+    # Each band's share of the pixel's sum, averaged: object 1 (20/40 + 40/60 + 60/80) / 3; brightness aside.
+    assert share1.tolist() == pytest.approx([(1 / 2 + 2 / 3 + 3 / 4) / 3, 0.25])
+    assert share2.tolist() == pytest.approx([1 - (1 / 2 + 2 / 3 + 3 / 4) / 3, 0.75])
+    twice = image_features(labels, np.array([1, 2]), chw * 2, HUNDREDTHS)
+    assert twice[4].tolist() == pytest.approx(share1.tolist())  # twice as bright: the same colour
     assert feature_names(["footprint", "boundary"], 2)[8:] == [
-        "mean_band1", "mean_band2", "std_band1", "std_band2", "colour_band1", "colour_band2"
+        "mean_band1", "mean_band2", "std_band1", "std_band2", "share_band1", "share_band2"
     ]  # fmt: skip
-    assert object_features(labels, [], two_objects()[1], 0.8, image).shape == (0, 14)
+    assert object_features(labels, [], two_objects()[1], 0.8, chw, HUNDREDTHS).shape == (0, 14)
 
 
 def test_predicts_filter_reads_the_image_of_the_window_it_judges(tmp_path):

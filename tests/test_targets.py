@@ -298,7 +298,9 @@ def _chip(rng: np.random.Generator, side: int = 64) -> tuple[np.ndarray, np.ndar
     return image.astype(np.uint16), bands
 
 
-def test_a_unet_trained_on_three_bands_predicts_them_and_seeds_with_them(tmp_path: Path, settings_file: Path, caplog):
+def test_a_unet_trained_on_three_bands_predicts_them_and_seeds_with_them(
+    tmp_path: Path, settings_file: Path, caplog, monkeypatch
+):
     pytest.importorskip("keras")
     from predict.predict import main as predict_main
     from train.train import main as train_main
@@ -343,6 +345,22 @@ def test_a_unet_trained_on_three_bands_predicts_them_and_seeds_with_them(tmp_pat
     assert info["merge"] in MERGE_LIMITS and metrics["merge"]["limit"] == info["merge"]
     assert list(metrics["merge"]["object_f1"]) == [f"{v:g}" for v in MERGE_LIMITS]
     assert record["summary"]["merge"] == info["merge"]
+    # Predict hands the limit to the watershed (a spy on core.instances.merge_fragments), and records it.
+    import core.instances
+
+    limits = []
+    merge_fragments = core.instances.merge_fragments
+
+    def spy(labels, boundary, limit, borders=None, max_side=None):
+        limits.append((limit, max_side))
+        return merge_fragments(labels, boundary, limit, borders, max_side)
+
+    monkeypatch.setattr(core.instances, "merge_fragments", spy)
+    for limit in ("0", "0.7"):
+        assert predict_main([*argv, "--model", "unet", "--overwrite", "--set", f"predict_args.merge={limit}"]) == 0
+        record = json.loads((out / "predict.record.json").read_text())
+        assert record["summary"]["merge"] == float(limit)
+    assert limits and set(limits) == {(0.7, 256)}  # merge 0 never calls it; 256: the block margin
     # A model of 3 bands with a bundle.json that names one: refused in one line.
     info["targets"] = ["footprint"]
     (tree.bundle("unet") / "bundle.json").write_text(json.dumps(info))
