@@ -22,8 +22,12 @@ the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
 Touching roofs are separated by a seeded watershed on the probabilities (predict_args.instances,
 seed_threshold), seeded with footprint x (1 - boundary) x (1 - contact) when the U-Net predicts
 those bands (predict_args.seeds); without it a polygon is a connected group of roof pixels.
-predict_args.tta averages the 8 flips and quarter turns of every window (8 times the time),
-at a U-Net's threshold tuned on averaged validation probabilities (bundle.json threshold_tta).
+Pieces of one roof whose shared border the boundary band hardly marks are joined, under the
+limit train tuned on validation (bundle.json merge; predict_args.merge). The object filter
+train fitted drops false objects by their size, probabilities, shape and colours
+(predict_args.object_filter). predict_args.tta averages the 8 flips and quarter turns of every
+window (8 times the time), at a U-Net's threshold tuned on averaged validation probabilities
+(bundle.json threshold_tta).
 Every setting: docs/settings.md#predict_args; the stage: docs/stages/predict.md.
 
 Rasters larger than predict_args.window are predicted in overlapping windows whose overlap
