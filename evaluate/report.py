@@ -514,6 +514,24 @@ def _tta_note(train: dict[str, Any] | None) -> str:
     )
 
 
+def _merge_note(train: dict[str, Any] | None) -> str:
+    """The merge limit train tuned for the pieces of one roof (a U-Net's metrics.json), as a paragraph ("" without)."""
+    merge = (train or {}).get("merge")
+    if not merge:
+        return ""
+    f1 = merge["object_f1"]
+    if not merge["limit"]:
+        return (
+            f'<p class="note">Touching objects are kept apart: no merge limit (predict_args.merge) did better on the '
+            f"validation chips than none (object F1 {f1['0']:.3f}).</p>"
+        )
+    limit = f"{merge['limit']:g}"
+    return (
+        f'<p class="note">Touching objects are merged where the boundary band along their border averages under '
+        f"{limit} (predict_args.merge): validation object F1 {f1[limit]:.3f}, against {f1['0']:.3f} unmerged.</p>"
+    )
+
+
 def _model_sections(results: list[ModelResult], split: str) -> str:
     parts = []
     for r in results:
@@ -525,7 +543,12 @@ def _model_sections(results: list[ModelResult], split: str) -> str:
             pictures += [_img(folder / name, f"{r.model}, {ev['split']}: {caption}") for name, caption in
                          EVALUATION_PICTURES if (folder / name).is_file()]  # fmt: skip
         table = _classes_table(ev["classes"]) if ev and ev.get("classes") else ""
-        table = _object_filter_note((r.train or {}).get("object_filter")) + _tta_note(r.train) + table
+        table = (
+            _object_filter_note((r.train or {}).get("object_filter"))
+            + _merge_note(r.train)
+            + _tta_note(r.train)
+            + table
+        )
         if pictures or table:
             parts.append(f'<h3 id="model-{html.escape(r.model)}">{html.escape(r.model)}</h3>' + table
                          + "".join(pictures))  # fmt: skip

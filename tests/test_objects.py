@@ -362,6 +362,21 @@ def test_the_report_says_which_threshold_tta_uses():
     assert _tta_note({"threshold": 0.8, "pixel": {"iou": 0.98}}) == "" and _tta_note(None) == ""  # forest, none
 
 
+def test_the_report_says_the_merge_limit_train_chose():
+    from evaluate.report import _merge_note
+
+    merge = {"limit": 0.6, "object_f1": {"0": 0.332, "0.3": 0.3445, "0.6": 0.4055, "1.01": 0.3455}}
+    assert _merge_note({"merge": merge}) == (
+        '<p class="note">Touching objects are merged where the boundary band along their border averages under 0.6 '
+        "(predict_args.merge): validation object F1 0.406, against 0.332 unmerged.</p>"
+    )
+    assert _merge_note({"merge": {"limit": 0.0, "object_f1": {"0": 0.9}}}) == (
+        '<p class="note">Touching objects are kept apart: no merge limit (predict_args.merge) did better on the '
+        "validation chips than none (object F1 0.900).</p>"
+    )
+    assert _merge_note({"threshold": 0.5}) == "" and _merge_note(None) == ""  # no boundary band, nothing trained
+
+
 def test_validation_objects_of_a_class_bundle_are_split_by_class_as_predict_splits_them(tmp_path):
     """A bundle trained on classes: one 8 x 8 object whose left half the model calls metal and right half
     other; split by the (offset) class probabilities, as predict does by default, it is two validation
