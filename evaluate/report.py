@@ -514,11 +514,19 @@ def _tta_note(train: dict[str, Any] | None) -> str:
     )
 
 
-def _merge_note(train: dict[str, Any] | None) -> str:
-    """The merge limit train tuned for the pieces of one roof (a U-Net's metrics.json), as a paragraph ("" without)."""
+def _merge_note(train: dict[str, Any] | None, evaluation: dict[str, Any] | None = None) -> str:
+    """The merge limit train tuned for the pieces of one roof (a U-Net's metrics.json), as a paragraph ("" without);
+    with the limit the scored predictions were made with where that was another (``evaluation``'s predict
+    settings)."""
     merge = (train or {}).get("merge")
     if not merge:
         return ""
+    used = ((evaluation or {}).get("predict_settings") or {}).get("predict_args.merge")
+    if used is not None:
+        return (
+            f'<p class="note">Train chose the merge limit {merge["limit"]:g} for touching objects; the scored '
+            f"predictions were made with predict_args.merge {used:g} instead.</p>"
+        )
     f1 = merge["object_f1"]
     if not merge["limit"]:
         return (
@@ -545,7 +553,7 @@ def _model_sections(results: list[ModelResult], split: str) -> str:
         table = _classes_table(ev["classes"]) if ev and ev.get("classes") else ""
         table = (
             _object_filter_note((r.train or {}).get("object_filter"))
-            + _merge_note(r.train)
+            + _merge_note(r.train, ev)
             + _tta_note(r.train)
             + table
         )

@@ -724,10 +724,10 @@ def predict_all(
                     "it, with instances and seeds auto or channels", args.merge)  # fmt: skip
     if args.instances:
         kept = sum(len(r.polygons) for r in results)  # (before predict_args.min_area drops the smallest)
-        log.info("predict: %s", filter_note(info, args, sum(r.dropped for r in results), kept))
-        note = merge_note(info, args, seed_targets(info, args))
+        note = merge_note(info, args, seed_targets(info, args))  # (merged before the filter judged the objects)
         if note:
             log.info("predict: %s", note)
+        log.info("predict: %s", filter_note(info, args, sum(r.dropped for r in results), kept))
     roof = sum(r.roof_pixels for r in results)
     valid = sum(r.valid_pixels for r in results)
     log.info(

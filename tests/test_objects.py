@@ -375,6 +375,12 @@ def test_the_report_says_the_merge_limit_train_chose():
         "validation chips than none (object F1 0.900).</p>"
     )
     assert _merge_note({"threshold": 0.5}) == "" and _merge_note(None) == ""  # no boundary band, nothing trained
+    # Predictions made with another limit than the bundle's: the line says so.
+    assert _merge_note({"merge": merge}, {"predict_settings": {"predict_args.merge": 1.01}}) == (
+        '<p class="note">Train chose the merge limit 0.6 for touching objects; the scored predictions were made with '
+        "predict_args.merge 1.01 instead.</p>"
+    )
+    assert _merge_note({"merge": merge}, {"predict_settings": {}}) == _merge_note({"merge": merge})
 
 
 def test_validation_objects_of_a_class_bundle_are_split_by_class_as_predict_splits_them(tmp_path):
