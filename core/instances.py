@@ -236,17 +236,10 @@ def merge_fragments(
     _, group = connected_components(graph, directed=False)
     ids = np.unique(labels)
     ids = ids[ids > 0]
-    if max_side is not None and join.any():
-        boxes = ndimage.find_objects(labels)
-        spans = np.array([[b[0].start, b[0].stop, b[1].start, b[1].stop] for b in (boxes[i - 1] for i in ids)])
-        groups = len(group)
-        top, left = np.full(groups, np.iinfo(np.int64).max), np.full(groups, np.iinfo(np.int64).max)
-        bottom, right = np.zeros(groups, np.int64), np.zeros(groups, np.int64)
-        np.minimum.at(top, group[ids], spans[:, 0])
-        np.maximum.at(bottom, group[ids], spans[:, 1])
-        np.minimum.at(left, group[ids], spans[:, 2])
-        np.maximum.at(right, group[ids], spans[:, 3])
-        too_big = np.maximum(bottom - top, right - left) > max_side
+    if max_side is not None and join.any():  # the groups' boxes: find_objects of the image labelled by group
+        boxes = ndimage.find_objects(np.where(labels > 0, group[labels] + 1, 0))
+        too_big = np.array([b is not None and max(b[0].stop - b[0].start, b[1].stop - b[1].start) > max_side
+                            for b in boxes] + [False] * (len(group) - len(boxes)))  # fmt: skip
         if too_big[group[ids]].any():  # those pieces keep a group of their own each
             alone = ids[too_big[group[ids]]]
             group = group.copy()

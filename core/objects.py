@@ -265,7 +265,7 @@ def validation_objects(
         roofs.append(on_roof[keep])
         others.append(other[keep])
         areas.append(pixels[keep] * area)
-    width = len(FEATURES) + len(targets) - 1 + 3 * predictor.info.bands
+    width = len(feature_names(targets, predictor.info.bands))
     if not xs:
         return ValidationObjects(np.zeros((0, width)), np.zeros(0, np.int64), np.zeros(0, np.int64), total, np.zeros(0))
     return ValidationObjects(

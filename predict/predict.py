@@ -240,12 +240,14 @@ def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...
         if fitted.split_classes:
             why = (
                 "learnt from roofs split by class, and predict_args.split_classes is false: every object kept (set it "
+                "true to filter)"
             )
-            why += "true to filter)"
         else:
-            why = "learnt from roofs not split by class (the bundle was trained before predict split them), and "
-            why += "predict_args.split_classes is true: every object kept (retrain with --overwrite, or set it false "
-            why += "to filter)"
+            why = (
+                "learnt from roofs not split by class (the bundle was trained before predict split them), and "
+                "predict_args.split_classes is true: every object kept (retrain with --overwrite, or set it false to "
+                "filter)"
+            )
         return None, 0.0, f"the object filter {why}"
     cut = fitted.cut if args.object_filter is None else args.object_filter
     if cut <= 0:
@@ -320,8 +322,12 @@ def merge_note(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...]) ->
             "to tune one, or set predict_args.merge): touching objects kept apart"
         )
     if limit == 0:
-        return "touching objects kept apart (" + ("predict_args.merge 0)" if args.merge is not None else
-                                                  "the bundle's choice: merging did not help on validation)")  # fmt: skip
+        why = (
+            "predict_args.merge 0"
+            if args.merge is not None
+            else "the bundle's choice: merging did not help on validation"
+        )
+        return f"touching objects kept apart ({why})"
     source = "predict_args.merge" if args.merge is not None else "the bundle's limit, tuned on validation"
     return f"touching objects merged where their border's mean boundary probability is under {limit:g} ({source})"
 
@@ -719,12 +725,13 @@ def predict_all(
     if not args.instances and args.object_filter:
         log.warning("predict: predict_args.object_filter %g is unused: the object filter judges the watershed's "
                     "objects (predict_args.instances)", args.object_filter)  # fmt: skip
-    if args.merge and (not args.instances or "boundary" not in seed_targets(info, args)):
+    targets = seed_targets(info, args)
+    if args.merge and (not args.instances or "boundary" not in targets):
         log.warning("predict: predict_args.merge %g is unused: merging reads the boundary band of a U-Net trained on "
                     "it, with instances and seeds auto or channels", args.merge)  # fmt: skip
     if args.instances:
         kept = sum(len(r.polygons) for r in results)  # (before predict_args.min_area drops the smallest)
-        note = merge_note(info, args, seed_targets(info, args))  # (merged before the filter judged the objects)
+        note = merge_note(info, args, targets)  # (merged before the filter judged the objects)
         if note:
             log.info("predict: %s", note)
         log.info("predict: %s", filter_note(info, args, sum(r.dropped for r in results), kept))
@@ -742,7 +749,7 @@ def predict_all(
     if len(blank) == len(results) and any(r.dropped for r in results):
         raise BlankPredictionError(
             f"every predicted mask is blank: the object filter dropped every object ({sum(r.dropped for r in results)})"
-            f" at {filter_decision(info, args, seed_targets(info, args))[1]:g}; predict_args.object_filter=0 keeps "
+            f" at {filter_decision(info, args, targets)[1]:g}; predict_args.object_filter=0 keeps "
             f"them, null uses the bundle's cut; outputs are in {out}",
             results,
         )
