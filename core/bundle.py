@@ -221,6 +221,32 @@ def read_info(folder: Path) -> BundleInfo:
     return info
 
 
+def unread_predict_args(info: BundleInfo, args: Any) -> dict[str, str]:
+    """The predict_args (core.settings.PredictArgs) that change nothing predict makes with this bundle, each
+    with why: the class settings of a one-class bundle, the merge limit of a model without a boundary band, the
+    watershed's settings without instances ... Predict warns about those set otherwise than by default, and
+    its contract leaves them out, so that setting one does not make the predictions outdated."""
+    why: dict[str, str] = {}
+    if not args.instances:
+        watershed = "it acts on the watershed's objects (predict_args.instances is false)"
+        for key in ("seeds", "seed_threshold", "merge", "object_filter", "split_classes"):
+            why[key] = watershed
+    if len(info.targets) == 1:
+        why.setdefault("seeds", f"the {info.kind} bundle predicts the footprint alone")
+    if "boundary" not in info.targets:
+        why.setdefault("merge", f"merging reads the boundary band, which the {info.kind} bundle does not predict")
+    elif args.seeds == "footprint":
+        why.setdefault("merge", "merging reads the boundary band, and predict_args.seeds is footprint")
+    if not info.object_filter:
+        why.setdefault("object_filter", "the bundle has no object filter")
+    if not info.classes:
+        for key in ("roof_class", "split_classes", "calibrated_classes"):
+            why.setdefault(key, "the bundle was not trained on classes")
+    elif not info.class_bias:
+        why.setdefault("calibrated_classes", "the bundle has no class offsets")
+    return why
+
+
 class Predictor(Protocol):
     """What predict needs of a loaded bundle, whatever the model."""
 

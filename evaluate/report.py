@@ -335,9 +335,8 @@ def _outdated_note(results: list[ModelResult], settings: Settings, tree: DataTre
         return ""
     return (
         '<div class="note"><p>These models\' figures are of an earlier run: the current settings or data would '
-        "give others. Rerun them (python pipeline.py --from train) before comparing.</p><ul>"
-        + "".join(stale)
-        + "</ul></div>"
+        "give others. Rerun what each line names (python pipeline.py reruns every outdated stage) before "
+        "comparing.</p><ul>" + "".join(stale) + "</ul></div>"
     )
 
 

@@ -41,6 +41,7 @@ python mosaic/mosaic.py --input predictions/EXPERIMENT/MODEL/masks --output FILE
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,7 @@ from core.bundle import (
     load_predictor,
     read_info,
     tta_forward,
+    unread_predict_args,
 )
 from core.errors import BlankPredictionError, DataError, InputMissingError, SettingsError
 from core.files import atomic_path
@@ -722,13 +724,11 @@ def predict_all(
         counts = gdf["class"].value_counts()
         log.info("predict: roofs per class: %s -> %s", ", ".join(f"{c} {int(counts.get(c, 0))}" for c in info.classes),
                  out / "classes")  # fmt: skip
-    if not args.instances and args.object_filter:
-        log.warning("predict: predict_args.object_filter %g is unused: the object filter judges the watershed's "
-                    "objects (predict_args.instances)", args.object_filter)  # fmt: skip
+    for key, why in unread_predict_args(info, args).items():
+        value = getattr(args, key)
+        if value != PredictArgs.model_fields[key].default:  # (left out of the contract: no rerun needed)
+            log.warning("predict: predict_args.%s %s is unused: %s", key, json.dumps(value), why)
     targets = seed_targets(info, args)
-    if args.merge and (not args.instances or "boundary" not in targets):
-        log.warning("predict: predict_args.merge %g is unused: merging reads the boundary band of a U-Net trained on "
-                    "it, with instances and seeds auto or channels", args.merge)  # fmt: skip
     if args.instances:
         kept = sum(len(r.polygons) for r in results)  # (before predict_args.min_area drops the smallest)
         note = merge_note(info, args, targets)  # (merged before the filter judged the objects)

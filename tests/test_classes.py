@@ -458,6 +458,7 @@ def test_the_stages_map_materials_end_to_end(scene, tmp_path: Path):
     assert (
         "figures are of an earlier run" in report
         and "<b>regression</b>: masks/ are outdated: made with mask_args.classes [[&quot;metal&quot;" in report
+        and "Rerun what each line names (python pipeline.py reruns every outdated stage)" in report
     )
 
 

@@ -575,6 +575,40 @@ def test_evaluate_reports_the_threshold_predict_applied_and_refuses_predictions_
     )
 
 
+def test_a_predict_setting_the_bundle_does_not_read_leaves_its_predictions_up_to_date(scene, capsys):
+    from core.bundle import read_info, unread_predict_args
+
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main, predict_main)
+    tree = tree_of(argv)
+    info = read_info(tree.bundle("regression"))
+    unused = ["--set", "predict_args.merge=0.5", "--set", "predict_args.roof_class=majority"]
+    assert not info.object_filter  # (the scene's validation chips hold too few objects to fit one)
+    assert set(unread_predict_args(info, load_settings(argv[1], []).predict_args)) == {
+        "seeds", "merge", "object_filter", "roof_class", "split_classes", "calibrated_classes",
+    }  # fmt: skip
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"] + unused[1::2]
+    assert status("predict", load_settings(argv[1], sets), tree, "regression").changes == []
+    capsys.readouterr()
+    assert evaluate_main([*argv, *model, *unused]) == 0  # the regression reads neither: nothing to redo
+    metrics = json.loads((tree.model_dir("regression") / "evaluation" / "val" / "metrics.json").read_text())
+    assert "predict_settings" not in metrics or not metrics["predict_settings"]
+    made = files(tree.prediction_dir("regression") / "masks")
+    assert predict_main([*argv, *model, *unused, "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "predict_args.merge 0.5 is unused: merging reads the boundary band, which the regression bundle does not "
+        "predict" in err
+    )
+    assert 'predict_args.roof_class "majority" is unused: the bundle was not trained on classes' in err
+    assert files(tree.prediction_dir("regression") / "masks") == made
+    # A setting it reads still makes them outdated.
+    threshold = load_settings(argv[1], [*sets, "predict_args.threshold=0.3"])
+    assert status("predict", threshold, tree, "regression").changes == ["with predict_args.threshold null, now 0.3"]
+
+
 # --- what a new user's trial found next ------------------------------------------------------------
 
 

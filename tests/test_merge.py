@@ -216,3 +216,28 @@ def test_truth_instances_grow_each_core_through_its_own_roof():
     labels, n = truth_instances(roofs > 0, boundary_band(roofs, 1))
     assert n == 2 and len(np.unique(labels[roofs == 1])) == 1 and (labels[roofs == 1] > 0).all()
     assert labels[3, 10] == labels[3, 3] != labels[5, 15]
+
+
+def test_the_predict_settings_a_bundle_does_not_read():
+    from core.bundle import unread_predict_args
+
+    unet = SimpleNamespace(kind="unet", targets=["footprint", "boundary", "contact"], classes=["metal", "other"],
+                           class_bias=[0.0, -0.5], object_filter={"cut": 0.5})  # fmt: skip
+    assert unread_predict_args(unet, PredictArgs()) == {}  # a class U-Net with bands, offsets and a filter reads all
+    assert unread_predict_args(unet, PredictArgs(seeds="footprint")) == {
+        "merge": "merging reads the boundary band, and predict_args.seeds is footprint"
+    }
+    plain = unread_predict_args(unet, PredictArgs(instances=False))
+    assert list(plain) == ["seeds", "seed_threshold", "merge", "object_filter", "split_classes"]
+    assert set(plain.values()) == {"it acts on the watershed's objects (predict_args.instances is false)"}
+    forest = SimpleNamespace(kind="forest", targets=["footprint"], classes=[], class_bias=[], object_filter={})
+    assert unread_predict_args(forest, PredictArgs()) == {
+        "seeds": "the forest bundle predicts the footprint alone",
+        "merge": "merging reads the boundary band, which the forest bundle does not predict",
+        "object_filter": "the bundle has no object filter",
+        "roof_class": "the bundle was not trained on classes",
+        "split_classes": "the bundle was not trained on classes",
+        "calibrated_classes": "the bundle was not trained on classes",
+    }
+    uncalibrated = SimpleNamespace(**{**vars(unet), "class_bias": []})
+    assert unread_predict_args(uncalibrated, PredictArgs()) == {"calibrated_classes": "the bundle has no class offsets"}

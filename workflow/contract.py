@@ -237,7 +237,8 @@ def status(
     if given is None:
         given = dict(record.get("given") or {}) if record else {}
     given = {k: Path(v) for k, v in given.items() if v is not None}
-    current: dict[str, Any] = {"settings": settings_of(settings, spec.keys(model), spec.exclude), "given": given}
+    exclude = spec.exclude + (spec.unread(settings, tree, model, given) if spec.unread else ())
+    current: dict[str, Any] = {"settings": settings_of(settings, spec.keys(model), exclude), "given": given}
     inputs_error: PipelineError | None = None
     try:
         inputs = spec.inputs(settings, tree, model, given)

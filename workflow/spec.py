@@ -76,6 +76,9 @@ class StageSpec:
         record: ``(settings, tree, model) -> Path`` of its record.
         per_model: runs once per model (train, predict, evaluate).
         model_settings: ``model -> extra keys`` for per-model stages.
+        unread: ``(settings, tree, model, given) -> keys`` under ``settings`` that change nothing with the
+            inputs as they are now (predict's class settings with a one-class bundle): left out like
+            ``exclude``, so setting one does not make the outputs outdated.
     """
 
     name: str
@@ -88,6 +91,7 @@ class StageSpec:
     exclude: tuple[str, ...] = ()
     per_model: bool = False
     model_settings: Callable[[str], tuple[str, ...]] | None = None
+    unread: Callable[..., tuple[str, ...]] | None = None
     plural: bool = True
     complete: Callable[..., bool] | None = None
 

@@ -129,6 +129,20 @@ def _predict_inputs(settings: Settings, tree: DataTree, model: str | None, given
     return Inputs(deps=tuple(deps), files=tuple(files))
 
 
+def _predict_unread(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> tuple[str, ...]:
+    """The predict_args the bundle predict would use now does not read (core.bundle.unread_predict_args);
+    none while there is no readable bundle."""
+    from core.bundle import read_info, unread_predict_args
+    from core.errors import PipelineError
+
+    bundle, _ = predict_bundle(settings, tree, model or settings.training_args.model, given)
+    try:
+        info = read_info(bundle)
+    except PipelineError:
+        return ()
+    return tuple(f"predict_args.{key}" for key in unread_predict_args(info, settings.predict_args))
+
+
 def _evaluate_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
     return Inputs(deps=(Dep("predict"), Dep("split")))
 
@@ -250,6 +264,7 @@ STAGES: tuple[StageSpec, ...] = (
         what="the predictions",
         settings=("predict_args",),
         exclude=("predict_args.output", "predict_args.batch_size"),
+        unread=_predict_unread,
         inputs=_predict_inputs,
         outputs=lambda s, t, m: [
             # Named after their inputs: .tif or .tiff; hidden names are a killed run's temporary files.
