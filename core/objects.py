@@ -201,12 +201,15 @@ def fit_object_filter(objects: ValidationObjects, names: list[str]) -> tuple[Obj
     gains = [float(np.mean(objects.scores(p >= cut))) for cut in CUTS]
     fitted.cut = float(CUTS[int(np.argmax(gains))])
     keep = p >= fitted.cut
-    (pixel0, object0), (pixel1, object1) = objects.scores(np.ones(len(roof), bool)), objects.scores(keep)
+    # The log says what the record holds (the report reads the record): the figures rounded once.
+    (pixel0, object0), (pixel1, object1) = (
+        (round(f, 4) for f in objects.scores(k)) for k in (np.ones(len(roof), bool), keep)
+    )
     fitted.stats = {
         "false_dropped": round(float((~keep & ~roof).sum() / false), 4),
         "roofs_kept": round(float((keep & roof).sum() / roofs), 4),
-        "pixel_f1": [round(pixel0, 4), round(pixel1, 4)],
-        "object_f1": [round(object0, 4), round(object1, 4)],
+        "pixel_f1": [pixel0, pixel1],
+        "object_f1": [object0, object1],
     }
     return fitted, (
         f"object filter fitted on {len(roof)} validation objects ({roofs} on roofs), cut {fitted.cut:g}: it drops "
@@ -369,9 +372,9 @@ def tune_merge(predictor: Any, pairs: list[tuple[Path, Path]], threshold: float)
     def f1(c: np.ndarray) -> float:
         return float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1))
 
-    scores = {limit: f1(c) for limit, c in counts.items()}
-    best = max(MERGE_LIMITS, key=lambda limit: (round(scores[limit], 9), -limit))
-    record = {"limit": best, "object_f1": {f"{limit:g}": round(scores[limit], 4) for limit in MERGE_LIMITS}}
+    scores = {limit: round(f1(c), 4) for limit, c in counts.items()}  # (as the record holds them)
+    best = max(MERGE_LIMITS, key=lambda limit: (round(f1(counts[limit]), 9), -limit))
+    record = {"limit": best, "object_f1": {f"{limit:g}": scores[limit] for limit in MERGE_LIMITS}}
     if best == 0:
         return 0.0, record, f"no merge of touching objects: none helped on validation (object F1 {scores[0]:.3f})"
     return (
