@@ -98,6 +98,19 @@ def class_kinds(class_bands: np.ndarray) -> np.ndarray:
     return np.argmax(class_bands, axis=0).astype(np.int16)
 
 
+def object_classes(labels: np.ndarray, ids: np.ndarray, class_bands: np.ndarray, rule: str = "vote") -> np.ndarray:
+    """Each object's class (0-based) from the class probabilities (classes, rows, cols) over its pixels, as
+    predict gives a roof its class (predict_args.roof_class): ``vote`` sums them, ``majority`` counts each
+    pixel's most probable class."""
+    ids = np.asarray(ids, np.int64)
+    if rule == "majority":
+        best = class_kinds(class_bands)
+        counts = [ndimage.sum(best == k, labels, ids) for k in range(len(class_bands))]
+    else:
+        counts = [ndimage.sum(band, labels, ids) for band in class_bands]
+    return np.argmax(np.column_stack([np.atleast_1d(c) for c in counts]), axis=1) if ids.size else ids
+
+
 def split_by_class(labels: np.ndarray, kinds: np.ndarray, min_part: int = 0) -> tuple[np.ndarray, int]:
     """A label image's objects split where the class changes: each 4-connected group of one object's pixels
     of one class (``kinds``, each pixel's class) is an object of its own, numbered 1..n in raster order.
@@ -261,7 +274,7 @@ def raster_instances(
     seed_threshold: float,
     targets: tuple[str, ...] = ("footprint",),
     *,
-    keep: Callable[[np.ndarray, np.ndarray, np.ndarray, Window], np.ndarray] | None = None,
+    keep: Callable[[np.ndarray, np.ndarray, np.ndarray, Window, np.ndarray | None], np.ndarray] | None = None,
     dropped: list[BaseGeometry] | None = None,
     split_classes: int = 0,
     merge: float = 0.0,
@@ -269,8 +282,9 @@ def raster_instances(
     margin: int = MARGIN,
 ) -> list[tuple[BaseGeometry, float]]:
     """One (polygon, mean probability) per roof of a probability raster (band 1; further bands
-    ``targets[1:]`` seed the watershed), block by block. ``keep(labels, ids, bands, window)`` (the object filter)
-    says which objects of a block are roofs; the others are left out, their polygons added to ``dropped``.
+    ``targets[1:]`` seed the watershed), block by block. ``keep(labels, ids, bands, window, class_bands)`` (the
+    object filter; ``class_bands`` the block's class probabilities when split by class, else None) says which
+    objects of a block are roofs; the others are left out, their polygons added to ``dropped``.
     ``split_classes`` (the number of class bands after the targets' bands, 0 = none) splits the objects
     where the most probable class changes (parts of at least :data:`MIN_PART_M2`). ``merge`` > 0 joins touching
     objects whose border's mean boundary probability is under it, where ``targets`` has a boundary band
@@ -284,7 +298,8 @@ def raster_instances(
             c1 = min(src.width, int(core.col_off + core.width) + margin)
             ext = Window(c0, r0, c1 - c0, r1 - r0)
             bands = src.read(list(range(1, len(targets) + split_classes + 1)), window=ext)
-            kinds = class_kinds(bands[len(targets) :]) if split_classes else None
+            class_bands = bands[len(targets) :] if split_classes else None
+            kinds = class_kinds(class_bands) if class_bands is not None else None
             bands = bands[: len(targets)]
             prob = bands[0]
             score = seed_score(bands, targets) if len(targets) > 1 else None
@@ -307,7 +322,7 @@ def raster_instances(
             mine[owned] = True
             roof = dict.fromkeys(owned, True)
             if keep is not None:
-                roof = dict(zip(owned, keep(labels, np.asarray(owned), bands, ext), strict=True))
+                roof = dict(zip(owned, keep(labels, np.asarray(owned), bands, ext, class_bands), strict=True))
             means = dict(zip(owned, np.atleast_1d(ndimage.mean(prob, labels, owned)), strict=True))
             parts: dict[int, list[BaseGeometry]] = {}
             for geom, value in shapes(labels, mask=mine[labels], transform=src.window_transform(ext), connectivity=4):

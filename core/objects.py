@@ -102,6 +102,9 @@ class ObjectFilter:
     split_classes: bool = False  # a class bundle's: fitted on objects split by class (predict_args.split_classes)
     image_bands: int = 0  # the filter also reads the image (its bands' image_features); 0: probabilities only
     stats: dict[str, Any] = field(default_factory=dict)
+    # A class bundle's filters of each class, by class name (ObjectFilter entries): each judges the objects of
+    # its class on whether they lie on a roof of that class; objects of a class without one are judged by this.
+    by_class: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def probability(self, x: np.ndarray) -> np.ndarray:
         """Each object's probability of lying on a roof (x: objects x features)."""
@@ -117,6 +120,34 @@ class ObjectFilter:
         if self.max_pixels is None:
             return p
         return np.where(x[:, 0] > math.log(self.max_pixels) + 1e-9, 1.0, p)
+
+    def keep(
+        self,
+        x: np.ndarray,
+        kinds: np.ndarray | None = None,
+        classes: list[str] | tuple[str, ...] = (),
+        cut: float | None = None,
+    ) -> np.ndarray:
+        """Which objects to keep (x: objects x features): those whose probability reaches the cut. An object
+        of a class (``kinds``: each object's class, 0-based, of ``classes``) with a filter of its own in
+        :attr:`by_class` is judged by that one and its cut; ``cut`` replaces every tuned cut."""
+        out = self.probability(x) >= (self.cut if cut is None else cut)
+        if kinds is None or not self.by_class:
+            return out
+        for k, name in enumerate(classes):
+            own = ObjectFilter.from_dict(self.by_class.get(name, {}))
+            mine = np.asarray(kinds) == k
+            if own is not None and mine.any():
+                out[mine] = own.probability(x[mine]) >= (own.cut if cut is None else cut)
+        return out
+
+    def cuts(self, classes: list[str] | tuple[str, ...] = ()) -> str:
+        """The cuts in words: '0.35', or with filters of each class 'metal 0.65, other_roof 0.5, others 0.35'."""
+        own = [f"{name} {self.by_class[name]['cut']:g}" for name in classes if name in self.by_class]
+        if not own:
+            return f"{self.cut:g}"
+        rest = [name for name in classes if name not in self.by_class]
+        return ", ".join(own + ([f"{', '.join(rest)} {self.cut:g}"] if rest else []))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +181,21 @@ class ValidationObjects:
     other_pixels: np.ndarray
     all_roof_pixels: int
     area_m2: np.ndarray | None = None  # each object's ground area; None: every object counts as large enough
+    # A class bundle's: each object's class (0-based, as predict gives it), its pixels of each class (objects x
+    # classes) and the chips' roof pixels of each class.
+    kinds: np.ndarray | None = None
+    class_pixels: np.ndarray | None = None
+    all_class_pixels: np.ndarray | None = None
+
+    def of_class(self, k: int) -> ValidationObjects:
+        """The objects of class ``k``, each judged on whether it lies on a roof of that class: its pixels of
+        that class against its other pixels of known class (background and roofs of other classes)."""
+        assert self.kinds is not None and self.class_pixels is not None and self.all_class_pixels is not None
+        mine = self.kinds == k
+        own = self.class_pixels[mine, k]
+        known = self.roof_pixels[mine] + self.other_pixels[mine]
+        area = None if self.area_m2 is None else self.area_m2[mine]
+        return ValidationObjects(self.x[mine], own, known - own, int(self.all_class_pixels[k]), area)
 
     @property
     def roof(self) -> np.ndarray:
@@ -174,16 +220,19 @@ class ValidationObjects:
 CUTS = np.round(np.arange(0.0, 0.96, 0.05), 2)
 
 
-def fit_object_filter(objects: ValidationObjects, names: list[str]) -> tuple[ObjectFilter | None, str]:
+def fit_object_filter(
+    objects: ValidationObjects, names: list[str], roofs_of: str = "roofs", others: str = "false ones"
+) -> tuple[ObjectFilter | None, str]:
     """A filter fitted on the validation objects, with its cut: of :data:`CUTS`, the one that maximises the
     mean of the validation pixel F1 and object F1 (the first, the lowest, of equals), so the filter drops
     objects only where that does not cost the pixels more than it brings the objects. None and why when
-    the objects are too few of either kind (:data:`MIN_OBJECTS`)."""
+    the objects are too few of either kind (:data:`MIN_OBJECTS`). ``roofs_of`` and ``others`` name, for the log,
+    what the objects it keeps lie on and the rest ("roofs of class metal", "others" for a class's own filter)."""
     x, roof = objects.x, objects.roof
     roofs, false = int(roof.sum()), int((~roof).sum())
     if roofs < MIN_OBJECTS or false < MIN_OBJECTS:
         return None, (
-            f"the validation chips hold {roofs} objects on roofs and {false} false ones, under {MIN_OBJECTS} of "
+            f"the validation chips hold {roofs} objects on {roofs_of} and {false} {others}, under {MIN_OBJECTS} of "
             "either kind: no object filter (predict keeps every object)"
         )
     from sklearn.linear_model import LogisticRegression
@@ -212,9 +261,10 @@ def fit_object_filter(objects: ValidationObjects, names: list[str]) -> tuple[Obj
         "object_f1": [object0, object1],
     }
     return fitted, (
-        f"object filter fitted on {len(roof)} validation objects ({roofs} on roofs), cut {fitted.cut:g}: it drops "
-        f"{fitted.stats['false_dropped']:.0%} of the false ones and keeps {fitted.stats['roofs_kept']:.0%} of the "
-        f"roofs; validation pixel F1 {pixel0:.3f} -> {pixel1:.3f}, object F1 {object0:.3f} -> {object1:.3f}"
+        f"object filter fitted on {len(roof)} validation objects ({roofs} on {roofs_of}), cut {fitted.cut:g}: it "
+        f"drops {fitted.stats['false_dropped']:.0%} of the {others} and keeps {fitted.stats['roofs_kept']:.0%} of "
+        f"the {'roofs' if roofs_of == 'roofs' else 'objects on them'}; validation pixel F1 {pixel0:.3f} -> "
+        f"{pixel1:.3f}, object F1 {object0:.3f} -> {object1:.3f}"
     )
 
 
@@ -232,24 +282,28 @@ def validation_objects(
     :func:`tune_merge` chose, ``merge``). Objects mostly of unknown class are left out; nodata pixels are
     unknown."""
     from core.cli import progress
-    from core.instances import class_kinds, label_instances, part_pixels, seed_score
+    from core.instances import class_kinds, label_instances, object_classes, part_pixels, seed_score
     from core.metrics import shift_classes
-    from core.raster import read_pair, usable_pixels, valid_pixels
+    from core.raster import read_mask_bands, read_pair, usable_pixels, valid_pixels
     from core.vector import pixel_m2
 
     targets = tuple(predictor.info.targets)
     nodata = predictor.info.normalization.nodata
+    classes = len(predictor.info.classes)
     xs, roofs, others, areas, total = [], [], [], [], 0
+    called, per_class, class_total = [], [], np.zeros(classes, np.int64)
     for frame, mask in progress(pairs, desc="object filter", unit="chip"):
         chw, roof, known, profile = read_pair(frame, mask)
         use = usable_pixels(chw, nodata, known)
         total += int((roof & use).sum())
         every = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0]
-        bands, kinds = every[: len(targets)], None
-        if predictor.info.classes:  # each pixel's class, as predict splits the roofs (predict_args.split_classes)
-            kinds = class_kinds(
-                shift_classes(every[len(targets) :], class_bias) if class_bias else every[len(targets) :]
-            )
+        bands, kinds, probs, truth = every[: len(targets)], None, None, None
+        if classes:  # each pixel's class, as predict splits the roofs (predict_args.split_classes)
+            probs = shift_classes(every[len(targets) :], class_bias) if class_bias else every[len(targets) :]
+            kinds = class_kinds(probs)
+            data, names, _, _ = read_mask_bands(mask)
+            truth = np.where(roof & use, data[names.index("class")], 0)  # each roof pixel's class id, 1..classes
+            class_total += np.bincount(truth.ravel(), minlength=classes + 1)[1 : classes + 1]
         bands[:, ~valid_pixels(chw, nodata)] = 0.0  # as predict writes nodata: no object grows over it
         score = seed_score(bands, targets) if len(targets) > 1 else None
         area = pixel_m2(profile, chw.shape[1:])
@@ -268,11 +322,23 @@ def validation_objects(
         roofs.append(on_roof[keep])
         others.append(other[keep])
         areas.append(pixels[keep] * area)
+        if classes:
+            called.append(object_classes(labels, ids[keep], probs))
+            per_class.append(np.column_stack([
+                np.bincount(labels[truth == k + 1], minlength=n + 1)[1:][keep] for k in range(classes)
+            ]))  # fmt: skip
     width = len(feature_names(targets, predictor.info.bands))
+    split = (
+        {"kinds": np.concatenate(called) if called else np.zeros(0, np.int64),
+         "class_pixels": np.concatenate(per_class) if per_class else np.zeros((0, classes), np.int64),
+         "all_class_pixels": class_total}
+        if classes else {}
+    )  # fmt: skip
     if not xs:
-        return ValidationObjects(np.zeros((0, width)), np.zeros(0, np.int64), np.zeros(0, np.int64), total, np.zeros(0))
+        empty = np.zeros(0, np.int64)
+        return ValidationObjects(np.zeros((0, width)), empty, empty, total, np.zeros(0), **split)
     return ValidationObjects(
-        np.concatenate(xs), np.concatenate(roofs), np.concatenate(others), total, np.concatenate(areas)
+        np.concatenate(xs), np.concatenate(roofs), np.concatenate(others), total, np.concatenate(areas), **split
     )
 
 
@@ -291,12 +357,28 @@ def train_object_filter(
     targets = list(predictor.info.targets)
     core = default_seed_threshold(threshold, None, channels=len(targets) > 1)
     objects = validation_objects(predictor, pairs, threshold, core, class_bias, merge)
-    fitted, why = fit_object_filter(objects, feature_names(targets, predictor.info.bands))
+    names = feature_names(targets, predictor.info.bands)
+    fitted, why = fit_object_filter(objects, names)
     if fitted is None:
         return {}, {"objects": len(objects.roof_pixels), "roofs": int(objects.roof.sum())}, why
     fitted.split_classes = bool(predictor.info.classes)
     fitted.image_bands = predictor.info.bands
-    return fitted.to_dict(), {"objects": fitted.objects, "roofs": fitted.roofs, "cut": fitted.cut, **fitted.stats}, why
+    record = {"objects": fitted.objects, "roofs": fitted.roofs, "cut": fitted.cut, **fitted.stats}
+    # A class bundle: the objects of each class judged on whether they lie on a roof of that class (an object
+    # called metal on a concrete roof is a roof, but not a metal one); on Banepa's held-out rows this raised the
+    # 60-epoch class model's metal pixel IoU from 0.416 to 0.435.
+    whys = [why]
+    for k, name in enumerate(predictor.info.classes):
+        own, own_why = fit_object_filter(objects.of_class(k), names, f"roofs of class {name}", "others")
+        if own is None:
+            whys.append(f"the {name} objects judged as roofs ({own_why.split(': no object filter')[0]})")
+            continue
+        own.split_classes, own.image_bands = True, predictor.info.bands
+        fitted.by_class[name] = own.to_dict()
+        record.setdefault("by_class", {})[name] = {"objects": own.objects, "roofs": own.roofs, "cut": own.cut,
+                                                   **own.stats}  # fmt: skip
+        whys.append(f"the {name} objects' own {own_why}")
+    return fitted.to_dict(), record, "; ".join(whys)
 
 
 # --- merging the pieces of one roof ---------------------------------------------------------------

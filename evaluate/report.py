@@ -494,11 +494,20 @@ def _object_filter_note(stats: dict[str, Any] | None) -> str:
         return (f'<p class="note">No object filter: the validation chips held {stats["objects"]} objects, '
                 f"{stats['roofs']} on roofs, too few of a kind; predict keeps every object.</p>")  # fmt: skip
     (p0, p1), (o0, o1) = stats["pixel_f1"], stats["object_f1"]
+    own = []
+    for name, c in (stats.get("by_class") or {}).items():  # a class bundle's filters of each class
+        (q0, q1), (r0, r1) = c["pixel_f1"], c["object_f1"]
+        own.append(
+            f" The {html.escape(name)} objects have a filter of their own, fitted on {c['objects']} ({c['roofs']} on "
+            f"{html.escape(name)} roofs): cut {c['cut']:g}; it drops {c['false_dropped']:.0%} of the others and keeps "
+            f"{c['roofs_kept']:.0%} of those; {html.escape(name)} pixel F1 {q0:.3f} &rarr; {q1:.3f}, object F1 "
+            f"{r0:.3f} &rarr; {r1:.3f}."
+        )
     return (
         f'<p class="note">Object filter, fitted on the {stats["objects"]} objects of the validation chips '
         f"({stats['roofs']} on roofs): cut {stats['cut']:g}; it drops {stats['false_dropped']:.0%} of the false "
         f"objects and keeps {stats['roofs_kept']:.0%} of the roofs; validation pixel F1 {p0:.3f} &rarr; {p1:.3f}, "
-        f"object F1 (objects of 4 m&sup2; or more) {o0:.3f} &rarr; {o1:.3f}.</p>"
+        f"object F1 (objects of 4 m&sup2; or more) {o0:.3f} &rarr; {o1:.3f}.{''.join(own)}</p>"
     )
 
 

@@ -74,6 +74,7 @@ from core.index import chip_ids, grid_of
 from core.instances import (
     burn_polygons,
     default_seed_threshold,
+    object_classes,
     raster_instances,
     roof_classes,
     write_instances,
@@ -252,7 +253,8 @@ def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...
             )
         return None, 0.0, f"the object filter {why}"
     cut = fitted.cut if args.object_filter is None else args.object_filter
-    if cut <= 0:
+    own = [c["cut"] for c in fitted.by_class.values()] if args.object_filter is None else []
+    if cut <= 0 and all(c <= 0 for c in own):  # (the filters of each class have cuts of their own)
         return (
             None,
             0.0,
@@ -268,17 +270,23 @@ def object_keeper(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...],
     raster predicted, on the probabilities' grid), normalized as the model read it."""
     from core.objects import object_features
 
-    fitted, cut, _ = filter_decision(info, args, targets)
+    fitted, _, _ = filter_decision(info, args, targets)
     if fitted is None:
         return None
     core = default_seed_threshold(info.threshold, None, channels=len(info.targets) > 1)
 
-    def keep(labels: np.ndarray, ids: np.ndarray, bands: np.ndarray, window: Window) -> np.ndarray:
+    def keep(
+        labels: np.ndarray, ids: np.ndarray, bands: np.ndarray, window: Window, class_bands: np.ndarray | None = None
+    ) -> np.ndarray:
         chw = None
         if fitted.image_bands:
             with open_raster(source) as src:
                 chw = src.read(window=window)
-        return fitted.probability(object_features(labels, ids, bands, core, chw, info.normalization)) >= cut
+        x = object_features(labels, ids, bands, core, chw, info.normalization)
+        if class_bands is None or not fitted.by_class:
+            return fitted.keep(x, cut=args.object_filter)
+        kinds = object_classes(labels, ids, class_bands, args.roof_class)  # each object's class, as its roof's
+        return fitted.keep(x, kinds, info.classes, args.object_filter)
 
     return keep
 
@@ -288,7 +296,11 @@ def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) ->
     fitted, cut, why = filter_decision(info, args, seed_targets(info, args))
     if fitted is None:
         return why
-    return f"the object filter dropped {dropped} objects (probability of a roof under {cut:g}), kept {kept}"
+    if args.object_filter is None and fitted.by_class:
+        what = f"probability of a roof of its class under the cut of its class: {fitted.cuts(info.classes)}"
+    else:
+        what = f"probability of a roof under {cut:g}"
+    return f"the object filter dropped {dropped} objects ({what}), kept {kept}"
 
 
 def decision_threshold(info: BundleInfo, args: PredictArgs) -> float:
@@ -814,6 +826,16 @@ def predict_stage(
     threshold = decision_threshold(info, args)
     applied, cut, why = filter_decision(info, args, targets)
 
+    def filtered(results: list[RasterResult]) -> dict[str, Any]:
+        """The record's object_filter: its cut (and those of each class) and the objects it dropped; or why every
+        object was kept."""
+        if applied is None:
+            return {"off": why}
+        record = {"cut": cut, "dropped": sum(r.dropped for r in results)}
+        if applied.by_class and args.object_filter is None:
+            record["cuts"] = applied.cuts(info.classes)
+        return record
+
     def finish(results: list[RasterResult], blank: str | None = None) -> None:
         run.finish(
             bundle=str(Path(bundle).resolve()),
@@ -823,8 +845,7 @@ def predict_stage(
             seeds="+".join(targets),
             **({"merge": merge_limit(info, args, targets)} if args.instances else {}),
             outputs=output_records(results, tree),
-            **({"object_filter": {"cut": cut, "dropped": sum(r.dropped for r in results)} if applied is not None
-                else {"off": why}} if args.instances else {}),  # why every object was kept
+            **({"object_filter": filtered(results)} if args.instances else {}),
             **({"blank": blank} if blank else {}),
         )  # fmt: skip
 

@@ -211,7 +211,7 @@ def test_instances_leave_out_what_the_filter_drops_and_burning_erases_it(tmp_pat
 
     windows = []
 
-    def big(labels, ids, bands, window):
+    def big(labels, ids, bands, window, class_bands=None):
         windows.append((window.col_off, window.row_off, window.width, window.height))
         return np.bincount(labels.ravel())[ids] >= 50
 
@@ -344,6 +344,13 @@ def test_the_report_says_what_the_filter_learnt():
         "it drops 100% of the false objects and keeps 97% of the roofs; validation pixel F1 0.990 &rarr; 0.993, "
         "object F1 (objects of 4 m&sup2; or more) 0.637 &rarr; 0.982.</p>"
     )
+    metal = {"objects": 70, "roofs": 20, "cut": 0.65, "false_dropped": 0.94, "roofs_kept": 0.21,
+             "pixel_f1": [0.6317, 0.6392], "object_f1": [0.6771, 0.6985]}  # fmt: skip
+    assert _object_filter_note({**stats, "by_class": {"metal": metal}}).endswith(
+        "0.637 &rarr; 0.982. The metal objects have a filter of their own, fitted on 70 (20 on metal roofs): cut "
+        "0.65; it drops 94% of the others and keeps 21% of those; metal pixel F1 0.632 &rarr; 0.639, object F1 "
+        "0.677 &rarr; 0.699.</p>"
+    )
     assert _object_filter_note({"objects": 8, "roofs": 3}) == (
         '<p class="note">No object filter: the validation chips held 8 objects, 3 on roofs, too few of a kind; '
         "predict keeps every object.</p>"
@@ -391,11 +398,14 @@ def test_validation_objects_of_a_class_bundle_are_split_by_class_as_predict_spli
 
     chip = np.zeros((1, 20, 20), np.uint16)
     chip[0, 2:10, 2:10] = 90
-    mask = np.zeros((1, 20, 20), np.uint8)
+    mask = np.zeros((2, 20, 20), np.uint8)
     mask[0, 2:10, 2:10] = 255
+    mask[1, 2:10, 2:10] = 1  # a metal roof ...
+    mask[1, 2:10, 8:10] = 2  # ... whose two right columns are of the other class
     transform = rasterio.transform.from_origin(0, 20, 1, 1)
     frame = write_raster(tmp_path / "f.tif", chip, crs="EPSG:32644", transform=transform)
-    truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform)
+    truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform,
+                         descriptions=("footprint", "class"), tags={"ROOF_CLASSES": "metal,other"})  # fmt: skip
 
     class Fake:
         info = SimpleNamespace(targets=["footprint"], classes=["metal", "other"], bands=1, normalization=HUNDREDTHS)
@@ -411,8 +421,15 @@ def test_validation_objects_of_a_class_bundle_are_split_by_class_as_predict_spli
 
     split = validation_objects(Fake(), [(frame, truth)], threshold=0.5, seed_threshold=0.75)
     assert split.roof_pixels.tolist() == [32, 32] and split.other_pixels.tolist() == [0, 0]
+    # Each object's class as predict gives it, its pixels of each class, and the chip's of each class.
+    assert split.kinds.tolist() == [0, 1] and split.class_pixels.tolist() == [[32, 0], [16, 16]]
+    assert split.all_class_pixels.tolist() == [48, 16]
+    # Judged on its own class, the object called other lies half on metal roof pixels.
+    metal, other = split.of_class(0), split.of_class(1)
+    assert (metal.roof_pixels.tolist(), metal.other_pixels.tolist(), metal.all_roof_pixels) == ([32], [0], 48)
+    assert (other.roof_pixels.tolist(), other.other_pixels.tolist(), other.all_roof_pixels) == ([16], [16], 16)
     whole = validation_objects(Fake(), [(frame, truth)], threshold=0.5, seed_threshold=0.75, class_bias=[0.0, -2.0])
-    assert whole.roof_pixels.tolist() == [64]
+    assert whole.roof_pixels.tolist() == [64] and whole.kinds.tolist() == [0]
 
 
 def test_image_features_are_each_bands_mean_spread_and_share():
@@ -466,3 +483,93 @@ def test_predicts_filter_reads_the_image_of_the_window_it_judges(tmp_path):
     shifted = np.zeros((11, 11), np.int32)
     shifted[0:3, 0:3] = 1
     assert keep(shifted, np.array([1]), bands[:, 1:, 1:], Window(1, 1, 11, 11)).tolist() == [True]
+
+
+def rows_of_roofs(tmp_path):
+    """A chip with three rows of six 4 x 4 objects the model finds alike (probability 0.9, metal 0.8 of each
+    roof pixel): on metal roofs (bright, 90), on other roofs (60) and on no roof (30); and a fake class model."""
+    from core.raster import write_raster
+
+    chip = np.full((1, 24, 40), 10, np.uint16)
+    mask = np.zeros((2, 24, 40), np.uint8)
+    for row, (value, kind) in enumerate(((90, 1), (60, 2), (30, 0))):
+        for col in range(6):
+            r, c = 2 + 8 * row, 2 + 6 * col
+            chip[0, r : r + 4, c : c + 4] = value
+            mask[0, r : r + 4, c : c + 4] = 255 if kind else 0
+            mask[1, r : r + 4, c : c + 4] = kind
+    transform = rasterio.transform.from_origin(0, 24, 1, 1)
+    frame = write_raster(tmp_path / "f.tif", chip, crs="EPSG:32644", transform=transform)
+    truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform,
+                         descriptions=("footprint", "class"), tags={"ROOF_CLASSES": "metal,other"})  # fmt: skip
+
+    class Fake:
+        info = SimpleNamespace(targets=["footprint"], classes=["metal", "other"], bands=1, normalization=HUNDREDTHS)
+
+        def prepare(self, chips):
+            return chips
+
+        def forward_targets(self, chips):
+            prob = np.where(chips > 20, 0.9, 0.02).astype(np.float32)
+            return np.concatenate([prob, np.full_like(prob, 0.8), np.full_like(prob, 0.2)], axis=1)
+
+    return frame, truth, Fake()
+
+
+def test_a_class_bundles_filter_judges_each_class_on_roofs_of_that_class(tmp_path):
+    """Every object is called metal; those on other roofs are roofs, but not metal ones. The filter of all
+    objects keeps them; the metal objects' own filter drops them, by their colour."""
+    from core.objects import train_object_filter
+
+    frame, truth, fake = rows_of_roofs(tmp_path)
+    entry, record, why = train_object_filter(fake, [(frame, truth)], 0.5)
+    fitted = ObjectFilter.from_dict(json.loads(json.dumps(entry)))
+    assert list(fitted.by_class) == ["metal"] and fitted.roofs == 12 and record["by_class"]["metal"]["roofs"] == 6
+    assert record["by_class"]["metal"]["objects"] == 18 and record["by_class"]["metal"]["false_dropped"] == 1.0
+    assert "; the metal objects' own object filter fitted on 18 validation objects (6 on roofs of class metal), " in why
+    assert (
+        "it drops 100% of the others and keeps 100% of the objects on them; validation pixel F1 0.500 -> 1.000" in why
+    )
+    assert why.endswith(
+        "; the other objects judged as roofs (the validation chips hold 0 objects on roofs of class other and 0 "
+        "others, under 5 of either kind)"
+    )
+    x = np.array([[math.log(16), 0.9, 0.0, 0.9, 1.0, 1.0, 1.0, v / 100, 0.0, 1.0] for v in (90, 60, 30)])
+    assert fitted.keep(x).tolist() == [True, True, False]  # as roofs
+    assert fitted.keep(x, np.array([0, 0, 0]), ["metal", "other"]).tolist() == [True, False, False]  # as metal
+    assert fitted.keep(x, np.array([1, 1, 1]), ["metal", "other"]).tolist() == [True, True, False]  # other: as roofs
+    assert fitted.keep(x, np.array([0, 0, 0]), ["metal", "other"], cut=0.0).tolist() == [True, True, True]
+    assert fitted.cuts(["metal", "other"]) == f"metal {fitted.by_class['metal']['cut']:g}, other {fitted.cut:g}"
+    assert fitted.cuts() == f"{fitted.cut:g}"
+
+
+def test_predict_judges_each_object_by_the_filter_of_its_class(tmp_path):
+    from rasterio.windows import Window
+
+    from core.bundle import BundleInfo, Normalization
+    from core.objects import train_object_filter
+    from core.settings import PredictArgs
+    from predict.predict import filter_note, object_keeper
+
+    frame, truth, fake = rows_of_roofs(tmp_path)
+    entry, _, _ = train_object_filter(fake, [(frame, truth)], 0.5)
+    norm = Normalization("percentile", (0.0,), (100.0,), (0.0,), (1.0,), None)
+    info = BundleInfo(kind="unet", bands=1, dtype="uint16", normalization=norm, threshold=0.5,
+                      classes=["metal", "other"], object_filter=entry)  # fmt: skip
+    labels = np.zeros((24, 40), np.int32)
+    labels[2:6, 2:6], labels[10:14, 2:6], labels[18:22, 2:6] = 1, 2, 3  # the first object of each row
+    bands = np.where(labels > 0, 0.9, 0.02).astype(np.float32)[np.newaxis]
+    metal = np.stack([np.full((24, 40), 0.8, np.float32), np.full((24, 40), 0.2, np.float32)])
+    keep = object_keeper(info, PredictArgs(), ("footprint",), frame)
+    ids, window = np.array([1, 2, 3]), Window(0, 0, 40, 24)
+    assert keep(labels, ids, bands, window, metal).tolist() == [True, False, False]
+    assert keep(labels, ids, bands, window, metal[::-1]).tolist() == [True, True, False]  # called other: roofs
+    assert keep(labels, ids, bands, window).tolist() == [True, True, False]  # no class bands: as roofs
+    cut = ObjectFilter.from_dict(entry).by_class["metal"]["cut"]
+    assert filter_note(info, PredictArgs(), 2, 1) == (
+        "the object filter dropped 2 objects (probability of a roof of its class under the cut of its class: "
+        f"metal {cut:g}, other {entry['cut']:g}), kept 1"
+    )
+    assert filter_note(info, PredictArgs(object_filter=0.3), 2, 1) == (
+        "the object filter dropped 2 objects (probability of a roof under 0.3), kept 1"
+    )
