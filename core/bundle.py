@@ -226,6 +226,8 @@ def unread_predict_args(info: BundleInfo, args: Any) -> dict[str, str]:
     with why: the class settings of a one-class bundle, the merge limit of a model without a boundary band, the
     watershed's settings without instances ... Predict warns about those set otherwise than by default, and
     its contract leaves them out, so that setting one does not make the predictions outdated."""
+    from core.objects import feature_names
+
     why: dict[str, str] = {}
     if not args.instances:
         watershed = "it acts on the watershed's objects (predict_args.instances is false)"
@@ -233,12 +235,21 @@ def unread_predict_args(info: BundleInfo, args: Any) -> dict[str, str]:
             why[key] = watershed
     if len(info.targets) == 1:
         why.setdefault("seeds", f"the {info.kind} bundle predicts the footprint alone")
+    if len(info.targets) == 1 and args.seeds == "channels":
+        why.pop("seeds")  # read: predict refuses it (core.settings' seeds: channels needs the bands)
     if "boundary" not in info.targets:
         why.setdefault("merge", f"merging reads the boundary band, which the {info.kind} bundle does not predict")
     elif args.seeds == "footprint":
         why.setdefault("merge", "merging reads the boundary band, and predict_args.seeds is footprint")
-    if not info.object_filter:
+    fitted = info.object_filter
+    seeded = tuple(info.targets) if args.seeds != "footprint" else ("footprint",)
+    if not fitted:
         why.setdefault("object_filter", "the bundle has no object filter")
+    elif fitted.get("features") != feature_names(seeded, fitted.get("image_bands", 0)):
+        why.setdefault("object_filter", "the object filter reads the bands predict_args.seeds footprint leaves out")
+    elif info.classes and bool(fitted.get("split_classes")) != args.split_classes:
+        why.setdefault("object_filter", "the object filter learnt from objects split by class otherwise than "
+                                        "predict_args.split_classes splits them")  # fmt: skip
     if not info.classes:
         for key in ("roof_class", "split_classes", "calibrated_classes"):
             why.setdefault(key, "the bundle was not trained on classes")

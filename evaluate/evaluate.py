@@ -529,6 +529,18 @@ def used_threshold(settings: Settings, tree: DataTree, model: str) -> float | No
     return None
 
 
+def applied_of(predicted: dict[str, Any]) -> dict[str, Any]:
+    """What predict applied, from its record's summary: whether it found roofs as objects (instances), and then
+    the merge limit and the object filter's cut (or why it kept every object)."""
+    summary = predicted.get("summary") or {}
+    instances = bool((predicted.get("settings") or {}).get("predict_args.instances", True))
+    out: dict[str, Any] = {"instances": instances}
+    for key in ("merge", "object_filter"):
+        if instances and key in summary:
+            out[key] = summary[key]
+    return out
+
+
 def evaluate_model(
     settings: Settings, tree: DataTree, model: str, split: str | None = None, *, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -592,6 +604,8 @@ def evaluate_model(
         # What the predictions were made with, where it is not the default (TTA, a threshold of one's own...):
         # the summary lists it beside the bundle's settings. Unknown without predict's record: left out.
         **({"predict_settings": settings_changes(predicted.get("settings") or {})} if predicted is not None else {}),
+        # And what predict applied (its record's summary): the merge limit and object filter, or why none.
+        **({"predict_applied": applied_of(predicted)} if predicted is not None else {}),
     }
     out.mkdir(parents=True, exist_ok=True)
     if result.search is not None:

@@ -486,10 +486,17 @@ def _classes_table(classes: dict[str, Any]) -> str:
     return _table(["class", "pixel IoU", "pixel F1", "precision", "recall", "true pixels"], rows) + note
 
 
-def _object_filter_note(stats: dict[str, Any] | None) -> str:
-    """What train's metrics.json says of the model's object filter, as a paragraph ("" before filters existed)."""
+def _object_filter_note(stats: dict[str, Any] | None, evaluation: dict[str, Any] | None = None) -> str:
+    """What train's metrics.json says of the model's object filter, as a paragraph ("" before filters existed);
+    and, where predict kept every object of the scored predictions, why (``evaluation``'s predict_applied)."""
     if not stats:
         return ""
+    applied = (evaluation or {}).get("predict_applied") or {}
+    off = ""
+    if applied and not applied.get("instances"):
+        off = " It was not applied to the scored predictions: they were made without objects (predict_args.instances false)."
+    elif "off" in (applied.get("object_filter") or {}):
+        off = f" It was not applied to the scored predictions: {html.escape(applied['object_filter']['off'])}."
     if "cut" not in stats:
         return (f'<p class="note">No object filter: the validation chips held {stats["objects"]} objects, '
                 f"{stats['roofs']} on roofs, too few of a kind; predict keeps every object.</p>")  # fmt: skip
@@ -507,7 +514,7 @@ def _object_filter_note(stats: dict[str, Any] | None) -> str:
         f'<p class="note">Object filter, fitted on the {stats["objects"]} objects of the validation chips '
         f"({stats['roofs']} on roofs): cut {stats['cut']:g}; it drops {stats['false_dropped']:.0%} of the false "
         f"objects and keeps {stats['roofs_kept']:.0%} of the roofs; validation pixel F1 {p0:.3f} &rarr; {p1:.3f}, "
-        f"object F1 (objects of 4 m&sup2; or more) {o0:.3f} &rarr; {o1:.3f}.{''.join(own)}</p>"
+        f"object F1 (objects of 4 m&sup2; or more) {o0:.3f} &rarr; {o1:.3f}.{''.join(own)}{off}</p>"
     )
 
 
@@ -529,11 +536,21 @@ def _merge_note(train: dict[str, Any] | None, evaluation: dict[str, Any] | None 
     merge = (train or {}).get("merge")
     if not merge:
         return ""
-    used = ((evaluation or {}).get("predict_settings") or {}).get("predict_args.merge")
-    if used is not None:
+    applied = (evaluation or {}).get("predict_applied")
+    if applied is not None:  # what predict applied, as its record says
+        used = applied.get("merge", 0.0) if applied["instances"] else None
+    else:  # (an evaluation from before: the setting it was made with)
+        used = ((evaluation or {}).get("predict_settings") or {}).get("predict_args.merge", merge["limit"])
+    if used is None:
         return (
             f'<p class="note">Train chose the merge limit {merge["limit"]:g} for touching objects; the scored '
-            f"predictions were made with predict_args.merge {used:g} instead.</p>"
+            "predictions were made without objects (predict_args.instances false): nothing merged.</p>"
+        )
+    if used != merge["limit"]:
+        how = f"merged at {used:g}" if used else "kept apart (predict_args.merge 0, or seeds footprint)"
+        return (
+            f'<p class="note">Train chose the merge limit {merge["limit"]:g} for touching objects; in the scored '
+            f"predictions touching objects were {how}.</p>"
         )
     f1 = merge["object_f1"]
     if not merge["limit"]:
@@ -560,7 +577,7 @@ def _model_sections(results: list[ModelResult], split: str) -> str:
                          EVALUATION_PICTURES if (folder / name).is_file()]  # fmt: skip
         table = _classes_table(ev["classes"]) if ev and ev.get("classes") else ""
         table = (
-            _object_filter_note((r.train or {}).get("object_filter"))
+            _object_filter_note((r.train or {}).get("object_filter"), ev)
             + _merge_note(r.train, ev)
             + _tta_note(r.train)
             + table

@@ -41,6 +41,7 @@ python mosaic/mosaic.py --input predictions/EXPERIMENT/MODEL/masks --output FILE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -68,7 +69,7 @@ from core.bundle import (
     tta_forward,
     unread_predict_args,
 )
-from core.errors import BlankPredictionError, DataError, InputMissingError, SettingsError
+from core.errors import BlankPredictionError, DataError, InputMissingError, PipelineError, SettingsError
 from core.files import atomic_path
 from core.index import chip_ids, grid_of
 from core.instances import (
@@ -312,6 +313,15 @@ def decision_threshold(info: BundleInfo, args: PredictArgs) -> float:
     if args.tta and info.threshold_tta is not None:
         return info.threshold_tta
     return info.threshold
+
+
+def warn_unread(info: BundleInfo, args: PredictArgs) -> None:
+    """A warning for each predict setting set away from its default that the bundle does not read
+    (core.bundle.unread_predict_args: the contract leaves them out, so they call for no rerun either)."""
+    for key, why in unread_predict_args(info, args).items():
+        value = getattr(args, key)
+        if value != PredictArgs.model_fields[key].default:
+            log.warning("predict: predict_args.%s %s is unused: %s", key, json.dumps(value), why)
 
 
 def merge_limit(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...]) -> float:
@@ -736,10 +746,7 @@ def predict_all(
         counts = gdf["class"].value_counts()
         log.info("predict: roofs per class: %s -> %s", ", ".join(f"{c} {int(counts.get(c, 0))}" for c in info.classes),
                  out / "classes")  # fmt: skip
-    for key, why in unread_predict_args(info, args).items():
-        value = getattr(args, key)
-        if value != PredictArgs.model_fields[key].default:  # (left out of the contract: no rerun needed)
-            log.warning("predict: predict_args.%s %s is unused: %s", key, json.dumps(value), why)
+    warn_unread(info, args)
     targets = seed_targets(info, args)
     if args.instances:
         kept = sum(len(r.polygons) for r in results)  # (before predict_args.min_area drops the smallest)
@@ -809,6 +816,8 @@ def predict_stage(
     run = begin("predict", settings, tree, overwrite=overwrite, model=model, given=given)
     if run.skip:
         run.say_skip()
+        with contextlib.suppress(PipelineError):  # (a bundle gone since is the next stage's news)
+            warn_unread(read_info(predict_bundle(settings, tree, model, given)[0]), settings.predict_args)
         blank = ((run.status.record or {}).get("summary") or {}).get("blank")
         if blank:  # the same answer as the run that made them: a rerun must not turn the failure into success
             raise BlankPredictionError(f"{blank} (these predictions are up to date: --overwrite redoes them)")

@@ -596,6 +596,8 @@ def test_a_predict_setting_the_bundle_does_not_read_leaves_its_predictions_up_to
     metrics = json.loads((tree.model_dir("regression") / "evaluation" / "val" / "metrics.json").read_text())
     assert "predict_settings" not in metrics or not metrics["predict_settings"]
     made = files(tree.prediction_dir("regression") / "masks")
+    assert predict_main([*argv, *model, *unused]) == 0  # up to date: nothing to do, and why the setting is unused
+    assert "predict_args.merge 0.5 is unused" in capsys.readouterr().err
     assert predict_main([*argv, *model, *unused, "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert (
@@ -607,6 +609,15 @@ def test_a_predict_setting_the_bundle_does_not_read_leaves_its_predictions_up_to
     # A setting it reads still makes them outdated.
     threshold = load_settings(argv[1], [*sets, "predict_args.threshold=0.3"])
     assert status("predict", threshold, tree, "regression").changes == ["with predict_args.threshold null, now 0.3"]
+    # A setting unread then (no objects, no watershed) and read now: the change that made it read is the news.
+    flat = ["--set", "predict_args.instances=false", "--set", "predict_args.seed_threshold=0.9"]
+    assert predict_main([*argv, *model, *flat, "--overwrite"]) == 0
+    back = load_settings(argv[1], [*sets, "predict_args.seed_threshold=0.9"])
+    assert status("predict", back, tree, "regression").changes == ["with predict_args.instances false, now true"]
+    other = load_settings(argv[1], [*sets, "predict_args.seed_threshold=0.8"])
+    assert status("predict", other, tree, "regression").changes == [
+        "with predict_args.instances false, now true", "with predict_args.seed_threshold 0.9 (unused), now 0.8",
+    ]  # fmt: skip
 
 
 # --- what a new user's trial found next ------------------------------------------------------------

@@ -220,12 +220,20 @@ def test_truth_instances_grow_each_core_through_its_own_roof():
 
 def test_the_predict_settings_a_bundle_does_not_read():
     from core.bundle import unread_predict_args
+    from core.objects import feature_names
 
-    unet = SimpleNamespace(kind="unet", targets=["footprint", "boundary", "contact"], classes=["metal", "other"],
-                           class_bias=[0.0, -0.5], object_filter={"cut": 0.5})  # fmt: skip
+    targets = ["footprint", "boundary", "contact"]
+    fitted = {"cut": 0.5, "features": feature_names(targets, 3), "image_bands": 3, "split_classes": True}
+    unet = SimpleNamespace(kind="unet", targets=targets, classes=["metal", "other"], class_bias=[0.0, -0.5],
+                           object_filter=fitted)  # fmt: skip
     assert unread_predict_args(unet, PredictArgs()) == {}  # a class U-Net with bands, offsets and a filter reads all
     assert unread_predict_args(unet, PredictArgs(seeds="footprint")) == {
-        "merge": "merging reads the boundary band, and predict_args.seeds is footprint"
+        "merge": "merging reads the boundary band, and predict_args.seeds is footprint",
+        "object_filter": "the object filter reads the bands predict_args.seeds footprint leaves out",
+    }
+    assert unread_predict_args(unet, PredictArgs(split_classes=False)) == {
+        "object_filter": "the object filter learnt from objects split by class otherwise than "
+        "predict_args.split_classes splits them"
     }
     plain = unread_predict_args(unet, PredictArgs(instances=False))
     assert list(plain) == ["seeds", "seed_threshold", "merge", "object_filter", "split_classes"]
@@ -239,5 +247,6 @@ def test_the_predict_settings_a_bundle_does_not_read():
         "split_classes": "the bundle was not trained on classes",
         "calibrated_classes": "the bundle was not trained on classes",
     }
+    assert "seeds" not in unread_predict_args(forest, PredictArgs(seeds="channels"))  # read: predict refuses it
     uncalibrated = SimpleNamespace(**{**vars(unet), "class_bias": []})
     assert unread_predict_args(uncalibrated, PredictArgs()) == {"calibrated_classes": "the bundle has no class offsets"}

@@ -351,6 +351,22 @@ def test_the_report_says_what_the_filter_learnt():
         "0.65; it drops 94% of the others and keeps 21% of those; metal pixel F1 0.632 &rarr; 0.639, object F1 "
         "0.677 &rarr; 0.699.</p>"
     )
+    off = {
+        "predict_applied": {
+            "instances": True,
+            "object_filter": {"off": "object filter off (predict_args.object_filter 0): every object kept"},
+        }
+    }
+    assert _object_filter_note(stats, off).endswith(
+        "0.637 &rarr; 0.982. It was not applied to the scored predictions: object filter off (predict_args."
+        "object_filter 0): every object kept.</p>"
+    )
+    assert _object_filter_note(stats, {"predict_applied": {"instances": False}}).endswith(
+        "It was not applied to the scored predictions: they were made without objects (predict_args.instances "
+        "false).</p>"
+    )
+    applied = {"predict_applied": {"instances": True, "object_filter": {"cut": 0.45, "dropped": 3}}}
+    assert _object_filter_note(stats, applied) == _object_filter_note(stats)
     assert _object_filter_note({"objects": 8, "roofs": 3}) == (
         '<p class="note">No object filter: the validation chips held 8 objects, 3 on roofs, too few of a kind; '
         "predict keeps every object.</p>"
@@ -382,10 +398,24 @@ def test_the_report_says_the_merge_limit_train_chose():
         "validation chips than none (object F1 0.900).</p>"
     )
     assert _merge_note({"threshold": 0.5}) == "" and _merge_note(None) == ""  # no boundary band, nothing trained
-    # Predictions made with another limit than the bundle's: the line says so.
+    # Predictions made with another limit than the bundle's (predict's record says which it applied): the line
+    # says so; the same limit set by hand is no other.
+    chose = '<p class="note">Train chose the merge limit 0.6 for touching objects; '
+    assert _merge_note({"merge": merge}, {"predict_applied": {"instances": True, "merge": 1.01}}) == (
+        chose + "in the scored predictions touching objects were merged at 1.01.</p>"
+    )
+    assert _merge_note({"merge": merge}, {"predict_applied": {"instances": True, "merge": 0.0}}) == (
+        chose + "in the scored predictions touching objects were kept apart (predict_args.merge 0, or seeds "
+        "footprint).</p>"
+    )
+    assert _merge_note({"merge": merge}, {"predict_applied": {"instances": False}}) == (
+        chose + "the scored predictions were made without objects (predict_args.instances false): nothing merged.</p>"
+    )
+    same = {"predict_applied": {"instances": True, "merge": 0.6}, "predict_settings": {"predict_args.merge": 0.6}}
+    assert _merge_note({"merge": merge}, same) == _merge_note({"merge": merge})
+    # An evaluation from before predict_applied: the setting the predictions were made with.
     assert _merge_note({"merge": merge}, {"predict_settings": {"predict_args.merge": 1.01}}) == (
-        '<p class="note">Train chose the merge limit 0.6 for touching objects; the scored predictions were made with '
-        "predict_args.merge 1.01 instead.</p>"
+        chose + "in the scored predictions touching objects were merged at 1.01.</p>"
     )
     assert _merge_note({"merge": merge}, {"predict_settings": {}}) == _merge_note({"merge": merge})
 

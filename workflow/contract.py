@@ -237,8 +237,14 @@ def status(
     if given is None:
         given = dict(record.get("given") or {}) if record else {}
     given = {k: Path(v) for k, v in given.items() if v is not None}
-    exclude = spec.exclude + (spec.unread(settings, tree, model, given) if spec.unread else ())
-    current: dict[str, Any] = {"settings": settings_of(settings, spec.keys(model), exclude), "given": given}
+    unread = spec.unread(settings, tree, model, given) if spec.unread else ()
+    current: dict[str, Any] = {
+        "settings": settings_of(settings, spec.keys(model), spec.exclude + unread),
+        "given": given,
+    }
+    if unread:  # kept apart in the record: a setting unread then, read now with the same value, changed nothing
+        every = settings_of(settings, spec.keys(model), spec.exclude)
+        current["unread"] = {k: v for k, v in every.items() if any(k == u or k.startswith(u + ".") for u in unread)}
     inputs_error: PipelineError | None = None
     try:
         inputs = spec.inputs(settings, tree, model, given)
@@ -282,12 +288,15 @@ def _changes(record: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What differs between a record and now, one phrase each ('with chip_args.size 64, now 128')."""
     changes = []
     old, new = record.get("settings", {}), current["settings"]
+    unread = record.get("unread", {})  # settings the run did not read (predict's, with that bundle)
     # Keys the record holds that the stage no longer reads (a setting it now excludes) changed nothing.
     for key in sorted(new):
         if key not in old and new[key] == _defaults().get(key, "absent"):
             continue  # a setting added since the record was made, at its default: what the stage did then
+        if key not in old and key in unread and unread[key] == new[key]:
+            continue  # set alike then but unread: what makes it read now is a change of its own
         if old.get(key, "absent") != new.get(key, "absent"):
-            a = _show(old[key]) if key in old else "unset"
+            a = _show(old[key]) if key in old else (f"{_show(unread[key])} (unused)" if key in unread else "unset")
             b = _show(new[key]) if key in new else "unset"
             changes.append(f"with {key} {a}, now {b}")
     if "inputs" not in current:
@@ -418,6 +427,7 @@ class StageRun:
             "started": self.started,
             "fingerprint": _fingerprint(cur["settings"], inputs, files),
             "settings": cur["settings"],
+            **({"unread": cur["unread"]} if cur.get("unread") else {}),
             "inputs": inputs,
             "files": files,
             "given": {k: str(v) for k, v in self.given.items()},
