@@ -6,7 +6,8 @@ is skipped (say --overwrite to redo it); one that is outdated (a setting it depe
 edited, or an earlier stage ran again) runs again. The run stops at the first stage that
 fails, with that stage's message. predict and evaluate run
 once for every trained model (forest, regression, unet). --demo runs every stage on the
-built-in sample scene and ends with the models' validation metrics and the report's path.
+built-in sample scene (--from, --to and --only choose among them) and ends with the models'
+validation metrics and the report's path.
 
 `python pipeline.py check` runs the pre-flight check instead: it reads every input the
 selected stages need and lists what is wrong and how to fix it; exit 1 if anything is fatal.
@@ -29,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "command", nargs="?", choices=("run", "check"), default="run", help="run the stages (default), or check inputs"
     )
-    parser.add_argument("--demo", action="store_true", help="run every stage on the built-in sample scene")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="run the stages on the built-in sample scene (every stage but download; --from, --to and --only "
+        "choose among them)",
+    )
     parser.add_argument(
         "--from", dest="start", choices=names, metavar="STAGE", help=f"first stage ({', '.join(names)})"
     )
@@ -46,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:  # the states of the stages are read under the settings they run with
             settings = load_settings(args.settings, overrides)
         stages = runner.choose(settings, demo=args.demo, start=args.start, stop=args.stop, only=args.only)
+        if not stages:  # (--demo --only download: the demo makes its imagery with sample)
+            parser.error("--demo runs on the sample scene, not on downloaded imagery: --only download selects nothing")
         if args.command == "check":
             runner.check(stages, settings, tree, overwrite=args.overwrite)
             return

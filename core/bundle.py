@@ -212,13 +212,41 @@ def read_info(folder: Path) -> BundleInfo:
         )
     try:
         info = BundleInfo.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleError(f"{path} is corrupt ({type(exc).__name__}: {exc}): retrain, or restore the bundle") from exc
     if info.kind not in KINDS:
         raise BundleError(f"{path}: unknown model kind {info.kind!r} (expected one of {', '.join(KINDS)})")
+    wrong = _wrong_field(info)
+    if wrong:
+        raise BundleError(f"{path} is corrupt ({wrong}): retrain, or restore the bundle")
     if info.normalization.bands != info.bands:
         raise BundleError(f"{path} is corrupt: normalization has {info.normalization.bands} bands, bundle {info.bands}")
     return info
+
+
+def _wrong_field(info: BundleInfo) -> str:
+    """The first field of bundle.json whose value is not of its kind, in words ("" when all are): a file edited
+    by hand must fail here in one line, not deep inside predict."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    def words(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    checks = {
+        "bands": isinstance(info.bands, int) and not isinstance(info.bands, bool) and info.bands >= 1,
+        "threshold": number(info.threshold),
+        "threshold_tta": info.threshold_tta is None or number(info.threshold_tta),
+        "pad_multiple": isinstance(info.pad_multiple, int) and info.pad_multiple >= 1,
+        "targets": words(info.targets) and bool(info.targets) and info.targets[0] == "footprint",
+        "classes": words(info.classes),
+        "class_bias": isinstance(info.class_bias, list) and all(number(b) for b in info.class_bias),
+        "object_filter": isinstance(info.object_filter, dict),
+        "merge": info.merge is None or number(info.merge),
+    }
+    wrong = next((name for name, ok in checks.items() if not ok), "")
+    return f"{wrong} is {json.dumps(getattr(info, wrong))}" if wrong else ""
 
 
 def unread_predict_args(info: BundleInfo, args: Any) -> dict[str, str]:

@@ -236,6 +236,19 @@ def test_a_bundle_of_other_bands_than_the_rasters_to_predict(scene: Scene) -> No
     assert "rasters to predict val_0.tif, val_1.tif" in found[0] and "trained on 4 bands of uint16" in found[0]
 
 
+def test_a_bundle_named_elsewhere_that_is_not_there_is_fatal(scene: Scene, tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    found = findings(scene, f"predict_args.bundle={missing}", stages=["predict"])
+    assert found == [
+        f"fatal: the bundle {missing} (predict_args.bundle or --bundle) is not found: name a bundle folder train "
+        "wrote (results/EXPERIMENT/MODEL/bundle), or set predict_args.bundle null to predict with this experiment's"
+    ]
+    missing.mkdir()
+    (found,) = findings(scene, f"predict_args.bundle={missing}", stages=["predict"])
+    assert f"the bundle {missing} (predict_args.bundle or --bundle) is not a model bundle (no bundle.json)" in found
+    assert findings(scene, stages=["predict"]) == []  # this experiment's, not trained yet: train makes it
+
+
 def test_inputs_not_made_yet_are_left_to_their_stage(tmp_path: Path) -> None:
     settings = load_settings(
         REPO_SETTINGS, [f"data_root={tmp_path / 'none'}", f"training_args.results_folder={tmp_path}"]

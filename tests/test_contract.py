@@ -724,6 +724,8 @@ def test_pipeline_option_mistakes_are_usage_errors(capsys):
     assert "--from predict comes after --to chip" in capsys.readouterr().err
     assert pipeline.main(["--only", "train-forest", "--from", "chip"]) == 2
     assert "--only cannot be combined with --from or --to" in capsys.readouterr().err
+    assert pipeline.main(["--demo", "--only", "download"]) == 2
+    assert "--demo runs on the sample scene, not on downloaded imagery" in capsys.readouterr().err
 
 
 def test_small_mistakes_get_the_right_advice(scene, capsys, tmp_path):

@@ -284,6 +284,33 @@ def test_corrupt_bundle_json(trained, tmp_path):
         load_predictor(folder)
 
 
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        ('"x"', "ValueError: dictionary update sequence element #0 has length 1; 2 is required"),
+        ({"targets": None}, "targets is null"),
+        ({"targets": ["boundary"]}, 'targets is ["boundary"]'),
+        ({"merge": "0.5"}, 'merge is "0.5"'),
+        ({"threshold": None}, "threshold is null"),
+        ({"classes": None}, "classes is null"),
+        ({"class_bias": [0, "x"]}, 'class_bias is [0, "x"]'),
+        ({"object_filter": []}, "object_filter is []"),
+        ({"bands": True}, "bands is true"),
+    ],
+)
+def test_a_bundle_json_edited_wrong_by_hand_is_one_line(edit, said, trained, tmp_path):
+    _, tree = trained
+    folder = copy_bundle(tree, "regression", tmp_path)
+    path = folder / "bundle.json"
+    if isinstance(edit, dict):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    else:
+        path.write_text(edit)
+    with pytest.raises(BundleError) as caught:
+        load_predictor(folder)
+    assert str(caught.value) == f"{path} is corrupt ({said}): retrain, or restore the bundle"
+
+
 def test_model_with_foreign_types_is_refused(trained, tmp_path):
     _, tree = trained
     folder = copy_bundle(tree, "regression", tmp_path)

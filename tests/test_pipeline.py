@@ -146,6 +146,20 @@ def test_every_stage_is_in_the_pipeline_and_the_demo() -> None:
     assert tuple(s.name for s in STAGES[1:]) == DEMO
 
 
+def test_the_demo_runs_the_stages_from_to_and_only_choose() -> None:
+    from core.settings import Settings
+    from workflow.runner import choose
+
+    def names(**how) -> list[str]:
+        return [s.name for s in choose(Settings(), demo=True, **how)]
+
+    assert names() == list(DEMO)
+    assert names(stop="train-regression") == list(DEMO[: DEMO.index("train-regression") + 1])
+    assert names(start="predict") == ["predict", "evaluate"]
+    assert names(only=["predict", "download"]) == ["predict"]
+    assert names(only=["download"]) == []  # (pipeline.py: a usage error)
+
+
 # --- the stages after split on a tiny scene ---------------------------------------------------------
 
 #: A tiny scene and small classical models: the whole run takes seconds.

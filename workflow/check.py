@@ -449,6 +449,14 @@ class Checker:
                 info = read_info(bundle)
             except BundleError as exc:
                 self.fatal(str(exc))
+        elif not Path(bundle).resolve().is_relative_to(self.tree.results.resolve()):
+            # Not this experiment's (which train makes): a bundle named elsewhere that is not there.
+            what = "not found" if not Path(bundle).exists() else f"not a model bundle (no {BUNDLE_JSON})"
+            self.fatal(
+                f"the bundle {bundle} (predict_args.bundle or --bundle) is {what}: name a bundle folder train wrote "
+                "(results/EXPERIMENT/MODEL/bundle), or set predict_args.bundle null to predict with this "
+                "experiment's"
+            )
         if inputs is None:
             path = Path(self.settings.predict_args.input)
             path = path if path.is_absolute() else self.tree.root / path

@@ -257,12 +257,14 @@ def choose(
     stop: str | None = None,
     only: list[str] | None = None,
 ) -> list[Stage]:
-    """The stages to run or check, in pipeline order: --demo's, or those --from/--to/--only select
-    (names already checked). Without --only, download or sample drops out: imagery comes from S3
+    """The stages to run or check, in pipeline order: those --from/--to/--only select (names already
+    checked), of --demo's with --demo. Without --only, download or sample drops out: imagery comes from S3
     when a bucket is set, else from the sample generator."""
     names = [s.name for s in STAGES]
-    chosen = list(DEMO) if demo else select(names, start, stop, only)
-    if not demo and not only:
+    chosen = select(names, start, stop, only)
+    if demo:
+        chosen = [n for n in chosen if n in DEMO]
+    elif not only:
         skip = "sample" if settings.download_args.bucket else "download"
         chosen = [n for n in chosen if n != skip]
     return [s for s in STAGES if s.name in chosen]
