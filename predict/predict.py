@@ -7,7 +7,8 @@ the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
 
   masks/NAME.tif          uint8, 0 = background, 255 = roof; the input's CRS, transform, size
   probabilities/NAME.tif  float32 roof probability (predict_args.save_probabilities); a U-Net trained
-                          on boundary and contact bands adds them as bands 2 and 3
+                          on boundary and contact bands adds them as bands 2 and 3 where they seed
+                          the watershed (instances, seeds auto or channels)
   instances/NAME.tif      uint32, each roof's id in its pixels (predict_args.instances)
   classes/NAME.tif        a bundle trained on classes (mask_args.classes): uint8 class ids with a
                           colour table (1, 2 ... as the class map names them; 0 background, the

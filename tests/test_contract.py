@@ -620,6 +620,25 @@ def test_a_predict_setting_the_bundle_does_not_read_leaves_its_predictions_up_to
     ]  # fmt: skip
 
 
+def test_the_advice_to_rerun_predict_names_the_bundle_it_was_given(scene, capsys, tmp_path):
+    import shutil
+
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tree_of(argv).bundle("regression"), elsewhere)
+    assert predict_main([*argv, *model, "--bundle", str(elsewhere), "--set", "predict_args.threshold=0.3"]) == 0
+    capsys.readouterr()
+    assert evaluate_main([*argv, *model]) == 1
+    assert error(capsys) == (
+        "error: the predictions are outdated: made with predict_args.threshold 0.3, now null: rerun python "
+        f"predict/predict.py --model regression --bundle {elsewhere} --overwrite (or python pipeline.py --from "
+        "predict) before evaluate regression"
+    )
+
+
 # --- what a new user's trial found next ------------------------------------------------------------
 
 

@@ -511,13 +511,13 @@ def upstream_problems(
             log.info(
                 "%s: %s without a record of the settings that made them (made by hand or an older version): "
                 "used as they are; %s would redo them",
-                reader, spec.are, spec.run_command(um, overwrite=True),
+                reader, spec.are, spec.run_command(um, True, st.current.get("given")),
             )  # fmt: skip
             continue
         if st.changes and not dep.artifact:
             problems.append(
                 DataError(
-                    f"{spec.are} outdated: made {'; '.join(st.changes)}: rerun {spec.run_command(um, overwrite=True)} "
+                    f"{spec.are} outdated: made {'; '.join(st.changes)}: rerun {spec.run_command(um, True, st.current.get('given'))} "
                     f"(or python pipeline.py --from {spec.name}) before {reader}"
                 )
             )
@@ -530,13 +530,13 @@ def upstream_problems(
         elif st.state == "running":
             problems.append(
                 InputMissingError(
-                    f"{spec.are} incomplete: {st.label} did not finish: rerun {spec.run_command(um)} to resume it"
+                    f"{spec.are} incomplete: {st.label} did not finish: rerun {spec.run_command(um, given=st.current.get('given'))} to resume it"
                 )
             )
         elif st.removed:
             problems.append(
                 InputMissingError(
-                    f"{spec.are} incomplete: files were removed since {st.label} ran: rerun {spec.run_command(um)} "
+                    f"{spec.are} incomplete: files were removed since {st.label} ran: rerun {spec.run_command(um, given=st.current.get('given'))} "
                     "to remake them"
                 )
             )

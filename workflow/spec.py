@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class StageSpec:
         extra = self.model_settings(model) if (self.model_settings and model) else ()
         return (*self.settings, *extra)
 
-    def run_command(self, model: str | None, overwrite: bool = False) -> str:
+    def run_command(self, model: str | None, overwrite: bool = False, given: dict[str, Any] | None = None) -> str:
+        """How to rerun it, with the command-line paths its run was given (``--bundle DIR``)."""
         cmd = self.command + (f" --model {model}" if self.per_model and model else "")
+        cmd += "".join(f" --{k} {v}" for k, v in sorted((given or {}).items()) if v is not None)
         return cmd + (" --overwrite" if overwrite else "")
