@@ -637,6 +637,16 @@ def test_the_advice_to_rerun_predict_names_the_bundle_it_was_given(scene, capsys
         f"predict/predict.py --model regression --bundle {elsewhere} --overwrite (or python pipeline.py --from "
         "predict) before evaluate regression"
     )
+    # Another bundle named in the settings: the first is no longer read, not gone.
+    other = tmp_path / "other"
+    shutil.copytree(elsewhere, other)
+    assert predict_main([*argv, *model, "--set", f"predict_args.bundle={elsewhere}", "--overwrite"]) == 0
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    now = load_settings(argv[1], [*sets, f"predict_args.bundle={other}"])
+    assert status("predict", now, tree_of(argv), "regression").changes == [
+        f'with predict_args.bundle "{elsewhere}", now "{other}"',
+        f"from {elsewhere / 'bundle.json'} (no longer read), without {other / 'bundle.json'} (new)",
+    ]
 
 
 # --- what a new user's trial found next ------------------------------------------------------------

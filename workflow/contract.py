@@ -260,7 +260,7 @@ def status(
         state: State = "unrecorded" if present else "missing"
         return Status(spec, model, state, None, current, outputs_present=present, inputs_error=inputs_error)
     st = Status(spec, model, record["state"], record, current, outputs_present=present, inputs_error=inputs_error)
-    st.changes = _changes(record, current)
+    st.changes = _changes(record, current, tree.root)
     if inputs_error is not None:
         st.changes.append(f"from inputs that cannot be read now ({inputs_error})")
     # Outputs removed by hand since the run (a folder deleted, chips.csv's columns lost) make it unfinished.
@@ -284,7 +284,7 @@ def _defaults() -> dict[str, Any]:
     return settings_of(defaults, tuple(type(defaults).model_fields))
 
 
-def _changes(record: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def _changes(record: dict[str, Any], current: dict[str, Any], root: Path | None = None) -> list[str]:
     """What differs between a record and now, one phrase each ('with chip_args.size 64, now 128')."""
     changes = []
     old, new = record.get("settings", {}), current["settings"]
@@ -337,7 +337,16 @@ def _changes(record: dict[str, Any], current: dict[str, Any]) -> list[str]:
         def names(keys: list[str]) -> str:
             return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
-        what = [f"from {names(gone)} (gone now)" if gone else "", f"without {names(added)} (new)" if added else ""]
+        def there(key: str) -> bool:  # (keys are relative to the data tree when inside it)
+            path = Path(key)
+            return (path if path.is_absolute() or root is None else root / path).exists()
+
+        unread, removed = [k for k in gone if there(k)], [k for k in gone if not there(k)]
+        what = [
+            f"from {names(removed)} (gone now)" if removed else "",
+            f"from {names(unread)} (no longer read)" if unread else "",
+            f"without {names(added)} (new)" if added else "",
+        ]
         changes.append(", ".join(w for w in what if w))
     return changes
 
