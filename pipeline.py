@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             settings = load_settings(args.settings, overrides)
         stages = runner.choose(settings, demo=args.demo, start=args.start, stop=args.stop, only=args.only)
         if not stages:  # (--demo --only download: the demo makes its imagery with sample)
-            parser.error("--demo runs on the sample scene, not on downloaded imagery: --only download selects nothing")
+            parser.error(
+                "--demo runs on the sample scene, not on downloaded imagery: the stages chosen (download) "
+                "leave nothing to run"
+            )
         if args.command == "check":
             runner.check(stages, settings, tree, overwrite=args.overwrite)
             return

@@ -211,7 +211,10 @@ def read_info(folder: Path) -> BundleInfo:
             "not a weights file"
         )
     try:
-        info = BundleInfo.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"not a JSON object but {json.dumps(data)[:40]}")
+        info = BundleInfo.from_dict(data)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleError(f"{path} is corrupt ({type(exc).__name__}: {exc}): retrain, or restore the bundle") from exc
     if info.kind not in KINDS:
@@ -234,19 +237,50 @@ def _wrong_field(info: BundleInfo) -> str:
     def words(v: Any) -> bool:
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    def sound(entry: Any) -> bool:  # an object filter's entry (core.objects.ObjectFilter), or {} for none
+        if not isinstance(entry, dict) or not entry:
+            return entry == {}
+        parts = ("cut", "features", "mean", "scale", "coef", "intercept")
+        return (
+            all(k in entry for k in parts)
+            and number(entry["cut"])
+            and number(entry["intercept"])
+            and words(entry["features"])
+            and all(isinstance(entry[k], list) and all(number(x) for x in entry[k]) for k in ("mean", "scale", "coef"))
+            and isinstance(entry.get("image_bands", 0), int)
+            and isinstance(entry.get("by_class", {}), dict)
+            and all(sound(own) and own for own in entry.get("by_class", {}).values())
+        )
+
     checks = {
-        "bands": isinstance(info.bands, int) and not isinstance(info.bands, bool) and info.bands >= 1,
+        "bands": count(info.bands),
         "threshold": number(info.threshold),
         "threshold_tta": info.threshold_tta is None or number(info.threshold_tta),
-        "pad_multiple": isinstance(info.pad_multiple, int) and info.pad_multiple >= 1,
+        "pad_multiple": count(info.pad_multiple),
         "targets": words(info.targets) and bool(info.targets) and info.targets[0] == "footprint",
         "classes": words(info.classes),
-        "class_bias": isinstance(info.class_bias, list) and all(number(b) for b in info.class_bias),
-        "object_filter": isinstance(info.object_filter, dict),
+        "class_bias": isinstance(info.class_bias, list)
+        and all(number(b) for b in info.class_bias)
+        and len(info.class_bias) in (0, len(info.classes) if isinstance(info.classes, list) else 0),
+        "object_filter": sound(info.object_filter),
         "merge": info.merge is None or number(info.merge),
     }
     wrong = next((name for name, ok in checks.items() if not ok), "")
-    return f"{wrong} is {json.dumps(getattr(info, wrong))}" if wrong else ""
+    return f"{wrong} is {json.dumps(getattr(info, wrong))[:200]}" if wrong else ""
+
+
+def unread_warnings(info: BundleInfo, args: Any) -> list[str]:
+    """A line for each predict setting set away from its default that the bundle does not read
+    (:func:`unread_predict_args`: the contract leaves them out, so they call for no rerun either)."""
+    defaults = type(args).model_fields
+    return [
+        f"predict: predict_args.{key} {json.dumps(getattr(args, key))} is unused: {why}"
+        for key, why in unread_predict_args(info, args).items()
+        if getattr(args, key) != defaults[key].default
+    ]
 
 
 def unread_predict_args(info: BundleInfo, args: Any) -> dict[str, str]:

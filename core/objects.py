@@ -371,7 +371,9 @@ def train_object_filter(
     for k, name in enumerate(predictor.info.classes):
         own, own_why = fit_object_filter(objects.of_class(k), names, f"roofs of class {name}", "others")
         if own is None:
-            whys.append(f"the {name} objects judged as roofs ({own_why.split(': no object filter')[0]})")
+            whys.append(
+                f"the {name} objects judged by the filter of all objects ({own_why.split(': no object filter')[0]})"
+            )
             continue
         own.split_classes, own.image_bands = True, predictor.info.bands
         fitted.by_class[name] = own.to_dict()

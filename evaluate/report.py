@@ -537,8 +537,8 @@ def _merge_note(train: dict[str, Any] | None, evaluation: dict[str, Any] | None 
     if not merge:
         return ""
     applied = (evaluation or {}).get("predict_applied")
-    if applied is not None:  # what predict applied, as its record says
-        used = applied.get("merge", 0.0) if applied["instances"] else None
+    if applied is not None and (not applied["instances"] or "merge" in applied):  # what predict applied
+        used = applied["merge"] if applied["instances"] else None
     else:  # (an evaluation from before: the setting it was made with)
         used = ((evaluation or {}).get("predict_settings") or {}).get("predict_args.merge", merge["limit"])
     if used is None:

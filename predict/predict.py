@@ -42,8 +42,6 @@ python mosaic/mosaic.py --input predictions/EXPERIMENT/MODEL/masks --output FILE
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -68,9 +66,9 @@ from core.bundle import (
     load_predictor,
     read_info,
     tta_forward,
-    unread_predict_args,
+    unread_warnings,
 )
-from core.errors import BlankPredictionError, DataError, InputMissingError, PipelineError, SettingsError
+from core.errors import BlankPredictionError, DataError, InputMissingError, SettingsError
 from core.files import atomic_path
 from core.index import chip_ids, grid_of
 from core.instances import (
@@ -99,7 +97,7 @@ from core.tree import DataTree, refuse_overwrite
 from core.vector import ground_area, roof_grid
 from workflow.check import preflight
 from workflow.contract import begin, file_identity, file_key, refuse_leaky_bundle
-from workflow.stages import predict_bundle, predict_source, split_of_folder
+from workflow.stages import predict_bundle, predict_skipped, predict_source, split_of_folder
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +219,9 @@ def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...
     learnt from, a cut tuned to 0)."""
     from core.objects import FEATURES, ObjectFilter, feature_names
 
+    # Why the filter cannot apply comes first: then predict_args.object_filter is unread (the contract leaves it
+    # out), and what the record says must not name it.
     fitted = ObjectFilter.from_dict(info.object_filter)
-    if args.object_filter == 0:
-        return None, 0.0, "object filter off (predict_args.object_filter 0): every object kept"
     if fitted is None:
         return (
             None,
@@ -254,6 +252,8 @@ def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...
                 "filter)"
             )
         return None, 0.0, f"the object filter {why}"
+    if args.object_filter == 0:
+        return None, 0.0, "object filter off (predict_args.object_filter 0): every object kept"
     cut = fitted.cut if args.object_filter is None else args.object_filter
     own = [c["cut"] for c in fitted.by_class.values()] if args.object_filter is None else []
     if cut <= 0 and all(c <= 0 for c in own):  # (the filters of each class have cuts of their own)
@@ -314,15 +314,6 @@ def decision_threshold(info: BundleInfo, args: PredictArgs) -> float:
     if args.tta and info.threshold_tta is not None:
         return info.threshold_tta
     return info.threshold
-
-
-def warn_unread(info: BundleInfo, args: PredictArgs) -> None:
-    """A warning for each predict setting set away from its default that the bundle does not read
-    (core.bundle.unread_predict_args: the contract leaves them out, so they call for no rerun either)."""
-    for key, why in unread_predict_args(info, args).items():
-        value = getattr(args, key)
-        if value != PredictArgs.model_fields[key].default:
-            log.warning("predict: predict_args.%s %s is unused: %s", key, json.dumps(value), why)
 
 
 def merge_limit(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...]) -> float:
@@ -747,7 +738,8 @@ def predict_all(
         counts = gdf["class"].value_counts()
         log.info("predict: roofs per class: %s -> %s", ", ".join(f"{c} {int(counts.get(c, 0))}" for c in info.classes),
                  out / "classes")  # fmt: skip
-    warn_unread(info, args)
+    for line in unread_warnings(info, args):
+        log.warning("%s", line)
     targets = seed_targets(info, args)
     if args.instances:
         kept = sum(len(r.polygons) for r in results)  # (before predict_args.min_area drops the smallest)
@@ -767,9 +759,11 @@ def predict_all(
         out,
     )
     if len(blank) == len(results) and any(r.dropped for r in results):
+        fitted, cut, _ = filter_decision(info, args, targets)
+        cuts = fitted.cuts(info.classes) if fitted is not None and args.object_filter is None else f"{cut:g}"
         raise BlankPredictionError(
             f"every predicted mask is blank: the object filter dropped every object ({sum(r.dropped for r in results)})"
-            f" at {filter_decision(info, args, targets)[1]:g}; predict_args.object_filter=0 keeps "
+            f" at {cuts}; predict_args.object_filter=0 keeps "
             f"them, null uses the bundle's cut; outputs are in {out}",
             results,
         )
@@ -817,8 +811,8 @@ def predict_stage(
     run = begin("predict", settings, tree, overwrite=overwrite, model=model, given=given)
     if run.skip:
         run.say_skip()
-        with contextlib.suppress(PipelineError):  # (a bundle gone since is the next stage's news)
-            warn_unread(read_info(predict_bundle(settings, tree, model, given)[0]), settings.predict_args)
+        for line in predict_skipped(settings, tree, model, given):
+            log.warning("%s", line)
         blank = ((run.status.record or {}).get("summary") or {}).get("blank")
         if blank:  # the same answer as the run that made them: a rerun must not turn the failure into success
             raise BlankPredictionError(f"{blank} (these predictions are up to date: --overwrite redoes them)")

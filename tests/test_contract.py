@@ -598,6 +598,11 @@ def test_a_predict_setting_the_bundle_does_not_read_leaves_its_predictions_up_to
     made = files(tree.prediction_dir("regression") / "masks")
     assert predict_main([*argv, *model, *unused]) == 0  # up to date: nothing to do, and why the setting is unused
     assert "predict_args.merge 0.5 is unused" in capsys.readouterr().err
+    record = tree.prediction_dir("regression") / "predict.record.json"
+    run = json.loads(record.read_text())["run"]
+    assert pipeline.main([*argv, *unused, "--only", "predict"]) == 0  # the pipeline skips it, and says why too
+    assert json.loads(record.read_text())["run"] == run  # (skipped: predict.py did not run)
+    assert capsys.readouterr().err.count("predict_args.merge 0.5 is unused") == 1
     assert predict_main([*argv, *model, *unused, "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert (
@@ -754,7 +759,10 @@ def test_pipeline_option_mistakes_are_usage_errors(capsys):
     assert pipeline.main(["--only", "train-forest", "--from", "chip"]) == 2
     assert "--only cannot be combined with --from or --to" in capsys.readouterr().err
     assert pipeline.main(["--demo", "--only", "download"]) == 2
-    assert "--demo runs on the sample scene, not on downloaded imagery" in capsys.readouterr().err
+    assert "--demo runs on the sample scene, not on downloaded imagery: the stages chosen (download) leave " in (
+        capsys.readouterr().err
+    )
+    assert pipeline.main(["--demo", "--from", "download", "--to", "download"]) == 2
 
 
 def test_small_mistakes_get_the_right_advice(scene, capsys, tmp_path):

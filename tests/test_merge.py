@@ -3,6 +3,7 @@ roof; the limit is tuned on validation chips and applied by predict."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -250,3 +251,35 @@ def test_the_predict_settings_a_bundle_does_not_read():
     assert "seeds" not in unread_predict_args(forest, PredictArgs(seeds="channels"))  # read: predict refuses it
     uncalibrated = SimpleNamespace(**{**vars(unet), "class_bias": []})
     assert unread_predict_args(uncalibrated, PredictArgs()) == {"calibrated_classes": "the bundle has no class offsets"}
+
+
+def test_rerun_advice_gives_each_path_its_own_option_quoted():
+    from workflow.stages import spec_of
+
+    train, predict = spec_of("train"), spec_of("predict")
+    assert train.run_command("unet", False, {"bundle": Path("/runs/my bundle")}) == (
+        "python train/train.py --model unet --from-bundle '/runs/my bundle'"
+    )
+    assert predict.run_command("forest", True, {"bundle": Path("/b"), "input": None}) == (
+        "python predict/predict.py --model forest --bundle /b --overwrite"
+    )
+
+
+def test_object_classes_by_vote_and_by_majority():
+    from core.instances import object_classes
+
+    labels = np.array([[1, 1, 1, 2]])
+    metal = np.array([[0.6, 0.6, 0.1, 0.9]], np.float32)  # object 1: two pixels a little metal, one surely other
+    bands = np.stack([metal, 1 - metal])
+    assert object_classes(labels, np.array([1, 2]), bands).tolist() == [1, 0]  # vote: 1.3 metal against 1.7 other
+    assert object_classes(labels, np.array([1, 2]), bands, "majority").tolist() == [0, 0]  # two pixels of three
+    assert object_classes(labels, np.array([], np.int64), bands).tolist() == []
+
+
+def test_why_no_filter_applies_never_names_a_setting_left_unread():
+    from predict.predict import filter_decision
+
+    info = SimpleNamespace(object_filter={}, targets=["footprint"], classes=[])
+    assert filter_decision(info, PredictArgs(object_filter=0), ("footprint",))[2].startswith(
+        "the bundle has no object filter"
+    )

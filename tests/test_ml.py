@@ -287,7 +287,10 @@ def test_corrupt_bundle_json(trained, tmp_path):
 @pytest.mark.parametrize(
     ("edit", "said"),
     [
-        ('"x"', "ValueError: dictionary update sequence element #0 has length 1; 2 is required"),
+        ('"x"', 'TypeError: not a JSON object but "x"'),
+        ({"pad_multiple": True}, "pad_multiple is true"),
+        ({"classes": ["metal", "other"], "class_bias": [0.0]}, "class_bias is [0.0]"),
+        ({"object_filter": {"cut": "x"}}, 'object_filter is {"cut": "x"}'),
         ({"targets": None}, "targets is null"),
         ({"targets": ["boundary"]}, 'targets is ["boundary"]'),
         ({"merge": "0.5"}, 'merge is "0.5"'),

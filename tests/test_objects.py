@@ -561,7 +561,8 @@ def test_a_class_bundles_filter_judges_each_class_on_roofs_of_that_class(tmp_pat
         "it drops 100% of the others and keeps 100% of the objects on them; validation pixel F1 0.500 -> 1.000" in why
     )
     assert why.endswith(
-        "; the other objects judged as roofs (the validation chips hold 0 objects on roofs of class other and 0 "
+        "; the other objects judged by the filter of all objects (the validation chips hold 0 objects on roofs of "
+        "class other and 0 "
         "others, under 5 of either kind)"
     )
     x = np.array([[math.log(16), 0.9, 0.0, 0.9, 1.0, 1.0, 1.0, v / 100, 0.0, 1.0] for v in (90, 60, 30)])

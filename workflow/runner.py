@@ -35,7 +35,7 @@ from summarize.summarize import main as summarize_main
 from train.train import main as train_main
 from workflow.check import Finding, run_checks
 from workflow.contract import outdated, status
-from workflow.stages import MODELS
+from workflow.stages import MODELS, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,11 @@ def run_stages(
             redo = overwrite or state == OUTDATED or (state == UNRECORDED and ran)
             if state in (DONE, UNRECORDED) and not redo:
                 log.info("%s: up to date, skipped (--overwrite redoes it)", run.label)
+                spec = spec_of(stage.contract) if stage.contract else None
+                if spec is not None and spec.skipped is not None and settings is not None:  # (predict: unread settings)
+                    model = run.args[run.args.index("--model") + 1] if "--model" in run.args else stage.model
+                    for line in spec.skipped(settings, tree, model, {}):
+                        log.warning("%s", line)
                 rows.append((run.label, "skipped", 0.0))
                 continue
             log.info("%s: running%s", run.label, " (outdated)" if state == OUTDATED else "")

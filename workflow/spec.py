@@ -7,6 +7,7 @@ declarations import nothing of the engine that reads them.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,10 @@ class StageSpec:
         unread: ``(settings, tree, model, given) -> keys`` under ``settings`` that change nothing with the
             inputs as they are now (predict's class settings with a one-class bundle): left out like
             ``exclude``, so setting one does not make the outputs outdated.
+        skipped: ``(settings, tree, model, given) -> lines`` to warn when the stage is skipped as up to date
+            (predict: the settings set that its bundle does not read).
+        options: the command-line option of each recorded ``given`` path whose name is not ``--KEY``
+            (train's ``bundle`` is ``--from-bundle``).
     """
 
     name: str
@@ -93,6 +98,8 @@ class StageSpec:
     per_model: bool = False
     model_settings: Callable[[str], tuple[str, ...]] | None = None
     unread: Callable[..., tuple[str, ...]] | None = None
+    skipped: Callable[..., list[str]] | None = None
+    options: tuple[tuple[str, str], ...] = ()
     plural: bool = True
     complete: Callable[..., bool] | None = None
 
@@ -111,5 +118,10 @@ class StageSpec:
     def run_command(self, model: str | None, overwrite: bool = False, given: dict[str, Any] | None = None) -> str:
         """How to rerun it, with the command-line paths its run was given (``--bundle DIR``)."""
         cmd = self.command + (f" --model {model}" if self.per_model and model else "")
-        cmd += "".join(f" --{k} {v}" for k, v in sorted((given or {}).items()) if v is not None)
+        flags = dict(self.options)
+        cmd += "".join(
+            f" {flags.get(k, '--' + k)} {shlex.quote(str(v))}"
+            for k, v in sorted((given or {}).items())
+            if v is not None
+        )
         return cmd + (" --overwrite" if overwrite else "")

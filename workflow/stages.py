@@ -143,6 +143,19 @@ def _predict_unread(settings: Settings, tree: DataTree, model: str | None, given
     return tuple(f"predict_args.{key}" for key in unread_predict_args(info, settings.predict_args))
 
 
+def predict_skipped(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> list[str]:
+    """What to say when predict is skipped as up to date: the settings set that its bundle does not read (left
+    out of the contract, so they are why nothing is redone; core.bundle.unread_warnings)."""
+    from core.bundle import read_info, unread_warnings
+    from core.errors import PipelineError
+
+    bundle, _ = predict_bundle(settings, tree, model or settings.training_args.model, given)
+    try:
+        return unread_warnings(read_info(bundle), settings.predict_args)
+    except PipelineError:  # (a bundle gone since is the next stage's news)
+        return []
+
+
 def _evaluate_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
     return Inputs(deps=(Dep("predict"), Dep("split")))
 
@@ -249,6 +262,7 @@ STAGES: tuple[StageSpec, ...] = (
             "ml_args.forest.n_jobs",
         ),
         model_settings=_train_settings,
+        options=(("bundle", "--from-bundle"),),  # (train --from-bundle DIR: the bundle it continues from)
         inputs=_train_inputs,
         outputs=lambda s, t, m: [
             Output(t.bundle(m)),
@@ -265,6 +279,7 @@ STAGES: tuple[StageSpec, ...] = (
         settings=("predict_args",),
         exclude=("predict_args.output", "predict_args.batch_size"),
         unread=_predict_unread,
+        skipped=predict_skipped,
         inputs=_predict_inputs,
         outputs=lambda s, t, m: [
             # Named after their inputs: .tif or .tiff; hidden names are a killed run's temporary files.
