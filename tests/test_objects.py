@@ -424,32 +424,21 @@ def test_validation_objects_of_a_class_bundle_are_split_by_class_as_predict_spli
     """A bundle trained on classes: one 8 x 8 object whose left half the model calls metal and right half
     other; split by the (offset) class probabilities, as predict does by default, it is two validation
     objects. An offset that makes metal win everywhere leaves it one."""
-    from core.raster import write_raster
-
     chip = np.zeros((1, 20, 20), np.uint16)
     chip[0, 2:10, 2:10] = 90
     mask = np.zeros((2, 20, 20), np.uint8)
     mask[0, 2:10, 2:10] = 255
     mask[1, 2:10, 2:10] = 1  # a metal roof ...
     mask[1, 2:10, 8:10] = 2  # ... whose two right columns are of the other class
-    transform = rasterio.transform.from_origin(0, 20, 1, 1)
-    frame = write_raster(tmp_path / "f.tif", chip, crs="EPSG:32644", transform=transform)
-    truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform,
-                         descriptions=("footprint", "class"), tags={"ROOF_CLASSES": "metal,other"})  # fmt: skip
 
-    class Fake:
-        info = SimpleNamespace(targets=["footprint"], classes=["metal", "other"], bands=1, normalization=HUNDREDTHS)
+    def forward(chips):
+        prob = (chips / 100.0).astype(np.float32)
+        metal = np.full_like(prob, 0.8)
+        metal[..., 6:] = 0.3  # columns 6.. (the object's right half): other
+        return np.concatenate([prob, metal, 1.0 - metal], axis=1)
 
-        def prepare(self, chips):
-            return chips
-
-        def forward_targets(self, chips):
-            prob = (chips / 100.0).astype(np.float32)
-            metal = np.full_like(prob, 0.8)
-            metal[..., 6:] = 0.3  # columns 6.. (the object's right half): other
-            return np.concatenate([prob, metal, 1.0 - metal], axis=1)
-
-    split = validation_objects(Fake(), [(frame, truth)], threshold=0.5, seed_threshold=0.75)
+    frame, truth, fake = class_pair(tmp_path, chip, mask, forward)
+    split = validation_objects(fake, [(frame, truth)], threshold=0.5, seed_threshold=0.75)
     assert split.roof_pixels.tolist() == [32, 32] and split.other_pixels.tolist() == [0, 0]
     # Each object's class as predict gives it, its pixels of each class, and the chip's of each class.
     assert split.kinds.tolist() == [0, 1] and split.class_pixels.tolist() == [[32, 0], [16, 16]]
@@ -458,7 +447,7 @@ def test_validation_objects_of_a_class_bundle_are_split_by_class_as_predict_spli
     metal, other = split.of_class(0), split.of_class(1)
     assert (metal.roof_pixels.tolist(), metal.other_pixels.tolist(), metal.all_roof_pixels) == ([32], [0], 48)
     assert (other.roof_pixels.tolist(), other.other_pixels.tolist(), other.all_roof_pixels) == ([16], [16], 16)
-    whole = validation_objects(Fake(), [(frame, truth)], threshold=0.5, seed_threshold=0.75, class_bias=[0.0, -2.0])
+    whole = validation_objects(fake, [(frame, truth)], threshold=0.5, seed_threshold=0.75, class_bias=[0.0, -2.0])
     assert whole.roof_pixels.tolist() == [64] and whole.kinds.tolist() == [0]
 
 
@@ -518,8 +507,6 @@ def test_predicts_filter_reads_the_image_of_the_window_it_judges(tmp_path):
 def rows_of_roofs(tmp_path):
     """A chip with three rows of six 4 x 4 objects the model finds alike (probability 0.9, metal 0.8 of each
     roof pixel): on metal roofs (bright, 90), on other roofs (60) and on no roof (30); and a fake class model."""
-    from core.raster import write_raster
-
     chip = np.full((1, 24, 40), 10, np.uint16)
     mask = np.zeros((2, 24, 40), np.uint8)
     for row, (value, kind) in enumerate(((90, 1), (60, 2), (30, 0))):
@@ -528,7 +515,20 @@ def rows_of_roofs(tmp_path):
             chip[0, r : r + 4, c : c + 4] = value
             mask[0, r : r + 4, c : c + 4] = 255 if kind else 0
             mask[1, r : r + 4, c : c + 4] = kind
-    transform = rasterio.transform.from_origin(0, 24, 1, 1)
+
+    def forward(chips):
+        prob = np.where(chips > 20, 0.9, 0.02).astype(np.float32)
+        return np.concatenate([prob, np.full_like(prob, 0.8), np.full_like(prob, 0.2)], axis=1)
+
+    return class_pair(tmp_path, chip, mask, forward)
+
+
+def class_pair(tmp_path, chip: np.ndarray, mask: np.ndarray, forward):
+    """A chip and its class mask (footprint, class; classes metal and other) written on a 1 m grid, and a fake
+    class model of one band whose outputs (footprint, then each class's probability) are ``forward(chips)``."""
+    from core.raster import write_raster
+
+    transform = rasterio.transform.from_origin(0, chip.shape[1], 1, 1)
     frame = write_raster(tmp_path / "f.tif", chip, crs="EPSG:32644", transform=transform)
     truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform,
                          descriptions=("footprint", "class"), tags={"ROOF_CLASSES": "metal,other"})  # fmt: skip
@@ -540,8 +540,7 @@ def rows_of_roofs(tmp_path):
             return chips
 
         def forward_targets(self, chips):
-            prob = np.where(chips > 20, 0.9, 0.02).astype(np.float32)
-            return np.concatenate([prob, np.full_like(prob, 0.8), np.full_like(prob, 0.2)], axis=1)
+            return forward(chips)
 
     return frame, truth, Fake()
 
