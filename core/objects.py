@@ -220,19 +220,20 @@ class ValidationObjects:
 CUTS = np.round(np.arange(0.0, 0.96, 0.05), 2)
 
 
-def fit_object_filter(
-    objects: ValidationObjects, names: list[str], roofs_of: str = "roofs", others: str = "false ones"
-) -> tuple[ObjectFilter | None, str]:
+def fit_object_filter(objects: ValidationObjects, names: list[str], kind: str = "") -> tuple[ObjectFilter | None, str]:
     """A filter fitted on the validation objects, with its cut: of :data:`CUTS`, the one that maximises the
     mean of the validation pixel F1 and object F1 (the first, the lowest, of equals), so the filter drops
     objects only where that does not cost the pixels more than it brings the objects. None and why when
-    the objects are too few of either kind (:data:`MIN_OBJECTS`). ``roofs_of`` and ``others`` name, for the log,
-    what the objects it keeps lie on and the rest ("roofs of class metal", "others" for a class's own filter)."""
+    the objects are too few of either kind (:data:`MIN_OBJECTS`). ``kind``: the class of a class's own filter
+    (its objects judged on roofs of that class), for the log."""
+    roofs_of = f"{kind} roofs" if kind else "roofs"
+    others = f"the {kind} objects on no {kind} roof" if kind else "the false ones"
+    kept = f"those on {kind} roofs" if kind else "the roofs"
     x, roof = objects.x, objects.roof
     roofs, false = int(roof.sum()), int((~roof).sum())
     if roofs < MIN_OBJECTS or false < MIN_OBJECTS:
         return None, (
-            f"the validation chips hold {roofs} objects on {roofs_of} and {false} {others}, under {MIN_OBJECTS} of "
+            f"the validation chips hold {roofs} objects on {roofs_of} and {false} false ones, under {MIN_OBJECTS} of "
             "either kind: no object filter (predict keeps every object)"
         )
     from sklearn.linear_model import LogisticRegression
@@ -262,9 +263,8 @@ def fit_object_filter(
     }
     return fitted, (
         f"object filter fitted on {len(roof)} validation objects ({roofs} on {roofs_of}), cut {fitted.cut:g}: it "
-        f"drops {fitted.stats['false_dropped']:.0%} of the {others} and keeps {fitted.stats['roofs_kept']:.0%} of "
-        f"the {'roofs' if roofs_of == 'roofs' else 'objects on them'}; validation pixel F1 {pixel0:.3f} -> "
-        f"{pixel1:.3f}, object F1 {object0:.3f} -> {object1:.3f}"
+        f"drops {fitted.stats['false_dropped']:.0%} of {others} and keeps {fitted.stats['roofs_kept']:.0%} of "
+        f"{kept}; validation pixel F1 {pixel0:.3f} -> {pixel1:.3f}, object F1 {object0:.3f} -> {object1:.3f}"
     )
 
 
@@ -369,7 +369,7 @@ def train_object_filter(
     # 60-epoch class model's metal pixel IoU from 0.416 to 0.435.
     whys = [why]
     for k, name in enumerate(predictor.info.classes):
-        own, own_why = fit_object_filter(objects.of_class(k), names, f"roofs of class {name}", "others")
+        own, own_why = fit_object_filter(objects.of_class(k), names, name)
         if own is None:
             whys.append(
                 f"the {name} objects judged by the filter of all objects ({own_why.split(': no object filter')[0]})"

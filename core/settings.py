@@ -525,8 +525,9 @@ class MaskArgs(Section):
         """The settings as they shape masks (what a stage record compares): with a class map the filter is
         not read and the class attribute is the one read; without one the class attribute is not read."""
         values = self.model_dump(mode="json")
-        if not self.classes:  # (as records made before class maps existed hold them: absent)
-            del values["classes"], values["class_attribute"]
+        if not self.classes:  # null (a record made before class maps existed lacks it: the default, no change)
+            values["classes"] = None  # (kept: masks of a class map are not the metal masks made after it is removed)
+            del values["class_attribute"]
             return values
         # The class ids follow the map's order: kept as a list, so a reordered map is a change.
         values["classes"] = [[name, list(kinds)] for name, kinds in self.classes.items()]

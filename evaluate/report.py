@@ -506,8 +506,9 @@ def _object_filter_note(stats: dict[str, Any] | None, evaluation: dict[str, Any]
         (q0, q1), (r0, r1) = c["pixel_f1"], c["object_f1"]
         own.append(
             f" The {html.escape(name)} objects have a filter of their own, fitted on {c['objects']} ({c['roofs']} on "
-            f"{html.escape(name)} roofs): cut {c['cut']:g}; it drops {c['false_dropped']:.0%} of the others and keeps "
-            f"{c['roofs_kept']:.0%} of those; {html.escape(name)} pixel F1 {q0:.3f} &rarr; {q1:.3f}, object F1 "
+            f"{html.escape(name)} roofs): cut {c['cut']:g}; it drops {c['false_dropped']:.0%} of the {html.escape(name)} "
+            f"objects on no {html.escape(name)} roof and keeps {c['roofs_kept']:.0%} of those on {html.escape(name)} "
+            f"roofs; {html.escape(name)} pixel F1 {q0:.3f} &rarr; {q1:.3f}, object F1 "
             f"{r0:.3f} &rarr; {r1:.3f}."
         )
     return (
@@ -547,7 +548,11 @@ def _merge_note(train: dict[str, Any] | None, evaluation: dict[str, Any] | None 
             "predictions were made without objects (predict_args.instances false): nothing merged.</p>"
         )
     if used != merge["limit"]:
-        how = f"merged at {used:g}" if used else "kept apart (predict_args.merge 0, or seeds footprint)"
+        made = (evaluation or {}).get("predict_settings") or {}
+        why = (
+            "predict_args.seeds footprint" if made.get("predict_args.seeds") == "footprint" else "predict_args.merge 0"
+        )
+        how = f"merged at {used:g}" if used else f"kept apart ({why})"
         return (
             f'<p class="note">Train chose the merge limit {merge["limit"]:g} for touching objects; in the scored '
             f"predictions touching objects were {how}.</p>"

@@ -26,7 +26,8 @@ those bands (predict_args.seeds); without it a polygon is a connected group of r
 Pieces of one roof whose shared border the boundary band hardly marks are joined, under the
 limit train tuned on validation (bundle.json merge; predict_args.merge). The object filter
 train fitted drops false objects by their size, probabilities, shape and colours
-(predict_args.object_filter). predict_args.tta averages the 8 flips and quarter turns of every
+(predict_args.object_filter); a bundle trained on classes judges each roof by the filter of its
+class (is it a roof of that class?). predict_args.tta averages the 8 flips and quarter turns of every
 window (8 times the time), at a U-Net's threshold tuned on averaged validation probabilities
 (bundle.json threshold_tta).
 Every setting: docs/settings.md#predict_args; the stage: docs/stages/predict.md.
@@ -298,8 +299,10 @@ def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) ->
     fitted, cut, why = filter_decision(info, args, seed_targets(info, args))
     if fitted is None:
         return why
-    if args.object_filter is None and fitted.by_class:
+    if fitted.by_class and args.object_filter is None:
         what = f"probability of a roof of its class under the cut of its class: {fitted.cuts(info.classes)}"
+    elif fitted.by_class:
+        what = f"probability of a roof of its class under {cut:g}"
     else:
         what = f"probability of a roof under {cut:g}"
     return f"the object filter dropped {dropped} objects ({what}), kept {kept}"
@@ -835,9 +838,12 @@ def predict_stage(
         object was kept."""
         if applied is None:
             return {"off": why}
-        record = {"cut": cut, "dropped": sum(r.dropped for r in results)}
-        if applied.by_class and args.object_filter is None:
-            record["cuts"] = applied.cuts(info.classes)
+        record: dict[str, Any] = {"cut": cut, "dropped": sum(r.dropped for r in results)}
+        if applied.by_class:  # each class's cut (a class without a filter of its own: the filter of all objects')
+            record["cuts"] = {
+                name: cut if args.object_filter is not None else applied.by_class.get(name, {}).get("cut", cut)
+                for name in info.classes
+            }
         return record
 
     def finish(results: list[RasterResult], blank: str | None = None) -> None:

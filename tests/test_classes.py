@@ -8,6 +8,7 @@ unknown pixels where a value has no class; the mask stage writing the class band
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -521,7 +522,15 @@ def test_a_reordered_class_map_is_a_change_and_settings_added_at_their_default_a
     # Without a class map its keys are left out, as records made before class maps hold them; a setting added
     # since, at its default, changed nothing; away from its default it did.
     plain = mask_settings()
-    assert "mask_args.classes" not in plain and "mask_args.class_attribute" not in plain
+    assert plain["mask_args.classes"] is None and "mask_args.class_attribute" not in plain
+    # The class map removed: masks of classes are not the metal masks asked for now.
+    assert _changes({"settings": one}, {"settings": plain}) == [
+        'with mask_args.classes [["metal", ["tin"]], ["other", ["concrete"]]], now null',
+        f"with mask_args.filter null, now {json.dumps(load_settings(settings_file).mask_args.filter.model_dump(mode='json'))}",
+    ]
+    # A record from before class maps (no classes key) is not outdated by the null now.
+    before = {k: v for k, v in plain.items() if k != "mask_args.classes"}
+    assert _changes({"settings": before}, {"settings": plain}) == []
     old = settings_of(load_settings(settings_file), ("predict_args",))
     new = dict(old)
     del old["predict_args.roof_class"]

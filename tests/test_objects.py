@@ -348,7 +348,8 @@ def test_the_report_says_what_the_filter_learnt():
              "pixel_f1": [0.6317, 0.6392], "object_f1": [0.6771, 0.6985]}  # fmt: skip
     assert _object_filter_note({**stats, "by_class": {"metal": metal}}).endswith(
         "0.637 &rarr; 0.982. The metal objects have a filter of their own, fitted on 70 (20 on metal roofs): cut "
-        "0.65; it drops 94% of the others and keeps 21% of those; metal pixel F1 0.632 &rarr; 0.639, object F1 "
+        "0.65; it drops 94% of the metal objects on no metal roof and keeps 21% of those on metal roofs; metal pixel "
+        "F1 0.632 &rarr; 0.639, object F1 "
         "0.677 &rarr; 0.699.</p>"
     )
     off = {
@@ -405,8 +406,7 @@ def test_the_report_says_the_merge_limit_train_chose():
         chose + "in the scored predictions touching objects were merged at 1.01.</p>"
     )
     assert _merge_note({"merge": merge}, {"predict_applied": {"instances": True, "merge": 0.0}}) == (
-        chose + "in the scored predictions touching objects were kept apart (predict_args.merge 0, or seeds "
-        "footprint).</p>"
+        chose + "in the scored predictions touching objects were kept apart (predict_args.merge 0).</p>"
     )
     assert _merge_note({"merge": merge}, {"predict_applied": {"instances": False}}) == (
         chose + "the scored predictions were made without objects (predict_args.instances false): nothing merged.</p>"
@@ -555,14 +555,14 @@ def test_a_class_bundles_filter_judges_each_class_on_roofs_of_that_class(tmp_pat
     fitted = ObjectFilter.from_dict(json.loads(json.dumps(entry)))
     assert list(fitted.by_class) == ["metal"] and fitted.roofs == 12 and record["by_class"]["metal"]["roofs"] == 6
     assert record["by_class"]["metal"]["objects"] == 18 and record["by_class"]["metal"]["false_dropped"] == 1.0
-    assert "; the metal objects' own object filter fitted on 18 validation objects (6 on roofs of class metal), " in why
+    assert "; the metal objects' own object filter fitted on 18 validation objects (6 on metal roofs), " in why
     assert (
-        "it drops 100% of the others and keeps 100% of the objects on them; validation pixel F1 0.500 -> 1.000" in why
+        "it drops 100% of the metal objects on no metal roof and keeps 100% of those on metal roofs; validation "
+        "pixel F1 0.500 -> 1.000" in why
     )
     assert why.endswith(
-        "; the other objects judged by the filter of all objects (the validation chips hold 0 objects on roofs of "
-        "class other and 0 "
-        "others, under 5 of either kind)"
+        "; the other objects judged by the filter of all objects (the validation chips hold 0 objects on other "
+        "roofs and 0 false ones, under 5 of either kind)"
     )
     x = np.array([[math.log(16), 0.9, 0.0, 0.9, 1.0, 1.0, 1.0, v / 100, 0.0, 1.0] for v in (90, 60, 30)])
     assert fitted.keep(x).tolist() == [True, True, False]  # as roofs
@@ -601,5 +601,5 @@ def test_predict_judges_each_object_by_the_filter_of_its_class(tmp_path):
         f"metal {cut:g}, other {entry['cut']:g}), kept 1"
     )
     assert filter_note(info, PredictArgs(object_filter=0.3), 2, 1) == (
-        "the object filter dropped 2 objects (probability of a roof under 0.3), kept 1"
+        "the object filter dropped 2 objects (probability of a roof of its class under 0.3), kept 1"
     )

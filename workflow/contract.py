@@ -290,7 +290,15 @@ def _changes(record: dict[str, Any], current: dict[str, Any], root: Path | None 
     old, new = record.get("settings", {}), current["settings"]
     unread = record.get("unread", {})  # settings the run did not read (predict's, with that bundle)
     # Keys the record holds that the stage no longer reads (a setting it now excludes) changed nothing.
+    sections: set[str] = set()
     for key in sorted(new):
+        parent = next((k for k in old if key.startswith(k + ".")), None)
+        if key not in old and parent is not None:  # a section null then, set now (mask_args.filter): one phrase
+            if parent not in sections:
+                sections.add(parent)
+                now = {k[len(parent) + 1 :]: v for k, v in new.items() if k.startswith(parent + ".")}
+                changes.append(f"with {parent} {_show(old[parent])}, now {_show(now)}")
+            continue
         if key not in old and new[key] == _defaults().get(key, "absent"):
             continue  # a setting added since the record was made, at its default: what the stage did then
         if key not in old and key in unread and unread[key] == new[key]:
