@@ -288,7 +288,7 @@ def unread_predict_args(info: BundleInfo, args: Any) -> dict[str, str]:
     with why: the class settings of a one-class bundle, the merge limit of a model without a boundary band, the
     watershed's settings without instances ... Predict warns about those set otherwise than by default, and
     its contract leaves them out, so that setting one does not make the predictions outdated."""
-    from core.objects import feature_names
+    from core.objects import filter_mismatch
 
     why: dict[str, str] = {}
     if not args.instances:
@@ -303,15 +303,15 @@ def unread_predict_args(info: BundleInfo, args: Any) -> dict[str, str]:
         why.setdefault("merge", f"merging reads the boundary band, which the {info.kind} bundle does not predict")
     elif args.seeds == "footprint":
         why.setdefault("merge", "merging reads the boundary band, and predict_args.seeds is footprint")
-    fitted = info.object_filter
     seeded = tuple(info.targets) if args.seeds != "footprint" else ("footprint",)
-    if not fitted:
-        why.setdefault("object_filter", "the bundle has no object filter")
-    elif fitted.get("features") != feature_names(seeded, fitted.get("image_bands", 0)):
-        why.setdefault("object_filter", "the object filter reads the bands predict_args.seeds footprint leaves out")
-    elif info.classes and bool(fitted.get("split_classes")) != args.split_classes:
-        why.setdefault("object_filter", "the object filter learnt from objects split by class otherwise than "
-                                        "predict_args.split_classes splits them")  # fmt: skip
+    mismatch = filter_mismatch(info.object_filter, seeded, info.classes, args.split_classes)
+    if mismatch:
+        why.setdefault("object_filter", {
+            "none": "the bundle has no object filter",
+            "bands": "the object filter reads the bands predict_args.seeds footprint leaves out",
+            "split": "the object filter learnt from objects split by class otherwise than predict_args.split_classes "
+                     "splits them",
+        }[mismatch])  # fmt: skip
     if not info.classes:
         for key in ("roof_class", "split_classes", "calibrated_classes"):
             why.setdefault(key, "the bundle was not trained on classes")

@@ -141,13 +141,19 @@ class ObjectFilter:
                 out[mine] = own.probability(x[mine]) >= (own.cut if cut is None else cut)
         return out
 
+    def class_cuts(self, classes: list[str] | tuple[str, ...], cut: float | None = None) -> dict[str, float]:
+        """The cut that judges the objects of each class: its own filter's, else this one's; ``cut`` replaces
+        every tuned cut."""
+        return {
+            name: cut if cut is not None else float(self.by_class.get(name, {}).get("cut", self.cut))
+            for name in classes
+        }
+
     def cuts(self, classes: list[str] | tuple[str, ...] = ()) -> str:
-        """The cuts in words: '0.35', or with filters of each class 'metal 0.65, other_roof 0.5, others 0.35'."""
-        own = [f"{name} {self.by_class[name]['cut']:g}" for name in classes if name in self.by_class]
-        if not own:
+        """The cuts in words: '0.35', or with filters of each class 'metal 0.65, other_roof 0.5, brick 0.35'."""
+        if not any(name in self.by_class for name in classes):
             return f"{self.cut:g}"
-        rest = [name for name in classes if name not in self.by_class]
-        return ", ".join(own + ([f"{', '.join(rest)} {self.cut:g}"] if rest else []))
+        return ", ".join(f"{name} {c:g}" for name, c in self.class_cuts(classes).items())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,6 +174,22 @@ def feature_names(targets: list[str] | tuple[str, ...], image_bands: int = 0) ->
     ``image_bands``)."""
     image = [f"{kind}_band{k}" for kind in ("mean", "std", "share") for k in range(1, image_bands + 1)]
     return [*FEATURES, *(f"mean_{t}" for t in targets[1:]), *image]
+
+
+def filter_mismatch(
+    entry: dict[str, Any], targets: list[str] | tuple[str, ...], classes: list[str], split_classes: bool
+) -> str:
+    """Why a bundle's object filter (its bundle.json entry) cannot judge the objects predict makes, seeded with
+    ``targets`` and split by class or not: "none" (no filter), "bands" (it reads bands the seeds leave out),
+    "split" (it learnt from objects split by class otherwise); "" when it can. Predict keeps every object then,
+    and predict_args.object_filter is unread."""
+    if not entry:
+        return "none"
+    if entry.get("features") != feature_names(targets, entry.get("image_bands", 0)):
+        return "bands"
+    if classes and bool(entry.get("split_classes")) != split_classes:
+        return "split"
+    return ""
 
 
 @dataclass

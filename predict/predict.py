@@ -218,11 +218,12 @@ def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...
     else the bundle's; or None, 0 and why every object is kept (a setting of 0, a bundle without a filter, bands
     the filter reads that predict leaves out of ``targets``, objects split by class otherwise than the filter
     learnt from, a cut tuned to 0)."""
-    from core.objects import FEATURES, ObjectFilter, feature_names
+    from core.objects import FEATURES, ObjectFilter, filter_mismatch
 
     # Why the filter cannot apply comes first: then predict_args.object_filter is unread (the contract leaves it
     # out), and what the record says must not name it.
     fitted = ObjectFilter.from_dict(info.object_filter)
+    mismatch = filter_mismatch(info.object_filter, targets, info.classes, args.split_classes)
     if fitted is None:
         return (
             None,
@@ -232,7 +233,7 @@ def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...
                 "or its validation chips held too few objects): every object kept"
             ),
         )
-    if fitted.features != feature_names(targets, fitted.image_bands):
+    if mismatch == "bands":
         bands = fitted.features[len(FEATURES) : len(FEATURES) + len(info.targets) - 1]
         return (
             None,
@@ -240,7 +241,7 @@ def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...
             f"the object filter reads {', '.join(bands)}, which predict_args.seeds {args.seeds} leaves out: every "
             "object kept",
         )
-    if info.classes and fitted.split_classes != args.split_classes:
+    if mismatch == "split":
         if fitted.split_classes:
             why = (
                 "learnt from roofs split by class, and predict_args.split_classes is false: every object kept (set it "
@@ -840,10 +841,7 @@ def predict_stage(
             return {"off": why}
         record: dict[str, Any] = {"cut": cut, "dropped": sum(r.dropped for r in results)}
         if applied.by_class:  # each class's cut (a class without a filter of its own: the filter of all objects')
-            record["cuts"] = {
-                name: cut if args.object_filter is not None else applied.by_class.get(name, {}).get("cut", cut)
-                for name in info.classes
-            }
+            record["cuts"] = applied.class_cuts(info.classes, args.object_filter)
         return record
 
     def finish(results: list[RasterResult], blank: str | None = None) -> None:

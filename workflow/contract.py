@@ -238,13 +238,11 @@ def status(
         given = dict(record.get("given") or {}) if record else {}
     given = {k: Path(v) for k, v in given.items() if v is not None}
     unread = spec.unread(settings, tree, model, given) if spec.unread else ()
-    current: dict[str, Any] = {
-        "settings": settings_of(settings, spec.keys(model), spec.exclude + unread),
-        "given": given,
-    }
-    if unread:  # kept apart in the record: a setting unread then, read now with the same value, changed nothing
-        every = settings_of(settings, spec.keys(model), spec.exclude)
-        current["unread"] = {k: v for k, v in every.items() if any(k == u or k.startswith(u + ".") for u in unread)}
+    every = settings_of(settings, spec.keys(model), spec.exclude)
+    left = {k for k in every if any(k == u or k.startswith(u + ".") for u in unread)}
+    current: dict[str, Any] = {"settings": {k: v for k, v in every.items() if k not in left}, "given": given}
+    if left:  # kept apart in the record: a setting unread then, read now with the same value, changed nothing
+        current["unread"] = {k: every[k] for k in sorted(left)}
     inputs_error: PipelineError | None = None
     try:
         inputs = spec.inputs(settings, tree, model, given)
@@ -349,10 +347,10 @@ def _changes(record: dict[str, Any], current: dict[str, Any], root: Path | None 
             path = Path(key)
             return (path if path.is_absolute() or root is None else root / path).exists()
 
-        unread, removed = [k for k in gone if there(k)], [k for k in gone if not there(k)]
+        still, removed = [k for k in gone if there(k)], [k for k in gone if not there(k)]
         what = [
             f"from {names(removed)} (gone now)" if removed else "",
-            f"from {names(unread)} (no longer read)" if unread else "",
+            f"from {names(still)} (no longer read)" if still else "",
             f"without {names(added)} (new)" if added else "",
         ]
         changes.append(", ".join(w for w in what if w))

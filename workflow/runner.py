@@ -47,6 +47,7 @@ class Run:
     label: str
     args: tuple[str, ...]
     state: Callable[[], str]
+    model: str | None = None
 
 
 #: States of a run (see :meth:`Stage.state`).
@@ -73,9 +74,9 @@ class Stage:
     def runs(self, tree: DataTree, settings: Settings) -> list[Run]:
         """What running this stage means now (per-model stages: one run per model trained so far)."""
         if not self.per_model:
-            return [Run(self.name, self.args, functools.partial(self.state, tree, settings, self.model))]
+            return [Run(self.name, self.args, functools.partial(self.state, tree, settings, self.model), self.model)]
         return [
-            Run(f"{self.name} {m}", (*self.args, "--model", m), functools.partial(self.state, tree, settings, m))
+            Run(f"{self.name} {m}", (*self.args, "--model", m), functools.partial(self.state, tree, settings, m), m)
             for m in trained_models(tree)
         ]
 
@@ -160,8 +161,7 @@ def run_stages(
                 log.info("%s: up to date, skipped (--overwrite redoes it)", run.label)
                 spec = spec_of(stage.contract) if stage.contract else None
                 if spec is not None and spec.skipped is not None and settings is not None:  # (predict: unread settings)
-                    model = run.args[run.args.index("--model") + 1] if "--model" in run.args else stage.model
-                    for line in spec.skipped(settings, tree, model, {}):
+                    for line in spec.skipped(settings, tree, run.model, {}):
                         log.warning("%s", line)
                 rows.append((run.label, "skipped", 0.0))
                 continue

@@ -129,31 +129,35 @@ def _predict_inputs(settings: Settings, tree: DataTree, model: str | None, given
     return Inputs(deps=tuple(deps), files=tuple(files))
 
 
-def _predict_unread(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> tuple[str, ...]:
-    """The predict_args the bundle predict would use now does not read (core.bundle.unread_predict_args);
-    none while there is no readable bundle."""
-    from core.bundle import read_info, unread_predict_args
+def _predict_info(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Any:
+    """The bundle.json of the bundle predict would use now (core.bundle.BundleInfo); None while there is no
+    readable one (a bundle gone or damaged is the stage's own news)."""
+    from core.bundle import read_info
     from core.errors import PipelineError
 
     bundle, _ = predict_bundle(settings, tree, model or settings.training_args.model, given)
     try:
-        info = read_info(bundle)
+        return read_info(bundle)
     except PipelineError:
-        return ()
-    return tuple(f"predict_args.{key}" for key in unread_predict_args(info, settings.predict_args))
+        return None
+
+
+def _predict_unread(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> tuple[str, ...]:
+    """The predict_args the bundle predict would use now does not read (core.bundle.unread_predict_args);
+    none while there is no readable bundle."""
+    from core.bundle import unread_predict_args
+
+    info = _predict_info(settings, tree, model, given)
+    return () if info is None else tuple(f"predict_args.{k}" for k in unread_predict_args(info, settings.predict_args))
 
 
 def predict_skipped(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> list[str]:
     """What to say when predict is skipped as up to date: the settings set that its bundle does not read (left
     out of the contract, so they are why nothing is redone; core.bundle.unread_warnings)."""
-    from core.bundle import read_info, unread_warnings
-    from core.errors import PipelineError
+    from core.bundle import unread_warnings
 
-    bundle, _ = predict_bundle(settings, tree, model or settings.training_args.model, given)
-    try:
-        return unread_warnings(read_info(bundle), settings.predict_args)
-    except PipelineError:  # (a bundle gone since is the next stage's news)
-        return []
+    info = _predict_info(settings, tree, model, given)
+    return [] if info is None else unread_warnings(info, settings.predict_args)
 
 
 def _evaluate_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
