@@ -654,6 +654,42 @@ def test_the_advice_to_rerun_predict_names_the_bundle_it_was_given(scene, capsys
     ]
 
 
+def test_a_bundle_edited_by_hand_makes_its_predictions_outdated(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main, predict_main)
+    tree = tree_of(argv)
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    settings = load_settings(argv[1], sets)
+    assert status("predict", settings, tree, "regression").done
+    info = tree.bundle("regression") / "bundle.json"
+    edited = json.loads(info.read_text())
+    edited["threshold"] = 0.3  # the user tunes the threshold by hand
+    info.write_text(json.dumps(edited))
+    assert status("predict", settings, tree, "regression").changes == [
+        "from the bundle as it was before bundle.json changed (not by a run of train: by hand, or copied over)"
+    ]
+    assert status("train", settings, tree, "regression").done  # train's own outputs are what they are
+    capsys.readouterr()
+    assert evaluate_main([*argv, *model]) == 1
+    assert error(capsys).startswith(
+        "error: the predictions are outdated: made from the bundle as it was before bundle.json changed"
+    )
+    assert predict_main([*argv, *model]) == 1
+    assert error(capsys) == (
+        "error: the predictions were made from the bundle as it was before bundle.json changed (not by a run of "
+        "train: by hand, or copied over): add --overwrite to redo them (python pipeline.py reruns outdated stages)"
+    )
+    assert predict_main([*argv, *model, "--overwrite"]) == 0  # predicts again, reading 0.3
+    record = json.loads((tree.prediction_dir("regression") / "predict.record.json").read_text())
+    assert record["summary"]["threshold"] == 0.3
+    assert status("predict", settings, tree, "regression").done
+    # A run of train makes it outdated by that run alone (one phrase, not two).
+    prepare([*argv, *model, "--overwrite"], train_main)
+    assert status("predict", settings, tree, "regression").changes == ["from an earlier run of train"]
+
+
 # --- what a new user's trial found next ------------------------------------------------------------
 
 

@@ -206,7 +206,12 @@ def _dep_identity(dep: Dep, settings: Settings, tree: DataTree, model: str | Non
     record = read_record(spec.record(settings, tree, up_model))
     if record is None:
         return {"run": _unrecorded_identity(spec.outputs(settings, tree, up_model))}
-    return {"run": record["run"], "state": record["state"], "settings": record.get("settings", {})}
+    identity = {"run": record["run"], "state": record["state"], "settings": record.get("settings", {})}
+    if dep.artifact and spec.artifact is not None:  # its files as they are: an edit by hand is a change too
+        folder = spec.artifact(settings, tree, up_model)
+        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        identity["files"] = {p.name: file_identity(p, hashed=False) for p in files}
+    return identity
 
 
 def _unrecorded_identity(outputs: list[Output]) -> str | None:
@@ -329,6 +334,14 @@ def _changes(record: dict[str, Any], current: dict[str, Any], root: Path | None 
                 if old_in[stage].get("settings", {}).get(k) != new_in[stage]["settings"].get(k)
             ]
             changes.append(f"from {what}" + (f" (made with {', '.join(diff)})" if diff else ""))
+        elif "files" in old_in[stage] and old_in[stage]["files"] != new_in[stage].get("files"):
+            a, b = old_in[stage]["files"], new_in[stage].get("files", {})
+            edited = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            spec = spec_of(stage)
+            changes.append(
+                f"from {spec.what} as it was before {', '.join(edited)} changed (not by a run of {stage}: "
+                f"by hand, or copied over)"
+            )
     old_files, new_files = record.get("files", {}), current["files"]
     added = sorted(set(new_files) - set(old_files))
     gone = sorted(set(old_files) - set(new_files))

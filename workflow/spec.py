@@ -85,6 +85,9 @@ class StageSpec:
             (predict: the settings set that its bundle does not read).
         options: the command-line option of each recorded ``given`` path whose name is not ``--KEY``
             (train's ``bundle`` is ``--from-bundle``).
+        artifact: ``(settings, tree, model) -> folder`` that a stage reading it as an artifact reads (train's:
+            the bundle): the sizes and times of its files are part of that reader's record, so a file of it
+            edited by hand (bundle.json's threshold) makes the reader outdated though no run made it.
     """
 
     name: str
@@ -102,6 +105,7 @@ class StageSpec:
     options: tuple[tuple[str, str], ...] = ()
     plural: bool = True
     complete: Callable[..., bool] | None = None
+    artifact: Callable[..., Path] | None = None
 
     @property
     def were(self) -> str:

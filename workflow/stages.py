@@ -267,6 +267,7 @@ STAGES: tuple[StageSpec, ...] = (
         ),
         model_settings=_train_settings,
         options=(("bundle", "--from-bundle"),),  # (train --from-bundle DIR: the bundle it continues from)
+        artifact=lambda s, t, m: t.bundle(m),  # what predict reads of it: its bundle, as it is now
         inputs=_train_inputs,
         outputs=lambda s, t, m: [
             Output(t.bundle(m)),
