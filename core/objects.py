@@ -242,6 +242,16 @@ class ValidationObjects:
 CUTS = np.round(np.arange(0.0, 0.96, 0.05), 2)
 
 
+def too_few(objects: ValidationObjects, kind: str = "") -> str | None:
+    """Why the validation objects are too few to fit a filter on (under :data:`MIN_OBJECTS` of either kind),
+    else None; ``kind`` as in :func:`fit_object_filter`."""
+    roofs, false = int(objects.roof.sum()), int((~objects.roof).sum())
+    if roofs >= MIN_OBJECTS and false >= MIN_OBJECTS:
+        return None
+    roofs_of = f"{kind} roofs" if kind else "roofs"
+    return f"the validation chips hold {roofs} objects on {roofs_of} and {false} false ones, under {MIN_OBJECTS} of either kind"
+
+
 def fit_object_filter(objects: ValidationObjects, names: list[str], kind: str = "") -> tuple[ObjectFilter | None, str]:
     """A filter fitted on the validation objects, with its cut: of :data:`CUTS`, the one that maximises the
     mean of the validation pixel F1 and object F1 (the first, the lowest, of equals), so the filter drops
@@ -253,11 +263,9 @@ def fit_object_filter(objects: ValidationObjects, names: list[str], kind: str = 
     kept = f"those on {kind} roofs" if kind else "the roofs"
     x, roof = objects.x, objects.roof
     roofs, false = int(roof.sum()), int((~roof).sum())
-    if roofs < MIN_OBJECTS or false < MIN_OBJECTS:
-        return None, (
-            f"the validation chips hold {roofs} objects on {roofs_of} and {false} false ones, under {MIN_OBJECTS} of "
-            "either kind: no object filter (predict keeps every object)"
-        )
+    few = too_few(objects, kind)
+    if few:
+        return None, f"{few}: no object filter (predict keeps every object)"
     from sklearn.linear_model import LogisticRegression
 
     mean = x.mean(axis=0)
@@ -391,11 +399,11 @@ def train_object_filter(
     # 60-epoch class model's metal pixel IoU from 0.416 to 0.435.
     whys = [why]
     for k, name in enumerate(predictor.info.classes):
-        own, own_why = fit_object_filter(objects.of_class(k), names, name)
+        mine = objects.of_class(k)
+        few = too_few(mine, name)
+        own, own_why = (None, "") if few else fit_object_filter(mine, names, name)
         if own is None:
-            whys.append(
-                f"the {name} objects judged by the filter of all objects ({own_why.split(': no object filter')[0]})"
-            )
+            whys.append(f"the {name} objects judged by the filter of all objects ({few})")
             continue
         own.split_classes, own.image_bands = True, predictor.info.bands
         fitted.by_class[name] = own.to_dict()
