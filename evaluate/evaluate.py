@@ -37,6 +37,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -542,9 +543,16 @@ def applied_of(predicted: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_model(
-    settings: Settings, tree: DataTree, model: str, split: str | None = None, *, overwrite: bool = False
+    settings: Settings,
+    tree: DataTree,
+    model: str,
+    split: str | None = None,
+    *,
+    overwrite: bool = False,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Evaluate one model's predictions on a split; write its evaluation folder, the summary and the report.
+    """Evaluate one model's predictions on a split; write its evaluation folder, the summary and the report
+    (``overrides``: the command's --set items, which the report names where it judges models by them).
 
     Returns the metrics record written to metrics.json.
     """
@@ -657,7 +665,7 @@ def evaluate_model(
                  model, args.group_by, value, g["f1"], g["tp"], g["fp"], g["fn"])  # fmt: skip
     run.finish(pixel_iou=p["iou"], object_f1=o["f1"], chips=len(result.chips))
     write_experiments_table(tree.results_root)
-    report = write_report(settings, tree)
+    report = write_report(settings, tree, overrides)
     log.info("evaluate: report %s", report)
     return record
 
@@ -682,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(counts.scores()))
             return
         model = args.model or settings.training_args.model
-        evaluate_model(settings, tree, model, args.split, overwrite=args.overwrite)
+        evaluate_model(settings, tree, model, args.split, overwrite=args.overwrite, overrides=args.overrides)
 
     return cli.run(parser, argv, body)
 

@@ -19,6 +19,7 @@ import html
 import io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -316,9 +317,13 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> s
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _outdated_note(results: list[ModelResult], settings: Settings, tree: DataTree) -> str:
+def _outdated_note(
+    results: list[ModelResult], settings: Settings, tree: DataTree, overrides: Sequence[str] = ()
+) -> str:
     """A warning naming the models whose evaluation the current settings and data no longer give (made before
-    an edit, e.g. of the class map): their figures on this page are of the earlier run."""
+    an edit, e.g. of the class map): their figures on this page are of the earlier run. The current settings
+    are the command's, its --set ``overrides`` included: the note names them, since a one-off override judges
+    every model by it."""
     from workflow.contract import why_outdated
 
     stale = []
@@ -333,9 +338,16 @@ def _outdated_note(results: list[ModelResult], settings: Settings, tree: DataTre
             stale.append(f"<li><b>{html.escape(r.model)}</b>: {html.escape(why)}</li>")
     if not stale:
         return ""
+    given = ""
+    if overrides:
+        given = (
+            f" (these settings are the file's with this command's --set {html.escape(', '.join(overrides))}: "
+            "an override given to one command only judges every model by it, and evaluate without it judges them "
+            "by the file)"
+        )
     return (
         '<div class="note"><p>These models\' figures are of an earlier run: the current settings or data would '
-        "give others. Rerun what each line names (python pipeline.py reruns every outdated stage) before "
+        f"give others{given}. Rerun what each line names (python pipeline.py reruns every outdated stage) before "
         "comparing.</p><ul>" + "".join(stale) + "</ul></div>"
     )
 
@@ -593,8 +605,9 @@ def _model_sections(results: list[ModelResult], split: str) -> str:
     return "".join(parts) or "<p>No pictures yet.</p>"
 
 
-def write_report(settings: Settings, tree: DataTree) -> Path:
-    """Write results/EXPERIMENT/report.html: one self-contained page about this experiment."""
+def write_report(settings: Settings, tree: DataTree, overrides: Sequence[str] = ()) -> Path:
+    """Write results/EXPERIMENT/report.html: one self-contained page about this experiment (``overrides``: the
+    --set items of the command writing it, named where the page judges the models by them)."""
     split = settings.evaluate_args.split
     results = model_results(tree.results)
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -607,7 +620,7 @@ def write_report(settings: Settings, tree: DataTree) -> Path:
 <p class="meta">Written {now} from {html.escape(str(tree.results))}. Models: {", ".join(r.model for r in results) or "none"}.</p>
 <nav><a href="#metrics">Metrics</a><a href="#settings">Settings</a><a href="#data">Data</a><a href="#models">Training and evaluation</a></nav>
 <h2 id="metrics">Metrics</h2>
-{_metrics_section(results, split)}{_outdated_note(results, settings, tree)}
+{_metrics_section(results, split)}{_outdated_note(results, settings, tree, overrides)}
 <h2 id="settings">Settings</h2>
 {_settings_section(settings)}
 <h2 id="data">Data</h2>

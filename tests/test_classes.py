@@ -460,6 +460,15 @@ def test_the_stages_map_materials_end_to_end(scene, tmp_path: Path):
         "figures are of an earlier run" in report
         and "<b>regression</b>: masks/ are outdated: made with mask_args.classes [[&quot;metal&quot;" in report
         and "Rerun what each line names (python pipeline.py reruns every outdated stage)" in report
+        and "this command's --set" not in report
+    )
+    # Written by a command given the edit as --set (a one-off evaluate --set ...), the note says so.
+    once = f"mask_args.classes={renamed}"
+    report = write_report(edited, DataTree.from_settings(edited), [once]).read_text()
+    assert (
+        "would give others (these settings are the file's with this command's --set mask_args.classes={&quot;tin"
+        in report
+        and "evaluate without it judges them by the file). Rerun what each line names" in report
     )
 
 
