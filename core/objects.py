@@ -400,11 +400,10 @@ def train_object_filter(
     whys = [why]
     for k, name in enumerate(predictor.info.classes):
         mine = objects.of_class(k)
-        few = too_few(mine, name)
-        own, own_why = (None, "") if few else fit_object_filter(mine, names, name)
-        if own is None:
+        if few := too_few(mine, name):
             whys.append(f"the {name} objects judged by the filter of all objects ({few})")
             continue
+        own, own_why = fit_object_filter(mine, names, name)  # (enough objects: a filter)
         own.split_classes, own.image_bands = True, predictor.info.bands
         fitted.by_class[name] = own.to_dict()
         record.setdefault("by_class", {})[name] = {"objects": own.objects, "roofs": own.roofs, "cut": own.cut,

@@ -337,9 +337,8 @@ def _changes(record: dict[str, Any], current: dict[str, Any], root: Path | None 
         elif "files" in old_in[stage] and old_in[stage]["files"] != new_in[stage].get("files"):
             a, b = old_in[stage]["files"], new_in[stage].get("files", {})
             edited = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            spec = spec_of(stage)
             changes.append(
-                f"from {spec.what} as it was before {', '.join(edited)} changed (not by a run of {stage}: "
+                f"from {spec_of(stage).what} as it was before {', '.join(edited)} changed (not by a run of {stage}: "
                 f"by hand, or copied over)"
             )
     old_files, new_files = record.get("files", {}), current["files"]
