@@ -178,7 +178,7 @@ class ModelArgs(Section):
         ge=1,
         le=MAX_CLASSES,
         description="Roof classes: 1 = one kind of roof against everything else (metal roofs, the default); more = "
-        "the classes of mask_args.classes, a softmax output beside the footprint; null = from the masks. The "
+        "the classes of mask_args.classes, a sigmoid output per class beside the footprint; null = from the masks. The "
         "U-Net has one output channel per mask band (mask_args.targets), the footprint first, then one per class.",
     )
     num_layers: int = Field(4, ge=1, le=8, description="Encoder depth (poolings).")
@@ -262,8 +262,8 @@ class TargetWeights(Section):
     classes: float = Field(
         1.0,
         ge=0.0,
-        description="Weight of the class loss (mask_args.classes): cross-entropy weighted per class plus the mean "
-        "Dice of the classes, over roofs of known class.",
+        description="Weight of each class band's loss (mask_args.classes): training_args.loss of the band (is this "
+        "pixel a roof of that class?) over every pixel of known class.",
     )
 
 

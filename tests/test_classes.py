@@ -3,7 +3,9 @@
 The class map's settings errors (two classes claiming one value, too few classes, a name that
 is taken, num_classes that disagrees); the labels' (an attribute the file lacks, values no
 polygon has: listed with the values present); masks of hand-placed roofs with exact class ids,
-unknown pixels where a value has no class; the mask stage writing the class band and its tag.
+unknown pixels where a value has no class; the mask stage writing the class band and its tag; the
+U-Net's class bands (each learnt as a footprint over every known pixel, scaled by the predictor to
+each class's probability given a roof).
 """
 
 from __future__ import annotations
@@ -587,3 +589,64 @@ def test_validation_with_a_chip_without_roofs(tmp_path: Path):
     assert probs.shape == (32, 2)
     _, counts = search.best()
     assert counts.tp == 32 and counts.fp == 0
+
+
+# --- the U-Net's class bands -------------------------------------------------------------------
+
+
+def test_each_class_band_is_learnt_as_a_footprint_over_every_known_pixel():
+    pytest.importorskip("keras")
+    from unet.losses import TargetLoss
+
+    rng = np.random.default_rng(5)
+    footprint = (rng.random((2, 8, 8)) < 0.4).astype(np.float32)
+    metal = footprint * (rng.random((2, 8, 8)) < 0.5)
+    other = footprint - metal
+    known = (rng.random((2, 8, 8)) < 0.8).astype(np.float32)
+    y = np.stack([footprint, metal, other, known], axis=-1)
+    pred = rng.uniform(0.05, 0.95, (2, 8, 8, 3)).astype(np.float32)
+    k = known > 0
+
+    def numpy_bce(t, p):
+        return float(-np.mean(t * np.log(p) + (1 - t) * np.log(1 - p)))
+
+    bands = [numpy_bce(y[..., b][k], pred[..., b][k]) for b in range(3)]
+    loss = float(TargetLoss("bce", [1.0], classes=2, class_weight=0.5)(y, pred))
+    assert loss == pytest.approx(bands[0] + 0.5 * (bands[1] + bands[2]), rel=1e-5)
+    assert float(TargetLoss("bce", [1.0], classes=2, class_weight=0.0)(y, pred)) == pytest.approx(bands[0], rel=1e-5)
+    # Background pixels count in a class band's loss (a class called on the ground costs), unknown ones do not.
+    ground = k & (footprint == 0)
+    moved = pred.copy()
+    moved[..., 1][ground] = 0.9
+    assert float(TargetLoss("bce", [1.0], classes=2, class_weight=0.5)(y, moved)) > loss + 0.1
+    moved = pred.copy()
+    moved[~k] = 0.99
+    assert float(TargetLoss("bce", [1.0], classes=2, class_weight=0.5)(y, moved)) == pytest.approx(loss, rel=1e-6)
+    config = TargetLoss("bce", [1.0], classes=2, class_weight=0.5).get_config()
+    assert (config["classes"], config["class_weight"]) == (2, 0.5)
+
+
+def test_the_predictor_gives_each_class_its_probability_given_a_roof():
+    pytest.importorskip("keras")
+    from core.bundle import BundleInfo, Normalization
+    from core.settings import ModelArgs, OutputArgs
+    from unet.bundle import UNetPredictor
+    from unet.model import build_model
+
+    m = ModelArgs(filters=4, upconv_filters=4, num_layers=2, input_shape=(32, 32, 3))
+    model = build_model(3, m, OutputArgs(), channels=3, classes=2)
+    assert model.output_shape == (None, None, None, 5)
+    assert model.get_layer("roof_class").get_config()["activation"] == "sigmoid"
+    norm = Normalization("percentile", (0.0,) * 3, (100.0,) * 3, (0.0,) * 3, (1.0,) * 3, None)
+    info = BundleInfo(kind="unet", bands=3, dtype="uint16", normalization=norm, threshold=0.5, pad_multiple=8,
+                      targets=["footprint", "boundary", "contact"], classes=["metal", "other_roof"])  # fmt: skip
+    predictor = UNetPredictor(model, info)
+    chips = np.random.default_rng(0).integers(0, 100, (2, 3, 32, 32)).astype(np.uint16)
+    prepared = predictor.prepare(chips)
+    raw = np.asarray(model(prepared[0], training=False)).transpose(0, 3, 1, 2)
+    bands = predictor.forward_targets(prepared)
+    assert bands.shape == (2, 5, 32, 32)
+    assert np.allclose(bands[:, :3], raw[:, :3])  # the targets as the network gives them
+    assert not np.allclose(raw[:, 3] + raw[:, 4], 1.0, atol=1e-3)  # two sigmoids ...
+    assert np.allclose(bands[:, 3] + bands[:, 4], 1.0, atol=1e-5)  # ... scaled to add up to 1
+    assert np.allclose(bands[:, 3] / bands[:, 4], raw[:, 3] / raw[:, 4], rtol=1e-4)

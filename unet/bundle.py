@@ -56,12 +56,17 @@ class UNetPredictor:
 
     def forward_targets(self, prepared: tuple[np.ndarray, tuple[int, int]]) -> np.ndarray:
         """Every output band (n, targets + classes, rows, cols): footprint, then boundary and contact when trained
-        on them, then each class's probability given a roof when trained on classes."""
+        on them, then each class's probability given a roof when trained on classes (the class bands scaled to
+        add up to 1: the network's sigmoids, each the probability of a roof of its class)."""
         x, shape = prepared
         out = []
         for start in range(0, len(x), self.batch_size):
             out.append(np.asarray(self._forward(x[start : start + self.batch_size])))
         prob = np.stack([crop_to(p, shape) for p in np.concatenate(out)])  # (n, rows, cols, targets)
+        if self.info.classes:  # (a softmax head of a bundle trained before the sigmoids already adds up to 1)
+            k = len(self.info.classes)
+            cls = prob[..., -k:]
+            prob[..., -k:] = cls / np.maximum(cls.sum(-1, keepdims=True), 1e-12)
         return np.ascontiguousarray(prob.transpose(0, 3, 1, 2), dtype=np.float32)
 
 

@@ -1,6 +1,6 @@
 """Losses for a binary roof mask: bce, dice, bce_dice (default), focal, jaccard; TargetLoss weighs them
-over the mask's bands (footprint, boundary, contact), adds a class loss (cross-entropy weighted per
-class + mean Dice of the classes, over roofs) with a class map, and leaves pixels of unknown class out.
+over the mask's bands (footprint, boundary, contact) and, with a class map, over each class's band (is
+this pixel a roof of that class?), and leaves pixels of unknown class out.
 
 Dice and Jaccard are computed over every pixel of the batch together, never over the last
 axis alone: keras-unet's ``jaccard_distance`` sums over the last axis, which is the size-1
@@ -78,40 +78,26 @@ def get_loss(name: str) -> Callable:
     return LOSSES[name]
 
 
-def class_loss(y_true, y_pred, weight, class_weights):
-    """Cross-entropy over the classes, each pixel weighed by its class's weight, plus 1 - the mean soft Dice
-    of the classes: both over the pixels of ``weight`` 1 (roofs of known class), so a rare class counts as
-    much as a common one. ``y_true`` one-hot (..., classes), ``y_pred`` softmax (..., classes)."""
-    classes = len(class_weights)
-    t = ops.reshape(ops.cast(y_true, "float32"), (-1, classes))
-    p = ops.clip(ops.reshape(ops.cast(y_pred, "float32"), (-1, classes)), _EPS, 1.0)
-    w = ops.reshape(ops.cast(weight, "float32"), (-1,)) * ops.sum(t, axis=-1)
-    pixel = w * ops.sum(t * ops.convert_to_tensor(class_weights, "float32"), axis=-1)
-    ce = -ops.sum(pixel * ops.sum(t * ops.log(p), axis=-1)) / ops.maximum(ops.sum(pixel), _EPS)
-    tw, pw = t * w[:, None], p * w[:, None]
-    inter = ops.sum(tw * pw, axis=0)
-    dice_k = (2.0 * inter + SMOOTH) / (ops.sum(tw, axis=0) + ops.sum(pw, axis=0) + SMOOTH)
-    return ce + 1.0 - ops.mean(dice_k)
-
-
 @keras.saving.register_keras_serializable(package="roof_classify")
 class TargetLoss(keras.losses.Loss):
-    """The loss of every target band, weighted, over the pixels of known class; with classes, the class
-    loss (:func:`class_loss`) over the roofs of known class.
+    """The loss of every target band, weighted, over the pixels of known class; with classes, each class's
+    band too, over the same pixels.
 
     ``y_true`` holds the target bands (footprint, boundary, contact ...), then one channel per class
-    (one-hot), and last the known channel (1 = known, 0 = unknown class or nothing to learn);
-    ``y_pred`` the network's target bands and class softmax in the same order. Each target band's
-    loss is ``base`` (training_args.loss) over the known pixels of the whole batch, times its weight
-    (training_args.target_weights); the class loss is weighed by ``class_weight`` and each class by
-    ``class_weights`` (rarer classes more: median frequency over their frequency).
+    (1 on the roofs of that class), and last the known channel (1 = known, 0 = unknown class or nothing
+    to learn); ``y_pred`` the network's target bands and class bands (sigmoids) in the same order. Each
+    band's loss is ``base`` (training_args.loss) over the known pixels of the whole batch: each target
+    band's times its weight (training_args.target_weights), each of the ``classes`` class bands' times
+    ``class_weight``. A class band is learnt as the one-class footprint is (is this pixel a roof of
+    that class?), over background and roofs of every class alike, so a rare class's Dice counts as
+    much as a common one's.
     """
 
     def __init__(self, base: str = "bce_dice", weights: Sequence[float] = (1.0,), name: str = "target_loss",
-                 class_weights: Sequence[float] = (), class_weight: float = 1.0, **kwargs) -> None:  # fmt: skip
+                 classes: int = 0, class_weight: float = 1.0, **kwargs) -> None:  # fmt: skip
         super().__init__(name=name, **kwargs)
         self.base, self.weights = base, [float(w) for w in weights]
-        self.class_weights, self.class_weight = [float(w) for w in class_weights], float(class_weight)
+        self.classes, self.class_weight = int(classes), float(class_weight)
         self._loss = get_loss(base)
 
     def call(self, y_true, y_pred):
@@ -120,12 +106,9 @@ class TargetLoss(keras.losses.Loss):
         for band, weight in enumerate(self.weights):
             if weight > 0:
                 total = total + weight * self._loss(y_true[..., band], y_pred[..., band], known)
-        if self.class_weights and self.class_weight > 0:
-            first, last = len(self.weights), len(self.weights) + len(self.class_weights)
-            roofs = known * ops.cast(y_true[..., 0], "float32")
-            total = total + self.class_weight * class_loss(
-                y_true[..., first:last], y_pred[..., first:last], roofs, self.class_weights
-            )
+        if self.class_weight > 0:
+            for band in range(len(self.weights), len(self.weights) + self.classes):
+                total = total + self.class_weight * self._loss(y_true[..., band], y_pred[..., band], known)
         return total
 
     def get_config(self) -> dict:
@@ -133,21 +116,6 @@ class TargetLoss(keras.losses.Loss):
             **super().get_config(),
             "base": self.base,
             "weights": self.weights,
-            "class_weights": self.class_weights,
+            "classes": self.classes,
             "class_weight": self.class_weight,
         }
-
-
-def class_balance(pixels: Sequence[int]) -> list[float]:
-    """Class weights from the training pixels of each class: the median count over each count (median
-    frequency balancing), capped to [0.1, 10]; a class without pixels gets the cap."""
-    counts = [max(int(n), 0) for n in pixels]
-    present = sorted(n for n in counts if n > 0)
-    if not present:
-        return [1.0] * len(counts)
-    median = (
-        present[len(present) // 2]
-        if len(present) % 2
-        else (present[len(present) // 2 - 1] + present[len(present) // 2]) / 2
-    )
-    return [min(10.0, max(0.1, median / n)) if n > 0 else 10.0 for n in counts]

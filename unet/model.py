@@ -117,7 +117,8 @@ def build_model(
 ) -> keras.Model:
     """The U-Net for ``bands``-band input of any size that is a multiple of :func:`pad_multiple`, with one
     output channel per target (footprint first: the roof probability; then boundary, contact) and, with
-    ``classes``, a softmax over the classes after them: each class's probability given a roof."""
+    ``classes``, one sigmoid per class after them: the probability of a roof of that class (the predictor
+    turns them into each class's probability given a roof)."""
     builders = {"satellite": satellite_unet, "custom": custom_unet}
     if model_args.architecture not in builders:
         raise PipelineError(
@@ -135,10 +136,12 @@ def build_model(
 
 
 def with_class_head(model: keras.Model, classes: int) -> keras.Model:
-    """The network with a second head beside its targets: a 1 x 1 convolution and a softmax over ``classes``
-    on the features the targets' output layer reads (float32, as the targets)."""
+    """The network with a second head beside its targets: a 1 x 1 convolution and a sigmoid per class on the
+    features the targets' output layer reads (float32, as the targets). Each class band is learnt as the
+    one-class footprint is, over every pixel; on Banepa this beat a softmax over the classes learnt on roofs
+    only (docs/stages/train-unet.md#roof-classes)."""
     head = next(layer for layer in reversed(model.layers) if isinstance(layer, layers.Conv2D))
-    kind = layers.Conv2D(classes, 1, activation="softmax", dtype="float32", name="roof_class")(head.input)
+    kind = layers.Conv2D(classes, 1, activation="sigmoid", dtype="float32", name="roof_class")(head.input)
     out = layers.Concatenate(dtype="float32", name="roof_outputs")([model.outputs[0], kind])
     return keras.Model(model.inputs[0], out, name=model.name)
 

@@ -324,15 +324,8 @@ def train_unet(
         augment_data=False,
         steps=min(args.validation_steps or val_steps_all, val_steps_all),
     )
-    weights: list[float] = []
     if classes:
-        from unet.losses import class_balance
-
-        weights = class_balance(pixels)
-        log.info(
-            "train: classes %s",
-            ", ".join(f"{c} {n} px (weight {w:.2f})" for c, n, w in zip(classes, pixels, weights, strict=True)),
-        )
+        log.info("train: classes %s", ", ".join(f"{c} {n} px" for c, n in zip(classes, pixels, strict=True)))
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
     with scope():
         model.compile(
@@ -340,7 +333,7 @@ def train_unet(
             loss=TargetLoss(
                 args.loss,
                 [getattr(args.target_weights, t) for t in targets],
-                class_weights=weights,
+                classes=len(classes),
                 class_weight=args.target_weights.classes,
             ),
             metrics=training_metrics(targets=len(targets), classes=len(classes)),
