@@ -103,12 +103,9 @@ class TargetLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         known = y_true[..., -1]
         total = 0.0
-        for band, weight in enumerate(self.weights):
+        for band, weight in enumerate([*self.weights, *[self.class_weight] * self.classes]):
             if weight > 0:
                 total = total + weight * self._loss(y_true[..., band], y_pred[..., band], known)
-        if self.class_weight > 0:
-            for band in range(len(self.weights), len(self.weights) + self.classes):
-                total = total + self.class_weight * self._loss(y_true[..., band], y_pred[..., band], known)
         return total
 
     def get_config(self) -> dict:
