@@ -16,12 +16,26 @@ selected stages need and lists what is wrong and how to fix it; exit 1 if anythi
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from core import cli
-from core.settings import Settings, load_settings
+from core.settings import DEFAULT_SETTINGS_PATH, Settings, load_settings
 from core.tree import DataTree
 from workflow import runner
+
+
+def run_command(args: argparse.Namespace) -> str:
+    """The command that runs what ``check`` checked: the same settings, overrides and stages."""
+    parts = ["python", "pipeline.py"]
+    if args.settings != DEFAULT_SETTINGS_PATH:
+        parts += ["--settings", str(args.settings)]
+    parts += ["--demo"] * args.demo
+    for item in args.overrides:
+        parts += ["--set", item]
+    parts += [*(["--from", args.start] if args.start else []), *(["--to", args.stop] if args.stop else [])]
+    parts += ["--only", *args.only] if args.only else []
+    return shlex.join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 "leave nothing to run"
             )
         if args.command == "check":
-            runner.check(stages, settings, tree, overwrite=args.overwrite)
+            runner.check(stages, settings, tree, overwrite=args.overwrite, rerun=run_command(args))
             return
         outcome["code"] = runner.run(
             stages, settings, tree, settings_path=args.settings, overrides=overrides, overwrite=args.overwrite,

@@ -501,8 +501,8 @@ class MaskArgs(Section):
         for name, values in classes.items():
             if name.lower() in TAKEN_NAMES:
                 raise ValueError(
-                    f"class name {name!r} is taken ({', '.join(TAKEN_NAMES)} name other things): call the class "
-                    "otherwise"
+                    f"class name {name!r} is reserved ({', '.join(TAKEN_NAMES[:-1])} and {TAKEN_NAMES[-1]} already "
+                    "mean something here): call the class otherwise"
                 )
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
                 raise ValueError(f"class name {name!r} must start with a letter and hold letters, digits, _ or -")

@@ -118,13 +118,13 @@ class ClassScores:
                                                                                      len(self.names)]})  # fmt: skip
         for ax, counts, names, what in (
             (axes[0], self.pixels, self.labels, "pixels"),
-            (axes[1], self.roofs, list(self.names), f"found roofs ({found}; material right {accuracy:.0%})"),
+            (axes[1], self.roofs, list(self.names), f"found roofs ({found}; material right {share(accuracy)})"),
         ):
             shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
             ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
             for (r, c), n in np.ndenumerate(counts):
                 colour = "white" if shares[r, c] > 0.6 else "black"
-                ax.text(c, r, f"{shares[r, c]:.0%}\n{n:,}", ha="center", va="center", fontsize=8, color=colour)
+                ax.text(c, r, f"{share(shares[r, c])}\n{n:,}", ha="center", va="center", fontsize=8, color=colour)
             ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
             ax.set_yticks(range(len(names)), names)
             ax.set_xlabel("predicted")
@@ -136,6 +136,16 @@ class ClassScores:
             fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         return path
+
+
+def share(x: float) -> str:
+    """A share as a percentage that reads 0% or 100% only when it is exactly that: 0.996 is "99.6%",
+    not "100%" (a confusion matrix with one roof wrong must not say all are right)."""
+    for digits in range(4):
+        text = f"{x:.{digits}%}"
+        if not 0 < x < 1 or float(text[:-1]) not in (0.0, 100.0):
+            return text
+    return "<0.001%" if x < 0.5 else ">99.999%"
 
 
 def scored_classes(truth_mask: Path, predicted_classes: Path) -> tuple[str, ...]:

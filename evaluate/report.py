@@ -29,6 +29,7 @@ import pandas as pd
 from core.files import atomic_path
 from core.settings import Settings
 from core.tree import SPLITS, DataTree
+from evaluate.classes import share
 from workflow.stages import MODELS
 
 log = logging.getLogger(__name__)
@@ -518,15 +519,15 @@ def _object_filter_note(stats: dict[str, Any] | None, evaluation: dict[str, Any]
         (q0, q1), (r0, r1) = c["pixel_f1"], c["object_f1"]
         own.append(
             f" The {html.escape(name)} objects have a filter of their own, fitted on {c['objects']} ({c['roofs']} on "
-            f"{html.escape(name)} roofs): cut {c['cut']:g}; it drops {c['false_dropped']:.0%} of the {html.escape(name)} "
-            f"objects on no {html.escape(name)} roof and keeps {c['roofs_kept']:.0%} of those on {html.escape(name)} "
+            f"{html.escape(name)} roofs): cut {c['cut']:g}; it drops {share(c['false_dropped'])} of the {html.escape(name)} "
+            f"objects on no {html.escape(name)} roof and keeps {share(c['roofs_kept'])} of those on {html.escape(name)} "
             f"roofs; {html.escape(name)} pixel F1 {q0:.3f} &rarr; {q1:.3f}, object F1 "
             f"{r0:.3f} &rarr; {r1:.3f}."
         )
     return (
         f'<p class="note">Object filter, fitted on the {stats["objects"]} objects of the validation chips '
-        f"({stats['roofs']} on roofs): cut {stats['cut']:g}; it drops {stats['false_dropped']:.0%} of the false "
-        f"objects and keeps {stats['roofs_kept']:.0%} of the roofs; validation pixel F1 {p0:.3f} &rarr; {p1:.3f}, "
+        f"({stats['roofs']} on roofs): cut {stats['cut']:g}; it drops {share(stats['false_dropped'])} of the false "
+        f"objects and keeps {share(stats['roofs_kept'])} of the roofs; validation pixel F1 {p0:.3f} &rarr; {p1:.3f}, "
         f"object F1 (objects of 4 m&sup2; or more) {o0:.3f} &rarr; {o1:.3f}.{''.join(own)}{off}</p>"
     )
 

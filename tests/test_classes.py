@@ -45,9 +45,10 @@ def _args(classes=CLASS_MAP, attribute="roof:material", **more) -> MaskArgs:
         ({"metal": ["tin"], "other_roof": ["tin", "concrete"]},
          r"value 'tin' is claimed by two classes \(metal and other_roof\): one value, one class"),
         ({"metal": ["tin"]}, r"names 1 class\(es\): name 2 to 32"),
-        ({"metal": ["tin"], "background": ["concrete"]}, r"class name 'background' is taken \(background, unknown, "
-                                                         r"footprint, boundary, contact, class name other things\)"),
-        ({"metal": ["tin"], "footprint": ["concrete"]}, r"class name 'footprint' is taken"),
+        ({"metal": ["tin"], "background": ["concrete"]}, r"class name 'background' is reserved \(background, unknown, "
+                                                         r"footprint, boundary, contact and class already mean "
+                                                         r"something here\): call the class otherwise$"),
+        ({"metal": ["tin"], "footprint": ["concrete"]}, r"class name 'footprint' is reserved"),
         ({"metal": ["tin"], "2nd": ["concrete"]}, r"class name '2nd' must start with a letter"),
         ({"metal": ["tin"], "other": []}, r"class other names no value"),
     ],
@@ -353,6 +354,17 @@ def test_class_scores_are_read_off_the_confusion_matrix_exactly(tmp_path: Path):
     ]
     scores.plot(tmp_path / "confusion.png", "test")
     assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("x", "text"),
+    [(0.0, "0%"), (1.0, "100%"), (0.8, "80%"), (0.996, "99.6%"), (0.9996, "99.96%"), (0.004, "0.4%"),
+     (0.0004, "0.04%"), (1e-9, "<0.001%"), (1 - 1e-9, ">99.999%")],
+)  # fmt: skip
+def test_a_share_reads_none_or_all_only_when_it_is(x, text):
+    from evaluate.classes import share
+
+    assert share(x) == text
 
 
 def test_evaluate_scores_classes_and_refuses_a_class_bundle_against_one_class_masks(tmp_path: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shlex
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,21 @@ def test_from_to_only_after_split_on_a_tiny_scene(settings_file: Path, tmp_path:
     assert pipeline.main([*argv, "--only", "evaluate"]) == 0
     out = capsys.readouterr().out
     assert f"{'evaluate forest':<19} skipped" in out and "evaluate regression skipped" in out
+
+    # An edit of a mask setting: check names mask, then every stage after it that the run redoes, with the
+    # command that runs them (this test's own options); the run then redoes exactly those.
+    edited = [*argv, "--set", "mask_args.all_touched=true"]
+    chosen = ["--only", "mask", "split", "flatten", "summarize", "train-forest", "train-regression", "predict",
+              "evaluate"]  # fmt: skip
+    assert pipeline.main([*edited, "check", *chosen]) == 0
+    out = capsys.readouterr().out
+    rerun = shlex.join(["python", "pipeline.py", "--settings", str(settings_file),
+                        *[a for a in edited if a not in ("--settings", str(settings_file), "--quiet")], *chosen])  # fmt: skip
+    assert f"mask: masks/ are outdated: made with mask_args.all_touched false, now true: {rerun} redoes it\n" in out
+    later = ["split", "flatten", "summarize", "train-forest", "train-regression", "predict forest",
+             "predict regression", "evaluate forest", "evaluate regression"]  # fmt: skip
+    assert f"{', '.join(later)}: up to date with what mask made before: {rerun} redoes them too\n" in out
+    assert pipeline.main([*edited, *chosen]) == 0
+    out = capsys.readouterr().out
+    ran = [line[:19].strip() for line in out.splitlines() if line.endswith(tuple("0123456789")) and " ok " in line]
+    assert ran == ["mask", *later]

@@ -176,13 +176,18 @@ def run_stages(
     return rows
 
 
-def record_findings(chosen: list[Stage], tree: DataTree, settings: Settings) -> list[Finding]:
+def record_findings(
+    chosen: list[Stage], tree: DataTree, settings: Settings, rerun: str = "python pipeline.py"
+) -> list[Finding]:
     """What the stage records say: outdated or interrupted outputs, read from the same declarations
     the stages use. Outdated outputs of a stage before the chosen ones are fatal (the chosen
-    stages would refuse them); those of a chosen stage are warnings (the run redoes them)."""
+    stages would refuse them); those of a chosen stage are warnings (``rerun`` redoes them, and
+    then every chosen stage after them that is done now: one more warning names those)."""
     names = [s.name for s in STAGES]
     first = min((names.index(s.name) for s in chosen), default=0)
     findings = []
+    redone: dict[tuple[str, str | None], str] = {}  # (stage, model) the run redoes -> its label
+    after: list[str] = []  # chosen stages done now that read one of those: the run redoes them too
     for stage in STAGES:
         if stage.contract is None:
             continue
@@ -191,12 +196,18 @@ def record_findings(chosen: list[Stage], tree: DataTree, settings: Settings) -> 
             st = status(stage.contract, settings, tree, model, given={})
             label = f"{stage.name} {model}" if stage.per_model else stage.name
             ahead = stage in chosen
+            key = (stage.contract, st.model)
+            ups = [(d.stage, model if spec_of(d.stage).per_model else None) for d in st.current.get("deps", ())]
+            if ahead and st.done and any(up in redone for up in ups):
+                after.append(label)
+                redone[key] = label
             # Before the chosen stages, bad outputs are fatal: those stages would refuse to read them.
             fatal = not ahead and names.index(stage.name) < first
             if st.stale:
                 cmd = st.spec.run_command(st.model, overwrite=True)
                 if ahead:
-                    todo = "python pipeline.py redoes it"  # (check runs nothing: say who does)
+                    todo = f"{rerun} redoes it"  # (check runs nothing: say who does)
+                    redone[key] = label
                 elif fatal:
                     todo = f"rerun {cmd} (or python pipeline.py --from {stage.name})"
                 else:
@@ -211,6 +222,14 @@ def record_findings(chosen: list[Stage], tree: DataTree, settings: Settings) -> 
                     Finding("fatal" if fatal else "warning", f"{label}: {st.spec.are} incomplete ({why}): "
                             f"{st.spec.run_command(st.model)} resumes it")
                 )  # fmt: skip
+                if ahead:
+                    redone[key] = label
+    if after:
+        first = [label for label in redone.values() if label not in after]
+        findings.append(
+            Finding("warning", f"{', '.join(after)}: up to date with what {' and '.join(first)} made before: "
+                    f"{rerun} redoes {'them' if len(after) > 1 else 'it'} too")
+        )  # fmt: skip
     return findings
 
 
@@ -275,13 +294,15 @@ def choose(
     return [s for s in STAGES if s.name in chosen]
 
 
-def check(stages: list[Stage], settings: Settings, tree: DataTree, overwrite: bool = False) -> None:
+def check(
+    stages: list[Stage], settings: Settings, tree: DataTree, overwrite: bool = False, rerun: str = "python pipeline.py"
+) -> None:
     """The pre-flight check of ``stages``: every input they read, their records and legacy settings,
-    listed fatal first. Raises CheckError when anything is fatal."""
+    listed fatal first; ``rerun`` is the command that runs them. Raises CheckError when anything is fatal."""
     names = [s.name for s in stages]
     upcoming = [s.name for s in stages if overwrite or s.pending(tree, settings)]
     findings, read = run_checks(settings, tree, names, space_for=upcoming)
-    findings += record_findings(stages, tree, settings)
+    findings += record_findings(stages, tree, settings, rerun)
     findings += [
         Finding("warning", f"settings: {key} is the original pipeline's and ignored: {replacement}")
         for key, replacement in legacy_in_use(settings)
