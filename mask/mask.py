@@ -31,7 +31,7 @@ from core.settings import MaskArgs, ParallelArgs, Settings
 from core.targets import ROOF, UNKNOWN, band_widths, make_targets, pixel_size_m
 from core.tree import DataTree
 from core.vector import LabelIndex, load_labels
-from workflow.contract import begin
+from workflow.contract import begin, status
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,8 @@ def mask_chips(
 
 def mask_stage(settings: Settings, tree: DataTree, *, overwrite: bool = False) -> pd.DataFrame:
     """The mask stage under the stage contract: skip, resume or redo; refuse to mix label definitions."""
+    if not overwrite and status("mask", settings, tree).stale:  # a label setting that cannot work is said first,
+        load_labels(tree.labels, settings.mask_args)  # not "add --overwrite" and then that
     run = begin("mask", settings, tree, overwrite=overwrite)
     if run.skip:
         run.say_skip()

@@ -156,7 +156,7 @@ def test_a_mask_with_a_class_band_is_checked_and_read(tmp_path: Path):
     assert names == () and int((ids == 1).sum()) == 8 and int((ids == UNKNOWN).sum()) == 1
 
 
-def test_the_mask_stage_writes_the_class_band_and_names_the_classes(scene, settings_file: Path, tmp_path: Path):
+def test_the_mask_stage_writes_the_class_band_and_names_the_classes(scene, settings_file: Path, tmp_path: Path, capsys):
     import geopandas as gpd
 
     from chip.chip import main as chip_main
@@ -184,11 +184,18 @@ def test_the_mask_stage_writes_the_class_band_and_names_the_classes(scene, setti
         assert ((data[3] == UNKNOWN) == (data[0] == UNKNOWN)).all()
         seen |= set(np.unique(data[3]).tolist())
     assert seen == {0, 1, 2, UNKNOWN}
-    # A class map naming a value the labels lack: one line, nothing written.
+    # A class map naming a value the labels lack: one line, nothing written; with or without --overwrite, the
+    # line says what is wrong with the map (not "add --overwrite", which would fail next).
     before = sorted(p.read_bytes() for p in tree.masks.glob("*.tif"))
     bad = _json({"metal": ["metal"], "other_roof": ["slate"]})
-    assert mask_main([*argv, "--overwrite", "--set", f"mask_args.classes={bad}"]) == 1
-    assert sorted(p.read_bytes() for p in tree.masks.glob("*.tif")) == before
+    capsys.readouterr()
+    for overwrite in ([], ["--overwrite"]):
+        assert mask_main([*argv, *overwrite, "--set", f"mask_args.classes={bad}"]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "error: mask_args.classes names values no polygon of roofs.geojson has in roof_type (other_roof: "
+            "['slate']); values present: ['concrete', 'metal']: fix the class map"
+        )
+        assert sorted(p.read_bytes() for p in tree.masks.glob("*.tif")) == before
 
 
 # --- a tiny U-Net on two classes -------------------------------------------------------------------
