@@ -16,6 +16,7 @@ results/EXPERIMENT/MODEL/evaluation/SPLIT/:
   confusion.csv/.png        a model trained on classes (mask_args.classes): the confusion matrix of
                             the classes' pixels, and of the roofs found; metrics.json adds each
                             class's pixel scores and the share of found roofs given their class
+  classes.png               with classes: the chips of instances.png, true classes above, predicted below
 
 then refreshes results/summary.csv and summary.md (one row per experiment and model) and the
 experiment's report, results/EXPERIMENT/report.html. Train's own metrics.json, one level up,
@@ -76,6 +77,7 @@ from core.polygons import (
 )
 from core.raster import (
     UNKNOWN,
+    class_colors,
     mask_labels,
     open_raster,
     read_mask,
@@ -88,7 +90,7 @@ from core.raster import (
 from core.settings import EvaluateArgs, Settings
 from core.tree import DataTree, require
 from core.vector import at_least_m2, clip_to, load_labels
-from evaluate.classes import ClassScores, scored_classes
+from evaluate.classes import ClassScores, scored_classes, share
 from evaluate.report import evaluation_dir, settings_changes, write_experiments_table, write_report
 from workflow.contract import begin, read_record, refuse_leaky_bundle
 from workflow.stages import spec_of
@@ -508,6 +510,57 @@ def plot_instances(
     return _save(fig, path)
 
 
+def plot_classes(
+    picks: list[ChipScore], frames: Path, truth_masks: Path, pred_dir: Path, path: Path, title: str,
+    stretch: tuple[list[float], list[float]] | None = None,
+) -> Path | None:  # fmt: skip
+    """A bundle trained on classes: each chip's image with its true classes above (unknown roofs grey) and the
+    predicted ones (classes/) below, each class in its colour of the class rasters; None without chips."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    if not picks:
+        return None
+    plt = _plt()
+    names: tuple[str, ...] = ()
+    fig, axes = plt.subplots(2, len(picks), figsize=(4 * len(picks), 8.8), squeeze=False, layout="constrained")
+    for col, chip in enumerate(picks):
+        bands, band_names, names, _ = read_mask_bands(truth_masks / chip.name)
+        labels, known = mask_labels(bands, band_names, names, truth_masks / chip.name)
+        kinds, _ = read_raster(pred_dir / "classes" / (chip.prediction or chip.name))
+        colours = ListedColormap(class_colors(len(names)))
+        image = None
+        if (frames / chip.name).is_file():
+            pixels, profile = read_raster(frames / chip.name)
+            low, high = stretch if stretch and len(stretch[0]) == pixels.shape[0] else (None, None)
+            image = rgb_preview(pixels, profile.get("nodata"), low, high)
+        roofs = known & (labels > 0)
+        right = int((roofs & (kinds[0] == labels)).sum())
+        for row, (ids, shown) in enumerate(((labels, roofs), (kinds[0], kinds[0] > 0))):
+            ax = axes[row, col]
+            ax.imshow(image if image is not None else np.zeros((*labels.shape, 3), np.uint8))
+            ax.imshow(np.ma.masked_where(~shown, ids), cmap=colours, vmin=-0.5, vmax=len(names) + 0.5,
+                      alpha=0.45, interpolation="nearest")  # fmt: skip
+            for k, colour in enumerate(class_colors(len(names))[1:], start=1):  # outlines in the class's own colour
+                inside = shown & (ids == k)
+                if inside.any() and not inside.all():
+                    ax.contour(inside.astype(np.float32), levels=[0.5], colors=colour, linewidths=1.6)
+            ax.set(xlim=(-0.5, ids.shape[1] - 0.5), ylim=(ids.shape[0] - 0.5, -0.5), aspect="equal")
+            if row == 0 and (~known).any():
+                ax.imshow(np.ma.masked_where(known, np.ones(labels.shape)), cmap="Greys", vmin=0, vmax=2, alpha=0.6,
+                          interpolation="nearest")  # fmt: skip
+            ax.set_axis_off()
+        axes[0, col].set_title(f"{chip.name}: true classes", fontsize=9)
+        axes[1, col].set_title(
+            f"predicted: {share(right / roofs.sum()) if roofs.any() else '-'} of the true roof pixels right", fontsize=9
+        )
+    handles = [Patch(color=c, alpha=0.6, label=n) for n, c in zip(names, class_colors(len(names))[1:], strict=True)]
+    handles.append(Patch(color="grey", alpha=0.6, label="roof of unknown class (true)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def best_and_worst(chips: list[ChipScore], n: int = SHOWN) -> tuple[list[ChipScore], list[ChipScore]]:
     """Chips with roofs (true or predicted), highest pixel IoU first, and lowest first; no chip in both."""
     scored = [c for c in chips if c.confusion.tp + c.confusion.fp + c.confusion.fn > 0]
@@ -645,6 +698,11 @@ def evaluate_model(
     plot_instances([c for c in crowded if c.truth_objects], tree.frames(split), truth, pred_dir,
                    out / "instances.png", f"{model}, {split}: one outline per predicted roof (true roofs white)",
                    stretch)  # fmt: skip
+    (out / "classes.png").unlink(missing_ok=True)
+    if result.classes is not None:
+        plot_classes([c for c in crowded if c.truth_objects], tree.frames(split), truth, pred_dir,
+                     out / "classes.png", f"{model}, {split}: the class of each roof pixel, true and predicted",
+                     stretch)  # fmt: skip
     record = metrics_record(model, split, threshold, result.confusion, **extra)
     write_metrics(out / "metrics.json", record)
     p, o = record["pixel"], record["object"]

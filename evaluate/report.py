@@ -50,6 +50,7 @@ EVALUATION_PICTURES = (
     ("worst.png", "Worst chips"),
     ("instances.png", "Roofs as objects: one colour per predicted roof, true roofs in white"),
     ("confusion.png", "Classes: the confusion matrix of pixels and of the roofs found"),
+    ("classes.png", "Classes: the class of each roof pixel, true (top) and predicted (bottom)"),
 )
 
 

@@ -463,12 +463,13 @@ def test_the_stages_map_materials_end_to_end(scene, tmp_path: Path):
     assert kinds["names"] == ["metal", "other_roof"]
     assert kinds["pixel"]["metal"]["iou"] >= 0.8 and kinds["pixel"]["other_roof"]["iou"] >= 0.8
     assert kinds["roofs_found"] >= 3 and kinds["roof_accuracy"] == 1.0
-    assert (folder / "confusion.png").is_file()
+    assert (folder / "confusion.png").is_file() and (folder / "classes.png").read_bytes()[:4] == b"\x89PNG"
     assert (folder / "confusion.csv").read_text().splitlines()[0] == (
         "true,predicted_background,predicted_metal,predicted_other_roof"
     )
     report = (tree.results_root / "materials" / "report.html").read_text()
     assert "Material right for 100.0% of the" in report and "Classes: the confusion matrix" in report
+    assert "Classes: the class of each roof pixel, true (top) and predicted (bottom)" in report
     assert ">metal mean</th>" in report and "How far apart the classes lie in each band" in report
     assert "figures are of an earlier run" not in report
     # After an edit of the class map the report says the figures are of the earlier run.
