@@ -295,8 +295,9 @@ def object_keeper(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...],
     return keep
 
 
-def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) -> str:
-    """What the object filter did, for the log."""
+def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int, small: int = 0) -> str:
+    """What the object filter did, for the log; ``small`` of the ``kept`` objects are under predict_args.min_area
+    (said, so the count agrees with the polygons roofs.gpkg holds)."""
     fitted, cut, why = filter_decision(info, args, seed_targets(info, args))
     if fitted is None:
         return why
@@ -306,7 +307,8 @@ def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int) ->
         what = f"probability of a roof of its class under {cut:g}"
     else:
         what = f"probability of a roof under {cut:g}"
-    return f"the object filter dropped {dropped} objects ({what}), kept {kept}"
+    tiny = f" ({small} of them under predict_args.min_area {args.min_area:g} m2, left out of roofs.gpkg)" if small else ""
+    return f"the object filter dropped {dropped} objects ({what}), kept {kept}{tiny}"
 
 
 def decision_threshold(info: BundleInfo, args: PredictArgs) -> float:
@@ -750,7 +752,7 @@ def predict_all(
         note = merge_note(info, args, targets)  # (merged before the filter judged the objects)
         if note:
             log.info("predict: %s", note)
-        log.info("predict: %s", filter_note(info, args, sum(r.dropped for r in results), kept))
+        log.info("predict: %s", filter_note(info, args, sum(r.dropped for r in results), kept, kept - len(gdf)))
     roof = sum(r.roof_pixels for r in results)
     valid = sum(r.valid_pixels for r in results)
     log.info(

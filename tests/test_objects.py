@@ -312,6 +312,10 @@ def test_the_log_says_what_the_filter_did():
     assert filter_note(info, args.model_copy(update={"object_filter": 0.8}), 1, 2) == (
         "the object filter dropped 1 objects (probability of a roof under 0.8), kept 2"
     )
+    assert filter_note(info, args, 3, 10, small=4) == (  # as many objects kept as roofs.gpkg holds, with the 4
+        "the object filter dropped 3 objects (probability of a roof under 0.5), kept 10 (4 of them under "
+        "predict_args.min_area 4 m2, left out of roofs.gpkg)"
+    )
     info.object_filter = {**fitted, "cut": 0.0}
     assert filter_note(info, args, 0, 13) == (
         "object filter off (the bundle's cut is 0: on validation no cut did better): every object kept"
