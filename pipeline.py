@@ -16,7 +16,6 @@ selected stages need and lists what is wrong and how to fix it; exit 1 if anythi
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 
 from core import cli
@@ -25,17 +24,18 @@ from core.tree import DataTree
 from workflow import runner
 
 
-def run_command(args: argparse.Namespace) -> str:
-    """The command that runs what ``check`` checked: the same settings, overrides and stages."""
-    parts = ["python", "pipeline.py"]
-    if args.settings != DEFAULT_SETTINGS_PATH:
-        parts += ["--settings", str(args.settings)]
-    parts += ["--demo"] * args.demo
-    for item in args.overrides:
-        parts += ["--set", item]
-    parts += [*(["--from", args.start] if args.start else []), *(["--to", args.stop] if args.stop else [])]
-    parts += ["--only", *args.only] if args.only else []
-    return shlex.join(parts)
+def invocation(args: argparse.Namespace) -> runner.Invocation:
+    """How the user ran this: the commands the check prints carry the same settings and stages."""
+    settings = ["--settings", str(args.settings)] if args.settings != DEFAULT_SETTINGS_PATH else []
+    sets = [x for item in args.overrides for x in ("--set", item)]
+    demo = [x for item in runner.DEMO_SETTINGS for x in ("--set", item)] if args.demo else []
+    selection = [*(["--from", args.start] if args.start else []), *(["--to", args.stop] if args.stop else [])]
+    selection += ["--only", *args.only] if args.only else []
+    return runner.Invocation(
+        stage_options=(*settings, *demo, *sets),
+        pipeline_options=(*settings, *(["--demo"] if args.demo else []), *sets),
+        selection=(*selection, *(["--overwrite"] if args.overwrite else [])),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 "leave nothing to run"
             )
         if args.command == "check":
-            runner.check(stages, settings, tree, overwrite=args.overwrite, rerun=run_command(args))
+            runner.check(stages, settings, tree, overwrite=args.overwrite, how=invocation(args))
             return
         outcome["code"] = runner.run(
             stages, settings, tree, settings_path=args.settings, overrides=overrides, overwrite=args.overwrite,

@@ -307,7 +307,9 @@ def filter_note(info: BundleInfo, args: PredictArgs, dropped: int, kept: int, sm
         what = f"probability of a roof of its class under {cut:g}"
     else:
         what = f"probability of a roof under {cut:g}"
-    tiny = f" ({small} of them under predict_args.min_area {args.min_area:g} m2, left out of roofs.gpkg)" if small else ""
+    tiny = (
+        f" ({small} of them under predict_args.min_area {args.min_area:g} m2, left out of roofs.gpkg)" if small else ""
+    )
     return f"the object filter dropped {dropped} objects ({what}), kept {kept}{tiny}"
 
 

@@ -274,6 +274,16 @@ def test_predict_drops_the_objects_the_filter_rejects(scene, tmp_path, capsys):
     for name in kept["source"].unique():
         with rasterio.open(out / "masks" / name) as m, rasterio.open(out / "instances" / name) as i:
             assert ((m.read(1) > 0) == (i.read(1) > 0)).all()  # the mask holds the kept roofs, no more
+    # With min_area the log's count of kept objects names those left out of roofs.gpkg, so the two agree.
+    limit = float(np.median(kept["area_m2"]))
+    capsys.readouterr()
+    loud = [a for a in argv if a != "--quiet"]
+    assert predict_main([*loud, *model, "--overwrite", "--set", f"predict_args.min_area={limit}"]) == 0
+    large = gpd.read_file(out / "roofs.gpkg")
+    under = int((kept["area_m2"] < limit).sum())
+    assert under > 0 and len(large) == len(kept) - under
+    assert (f"the object filter dropped {small} objects (probability of a roof under 0.5), kept {len(kept)} ({under} "
+            f"of them under predict_args.min_area {limit:g} m2, left out of roofs.gpkg)") in capsys.readouterr().err  # fmt: skip
     # A filter that drops every object says so, not that no pixel reached the threshold.
     capsys.readouterr()
     assert predict_main([*argv, *model, "--overwrite", "--set", "predict_args.object_filter=1"]) != 0

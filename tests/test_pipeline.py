@@ -208,20 +208,44 @@ def test_from_to_only_after_split_on_a_tiny_scene(settings_file: Path, tmp_path:
     out = capsys.readouterr().out
     assert f"{'evaluate forest':<19} skipped" in out and "evaluate regression skipped" in out
 
-    # An edit of a mask setting: check names mask, then every stage after it that the run redoes, with the
+    # An edit of a mask setting: check names mask, then every stage after it that the run redoes, and the
     # command that runs them (this test's own options); the run then redoes exactly those.
     edited = [*argv, "--set", "mask_args.all_touched=true"]
+    options = [a for a in edited if a not in ("--settings", str(settings_file), "--quiet")]
     chosen = ["--only", "mask", "split", "flatten", "summarize", "train-forest", "train-regression", "predict",
               "evaluate"]  # fmt: skip
     assert pipeline.main([*edited, "check", *chosen]) == 0
     out = capsys.readouterr().out
-    rerun = shlex.join(["python", "pipeline.py", "--settings", str(settings_file),
-                        *[a for a in edited if a not in ("--settings", str(settings_file), "--quiet")], *chosen])  # fmt: skip
-    assert f"mask: masks/ are outdated: made with mask_args.all_touched false, now true: {rerun} redoes it\n" in out
+    assert (
+        "  warning  mask: masks/ are outdated: made with mask_args.all_touched false, now true: the run redoes it\n"
+        in out
+    )
     later = ["split", "flatten", "summarize", "train-forest", "train-regression", "predict forest",
              "predict regression", "evaluate forest", "evaluate regression"]  # fmt: skip
-    assert f"{', '.join(later)}: up to date with what mask made before: {rerun} redoes them too\n" in out
+    assert f"  warning  {', '.join(later)}: done, but from what mask made before: the run redoes them too\n" in out
+    run = shlex.join(["python", "pipeline.py", "--settings", str(settings_file), *options, *chosen])
+    assert out.endswith(f"0 fatal problems, 2 warnings\nthe run: {run}\n")
+    # Leaving out a stage in between: the run would stop at a stage that reads it; check says so first.
+    assert pipeline.main([*edited, "check", "--only", "mask", "split", "evaluate"]) == 1
+    out = capsys.readouterr().out
+    from_mask = shlex.join(["python", "pipeline.py", "--settings", str(settings_file), *options, "--from", "mask"])
+    for model in ("forest", "regression"):
+        assert (
+            f"  FATAL    evaluate {model} reads the outputs of predict {model}, which the run would leave outdated (it "
+            f"redoes mask, and predict is not among the stages chosen): choose predict too, or run {from_mask}\n"
+        ) in out
+    assert "  warning  split: done, but from what mask made before: the run redoes it too\n" in out  # (not evaluate)
     assert pipeline.main([*edited, *chosen]) == 0
     out = capsys.readouterr().out
     ran = [line[:19].strip() for line in out.splitlines() if line.endswith(tuple("0123456789")) and " ok " in line]
     assert ran == ["mask", *later]
+    # A mask removed by hand: mask resumes (its run and record kept), so nothing after it is redone.
+    tree = DataTree.from_settings(load_settings(settings_file, [o for o in options if o != "--set"]))
+    next(tree.masks.glob("*.tif")).unlink()
+    assert pipeline.main([*edited, "check", *chosen]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "  warning  mask: masks/ are incomplete (files were removed since it ran): python mask/mask.py --settings"
+        in out
+    )
+    assert "redoes" not in out and out.endswith("0 fatal problems, 1 warning\n")

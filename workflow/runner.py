@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -176,18 +177,42 @@ def run_stages(
     return rows
 
 
+@dataclass(frozen=True)
+class Invocation:
+    """How the user runs the stages, for the commands the check prints: the options a stage's own command
+    takes (``--settings``, ``--set``, the demo's settings among them), and the pipeline's options and the
+    command that runs the stages checked."""
+
+    stage_options: tuple[str, ...] = ()
+    pipeline_options: tuple[str, ...] = ()
+    selection: tuple[str, ...] = ()
+
+    def stage(self, command: str) -> str:
+        """A stage's command (``python mask/mask.py --overwrite``) with the user's settings."""
+        return " ".join([command, *map(shlex.quote, self.stage_options)])
+
+    def pipeline(self, *selection: str) -> str:
+        """The pipeline command with the user's settings: of the stages checked, or of ``selection``."""
+        return shlex.join(["python", "pipeline.py", *self.pipeline_options, *(selection or self.selection)])
+
+
 def record_findings(
-    chosen: list[Stage], tree: DataTree, settings: Settings, rerun: str = "python pipeline.py"
+    chosen: list[Stage], tree: DataTree, settings: Settings, how: Invocation | None = None
 ) -> list[Finding]:
     """What the stage records say: outdated or interrupted outputs, read from the same declarations
     the stages use. Outdated outputs of a stage before the chosen ones are fatal (the chosen
-    stages would refuse them); those of a chosen stage are warnings (``rerun`` redoes them, and
-    then every chosen stage after them that is done now: one more warning names those)."""
+    stages would refuse them); those of a chosen stage are warnings: the run redoes them, and then
+    every chosen stage done now that reads what they make (one warning per cause names those). A
+    stage left out of the chosen ones that the run would leave outdated is fatal when a chosen stage
+    reads it (that stage would refuse it). Commands are printed with the user's settings (``how``)."""
+    how = how or Invocation()
     names = [s.name for s in STAGES]
     first = min((names.index(s.name) for s in chosen), default=0)
     findings = []
-    redone: dict[tuple[str, str | None], str] = {}  # (stage, model) the run redoes -> its label
-    after: list[str] = []  # chosen stages done now that read one of those: the run redoes them too
+    Key = tuple[str, str | None]
+    redone: dict[Key, frozenset[str]] = {}  # (stage, model) the run redoes -> the outdated stages that cause it
+    left: dict[Key, tuple[str, str, frozenset[str]]] = {}  # done, not chosen, outdated once the run has run
+    after: dict[frozenset[str], list[str]] = {}  # chosen stages done now that the run redoes, by cause
     for stage in STAGES:
         if stage.contract is None:
             continue
@@ -198,39 +223,54 @@ def record_findings(
             ahead = stage in chosen
             key = (stage.contract, st.model)
             ups = [(d.stage, model if spec_of(d.stage).per_model else None) for d in st.current.get("deps", ())]
-            if ahead and st.done and any(up in redone for up in ups):
-                after.append(label)
-                redone[key] = label
+            causes = frozenset().union(*(redone[up] for up in ups if up in redone))
+            blocked = {left[up] for up in ups if up in left} if ahead else set()
+            if blocked:  # (it would refuse them, so it is not among those the run redoes)
+                for up_label, up_stage, up_causes in sorted(blocked, key=lambda b: b[0]):
+                    findings.append(
+                        Finding("fatal", f"{label} reads the outputs of {up_label}, which the run would leave "
+                                f"outdated (it redoes {' and '.join(sorted(up_causes))}, and {up_stage} is not "
+                                f"among the stages chosen): choose {up_stage} too, or run "
+                                f"{how.pipeline('--from', min(up_causes, key=_order))}")
+                    )  # fmt: skip
+            if causes and st.done and not blocked:
+                if ahead:
+                    after.setdefault(causes, []).append(label)
+                    redone[key] = causes
+                else:
+                    left[key] = (label, stage.name, causes)
             # Before the chosen stages, bad outputs are fatal: those stages would refuse to read them.
             fatal = not ahead and names.index(stage.name) < first
             if st.stale:
-                cmd = st.spec.run_command(st.model, overwrite=True)
+                cmd = how.stage(st.spec.run_command(st.model, overwrite=True))
                 if ahead:
-                    todo = f"{rerun} redoes it"  # (check runs nothing: say who does)
-                    redone[key] = label
+                    todo = "the run redoes it"  # (check runs nothing: the command is printed below the list)
+                    redone[key] = frozenset({stage.name})
                 elif fatal:
-                    todo = f"rerun {cmd} (or python pipeline.py --from {stage.name})"
+                    todo = f"rerun {cmd} (or {how.pipeline('--from', stage.name)})"
                 else:
                     todo = f"{cmd} redoes it"
                 findings.append(
                     Finding("fatal" if fatal else "warning", f"{label}: {st.spec.are} outdated: made "
                             f"{'; '.join(st.changes)}: {todo}")
                 )  # fmt: skip
-            elif st.state == "running" or st.removed:
+            elif st.state == "running" or st.removed:  # (a resumed run keeps its record: its readers stay done)
                 why = "the run was interrupted" if st.state == "running" else "files were removed since it ran"
                 findings.append(
                     Finding("fatal" if fatal else "warning", f"{label}: {st.spec.are} incomplete ({why}): "
-                            f"{st.spec.run_command(st.model)} resumes it")
+                            f"{how.stage(st.spec.run_command(st.model))} resumes it")
                 )  # fmt: skip
-                if ahead:
-                    redone[key] = label
-    if after:
-        first = [label for label in redone.values() if label not in after]
+    for causes, labels in after.items():
         findings.append(
-            Finding("warning", f"{', '.join(after)}: up to date with what {' and '.join(first)} made before: "
-                    f"{rerun} redoes {'them' if len(after) > 1 else 'it'} too")
+            Finding("warning", f"{', '.join(labels)}: done, but from what {' and '.join(sorted(causes, key=_order))} "
+                    f"made before: the run redoes {'them' if len(labels) > 1 else 'it'} too")
         )  # fmt: skip
     return findings
+
+
+def _order(name: str) -> int:
+    """A stage name's place in the pipeline."""
+    return [s.name for s in STAGES].index(name)
 
 
 def shown(path: Path) -> str:
@@ -295,19 +335,22 @@ def choose(
 
 
 def check(
-    stages: list[Stage], settings: Settings, tree: DataTree, overwrite: bool = False, rerun: str = "python pipeline.py"
+    stages: list[Stage], settings: Settings, tree: DataTree, overwrite: bool = False, how: Invocation | None = None
 ) -> None:
     """The pre-flight check of ``stages``: every input they read, their records and legacy settings,
-    listed fatal first; ``rerun`` is the command that runs them. Raises CheckError when anything is fatal."""
+    listed fatal first; ``how`` the user runs them (the commands printed). Raises CheckError when anything is
+    fatal."""
     names = [s.name for s in stages]
     upcoming = [s.name for s in stages if overwrite or s.pending(tree, settings)]
     findings, read = run_checks(settings, tree, names, space_for=upcoming)
-    findings += record_findings(stages, tree, settings, rerun)
+    findings += record_findings(stages, tree, settings, how)
     findings += [
         Finding("warning", f"settings: {key} is the original pipeline's and ignored: {replacement}")
         for key, replacement in legacy_in_use(settings)
     ]
     print_findings(findings, read, names, tree)
+    if any("the run redoes" in f.message for f in findings):
+        print(f"the run: {(how or Invocation()).pipeline()}")
     fatal = sum(f.fatal for f in findings)
     if fatal:
         raise CheckError(f"pre-flight check: {fatal} fatal problem{'s' * (fatal != 1)}, listed above")
