@@ -343,7 +343,8 @@ class Predictor(Protocol):
 
     def forward_targets(self, prepared: Any) -> np.ndarray:
         """Every output band (n, len(info.targets) + len(info.classes), rows, cols): the targets (footprint
-        first), then with classes each class's probability given a roof (they sum to 1 at every pixel)."""
+        first), then with classes each class's probability: a U-Net's of a roof of that class (adding up to 1
+        or less), the classical models' given a roof (adding up to 1)."""
         ...
 
 
@@ -365,7 +366,8 @@ def forward_targets(
     predictor: Predictor, prepared: Any, targets: tuple[str, ...], calibrated: bool = True
 ) -> np.ndarray:
     """The predictor's bands (n, len(targets) + classes, rows, cols): the named targets (a U-Net's), then
-    each class's probability given a roof (a bundle trained on classes), else its roof probabilities."""
+    each class's probability (a bundle trained on classes: :meth:`Predictor.forward_targets`), else its roof
+    probabilities."""
     from core.metrics import shift_classes
 
     info = predictor.info

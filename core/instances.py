@@ -369,7 +369,7 @@ def roof_classes(
 ) -> list[tuple[int, float]]:
     """Each roof's class id (1..classes) and the mean probability of that class over its pixels, from the
     class bands ``first + 1 .. first + classes`` (1-based) of a probability raster (each class's probability
-    given a roof). One roof, one class: ``vote`` sums each pixel's class probabilities (a vote weighted by
+    of a roof of that class, or given a roof). One roof, one class: ``vote`` sums each pixel's class probabilities (a vote weighted by
     probability); ``majority`` counts each pixel's most probable class. Block by block: a roof is read with
     the block holding its first vertex, the block grown to the roofs it holds.
     """

@@ -283,13 +283,15 @@ _BIAS_GRID, _BIAS_SWEEPS = np.linspace(-2.0, 2.0, 41), 3
 
 
 def shift_classes(probs: np.ndarray, bias: list[float] | np.ndarray, axis: int = 0) -> np.ndarray:
-    """Class probabilities (classes along ``axis``) with per-class log offsets ``bias`` added, renormalised: a
-    shift of the classes' priors; the offsets :func:`tune_class_bias` finds make the decision fair to a class
-    the network under-calls."""
+    """Class probabilities (classes along ``axis``) with per-class log offsets ``bias`` added, renormalised to
+    the sum they had (1 for P(class | roof); a U-Net's sigmoid bands can add up to less): a shift of the
+    classes' priors; the offsets :func:`tune_class_bias` finds make the decision fair to a class the network
+    under-calls."""
     shape = [1] * probs.ndim
     shape[axis] = -1
     weighted = probs * np.exp(np.asarray(bias, np.float32)).reshape(shape)
-    return (weighted / np.maximum(weighted.sum(axis=axis, keepdims=True), 1e-12)).astype(np.float32)
+    total = probs.sum(axis=axis, keepdims=True)
+    return (weighted * (total / np.maximum(weighted.sum(axis=axis, keepdims=True), 1e-12))).astype(np.float32)
 
 
 def tune_class_bias(truth: np.ndarray, probs: np.ndarray, learned: list[bool] | None = None) -> list[float]:

@@ -169,11 +169,32 @@ class ObjectFilter:
             raise BundleError(f"bundle.json's object_filter entry is damaged ({exc}): retrain") from exc
 
 
-def feature_names(targets: list[str] | tuple[str, ...], image_bands: int = 0) -> list[str]:
+def feature_names(
+    targets: list[str] | tuple[str, ...], image_bands: int = 0, classes: list[str] | tuple[str, ...] = ()
+) -> list[str]:
     """The features' names for a model with these target bands (and a filter that reads the image's
-    ``image_bands``)."""
+    ``image_bands``, and a class bundle's filter the mean of each class band: :func:`class_features`)."""
     image = [f"{kind}_band{k}" for kind in ("mean", "std", "share") for k in range(1, image_bands + 1)]
-    return [*FEATURES, *(f"mean_{t}" for t in targets[1:]), *image]
+    return [*FEATURES, *(f"mean_{t}" for t in targets[1:]), *image, *(f"{CLASS_FEATURE}{c}" for c in classes)]
+
+
+#: The name of a class band's feature: its mean over the object (mean_class_metal).
+CLASS_FEATURE = "mean_class_"
+
+
+def class_features(labels: np.ndarray, ids: np.ndarray | list[int], class_bands: np.ndarray) -> np.ndarray:
+    """Each object's mean of each class band (objects x classes): how sure the network is that the object is a
+    roof of that class. A U-Net's sigmoid class bands carry this (a band low everywhere on a yard the footprint
+    took for a roof); a filter of the objects of one class reads it beside the footprint's features."""
+    ids = np.asarray(ids, np.int64)
+    if ids.size == 0:
+        return np.zeros((0, len(class_bands)), np.float64)
+    return np.column_stack([np.atleast_1d(ndimage.mean(band, labels, ids)) for band in class_bands])
+
+
+def reads_classes(features: list[str]) -> bool:
+    """Whether a filter with these features reads the class bands (fitted since filters read them)."""
+    return any(f.startswith(CLASS_FEATURE) for f in features)
 
 
 def filter_mismatch(
@@ -185,8 +206,9 @@ def filter_mismatch(
     and predict_args.object_filter is unread."""
     if not entry:
         return "none"
-    if entry.get("features") != feature_names(targets, entry.get("image_bands", 0)):
-        return "bands"
+    features = entry.get("features") or []
+    if features not in (feature_names(targets, entry.get("image_bands", 0), c) for c in ((), classes)):
+        return "bands"  # (a class bundle's filter reads its class bands since filters read them; before, not)
     if classes and bool(entry.get("split_classes")) != split_classes:
         return "split"
     return ""
@@ -348,7 +370,8 @@ def validation_objects(
         on_roof = np.bincount(labels[roof & use], minlength=n + 1)[1:]
         other = np.bincount(labels[~roof & use], minlength=n + 1)[1:]
         keep = on_roof + other >= 0.5 * pixels  # objects mostly of unknown class (or nodata) are left out
-        xs.append(object_features(labels, ids[keep], bands, seed_threshold, chw, predictor.info.normalization))
+        x = object_features(labels, ids[keep], bands, seed_threshold, chw, predictor.info.normalization)
+        xs.append(np.column_stack([x, class_features(labels, ids[keep], probs)]) if classes else x)
         roofs.append(on_roof[keep])
         others.append(other[keep])
         areas.append(pixels[keep] * area)
@@ -357,7 +380,7 @@ def validation_objects(
             per_class.append(np.column_stack([
                 np.bincount(labels[truth == k + 1], minlength=n + 1)[1:][keep] for k in range(classes)
             ]))  # fmt: skip
-    width = len(feature_names(targets, predictor.info.bands))
+    width = len(feature_names(targets, predictor.info.bands, predictor.info.classes))
     split = (
         {"kinds": np.concatenate(called) if called else np.zeros(0, np.int64),
          "class_pixels": np.concatenate(per_class) if per_class else np.zeros((0, classes), np.int64),
@@ -387,7 +410,7 @@ def train_object_filter(
     targets = list(predictor.info.targets)
     core = default_seed_threshold(threshold, None, channels=len(targets) > 1)
     objects = validation_objects(predictor, pairs, threshold, core, class_bias, merge)
-    names = feature_names(targets, predictor.info.bands)
+    names = feature_names(targets, predictor.info.bands, predictor.info.classes)
     fitted, why = fit_object_filter(objects, names)
     if fitted is None:
         return {}, {"objects": len(objects.roof_pixels), "roofs": int(objects.roof.sum())}, why

@@ -16,7 +16,8 @@ the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
                           style QGIS applies by itself: each class by name), each
                           roof one class (predict_args.roof_class; a roof whose pixels change class is
                           split there, predict_args.split_classes); the probabilities add a band per
-                          class, its probability given a roof
+                          class (a U-Net's: its probability of a roof of that class; the classical
+                          models': P(class | roof))
   roofs.gpkg              one polygon per roof: id, source, mean_probability, area_m2 (input CRS);
                           with classes also class, class_id, class_probability
 
@@ -272,7 +273,7 @@ def object_keeper(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...],
     the objects whose probability of being a roof is at least the cut of :func:`filter_decision`; None (keep
     every object) where no filter applies. A filter that reads the image reads that window of ``source`` (the
     raster predicted, on the probabilities' grid), normalized as the model read it."""
-    from core.objects import object_features
+    from core.objects import class_features, object_features, reads_classes
 
     fitted, _, _ = filter_decision(info, args, targets)
     if fitted is None:
@@ -287,6 +288,8 @@ def object_keeper(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...],
             with open_raster(source) as src:
                 chw = src.read(window=window)
         x = object_features(labels, ids, bands, core, chw, info.normalization)
+        if class_bands is not None and reads_classes(fitted.features):  # (split by class: the bands are there)
+            x = np.column_stack([x, class_features(labels, ids, class_bands)])
         if class_bands is None or not fitted.by_class:
             return fitted.keep(x, cut=args.object_filter)
         kinds = object_classes(labels, ids, class_bands, args.roof_class)  # each object's class, as its roof's

@@ -3,6 +3,7 @@ objects, and predict dropping the objects it rejects from the roofs, the mask an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -61,6 +62,13 @@ def test_features_of_two_objects_are_exact():
     # Only the objects asked for, in the order asked; none gives an empty table of the right width.
     assert object_features(labels, [2], bands, 0.8).tolist() == [two.tolist()]
     assert object_features(labels, [], bands, 0.8).shape == (0, 8)
+    # A class bundle's filter also reads each class band's mean over the object.
+    from core.objects import class_features
+
+    assert feature_names(["footprint"], 0, ["metal", "other"]) == [*FEATURES, "mean_class_metal", "mean_class_other"]
+    classes = np.stack([bands[0], 1.0 - bands[0]])
+    np.testing.assert_allclose(class_features(labels, [1, 2], classes), [[0.8, 0.2], [0.5, 0.5]])
+    assert class_features(labels, [], classes).shape == (0, 2)
 
 
 def objects_of(x: np.ndarray, roof: np.ndarray, pixels: int = 10) -> ValidationObjects:
@@ -578,7 +586,8 @@ def test_a_class_bundles_filter_judges_each_class_on_roofs_of_that_class(tmp_pat
         "; the other objects judged by the filter of all objects (the validation chips hold 0 objects on other "
         "roofs and 0 false ones, under 5 of either kind)"
     )
-    x = np.array([[math.log(16), 0.9, 0.0, 0.9, 1.0, 1.0, 1.0, v / 100, 0.0, 1.0] for v in (90, 60, 30)])
+    assert fitted.features[-2:] == ["mean_class_metal", "mean_class_other"]  # the class bands' means read too
+    x = np.array([[math.log(16), 0.9, 0.0, 0.9, 1.0, 1.0, 1.0, v / 100, 0.0, 1.0, 0.8, 0.2] for v in (90, 60, 30)])
     assert fitted.keep(x).tolist() == [True, True, False]  # as roofs
     assert fitted.keep(x, np.array([0, 0, 0]), ["metal", "other"]).tolist() == [True, False, False]  # as metal
     assert fitted.keep(x, np.array([1, 1, 1]), ["metal", "other"]).tolist() == [True, True, False]  # other: as roofs
@@ -608,7 +617,15 @@ def test_predict_judges_each_object_by_the_filter_of_its_class(tmp_path):
     ids, window = np.array([1, 2, 3]), Window(0, 0, 40, 24)
     assert keep(labels, ids, bands, window, metal).tolist() == [True, False, False]
     assert keep(labels, ids, bands, window, metal[::-1]).tolist() == [True, True, False]  # called other: roofs
-    assert keep(labels, ids, bands, window).tolist() == [True, True, False]  # no class bands: as roofs
+
+    # A filter fitted before filters read the class bands (its entry without them) judges the same objects alike.
+    def without_classes(e: dict) -> dict:
+        return {**e, **{k: e[k][:-2] for k in ("features", "mean", "scale", "coef")},
+                "by_class": {n: without_classes(c) for n, c in e.get("by_class", {}).items()}}  # fmt: skip
+
+    old = dataclasses.replace(info, object_filter=without_classes(entry))
+    assert object_keeper(old, PredictArgs(), ("footprint",), frame)(labels, ids, bands, window, metal).tolist() == [
+        True, False, False]  # fmt: skip
     cut = ObjectFilter.from_dict(entry).by_class["metal"]["cut"]
     assert filter_note(info, PredictArgs(), 2, 1) == (
         "the object filter dropped 2 objects (probability of a roof of its class under the cut of its class: "

@@ -56,8 +56,10 @@ class UNetPredictor:
 
     def forward_targets(self, prepared: tuple[np.ndarray, tuple[int, int]]) -> np.ndarray:
         """Every output band (n, targets + classes, rows, cols): footprint, then boundary and contact when trained
-        on them, then each class's probability given a roof when trained on classes (the class bands scaled to
-        add up to 1: the network's sigmoids, each the probability of a roof of its class)."""
+        on them, then when trained on classes each class's probability of a roof of that class: the network's
+        sigmoids, scaled to add up to 1 where they add up to more (a pixel is a roof of one class at most). Where
+        they add up to less, the rest is the network's doubt that the pixel is a roof of any class: the object
+        filter of each class reads it (a bundle of a softmax head, from before the sigmoids, adds up to 1)."""
         x, shape = prepared
         out = []
         for start in range(0, len(x), self.batch_size):
@@ -66,7 +68,7 @@ class UNetPredictor:
         if self.info.classes:  # (a softmax head of a bundle trained before the sigmoids already adds up to 1)
             k = len(self.info.classes)
             cls = prob[..., -k:]
-            prob[..., -k:] = cls / np.maximum(cls.sum(-1, keepdims=True), 1e-12)
+            prob[..., -k:] = cls / np.maximum(cls.sum(-1, keepdims=True), 1.0)
         return np.ascontiguousarray(prob.transpose(0, 3, 1, 2), dtype=np.float32)
 
 

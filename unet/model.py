@@ -118,7 +118,7 @@ def build_model(
     """The U-Net for ``bands``-band input of any size that is a multiple of :func:`pad_multiple`, with one
     output channel per target (footprint first: the roof probability; then boundary, contact) and, with
     ``classes``, one sigmoid per class after them: the probability of a roof of that class (the predictor
-    turns them into each class's probability given a roof)."""
+    scales them to add up to 1 where they add up to more)."""
     builders = {"satellite": satellite_unet, "custom": custom_unet}
     if model_args.architecture not in builders:
         raise PipelineError(
