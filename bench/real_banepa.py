@@ -235,7 +235,7 @@ def main() -> int:
                           ("regression obj filter", "regression classes")):  # fmt: skip
         if binary in by_label and multi in by_label:
             a, b = by_label[binary]["iou"], by_label[multi]["iou"]
-            print(f"metal pixel IoU, {multi} / {binary}: {b:.3f} / {a:.3f} = {b / a if a else float('nan'):.2f}x "
+            print(f"metal pixel IoU, {multi} / {binary}: {b:.4f} / {a:.4f} = {b / a if a else float('nan'):.3f}x "
                   f"(target >= 1); material right for {by_label[multi]['material']:.3f} of "
                   f"{by_label[multi]['found']} roofs found (target >= 0.85)")  # fmt: skip
     print(f"poly F1: SpaceNet polygon F1 against the OSM metal-roof polygons (IoU >= 0.5, under {args.min_m2} m2 "
