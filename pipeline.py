@@ -24,15 +24,15 @@ from core.tree import DataTree
 from workflow import runner
 
 
-def invocation(args: argparse.Namespace) -> runner.Invocation:
-    """How the user ran this: the commands the check prints carry the same settings and stages."""
+def invocation(args: argparse.Namespace, overrides: list[str]) -> runner.Invocation:
+    """How the user ran this: the commands the check prints carry the same settings and stages (``overrides``:
+    what each stage is given, the demo's settings among them)."""
     settings = ["--settings", str(args.settings)] if args.settings != DEFAULT_SETTINGS_PATH else []
     sets = [x for item in args.overrides for x in ("--set", item)]
-    demo = [x for item in runner.DEMO_SETTINGS for x in ("--set", item)] if args.demo else []
     selection = [*(["--from", args.start] if args.start else []), *(["--to", args.stop] if args.stop else [])]
     selection += ["--only", *args.only] if args.only else []
     return runner.Invocation(
-        stage_options=(*settings, *demo, *sets),
+        stage_options=(*settings, *(x for item in overrides for x in ("--set", item))),
         pipeline_options=(*settings, *(["--demo"] if args.demo else []), *sets),
         selection=(*selection, *(["--overwrite"] if args.overwrite else [])),
     )
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 "leave nothing to run"
             )
         if args.command == "check":
-            runner.check(stages, settings, tree, overwrite=args.overwrite, how=invocation(args))
+            runner.check(stages, settings, tree, overwrite=args.overwrite, how=invocation(args, overrides))
             return
         outcome["code"] = runner.run(
             stages, settings, tree, settings_path=args.settings, overrides=overrides, overwrite=args.overwrite,

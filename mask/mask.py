@@ -23,7 +23,7 @@ import pandas as pd
 import shapely
 
 from core import cli
-from core.errors import LabelError
+from core.errors import LabelError, OutputExistsError
 from core.index import CHIP_COLUMNS, read_index, write_index
 from core.parallel import map_tasks
 from core.raster import CLASS_BAND, CLASSES_TAG, open_raster, read_raster, valid_pixels, write_raster
@@ -31,7 +31,7 @@ from core.settings import MaskArgs, ParallelArgs, Settings
 from core.targets import ROOF, UNKNOWN, band_widths, make_targets, pixel_size_m
 from core.tree import DataTree
 from core.vector import LabelIndex, load_labels
-from workflow.contract import begin, status
+from workflow.contract import begin
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,11 @@ def mask_chips(
 
 def mask_stage(settings: Settings, tree: DataTree, *, overwrite: bool = False) -> pd.DataFrame:
     """The mask stage under the stage contract: skip, resume or redo; refuse to mix label definitions."""
-    if not overwrite and status("mask", settings, tree).stale:  # a label setting that cannot work is said first,
-        load_labels(tree.labels, settings.mask_args)  # not "add --overwrite" and then that
-    run = begin("mask", settings, tree, overwrite=overwrite)
+    try:
+        run = begin("mask", settings, tree, overwrite=overwrite)
+    except OutputExistsError:  # a label setting that cannot work is said first, not "add --overwrite" and then that
+        load_labels(tree.labels, settings.mask_args)
+        raise
     if run.skip:
         run.say_skip()
         return read_index(tree.chips_csv, needs=("roof_share",))

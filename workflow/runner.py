@@ -229,9 +229,9 @@ def record_findings(
                 for up_label, up_stage, up_causes in sorted(blocked, key=lambda b: b[0]):
                     findings.append(
                         Finding("fatal", f"{label} reads the outputs of {up_label}, which the run would leave "
-                                f"outdated (it redoes {' and '.join(sorted(up_causes))}, and {up_stage} is not "
-                                f"among the stages chosen): choose {up_stage} too, or run "
-                                f"{how.pipeline('--from', min(up_causes, key=_order))}")
+                                f"outdated (it redoes {' and '.join(sorted(up_causes, key=names.index))}, and "
+                                f"{up_stage} is not among the stages chosen): choose {up_stage} too, or run "
+                                f"{how.pipeline('--from', min(up_causes, key=names.index))}")
                     )  # fmt: skip
             if causes and st.done and not blocked:
                 if ahead:
@@ -262,15 +262,10 @@ def record_findings(
                 )  # fmt: skip
     for causes, labels in after.items():
         findings.append(
-            Finding("warning", f"{', '.join(labels)}: done, but from what {' and '.join(sorted(causes, key=_order))} "
+            Finding("warning", f"{', '.join(labels)}: done, but from what {' and '.join(sorted(causes, key=names.index))} "
                     f"made before: the run redoes {'them' if len(labels) > 1 else 'it'} too")
         )  # fmt: skip
     return findings
-
-
-def _order(name: str) -> int:
-    """A stage name's place in the pipeline."""
-    return [s.name for s in STAGES].index(name)
 
 
 def shown(path: Path) -> str:
