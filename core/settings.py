@@ -296,6 +296,12 @@ class TrainingArgs(Section):
     )
     optimizer: Literal["adam", "sgd", "rmsprop"] = Field("adam", description="Optimizer.")
     learning_rate: float = Field(1e-3, gt=0.0, description="Initial learning rate.")
+    lr_schedule: Literal["plateau", "cosine"] = Field(
+        "plateau",
+        description="plateau: the learning rate is halved when the validation loss stops falling for patience/2 "
+        "epochs (down to learning_rate/100); cosine: it falls along a half cosine from learning_rate to "
+        "learning_rate/100 over the whole run (epochs x batches per epoch), so the last epochs take small steps.",
+    )
     loss: Literal["bce", "dice", "bce_dice", "focal", "jaccard"] = Field(
         "bce_dice", description="Loss; bce_dice handles the imbalance of a few percent roof pixels."
     )

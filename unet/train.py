@@ -56,6 +56,16 @@ def steps_per_epoch(n_chips: int, batch_size: int, setting: int | None) -> int:
     return max(math.ceil(n_chips / min(batch_size, n_chips)), MIN_STEPS_PER_EPOCH)
 
 
+def _learning_rate(args, steps: int):
+    """The optimizer's learning rate: a number (halved on plateaus by a callback) or a cosine schedule."""
+    if args.lr_schedule == "plateau":
+        return args.learning_rate
+    import keras
+
+    # alpha: the rate ends at learning_rate/100, the floor the plateau schedule stops at.
+    return keras.optimizers.schedules.CosineDecay(args.learning_rate, decay_steps=args.epochs * steps, alpha=0.01)
+
+
 def _classes_phrase(classes) -> str:
     return f"the classes {list(classes)}" if classes else "one class"
 
@@ -329,7 +339,7 @@ def train_unet(
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
     with scope():
         model.compile(
-            optimizer=optimizers[args.optimizer](learning_rate=args.learning_rate),
+            optimizer=optimizers[args.optimizer](learning_rate=_learning_rate(args, steps)),
             loss=TargetLoss(
                 args.loss,
                 [getattr(args.target_weights, t) for t in targets],
@@ -373,12 +383,18 @@ def train_unet(
         keras.callbacks.EarlyStopping(
             monitor="val_iou", mode="max", patience=args.patience, restore_best_weights=True, verbose=0
         ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss",
-            factor=0.5,
-            patience=max(2, args.patience // 2),
-            min_lr=args.learning_rate / 100,
-            verbose=0,
+        *(
+            [
+                keras.callbacks.ReduceLROnPlateau(
+                    monitor="val_loss",
+                    factor=0.5,
+                    patience=max(2, args.patience // 2),
+                    min_lr=args.learning_rate / 100,
+                    verbose=0,
+                )
+            ]
+            if args.lr_schedule == "plateau"
+            else []
         ),
         keras.callbacks.CSVLogger(out / "history.csv", append=done_epochs > 0),
         monitor,
