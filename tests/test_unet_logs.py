@@ -4,6 +4,7 @@ and logs that are not results (removing them leaves the training done)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,34 @@ def test_training_writes_logs_overwrite_starts_new_ones_and_removing_them_keeps_
     # The log settings do not shape the bundle: changing them does not make it outdated.
     quiet = load_settings(settings_file, [*overrides, "training_args.epochs=1", "training_args.tensorboard=false"])
     assert status("train", quiet, DataTree.from_settings(quiet), "unet").done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["plateau", "cosine"])
+def test_the_learning_rate_follows_the_schedule_set(
+    tmp_path: Path, settings_file: Path, make_geotiff, schedule: str
+) -> None:
+    from train.train import main
+
+    write_split(tmp_path / "data", make_geotiff)
+    overrides = [
+        "load_dataset_args.channels=3", "model_args.input_shape=[32,32,3]", "model_args.filters=4",
+        "model_args.upconv_filters=4", "model_args.num_layers=1", "load_dataset_args.batch_size=4",
+        "training_args.epochs=3", "training_args.steps_per_epoch=2", "training_args.patience=8",
+        "training_args.verbose=0", "training_args.learning_rate=0.002", f"training_args.lr_schedule={schedule}",
+        "training_args.tensorboard_images_every=0", f"training_args.results_folder={tmp_path / 'results'}",
+        "experiment=lr",
+    ]  # fmt: skip
+    argv = ["--settings", str(settings_file), "--quiet", "--model", "unet"]
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    rates = [
+        v for _, v in read_scalars(tmp_path / "results" / "lr" / "unet" / "tensorboard" / "train")["learning_rate"]
+    ]
+    if schedule == "plateau":  # 3 epochs: too few for a plateau of patience 8 // 2 = 4 to halve it
+        expected = [0.002] * 3
+    else:  # after 2, 4 and 6 of the 6 batches: 0.002 * (0.01 + 0.99 * (1 + cos(pi * k / 3)) / 2)
+        expected = [0.002 * (0.01 + 0.99 * (1 + math.cos(math.pi * k / 3)) / 2) for k in (1, 2, 3)]
+    assert rates == pytest.approx(expected, rel=1e-5)
+    assert rates[-1] == pytest.approx(0.00002 if schedule == "cosine" else 0.002, rel=1e-5)
