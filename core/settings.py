@@ -311,6 +311,14 @@ class TrainingArgs(Section):
         "bands the masks do not have are skipped.",
     )
     patience: int = Field(8, ge=1, description="Epochs without validation IoU gain before early stopping.")
+    ensemble: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="U-Net: the bundle averages the networks of this many epochs, those with the best validation "
+        "IoU (a snapshot ensemble: no extra training; predict runs each of them, so it takes this many times as "
+        "long); 1 = the best epoch alone.",
+    )
     seed: int = Field(0, description="Seed of weight initialization.")
     jit_compile: bool | None = Field(
         None,

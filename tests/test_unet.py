@@ -669,7 +669,8 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path: Path, set
 
     tiny_tree(tmp_path / "data")
     argv = [sys.executable, "train/train.py", "--settings", str(settings_file), "--model", "unet"]
-    for item in (*TINY, "training_args.epochs=6", "training_args.patience=20", f"data_root={tmp_path / 'data'}",
+    for item in (*TINY, "training_args.epochs=6", "training_args.patience=20", "training_args.ensemble=2",
+                 f"data_root={tmp_path / 'data'}",
                  f"training_args.results_folder={tmp_path / 'results'}", "experiment=resume"):  # fmt: skip
         argv += ["--set", item]
     out = tmp_path / "results" / "resume" / "unet"
@@ -689,6 +690,7 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path: Path, set
     assert again.returncode == 0, again.stderr
     assert f"train: resuming from the end of epoch {done} of 6 (backup in {out / 'backup'})" in again.stderr
     history = (out / "history.csv").read_text().strip().splitlines()
+    header = history[0].split(",")
     assert [int(line.split(",")[0]) for line in history[1:]] == list(range(6))  # one history, every epoch once
     from unet.logs import read_scalars
 
@@ -696,7 +698,11 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path: Path, set
     # The TensorBoard logs continue too: no epoch twice (the kill may land before epoch `done` was logged).
     assert logged == sorted(set(logged)) and set(logged) <= set(range(1, 7))
     assert set(range(1, done)) | set(range(done + 1, 7)) <= set(logged)
-    assert json.loads((out / "metrics.json").read_text())["epochs"] == 6
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 6
+    # The two best epochs' weights were kept across the kill (in the backup): the bundle averages them.
+    scores = [(float(line.split(",")[header.index("val_iou")]), int(line.split(",")[0]) + 1) for line in history[1:]]
+    assert metrics["ensemble"] == [epoch for _, epoch in sorted(scores, key=lambda p: (-p[0], p[1]))[:2]]
     assert not (out / "backup").exists() and (out / "bundle" / "model.keras").is_file()
 
 

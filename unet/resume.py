@@ -35,6 +35,7 @@ _KEPT = {
     "ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
     "ModelCheckpoint": ("best",),
     "CollapseMonitor": ("bad_epochs",),
+    "BestEpochs": ("kept",),
 }
 
 

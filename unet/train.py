@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -277,6 +278,7 @@ def train_unet(
     from unet.model import build_model, float32_copy, pad_multiple
     from unet.resume import Backup, backup_dir, finished_epochs, restore
     from unet.resume import remove as remove_backup
+    from unet.snapshots import BestEpochs, best_member, ensemble, snapshot_dir
 
     jit, mixed = configure_tensorflow(settings, from_bundle=start_from is not None)
     strategy = _strategy(settings)
@@ -297,7 +299,7 @@ def train_unet(
                     f"{_classes_phrase(classes)}: {fresh}, or mask_args.classes as the bundle's"
                 )
             norm = previous.normalization
-            model = unet_bundle.load_model(start_from)
+            model = best_member(unet_bundle.load_model(start_from))  # an ensemble goes on from its best epoch
             multiple = previous.pad_multiple
             log.info("train: continuing from %s", start_from)
         else:
@@ -364,6 +366,7 @@ def train_unet(
     board = logs.log_dir(out)
     if done_epochs == 0:
         logs.remove(board)  # a fresh training (also one continued from a bundle) counts its epochs from 1
+        shutil.rmtree(snapshot_dir(backup), ignore_errors=True)
     info = BundleInfo(
         kind="unet",
         bands=bands,
@@ -399,6 +402,9 @@ def train_unet(
         keras.callbacks.CSVLogger(out / "history.csv", append=done_epochs > 0),
         monitor,
     ]
+    best = BestEpochs(snapshot_dir(backup), args.ensemble) if args.ensemble > 1 else None
+    if best is not None:
+        callbacks.append(best)  # before the backup, which keeps its list
     callbacks.append(Backup(backup, callbacks, restore=done_epochs > 0))  # restores after the others reset
     if args.tensorboard and logs.available():
         shown = logs.pick_chips(val_frames, val_masks) if args.tensorboard_images_every else []
@@ -445,10 +451,20 @@ def train_unet(
             f"(training_args.learning_rate={args.learning_rate}), or a loss that rewards background "
             f"(training_args.loss={args.loss}; bce_dice is the default)"
         )
-    if checkpoint.is_file():
-        model.load_weights(checkpoint)
-    if mixed:
-        model = float32_copy(model)  # the bundle computes in float32 wherever it is loaded, a CPU included
+    members = best.epochs() if best is not None else []
+    if len(members) > 1:
+        model = ensemble(model, best.files())  # float32 copies, as below
+        log.info(
+            "train: the bundle averages the networks of epochs %s, the %d best by validation IoU "
+            "(training_args.ensemble %d)",
+            ", ".join(map(str, members)), len(members), args.ensemble,
+        )  # fmt: skip
+    else:
+        members = []
+        if checkpoint.is_file():
+            model.load_weights(checkpoint)
+        if mixed:
+            model = float32_copy(model)  # the bundle computes in float32 wherever it is loaded, a CPU included
 
     predictor = unet_bundle.UNetPredictor(model, info, batch_size=data_args.batch_size)
     sample = ClassSample(len(classes), len(val_frames)) if classes else None
@@ -473,7 +489,7 @@ def train_unet(
     unet_bundle.save(bundle_dir, model, info)
     record = metrics_record(
         "unet", "val", threshold, confusion, epochs=done_epochs + len(history.epoch), train_seconds=round(seconds, 1),
-        object_filter=objects, **({"merge": merged} if merged else {}), threshold_tta=threshold_tta, tta_pixel=tta_confusion.scores(), **kinds,
+        object_filter=objects, **({"merge": merged} if merged else {}), **({"ensemble": members} if members else {}), threshold_tta=threshold_tta, tta_pixel=tta_confusion.scores(), **kinds,
     )  # fmt: skip
     write_metrics(out / "metrics.json", record)
     from unet.plots import plot_curves, plot_overlays
