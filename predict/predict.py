@@ -395,6 +395,10 @@ def with_batch(args: PredictArgs, predictor: Predictor) -> PredictArgs:
             batch = choose_batch(memory, side * side, filters, architecture=model.get("architecture", "satellite"),
                                  training=False)  # fmt: skip
             why = f"{describe(memory)}; windows of {side} x {side} padded, filters {filters}"
+            networks = int(info.features.get("ensemble", 1))
+            if memory is not None and networks > 1:  # the networks of an ensemble may run at once
+                batch = max(1, batch // networks)
+                why += f", shared by the {networks} networks of the ensemble"
         log.info("predict: predict_args.batch_size null: %d windows per batch (%s)", batch, why)
         args = args.model_copy(update={"batch_size": batch})
     if hasattr(predictor, "batch_size"):

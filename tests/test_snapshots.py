@@ -109,6 +109,7 @@ def test_training_with_an_ensemble_bundles_the_best_epochs_and_continues_from_th
     chip, _ = read_raster(sorted((tmp_path / "data" / "val_frames").glob("*.tif"))[0])
     prob = load_predictor(out / "bundle").predict(chip[np.newaxis])
     info = read_info(out / "bundle")
+    assert info.features["ensemble"] == 3  # predict shares its GPU batch among them
     each = [unet_bundle.UNetPredictor(m, info).predict(chip[np.newaxis]) for m in model.layers[1:4]]
     assert prob.shape == (1, *chip.shape[1:]) and len({m.name for m in model.layers[1:4]}) == 3
     np.testing.assert_allclose(prob, np.mean(each, axis=0), rtol=1e-5, atol=1e-6)

@@ -123,3 +123,28 @@ def test_a_float32_model_is_built_as_before() -> None:
         m = ModelArgs(architecture=architecture, filters=4, upconv_filters=4, num_layers=2, input_shape=(64, 64, 3))
         model = build_model(3, m, OutputArgs())
         assert model.layers[-1].__class__.__name__ == "Conv2D"
+
+
+@pytest.mark.parametrize("networks, expected", [(1, 17), (3, 5)])
+def test_a_gpu_predict_batch_is_shared_by_an_ensembles_networks(monkeypatch, caplog, networks, expected) -> None:
+    import unet.device
+    from predict.predict import with_batch
+    from unet.bundle import UNetPredictor
+
+    monkeypatch.setattr(unet.device, "gpu_memory", lambda: 4 * GIB)  # 17 windows of 512 x 512, filters 16
+    m = ModelArgs(filters=16, upconv_filters=4, num_layers=1, input_shape=(64, 64, 3))
+    info = BundleInfo(
+        kind="unet",
+        bands=3,
+        dtype="uint8",
+        normalization=Normalization("zscore", (0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3, None),
+        threshold=0.5,
+        pad_multiple=32,
+        features={"architecture": "satellite", **({"ensemble": networks} if networks > 1 else {})},
+        settings={"model_args": m.model_dump(mode="json")},
+    )
+    predictor = UNetPredictor(build_model(3, m, OutputArgs()), info, batch_size=1)
+    with caplog.at_level(logging.INFO, logger="predict.predict"):
+        assert with_batch(PredictArgs(), predictor).batch_size == expected
+    shared = ", shared by the 3 networks of the ensemble" if networks > 1 else ""
+    assert caplog.messages[-1].endswith(f"windows of 512 x 512 padded, filters 16{shared})")

@@ -466,7 +466,9 @@ def train_unet(
         if mixed:
             model = float32_copy(model)  # the bundle computes in float32 wherever it is loaded, a CPU included
 
-    predictor = unet_bundle.UNetPredictor(model, info, batch_size=data_args.batch_size)
+    if len(members) > 1:  # predict's batch on a GPU is shared by the networks (they may run at once)
+        info = replace(info, features={**info.features, "ensemble": len(members)})
+    predictor = unet_bundle.UNetPredictor(model, info, batch_size=max(1, data_args.batch_size // max(1, len(members))))
     sample = ClassSample(len(classes), len(val_frames)) if classes else None
     threshold, confusion, per_chip = evaluate_split(predictor, val_frames, val_masks, sample)
     info = replace(info, threshold=threshold)
