@@ -11,7 +11,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from core.settings import ModelArgs, OutputArgs, load_settings  # noqa: E402
+from core.settings import ModelArgs, OutputArgs, checkpoint_file, load_settings  # noqa: E402
 from core.tree import DataTree  # noqa: E402
 from unet import bundle as unet_bundle  # noqa: E402
 from unet.model import build_model  # noqa: E402
@@ -38,6 +38,12 @@ def test_best_epochs_keeps_the_n_best_and_deletes_the_others_a_epoch_later(tmp_p
     assert on_disk[6] == [BestEpochs.name(e) for e in (2, 3, 4, 7)]
     assert on_disk[7] == [BestEpochs.name(e) for e in (2, 4, 7)]  # 0.4 at epoch 8 is not among the best
     assert [p.name for p in best.files()] == [BestEpochs.name(e) for e in (7, 2, 4)]
+
+    fewer = BestEpochs(tmp_path / "snapshots", 2)  # restored from a backup of a run that kept 3
+    fewer.kept = [list(pair) for pair in best.kept]
+    assert fewer.epochs() == [7, 2] and [p.name for p in fewer.files()] == [BestEpochs.name(e) for e in (7, 2)]
+    fewer.on_epoch_begin(8)
+    assert sorted(p.name for p in (tmp_path / "snapshots").glob("*.h5")) == [BestEpochs.name(e) for e in (2, 7)]
 
 
 def test_the_ensemble_averages_its_networks_and_survives_a_bundle(tmp_path: Path) -> None:
@@ -102,6 +108,10 @@ def test_training_with_an_ensemble_bundles_the_best_epochs_and_continues_from_th
     assert json.loads((out / "metrics.json").read_text())["ensemble"] == top
     model = unet_bundle.load_model(out / "bundle")
     assert size(model) == 3
+    checkpoint = unet_bundle.load_model(out / "bundle")  # the same network with the best epoch's weights
+    best_member(checkpoint).load_weights(out / checkpoint_file(load_settings(settings_file, overrides)))
+    for a, b in zip(best_member(model).get_weights(), best_member(checkpoint).get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # the first network is the best epoch's
     # predict reads it as any bundle: the footprint is the mean of the three networks' footprints
     from core.bundle import load_predictor, read_info
     from core.raster import read_raster

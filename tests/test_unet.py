@@ -684,8 +684,12 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path: Path, set
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # a preempted node: no chance to clean up
     proc.communicate(timeout=60)
-    done = json.loads(state.read_text())["epochs"]
+    backed_up = json.loads(state.read_text())
+    done = backed_up["epochs"]
     assert 2 <= done < 6 and not (out / "bundle").exists()
+    kept = [epoch for _, epoch in backed_up["callbacks"]["BestEpochs"]["kept"]]
+    assert len(kept) == 2 and set(kept) <= set(range(1, done + 1))  # the best epochs the backup names are there
+    assert all((out / "backup" / "snapshots" / f"epoch_{e:04d}.weights.h5").is_file() for e in kept)
     again = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert f"train: resuming from the end of epoch {done} of 6 (backup in {out / 'backup'})" in again.stderr

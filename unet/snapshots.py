@@ -48,11 +48,11 @@ class BestEpochs(keras.callbacks.Callback):
         return f"epoch_{int(epoch):04d}.weights.h5"
 
     def files(self) -> list[Path]:
-        """The kept epochs' weights, best first."""
-        return [self.folder / self.name(epoch) for _, epoch in self.kept]
+        """The kept epochs' weights, best first (at most ``n``: a restored list may be longer)."""
+        return [self.folder / self.name(epoch) for _, epoch in self.kept[: self.n]]
 
     def epochs(self) -> list[int]:
-        return [int(epoch) for _, epoch in self.kept]
+        return [int(epoch) for _, epoch in self.kept[: self.n]]
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         keep = {path.name for path in self.files()}
@@ -65,6 +65,7 @@ class BestEpochs(keras.callbacks.Callback):
         if score is None or score != score:  # missing or NaN: never among the best
             return
         score = float(score)
+        del self.kept[self.n :]
         if len(self.kept) >= self.n and score <= self.kept[-1][0]:
             return
         self.folder.mkdir(parents=True, exist_ok=True)

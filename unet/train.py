@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -366,7 +365,9 @@ def train_unet(
     board = logs.log_dir(out)
     if done_epochs == 0:
         logs.remove(board)  # a fresh training (also one continued from a bundle) counts its epochs from 1
-        shutil.rmtree(snapshot_dir(backup), ignore_errors=True)
+        # A backup left here is of another run (one continued from a bundle does not clear it): if this run were
+        # killed before its first epoch's backup, a rerun would otherwise resume from it.
+        remove_backup(backup)
     info = BundleInfo(
         kind="unet",
         bands=bands,
