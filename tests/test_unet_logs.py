@@ -105,6 +105,23 @@ def test_epoch_logs_scalars_every_epoch_images_every_n_and_a_resumed_run_appends
     assert image_steps(folder / "train") == {}
 
 
+def tiny_training(tmp_path: Path, experiment: str, *more: str) -> list[str]:
+    """Overrides of a U-Net trained in seconds on write_split's chips."""
+    return [
+        "load_dataset_args.channels=3", "model_args.input_shape=[32,32,3]", "model_args.filters=4",
+        "model_args.upconv_filters=4", "model_args.num_layers=1", "load_dataset_args.batch_size=4",
+        "training_args.steps_per_epoch=2", "training_args.verbose=0",
+        f"training_args.results_folder={tmp_path / 'results'}", f"experiment={experiment}", *more,
+    ]  # fmt: skip
+
+
+def train_argv(settings_file: Path, overrides: list[str]) -> list[str]:
+    argv = ["--settings", str(settings_file), "--quiet", "--model", "unet"]
+    for item in overrides:
+        argv += ["--set", item]
+    return argv
+
+
 @pytest.mark.slow
 def test_training_writes_logs_overwrite_starts_new_ones_and_removing_them_keeps_it_done(
     tmp_path: Path, settings_file: Path, make_geotiff
@@ -114,16 +131,8 @@ def test_training_writes_logs_overwrite_starts_new_ones_and_removing_them_keeps_
     from workflow.contract import status
 
     write_split(tmp_path / "data", make_geotiff)
-    overrides = [
-        "load_dataset_args.channels=3", "model_args.input_shape=[32,32,3]", "model_args.filters=4",
-        "model_args.upconv_filters=4", "model_args.num_layers=1", "load_dataset_args.batch_size=4",
-        "training_args.epochs=2", "training_args.steps_per_epoch=2", "training_args.verbose=0",
-        "training_args.tensorboard_images_every=1", f"training_args.results_folder={tmp_path / 'results'}",
-        "experiment=logs",
-    ]  # fmt: skip
-    argv = ["--settings", str(settings_file), "--quiet", "--model", "unet"]
-    for item in overrides:
-        argv += ["--set", item]
+    overrides = tiny_training(tmp_path, "logs", "training_args.epochs=2", "training_args.tensorboard_images_every=1")
+    argv = train_argv(settings_file, overrides)
     assert main(argv) == 0
     board = tmp_path / "results" / "logs" / "unet" / "tensorboard"
     scalars = read_scalars(board / "validation")
@@ -154,18 +163,11 @@ def test_the_learning_rate_follows_the_schedule_set(
     from train.train import main
 
     write_split(tmp_path / "data", make_geotiff)
-    overrides = [
-        "load_dataset_args.channels=3", "model_args.input_shape=[32,32,3]", "model_args.filters=4",
-        "model_args.upconv_filters=4", "model_args.num_layers=1", "load_dataset_args.batch_size=4",
-        "training_args.epochs=3", "training_args.steps_per_epoch=2", "training_args.patience=8",
-        "training_args.verbose=0", "training_args.learning_rate=0.002", f"training_args.lr_schedule={schedule}",
-        "training_args.tensorboard_images_every=0", f"training_args.results_folder={tmp_path / 'results'}",
-        "experiment=lr",
-    ]  # fmt: skip
-    argv = ["--settings", str(settings_file), "--quiet", "--model", "unet"]
-    for item in overrides:
-        argv += ["--set", item]
-    assert main(argv) == 0
+    overrides = tiny_training(
+        tmp_path, "lr", "training_args.epochs=3", "training_args.patience=8", "training_args.learning_rate=0.002",
+        f"training_args.lr_schedule={schedule}", "training_args.tensorboard_images_every=0",
+    )  # fmt: skip
+    assert main(train_argv(settings_file, overrides)) == 0
     rates = [
         v for _, v in read_scalars(tmp_path / "results" / "lr" / "unet" / "tensorboard" / "train")["learning_rate"]
     ]

@@ -146,13 +146,15 @@ def with_class_head(model: keras.Model, classes: int) -> keras.Model:
     return keras.Model(model.inputs[0], out, name=model.name)
 
 
-def float32_copy(model: keras.Model) -> keras.Model:
-    """The same network and weights computing in float32 throughout.
+def float32_copy(model: keras.Model, name: str | None = None) -> keras.Model:
+    """The same network and weights computing in float32 throughout (named ``name`` when given).
 
     A model built under mixed precision records the mixed_float16 policy in every layer, and
     would compute in float16 wherever it is loaded, a CPU included; the bundle gets this copy.
     """
     config = model.get_config()  # (not keras.models.clone_model: it would compile the copy as the model is)
+    if name is not None:
+        config["name"] = name
     for layer in config["layers"]:
         if "dtype" in layer["config"]:
             layer["config"]["dtype"] = "float32"

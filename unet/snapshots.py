@@ -15,6 +15,8 @@ from typing import Any
 
 import keras
 
+from unet.model import float32_copy
+
 log = logging.getLogger(__name__)
 
 #: The name of an ensemble's model, and of its members (``snapshot_0`` is the best epoch).
@@ -75,17 +77,6 @@ class BestEpochs(keras.callbacks.Callback):
         del self.kept[self.n :]
 
 
-def _float32_member(model: keras.Model, name: str) -> keras.Model:
-    config = model.get_config()
-    config["name"] = name
-    for layer in config["layers"]:
-        if "dtype" in layer["config"]:
-            layer["config"]["dtype"] = "float32"
-    copy = keras.Model.from_config(config)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
 def ensemble(model: keras.Model, files: list[Path]) -> keras.Model:
     """One model averaging the output bands of ``model``'s network with each of ``files``' weights.
 
@@ -94,7 +85,7 @@ def ensemble(model: keras.Model, files: list[Path]) -> keras.Model:
     members = []
     for i, path in enumerate(files):
         model.load_weights(path)
-        members.append(_float32_member(model, MEMBER.format(i)))
+        members.append(float32_copy(model, MEMBER.format(i)))
     if len(members) == 1:
         return members[0]
     x = keras.Input(shape=members[0].input_shape[1:], name="image")
