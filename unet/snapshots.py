@@ -9,15 +9,12 @@ the cost. The members are float32 copies, as every bundle is.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import keras
 
 from unet.model import float32_copy
-
-log = logging.getLogger(__name__)
 
 #: The name of an ensemble's model, and of its members (``snapshot_0`` is the best epoch).
 ENSEMBLE = "snapshot_ensemble"
@@ -106,4 +103,4 @@ def best_member(model: keras.Model) -> keras.Model:
 def _members(model: keras.Model) -> list[Any]:
     if model.name != ENSEMBLE:
         return []
-    return [layer for layer in model.layers if layer.name.startswith("snapshot_")]
+    return [layer for layer in model.layers if layer.name.startswith(MEMBER.format(""))]

@@ -380,6 +380,19 @@ def train_unet(
         features={"architecture": settings.model_args.architecture},
         settings=settings.model_dump(mode="json"),
     )
+    plateau = (  # (a cosine schedule is the optimizer's own: _learning_rate)
+        [
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss",
+                factor=0.5,
+                patience=max(2, args.patience // 2),
+                min_lr=args.learning_rate / 100,
+                verbose=0,
+            )
+        ]
+        if args.lr_schedule == "plateau"
+        else []
+    )
     callbacks = [
         keras.callbacks.ModelCheckpoint(
             checkpoint, monitor="val_iou", mode="max", save_best_only=True, save_weights_only=True, verbose=0
@@ -387,19 +400,7 @@ def train_unet(
         keras.callbacks.EarlyStopping(
             monitor="val_iou", mode="max", patience=args.patience, restore_best_weights=True, verbose=0
         ),
-        *(
-            [
-                keras.callbacks.ReduceLROnPlateau(
-                    monitor="val_loss",
-                    factor=0.5,
-                    patience=max(2, args.patience // 2),
-                    min_lr=args.learning_rate / 100,
-                    verbose=0,
-                )
-            ]
-            if args.lr_schedule == "plateau"
-            else []
-        ),
+        *plateau,
         keras.callbacks.CSVLogger(out / "history.csv", append=done_epochs > 0),
         monitor,
     ]
@@ -455,21 +456,21 @@ def train_unet(
     members = best.epochs() if best is not None else []
     if len(members) > 1:
         model = ensemble(model, best.files())  # float32 copies, as below
+        # predict's batch on a GPU is shared by the networks (they may run at once); so is validation's here
+        info = replace(info, features={**info.features, "ensemble": len(members)})
         log.info(
             "train: the bundle averages the networks of epochs %s, the %d best by validation IoU "
             "(training_args.ensemble %d)",
             ", ".join(map(str, members)), len(members), args.ensemble,
         )  # fmt: skip
     else:
-        members = []
         if checkpoint.is_file():
             model.load_weights(checkpoint)
         if mixed:
             model = float32_copy(model)  # the bundle computes in float32 wherever it is loaded, a CPU included
 
-    if len(members) > 1:  # predict's batch on a GPU is shared by the networks (they may run at once)
-        info = replace(info, features={**info.features, "ensemble": len(members)})
-    predictor = unet_bundle.UNetPredictor(model, info, batch_size=max(1, data_args.batch_size // max(1, len(members))))
+    networks = int(info.features.get("ensemble", 1))
+    predictor = unet_bundle.UNetPredictor(model, info, batch_size=max(1, data_args.batch_size // networks))
     sample = ClassSample(len(classes), len(val_frames)) if classes else None
     threshold, confusion, per_chip = evaluate_split(predictor, val_frames, val_masks, sample)
     info = replace(info, threshold=threshold)
@@ -492,7 +493,7 @@ def train_unet(
     unet_bundle.save(bundle_dir, model, info)
     record = metrics_record(
         "unet", "val", threshold, confusion, epochs=done_epochs + len(history.epoch), train_seconds=round(seconds, 1),
-        object_filter=objects, **({"merge": merged} if merged else {}), **({"ensemble": members} if members else {}), threshold_tta=threshold_tta, tta_pixel=tta_confusion.scores(), **kinds,
+        object_filter=objects, **({"merge": merged} if merged else {}), **({"ensemble": members} if networks > 1 else {}), threshold_tta=threshold_tta, tta_pixel=tta_confusion.scores(), **kinds,
     )  # fmt: skip
     write_metrics(out / "metrics.json", record)
     from unet.plots import plot_curves, plot_overlays
