@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 
 def options(doc: str, data: Path) -> argparse.ArgumentParser:
     """A parser with the options both take (--data, --models, --workdir, --set, --reuse); a benchmark adds its own."""
@@ -19,6 +21,15 @@ def options(doc: str, data: Path) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra settings overrides")
     parser.add_argument(
         "--reuse", action="store_true", help="keep WORKDIR's data and trained bundles: only predict and score again"
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="train once per seed (training_args.seed, the U-Net's initial weights; ml_args.seed, the classical "
+        "models' pixel sample and trees), each in WORKDIR/seed-N on the same chips, and print each step's mean and "
+        "spread over them: one training is one draw",
     )
     return parser
 
@@ -33,6 +44,13 @@ def parse(parser: argparse.ArgumentParser, name: str) -> tuple[argparse.Namespac
     if args.reuse and not args.workdir:
         print(f"{name}: --reuse needs the --workdir of an earlier run", file=sys.stderr)
         raise SystemExit(2)
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        print(f"{name}: --seeds {' '.join(map(str, args.seeds))} names a seed twice", file=sys.stderr)
+        raise SystemExit(2)
+    fixed = [item.split("=")[0] for item in args.extra if item.startswith(("training_args.seed=", "ml_args.seed="))]
+    if args.seeds and fixed:
+        print(f"{name}: --seeds sets {' and '.join(fixed)} itself; drop --set {fixed[0]}=...", file=sys.stderr)
+        raise SystemExit(2)
     return args, args.workdir or Path(tempfile.mkdtemp(prefix=f"{name}_"))
 
 
@@ -41,3 +59,32 @@ def run(main: Callable[[list[str]], int], argv: list[str]) -> None:
     code = main(argv)
     if code != 0:
         raise SystemExit(f"{main.__module__} failed with exit {code}")
+
+
+def trainings(args: argparse.Namespace, work: Path) -> list[tuple[str, Path, list[str]]]:
+    """(name, folder, settings overrides) of each training: the one in WORKDIR, or one per --seeds seed in
+    WORKDIR/seed-N with training_args.seed and ml_args.seed N."""
+    if not args.seeds:
+        return [("", work, [])]
+    return [
+        (f"seed {s}", work / f"seed-{s}", ["--set", f"training_args.seed={s}", "--set", f"ml_args.seed={s}"])
+        for s in args.seeds
+    ]
+
+
+def print_spread(runs: list[tuple[str, dict[str, dict[str, float]]]]) -> None:
+    """Each step's mean and standard deviation over the trainings of ``runs`` ((name, {step: {figure: value}})),
+    then every training's value. Nothing with fewer than two."""
+    if len(runs) < 2:
+        return
+    first = runs[0][1]
+    figures = list(next(iter(first.values()))) if first else []
+    print(f"\nover {len(runs)} trainings ({', '.join(name for name, _ in runs)}): mean ± standard deviation [each]")
+    print(f"{'step':<24}" + "".join(f"{f:>{14 + 7 * len(runs)}}" for f in figures))
+    for step in first:
+        cells = []
+        for figure in figures:
+            values = np.array([table[step][figure] for _, table in runs])
+            each = " ".join(f"{v:.3f}" for v in values)
+            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f} [{each}]")
+        print(f"{step:<24}" + "".join(f"{c:>{14 + 7 * len(runs)}}" for c in cells))

@@ -2,7 +2,7 @@
 
     python bench/real_banepa.py [--data ../shared/data/banepa-metal-roofs] [--models unet forest regression]
                                 [--holdout-rows 220247 220248] [--workdir DIR] [--reuse] [--set KEY=VALUE ...]
-                                [--only STEP ...]
+                                [--only STEP ...] [--seeds N ...]
 
 The 48 chips (512 x 512 RGB, about 0.13 m, JPEG inside .tif with .aux.xml georeferencing) tile
 an area 6 chips wide and 8 high; the chips of the held-out tile rows (default the two southern
@@ -32,6 +32,10 @@ polygons lying mostly on unknown buildings dropped). The U-Net steps:
                  "classes majority": each roof the class most of its pixels have (predict_args.roof_class);
                  "classes raw": without the class offsets tuned on validation (predict_args.calibrated_classes)
 
+With --seeds, every model trains once per seed (training_args.seed) into WORKDIR/seed-N from the same
+chips, and a last table gives each step's pixel IoU and polygon F1 as mean ± standard deviation over the
+seeds, with every seed's figure.
+
 The classical models: connected groups, watershed and object filter (trained on metal alone), and
 classes (with the object filter). Then the metal pixel IoU of each class model against its
 one-class twin with the same predict settings (target: at least as high),
@@ -55,7 +59,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import rasterio
 import shapely
-from _real import options, parse, run
+from _real import options, parse, print_spread, run, trainings
 from rasterio.features import rasterize
 
 from chip.chip import main as chip_main
@@ -75,6 +79,9 @@ METAL = ("tin", "metal")
 ATTRIBUTE = "roof:material"
 #: The class map of the class steps: metal roofs, other roofs (concerte: 22 misspelt tags in the set).
 CLASSES = {"metal": ["tin", "metal"], "other_roof": ["concrete", "concerte", "clay_tiles"]}
+#: The mask bands of each experiment's data tree.
+EXPERIMENTS = {"footprint": '["footprint"]', "channels": '["footprint","boundary","contact"]',
+               "classes": '["footprint","boundary","contact"]'}  # fmt: skip
 
 
 def score(folder: Path, holdout: list[Path], metal, unknown, min_m2: float, classified=None) -> dict:
@@ -125,13 +132,11 @@ def main() -> int:
                         "'unet + watershed' 'unet classes')")  # fmt: skip
     args, work = parse(parser, "real_banepa")
     holdout_dir = work / "holdout"
-    experiments = {"footprint": '["footprint"]', "channels": '["footprint","boundary","contact"]',
-                   "classes": '["footprint","boundary","contact"]'}  # fmt: skip
     wanted = set(args.only or ())
     if not args.reuse:
         shutil.rmtree(holdout_dir, ignore_errors=True)
         holdout_dir.mkdir(parents=True)
-        for experiment in experiments:  # a data tree each: the masks differ
+        for experiment in EXPERIMENTS:  # a data tree each: the masks differ
             data = work / experiment
             shutil.rmtree(data, ignore_errors=True)
             for folder in (data / "raw", data / "labels"):
@@ -145,7 +150,6 @@ def main() -> int:
 
     base = [
         "--quiet", "--overwrite",
-        "--set", f"training_args.results_folder={work / 'results'}",
         "--set", "chip_args.source=raw",
         "--set", "load_dataset_args.channels=3",
         "--set", "model_args.input_shape=[256,256,3]",
@@ -157,14 +161,7 @@ def main() -> int:
     for item in args.extra:
         base += ["--set", item]
 
-    buildings = gpd.read_file(args.data / "buildings.geojson")
-    material = buildings[ATTRIBUTE]
-    metal = buildings[material.isin(METAL)]
-    unknown = buildings[material.isna()]
-    ids = np.zeros(len(buildings), np.int64)
-    for k, values in enumerate(CLASSES.values(), start=1):
-        ids[material.isin(values).to_numpy()] = k
-    classified = buildings.assign(class_id=ids)[ids > 0]
+    metal, unknown, classified = materials(gpd.read_file(args.data / "buildings.geojson"))
 
     # (label, experiment, model, predict overrides)
     steps = []
@@ -191,11 +188,36 @@ def main() -> int:
             ]
     steps = [step for step in steps if not wanted or step[0] in wanted]
     prepared: set[str] = set()
+    runs = []
+    for name, folder, seed in trainings(args, work):
+        truth = (metal, unknown, classified)
+        rows = train_and_score(steps, [*base, *seed], work, folder, args, prepared, holdout, holdout_dir, truth)
+        report(rows, name, folder, args, holdout, metal, unknown, classified)
+        runs.append((name, {label: {"pixel IoU": s["iou"], "poly F1": s["poly"]["f1"]} for label, s, *_ in rows}))
+    print_spread(runs)
+    return 0
+
+
+def materials(buildings: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame, gpd.GeoDataFrame]:
+    """The metal roofs, the buildings of unknown material, and those of known material with their class id."""
+    material = buildings[ATTRIBUTE]
+    ids = np.zeros(len(buildings), np.int64)
+    for k, values in enumerate(CLASSES.values(), start=1):
+        ids[material.isin(values).to_numpy()] = k
+    return buildings[material.isin(METAL)], buildings[material.isna()], buildings.assign(class_id=ids)[ids > 0]
+
+
+def train_and_score(steps, base, work, folder, args, prepared, holdout, holdout_dir, truth) -> list:
+    """Prepare each step's data tree in WORKDIR once (``prepared``), train each (experiment, model) once into
+    ``folder``/results, predict the held-out chips into ``folder``/predictions and score them against ``truth``
+    (metal, unknown, classified): (label, scores, train s, predict s, prediction folder) per step."""
+    metal, unknown, classified = truth
     trained: dict[tuple[str, str], float] = {}
     rows = []
     for label, experiment, model, overrides in steps:
         common = [*base, "--set", f"data_root={work / experiment}", "--set", f"experiment={experiment}",
-                  "--set", f"mask_args.targets={experiments[experiment]}"]  # fmt: skip
+                  "--set", f"mask_args.targets={EXPERIMENTS[experiment]}",
+                  "--set", f"training_args.results_folder={folder / 'results'}"]  # fmt: skip
         if experiment == "classes":
             common += ["--set", f"mask_args.classes={json.dumps(CLASSES)}", "--set",
                        f"mask_args.class_attribute={ATTRIBUTE}"]  # fmt: skip
@@ -210,17 +232,22 @@ def main() -> int:
             trained[(experiment, model)] = time.perf_counter() - started
         name = "".join(c if c.isalnum() else "_" for c in label)
         predict = [*common, "--model", model, "--input", str(holdout_dir),
-                   "--set", f"predict_args.output={work / 'predictions' / name}"]  # fmt: skip
+                   "--set", f"predict_args.output={folder / 'predictions' / name}"]  # fmt: skip
         for item in overrides:
             predict += ["--set", item]
         started = time.perf_counter()
         run(predict_main, predict)
-        folder = work / "predictions" / name / experiment / model
-        s = score(folder, holdout, metal, unknown, args.min_m2, classified if experiment == "classes" else None)
-        rows.append((label, s, trained[(experiment, model)], time.perf_counter() - started, folder))
+        out = folder / "predictions" / name / experiment / model
+        s = score(out, holdout, metal, unknown, args.min_m2, classified if experiment == "classes" else None)
+        rows.append((label, s, trained[(experiment, model)], time.perf_counter() - started, out))
+    return rows
 
+
+def report(rows, name, folder, args, holdout, metal, unknown, classified) -> None:
+    """The table of one training's steps, and its overlays in ``folder``."""
     print(
-        f"\nBanepa metal roofs, held-out tile rows {', '.join(args.holdout_rows)} ({len(holdout)} chips, never trained on)"
+        f"\nBanepa metal roofs{', ' + name if name else ''}, held-out tile rows {', '.join(args.holdout_rows)} "
+        f"({len(holdout)} chips, never trained on)"
     )
     print(f"{'step':<24}{'pixel IoU':>10}{'precision':>11}{'recall':>8}{'poly F1':>9}{'poly P':>8}{'poly R':>8}"
           f"{'matched':>9}{'material':>10}{'train s':>9}{'predict s':>11}")  # fmt: skip
@@ -241,14 +268,13 @@ def main() -> int:
     print(f"poly F1: SpaceNet polygon F1 against the OSM metal-roof polygons (IoU >= 0.5, under {args.min_m2} m2 "
           "ignored; buildings without roof:material are unknown and kept out). Targets: pixel IoU >= 0.6, poly F1 >= 0.5")  # fmt: skip
     best = max(rows, key=lambda r: r[1]["poly"]["f1"])
-    overlay(best[4], best[0], holdout, metal, unknown, work / "banepa_overlay.png")
-    print(f"overlay of the best step ({best[0]}): {work / 'banepa_overlay.png'}")
+    overlay(best[4], best[0], holdout, metal, unknown, folder / "banepa_overlay.png")
+    print(f"overlay of the best step ({best[0]}): {folder / 'banepa_overlay.png'}")
     classed = [r for r in rows if "material" in r[1]]
     if classed:
         top = max(classed, key=lambda r: r[1]["iou"])
-        overlay_classes(top[4], top[0], holdout, classified, work / "banepa_classes.png")
-        print(f"the roofs' classes of the best class step ({top[0]}): {work / 'banepa_classes.png'}")
-    return 0
+        overlay_classes(top[4], top[0], holdout, classified, folder / "banepa_classes.png")
+        print(f"the roofs' classes of the best class step ({top[0]}): {folder / 'banepa_classes.png'}")
 
 
 def overlay_classes(folder: Path, label: str, holdout: list[Path], classified, path: Path, n: int = 4) -> None:

@@ -1,13 +1,16 @@
 """The pipeline on real imagery: SpaceNet Rio, train on some tiles, predict held-out neighbours.
 
     python bench/real_rio.py [--data ../shared/data/spacenet-rio] [--models unet forest regression]
-                             [--holdout rio_img52 rio_img54] [--workdir DIR]
+                             [--holdout rio_img52 rio_img54] [--workdir DIR] [--reuse] [--set KEY=VALUE ...]
+                             [--seeds N ...]
 
 Runs chip -> mask -> split -> train on every tile but the held-out ones (3-band uint8,
 EPSG:4326, 438 x 406 px; chips of the default size with half-chip stride), predicts the
 held-out tiles whole (sliding windows) with each model's bundle, and scores them against
 the rasterized building polygons: pixel IoU, F1, precision, recall and object F1 per model. Prints a
 table and writes overlays (image, truth, prediction) to WORKDIR/rio_overlay_MODEL.png.
+With --seeds, each model trains once per seed (training_args.seed) into WORKDIR/seed-N from the
+same chips, and a last table gives the mean ± standard deviation of each figure over the seeds.
 DESIGN.md's figures to beat on this data: U-Net 0.32 pixel IoU, forest 0.22, regression 0.30.
 """
 
@@ -25,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import rasterio
 import shapely
-from _real import options, parse, run
+from _real import options, parse, print_spread, run, trainings
 from rasterio.features import rasterize
 
 from chip.chip import main as chip_main
@@ -68,10 +71,6 @@ def main() -> int:
         "--set",
         f"data_root={data}",
         "--set",
-        f"training_args.results_folder={work / 'results'}",
-        "--set",
-        f"predict_args.output={work / 'predictions'}",
-        "--set",
         "experiment=rio",
         "--set",
         "chip_args.source=raw",
@@ -91,53 +90,25 @@ def main() -> int:
             run(stage, common)
 
     buildings = gpd.read_file(args.data / "buildings.geojson")
-    rows = []
-    for model in args.models:
-        started = time.perf_counter()
-        if not args.reuse:
-            run(train_main, [*common, "--model", model])
-        train_s = time.perf_counter() - started
-        run(predict_main, [*common, "--model", model, "--input", str(data / "holdout")])
-        total = Confusion()
-        objects = MatchCounts()
-        poly_ws, poly_cc = MatchCounts(), MatchCounts()
-        pictures = []
-        for name in args.holdout:
-            image, profile = read_raster(data / "holdout" / f"{name}.tif")
-            truth = rasterize(buildings.geometry, out_shape=image.shape[1:], transform=profile["transform"]) > 0
-            pred, _ = read_raster(work / "predictions" / "rio" / model / "masks" / f"{name}.tif")
-            c = Confusion().add(truth, pred[0] > 0)
-            total.merge(c)
-            objects.merge(match_objects(truth, pred[0] > 0, EvaluateArgs()))
-            pictures.append((name, image, truth, pred[0] > 0, c.scores()["iou"]))
-            # Polygons, as SpaceNet scores them: the watershed's roofs, and the mask's connected groups.
-            tile = shapely.box(*rasterio.transform.array_bounds(*image.shape[1:], profile["transform"]))
-            true_polys = at_least_m2(clip_to(buildings, tile), MIN_M2)
-            roofs = gpd.read_file(work / "predictions" / "rio" / model / "roofs.gpkg")
-            watershed = at_least_m2(
-                roofs[roofs["source"] == f"{name}.tif"].set_crs(buildings.crs, allow_override=True), MIN_M2
-            )
-            groups = gpd.GeoSeries(
-                polygonize(work / "predictions" / "rio" / model / "masks" / f"{name}.tif"), crs=buildings.crs
-            )
-            components = at_least_m2(gpd.GeoDataFrame(geometry=groups), MIN_M2)
-            poly_ws.merge(match_polygons(list(true_polys.geometry), list(watershed.geometry))[0])
-            poly_cc.merge(match_polygons(list(true_polys.geometry), list(components.geometry))[0])
-        rows.append(
-            (model, total.scores(), objects.scores()["f1"], poly_cc.scores()["f1"], poly_ws.scores()["f1"], train_s)
-        )
-        overlay(pictures, model, work / f"rio_overlay_{model}.png")
-
-    print(f"\nSpaceNet Rio, held-out tiles {', '.join(args.holdout)} (trained on the others)")
-    print(
-        f"{'model':<12}{'pixel IoU':>10}{'F1':>8}{'precision':>11}{'recall':>8}{'object F1':>11}"
-        f"{'poly F1 cc':>12}{'poly F1 ws':>12}{'train s':>9}"
-    )
-    for model, s, obj, pcc, pws, secs in rows:
+    runs = []
+    for name, folder, seed in trainings(args, work):
+        rows = train_and_score([*common, *seed], folder, data / "holdout", args, buildings)
         print(
-            f"{model:<12}{s['iou']:>10.3f}{s['f1']:>8.3f}{s['precision']:>11.3f}{s['recall']:>8.3f}{obj:>11.3f}"
-            f"{pcc:>12.3f}{pws:>12.3f}{secs:>9.0f}"
+            f"\nSpaceNet Rio{', ' + name if name else ''}, held-out tiles {', '.join(args.holdout)} (trained on the others)"
         )
+        print(
+            f"{'model':<12}{'pixel IoU':>10}{'F1':>8}{'precision':>11}{'recall':>8}{'object F1':>11}"
+            f"{'poly F1 cc':>12}{'poly F1 ws':>12}{'train s':>9}"
+        )
+        for model, s, obj, pcc, pws, secs in rows:
+            print(
+                f"{model:<12}{s['iou']:>10.3f}{s['f1']:>8.3f}{s['precision']:>11.3f}{s['recall']:>8.3f}{obj:>11.3f}"
+                f"{pcc:>12.3f}{pws:>12.3f}{secs:>9.0f}"
+            )
+        table = {
+            model: {"pixel IoU": s["iou"], "object F1": obj, "poly F1 ws": pws} for model, s, obj, _, pws, _ in rows
+        }
+        runs.append((name, table))
     print(
         "object F1 as evaluate.py scores it: 4-connected objects of the masks, matched at IoU >= 0.5, under 20 px ignored"
     )
@@ -149,8 +120,53 @@ def main() -> int:
         "DESIGN.md, same data: keras-unet recipe 0.32 pixel IoU (object F1 0.04), forest 0.22 (0.00), "
         "regression 0.30 (0.01)"
     )
-    print(f"overlays: {work}/rio_overlay_*.png")
+    print(f"overlays: {work}/{'seed-*/' if args.seeds else ''}rio_overlay_*.png")
+    print_spread(runs)
     return 0
+
+
+def train_and_score(common: list[str], folder: Path, holdout: Path, args, buildings: gpd.GeoDataFrame) -> list:
+    """Train each model into ``folder``/results, predict the held-out tiles (in ``holdout``) into
+    ``folder``/predictions, score them and draw ``folder``/rio_overlay_MODEL.png: (model, pixel scores, object F1,
+    polygon F1 of the connected groups, polygon F1 of the watershed, train s) per model."""
+    common = [*common, "--set", f"training_args.results_folder={folder / 'results'}",
+              "--set", f"predict_args.output={folder / 'predictions'}"]  # fmt: skip
+    rows = []
+    for model in args.models:
+        started = time.perf_counter()
+        if not args.reuse:
+            run(train_main, [*common, "--model", model])
+        train_s = time.perf_counter() - started
+        run(predict_main, [*common, "--model", model, "--input", str(holdout)])
+        out = folder / "predictions" / "rio" / model
+        total = Confusion()
+        objects = MatchCounts()
+        poly_ws, poly_cc = MatchCounts(), MatchCounts()
+        pictures = []
+        for name in args.holdout:
+            image, profile = read_raster(holdout / f"{name}.tif")
+            truth = rasterize(buildings.geometry, out_shape=image.shape[1:], transform=profile["transform"]) > 0
+            pred, _ = read_raster(out / "masks" / f"{name}.tif")
+            c = Confusion().add(truth, pred[0] > 0)
+            total.merge(c)
+            objects.merge(match_objects(truth, pred[0] > 0, EvaluateArgs()))
+            pictures.append((name, image, truth, pred[0] > 0, c.scores()["iou"]))
+            # Polygons, as SpaceNet scores them: the watershed's roofs, and the mask's connected groups.
+            tile = shapely.box(*rasterio.transform.array_bounds(*image.shape[1:], profile["transform"]))
+            true_polys = at_least_m2(clip_to(buildings, tile), MIN_M2)
+            roofs = gpd.read_file(out / "roofs.gpkg")
+            watershed = at_least_m2(
+                roofs[roofs["source"] == f"{name}.tif"].set_crs(buildings.crs, allow_override=True), MIN_M2
+            )
+            groups = gpd.GeoSeries(polygonize(out / "masks" / f"{name}.tif"), crs=buildings.crs)
+            components = at_least_m2(gpd.GeoDataFrame(geometry=groups), MIN_M2)
+            poly_ws.merge(match_polygons(list(true_polys.geometry), list(watershed.geometry))[0])
+            poly_cc.merge(match_polygons(list(true_polys.geometry), list(components.geometry))[0])
+        rows.append(
+            (model, total.scores(), objects.scores()["f1"], poly_cc.scores()["f1"], poly_ws.scores()["f1"], train_s)
+        )
+        overlay(pictures, model, folder / f"rio_overlay_{model}.png")
+    return rows
 
 
 def overlay(pictures: list, model: str, path: Path) -> None:

@@ -127,6 +127,14 @@ class LoadDatasetArgs(Section):
     )
     shear_range: float = Field(0.0, ge=0.0, le=45.0, description="Random shear augmentation, degrees (0 = off).")
     zoom_range: float = Field(0.0, ge=0.0, lt=1.0, description="Random zoom augmentation, fraction (0 = off).")
+    hue_range: float = Field(
+        0.0,
+        ge=0.0,
+        le=180.0,
+        description="Random hue turn of the first three bands (red, green, blue), degrees either way (0 = off): "
+        "the colours turn about the grey axis, so grey stays grey and a blue roof may become red or green. "
+        "Needs at least 3 bands.",
+    )
     horizontal_flip: bool = Field(True, description="Random left-right flips.")
     vertical_flip: bool = Field(True, description="Random up-down flips.")
     rotate90: bool = Field(True, description="Random 90-degree rotations.")

@@ -27,7 +27,7 @@ from core.tree import DataTree  # noqa: E402
 from predict.predict import predict_all, predict_raster  # noqa: E402
 from unet import losses  # noqa: E402
 from unet.bundle import UNetPredictor  # noqa: E402
-from unet.datagen import ChipSequence, augment, read_mask, warp  # noqa: E402
+from unet.datagen import ChipSequence, augment, read_mask, turn_hue, warp  # noqa: E402
 from unet.metrics import F1, IoU, Precision, PredShare, Recall, TrueShare  # noqa: E402
 from unet.model import build_model, pad_multiple  # noqa: E402
 
@@ -214,6 +214,37 @@ def test_augmentation_moves_image_and_mask_together() -> None:
         assert set(np.unique(ay).tolist()) <= {0.0, 1.0}  # nearest neighbour only for the mask
         roof = ay[..., 0] == 1
         assert ax[..., 0][roof].mean() > 3 * max(ax[..., 0][~roof].mean(), 0.1)
+
+
+def test_hue_turn_keeps_grey_and_brightness_and_cycles_the_colours() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.random((6, 5, 4)).astype(np.float32)
+    third = turn_hue(x, 2 * math.pi / 3)  # red -> green -> blue -> red
+    np.testing.assert_allclose(third[..., [1, 2, 0]], x[..., [0, 1, 2]], atol=1e-6)
+    assert third[..., 3].tobytes() == x[..., 3].tobytes()  # a fourth band (near infrared) is not a colour
+    np.testing.assert_array_equal(turn_hue(x, 0.0), x)
+    for angle in (0.3, -1.2, math.pi):
+        turned = turn_hue(x, angle)
+        np.testing.assert_allclose(turned[..., :3].mean(-1), x[..., :3].mean(-1), atol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(turned[..., :3] - turned[..., :3].mean(-1, keepdims=True), axis=-1),
+                                   np.linalg.norm(x[..., :3] - x[..., :3].mean(-1, keepdims=True), axis=-1), atol=1e-6)  # fmt: skip
+    grey = np.full((2, 2, 3), 0.4, np.float32)
+    np.testing.assert_allclose(turn_hue(grey, 1.0), grey, atol=1e-6)
+    with pytest.raises(DataError, match=r"hue_range turns red, green and blue, but the chips have 2 band\(s\)"):
+        turn_hue(x[..., :2], 1.0)
+
+
+def test_hue_augmentation_turns_the_image_only_and_leaves_the_other_draws_alone() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.random((16, 16, 3)).astype(np.float32)
+    y = (rng.random((16, 16, 1)) > 0.5).astype(np.float32)
+    plain, hued = LoadDatasetArgs(zoom_range=0.2), LoadDatasetArgs(zoom_range=0.2, hue_range=180.0)
+    for seed in range(6):
+        px, py = augment(x, y, np.random.default_rng(seed), plain)
+        hx, hy = augment(x, y, np.random.default_rng(seed), hued)
+        assert hy.tobytes() == py.tobytes()  # the hue is drawn last: flips, turns and zoom as without it
+        np.testing.assert_allclose(hx.mean(-1), px.mean(-1), atol=1e-6)
+        assert not np.allclose(hx, px, atol=1e-3)
 
 
 @pytest.mark.parametrize("shear_deg, zoom", [(0.0, 1.0), (10.0, 1.0), (-8.0, 0.85), (5.0, 1.2)])
@@ -425,6 +456,22 @@ def test_training_refuses_a_band_count_other_than_channels(tiny, settings_file: 
     with pytest.raises(
         DataError, match=r"chips have 3 bands \(train_0.tif\) but the settings say 4 \(load_dataset_args.channels"
     ):
+        train_unet(settings, tree)
+
+
+def test_training_refuses_hue_turns_of_chips_without_three_bands(tiny, settings_file: Path) -> None:
+    from unet.train import train_unet
+
+    _, tree, _, overrides = tiny
+    for frame in [*tree.list_rasters(tree.frames("train")), *tree.list_rasters(tree.frames("val"))]:
+        image, _ = read_raster(frame)
+        write_tif(frame, image[:2])
+    settings = load_settings(
+        settings_file,
+        [*overrides, "load_dataset_args.channels=2", "model_args.input_shape=[64,64,2]",
+         "load_dataset_args.hue_range=30"],
+    )  # fmt: skip
+    with pytest.raises(DataError, match=r"^load_dataset_args.hue_range turns .* chips have 2 band\(s\); set it to 0$"):
         train_unet(settings, tree)
 
 

@@ -88,7 +88,27 @@ def augment(
         shear = math.radians(rng.uniform(-args.shear_range, args.shear_range))
         zoom = rng.uniform(1 - args.zoom_range, 1 + args.zoom_range)
         x, y = warp(x, shear, zoom, order=1), warp(y, shear, zoom, order=0)
+    if args.hue_range > 0:
+        x = turn_hue(x, math.radians(rng.uniform(-args.hue_range, args.hue_range)))
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+def turn_hue(x: np.ndarray, angle: float) -> np.ndarray:
+    """``x`` (rows, cols, bands) with the colour of its first three bands (red, green, blue) turned by ``angle``
+    radians about the grey axis (1, 1, 1): grey stays grey, brightness (the bands' mean) is kept, and a turn of
+    2*pi/3 sends red to green and green to blue. The other bands are untouched."""
+    if x.shape[-1] < 3:
+        raise DataError(
+            f"load_dataset_args.hue_range turns red, green and blue, but the chips have {x.shape[-1]} band(s); "
+            "set it to 0"
+        )
+    # Rodrigues' rotation about the unit vector (1, 1, 1)/sqrt(3).
+    c, s = math.cos(angle), math.sin(angle)
+    a, b = (1 - c) / 3, s / math.sqrt(3)
+    turn = np.array([[c + a, a - b, a + b], [a + b, c + a, a - b], [a - b, a + b, c + a]], dtype=x.dtype)
+    out = x.copy()
+    out[..., :3] = x[..., :3] @ turn.T
+    return out
 
 
 def warp(a: np.ndarray, shear: float, zoom: float, order: int) -> np.ndarray:

@@ -243,6 +243,10 @@ def train_unet(
     val_frames, val_masks = [c for c, _ in val_pairs], [m for _, m in val_pairs]
     # One nodata value for the normalization: the one every chip that declares one agrees on.
     bands, dtype, nodata = chip_kind(train_frames + val_frames, settings.bands)
+    if settings.load_dataset_args.hue_range > 0 and bands < 3:
+        raise DataError(
+            f"load_dataset_args.hue_range turns red, green and blue, but the chips have {bands} band(s); set it to 0"
+        )
 
     from unet.datagen import mask_targets
 

@@ -1,0 +1,65 @@
+"""The real-data benchmarks' shared options (bench/_real.py): --seeds, its refusals, and the spread table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from _real import options, parse, print_spread, trainings
+
+
+def parsed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *argv: str):
+    (tmp_path / "buildings.geojson").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["real_x.py", "--data", str(tmp_path), "--workdir", str(tmp_path / "w"), *argv])
+    return parse(options("Benchmark.", tmp_path), "real_x")
+
+
+def test_seeds_give_one_training_folder_and_seed_each(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    args, work = parsed(monkeypatch, tmp_path, "--seeds", "3", "0")
+    assert trainings(args, work) == [
+        ("seed 3", work / "seed-3", ["--set", "training_args.seed=3", "--set", "ml_args.seed=3"]),
+        ("seed 0", work / "seed-0", ["--set", "training_args.seed=0", "--set", "ml_args.seed=0"]),
+    ]
+    args, work = parsed(monkeypatch, tmp_path, "--set", "training_args.seed=4")
+    assert trainings(args, work) == [("", work, [])]  # without --seeds: WORKDIR itself, settings as given
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "1", "2", "1"], "real_x: --seeds 1 2 1 names a seed twice\n"),
+        (
+            ["--seeds", "1", "2", "--set", "ml_args.seed=5"],
+            "real_x: --seeds sets ml_args.seed itself; drop --set ml_args.seed=...\n",
+        ),
+        (
+            ["--seeds", "1", "--set", "training_args.seed=5", "--set", "ml_args.seed=5"],
+            "real_x: --seeds sets training_args.seed and ml_args.seed itself; drop --set training_args.seed=...\n",
+        ),
+    ],
+)
+def test_seeds_refused(monkeypatch, tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as stop:
+        parsed(monkeypatch, tmp_path, *argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == message
+
+
+def test_spread_table_gives_mean_sample_deviation_and_each_run(capsys) -> None:
+    runs = [
+        ("seed 0", {"unet": {"pixel IoU": 0.40, "poly F1": 0.30}, "forest": {"pixel IoU": 0.30, "poly F1": 0.10}}),
+        ("seed 1", {"unet": {"pixel IoU": 0.50, "poly F1": 0.20}, "forest": {"pixel IoU": 0.30, "poly F1": 0.10}}),
+    ]
+    print_spread(runs)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "over 2 trainings (seed 0, seed 1): mean ± standard deviation [each]"
+    assert lines[2].split() == ["step", "pixel", "IoU", "poly", "F1"]
+    assert lines[3].split() == ["unet", "0.450", "±", "0.071", "[0.400", "0.500]", "0.250", "±", "0.071", "[0.300",
+                                "0.200]"]  # fmt: skip
+    assert lines[4].split() == ["forest", "0.300", "±", "0.000", "[0.300", "0.300]", "0.100", "±", "0.000", "[0.100",
+                                "0.100]"]  # fmt: skip
+    print_spread(runs[:1])  # one training has no spread
+    assert capsys.readouterr().out == ""
