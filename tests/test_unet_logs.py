@@ -4,6 +4,7 @@ and logs that are not results (removing them leaves the training done)."""
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -177,3 +178,6 @@ def test_the_learning_rate_follows_the_schedule_set(
         expected = [0.002 * (0.01 + 0.99 * (1 + math.cos(math.pi * k / 3)) / 2) for k in (1, 2, 3)]
     assert rates == pytest.approx(expected, rel=1e-5)
     assert rates[-1] == pytest.approx(0.00002 if schedule == "cosine" else 0.002, rel=1e-5)
+    with open(tmp_path / "results" / "lr" / "unet" / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    assert [float(row["learning_rate"]) for row in history] == pytest.approx(expected, rel=1e-5)

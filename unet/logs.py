@@ -68,6 +68,16 @@ def pick_chips(frames: list[Path], masks: list[Path], n: int = SHOWN) -> list[in
     return with_roofs or list(range(min(n, len(frames))))
 
 
+class RateInHistory(keras.callbacks.Callback):
+    """Puts the optimizer's learning rate at the end of each epoch into the epoch's logs, so history.csv has
+    the column for a schedule of the optimizer's own (cosine), as ReduceLROnPlateau adds it for its own.
+    Put it before the CSVLogger."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
 class EpochLogs(keras.callbacks.Callback):
     """Writes the epoch's scalars (and every ``images_every`` epochs the validation images) to TensorBoard.
 

@@ -384,18 +384,16 @@ def train_unet(
         features={"architecture": settings.model_args.architecture},
         settings=settings.model_dump(mode="json"),
     )
-    plateau = (  # (a cosine schedule is the optimizer's own: _learning_rate)
-        [
-            keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss",
-                factor=0.5,
-                patience=max(2, args.patience // 2),
-                min_lr=args.learning_rate / 100,
-                verbose=0,
-            )
-        ]
+    schedule = (  # a cosine schedule is the optimizer's own (_learning_rate): only its rate is logged
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss",
+            factor=0.5,
+            patience=max(2, args.patience // 2),
+            min_lr=args.learning_rate / 100,
+            verbose=0,
+        )
         if args.lr_schedule == "plateau"
-        else []
+        else logs.RateInHistory()
     )
     callbacks = [
         keras.callbacks.ModelCheckpoint(
@@ -404,7 +402,7 @@ def train_unet(
         keras.callbacks.EarlyStopping(
             monitor="val_iou", mode="max", patience=args.patience, restore_best_weights=True, verbose=0
         ),
-        *plateau,
+        schedule,  # before the CSVLogger: both put the epoch's learning rate in history.csv
         keras.callbacks.CSVLogger(out / "history.csv", append=done_epochs > 0),
         monitor,
     ]
