@@ -11,6 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+#: Settings the benchmarks set themselves: folders under WORKDIR (a seed's own with --seeds).
+OWNED = ("data_root", "training_args.results_folder", "predict_args.output")
+#: The seeds --seeds sets: the U-Net's weights, its chips' order and augmentation, the classical models.
+SEEDS = ("training_args.seed", "load_dataset_args.seed", "ml_args.seed")
+
 
 def options(doc: str, data: Path) -> argparse.ArgumentParser:
     """A parser with the options both take (--data, --models, --workdir, --set, --reuse); a benchmark adds its own."""
@@ -27,16 +32,17 @@ def options(doc: str, data: Path) -> argparse.ArgumentParser:
         nargs="+",
         type=int,
         metavar="N",
-        help="train once per seed (training_args.seed, the U-Net's initial weights; ml_args.seed, the classical "
-        "models' pixel sample and trees), each in WORKDIR/seed-N on the same chips, and print each step's mean and "
-        "spread over them: one training is one draw",
+        help="train once per seed (training_args.seed and load_dataset_args.seed: the U-Net's initial weights, "
+        "chip order and augmentation; ml_args.seed: the classical models' pixel sample and trees), each in "
+        "WORKDIR/seed-N on the same chips, and print each step's mean and spread over them: one training is one draw",
     )
     return parser
 
 
 def parse(parser: argparse.ArgumentParser, name: str) -> tuple[argparse.Namespace, Path]:
     """The options and the working folder (--workdir, else a new temporary one). Exits 1 when --data holds
-    no buildings.geojson, 2 when --reuse comes without the --workdir of an earlier run."""
+    no buildings.geojson; 2 when --reuse comes without the --workdir of an earlier run (or its seed-N folders),
+    when --seeds names a seed twice or comes with --set of a seed it sets, or --set names a folder of OWNED."""
     args = parser.parse_args()
     if not (args.data / "buildings.geojson").is_file():
         print(f"{name}: {args.data} has no buildings.geojson", file=sys.stderr)
@@ -47,11 +53,23 @@ def parse(parser: argparse.ArgumentParser, name: str) -> tuple[argparse.Namespac
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         print(f"{name}: --seeds {' '.join(map(str, args.seeds))} names a seed twice", file=sys.stderr)
         raise SystemExit(2)
-    fixed = [item.split("=")[0] for item in args.extra if item.startswith(("training_args.seed=", "ml_args.seed="))]
+    keys = [item.split("=")[0].strip() for item in args.extra]
+    owned = [k for k in keys if k in OWNED]
+    if owned:
+        print(f"{name}: the benchmark puts {owned[0]} under WORKDIR itself; drop --set {owned[0]}=... and give "
+              "--workdir", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+    fixed = [k for k in keys if k in SEEDS]
     if args.seeds and fixed:
         print(f"{name}: --seeds sets {' and '.join(fixed)} itself; drop --set {fixed[0]}=...", file=sys.stderr)
         raise SystemExit(2)
-    return args, args.workdir or Path(tempfile.mkdtemp(prefix=f"{name}_"))
+    work = args.workdir or Path(tempfile.mkdtemp(prefix=f"{name}_"))
+    missing = [f"seed-{s}" for s in args.seeds or () if not (work / f"seed-{s}").is_dir()]
+    if args.reuse and missing:
+        print(f"{name}: --reuse --seeds: {work} has no {', '.join(missing)} (made by an earlier run with these --seeds)",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+    return args, work
 
 
 def run(main: Callable[[list[str]], int], argv: list[str]) -> None:
@@ -63,12 +81,11 @@ def run(main: Callable[[list[str]], int], argv: list[str]) -> None:
 
 def trainings(args: argparse.Namespace, work: Path) -> list[tuple[str, Path, list[str]]]:
     """(name, folder, settings overrides) of each training: the one in WORKDIR, or one per --seeds seed in
-    WORKDIR/seed-N with training_args.seed and ml_args.seed N."""
+    WORKDIR/seed-N with every seed of SEEDS N."""
     if not args.seeds:
         return [("", work, [])]
     return [
-        (f"seed {s}", work / f"seed-{s}", ["--set", f"training_args.seed={s}", "--set", f"ml_args.seed={s}"])
-        for s in args.seeds
+        (f"seed {s}", work / f"seed-{s}", [a for key in SEEDS for a in ("--set", f"{key}={s}")]) for s in args.seeds
     ]
 
 

@@ -32,7 +32,8 @@ polygons lying mostly on unknown buildings dropped). The U-Net steps:
                  "classes majority": each roof the class most of its pixels have (predict_args.roof_class);
                  "classes raw": without the class offsets tuned on validation (predict_args.calibrated_classes)
 
-With --seeds, every model trains once per seed (training_args.seed) into WORKDIR/seed-N from the same
+With --seeds, every model trains once per seed (training_args.seed, load_dataset_args.seed and
+ml_args.seed) into WORKDIR/seed-N from the same
 chips, and a last table gives each step's pixel IoU and polygon F1 as mean ± standard deviation over the
 seeds, with every seed's figure.
 

@@ -9,8 +9,10 @@ EPSG:4326, 438 x 406 px; chips of the default size with half-chip stride), predi
 held-out tiles whole (sliding windows) with each model's bundle, and scores them against
 the rasterized building polygons: pixel IoU, F1, precision, recall and object F1 per model. Prints a
 table and writes overlays (image, truth, prediction) to WORKDIR/rio_overlay_MODEL.png.
-With --seeds, each model trains once per seed (training_args.seed) into WORKDIR/seed-N from the
-same chips, and a last table gives the mean ± standard deviation of each figure over the seeds.
+With --seeds, each model trains once per seed (training_args.seed, load_dataset_args.seed and
+ml_args.seed) into WORKDIR/seed-N from the
+same chips, and a last table gives the mean ± standard deviation over the seeds of pixel IoU, object F1
+and polygon F1 by watershed.
 DESIGN.md's figures to beat on this data: U-Net 0.32 pixel IoU, forest 0.22, regression 0.30.
 """
 

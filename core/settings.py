@@ -131,9 +131,9 @@ class LoadDatasetArgs(Section):
         0.0,
         ge=0.0,
         le=180.0,
-        description="Random hue turn of the first three bands (red, green, blue), degrees either way (0 = off): "
-        "the colours turn about the grey axis, so grey stays grey and a blue roof may become red or green. "
-        "Needs at least 3 bands.",
+        description="Random hue turn of the red, green and blue bands (the first three; of 8 bands, WorldView-3's "
+        "5th, 3rd and 2nd), degrees either way (0 = off): the normalized colours turn about the grey axis, so grey "
+        "stays grey and a blue roof may become red or green. Needs at least 3 bands.",
     )
     horizontal_flip: bool = Field(True, description="Random left-right flips.")
     vertical_flip: bool = Field(True, description="Random up-down flips.")

@@ -17,11 +17,12 @@ def parsed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *argv: str):
     return parse(options("Benchmark.", tmp_path), "real_x")
 
 
-def test_seeds_give_one_training_folder_and_seed_each(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_seeds_give_each_training_its_folder_and_seeds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     args, work = parsed(monkeypatch, tmp_path, "--seeds", "3", "0")
+    seeded = ["--set", "training_args.seed={0}", "--set", "load_dataset_args.seed={0}", "--set", "ml_args.seed={0}"]
     assert trainings(args, work) == [
-        ("seed 3", work / "seed-3", ["--set", "training_args.seed=3", "--set", "ml_args.seed=3"]),
-        ("seed 0", work / "seed-0", ["--set", "training_args.seed=0", "--set", "ml_args.seed=0"]),
+        ("seed 3", work / "seed-3", [a.format(3) for a in seeded]),
+        ("seed 0", work / "seed-0", [a.format(0) for a in seeded]),
     ]
     args, work = parsed(monkeypatch, tmp_path, "--set", "training_args.seed=4")
     assert trainings(args, work) == [("", work, [])]  # without --seeds: WORKDIR itself, settings as given
@@ -36,12 +37,27 @@ def test_seeds_give_one_training_folder_and_seed_each(monkeypatch: pytest.Monkey
             "real_x: --seeds sets ml_args.seed itself; drop --set ml_args.seed=...\n",
         ),
         (
-            ["--seeds", "1", "--set", "training_args.seed=5", "--set", "ml_args.seed=5"],
-            "real_x: --seeds sets training_args.seed and ml_args.seed itself; drop --set training_args.seed=...\n",
+            ["--seeds", "1", "--set", "load_dataset_args.seed=5", "--set", "ml_args.seed=5"],
+            "real_x: --seeds sets load_dataset_args.seed and ml_args.seed itself; drop --set load_dataset_args.seed=...\n",
         ),
+        (
+            ["--set", "training_args.epochs=3", "--set", "training_args.results_folder=/elsewhere"],
+            "real_x: the benchmark puts training_args.results_folder under WORKDIR itself; drop --set "
+            "training_args.results_folder=... and give --workdir\n",
+        ),
+        (
+            ["--set", "predict_args.output=/elsewhere"],
+            "real_x: the benchmark puts predict_args.output under WORKDIR itself; drop --set predict_args.output=... "
+            "and give --workdir\n",
+        ),
+        (["--reuse"], None),  # filled in below: needs the tmp_path
     ],
 )
-def test_seeds_refused(monkeypatch, tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+def test_refused(monkeypatch, tmp_path: Path, capsys, argv: list[str], message: str | None) -> None:
+    if message is None:  # --reuse --seeds on a WORKDIR without one of their folders
+        (tmp_path / "w" / "seed-4").mkdir(parents=True)
+        argv = [*argv, "--seeds", "4", "5", "6"]
+        message = f"real_x: --reuse --seeds: {tmp_path / 'w'} has no seed-5, seed-6 (made by an earlier run with these --seeds)\n"
     with pytest.raises(SystemExit) as stop:
         parsed(monkeypatch, tmp_path, *argv)
     assert stop.value.code == 2

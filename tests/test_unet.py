@@ -223,20 +223,31 @@ def test_hue_turn_keeps_grey_and_brightness_and_cycles_the_colours() -> None:
     np.testing.assert_allclose(third[..., [1, 2, 0]], x[..., [0, 1, 2]], atol=1e-6)
     assert third[..., 3].tobytes() == x[..., 3].tobytes()  # a fourth band (near infrared) is not a colour
     np.testing.assert_array_equal(turn_hue(x, 0.0), x)
+    pale = 0.25 + 0.5 * x[..., :3]  # pale colours: a turn stays inside 0..1, so nothing is clipped
     for angle in (0.3, -1.2, math.pi):
-        turned = turn_hue(x, angle)
-        np.testing.assert_allclose(turned[..., :3].mean(-1), x[..., :3].mean(-1), atol=1e-6)
-        np.testing.assert_allclose(np.linalg.norm(turned[..., :3] - turned[..., :3].mean(-1, keepdims=True), axis=-1),
-                                   np.linalg.norm(x[..., :3] - x[..., :3].mean(-1, keepdims=True), axis=-1), atol=1e-6)  # fmt: skip
+        turned = turn_hue(pale, angle)
+        np.testing.assert_allclose(turned.mean(-1), pale.mean(-1), atol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(turned - turned.mean(-1, keepdims=True), axis=-1),
+                                   np.linalg.norm(pale - pale.mean(-1, keepdims=True), axis=-1), atol=1e-6)  # fmt: skip
     grey = np.full((2, 2, 3), 0.4, np.float32)
     np.testing.assert_allclose(turn_hue(grey, 1.0), grey, atol=1e-6)
-    with pytest.raises(DataError, match=r"hue_range turns red, green and blue, but the chips have 2 band\(s\)"):
+    # Saturated colours leave 0..1 when turned: with limits (percentile normalization) clipped to them.
+    red = np.array([[[1.0, 0.0, 0.0]]], np.float32)
+    np.testing.assert_allclose(turn_hue(red, math.pi), [[[-1 / 3, 2 / 3, 2 / 3]]], atol=1e-6)
+    np.testing.assert_allclose(turn_hue(red, math.pi, (0.0, 1.0)), [[[0.0, 2 / 3, 2 / 3]]], atol=1e-6)  # cyan
+    # Of 8 bands (WorldView-3), red, green and blue are the 5th, 3rd and 2nd.
+    eight = rng.random((3, 3, 8)).astype(np.float32)
+    turned = turn_hue(eight, 2 * math.pi / 3)
+    np.testing.assert_allclose(turned[..., [2, 1, 4]], eight[..., [4, 2, 1]], atol=1e-6)
+    untouched = [0, 3, 5, 6, 7]
+    assert turned[..., untouched].tobytes() == eight[..., untouched].tobytes()
+    with pytest.raises(DataError, match=r"^a hue turn needs red, green and blue bands, not 2$"):
         turn_hue(x[..., :2], 1.0)
 
 
 def test_hue_augmentation_turns_the_image_only_and_leaves_the_other_draws_alone() -> None:
     rng = np.random.default_rng(5)
-    x = rng.random((16, 16, 3)).astype(np.float32)
+    x = (0.25 + 0.5 * rng.random((16, 16, 3))).astype(np.float32)  # pale: no turn leaves 0..1, none is clipped
     y = (rng.random((16, 16, 1)) > 0.5).astype(np.float32)
     plain, hued = LoadDatasetArgs(zoom_range=0.2), LoadDatasetArgs(zoom_range=0.2, hue_range=180.0)
     for seed in range(6):
@@ -245,6 +256,13 @@ def test_hue_augmentation_turns_the_image_only_and_leaves_the_other_draws_alone(
         assert hy.tobytes() == py.tobytes()  # the hue is drawn last: flips, turns and zoom as without it
         np.testing.assert_allclose(hx.mean(-1), px.mean(-1), atol=1e-6)
         assert not np.allclose(hx, px, atol=1e-3)
+    saturated = np.zeros((4, 4, 3), np.float32)
+    saturated[..., 0] = 1.0
+    turned = [augment(saturated, y[:4, :4], np.random.default_rng(seed), hued)[0] for seed in range(6)]
+    assert min(t.min() for t in turned) == 0.0  # a turned pure red goes below 0 (see above): clipped
+    zscore = LoadDatasetArgs(zoom_range=0.2, hue_range=180.0, normalization="zscore")
+    turned = [augment(saturated, y[:4, :4], np.random.default_rng(seed), zscore)[0] for seed in range(6)]
+    assert min(t.min() for t in turned) < -0.1  # z-scores have no range to keep
 
 
 @pytest.mark.parametrize("shear_deg, zoom", [(0.0, 1.0), (10.0, 1.0), (-8.0, 0.85), (5.0, 1.2)])
@@ -471,7 +489,10 @@ def test_training_refuses_hue_turns_of_chips_without_three_bands(tiny, settings_
         [*overrides, "load_dataset_args.channels=2", "model_args.input_shape=[64,64,2]",
          "load_dataset_args.hue_range=30"],
     )  # fmt: skip
-    with pytest.raises(DataError, match=r"^load_dataset_args.hue_range turns .* chips have 2 band\(s\); set it to 0$"):
+    with pytest.raises(
+        DataError,
+        match=r"^load_dataset_args.hue_range turns .* but the chips \(.*train_0.tif\) have 2 band\(s\): set it to 0$",
+    ):
         train_unet(settings, tree)
 
 

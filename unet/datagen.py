@@ -76,7 +76,8 @@ def read_input_targets(frame: Path, mask: Path, norm: Normalization) -> tuple[np
 def augment(
     x: np.ndarray, y: np.ndarray, rng: np.random.Generator, args: LoadDatasetArgs
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The same random flips, 90-degree turns, shear and zoom for image and mask."""
+    """The same random flips, 90-degree turns, shear and zoom for image and mask, then a random hue turn
+    (``hue_range``) of the image alone."""
     if args.horizontal_flip and rng.random() < 0.5:
         x, y = x[:, ::-1], y[:, ::-1]
     if args.vertical_flip and rng.random() < 0.5:
@@ -89,25 +90,29 @@ def augment(
         zoom = rng.uniform(1 - args.zoom_range, 1 + args.zoom_range)
         x, y = warp(x, shear, zoom, order=1), warp(y, shear, zoom, order=0)
     if args.hue_range > 0:
-        x = turn_hue(x, math.radians(rng.uniform(-args.hue_range, args.hue_range)))
+        limits = (0.0, 1.0) if args.normalization == "percentile" else None  # the range predict's input has
+        x = turn_hue(x, math.radians(rng.uniform(-args.hue_range, args.hue_range)), limits)
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
 
 
-def turn_hue(x: np.ndarray, angle: float) -> np.ndarray:
-    """``x`` (rows, cols, bands) with the colour of its first three bands (red, green, blue) turned by ``angle``
-    radians about the grey axis (1, 1, 1): grey stays grey, brightness (the bands' mean) is kept, and a turn of
-    2*pi/3 sends red to green and green to blue. The other bands are untouched."""
+def turn_hue(x: np.ndarray, angle: float, limits: tuple[float, float] | None = None) -> np.ndarray:
+    """``x`` (rows, cols, bands) with the colour of its red, green and blue bands (:func:`core.raster.rgb_bands`:
+    the first three, or WorldView-3's red, green and blue of 8 bands) turned by ``angle`` radians about the grey
+    axis (1, 1, 1). Grey stays grey and each pixel's mean of the three is kept (in the normalized units the
+    network reads); a turn of 2*pi/3 sends red to green and green to blue. With ``limits`` the turned values are
+    clipped to them (0..1 after percentile normalization, the range predict's input never leaves), which changes
+    the mean of saturated pixels. Other bands are untouched."""
     if x.shape[-1] < 3:
-        raise DataError(
-            f"load_dataset_args.hue_range turns red, green and blue, but the chips have {x.shape[-1]} band(s); "
-            "set it to 0"
-        )
+        raise DataError(f"a hue turn needs red, green and blue bands, not {x.shape[-1]}")
+    rgb = list(raster.rgb_bands(x.shape[-1]))
     # Rodrigues' rotation about the unit vector (1, 1, 1)/sqrt(3).
     c, s = math.cos(angle), math.sin(angle)
     a, b = (1 - c) / 3, s / math.sqrt(3)
     turn = np.array([[c + a, a - b, a + b], [a + b, c + a, a - b], [a - b, a + b, c + a]], dtype=x.dtype)
+    colours = x[..., rgb]
     out = x.copy()
-    out[..., :3] = x[..., :3] @ turn.T
+    turned = colours @ turn.T
+    out[..., rgb] = turned if limits is None else np.clip(turned, *limits)
     return out
 
 

@@ -245,7 +245,8 @@ def train_unet(
     bands, dtype, nodata = chip_kind(train_frames + val_frames, settings.bands)
     if settings.load_dataset_args.hue_range > 0 and bands < 3:
         raise DataError(
-            f"load_dataset_args.hue_range turns red, green and blue, but the chips have {bands} band(s); set it to 0"
+            f"load_dataset_args.hue_range turns the colours of red, green and blue bands, but the chips ({train_frames[0]}) "
+            f"have {bands} band(s): set it to 0"
         )
 
     from unet.datagen import mask_targets
