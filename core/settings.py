@@ -209,6 +209,19 @@ class ModelArgs(Section):
         description="Batch-norm moving-average momentum (also accepted as batchnorm_momentum). The original "
         "0.01 keeps almost only the last batch's statistics, which differ from prediction's.",
     )
+    normalization: Literal["batch", "group"] = Field(
+        "batch",
+        description="satellite only: the normalization before each convolution. batch: batch normalization, whose "
+        "moving statistics (bachnorm_momentum), which prediction uses, differ from the batch's own that training "
+        "uses; group: group normalization, each chip by its own statistics over groups of channels (norm_groups), "
+        "the same in training and prediction.",
+    )
+    norm_groups: int = Field(
+        4,
+        ge=1,
+        description="satellite with normalization group: groups of channels (each layer takes the largest divisor of "
+        "its channel count that is at most this).",
+    )
     pool_size: tuple[int, int] = Field((2, 2), description="Max-pooling window.")
     pool_strides: tuple[int, int] = Field((2, 2), description="Max-pooling strides.")
     pool_padding: Literal["valid", "same"] = Field("valid", description="Max-pooling padding.")
@@ -231,6 +244,14 @@ class ModelArgs(Section):
             hint = f"; did you mean {close[0]}?" if close else f" (one of {', '.join(names)})"
             raise ValueError(f"{value!r} is not a Keras {what}{hint}")
         return value
+
+    @model_validator(mode="after")
+    def _group_norm_is_satellite(self) -> ModelArgs:
+        if self.normalization == "group" and self.architecture != "satellite":
+            raise ValueError(
+                "normalization group builds the satellite U-Net; architecture custom has use_batch_norm instead"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unet_shapes_line_up(self) -> ModelArgs:

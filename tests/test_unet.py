@@ -160,6 +160,50 @@ def test_custom_architecture_builds_without_banner(capsys: pytest.CaptureFixture
     assert "keras-unet" not in capsys.readouterr().out
 
 
+def test_group_normalization_replaces_every_batch_norm_with_groups_dividing_the_channels() -> None:
+    m = ModelArgs(normalization="group", norm_groups=4, filters=6, upconv_filters=9, num_layers=2)
+    model = build_model(3, m, OutputArgs())
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert "BatchNormalization" not in kinds
+    groups = [
+        (layer.input.shape[-1], layer.groups) for layer in model.layers if type(layer).__name__ == "GroupNormalization"
+    ]
+    # 6 channels: 3 groups (4 does not divide 6); a skip joined to 6 channels, 12: 4; the decoder's 9: 3.
+    assert groups == [(6, 3)] * 11 + [(12, 4), (9, 3), (6, 3)] * 2 + [(12, 4), (9, 3)]
+    # A chip's output depends neither on the other chips of its batch nor on training or inference mode
+    # (up to float rounding of batched convolutions); with batch norm both change it.
+    chips = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
+    chips[1] *= 3
+    for norm, same in (("group", True), ("batch", False)):
+        model = build_model(3, ModelArgs(normalization=norm, filters=6, upconv_filters=9, num_layers=2), OutputArgs())
+        alone = np.asarray(model(chips[:1], training=True))
+        together = np.asarray(model(chips, training=True)[:1])
+        inference = np.asarray(model(chips[:1], training=False))
+        gaps = np.abs(alone - together).max(), np.abs(alone - inference).max()
+        assert (max(gaps) < 1e-3) if same else (min(gaps) > 1e-2), (norm, gaps)
+
+
+def test_group_normalization_needs_the_satellite_architecture(settings_file: Path) -> None:
+    from core.errors import SettingsError
+
+    with pytest.raises(
+        SettingsError, match=r"normalization group builds the satellite U-Net; architecture custom has use_batch_norm"
+    ):
+        load_settings(settings_file, ["model_args.architecture=custom", "model_args.normalization=group"])
+
+
+def test_tiny_unet_with_group_normalization_learns(tiny, settings_file: Path) -> None:
+    from unet.train import train_unet
+
+    _, tree, _, overrides = tiny
+    settings = load_settings(settings_file, [*overrides, "model_args.normalization=group"])
+    train_unet(settings, tree)
+    metrics = json.loads((tree.model_dir("unet") / "metrics.json").read_text())
+    assert metrics["pixel"]["iou"] >= 0.5
+    predictor = load_predictor(tree.bundle("unet"))
+    assert "GroupNormalization" in {type(layer).__name__ for layer in predictor.model.layers}
+
+
 def test_unknown_architecture_lists_the_allowed_ones(settings_file: Path) -> None:
     from core.errors import SettingsError
 

@@ -27,18 +27,25 @@ def pad_multiple(model_args: ModelArgs) -> int:
     return 2**poolings
 
 
-def _bn_conv(x: Any, filters: int, momentum: float, conv: dict[str, Any]) -> Any:
-    x = layers.BatchNormalization(momentum=momentum)(x)
-    return layers.Conv2D(filters, **conv)(x)
+def _normalize(x: Any, m: ModelArgs) -> Any:
+    """Batch normalization, or group normalization over the largest divisor of the channels up to norm_groups."""
+    if m.normalization == "batch":
+        return layers.BatchNormalization(momentum=m.bachnorm_momentum)(x)
+    channels = x.shape[-1]
+    groups = max(g for g in range(1, min(m.norm_groups, channels) + 1) if channels % g == 0)
+    return layers.GroupNormalization(groups=groups)(x)
 
 
-def _bn_upconv(x: Any, filters: int, momentum: float, upconv: dict[str, Any]) -> Any:
-    x = layers.BatchNormalization(momentum=momentum)(x)
-    return layers.Conv2DTranspose(filters, **upconv)(x)
+def _bn_conv(x: Any, filters: int, m: ModelArgs, conv: dict[str, Any]) -> Any:
+    return layers.Conv2D(filters, **conv)(_normalize(x, m))
+
+
+def _bn_upconv(x: Any, filters: int, m: ModelArgs, upconv: dict[str, Any]) -> Any:
+    return layers.Conv2DTranspose(filters, **upconv)(_normalize(x, m))
 
 
 def satellite_unet(bands: int, m: ModelArgs, o: OutputArgs, channels: int = 1) -> keras.Model:
-    """The satellite U-Net: batch norm before each convolution, constant width, skip at every level."""
+    """The satellite U-Net: batch (or group) norm before each convolution, constant width, skip at every level."""
     conv = {
         "kernel_size": m.kernel_size,
         "activation": m.activation,
@@ -54,34 +61,34 @@ def satellite_unet(bands: int, m: ModelArgs, o: OutputArgs, channels: int = 1) -
         "kernel_initializer": m.kernel_initializer,
     }
     pool = {"pool_size": m.pool_size, "strides": m.pool_strides, "padding": m.pool_padding}
-    momentum, filters = m.bachnorm_momentum, m.filters
+    filters = m.filters
 
     inputs = keras.Input((None, None, bands), name="image")
     x = layers.Conv2D(filters, **conv)(inputs)
-    top = _bn_conv(x, filters, momentum, conv)
-    x = _bn_conv(top, filters, momentum, conv)
+    top = _bn_conv(x, filters, m, conv)
+    x = _bn_conv(top, filters, m, conv)
     x = layers.MaxPooling2D(**pool)(x)
 
     skips = []
     for _ in range(m.num_layers):
-        x = _bn_conv(x, filters, momentum, conv)
-        x = _bn_conv(x, filters, momentum, conv)
+        x = _bn_conv(x, filters, m, conv)
+        x = _bn_conv(x, filters, m, conv)
         skips.append(x)
-        x = _bn_conv(x, filters, momentum, conv)
+        x = _bn_conv(x, filters, m, conv)
         x = layers.MaxPooling2D(**pool)(x)
 
-    x = _bn_conv(x, filters, momentum, conv)
-    x = _bn_conv(x, filters, momentum, conv)
-    x = _bn_upconv(x, filters, momentum, upconv)
+    x = _bn_conv(x, filters, m, conv)
+    x = _bn_conv(x, filters, m, conv)
+    x = _bn_upconv(x, filters, m, upconv)
     for skip in reversed(skips):
         x = layers.concatenate([x, skip])
-        x = _bn_conv(x, m.upconv_filters, momentum, conv)
-        x = _bn_conv(x, filters, momentum, conv)
-        x = _bn_upconv(x, filters, momentum, upconv)
+        x = _bn_conv(x, m.upconv_filters, m, conv)
+        x = _bn_conv(x, filters, m, conv)
+        x = _bn_upconv(x, filters, m, upconv)
 
     x = layers.concatenate([x, top])
-    x = _bn_conv(x, m.upconv_filters, momentum, conv)
-    x = _bn_conv(x, filters, momentum, conv)
+    x = _bn_conv(x, m.upconv_filters, m, conv)
+    x = _bn_conv(x, filters, m, conv)
     outputs = layers.Conv2D(
         channels,
         kernel_size=o.kernel_size,
