@@ -328,7 +328,7 @@ def overlay(folder: Path, label: str, holdout: list[Path], metal, unknown, path:
         for geoms, colour, width in (
             (clip_to(unknown, tile).geometry, "0.6", 1.0),
             (clip_to(metal, tile).geometry, "cyan", 2.4),
-            (roofs[roofs["source"] == tif.name].geometry, "magenta", 1.0),
+            (roofs[roofs["source"] == tif.name].geometry, "magenta", 1.8),
         ):
             for g in geoms:
                 for part in getattr(g, "geoms", [g]):
@@ -341,7 +341,7 @@ def overlay(folder: Path, label: str, holdout: list[Path], metal, unknown, path:
         ax.set_axis_off()
     fig.suptitle(f"Banepa held out, {label}: true metal roofs cyan, unknown grey, predicted roofs magenta")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
