@@ -190,10 +190,10 @@ def main() -> int:
     steps = [step for step in steps if not wanted or step[0] in wanted]
     prepared: set[str] = set()
     runs = []
+    truth = (metal, unknown, classified)
     for name, folder, seed in trainings(args, work):
-        truth = (metal, unknown, classified)
         rows = train_and_score(steps, [*base, *seed], work, folder, args, prepared, holdout, holdout_dir, truth)
-        report(rows, name, folder, args, holdout, metal, unknown, classified)
+        report(rows, name, folder, args, holdout, truth)
         runs.append((name, {label: {"pixel IoU": s["iou"], "poly F1": s["poly"]["f1"]} for label, s, *_ in rows}))
     print_spread(runs)
     return 0
@@ -244,8 +244,9 @@ def train_and_score(steps, base, work, folder, args, prepared, holdout, holdout_
     return rows
 
 
-def report(rows, name, folder, args, holdout, metal, unknown, classified) -> None:
-    """The table of one training's steps, and its overlays in ``folder``."""
+def report(rows, name, folder, args, holdout, truth) -> None:
+    """The table of one training's steps, and its overlays in ``folder`` (``truth``: metal, unknown, classified)."""
+    metal, unknown, classified = truth
     print(
         f"\nBanepa metal roofs{', ' + name if name else ''}, held-out tile rows {', '.join(args.holdout_rows)} "
         f"({len(holdout)} chips, never trained on)"

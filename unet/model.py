@@ -36,11 +36,11 @@ def _normalize(x: Any, m: ModelArgs) -> Any:
     return layers.GroupNormalization(groups=groups)(x)
 
 
-def _bn_conv(x: Any, filters: int, m: ModelArgs, conv: dict[str, Any]) -> Any:
+def _norm_conv(x: Any, filters: int, m: ModelArgs, conv: dict[str, Any]) -> Any:
     return layers.Conv2D(filters, **conv)(_normalize(x, m))
 
 
-def _bn_upconv(x: Any, filters: int, m: ModelArgs, upconv: dict[str, Any]) -> Any:
+def _norm_upconv(x: Any, filters: int, m: ModelArgs, upconv: dict[str, Any]) -> Any:
     return layers.Conv2DTranspose(filters, **upconv)(_normalize(x, m))
 
 
@@ -65,30 +65,30 @@ def satellite_unet(bands: int, m: ModelArgs, o: OutputArgs, channels: int = 1) -
 
     inputs = keras.Input((None, None, bands), name="image")
     x = layers.Conv2D(filters, **conv)(inputs)
-    top = _bn_conv(x, filters, m, conv)
-    x = _bn_conv(top, filters, m, conv)
+    top = _norm_conv(x, filters, m, conv)
+    x = _norm_conv(top, filters, m, conv)
     x = layers.MaxPooling2D(**pool)(x)
 
     skips = []
     for _ in range(m.num_layers):
-        x = _bn_conv(x, filters, m, conv)
-        x = _bn_conv(x, filters, m, conv)
+        x = _norm_conv(x, filters, m, conv)
+        x = _norm_conv(x, filters, m, conv)
         skips.append(x)
-        x = _bn_conv(x, filters, m, conv)
+        x = _norm_conv(x, filters, m, conv)
         x = layers.MaxPooling2D(**pool)(x)
 
-    x = _bn_conv(x, filters, m, conv)
-    x = _bn_conv(x, filters, m, conv)
-    x = _bn_upconv(x, filters, m, upconv)
+    x = _norm_conv(x, filters, m, conv)
+    x = _norm_conv(x, filters, m, conv)
+    x = _norm_upconv(x, filters, m, upconv)
     for skip in reversed(skips):
         x = layers.concatenate([x, skip])
-        x = _bn_conv(x, m.upconv_filters, m, conv)
-        x = _bn_conv(x, filters, m, conv)
-        x = _bn_upconv(x, filters, m, upconv)
+        x = _norm_conv(x, m.upconv_filters, m, conv)
+        x = _norm_conv(x, filters, m, conv)
+        x = _norm_upconv(x, filters, m, upconv)
 
     x = layers.concatenate([x, top])
-    x = _bn_conv(x, m.upconv_filters, m, conv)
-    x = _bn_conv(x, filters, m, conv)
+    x = _norm_conv(x, m.upconv_filters, m, conv)
+    x = _norm_conv(x, filters, m, conv)
     outputs = layers.Conv2D(
         channels,
         kernel_size=o.kernel_size,
