@@ -170,10 +170,19 @@ class LoadDatasetArgs(Section):
 class ModelArgs(Section):
     """The U-Net's architecture."""
 
-    architecture: Literal["satellite", "custom"] = Field(
+    architecture: Literal["satellite", "custom", "mobilenetv2", "resnet50"] = Field(
         "satellite",
         description="satellite: the original pipeline's U-Net built from the fields below; "
-        "custom: keras-unet's custom_unet.",
+        "custom: keras-unet's custom_unet; mobilenetv2, resnet50: that Keras Applications network as the encoder "
+        "(encoder_weights: ImageNet's), under a decoder of filters * 2**level filters per level (num_layers, "
+        "upconv_filters and the pooling fields do not apply; inputs are padded to a multiple of 32).",
+    )
+    encoder_weights: str | None = Field(
+        None,
+        description="mobilenetv2 and resnet50 only: the encoder's initial weights. null: random; imagenet: Keras's "
+        "ImageNet weights (downloaded once into ~/.keras/models); or the path of a weights file of the encoder "
+        "without its top (Keras's ImageNet file copied from elsewhere, or keras.applications' save_weights), relative "
+        "to the repository root unless absolute. They expect percentile normalization (0..1).",
     )
     input_shape: tuple[int, int] | tuple[int, int, int] = Field(
         (256, 256),
@@ -247,9 +256,23 @@ class ModelArgs(Section):
 
     @model_validator(mode="after")
     def _group_norm_is_satellite(self) -> ModelArgs:
-        if self.normalization == "group" and self.architecture != "satellite":
+        if self.normalization == "group" and self.architecture == "custom":
             raise ValueError(
                 "normalization group builds the satellite U-Net; architecture custom has use_batch_norm instead"
+            )
+        if self.normalization == "group" and self.architecture != "satellite":
+            raise ValueError(
+                f"normalization group builds the satellite U-Net; architecture {self.architecture}'s encoder has "
+                "batch normalization (its pretrained weights include its statistics)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _encoder_weights_need_an_encoder(self) -> ModelArgs:
+        if self.encoder_weights is not None and self.architecture in ("satellite", "custom"):
+            raise ValueError(
+                f"encoder_weights {self.encoder_weights!r} are for architecture mobilenetv2 or resnet50; the "
+                f"{self.architecture} U-Net starts from random weights (set encoder_weights null)"
             )
         return self
 

@@ -18,6 +18,15 @@ REPO_ROOT = DEFAULT_SETTINGS_PATH.parent
 SPLITS = ("train", "val", "test")
 
 
+def encoder_weights_file(weights: str | None) -> Path | None:
+    """``model_args.encoder_weights`` as the file it names (relative to the repository root unless absolute, ``~``
+    expanded); None for null (random weights) and ``imagenet`` (Keras's download)."""
+    if weights is None or weights == "imagenet":
+        return None
+    path = Path(weights).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 @dataclass(frozen=True)
 class DataTree:
     """Paths of the data tree, results and predictions for one settings object."""

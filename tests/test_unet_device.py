@@ -97,7 +97,7 @@ def test_a_null_predict_batch_is_4_on_a_cpu_and_reaches_the_unet_predictor(caplo
     assert with_batch(PredictArgs(batch_size=6), predictor).batch_size == 6 and predictor.batch_size == 6
 
 
-@pytest.mark.parametrize("architecture", ["satellite", "custom"])
+@pytest.mark.parametrize("architecture", ["satellite", "custom", "mobilenetv2"])
 def test_mixed_precision_keeps_a_float32_output_and_the_bundle_copy_is_float32(architecture: str, tmp_path) -> None:
     m = ModelArgs(architecture=architecture, filters=4, upconv_filters=4, num_layers=2, input_shape=(64, 64, 3))
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -119,7 +119,7 @@ def test_mixed_precision_keeps_a_float32_output_and_the_bundle_copy_is_float32(a
 
 def test_a_float32_model_is_built_as_before() -> None:
     """On a CPU (float32 policy) neither network gets the extra float32 output layer."""
-    for architecture in ("satellite", "custom"):
+    for architecture in ("satellite", "custom", "mobilenetv2"):
         m = ModelArgs(architecture=architecture, filters=4, upconv_filters=4, num_layers=2, input_shape=(64, 64, 3))
         model = build_model(3, m, OutputArgs())
         assert model.layers[-1].__class__.__name__ == "Conv2D"

@@ -11,7 +11,9 @@ U-Net, 8 bands, 3 targets, upconv_filters 1.5 x filters, 256 x 256 chips, filter
 32: the rule fits both within 1%). It was measured on a CPU, as peak resident memory;
 bench/bench_gpu.py prints a GPU's peak next to the rule's figure, to check it there. Mixed
 precision keeps activations in float16 (x :data:`MIXED_SHARE`); keras-unet's ``custom``
-network doubles its filters at every level (x :data:`CUSTOM_WIDTH`). The rest of the memory
+network doubles its filters at every level (x :data:`CUSTOM_WIDTH`); an encoder U-Net
+(``mobilenetv2``, ``resnet50``) takes :data:`ENCODER_SHARE` times the satellite U-Net's memory of the same
+filters (measured on a CPU as above: 3 bands, 3 targets, filters 16, 256 x 256 chips, batches of 2 and 6). The rest of the memory
 holds the weights, the optimizer, cuDNN's workspaces and the allocator's fragmentation.
 """
 
@@ -32,6 +34,10 @@ FILTER_OFFSET = 6
 MIXED_SHARE = 0.6
 #: The custom U-Net's memory relative to the satellite one's of the same first-level filters.
 CUSTOM_WIDTH = 1.5
+#: An encoder U-Net's memory per chip relative to the satellite U-Net's of the same filters: (training,
+#: predicting). Measured at filters 16: 217 and 271 MB per training chip against 115, 36 and 36 MB per
+#: predicted one against 25.
+ENCODER_SHARE = {"mobilenetv2": (1.9, 1.4), "resnet50": (2.4, 1.4)}
 #: Share of the free GPU memory a batch may take.
 MEMORY_SHARE = 0.7
 #: Largest batch chosen: beyond it a training batch changes the optimization (the learning rate
@@ -51,6 +57,8 @@ def chip_bytes(
     """Memory one chip (or window) of ``pixels`` padded pixels takes in a batch, by the module's rule."""
     width = filters * (CUSTOM_WIDTH if architecture == "custom" else 1.0) + FILTER_OFFSET
     share = MIXED_SHARE if mixed else 1.0
+    if architecture in ENCODER_SHARE:
+        share *= ENCODER_SHARE[architecture][0 if training else 1]
     return pixels * width * (TRAIN_BYTES if training else PREDICT_BYTES) * share
 
 

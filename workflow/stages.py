@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import PredictArgs, Settings
-from core.tree import SPLITS, DataTree
+from core.tree import SPLITS, DataTree, encoder_weights_file
 from workflow.spec import Dep, Inputs, Output, StageSpec
 
 #: Models the per-model stages run for, in pipeline order.
@@ -91,6 +91,9 @@ def _train_inputs(settings: Settings, tree: DataTree, model: str | None, given: 
     files: tuple[Path, ...] = ()
     if given.get("bundle"):
         files = (Path(given["bundle"]) / "bundle.json",)
+    encoder = encoder_weights_file(settings.model_args.encoder_weights)
+    if (model or settings.training_args.model) == "unet" and encoder is not None and not given.get("bundle"):
+        files += (encoder,)  # its content: new weights under the same name make the bundle outdated
     return Inputs(deps=tuple(deps), files=files, hashed=True)
 
 

@@ -1,0 +1,231 @@
+"""Encoder U-Nets (model_args.architecture mobilenetv2, resnet50): the fixed input map, the band adapter,
+encoder weights from a file or Keras's ImageNet download (get_file replaced, no network), every refusal,
+and a tiny training through train and the bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import keras.src.utils.file_utils as file_utils  # noqa: E402
+
+from core.bundle import load_predictor  # noqa: E402
+from core.errors import PipelineError, SettingsError  # noqa: E402
+from core.settings import ModelArgs, OutputArgs, load_settings  # noqa: E402
+from core.tree import DataTree  # noqa: E402
+from tests.test_unet import TINY, tiny_tree  # noqa: E402
+from unet.device import chip_bytes  # noqa: E402
+from unet.model import ENCODERS, build_model, pad_multiple  # noqa: E402
+
+MNV2_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+
+
+def encoder_weights_file(path: Path, builder: str = "MobileNetV2", **kwargs) -> Path:
+    """A weights file of keras.applications' ``builder`` without its top, from seeded random weights."""
+    keras.utils.set_random_seed(7)
+    encoder = getattr(keras.applications, builder)(
+        include_top=False, weights=None, input_shape=(None, None, 3), **kwargs
+    )
+    encoder.save_weights(path)
+    return path
+
+
+def assert_encoder_weights_equal(model: keras.Model, path: Path) -> int:
+    reference = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(None, None, 3))
+    reference.load_weights(path)
+    ours = {layer.name for layer in model.layers}
+    # The decoder starts below MobileNetV2's last 1 x 1 convolution to 1280 channels: Conv_1 and Conv_1_bn are not in
+    # the U-Net; every other layer with weights is.
+    assert {layer.name for layer in reference.layers if layer.weights} - ours == {"Conv_1", "Conv_1_bn"}
+    compared = 0
+    for layer in (layer for layer in reference.layers if layer.weights and layer.name in ours):
+        for mine, theirs in zip(model.get_layer(layer.name).get_weights(), layer.get_weights(), strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+            compared += 1
+    return compared
+
+
+def test_mobilenetv2_unet_maps_0_1_to_minus_1_1_and_outputs_every_channel() -> None:
+    m = ModelArgs(architecture="mobilenetv2", filters=8, input_shape=(64, 64, 3))
+    model = build_model(3, m, OutputArgs(), channels=3)
+    assert pad_multiple(m) == 32
+    assert model.output_shape == (None, None, None, 3)
+    entry = model.get_layer("encoder_input")
+    assert entry.trainable is False
+    kernel, bias = entry.get_weights()
+    np.testing.assert_array_equal(kernel[0, 0], np.diag([2.0, 2.0, 2.0]))
+    np.testing.assert_array_equal(bias, [-1.0, -1.0, -1.0])
+    assert "band_adapter" not in {layer.name for layer in model.layers}
+    # The encoder's batch norm follows bachnorm_momentum (MobileNetV2's own 0.999 lagged behind fine-tuning).
+    norms = [layer for layer in model.layers if type(layer).__name__ == "BatchNormalization"]
+    assert len(norms) == 62 and {layer.momentum for layer in norms} == {0.9}
+    # The decoder's levels: filters * 2**level from stride 16 up, then filters at full size.
+    ours = [layer for layer in model.layers if type(layer).__name__ == "Conv2D" and layer.name.startswith("conv2d")]
+    assert sorted(layer.filters for layer in ours) == [8, 8, 8, 8, 16, 16, 32, 32, 64, 64, 128, 128]
+    out = model.predict(np.random.default_rng(0).random((2, 96, 64, 3), dtype=np.float32), verbose=0)
+    assert out.shape == (2, 96, 64, 3)
+    assert ((out >= 0) & (out <= 1)).all()
+
+
+def test_resnet50_unet_feeds_bgr_0_255_less_imagenets_mean() -> None:
+    model = build_model(3, ModelArgs(architecture="resnet50", filters=4, input_shape=(64, 64, 3)), OutputArgs())
+    kernel, bias = model.get_layer("encoder_input").get_weights()
+    expected = np.zeros((3, 3), np.float32)
+    expected[2, 0] = expected[1, 1] = expected[0, 2] = 255.0  # out[0] = blue, out[1] = green, out[2] = red
+    np.testing.assert_array_equal(kernel[0, 0], expected)
+    np.testing.assert_allclose(bias, [-103.939, -116.779, -123.68], rtol=0, atol=1e-4)
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    x[..., 0], x[..., 2] = 1.0, 0.5  # red 1, blue 0.5
+    fed = keras.Model(model.inputs[0], model.get_layer("encoder_input").output)(x)
+    np.testing.assert_allclose(np.asarray(fed)[0, 0, 0], [127.5 - 103.939, -116.779, 255 - 123.68], atol=1e-3)
+
+
+def test_eight_bands_pass_a_trainable_adapter_that_starts_as_worldview_red_green_blue() -> None:
+    model = build_model(8, ModelArgs(architecture="mobilenetv2", filters=4, input_shape=(64, 64, 8)), OutputArgs())
+    adapter = model.get_layer("band_adapter")
+    assert adapter.trainable is True
+    kernel, bias = adapter.get_weights()
+    picked = [(int(band), int(out)) for band, out in zip(*np.nonzero(kernel[0, 0]), strict=True)]
+    assert sorted(picked, key=lambda p: p[1]) == [(4, 0), (2, 1), (1, 2)]
+    assert kernel[0, 0][kernel[0, 0] != 0].tolist() == [1.0, 1.0, 1.0]
+    np.testing.assert_array_equal(bias, np.zeros(3))
+
+
+def test_encoder_weights_from_a_file_fill_every_encoder_layer(tmp_path: Path) -> None:
+    path = encoder_weights_file(tmp_path / "encoder.weights.h5")
+    model = build_model(3, ModelArgs(architecture="mobilenetv2", filters=4, encoder_weights=str(path)), OutputArgs())
+    assert assert_encoder_weights_equal(model, path) == 255  # MobileNetV2's kernels and batch-norm tensors
+    unweighted = build_model(3, ModelArgs(architecture="mobilenetv2", filters=4), OutputArgs())
+    assert not np.array_equal(unweighted.get_layer("Conv1").get_weights()[0], model.get_layer("Conv1").get_weights()[0])
+
+
+@pytest.mark.parametrize(
+    ("architecture", "name"),
+    [("mobilenetv2", MNV2_FILE), ("resnet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")],
+)
+def test_imagenet_weights_come_through_kerass_download_by_the_name_the_error_gives(
+    architecture: str, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+
+    def offline(fname=None, origin=None, **kwargs):
+        asked.append(fname)
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    assert ENCODERS[architecture].weights_file == name
+    with pytest.raises(PipelineError) as err:
+        build_model(3, ModelArgs(architecture=architecture, filters=4, encoder_weights="imagenet"), OutputArgs())
+    assert asked == [name]
+    message = str(err.value)
+    assert message.startswith(f"model_args.encoder_weights imagenet: Keras could not get {name} (URL fetch failure on ")
+    assert (
+        message.endswith("models from a machine that can download it, or set encoder_weights to its path")
+        and "\n" not in message
+    )
+
+
+def test_imagenet_weights_already_in_kerass_cache_are_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = encoder_weights_file(tmp_path / "cached.weights.h5")
+    monkeypatch.setattr(file_utils, "get_file", lambda fname=None, origin=None, **kwargs: str(path))
+    model = build_model(3, ModelArgs(architecture="mobilenetv2", filters=4, encoder_weights="imagenet"), OutputArgs())
+    assert assert_encoder_weights_equal(model, path) == 255
+
+
+def test_missing_or_foreign_encoder_weights_are_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.h5"
+    with pytest.raises(PipelineError) as err:
+        build_model(3, ModelArgs(architecture="mobilenetv2", encoder_weights=str(missing)), OutputArgs())
+    assert str(err.value) == (
+        f"model_args.encoder_weights {str(missing)!r} is not a file: give the path of MobileNetV2's weights without "
+        f"its top (Keras's {MNV2_FILE}, or a .weights.h5 of keras.applications.MobileNetV2(include_top=False)), "
+        "'imagenet' to download them, or null to start from random weights"
+    )
+    half = encoder_weights_file(tmp_path / "half.weights.h5", alpha=0.5)  # MobileNetV2 of half the width
+    with pytest.raises(PipelineError) as err:
+        build_model(3, ModelArgs(architecture="mobilenetv2", encoder_weights=str(half)), OutputArgs())
+    assert str(err.value).startswith(
+        f"model_args.encoder_weights {str(half)!r} are not weights of MobileNetV2 without its top ("
+    )
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model_args.encoder_weights=imagenet"],
+            "encoder_weights 'imagenet' are for architecture mobilenetv2 or resnet50; the satellite U-Net starts "
+            "from random weights (set encoder_weights null)",
+        ),
+        (
+            ["model_args.architecture=resnet50", "model_args.normalization=group"],
+            "normalization group builds the satellite U-Net; architecture resnet50's encoder has batch normalization "
+            "(its pretrained weights include its statistics)",
+        ),
+    ],
+)
+def test_settings_refuse_encoder_weights_without_an_encoder_and_group_norm_with_one(
+    settings_file: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(settings_file, overrides)
+    assert message in str(err.value)
+
+
+def test_encoder_unets_take_more_memory_per_chip_than_the_satellite_one() -> None:
+    pixels = 256 * 256
+    satellite = chip_bytes(pixels, 16)
+    assert chip_bytes(pixels, 16, architecture="mobilenetv2") == pytest.approx(1.9 * satellite)
+    assert chip_bytes(pixels, 16, architecture="resnet50", training=False) == pytest.approx(
+        1.4 * chip_bytes(pixels, 16, training=False)
+    )
+
+
+def test_tiny_training_with_a_pretrained_encoder_makes_a_bundle_predict_reads_and_new_weights_outdate_it(
+    tmp_path: Path, settings_file: Path
+) -> None:
+    from train.train import main
+    from workflow.contract import status
+
+    tiny_tree(tmp_path / "data")
+    weights = encoder_weights_file(tmp_path / "encoder.weights.h5")
+    overrides = [
+        *TINY,
+        "training_args.epochs=2",
+        "model_args.architecture=mobilenetv2",
+        f"model_args.encoder_weights={weights}",
+        f"data_root={tmp_path / 'data'}",
+        f"training_args.results_folder={tmp_path / 'results'}",
+        f"predict_args.output={tmp_path / 'predictions'}",
+        "experiment=tiny",
+    ]
+    argv = ["--settings", str(settings_file), "--quiet", "--model", "unet"]
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    settings = load_settings(settings_file, overrides)
+    tree = DataTree.from_settings(settings)
+    info = json.loads((tree.bundle("unet") / "bundle.json").read_text())
+    assert info["pad_multiple"] == 32
+    assert info["features"]["architecture"] == "mobilenetv2"
+    predictor = load_predictor(tree.bundle("unet"))
+    kernel, bias = predictor.model.get_layer("encoder_input").get_weights()  # fixed: not trained
+    np.testing.assert_array_equal(kernel[0, 0], np.diag([2.0, 2.0, 2.0]))
+    np.testing.assert_array_equal(bias, [-1.0, -1.0, -1.0])
+    chips = np.random.default_rng(1).integers(0, 2000, (2, 3, 50, 70)).astype(np.uint16)  # padded to 64 x 96
+    prob = predictor.predict(chips)
+    assert prob.shape == (2, 50, 70)
+    assert prob.dtype == np.float32
+
+    before = status("train", settings, tree, "unet")
+    assert (before.state, before.changes) == ("complete", [])
+    keras.utils.set_random_seed(8)  # other weights under the same name: the bundle is outdated
+    keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(None, None, 3)).save_weights(weights)
+    after = status("train", settings, tree, "unet")
+    assert after.changes == [f"from {weights.resolve()} as it was before it changed"]
