@@ -196,6 +196,9 @@ CASES: dict[str, tuple[Callable[[Scene], None], tuple[str, ...], str, str]] = {
                             r"train split: chips are 32x32 pixels but model_args.input_shape is \[64, 64, 3\]"),
     "tiles on two grids": (tile_in_another_crs, (), "fatal", r"raw tiles tile2.tif .* set mosaic_args.reproject=true"),
     "no test split": ((lambda s: None), ("evaluate_args.split=test",), "fatal", r"evaluate_args.split is test but there is no test split"),
+    "encoder weights missing": ((lambda s: None), ("model_args.architecture=mobilenetv2", "model_args.encoder_weights=/nowhere/enc.weights.h5"),
+                                "fatal", r"^fatal: model_args.encoder_weights names /nowhere/enc.weights.h5, which is not a file: give the "
+                                r"path of the encoder's weights without its top, 'imagenet' to download them, or null to start from random weights$"),
 }  # fmt: skip
 
 

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         if run.skip:
             run.say_skip()
             return
-        preflight(settings, tree, "train")
+        preflight(settings, tree, f"train-{kind}")
         # Continuing from the bundle: it must not be removed before it is read.
         continuing = kind == "unet" and (args.from_bundle is not None or settings.training_args.pretrained)
         backed_up = 0

@@ -38,7 +38,7 @@ from core.errors import CheckError, LabelError, PipelineError, RasterError
 from core.files import human_size
 from core.raster import open_raster, valid_pixels
 from core.settings import Settings
-from core.tree import DataTree
+from core.tree import DataTree, encoder_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -479,6 +479,15 @@ class Checker:
             )
         return rasters
 
+    def encoder_weights(self) -> None:
+        """The weights file model_args.encoder_weights names is there (imagenet is Keras's to fetch)."""
+        path = encoder_weights_file(self.settings.model_args.encoder_weights)
+        if path is not None and not path.is_file():
+            self.fatal(
+                f"model_args.encoder_weights names {path}, which is not a file: give the path of the encoder's weights "
+                "without its top, 'imagenet' to download them, or null to start from random weights"
+            )
+
     def evaluate(self) -> None:
         """The truth of evaluate_args.split exists."""
         split = self.settings.evaluate_args.split
@@ -591,6 +600,8 @@ def run_checks(
     if "split" in groups:
         check.pairs(tree.frames("train"), tree.split_masks("train"), "train split", need_roof=True, shape_key="model")
         check.pairs(tree.frames("val"), tree.split_masks("val"), "val split", need_roof=False, shape_key="model")
+    if any(s == "train-unet" or (s == "train" and settings.training_args.model == "unet") for s in stages):
+        check.encoder_weights()
     if "predict" in groups:
         predict = check.predict(bundle, inputs)
     if "evaluate" in groups:
