@@ -118,7 +118,8 @@ class LoadDatasetArgs(Section):
     target_size: tuple[int, int] | None = Field(
         None,
         description="Legacy, ignored: chips are never resized (resizing 650 to 640 was one cause of blank masks). "
-        "Chip size is chip_args.size; the network pads to a multiple of 2**num_layers and crops back.",
+        "Chip size is chip_args.size; the network pads to a multiple of its poolings (2**(num_layers+1) for satellite, "
+        "2**num_layers for custom, 32 for an encoder) and crops back.",
     )
     rescale: float | None = Field(
         None,
@@ -174,8 +175,9 @@ class ModelArgs(Section):
         "satellite",
         description="satellite: the original pipeline's U-Net built from the fields below; "
         "custom: keras-unet's custom_unet; mobilenetv2, resnet50: that Keras Applications network as the encoder "
-        "(encoder_weights: ImageNet's), under a decoder of filters * 2**level filters per level (num_layers, "
-        "upconv_filters and the pooling fields do not apply; inputs are padded to a multiple of 32).",
+        "(encoder_weights: ImageNet's), under a decoder of filters * 2**level filters per level, at most 256 "
+        "(num_layers, upconv_filters, strides and the pooling fields do not apply; inputs are padded to a multiple of "
+        "32).",
     )
     encoder_weights: str | None = Field(
         None,
@@ -188,7 +190,8 @@ class ModelArgs(Section):
         (256, 256),
         description="[rows, cols] of a training chip, or [rows, cols, bands] (bands as load_dataset_args.channels: "
         "say the band count in either place, or in neither to take it from the chips). The model accepts any "
-        "size: inputs are padded to a multiple of 2**num_layers.",
+        "size: inputs are padded to a multiple of 2**(num_layers+1) (satellite), 2**num_layers (custom) or 32 (an "
+        "encoder).",
     )
     num_classes: int | None = Field(
         None,
@@ -198,16 +201,21 @@ class ModelArgs(Section):
         "the classes of mask_args.classes, a sigmoid output per class beside the footprint; null = from the masks. The "
         "U-Net has one output channel per mask band (mask_args.targets), the footprint first, then one per class.",
     )
-    num_layers: int = Field(4, ge=1, le=8, description="Encoder depth (poolings).")
+    num_layers: int = Field(
+        4, ge=1, le=8, description="satellite and custom: encoder depth (poolings); an encoder's depth is its own (5)."
+    )
     filters: int = Field(
         16,
         ge=1,
-        description="Convolution filters: at every level for satellite; of the first level, doubled at each, for custom.",
+        description="Convolution filters: at every level for satellite; of the first level, doubled at each, for custom; "
+        "of the full-size decoder level for an encoder, doubled at each level below up to 256.",
     )
-    upconv_filters: int = Field(24, ge=1, description="Filters of the transposed convolutions in the decoder.")
+    upconv_filters: int = Field(
+        24, ge=1, description="satellite: filters of the first convolution after each skip joins the decoder."
+    )
     kernel_size: tuple[int, int] = Field((3, 3), description="Convolution kernel size.")
     activation: str = Field("relu", description="Activation of the hidden convolutions (a Keras activation name).")
-    strides: tuple[int, int] = Field((1, 1), description="Convolution strides.")
+    strides: tuple[int, int] = Field((1, 1), description="satellite: convolution strides.")
     padding: Literal["same", "valid"] = Field("same", description="Convolution padding.")
     kernel_initializer: str = Field("he_normal", description="Keras kernel initializer name.")
     bachnorm_momentum: float = Field(
@@ -216,7 +224,9 @@ class ModelArgs(Section):
         lt=1.0,
         validation_alias=AliasChoices("bachnorm_momentum", "batchnorm_momentum"),
         description="Batch-norm moving-average momentum (also accepted as batchnorm_momentum). The original "
-        "0.01 keeps almost only the last batch's statistics, which differ from prediction's.",
+        "0.01 keeps almost only the last batch's statistics, which differ from prediction's. An encoder's batch norm "
+        "takes it too, in place of Keras Applications' 0.999 (MobileNetV2) or 0.99 (ResNet50), which lag behind "
+        "fine-tuning.",
     )
     normalization: Literal["batch", "group"] = Field(
         "batch",
@@ -263,7 +273,8 @@ class ModelArgs(Section):
         if self.normalization == "group" and self.architecture != "satellite":
             raise ValueError(
                 f"normalization group builds the satellite U-Net; architecture {self.architecture}'s encoder has "
-                "batch normalization (its pretrained weights include its statistics)"
+                "batch normalization (its pretrained weights include its statistics): set normalization batch, or "
+                "architecture satellite"
             )
         return self
 

@@ -6,6 +6,7 @@ in settings moves everything under it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,25 @@ from core.settings import DEFAULT_SETTINGS_PATH, Settings
 REPO_ROOT = DEFAULT_SETTINGS_PATH.parent
 
 SPLITS = ("train", "val", "test")
+
+
+#: The names Keras gives the ImageNet weights of the encoders (without their top) in its cache.
+IMAGENET_FILES = {
+    "mobilenetv2": "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+    "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+}
+
+
+def keras_cache() -> Path:
+    """Where keras.utils.get_file keeps downloads, as Keras 3 decides it: $KERAS_HOME/models, else ~/.keras/models
+    (/tmp/.keras when the home folder, or that folder, is not writable)."""
+    if "KERAS_HOME" in os.environ:
+        home = Path(os.environ["KERAS_HOME"]).expanduser()
+    else:
+        home = (Path.home() if os.access(Path.home(), os.W_OK) else Path("/tmp")) / ".keras"
+    if home.exists() and not os.access(home, os.W_OK):
+        home = Path("/tmp/.keras")
+    return home / "models"
 
 
 def encoder_weights_file(weights: str | None) -> Path | None:

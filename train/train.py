@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         if run.skip:
             run.say_skip()
             return
-        preflight(settings, tree, f"train-{kind}")
+        preflight(settings, tree, f"train-{kind}", continuing=args.from_bundle is not None)
         # Continuing from the bundle: it must not be removed before it is read.
         continuing = kind == "unet" and (args.from_bundle is not None or settings.training_args.pretrained)
         backed_up = 0

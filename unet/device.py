@@ -12,8 +12,9 @@ U-Net, 8 bands, 3 targets, upconv_filters 1.5 x filters, 256 x 256 chips, filter
 bench/bench_gpu.py prints a GPU's peak next to the rule's figure, to check it there. Mixed
 precision keeps activations in float16 (x :data:`MIXED_SHARE`); keras-unet's ``custom``
 network doubles its filters at every level (x :data:`CUSTOM_WIDTH`); an encoder U-Net
-(``mobilenetv2``, ``resnet50``) takes :data:`ENCODER_SHARE` times the satellite U-Net's memory of the same
-filters (measured on a CPU as above: 3 bands, 3 targets, filters 16, 256 x 256 chips, batches of 2 and 6). The rest of the memory
+(``mobilenetv2``, ``resnet50``) has a decoder that grows with its filters as the satellite U-Net does, and
+an encoder that does not: it counts as :data:`ENCODER_FILTERS` filters more (measured on a CPU as above:
+3 bands, 3 targets, filters 4, 16 and 32, 256 x 256 chips, batches of 2 and 6). The rest of the memory
 holds the weights, the optimizer, cuDNN's workspaces and the allocator's fragmentation.
 """
 
@@ -34,10 +35,10 @@ FILTER_OFFSET = 6
 MIXED_SHARE = 0.6
 #: The custom U-Net's memory relative to the satellite one's of the same first-level filters.
 CUSTOM_WIDTH = 1.5
-#: An encoder U-Net's memory per chip relative to the satellite U-Net's of the same filters: (training,
-#: predicting). Measured at filters 16: 217 and 271 MB per training chip against 115, 36 and 36 MB per
-#: predicted one against 25.
-ENCODER_SHARE = {"mobilenetv2": (1.9, 1.4), "resnet50": (2.4, 1.4)}
+#: The filters an encoder U-Net's encoder counts as in the rule: (training, predicting). Measured MB per chip at
+#: filters 4 / 16 / 32, training: mobilenetv2 148 / 217 / 370, resnet50 178 / 271 / 412 (satellite 39 / 115 /
+#: 239); predicting: mobilenetv2 24 / 36 / 106, resnet50 24 / 36 / 75 (tests/test_unet_device.py holds them).
+ENCODER_FILTERS = {"mobilenetv2": (18, 16), "resnet50": (24, 16)}
 #: Share of the free GPU memory a batch may take.
 MEMORY_SHARE = 0.7
 #: Largest batch chosen: beyond it a training batch changes the optimization (the learning rate
@@ -56,9 +57,9 @@ def chip_bytes(
 ) -> float:
     """Memory one chip (or window) of ``pixels`` padded pixels takes in a batch, by the module's rule."""
     width = filters * (CUSTOM_WIDTH if architecture == "custom" else 1.0) + FILTER_OFFSET
+    if architecture in ENCODER_FILTERS:
+        width += ENCODER_FILTERS[architecture][0 if training else 1]
     share = MIXED_SHARE if mixed else 1.0
-    if architecture in ENCODER_SHARE:
-        share *= ENCODER_SHARE[architecture][0 if training else 1]
     return pixels * width * (TRAIN_BYTES if training else PREDICT_BYTES) * share
 
 

@@ -15,18 +15,16 @@ import contextlib
 import io
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 from keras import layers
-from keras.src.backend.config import keras_home  # where keras.utils.get_file keeps downloads (KERAS_HOME)
 
 from core.errors import PipelineError
 from core.raster import rgb_bands
 from core.settings import ModelArgs, OutputArgs
-from core.tree import encoder_weights_file
+from core.tree import IMAGENET_FILES, encoder_weights_file, keras_cache
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,7 @@ ENCODERS = {
         2.0,
         (-1.0, -1.0, -1.0),  # "tf" mode: -1..1
         (0, 1, 2),
-        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+        IMAGENET_FILES["mobilenetv2"],
     ),
     "resnet50": Encoder(
         "ResNet50",
@@ -67,7 +65,7 @@ ENCODERS = {
         255.0,
         (-103.939, -116.779, -123.68),  # "caffe" mode: BGR, 0..255, less ImageNet's mean
         (2, 1, 0),
-        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        IMAGENET_FILES["resnet50"],
     ),
 }
 #: The widest decoder level of an encoder U-Net (the levels halve from it: filters * 2**level at most).
@@ -265,17 +263,17 @@ def load_encoder_weights(encoder: keras.Model, m: ModelArgs) -> None:
             warnings.simplefilter("ignore", UserWarning)
             weighted = builder(include_top=False, weights=source, input_shape=(None, None, 3))
     except Exception as exc:  # a failed download, a file of another network: one line, the cause kept
-        cache = Path(keras_home()) / "models"
+        cache = keras_cache()
         if m.encoder_weights == "imagenet":
             raise PipelineError(
-                f"model_args.encoder_weights imagenet: Keras could not get {spec.weights_file} ({exc}): copy it into "
-                f"{cache} from a machine that can download it, or set encoder_weights to its path"
+                f"model_args.encoder_weights imagenet: Keras could not get or read {spec.weights_file} ({exc}): copy "
+                f"it into {cache} from a machine that can download it, or set encoder_weights to its path"
             ) from exc
         # Keras's message ends with a dump of the variable's values: one line, without it.
         cause = " ".join(str(exc).split("Target variable:")[0].split())
         raise PipelineError(
             f"model_args.encoder_weights {m.encoder_weights!r} are not weights of {spec.builder} without its top "
-            f"({type(exc).__name__}: {cause[:400]})"
+            f"({type(exc).__name__}: {cause if len(cause) <= 400 else cause[:400] + '...'})"
         ) from exc
     for layer in weighted.layers:
         if layer.weights:

@@ -8,6 +8,7 @@ training the TensorBoard logs (tensorboard/) and the backup a rerun resumes from
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import sys
@@ -33,7 +34,7 @@ from core.metrics import (
 )
 from core.objects import train_object_filter, tune_merge
 from core.raster import UNKNOWN, band_statistics, common_classes, mask_labels, read_mask_bands
-from core.settings import Settings, checkpoint_file
+from core.settings import ModelArgs, Settings, checkpoint_file
 from core.tree import DataTree, refuse_overwrite
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,18 @@ def configure_tensorflow(settings: Settings, from_bundle: bool = False) -> tuple
     return jit, mixed
 
 
-def training_batch(settings: Settings, frame: Path, multiple: int, mixed: bool) -> int:
-    """load_dataset_args.batch_size, or when null the batch unet.device chooses (logged)."""
+def _bundle_settings(settings: Settings, network: ModelArgs) -> dict:
+    """The settings bundle.json records, with the model_args of the network trained (a continued bundle's own)."""
+    dumped = settings.model_dump(mode="json")
+    dumped["model_args"] = network.model_dump(mode="json")
+    return dumped
+
+
+def training_batch(
+    settings: Settings, frame: Path, multiple: int, mixed: bool, network: ModelArgs | None = None
+) -> int:
+    """load_dataset_args.batch_size, or when null the batch unet.device chooses (logged) for ``network`` (the
+    architecture and filters of the network trained: default model_args)."""
     if settings.load_dataset_args.batch_size is not None:
         return settings.load_dataset_args.batch_size
     from core.raster import open_raster
@@ -133,7 +144,7 @@ def training_batch(settings: Settings, frame: Path, multiple: int, mixed: bool) 
     with open_raster(frame) as src:
         rows, cols = padded(src.height, multiple), padded(src.width, multiple)
     memory = gpu_memory()
-    m = settings.model_args
+    m = settings.model_args if network is None else network
     batch = choose_batch(memory, rows * cols, m.filters, architecture=m.architecture, mixed=mixed)
     log.info(
         "train: load_dataset_args.batch_size null: %d chips per batch (%s; %d x %d padded chips, filters %d)",
@@ -303,13 +314,25 @@ def train_unet(
                     f"{_classes_phrase(classes)}: {fresh}, or mask_args.classes as the bundle's"
                 )
             norm = previous.normalization
+            # The bundle's network, whatever model_args say now: its architecture and filters size the batch, and its
+            # model_args go into the new bundle.json, whose architecture and filters size predict's batches.
+            built = previous.settings.get("model_args")
+            try:
+                network = ModelArgs.model_validate_json(json.dumps(built)) if built else settings.model_args
+            except ValueError:  # a bundle of an older version, whose model_args no longer validate
+                network = settings.model_args
             model = best_member(unet_bundle.load_model(start_from))  # an ensemble goes on from its best epoch
             multiple = previous.pad_multiple
             log.info("train: continuing from %s", start_from)
         else:
+            network = settings.model_args
             stats = band_statistics(train_frames)
             norm = Normalization.from_stats(stats, settings.load_dataset_args.normalization, nodata)
-            model = build_model(bands, settings.model_args, settings.output_args, len(targets), len(classes))
+            model_args = settings.model_args
+            if warm is not None or (resume and finished_epochs(backup_dir(tree.model_dir("unet")))):
+                # The checkpoint or the backup holds every weight: no encoder weights to fetch (or download).
+                model_args = model_args.model_copy(update={"encoder_weights": None})
+            model = build_model(bands, model_args, settings.output_args, len(targets), len(classes))
             multiple = pad_multiple(settings.model_args)
             if warm is not None:
                 try:
@@ -323,7 +346,7 @@ def train_unet(
 
     args = settings.training_args
     data_args = settings.load_dataset_args.model_copy(
-        update={"batch_size": training_batch(settings, train_frames[0], multiple, mixed)}
+        update={"batch_size": training_batch(settings, train_frames[0], multiple, mixed, network)}
     )
     if strategy is not None:
         # batch_size is per replica: each batch is split evenly over the GPUs.
@@ -382,8 +405,8 @@ def train_unet(
         pad_multiple=multiple,
         targets=list(targets),
         classes=list(classes),
-        features={"architecture": settings.model_args.architecture},
-        settings=settings.model_dump(mode="json"),
+        features={"architecture": network.architecture},
+        settings=_bundle_settings(settings, network),
     )
     schedule = (  # a cosine schedule is the optimizer's own (_learning_rate): only its rate is logged
         keras.callbacks.ReduceLROnPlateau(

@@ -38,7 +38,7 @@ from core.errors import CheckError, LabelError, PipelineError, RasterError
 from core.files import human_size
 from core.raster import open_raster, valid_pixels
 from core.settings import Settings
-from core.tree import DataTree, encoder_weights_file
+from core.tree import IMAGENET_FILES, DataTree, encoder_weights_file, keras_cache
 
 log = logging.getLogger(__name__)
 
@@ -480,12 +480,34 @@ class Checker:
         return rasters
 
     def encoder_weights(self) -> None:
-        """The weights file model_args.encoder_weights names is there (imagenet is Keras's to fetch)."""
-        path = encoder_weights_file(self.settings.model_args.encoder_weights)
-        if path is not None and not path.is_file():
+        """The weights file model_args.encoder_weights names is there and HDF5; imagenet's, in Keras's cache (a
+        warning: train downloads it); the percentile normalization pretrained weights expect."""
+        m = self.settings.model_args
+        if m.encoder_weights is None:
+            return
+        if self.settings.load_dataset_args.normalization != "percentile":
+            self.warn(
+                f"model_args.encoder_weights are pretrained on inputs in 0..1, but load_dataset_args.normalization "
+                f"{self.settings.load_dataset_args.normalization} gives the encoder other values: set it percentile"
+            )
+        path = encoder_weights_file(m.encoder_weights)
+        if path is None:
+            cached = keras_cache() / IMAGENET_FILES[m.architecture]
+            if not cached.is_file():
+                self.warn(
+                    f"model_args.encoder_weights imagenet: {cached} is not there yet: train downloads it (offline, copy "
+                    "it there from a machine that can download it)"
+                )
+            return
+        if not path.is_file():
             self.fatal(
                 f"model_args.encoder_weights names {path}, which is not a file: give the path of the encoder's weights "
                 "without its top, 'imagenet' to download them, or null to start from random weights"
+            )
+        elif not _is_hdf5(path):
+            self.fatal(
+                f"model_args.encoder_weights names {path}, which is not a Keras weights file (HDF5): give the path of "
+                "the encoder's weights without its top, 'imagenet' to download them, or null to start from random weights"
             )
 
     def evaluate(self) -> None:
@@ -557,6 +579,12 @@ class Checker:
         return tree.root, 0
 
 
+def _is_hdf5(path: Path) -> bool:
+    import h5py  # (Keras's dependency) only when an encoder weights file is named
+
+    return bool(h5py.is_hdf5(path))
+
+
 def _files(tree: DataTree, folder: Path) -> list[Path]:
     return tree.list_rasters(folder) if folder.is_dir() else []
 
@@ -577,6 +605,7 @@ def run_checks(
     bundle: Path | None = None,
     inputs: Sequence[Path] | None = None,
     space_for: Iterable[str] | None = None,
+    continuing: bool = False,
 ) -> tuple[list[Finding], int]:
     """Check the inputs of ``stages``; return the findings and how many rasters were read.
 
@@ -584,6 +613,7 @@ def run_checks(
         stages: stage names (pipeline.py's or the scripts': train-unet and train both work).
         bundle, inputs: predict's bundle folder and rasters (default: from settings).
         space_for: the stages whose outputs need disk space (default: ``stages``).
+        continuing: train continues from a bundle (``--from-bundle``): no encoder weights are read.
     """
     stages = list(stages)
     groups = set().union(*(_stage_group(s) for s in stages)) if stages else set()
@@ -600,7 +630,8 @@ def run_checks(
     if "split" in groups:
         check.pairs(tree.frames("train"), tree.split_masks("train"), "train split", need_roof=True, shape_key="model")
         check.pairs(tree.frames("val"), tree.split_masks("val"), "val split", need_roof=False, shape_key="model")
-    if any(s == "train-unet" or (s == "train" and settings.training_args.model == "unet") for s in stages):
+    unet = any(s == "train-unet" or (s == "train" and settings.training_args.model == "unet") for s in stages)
+    if unet and not continuing and not settings.training_args.pretrained:  # continuing reads no encoder weights
         check.encoder_weights()
     if "predict" in groups:
         predict = check.predict(bundle, inputs)
@@ -617,9 +648,10 @@ def preflight(
     *,
     bundle: Path | None = None,
     inputs: Sequence[Path] | None = None,
+    continuing: bool = False,
 ) -> list[Finding]:
     """The check a stage runs before it starts: warnings are logged, fatal findings raise :class:`CheckError`."""
-    findings, read = run_checks(settings, tree, [stage], bundle=bundle, inputs=inputs)
+    findings, read = run_checks(settings, tree, [stage], bundle=bundle, inputs=inputs, continuing=continuing)
     for f in findings:
         if not f.fatal:
             log.warning("pre-flight check: %s", f.message)
