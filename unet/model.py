@@ -97,6 +97,19 @@ def _norm_upconv(x: Any, filters: int, m: ModelArgs, upconv: dict[str, Any]) -> 
     return layers.Conv2DTranspose(filters, **upconv)(_normalize(x, m))
 
 
+def _output(x: Any, channels: int, o: OutputArgs) -> Any:
+    """The output layer from output_args: one band per target, in float32 (also under mixed precision)."""
+    return layers.Conv2D(
+        channels,
+        kernel_size=o.kernel_size,
+        strides=o.strides,
+        activation=o.activation,
+        padding=o.padding,
+        dtype="float32",
+        name="roof_probability",
+    )(x)
+
+
 def satellite_unet(bands: int, m: ModelArgs, o: OutputArgs, channels: int = 1) -> keras.Model:
     """The satellite U-Net: batch (or group) norm before each convolution, constant width, skip at every level."""
     conv = {
@@ -142,15 +155,7 @@ def satellite_unet(bands: int, m: ModelArgs, o: OutputArgs, channels: int = 1) -
     x = layers.concatenate([x, top])
     x = _norm_conv(x, m.upconv_filters, m, conv)
     x = _norm_conv(x, filters, m, conv)
-    outputs = layers.Conv2D(
-        channels,
-        kernel_size=o.kernel_size,
-        strides=o.strides,
-        activation=o.activation,
-        padding=o.padding,
-        dtype="float32",
-        name="roof_probability",
-    )(x)
+    outputs = _output(x, channels, o)
     return keras.Model(inputs, outputs, name="satellite_unet")
 
 
@@ -231,15 +236,7 @@ def encoder_unet(bands: int, m: ModelArgs, o: OutputArgs, channels: int = 1) -> 
     x = layers.concatenate([x, top])
     x = _norm_conv(x, m.filters, m, conv)
     x = _norm_conv(x, m.filters, m, conv)
-    outputs = layers.Conv2D(
-        channels,
-        kernel_size=o.kernel_size,
-        strides=o.strides,
-        activation=o.activation,
-        padding=o.padding,
-        dtype="float32",
-        name="roof_probability",
-    )(x)
+    outputs = _output(x, channels, o)
     return keras.Model(inputs, outputs, name=f"{m.architecture}_unet")
 
 
