@@ -59,6 +59,8 @@ GIB = 2**30
 NETWORKS = {
     "demo (filters 16)": [],
     "seed (filters 64)": ["model_args.filters=64", "model_args.upconv_filters=96", "model_args.bachnorm_momentum=0.01"],
+    # Random weights: the speed and memory are the same as pretrained ones', and nothing is downloaded.
+    "mobilenetv2 encoder": ["model_args.architecture=mobilenetv2"],
 }
 
 
