@@ -320,3 +320,32 @@ def test_the_pre_flight_check_of_encoder_weights(
         "warning: model_args.encoder_weights are pretrained on inputs in 0..1, but load_dataset_args.normalization "
         "zscore gives the encoder other values: set it percentile"
     ]
+
+
+def test_weights_that_cannot_be_read_stop_train_before_it_removes_the_last_run(
+    tmp_path: Path, settings_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from train.train import main
+
+    tiny_tree(tmp_path / "data")
+    half = encoder_weights_file(tmp_path / "half.weights.h5", alpha=0.5)  # another MobileNetV2
+    last = tmp_path / "results" / "tiny" / "unet" / "bundle" / "bundle.json"
+    last.parent.mkdir(parents=True)
+    last.write_text("{}")  # what a previous run left
+    argv = ["--settings", str(settings_file), "--quiet", "--model", "unet", "--overwrite"]
+    for item in [
+        *TINY,
+        "model_args.architecture=mobilenetv2",
+        f"model_args.encoder_weights={half}",
+        f"data_root={tmp_path / 'data'}",
+        f"training_args.results_folder={tmp_path / 'results'}",
+        "experiment=tiny",
+    ]:
+        argv += ["--set", item]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: model_args.encoder_weights {str(half)!r} are not weights of MobileNetV2 without its top"
+    )
+    assert err.count("\n") == 1
+    assert last.read_text() == "{}"

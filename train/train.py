@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
             from unet.train import train_unet
 
             backed_up = finished_epochs(backup_dir(tree.model_dir("unet")))
+            if settings.model_args.encoder_weights is not None and not continuing and not backed_up:
+                from unet.model import weighted_encoder
+
+                weighted_encoder(settings.model_args)  # downloaded and read before the old outputs are removed
         if run.resume and not backed_up:
             run.mode = "fresh"  # nothing to continue from: a new run (training is not deterministic)
         run.start(clear=not continuing)

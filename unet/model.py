@@ -243,6 +243,15 @@ def encoder_unet(bands: int, m: ModelArgs, o: OutputArgs, channels: int = 1) -> 
 def load_encoder_weights(encoder: keras.Model, m: ModelArgs) -> None:
     """Copy ``model_args.encoder_weights`` (``imagenet``: Keras's download; else a weights file of the
     encoder without its top) into ``encoder``'s layers, by name. Raises PipelineError when they cannot be had."""
+    for layer in weighted_encoder(m).layers:
+        if layer.weights:
+            encoder.get_layer(layer.name).set_weights(layer.get_weights())
+
+
+def weighted_encoder(m: ModelArgs) -> keras.Model:
+    """The Keras Applications encoder of ``model_args.architecture`` without its top, with
+    ``model_args.encoder_weights`` loaded (downloaded into Keras's cache for ``imagenet``). Raises PipelineError
+    when they cannot be had: train calls it before it removes a previous run's outputs."""
     spec = ENCODERS[m.architecture]
     source = m.encoder_weights
     path = encoder_weights_file(source)
@@ -272,9 +281,7 @@ def load_encoder_weights(encoder: keras.Model, m: ModelArgs) -> None:
             f"model_args.encoder_weights {m.encoder_weights!r} are not weights of {spec.builder} without its top "
             f"({type(exc).__name__}: {cause if len(cause) <= 400 else cause[:400] + '...'})"
         ) from exc
-    for layer in weighted.layers:
-        if layer.weights:
-            encoder.get_layer(layer.name).set_weights(layer.get_weights())
+    return weighted
 
 
 def build_model(
