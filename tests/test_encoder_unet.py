@@ -19,7 +19,7 @@ from core.bundle import load_predictor  # noqa: E402
 from core.errors import PipelineError, SettingsError  # noqa: E402
 from core.settings import ModelArgs, OutputArgs, load_settings  # noqa: E402
 from core.tree import DataTree  # noqa: E402
-from tests.test_unet import TINY, tiny_tree  # noqa: E402
+from tests.test_unet import tiny_overrides, tiny_tree  # noqa: E402
 from unet.device import chip_bytes  # noqa: E402
 from unet.model import ENCODERS, build_model, pad_multiple  # noqa: E402
 
@@ -235,14 +235,10 @@ def test_tiny_training_with_a_pretrained_encoder_makes_a_bundle_predict_reads_an
     tiny_tree(tmp_path / "data")
     weights = encoder_weights_file(tmp_path / "encoder.weights.h5")
     overrides = [
-        *TINY,
+        *tiny_overrides(tmp_path),
         "training_args.epochs=2",
         "model_args.architecture=mobilenetv2",
         f"model_args.encoder_weights={weights}",
-        f"data_root={tmp_path / 'data'}",
-        f"training_args.results_folder={tmp_path / 'results'}",
-        f"predict_args.output={tmp_path / 'predictions'}",
-        "experiment=tiny",
     ]
     argv = ["--settings", str(settings_file), "--quiet", "--model", "unet"]
     for item in overrides:
@@ -334,12 +330,9 @@ def test_weights_that_cannot_be_read_stop_train_before_it_removes_the_last_run(
     last.write_text("{}")  # what a previous run left
     argv = ["--settings", str(settings_file), "--quiet", "--model", "unet", "--overwrite"]
     for item in [
-        *TINY,
+        *tiny_overrides(tmp_path),
         "model_args.architecture=mobilenetv2",
         f"model_args.encoder_weights={half}",
-        f"data_root={tmp_path / 'data'}",
-        f"training_args.results_folder={tmp_path / 'results'}",
-        "experiment=tiny",
     ]:
         argv += ["--set", item]
     assert main(argv) == 1

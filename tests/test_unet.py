@@ -94,16 +94,21 @@ TINY = [
 ]
 
 
+def tiny_overrides(root: Path) -> list[str]:
+    """TINY, with the data tree, results and predictions under ``root`` (experiment tiny)."""
+    return [
+        *TINY,
+        f"data_root={root / 'data'}",
+        f"training_args.results_folder={root / 'results'}",
+        f"predict_args.output={root / 'predictions'}",
+        "experiment=tiny",
+    ]
+
+
 @pytest.fixture
 def tiny(tmp_path: Path, settings_file: Path):
     tiny_tree(tmp_path / "data")
-    overrides = [
-        *TINY,
-        f"data_root={tmp_path / 'data'}",
-        f"training_args.results_folder={tmp_path / 'results'}",
-        f"predict_args.output={tmp_path / 'predictions'}",
-        "experiment=tiny",
-    ]
+    overrides = tiny_overrides(tmp_path)
     settings = load_settings(settings_file, overrides)
     return settings, DataTree.from_settings(settings), settings_file, overrides
 
@@ -116,13 +121,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("trained")
     tiny_tree(tmp / "data")
     settings_path = Path(__file__).resolve().parent.parent / "settings.json"
-    overrides = [
-        *TINY,
-        f"data_root={tmp / 'data'}",
-        f"training_args.results_folder={tmp / 'results'}",
-        f"predict_args.output={tmp / 'predictions'}",
-        "experiment=tiny",
-    ]
+    overrides = tiny_overrides(tmp)
     argv = ["--settings", str(settings_path), "--quiet", "--model", "unet"]
     for item in overrides:
         argv += ["--set", item]

@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         if run.skip:
             run.say_skip()
             return
-        preflight(settings, tree, f"train-{kind}", continuing=args.from_bundle is not None)
         # Continuing from the bundle: it must not be removed before it is read.
         continuing = kind == "unet" and (args.from_bundle is not None or settings.training_args.pretrained)
+        preflight(settings, tree, f"train-{kind}", continuing=continuing)
         backed_up = 0
         if kind == "unet":  # imported here: TensorFlow loads only when a U-Net is trained
             from unet.resume import backup_dir, finished_epochs

@@ -295,6 +295,8 @@ def train_unet(
     from unet.resume import remove as remove_backup
     from unet.snapshots import BestEpochs, best_member, ensemble, snapshot_dir
 
+    backup = backup_dir(out)
+    resuming = resume and finished_epochs(backup) > 0
     jit, mixed = configure_tensorflow(settings, from_bundle=start_from is not None)
     strategy = _strategy(settings)
     # Variables (model, optimizer, metrics) are made inside the strategy's scope to be mirrored.
@@ -329,7 +331,7 @@ def train_unet(
             stats = band_statistics(train_frames)
             norm = Normalization.from_stats(stats, settings.load_dataset_args.normalization, nodata)
             model_args = settings.model_args
-            if warm is not None or (resume and finished_epochs(backup_dir(tree.model_dir("unet")))):
+            if warm is not None or resuming:
                 # The checkpoint or the backup holds every weight: no encoder weights to fetch (or download).
                 model_args = model_args.model_copy(update={"encoder_weights": None})
             model = build_model(bands, model_args, settings.output_args, len(targets), len(classes))
@@ -383,9 +385,8 @@ def train_unet(
         "train: the best epoch's weights are kept in %s while training; the bundle is what predict reads", checkpoint
     )
     monitor = _Monitor.make(args.patience)
-    backup = backup_dir(out)
     done_epochs = 0
-    if resume and finished_epochs(backup):
+    if resuming:
         with scope():
             done_epochs = restore(model, backup)
         log.info("train: resuming from the end of epoch %d of %d (backup in %s)", done_epochs, args.epochs, backup)

@@ -613,7 +613,8 @@ def run_checks(
         stages: stage names (pipeline.py's or the scripts': train-unet and train both work).
         bundle, inputs: predict's bundle folder and rasters (default: from settings).
         space_for: the stages whose outputs need disk space (default: ``stages``).
-        continuing: train continues from a bundle (``--from-bundle``): no encoder weights are read.
+        continuing: train continues from a bundle (``--from-bundle``, ``training_args.pretrained``): no encoder
+            weights are read.
     """
     stages = list(stages)
     groups = set().union(*(_stage_group(s) for s in stages)) if stages else set()
