@@ -647,8 +647,9 @@ class SplitArgs(Section):
     seed: int = Field(0, description="Seed of the split.")
     strategy: Literal["random", "spatial", "stratified"] = Field(
         "spatial",
-        description="random; spatial: blocks of neighbouring chips go to one split; stratified: roof and "
-        "roof-free chips balanced across splits.",
+        description="random; spatial: blocks of neighbouring chips go to one split, dealt so that each split, once "
+        "the chips that share pixels with training chips are left out of val and test, is close to the overall "
+        "roof share; stratified: roof and roof-free chips balanced across splits.",
     )
     block: int = Field(2, ge=1, description="Side of a spatial block, in chips.")
     keep_empty: float = Field(1.0, ge=0.0, le=1.0, description="Share of roof-free chips kept.")

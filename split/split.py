@@ -5,8 +5,10 @@ val_frames/ val_masks/ (and test_* when split_args.fractions.test > 0) with trai
 train_1.tif, ... as the original pipeline named them: hard links where the file system
 allows, copies otherwise. Strategies (split_args.strategy): random; spatial (blocks of
 split_args.block x block neighbouring chips go to one split, so neighbours do not leak
-between training and validation); stratified (chips with and without roofs spread evenly
-across splits). split_args.keep_empty keeps that share of roof-free chips. Records each
+between training and validation; of 64 random deals of the blocks, the one whose splits, after the
+overlap rule below, are closest to the overall roof share and to their share of chips); stratified (chips with and without roofs spread evenly
+across splits). split_args.keep_empty keeps that share of roof-free chips. Val and test chips that
+share pixels with a training chip (chip_args.stride below the chip size) are left out. Records each
 chip's split and file name in chips.csv.
 """
 
@@ -134,17 +136,18 @@ def assign_splits(index: pd.DataFrame, args: SplitArgs) -> pd.Series:
                 "or use split_args.strategy random"
             )
         sizes = keys.value_counts()
-        roof = kept["roof_share"].groupby(keys).sum()
-        # Several random block orders; keep the one whose splits' roof shares are closest to the
-        # overall share, so validation is not, by chance, a set of roof-free blocks.
+        # Several random block orders; keep the one whose splits, once the chips that share pixels with
+        # training chips are left out of val and test (drop_overlaps), are closest to the overall roof share
+        # and to their share of chips: validation is neither, by chance, a set of roof-free blocks nor the
+        # roof-free rim left of its blocks after the overlap rule.
         best, best_cost = None, np.inf
         for _ in range(SPATIAL_TRIES):
             chosen = _deal_blocks(blocks, rng.permutation(len(blocks)), sizes, wanted, fractions, len(kept))
-            cost = _roof_imbalance(chosen, sizes, roof)
-            if cost < best_cost:
-                best, best_cost = chosen, cost
-        chosen = best
-        result |= {int(i): chosen[k] for i, k in keys.items()}
+            dealt = pd.Series({int(i): chosen[k] for i, k in keys.items()})
+            cost = _imbalance(kept, _without_overlaps(kept, dealt), fractions)
+            if best is None or cost < best_cost:
+                best, best_cost = dealt, cost
+        result |= best.to_dict()
     return pd.Series(result).reindex(index.index)
 
 
@@ -171,14 +174,19 @@ def _deal_blocks(
     return chosen
 
 
-def _roof_imbalance(chosen: dict, sizes: pd.Series, roof: pd.Series) -> float:
-    """How far each split's mean roof share is from the overall one (relative, summed)."""
-    overall = roof.sum() / sizes.sum()
+def _imbalance(index: pd.DataFrame, splits: pd.Series, fractions: dict[str, float]) -> float:
+    """How far each split is from the overall roof share and from its share of the chips (relative, summed);
+    infinite when a split that should have chips has none."""
+    overall = index["roof_share"].mean()
     cost = 0.0
-    for split in set(chosen.values()):
-        blocks = [b for b, s in chosen.items() if s == split]
-        share = sum(roof[b] for b in blocks) / sum(sizes[b] for b in blocks)
-        cost += abs(share - overall) / max(overall, 1e-12)
+    for split, fraction in fractions.items():
+        if fraction <= 0:
+            continue
+        part = index.loc[splits.index[splits == split], "roof_share"]
+        if part.empty:
+            return np.inf
+        cost += abs(part.mean() - overall) / max(overall, 1e-12)
+        cost += abs(len(part) - fraction * len(index)) / (fraction * len(index))
     return cost
 
 
@@ -198,25 +206,32 @@ def overlapping(index: pd.DataFrame, splits: pd.Series, split: str) -> pd.Index:
     return pd.Index(found)
 
 
+def _without_overlaps(index: pd.DataFrame, splits: pd.Series) -> pd.Series:
+    """``splits`` with every val and test chip that shares pixels with a training chip left out ("")."""
+    splits = splits.copy()
+    for split in ("val", "test"):
+        splits.loc[overlapping(index, splits, split)] = ""
+    return splits
+
+
 def drop_overlaps(index: pd.DataFrame, splits: pd.Series) -> pd.Series:
     """Leave out of val and test every chip that shares pixels with a training chip: their scores would
     count pixels the model trained on."""
-    splits = splits.copy()
+    kept = _without_overlaps(index, splits)
     for split in ("val", "test"):
-        shared = overlapping(index, splits, split)
-        if len(shared):
-            splits.loc[shared] = ""
+        shared = int(((splits == split) & (kept != split)).sum())
+        if shared:
             log.warning(
                 "split: %d %s chips share pixels with training chips (chip_args.stride is smaller than the size) "
                 "and are left out of %s; %d remain",
-                len(shared), split, split, int((splits == split).sum()),
+                shared, split, split, int((kept == split).sum()),
             )  # fmt: skip
-    if not (splits == "val").any():
+    if not (kept == "val").any():
         raise DataError(
             "every val chip shares pixels with a training chip (chip_args.stride is smaller than the size): use "
             "split_args.strategy spatial with a larger split_args.block, or chips without overlap"
         )
-    return splits
+    return kept
 
 
 def place(src: Path, dst: Path) -> None:
@@ -258,7 +273,8 @@ def split_chips(tree: DataTree, args: SplitArgs, index: pd.DataFrame | None = No
         if part.any() and index.loc[part, "roof_share"].sum() <= 0:
             log.warning(
                 "split: the %s split has no roof pixel, so its metrics and the tuned threshold mean little: "
-                "change split_args.seed or use strategy stratified",
+                "change split_args.seed or split_args.block, or use strategy stratified where chips do not overlap "
+                "(chip_args.stride at least the chip size)",
                 s,
             )
     used = [s for s in SPLITS if (splits == s).any()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from core.settings import SplitArgs, SplitFractions
 from mask.mask import main as mask_main
 from mosaic.mosaic import main as mosaic_main
 from split import split as split_module
-from split.split import allocate, assign_splits, main, split_chips
+from split.split import allocate, assign_splits, drop_overlaps, main, split_chips
 
 SIZE = 8  # chip size of the fabricated chips
 
@@ -161,6 +162,25 @@ def test_spatial_with_test_split(data_tree, make_chips):
     assert len(list(data_tree.frames("test").iterdir())) == counts["test"]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_spatial_balances_roofs_after_the_overlap_rule(seed):
+    # 4 x 4 chips of 8 px at a stride of 4 (each overlaps its neighbours), blocks of 2 x 2: four blocks, one for
+    # val. Of a val block only its outer corner chip shares no pixel with training chips. The corner chips of
+    # three blocks are roof-free, the fourth's (grid 3, 3) has roofs: the split is judged by what the overlap
+    # rule leaves, so val is that chip, not a roof-free corner whose block looked balanced before the rule.
+    rows = []
+    for r in range(4):
+        for c in range(4):
+            share = 0.0 if (r, c) in {(0, 0), (0, 3), (3, 0)} else 0.1
+            rows.append({"source": "a.tif", "row_off": 4 * r, "col_off": 4 * c, "height": 8, "width": 8,
+                         "roof_share": share})  # fmt: skip
+    index = pd.DataFrame(rows)
+    splits = drop_overlaps(index, assign_splits(index, SplitArgs(strategy="spatial", block=2, seed=seed)))
+    assert list(splits.index[splits == "val"]) == [15]
+    assert list(splits.index[splits == ""]) == [10, 11, 14]
+    assert (splits == "train").sum() == 12
+
+
 def test_stratified_puts_roofs_in_every_split(data_tree, make_chips):
     shares = [0.2 if i % 4 == 0 else 0.0 for i in range(20)]  # 5 chips with roofs, 15 without
     make_chips(shares)
@@ -182,6 +202,18 @@ def test_keep_empty(data_tree, make_chips):
     index = split_chips(data_tree, SplitArgs(strategy="random", keep_empty=0.5))
     assert int(((index["roof_share"] == 0) & (index["split"] != "")).sum()) == 3
     assert len(folder_names(data_tree.frames("train"))) + len(folder_names(data_tree.frames("val"))) == 7
+
+
+def test_roof_free_val_is_named_with_advice_that_fits_overlapping_chips(data_tree, make_chips, caplog):
+    make_chips([0.3] + [0.0] * 9)  # one chip with roofs, always in train
+    with caplog.at_level(logging.WARNING, logger="split.split"):
+        index = split_chips(data_tree, SplitArgs(strategy="random"))
+    assert index.loc[0, "split"] == "train" and (index["split"] == "val").sum() == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "split: the val split has no roof pixel, so its metrics and the tuned threshold mean little: change "
+        "split_args.seed or split_args.block, or use strategy stratified where chips do not overlap "
+        "(chip_args.stride at least the chip size)"
+    ]
 
 
 # --- rerun ----------------------------------------------------------------------------------
