@@ -382,6 +382,16 @@ class TrainingArgs(Section):
         "IoU (a snapshot ensemble: no extra training; predict runs each of them, so it takes this many times as "
         "long); 1 = the best epoch alone.",
     )
+    members: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="U-Net: train this many networks, each from its own seeds (training_args.seed and "
+        "load_dataset_args.seed plus 0, 1, ...: initial weights, chip order, augmentation), and the bundle averages "
+        "them (a seed ensemble; the threshold, merge limit and object filter tuned on the average). Each member's "
+        "bundle, metrics and curves stay in results/EXPERIMENT/unet/members/seed-N/. Training and prediction take "
+        "this many times as long; 1 = one network.",
+    )
     seed: int = Field(0, description="Seed of weight initialization.")
     jit_compile: bool | None = Field(
         None,
@@ -409,6 +419,20 @@ class TrainingArgs(Section):
         description="Every this many epochs the TensorBoard logs also get a few validation chips as images (image, "
         "true roofs, predicted roof probability); 0 = no images.",
     )
+
+    @model_validator(mode="after")
+    def _members_are_new_networks(self) -> TrainingArgs:
+        if self.members > 1 and self.ensemble > 1:
+            raise ValueError(
+                f"members {self.members} and ensemble {self.ensemble} both make the bundle an average of networks: "
+                "set one of them to 1"
+            )
+        if self.members > 1 and self.pretrained:
+            raise ValueError(
+                f"members {self.members} trains new networks from their seeds, pretrained true continues one: set "
+                "pretrained false, or members 1"
+            )
+        return self
 
 
 class OutputArgs(Section):

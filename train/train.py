@@ -39,10 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         preflight(settings, tree, f"train-{kind}", continuing=continuing)
         backed_up = 0
         if kind == "unet":  # imported here: TensorFlow loads only when a U-Net is trained
-            from unet.resume import backup_dir, finished_epochs
-            from unet.train import train_unet
+            from unet.train import resumable, train_unet
 
-            backed_up = finished_epochs(backup_dir(tree.model_dir("unet")))
+            backed_up = resumable(tree.model_dir("unet"))
             if settings.model_args.encoder_weights is not None and not continuing and not backed_up:
                 from unet.model import weighted_encoder
 

@@ -60,6 +60,27 @@ def plot_curves(history_csv: Path, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_member_curves(histories: list[tuple[str, Path]], path: Path) -> Path:
+    """The members of a seed ensemble side by side: validation loss, validation IoU and training IoU per epoch,
+    one line per member (``histories``: its label and history.csv), each member's best epoch marked."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [("val_loss", "loss", "Validation loss"), ("val_iou", "IoU (threshold 0.5)", "Validation pixel IoU"),
+              ("iou", "IoU (threshold 0.5)", "Training pixel IoU")]  # fmt: skip
+    for label, csv in histories:
+        h = pd.read_csv(csv)
+        epochs = h["epoch"] + 1
+        best = int(h["val_iou"].idxmax())
+        for ax, (key, _, _) in zip(axes, panels, strict=True):
+            (line,) = ax.plot(epochs, h[key], "-", label=label)
+            ax.plot(epochs[best], h[key][best], "o", color=line.get_color())
+    for ax, (_, ylabel, title) in zip(axes, panels, strict=True):
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"U-Net seed ensemble: {len(histories)} members (dots: each one's best validation epoch, kept)")
+    return _save(fig, path)
+
+
 #: True roofs in every overlay: cyan, over the image.
 TRUTH_RGBA = (0.0, 1.0, 1.0, 0.55)
 

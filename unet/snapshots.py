@@ -79,10 +79,17 @@ def ensemble(model: keras.Model, files: list[Path]) -> keras.Model:
 
     With one file it is that network alone (float32). ``model`` is left with the last file's weights.
     """
-    members = []
-    for i, path in enumerate(files):
+    networks = []
+    for path in files:
         model.load_weights(path)
-        members.append(float32_copy(model, MEMBER.format(i)))
+        networks.append(float32_copy(model))
+    return average(networks)
+
+
+def average(networks: list[keras.Model]) -> keras.Model:
+    """One model running each of ``networks`` (float32 copies named snapshot_0, ...: the first is the one training
+    continues from) on the same input and averaging their output bands; one network alone is its copy."""
+    members = [float32_copy(network, MEMBER.format(i)) for i, network in enumerate(networks)]
     if len(members) == 1:
         return members[0]
     x = keras.Input(shape=members[0].input_shape[1:], name="image")

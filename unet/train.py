@@ -230,10 +230,135 @@ def train_unet(
     """Train the U-Net on the train split, tune the threshold on val, write the bundle and reports.
 
     With ``resume`` a backup left by an interrupted run of the same training (unet/resume.py)
-    is restored and only the remaining epochs run. Returns the bundle folder.
+    is restored and only the remaining epochs run. With ``training_args.members`` above 1, that many
+    networks train one after another, each from its own seeds, and the bundle averages them
+    (:func:`_train_members`). Returns the bundle folder.
     """
+    members = settings.training_args.members
+    if members == 1:
+        return _train_network(
+            settings, tree, tree.model_dir("unet"), overwrite=overwrite, from_bundle=from_bundle, resume=resume
+        )
+    if from_bundle is not None:
+        raise DataError(
+            f"training_args.members {members} trains new networks from their seeds, --from-bundle continues one: "
+            "train without --from-bundle, or set training_args.members 1"
+        )
+    return _train_members(settings, tree, overwrite=overwrite, resume=resume)
+
+
+def members_dir(out: Path) -> Path:
+    """results/EXPERIMENT/unet/members/: one folder per member of a seed ensemble (seed-N/, as a training's own)."""
+    return Path(out) / "members"
+
+
+def resumable(out: Path) -> int:
+    """What a resumed run in ``out`` (results/EXPERIMENT/unet/) would keep: the epochs in its backup, or in a
+    member's, plus the members whose bundles are written (0: nothing, a resumed run starts afresh)."""
+    from unet.resume import backup_dir, finished_epochs
+
+    done = finished_epochs(backup_dir(out))
+    for folder in sorted(members_dir(out).glob("seed-*")):
+        done += finished_epochs(backup_dir(folder)) + int((folder / "bundle" / BUNDLE_JSON).is_file())
+    return done
+
+
+def _member_settings(settings: Settings, k: int) -> Settings:
+    """The settings member ``k`` of a seed ensemble trains with: both seeds plus ``k``, one network."""
+    return settings.model_copy(
+        update={
+            "training_args": settings.training_args.model_copy(
+                update={"seed": settings.training_args.seed + k, "members": 1}
+            ),
+            "load_dataset_args": settings.load_dataset_args.model_copy(
+                update={"seed": settings.load_dataset_args.seed + k}
+            ),
+        }
+    )
+
+
+def _train_members(settings: Settings, tree: DataTree, *, overwrite: bool, resume: bool) -> Path:
+    """A seed ensemble: train each member into members/seed-N/ (a member finished before an interruption is kept
+    when resuming; the one that was training resumes from its backup), then the bundle averages them, the
+    threshold, merge limit and object filter tuned on the average."""
     out = tree.model_dir("unet")
-    bundle_dir = tree.bundle("unet")
+    refuse_overwrite([tree.bundle("unet")], overwrite, "train (unet)")
+    n = settings.training_args.members
+    for stale in (out / "history.csv", out / checkpoint_file(settings)):  # of a one-network run: not this one's
+        stale.unlink(missing_ok=True)
+    folders = []
+    started = time.perf_counter()
+    for k in range(n):
+        member = _member_settings(settings, k)
+        folder = members_dir(out) / f"seed-{member.training_args.seed}"
+        if resume and (folder / "bundle" / BUNDLE_JSON).is_file():
+            log.info("train: member %d of %d was trained before the run was interrupted: %s", k + 1, n, folder)
+        else:
+            log.info(
+                "train: member %d of %d (training_args.seed %d, load_dataset_args.seed %d) -> %s",
+                k + 1, n, member.training_args.seed, member.load_dataset_args.seed, folder,
+            )  # fmt: skip
+            _train_network(member, tree, folder, overwrite=True, resume=resume, member=True)
+        folders.append(folder)
+    return _average_members(settings, tree, folders, time.perf_counter() - started)
+
+
+def _average_members(settings: Settings, tree: DataTree, folders: list[Path], seconds: float) -> Path:
+    """The bundle of a seed ensemble: one model averaging the members' networks, the best member by validation IoU
+    first (the network a training continued from the bundle goes on from), tuned on val as any bundle."""
+    from unet import bundle as unet_bundle
+    from unet.plots import plot_member_curves
+    from unet.snapshots import average
+
+    records = [json.loads((f / "metrics.json").read_text(encoding="utf-8")) for f in folders]
+    order = sorted(range(len(folders)), key=lambda i: -records[i]["pixel"]["iou"])
+    model = average([unet_bundle.load_model(folders[i] / "bundle") for i in order])
+    first = read_info(folders[order[0]] / "bundle")
+    info = replace(
+        first,
+        features={**first.features, "ensemble": len(folders)},
+        settings=_bundle_settings(settings, settings.model_args),
+    )
+    train_pairs, val_pairs = split_pairs(tree, "train"), split_pairs(tree, "val")
+    classes = tuple(info.classes)
+    _, pixels = mask_pixels([m for _, m in train_pairs], len(classes))
+    batch = training_batch(settings, train_pairs[0][0], info.pad_multiple, False, settings.model_args)
+    members = [
+        {
+            "seed": settings.training_args.seed + i,
+            "folder": str(folders[i]),
+            "val_iou": records[i]["pixel"]["iou"],
+            "threshold": records[i]["threshold"],
+            "epochs": records[i]["epochs"],
+        }
+        for i in range(len(folders))
+    ]
+    out = tree.model_dir("unet")
+    plot_member_curves([(f"seed {m['seed']}", Path(m["folder"]) / "history.csv") for m in members], out / "curves.png")
+    log.info(
+        "train: the bundle averages %d networks (training_args.members); validation IoU of each: %s",
+        len(folders), ", ".join(f"seed {m['seed']} {m['val_iou']:.3f}" for m in members),
+    )  # fmt: skip
+    return _tune_and_save(
+        model, info, out, [f for f, _ in val_pairs], [m for _, m in val_pairs], classes, pixels, batch,
+        epochs=sum(m["epochs"] for m in members), seconds=seconds, members=members,
+    )  # fmt: skip
+
+
+def _train_network(
+    settings: Settings,
+    tree: DataTree,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    from_bundle: Path | None = None,
+    resume: bool = False,
+    member: bool = False,
+) -> Path:
+    """Train one network into ``out`` (results/EXPERIMENT/unet/, or a member's folder): its bundle in
+    ``out``/bundle. A ``member`` of a seed ensemble gets its threshold tuned and its reports, not the object
+    steps (merge, object filter, test-time augmentation), which the average gets."""
+    bundle_dir = out / "bundle"
     checkpoint = out / checkpoint_file(settings)
     start_from, warm = from_bundle, None
     if start_from is None and settings.training_args.pretrained:
@@ -480,15 +605,15 @@ def train_unet(
             f"(training_args.learning_rate={args.learning_rate}), or a loss that rewards background "
             f"(training_args.loss={args.loss}; bce_dice is the default)"
         )
-    members = best.epochs() if best is not None else []
-    if len(members) > 1:
+    snapshots = best.epochs() if best is not None else []
+    if len(snapshots) > 1:
         model = ensemble(model, best.files())  # float32 copies, as below
         # predict's batch on a GPU is shared by the networks (they may run at once); so is validation's here
-        info = replace(info, features={**info.features, "ensemble": len(members)})
+        info = replace(info, features={**info.features, "ensemble": len(snapshots)})
         log.info(
             "train: the bundle averages the networks of epochs %s, the %d best by validation IoU "
             "(training_args.ensemble %d)",
-            ", ".join(map(str, members)), len(members), args.ensemble,
+            ", ".join(map(str, snapshots)), len(snapshots), args.ensemble,
         )  # fmt: skip
     else:
         if checkpoint.is_file():
@@ -496,8 +621,42 @@ def train_unet(
         if mixed:
             model = float32_copy(model)  # the bundle computes in float32 wherever it is loaded, a CPU included
 
+    from unet.plots import plot_curves
+
+    plot_curves(out / "history.csv", out / "curves.png")
+    bundle = _tune_and_save(
+        model, info, out, val_frames, val_masks, classes, pixels, data_args.batch_size,
+        epochs=done_epochs + len(history.epoch), seconds=seconds, snapshots=snapshots, objects=not member,
+    )  # fmt: skip
+    remove_backup(backup)  # the bundle is written: nothing to resume
+    return bundle
+
+
+def _tune_and_save(
+    model,
+    info: BundleInfo,
+    out: Path,
+    val_frames: list[Path],
+    val_masks: list[Path],
+    classes: tuple[str, ...],
+    pixels: list[int],
+    batch: int,
+    *,
+    epochs: int,
+    seconds: float,
+    snapshots: list[int] | None = None,
+    members: list[dict] | None = None,
+    objects: bool = True,
+) -> Path:
+    """Tune the trained ``model`` on val (threshold; class offsets; with ``objects`` the merge limit, the object
+    filter and the threshold with test-time augmentation), save the bundle in ``out``/bundle, and write
+    metrics.json and overlays.png there. ``snapshots``: the epochs of a snapshot ensemble; ``members``: the
+    members of a seed ensemble (seed, folder, validation IoU ...)."""
+    from unet import bundle as unet_bundle
+    from unet.plots import plot_overlays
+
     networks = int(info.features.get("ensemble", 1))
-    predictor = unet_bundle.UNetPredictor(model, info, batch_size=max(1, data_args.batch_size // networks))
+    predictor = unet_bundle.UNetPredictor(model, info, batch_size=max(1, batch // networks))
     sample = ClassSample(len(classes), len(val_frames)) if classes else None
     threshold, confusion, per_chip = evaluate_split(predictor, val_frames, val_masks, sample)
     info = replace(info, threshold=threshold)
@@ -506,26 +665,28 @@ def train_unet(
         bias, class_confusion, raw = calibrate_classes(sample, pixels)
         info = replace(info, class_bias=bias)
         kinds = class_metrics(classes, pixels, class_confusion, bias, raw)
-    pairs = list(zip(val_frames, val_masks, strict=True))
-    merge, merged, why = tune_merge(predictor, pairs, threshold)  # before the filter, which judges merged objects
-    info = replace(info, merge=merge)
-    log.info("train: unet %s", why)
-    entry, objects, why = train_object_filter(predictor, pairs, threshold, info.class_bias or None, merge)
-    info = replace(info, object_filter=entry)
-    log.info("train: unet %s", why)
-    threshold_tta, tta_confusion = tta_threshold(predictor, pairs)  # for predict_args.tta
-    info = replace(info, threshold_tta=threshold_tta)
-    log.info("train: unet threshold with test-time augmentation %.3f (validation IoU %.3f; predict_args.tta)",
-             threshold_tta, tta_confusion.scores()["iou"])  # fmt: skip
-    unet_bundle.save(bundle_dir, model, info)
+    extra: dict = {}
+    if objects:
+        pairs = list(zip(val_frames, val_masks, strict=True))
+        merge, merged, why = tune_merge(predictor, pairs, threshold)  # before the filter, which judges merged objects
+        info = replace(info, merge=merge)
+        log.info("train: unet %s", why)
+        entry, kept, why = train_object_filter(predictor, pairs, threshold, info.class_bias or None, merge)
+        info = replace(info, object_filter=entry)
+        log.info("train: unet %s", why)
+        threshold_tta, tta_confusion = tta_threshold(predictor, pairs)  # for predict_args.tta
+        info = replace(info, threshold_tta=threshold_tta)
+        log.info("train: unet threshold with test-time augmentation %.3f (validation IoU %.3f; predict_args.tta)",
+                 threshold_tta, tta_confusion.scores()["iou"])  # fmt: skip
+        extra = {"object_filter": kept, **({"merge": merged} if merged else {}), "threshold_tta": threshold_tta,
+                 "tta_pixel": tta_confusion.scores()}  # fmt: skip
+    bundle_dir = unet_bundle.save(out / "bundle", model, info)
     record = metrics_record(
-        "unet", "val", threshold, confusion, epochs=done_epochs + len(history.epoch), train_seconds=round(seconds, 1),
-        object_filter=objects, **({"merge": merged} if merged else {}), **({"ensemble": members} if networks > 1 else {}), threshold_tta=threshold_tta, tta_pixel=tta_confusion.scores(), **kinds,
+        "unet", "val", threshold, confusion, epochs=epochs, train_seconds=round(seconds, 1),
+        **({"ensemble": snapshots} if snapshots and networks > 1 else {}), **({"members": members} if members else {}),
+        **extra, **kinds,
     )  # fmt: skip
     write_metrics(out / "metrics.json", record)
-    from unet.plots import plot_curves, plot_overlays
-
-    plot_curves(out / "history.csv", out / "curves.png")
     plot_overlays(val_frames, val_masks, predictor, threshold, per_chip, out / "overlays.png")
     scores = record["pixel"]
     log.info(
@@ -536,7 +697,7 @@ def train_unet(
         scores["precision"],
         scores["recall"],
         threshold,
-        done_epochs + len(history.epoch),
+        epochs,
         seconds,
         out,
     )
@@ -545,7 +706,6 @@ def train_unet(
         accuracy = kinds["material_accuracy"]
         log.info("train: unet validation material accuracy %s on the roof pixels (recall: %s)",
                  "-" if accuracy is None else f"{accuracy:.3f}", recalls)  # fmt: skip
-    remove_backup(backup)  # the bundle is written: nothing to resume
     return bundle_dir
 
 

@@ -276,6 +276,7 @@ STAGES: tuple[StageSpec, ...] = (
             Output(t.bundle(m)),
             Output(t.model_dir(m) / "backup", "*"),
             Output(t.model_dir(m) / "tensorboard", counted=False),  # the U-Net's logs (unet/logs.py)
+            Output(t.model_dir(m) / "members", counted=False),  # a seed ensemble's networks (training_args.members)
         ],
         record=lambda s, t, m: t.model_dir(m) / "train.record.json",
         per_model=True,
