@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ from core.bundle import load_predictor, read_info  # noqa: E402
 from core.raster import read_raster  # noqa: E402
 from core.settings import load_settings  # noqa: E402
 from core.tree import DataTree  # noqa: E402
-from tests.test_unet import TINY, tiny_overrides, tiny_tree  # noqa: E402
+from tests.test_unet import TINY, kill_once_backed_up, tiny_overrides, tiny_tree  # noqa: E402
 from train.train import main as train_main  # noqa: E402
 from unet import bundle as unet_bundle  # noqa: E402
 from unet.snapshots import best_member, size  # noqa: E402
@@ -154,15 +151,8 @@ def test_killed_in_the_second_member_resumes_it_and_keeps_the_first(tmp_path: Pa
         argv += ["--set", item]
     out = tmp_path / "results" / "resume" / "unet"
     first, second = out / "members" / "seed-0", out / "members" / "seed-1"
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     state = second / "backup" / "state.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text()).get("epochs", 0) >= 2:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)  # a preempted node, in the second member's training
-    proc.communicate(timeout=60)
+    kill_once_backed_up(argv, state)  # a preempted node, in the second member's training
     done = json.loads(state.read_text())["epochs"]
     assert 2 <= done < 5 and not (out / "bundle").exists() and not (second / "bundle").exists()
     kept = (first / "bundle" / "model.keras").stat().st_mtime_ns

@@ -770,13 +770,29 @@ def test_pretrained_with_nothing_to_continue_from_is_one_line(tiny) -> None:
         train_unet(settings, tree)
 
 
-@pytest.mark.slow
-def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path: Path, settings_file: Path) -> None:
+def kill_once_backed_up(argv: list[str], state: Path, epochs: int = 2, wait: float = 300) -> None:
+    """Run ``argv`` from the repository root and kill -9 it once the backup's ``state`` (state.json) counts
+    ``epochs`` finished epochs (or after ``wait`` seconds)."""
     import os
     import signal
     import subprocess
-    import sys
     import time
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(argv, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text()).get("epochs", 0) >= epochs:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
+@pytest.mark.slow
+def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path: Path, settings_file: Path) -> None:
+    import subprocess
+    import sys
 
     tiny_tree(tmp_path / "data")
     argv = [sys.executable, "train/train.py", "--settings", str(settings_file), "--model", "unet"]
@@ -786,15 +802,8 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path: Path, set
         argv += ["--set", item]
     out = tmp_path / "results" / "resume" / "unet"
     repo = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen(argv, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     state = out / "backup" / "state.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text()).get("epochs", 0) >= 2:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)  # a preempted node: no chance to clean up
-    proc.communicate(timeout=60)
+    kill_once_backed_up(argv, state)  # a preempted node: no chance to clean up
     backed_up = json.loads(state.read_text())
     done = backed_up["epochs"]
     assert 2 <= done < 6 and not (out / "bundle").exists()
