@@ -6,7 +6,7 @@ train_1.tif, ... as the original pipeline named them: hard links where the file 
 allows, copies otherwise. Strategies (split_args.strategy): random; spatial (blocks of
 split_args.block x block neighbouring chips go to one split, so neighbours do not leak
 between training and validation; of 64 random deals of the blocks, the one whose splits, after the
-overlap rule below, are closest to the overall roof share and to their share of chips); stratified (chips with and without roofs spread evenly
+overlap rule below, are closest to the overall roof share and lose the fewest chips to it); stratified (chips with and without roofs spread evenly
 across splits). split_args.keep_empty keeps that share of roof-free chips. Val and test chips that
 share pixels with a training chip (chip_args.stride below the chip size) are left out. Records each
 chip's split and file name in chips.csv.
@@ -138,13 +138,14 @@ def assign_splits(index: pd.DataFrame, args: SplitArgs) -> pd.Series:
         sizes = keys.value_counts()
         # Several random block orders; keep the one whose splits, once the chips that share pixels with
         # training chips are left out of val and test (drop_overlaps), are closest to the overall roof share
-        # and to their share of chips: validation is neither, by chance, a set of roof-free blocks nor the
-        # roof-free rim left of its blocks after the overlap rule.
-        best, best_cost = None, np.inf
+        # and lose the fewest chips to that rule: validation is neither, by chance, a set of roof-free blocks
+        # nor the roof-free rim the rule leaves of its blocks. (Chips that do not overlap lose none.)
+        pairs = touching_pairs(kept)
+        best, best_cost = None, (np.inf, np.inf)
         for _ in range(SPATIAL_TRIES):
             chosen = _deal_blocks(blocks, rng.permutation(len(blocks)), sizes, wanted, fractions, len(kept))
             dealt = pd.Series({int(i): chosen[k] for i, k in keys.items()})
-            cost = _imbalance(kept, _without_overlaps(kept, dealt), fractions)
+            cost = _imbalance(kept, dealt, _without_overlaps(kept, dealt, pairs), wanted)
             if best is None or cost < best_cost:
                 best, best_cost = dealt, cost
         result |= best.to_dict()
@@ -174,44 +175,57 @@ def _deal_blocks(
     return chosen
 
 
-def _imbalance(index: pd.DataFrame, splits: pd.Series, fractions: dict[str, float]) -> float:
-    """How far each split is from the overall roof share and from its share of the chips (relative, summed);
-    infinite when a split that should have chips has none."""
+def _imbalance(index: pd.DataFrame, dealt: pd.Series, kept: pd.Series, wanted: list[str]) -> tuple[int, float]:
+    """How bad a deal is: the number of ``wanted`` splits the overlap rule leaves empty, then how far each split's
+    roof share (of the chips it keeps) is from the overall one, relative, plus the share of its chips it loses."""
     overall = index["roof_share"].mean()
-    cost = 0.0
-    for split, fraction in fractions.items():
-        if fraction <= 0:
-            continue
-        part = index.loc[splits.index[splits == split], "roof_share"]
+    empty, cost = 0, 0.0
+    for split in wanted:
+        part = index.loc[kept.index[kept == split], "roof_share"]
         if part.empty:
-            return np.inf
-        cost += abs(part.mean() - overall) / max(overall, 1e-12)
-        cost += abs(len(part) - fraction * len(index)) / (fraction * len(index))
-    return cost
-
-
-def overlapping(index: pd.DataFrame, splits: pd.Series, split: str) -> pd.Index:
-    """Chips of ``split`` that share pixels with a training chip of the same source (chips overlap
-    when chip_args.stride is smaller than the size)."""
-    found = []
-    for _, group in index.groupby("source", sort=False):
-        train = group[splits.loc[group.index] == "train"]
-        other = group[splits.loc[group.index] == split]
-        if train.empty or other.empty:
+            empty += 1
             continue
-        rows = np.abs(other["row_off"].to_numpy()[:, None] - train["row_off"].to_numpy()[None, :])
-        cols = np.abs(other["col_off"].to_numpy()[:, None] - train["col_off"].to_numpy()[None, :])
-        touch = (rows < train["height"].to_numpy()[None, :]) & (cols < train["width"].to_numpy()[None, :])
-        found += list(other.index[touch.any(axis=1)])
-    return pd.Index(found)
+        cost += abs(part.mean() - overall) / max(overall, 1e-12)
+        cost += 1.0 - len(part) / int((dealt == split).sum())
+    return empty, cost
 
 
-def _without_overlaps(index: pd.DataFrame, splits: pd.Series) -> pd.Series:
-    """``splits`` with every val and test chip that shares pixels with a training chip left out ("")."""
-    splits = splits.copy()
-    for split in ("val", "test"):
-        splits.loc[overlapping(index, splits, split)] = ""
-    return splits
+#: Chips compared at once when looking for chips that share pixels (rows of a chunk x chips of the source).
+_PAIR_CHUNK = 1024
+
+
+def touching_pairs(index: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Every ordered pair (a, b) of distinct chips of one source that share pixels (chips overlap when
+    chip_args.stride is smaller than the size), as positions in ``index``."""
+    firsts, seconds = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for _, group in index.groupby("source", sort=False):
+        where = index.index.get_indexer(group.index)
+        rows, cols = group["row_off"].to_numpy(), group["col_off"].to_numpy()
+        heights, widths = group["height"].to_numpy(), group["width"].to_numpy()
+        for start in range(0, len(group), _PAIR_CHUNK):
+            part = slice(start, start + _PAIR_CHUNK)
+            touch = (np.abs(rows[part, None] - rows[None, :]) < heights[None, :]) & (
+                np.abs(cols[part, None] - cols[None, :]) < widths[None, :]
+            )
+            a, b = np.nonzero(touch)
+            a += start
+            other = a != b
+            firsts.append(where[a[other]])
+            seconds.append(where[b[other]])
+    return np.concatenate(firsts), np.concatenate(seconds)
+
+
+def _without_overlaps(
+    index: pd.DataFrame, splits: pd.Series, pairs: tuple[np.ndarray, np.ndarray] | None = None
+) -> pd.Series:
+    """``splits`` (of ``index``'s chips) with every val and test chip that shares pixels with a training chip
+    left out (""); ``pairs``: :func:`touching_pairs` of ``index``, when the caller has them."""
+    a, b = touching_pairs(index) if pairs is None else pairs
+    of = splits.reindex(index.index).fillna("").to_numpy()
+    out = splits.copy()
+    hit = np.isin(of[a], ("val", "test")) & (of[b] == "train")
+    out.loc[index.index[np.unique(a[hit])]] = ""
+    return out
 
 
 def drop_overlaps(index: pd.DataFrame, splits: pd.Series) -> pd.Series:

@@ -20,7 +20,7 @@ from core.settings import SplitArgs, SplitFractions
 from mask.mask import main as mask_main
 from mosaic.mosaic import main as mosaic_main
 from split import split as split_module
-from split.split import allocate, assign_splits, drop_overlaps, main, split_chips
+from split.split import allocate, assign_splits, drop_overlaps, main, split_chips, touching_pairs
 
 SIZE = 8  # chip size of the fabricated chips
 
@@ -179,6 +179,16 @@ def test_spatial_balances_roofs_after_the_overlap_rule(seed):
     assert list(splits.index[splits == "val"]) == [15]
     assert list(splits.index[splits == ""]) == [10, 11, 14]
     assert (splits == "train").sum() == 12
+
+
+def test_touching_pairs_are_chips_of_one_source_that_share_pixels():
+    rows = [("a.tif", 0, 0), ("a.tif", 0, 4), ("a.tif", 0, 8), ("b.tif", 0, 4), ("a.tif", 7, 11)]
+    index = pd.DataFrame([{"source": s, "row_off": r, "col_off": c, "height": 8, "width": 8} for s, r, c in rows])
+    first, second = touching_pairs(index.set_index(pd.Index([10, 11, 12, 13, 14])))
+    # a chip 8 px to the side shares no pixel; one of another source never does; (7, 11) touches (0, 4) and (0, 8)
+    assert sorted(zip(first.tolist(), second.tolist(), strict=True)) == [
+        (0, 1), (1, 0), (1, 2), (1, 4), (2, 1), (2, 4), (4, 1), (4, 2)
+    ]  # fmt: skip
 
 
 def test_stratified_puts_roofs_in_every_split(data_tree, make_chips):
