@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.errors import SettingsError
+from core.errors import DataError, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +419,15 @@ class TrainingArgs(Section):
         description="Every this many epochs the TensorBoard logs also get a few validation chips as images (image, "
         "true roofs, predicted roof probability); 0 = no images.",
     )
+
+    def refuse_from_bundle(self, from_bundle: object) -> None:
+        """A seed ensemble trains new networks: continuing a bundle (train --from-bundle) is one line, said before
+        train starts (pretrained with members is refused with the settings)."""
+        if self.members > 1 and from_bundle is not None:
+            raise DataError(
+                f"training_args.members {self.members} trains new networks from their seeds, --from-bundle "
+                "continues one: train without --from-bundle, or set training_args.members 1"
+            )
 
     @model_validator(mode="after")
     def _members_are_new_networks(self) -> TrainingArgs:

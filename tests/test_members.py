@@ -63,10 +63,12 @@ def test_the_bundle_averages_the_members_the_best_first_and_predict_reads_it(see
 
     records = [json.loads((f / "metrics.json").read_text()) for f in folders]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [(m["seed"], m["folder"], m["val_iou"], m["threshold"], m["epochs"]) for m in metrics["members"]] == [
-        (5, str(folders[0]), records[0]["pixel"]["iou"], records[0]["threshold"], 3),
-        (6, str(folders[1]), records[1]["pixel"]["iou"], records[1]["threshold"], 3),
-    ]
+    assert [(m["seed"], m["folder"], m["val_iou"], m["threshold"], m["epochs"], m["train_seconds"])
+            for m in metrics["members"]] == [
+        (5, "members/seed-5", records[0]["pixel"]["iou"], records[0]["threshold"], 3, records[0]["train_seconds"]),
+        (6, "members/seed-6", records[1]["pixel"]["iou"], records[1]["threshold"], 3, records[1]["train_seconds"]),
+    ]  # fmt: skip
+    assert metrics["train_seconds"] >= records[0]["train_seconds"] + records[1]["train_seconds"]
     assert metrics["epochs"] == 6 and "object_filter" in metrics and "threshold_tta" in metrics
     info = read_info(out / "bundle")
     assert info.features["ensemble"] == 2
@@ -94,11 +96,25 @@ def test_a_rerun_skips_and_one_network_again_removes_the_members(seed_ensemble, 
     assert train_main(argv_of(settings_file, overrides)) == 0
     assert (out / "bundle" / "model.keras").stat().st_mtime_ns == made  # up to date: skipped
     capsys.readouterr()
+    record = (out / "train.record.json").read_text()
+    assert train_main([*argv_of(settings_file, overrides), "--from-bundle", str(out / "bundle")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: training_args.members 2 trains new networks from their seeds, --from-bundle continues one: train "
+        "without --from-bundle, or set training_args.members 1"
+    )
+    assert (out / "train.record.json").read_text() == record  # refused before the run began: still complete
+
+    best = best_member(unet_bundle.load_model(out / "bundle")).get_weights()
     one = [*overrides, "training_args.members=1", "training_args.epochs=1"]
     assert train_main(argv_of(settings_file, one)) == 1  # another setting: refused without --overwrite
     assert "training_args.members 2, now 1" in capsys.readouterr().err
-    assert train_main([*argv_of(settings_file, one), "--overwrite"]) == 0
-    assert not (out / "members").exists()  # a fresh run removes the last run's members
+    go_on = [*one, "training_args.pretrained=true"]  # the best member goes on alone
+    assert train_main([*argv_of(settings_file, go_on), "--overwrite"]) == 0
+    assert not (out / "members").exists()  # not left beside a bundle of one network
+    continued = unet_bundle.load_model(out / "bundle")
+    assert size(continued) == 1 and continued.get_weights()[0].shape == best[0].shape
+    assert not np.array_equal(continued.get_weights()[0], best[0])  # trained one more epoch
+    assert train_main([*argv_of(settings_file, one), "--overwrite"]) == 0  # a fresh network
     assert size(unet_bundle.load_model(out / "bundle")) == 1
     assert "members" not in json.loads((out / "metrics.json").read_text())
 

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
         kind = args.model or settings.training_args.model
+        if kind == "unet":
+            settings.training_args.refuse_from_bundle(args.from_bundle)  # before the run's record says "running"
         run = begin("train", settings, tree, overwrite=args.overwrite, model=kind, given={"bundle": args.from_bundle})
         if run.skip:
             run.say_skip()
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "unet":  # imported here: TensorFlow loads only when a U-Net is trained
             from unet.train import resumable, train_unet
 
-            backed_up = resumable(tree.model_dir("unet"))
+            backed_up = resumable(tree.model_dir("unet"), settings.training_args.members)
             if settings.model_args.encoder_weights is not None and not continuing and not backed_up:
                 from unet.model import weighted_encoder
 

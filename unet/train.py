@@ -8,9 +8,11 @@ training the TensorBoard logs (tensorboard/) and the backup a rerun resumes from
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -234,16 +236,11 @@ def train_unet(
     networks train one after another, each from its own seeds, and the bundle averages them
     (:func:`_train_members`). Returns the bundle folder.
     """
-    members = settings.training_args.members
-    if members == 1:
-        return _train_network(
-            settings, tree, tree.model_dir("unet"), overwrite=overwrite, from_bundle=from_bundle, resume=resume
-        )
-    if from_bundle is not None:
-        raise DataError(
-            f"training_args.members {members} trains new networks from their seeds, --from-bundle continues one: "
-            "train without --from-bundle, or set training_args.members 1"
-        )
+    settings.training_args.refuse_from_bundle(from_bundle)
+    if settings.training_args.members == 1:
+        out = tree.model_dir("unet")
+        shutil.rmtree(members_dir(out), ignore_errors=True)  # an ensemble's, continued from its best member
+        return _train_network(settings, tree, out, overwrite=overwrite, from_bundle=from_bundle, resume=resume)
     return _train_members(settings, tree, overwrite=overwrite, resume=resume)
 
 
@@ -252,15 +249,20 @@ def members_dir(out: Path) -> Path:
     return Path(out) / "members"
 
 
-def resumable(out: Path) -> int:
-    """What a resumed run in ``out`` (results/EXPERIMENT/unet/) would keep: the epochs in its backup, or in a
-    member's, plus the members whose bundles are written (0: nothing, a resumed run starts afresh)."""
+def resumable(out: Path, members: int = 1) -> int:
+    """What a resumed run in ``out`` (results/EXPERIMENT/unet/) of ``members`` networks would keep: the epochs in
+    its backup, or with members in theirs, plus the members trained (0: nothing, a resumed run starts afresh)."""
     from unet.resume import backup_dir, finished_epochs
 
-    done = finished_epochs(backup_dir(out))
-    for folder in sorted(members_dir(out).glob("seed-*")):
-        done += finished_epochs(backup_dir(folder)) + int((folder / "bundle" / BUNDLE_JSON).is_file())
-    return done
+    if members == 1:
+        return finished_epochs(backup_dir(out))
+    folders = sorted(members_dir(out).glob("seed-*"))
+    return sum(finished_epochs(backup_dir(f)) + int(_member_done(f)) for f in folders)
+
+
+def _member_done(folder: Path) -> bool:
+    """Whether a member's training ended: its bundle and metrics.json (written last) are there."""
+    return (folder / "bundle" / BUNDLE_JSON).is_file() and (folder / "metrics.json").is_file()
 
 
 def _member_settings(settings: Settings, k: int) -> Settings:
@@ -281,17 +283,18 @@ def _train_members(settings: Settings, tree: DataTree, *, overwrite: bool, resum
     """A seed ensemble: train each member into members/seed-N/ (a member finished before an interruption is kept
     when resuming; the one that was training resumes from its backup), then the bundle averages them, the
     threshold, merge limit and object filter tuned on the average."""
+    import keras
+
     out = tree.model_dir("unet")
     refuse_overwrite([tree.bundle("unet")], overwrite, "train (unet)")
     n = settings.training_args.members
     for stale in (out / "history.csv", out / checkpoint_file(settings)):  # of a one-network run: not this one's
         stale.unlink(missing_ok=True)
     folders = []
-    started = time.perf_counter()
     for k in range(n):
         member = _member_settings(settings, k)
         folder = members_dir(out) / f"seed-{member.training_args.seed}"
-        if resume and (folder / "bundle" / BUNDLE_JSON).is_file():
+        if resume and _member_done(folder):
             log.info("train: member %d of %d was trained before the run was interrupted: %s", k + 1, n, folder)
         else:
             log.info(
@@ -299,25 +302,33 @@ def _train_members(settings: Settings, tree: DataTree, *, overwrite: bool, resum
                 k + 1, n, member.training_args.seed, member.load_dataset_args.seed, folder,
             )  # fmt: skip
             _train_network(member, tree, folder, overwrite=True, resume=resume, member=True)
+            keras.backend.clear_session()  # the next member's batch rule reads the GPU's free memory
+            gc.collect()
         folders.append(folder)
-    return _average_members(settings, tree, folders, time.perf_counter() - started)
+    return _average_members(settings, tree, folders)
 
 
-def _average_members(settings: Settings, tree: DataTree, folders: list[Path], seconds: float) -> Path:
+def _average_members(settings: Settings, tree: DataTree, folders: list[Path]) -> Path:
     """The bundle of a seed ensemble: one model averaging the members' networks, the best member by validation IoU
     first (the network a training continued from the bundle goes on from), tuned on val as any bundle."""
     from unet import bundle as unet_bundle
     from unet.plots import plot_member_curves
     from unet.snapshots import average
 
+    started = time.perf_counter()
+    out = tree.model_dir("unet")
     records = [json.loads((f / "metrics.json").read_text(encoding="utf-8")) for f in folders]
     order = sorted(range(len(folders)), key=lambda i: -records[i]["pixel"]["iou"])
     model = average([unet_bundle.load_model(folders[i] / "bundle") for i in order])
     first = read_info(folders[order[0]] / "bundle")
+    fresh = BundleInfo(kind="unet", bands=first.bands, dtype=first.dtype, normalization=first.normalization,
+                       threshold=first.threshold)  # fmt: skip  # (for this run's library versions and time)
     info = replace(
         first,
         features={**first.features, "ensemble": len(folders)},
         settings=_bundle_settings(settings, settings.model_args),
+        versions=fresh.versions,
+        created=fresh.created,
     )
     train_pairs, val_pairs = split_pairs(tree, "train"), split_pairs(tree, "val")
     classes = tuple(info.classes)
@@ -326,22 +337,23 @@ def _average_members(settings: Settings, tree: DataTree, folders: list[Path], se
     members = [
         {
             "seed": settings.training_args.seed + i,
-            "folder": str(folders[i]),
+            "folder": folders[i].relative_to(out).as_posix(),
             "val_iou": records[i]["pixel"]["iou"],
             "threshold": records[i]["threshold"],
             "epochs": records[i]["epochs"],
+            "train_seconds": records[i]["train_seconds"],
         }
         for i in range(len(folders))
     ]
-    out = tree.model_dir("unet")
-    plot_member_curves([(f"seed {m['seed']}", Path(m["folder"]) / "history.csv") for m in members], out / "curves.png")
+    plot_member_curves([(f"seed {m['seed']}", out / m["folder"] / "history.csv") for m in members], out / "curves.png")
     log.info(
         "train: the bundle averages %d networks (training_args.members); validation IoU of each: %s",
         len(folders), ", ".join(f"seed {m['seed']} {m['val_iou']:.3f}" for m in members),
     )  # fmt: skip
     return _tune_and_save(
         model, info, out, [f for f, _ in val_pairs], [m for _, m in val_pairs], classes, pixels, batch,
-        epochs=sum(m["epochs"] for m in members), seconds=seconds, members=members,
+        epochs=sum(m["epochs"] for m in members), members=members,
+        seconds=sum(m["train_seconds"] for m in members) + time.perf_counter() - started,  # a resumed run's too
     )  # fmt: skip
 
 
