@@ -225,6 +225,14 @@ def test_too_little_disk_space(scene: Scene, monkeypatch: pytest.MonkeyPatch) ->
     ]
 
 
+def test_a_seed_ensemble_needs_the_space_of_a_training_per_member_and_its_own(scene, monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=10**12 - 1000, free=1000))
+    found = findings(scene, "training_args.members=3", stages=["train-unet"])
+    assert found[0].startswith(f"fatal: too little disk space: 1000 B free on {scene.tmp}, the next stages need about "
+                               "800.0 MiB")  # fmt: skip
+    assert "need about 200.0 MiB" in findings(scene, "training_args.members=3", stages=["train-forest"])[0]
+
+
 def test_little_disk_space_is_a_warning(scene: Scene, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=0, free=300 * 2**20))
     assert [f.split(":")[0] for f in findings(scene, stages=["train-unet"])] == ["warning"]

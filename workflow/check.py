@@ -552,8 +552,9 @@ class Checker:
 
     def _need(self, stage: str, predict: list[RasterInfo]) -> tuple[Path, int]:
         tree, s = self.tree, self.settings
-        if stage.startswith("train"):
-            return tree.results, FIXED_NEEDS["train"]
+        if stage.startswith("train"):  # a seed ensemble writes a training's files once per member, and its own
+            members = s.training_args.members if stage == "train-unet" and s.training_args.members > 1 else 0
+            return tree.results, FIXED_NEEDS["train"] * (1 + members)
         if stage.startswith("evaluate"):
             return tree.results, FIXED_NEEDS["evaluate"]
         if stage.startswith("predict"):
