@@ -2,7 +2,7 @@
 
     python bench/real_banepa.py [--data ../shared/data/banepa-metal-roofs] [--models unet forest regression]
                                 [--holdout-rows 220247 220248] [--workdir DIR] [--reuse] [--set KEY=VALUE ...]
-                                [--only STEP ...] [--seeds N ...]
+                                [--only STEP ...] [--seeds N ...] [--average-seeds]
 
 The 48 chips (512 x 512 RGB, about 0.13 m, JPEG inside .tif with .aux.xml georeferencing) tile
 an area 6 chips wide and 8 high; the chips of the held-out tile rows (default the two southern
@@ -35,7 +35,10 @@ polygons lying mostly on unknown buildings dropped). The U-Net steps:
 With --seeds, every model trains once per seed (training_args.seed, load_dataset_args.seed and
 ml_args.seed) into WORKDIR/seed-N from the same
 chips, and a last table gives each step's pixel IoU and polygon F1 as mean ± standard deviation over the
-seeds, with every seed's figure.
+seeds, with every seed's figure. With --average-seeds as well (consecutive seeds), the U-Nets of the seeds
+become the members of one bundle, averaged and tuned on validation by the step training_args.members
+ends with, and its steps are scored too (WORKDIR/seeds-averaged): a seed ensemble's figures without
+training it again.
 
 The classical models: connected groups, watershed and object filter (trained on metal alone), and
 classes (with the object filter). Then the metal pixel IoU of each class model against its
@@ -46,6 +49,7 @@ with true roofs and the best step's polygons).
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -60,7 +64,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import rasterio
 import shapely
-from _real import options, parse, print_spread, run, trainings
+from _real import SEEDS, options, parse, print_spread, run, trainings
 from rasterio.features import rasterize
 
 from chip.chip import main as chip_main
@@ -129,9 +133,17 @@ def main() -> int:
     parser = options(__doc__, DEFAULT_DATA)
     parser.add_argument("--holdout-rows", nargs="+", default=["220247", "220248"])
     parser.add_argument("--min-m2", type=float, default=4.0, help="polygons under this ground area are ignored")
+    parser.add_argument("--average-seeds", action="store_true", help="with --seeds N N+1 ...: also average the "
+                        "U-Nets of the seeds into one bundle as training_args.members would (its members are those "
+                        "trainings) and score it, in WORKDIR/seeds-averaged")  # fmt: skip
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (their labels, e.g. "
                         "'unet + watershed' 'unet classes')")  # fmt: skip
     args, work = parse(parser, "real_banepa")
+    if args.average_seeds and (not args.seeds or len(args.seeds) < 2 or args.seeds != list(
+            range(args.seeds[0], args.seeds[0] + len(args.seeds)))):  # fmt: skip
+        print("real_banepa: --average-seeds needs --seeds of two or more consecutive seeds (N N+1 ...: a member's "
+              "seed is the first plus its place)", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     holdout_dir = work / "holdout"
     wanted = set(args.only or ())
     if not args.reuse:
@@ -196,7 +208,43 @@ def main() -> int:
         report(rows, name, folder, args, holdout, truth)
         runs.append((name, {label: {"pixel IoU": s["iou"], "poly F1": s["poly"]["f1"]} for label, s, *_ in rows}))
     print_spread(runs)
+    if args.average_seeds:
+        folder = work / "seeds-averaged"
+        unet_steps = [step for step in steps if step[2] == "unet"]
+        for experiment in dict.fromkeys(step[1] for step in unet_steps):
+            average_seeds(args, base, work, folder, experiment)
+        rows = train_and_score(unet_steps, base, work, folder, argparse.Namespace(**{**vars(args), "reuse": True}),
+                               prepared, holdout, holdout_dir, truth)  # fmt: skip
+        report(rows, f"the U-Nets of seeds {', '.join(map(str, args.seeds))} averaged", folder, args, holdout, truth)
     return 0
+
+
+def average_seeds(args, base: list[str], work: Path, folder: Path, experiment: str) -> None:
+    """The bundle training_args.members would make of the --seeds trainings of ``experiment``'s U-Net (their
+    seeds are a member's, seed + k): their folders linked as members into ``folder``/results, then averaged and
+    tuned on val by train's own last step (unet/train.py _average_members)."""
+    from core.settings import load_settings
+    from core.tree import DataTree
+    from unet.train import _average_members
+
+    argv = [*base, "--set", f"data_root={work / experiment}", "--set", f"experiment={experiment}",
+            "--set", f"mask_args.targets={EXPERIMENTS[experiment]}",
+            "--set", f"training_args.results_folder={folder / 'results'}",
+            "--set", f"training_args.members={len(args.seeds)}",
+            *[a for key in SEEDS for a in ("--set", f"{key}={args.seeds[0]}")]]  # fmt: skip
+    if experiment == "classes":
+        argv += ["--set", f"mask_args.classes={json.dumps(CLASSES)}", "--set", f"mask_args.class_attribute={ATTRIBUTE}"]
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    settings = load_settings(REPO / "settings.json", overrides)
+    tree = DataTree.from_settings(settings)
+    members = tree.model_dir("unet") / "members"
+    shutil.rmtree(tree.model_dir("unet"), ignore_errors=True)
+    members.mkdir(parents=True)
+    folders = []
+    for seed in args.seeds:
+        (members / f"seed-{seed}").symlink_to(work / f"seed-{seed}" / "results" / experiment / "unet")
+        folders.append(members / f"seed-{seed}")
+    _average_members(settings, tree, folders)
 
 
 def materials(buildings: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame, gpd.GeoDataFrame]:
