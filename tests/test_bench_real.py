@@ -1,4 +1,5 @@
-"""The real-data benchmarks' shared options (bench/_real.py): --seeds, its refusals, and the spread table."""
+"""The real-data benchmarks' shared options (bench/_real.py): --seeds, its refusals, the spread table; real_banepa.py's
+--average-seeds refusal."""
 
 from __future__ import annotations
 
@@ -79,3 +80,20 @@ def test_spread_table_gives_mean_sample_deviation_and_each_run(capsys) -> None:
                                 "0.100]"]  # fmt: skip
     print_spread(runs[:1])  # one training has no spread
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("seeds", [[], ["4"], ["0", "2"], ["1", "0"]])
+def test_average_seeds_needs_consecutive_seeds(monkeypatch, tmp_path: Path, capsys, seeds: list[str]) -> None:
+    import real_banepa
+
+    (tmp_path / "buildings.geojson").write_text("{}")
+    argv = ["real_banepa.py", "--data", str(tmp_path), "--workdir", str(tmp_path / "w"), "--average-seeds"]
+    monkeypatch.setattr(sys, "argv", [*argv, *(["--seeds", *seeds] if seeds else [])])
+    with pytest.raises(SystemExit) as stop:
+        real_banepa.main()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "real_banepa: --average-seeds needs --seeds of two or more consecutive seeds (N N+1 ...: a member's seed is "
+        "the first plus its place)\n"
+    )
+    assert not (tmp_path / "w").exists()
