@@ -239,8 +239,9 @@ def train_unet(
     settings.training_args.refuse_from_bundle(from_bundle)
     if settings.training_args.members == 1:
         out = tree.model_dir("unet")
-        shutil.rmtree(members_dir(out), ignore_errors=True)  # an ensemble's, continued from its best member
-        return _train_network(settings, tree, out, overwrite=overwrite, from_bundle=from_bundle, resume=resume)
+        bundle = _train_network(settings, tree, out, overwrite=overwrite, from_bundle=from_bundle, resume=resume)
+        shutil.rmtree(members_dir(out), ignore_errors=True)  # an earlier ensemble's (continued from its best member)
+        return bundle
     return _train_members(settings, tree, overwrite=overwrite, resume=resume)
 
 
