@@ -227,13 +227,8 @@ def average_seeds(args, base: list[str], work: Path, folder: Path, experiment: s
     from core.tree import DataTree
     from unet.train import _average_members
 
-    argv = [*base, "--set", f"data_root={work / experiment}", "--set", f"experiment={experiment}",
-            "--set", f"mask_args.targets={EXPERIMENTS[experiment]}",
-            "--set", f"training_args.results_folder={folder / 'results'}",
-            "--set", f"training_args.members={len(args.seeds)}",
+    argv = [*experiment_argv(base, work, folder, experiment), "--set", f"training_args.members={len(args.seeds)}",
             *[a for key in SEEDS for a in ("--set", f"{key}={args.seeds[0]}")]]  # fmt: skip
-    if experiment == "classes":
-        argv += ["--set", f"mask_args.classes={json.dumps(CLASSES)}", "--set", f"mask_args.class_attribute={ATTRIBUTE}"]
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     settings = load_settings(REPO / "settings.json", overrides)
     tree = DataTree.from_settings(settings)
@@ -256,6 +251,17 @@ def materials(buildings: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, gpd.GeoDat
     return buildings[material.isin(METAL)], buildings[material.isna()], buildings.assign(class_id=ids)[ids > 0]
 
 
+def experiment_argv(base: list[str], work: Path, folder: Path, experiment: str) -> list[str]:
+    """The stages' arguments for ``experiment``: ``base``, its data tree WORKDIR/EXPERIMENT, its mask bands (and
+    classes), its results in ``folder``/results."""
+    argv = [*base, "--set", f"data_root={work / experiment}", "--set", f"experiment={experiment}",
+            "--set", f"mask_args.targets={EXPERIMENTS[experiment]}",
+            "--set", f"training_args.results_folder={folder / 'results'}"]  # fmt: skip
+    if experiment == "classes":
+        argv += ["--set", f"mask_args.classes={json.dumps(CLASSES)}", "--set", f"mask_args.class_attribute={ATTRIBUTE}"]
+    return argv
+
+
 def train_and_score(steps, base, work, folder, args, prepared, holdout, holdout_dir, truth) -> list:
     """Prepare each step's data tree in WORKDIR once (``prepared``), train each (experiment, model) once into
     ``folder``/results, predict the held-out chips into ``folder``/predictions and score them against ``truth``
@@ -264,12 +270,7 @@ def train_and_score(steps, base, work, folder, args, prepared, holdout, holdout_
     trained: dict[tuple[str, str], float] = {}
     rows = []
     for label, experiment, model, overrides in steps:
-        common = [*base, "--set", f"data_root={work / experiment}", "--set", f"experiment={experiment}",
-                  "--set", f"mask_args.targets={EXPERIMENTS[experiment]}",
-                  "--set", f"training_args.results_folder={folder / 'results'}"]  # fmt: skip
-        if experiment == "classes":
-            common += ["--set", f"mask_args.classes={json.dumps(CLASSES)}", "--set",
-                       f"mask_args.class_attribute={ATTRIBUTE}"]  # fmt: skip
+        common = experiment_argv(base, work, folder, experiment)
         if experiment not in prepared and not args.reuse:
             for stage in (chip_main, mask_main, split_main):
                 run(stage, common)

@@ -118,6 +118,11 @@ class Normalization:
         )
 
 
+def now() -> str:
+    """The time a bundle is made, as bundle.json records it (UTC, to the second)."""
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
 def library_versions(
     names: Sequence[str] = ("numpy", "rasterio", "scikit-learn", "skops", "tensorflow-cpu", "keras"),
 ) -> dict[str, str]:
@@ -152,7 +157,7 @@ class BundleInfo:
     features: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    created: str = field(default_factory=now)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

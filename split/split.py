@@ -5,11 +5,12 @@ val_frames/ val_masks/ (and test_* when split_args.fractions.test > 0) with trai
 train_1.tif, ... as the original pipeline named them: hard links where the file system
 allows, copies otherwise. Strategies (split_args.strategy): random; spatial (blocks of
 split_args.block x block neighbouring chips go to one split, so neighbours do not leak
-between training and validation; of 64 random deals of the blocks, the one whose splits, after the
-overlap rule below, are closest to the overall roof share and lose the fewest chips to it); stratified (chips with and without roofs spread evenly
-across splits). split_args.keep_empty keeps that share of roof-free chips. Val and test chips that
-share pixels with a training chip (chip_args.stride below the chip size) are left out. Records each
-chip's split and file name in chips.csv.
+between training and validation; of 64 random deals of the blocks, the one whose splits, after
+the overlap rule below, are closest to the overall roof share and lose the fewest chips to it);
+stratified (chips with and without roofs spread evenly across splits). split_args.keep_empty
+keeps that share of roof-free chips. Val and test chips that share pixels with a training chip
+(chip_args.stride below the chip size) are left out. Records each chip's split and file name in
+chips.csv.
 """
 
 from __future__ import annotations

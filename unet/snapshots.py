@@ -79,17 +79,21 @@ def ensemble(model: keras.Model, files: list[Path]) -> keras.Model:
 
     With one file it is that network alone (float32). ``model`` is left with the last file's weights.
     """
-    networks = []
-    for path in files:
+    members = []
+    for i, path in enumerate(files):
         model.load_weights(path)
-        networks.append(float32_copy(model))
-    return average(networks)
+        members.append(float32_copy(model, MEMBER.format(i)))
+    return _averaged(members)
 
 
 def average(networks: list[keras.Model]) -> keras.Model:
     """One model running each of ``networks`` (float32 copies named snapshot_0, ...: the first is the one training
     continues from) on the same input and averaging their output bands; one network alone is its copy."""
-    members = [float32_copy(network, MEMBER.format(i)) for i, network in enumerate(networks)]
+    return _averaged([float32_copy(network, MEMBER.format(i)) for i, network in enumerate(networks)])
+
+
+def _averaged(members: list[keras.Model]) -> keras.Model:
+    """The ensemble of ``members`` (named float32 networks): one alone is itself."""
     if len(members) == 1:
         return members[0]
     x = keras.Input(shape=members[0].input_shape[1:], name="image")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, read_info
+from core.bundle import BUNDLE_JSON, BundleInfo, Normalization, library_versions, now, read_info
 from core.errors import CollapseError, DataError
 from core.index import chip_kind, split_pairs
 from core.metrics import (
@@ -322,14 +322,12 @@ def _average_members(settings: Settings, tree: DataTree, folders: list[Path]) ->
     order = sorted(range(len(folders)), key=lambda i: -records[i]["pixel"]["iou"])
     model = average([unet_bundle.load_model(folders[i] / "bundle") for i in order])
     first = read_info(folders[order[0]] / "bundle")
-    fresh = BundleInfo(kind="unet", bands=first.bands, dtype=first.dtype, normalization=first.normalization,
-                       threshold=first.threshold)  # fmt: skip  # (for this run's library versions and time)
     info = replace(
         first,
         features={**first.features, "ensemble": len(folders)},
         settings=_bundle_settings(settings, settings.model_args),
-        versions=fresh.versions,
-        created=fresh.created,
+        versions=library_versions(),
+        created=now(),
     )
     train_pairs, val_pairs = split_pairs(tree, "train"), split_pairs(tree, "val")
     classes = tuple(info.classes)
