@@ -69,7 +69,7 @@ from rasterio.features import rasterize
 
 from chip.chip import main as chip_main
 from core.metrics import Confusion, MatchCounts
-from core.polygons import match_polygons
+from core.polygons import PolygonErrors, match_polygons, polygon_errors
 from core.raster import read_raster, rgb_preview
 from core.vector import at_least_m2, clip_to
 from evaluate.evaluate import off_unknown
@@ -94,7 +94,7 @@ def score(folder: Path, holdout: list[Path], metal, unknown, min_m2: float, clas
     buildings of known material, their class id in class_id) the prediction is a class model's: its metal
     roofs are class 1 (the class raster, the roofs of class metal), and the material of every true roof
     found (matched one to one at IoU >= 0.5 by a predicted roof of any class) is scored."""
-    total, polys = Confusion(), MatchCounts()
+    total, polys, errors = Confusion(), MatchCounts(), PolygonErrors()
     right = matches = 0
     roofs = gpd.read_file(folder / "roofs.gpkg")
     every = roofs
@@ -117,7 +117,9 @@ def score(folder: Path, holdout: list[Path], metal, unknown, min_m2: float, clas
         found = roofs[roofs["source"] == tif.name].set_crs(metal.crs, allow_override=True)
         found = at_least_m2(found, min_m2)
         found = off_unknown(found, clip_to(unknown, tile) if len(unknown) else unknown)
-        polys.merge(match_polygons(list(true_polys.geometry), list(found.geometry))[0])
+        counts, matched = match_polygons(list(true_polys.geometry), list(found.geometry))
+        polys.merge(counts)
+        errors.merge(polygon_errors(list(true_polys.geometry), list(found.geometry), matched))
         if classified is not None:
             known_roofs = at_least_m2(clip_to(classified, tile), min_m2)
             mine = at_least_m2(every[every["source"] == tif.name].set_crs(metal.crs, allow_override=True), min_m2)
@@ -126,7 +128,7 @@ def score(folder: Path, holdout: list[Path], metal, unknown, min_m2: float, clas
             right += sum(int(t_ids[t] == p_ids[p]) for t, p, _ in matched)
             matches += len(matched)
     material = {"material": right / matches if matches else float("nan"), "found": matches}
-    return {**total.scores(), "poly": polys.scores(), **(material if classified is not None else {})}
+    return {**total.scores(), "poly": polys.scores(), "errors": errors, **(material if classified is not None else {})}
 
 
 def main() -> int:
@@ -308,6 +310,9 @@ def report(rows, name, folder, args, holdout, truth) -> None:
         print(f"{label:<24}{s['iou']:>10.3f}{s['precision']:>11.3f}{s['recall']:>8.3f}{p['f1']:>9.3f}"
               f"{p['precision']:>8.3f}{p['recall']:>8.3f}{p['tp']:>4}/{p['tp'] + p['fn']:<4}{material:>10}"
               f"{train_s:>9.0f}{predict_s:>11.0f}")  # fmt: skip
+    print("why the unmatched polygons are unmatched (core.polygons.polygon_errors):")
+    for label, s, *_ in rows:
+        print(f"  {label:<22}{s['errors'].line()}")
     by_label = {label: s for label, s, *_ in rows}
     for binary, multi in (("unet + obj filter", "unet classes"), ("forest obj filter", "forest classes"),
                           ("regression obj filter", "regression classes")):  # fmt: skip

@@ -35,7 +35,7 @@ from rasterio.features import rasterize
 
 from chip.chip import main as chip_main
 from core.metrics import Confusion, MatchCounts
-from core.polygons import match_polygons
+from core.polygons import PolygonErrors, match_polygons, polygon_errors
 from core.raster import read_raster, rgb_preview
 from core.settings import EvaluateArgs
 from core.vector import at_least_m2, clip_to
@@ -102,13 +102,16 @@ def main() -> int:
             f"{'model':<12}{'pixel IoU':>10}{'F1':>8}{'precision':>11}{'recall':>8}{'object F1':>11}"
             f"{'poly F1 cc':>12}{'poly F1 ws':>12}{'train s':>9}"
         )
-        for model, s, obj, pcc, pws, secs in rows:
+        for model, s, obj, pcc, pws, secs, _ in rows:
             print(
                 f"{model:<12}{s['iou']:>10.3f}{s['f1']:>8.3f}{s['precision']:>11.3f}{s['recall']:>8.3f}{obj:>11.3f}"
                 f"{pcc:>12.3f}{pws:>12.3f}{secs:>9.0f}"
             )
+        print("why the watershed's unmatched polygons are unmatched (core.polygons.polygon_errors):")
+        for model, *_, errors in rows:
+            print(f"  {model:<10}{errors.line()}")
         table = {
-            model: {"pixel IoU": s["iou"], "object F1": obj, "poly F1 ws": pws} for model, s, obj, _, pws, _ in rows
+            model: {"pixel IoU": s["iou"], "object F1": obj, "poly F1 ws": pws} for model, s, obj, _, pws, _, _ in rows
         }
         runs.append((name, table))
     print(
@@ -130,7 +133,8 @@ def main() -> int:
 def train_and_score(common: list[str], folder: Path, holdout: Path, args, buildings: gpd.GeoDataFrame) -> list:
     """Train each model into ``folder``/results, predict the held-out tiles (in ``holdout``) into
     ``folder``/predictions, score them and draw ``folder``/rio_overlay_MODEL.png: (model, pixel scores, object F1,
-    polygon F1 of the connected groups, polygon F1 of the watershed, train s) per model."""
+    polygon F1 of the connected groups, polygon F1 of the watershed, train s, the watershed's PolygonErrors) per
+    model."""
     common = [*common, "--set", f"training_args.results_folder={folder / 'results'}",
               "--set", f"predict_args.output={folder / 'predictions'}"]  # fmt: skip
     rows = []
@@ -143,7 +147,7 @@ def train_and_score(common: list[str], folder: Path, holdout: Path, args, buildi
         out = folder / "predictions" / "rio" / model
         total = Confusion()
         objects = MatchCounts()
-        poly_ws, poly_cc = MatchCounts(), MatchCounts()
+        poly_ws, poly_cc, errors = MatchCounts(), MatchCounts(), PolygonErrors()
         pictures = []
         for name in args.holdout:
             image, profile = read_raster(holdout / f"{name}.tif")
@@ -162,11 +166,14 @@ def train_and_score(common: list[str], folder: Path, holdout: Path, args, buildi
             )
             groups = gpd.GeoSeries(polygonize(out / "masks" / f"{name}.tif"), crs=buildings.crs)
             components = at_least_m2(gpd.GeoDataFrame(geometry=groups), MIN_M2)
-            poly_ws.merge(match_polygons(list(true_polys.geometry), list(watershed.geometry))[0])
+            counts, matched = match_polygons(list(true_polys.geometry), list(watershed.geometry))
+            poly_ws.merge(counts)
+            errors.merge(polygon_errors(list(true_polys.geometry), list(watershed.geometry), matched))
             poly_cc.merge(match_polygons(list(true_polys.geometry), list(components.geometry))[0])
         rows.append(
-            (model, total.scores(), objects.scores()["f1"], poly_cc.scores()["f1"], poly_ws.scores()["f1"], train_s)
-        )
+            (model, total.scores(), objects.scores()["f1"], poly_cc.scores()["f1"], poly_ws.scores()["f1"], train_s,
+             errors)
+        )  # fmt: skip
         overlay(pictures, model, folder / f"rio_overlay_{model}.png")
     return rows
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,99 @@ def match_polygons(
         matched.append((t, p, iou))
     counts = MatchCounts(tp=len(matched), fp=len(predicted) - len(matched), fn=len(truth) - len(matched))
     return counts, matched
+
+
+@dataclass
+class PolygonErrors:
+    """Why the unmatched polygons of a polygon score are unmatched (:func:`polygon_errors`).
+
+    False objects (predicted, unmatched): ``merges`` cover two or more true roofs (each at least
+    half inside them), ``outgrown`` cover one true roof but spread well beyond it, ``pieces`` lie
+    at least half on true roofs but cover none of them (part of a roof, or straddling two), ``off_roofs``
+    lie mostly off every true roof. Missed roofs (true, unmatched): ``merged`` lie at least half in an
+    object that covers another true roof too, ``swallowed`` at least half in one object covering no
+    other (too large for IoU 0.5), ``split`` covered at least half by several objects together but by
+    none alone, ``not_found`` covered less than half.
+    """
+
+    merges: int = 0
+    outgrown: int = 0
+    pieces: int = 0
+    off_roofs: int = 0
+    merged: int = 0
+    swallowed: int = 0
+    split: int = 0
+    not_found: int = 0
+
+    def merge(self, other: PolygonErrors) -> PolygonErrors:
+        """Add another's counts (a chip's to a split's); returns self."""
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+        return self
+
+    def scores(self) -> dict[str, dict[str, int]]:
+        """The counts as metrics.json keeps them: {"false": {...}, "missed": {...}}."""
+        d = asdict(self)
+        return {"false": {k: d[k] for k in ("merges", "outgrown", "pieces", "off_roofs")},
+                "missed": {k: d[k] for k in ("merged", "swallowed", "split", "not_found")}}  # fmt: skip
+
+    def line(self) -> str:
+        """One line for a log or a benchmark table."""
+        return (f"false objects: {self.merges} merges, {self.outgrown} outgrown, {self.pieces} pieces, "
+                f"{self.off_roofs} off roofs; missed roofs: {self.merged} merged, {self.swallowed} swallowed, "
+                f"{self.split} split, {self.not_found} not found")  # fmt: skip
+
+
+def polygon_errors(
+    truth: Sequence[BaseGeometry], predicted: Sequence[BaseGeometry], matched: Sequence[tuple[int, int, float]]
+) -> PolygonErrors:
+    """What went wrong with the polygons :func:`match_polygons` left unmatched (``matched``: its pairs).
+
+    Each unmatched polygon gets exactly one kind (see :class:`PolygonErrors`); "covers" means holds at
+    least half of a true roof's area. Tells a merge of touching roofs (a seeding or boundary problem)
+    from a roof found in pieces or not at all (a footprint problem).
+    """
+    truth, predicted = list(truth), list(predicted)
+    out = PolygonErrors()
+    t_area = shapely.area(np.asarray(truth, object)) if truth else np.zeros(0)
+    p_area = shapely.area(np.asarray(predicted, object)) if predicted else np.zeros(0)
+    inter = np.zeros((len(truth), len(predicted)))
+    if truth and predicted:
+        p_idx, t_idx = STRtree(truth).query(predicted, predicate="intersects")
+        if len(p_idx):
+            inter[t_idx, p_idx] = shapely.area(
+                shapely.intersection(np.asarray(truth, object)[t_idx], np.asarray(predicted, object)[p_idx])
+            )
+    covers = inter >= 0.5 * t_area[:, None]
+    covers &= inter > 0
+    n_covered = covers.sum(axis=0)
+    used_t = {t for t, _, _ in matched}
+    used_p = {p for _, p, _ in matched}
+    for p in range(len(predicted)):
+        if p in used_p:
+            continue
+        if n_covered[p] >= 2:
+            out.merges += 1
+        elif n_covered[p] == 1:
+            out.outgrown += 1
+        elif 2 * inter[:, p].sum() >= p_area[p] > 0:
+            out.pieces += 1
+        else:
+            out.off_roofs += 1
+    for t in range(len(truth)):
+        if t in used_t:
+            continue
+        holders = np.flatnonzero(covers[t])
+        if len(holders):
+            if n_covered[holders].max() >= 2:
+                out.merged += 1
+            else:
+                out.swallowed += 1
+        elif 2 * inter[t].sum() >= t_area[t] > 0:
+            out.split += 1
+        else:
+            out.not_found += 1
+    return out
 
 
 def keep_at_least(geoms: Iterable[BaseGeometry], min_area: float) -> list:

@@ -68,8 +68,10 @@ from core.metrics import (
     write_metrics,
 )
 from core.polygons import (
+    PolygonErrors,
     group_counts,
     match_polygons,
+    polygon_errors,
     read_spacenet_csv,
     score_spacenet,
     to_pixels,
@@ -318,11 +320,13 @@ def _grid(profile: dict[str, Any]) -> str:
 def polygon_scores(
     settings: Settings, tree: DataTree, split: str, pairs: list[tuple[str, str]], pred_dir: Path, out: Path,
     groups: dict[Any, MatchCounts] | None = None, classes: ClassScores | None = None,
+    errors: PolygonErrors | None = None,
 ) -> MatchCounts | None:  # fmt: skip
     """SpaceNet polygon scores: each chip's true roofs (the label file's polygons, as mask keeps them,
     clipped to the chip) against the roofs.gpkg polygons predicted from it; also writes both as
     SpaceNet CSVs (truth.csv, predictions.csv) in pixel coordinates. None when there is no roofs.gpkg
-    or no usable label file. With ``classes``, each matched roof's true and predicted class is counted."""
+    or no usable label file. With ``classes``, each matched roof's true and predicted class is counted; with
+    ``errors``, why each unmatched polygon is unmatched (:func:`core.polygons.polygon_errors`)."""
     import geopandas as gpd
 
     roofs_file = pred_dir / "roofs.gpkg"
@@ -358,6 +362,8 @@ def polygon_scores(
         p_keep = off_unknown(p_keep, clip_to(u_all, chip) if len(u_all) else u_all)
         counts, matched = match_polygons(list(t_keep.geometry), list(p_keep.geometry), args.iou_threshold)
         total.merge(counts)
+        if errors is not None:
+            errors.merge(polygon_errors(list(t_keep.geometry), list(p_keep.geometry), matched))
         if classes is not None and "class_id" in t_keep.columns and "class_id" in p_keep.columns:
             t_ids, p_ids = t_keep["class_id"].to_numpy(), p_keep["class_id"].to_numpy()
             classes.add_roofs([int(t_ids[t]) for t, _, _ in matched], [int(p_ids[p]) for _, p, _ in matched])
@@ -648,11 +654,16 @@ def evaluate_model(
     threshold = (predicted or {}).get("summary", {}).get("threshold", used_threshold(settings, tree, model))
     scored = [(c.name, c.prediction or c.name) for c in result.chips]
     groups: dict[Any, MatchCounts] = {}
+    errors = PolygonErrors()
     polygons = polygon_scores(settings, tree, split, scored, pred_dir, out, groups if args.group_by else None,
-                              result.classes)  # fmt: skip
+                              result.classes, errors)  # fmt: skip
     extra: dict[str, Any] = {
         "object": result.objects.scores(),
-        **({"polygon": polygons.scores(), "min_area_m2": args.min_area_m2} if polygons is not None else {}),
+        **(
+            {"polygon": polygons.scores(), "polygon_errors": errors.scores(), "min_area_m2": args.min_area_m2}
+            if polygons is not None
+            else {}
+        ),
         **(
             {"polygon_by": {"attribute": args.group_by, **{k: v.scores() for k, v in groups.items()}}} if groups else {}
         ),
@@ -717,6 +728,10 @@ def evaluate_model(
         per = result.classes.per_class()
         log.info("evaluate: %s classes, pixel IoU %s; material right for %.1f%% of the %d true roofs the polygon scores matched", model,
                  ", ".join(f"{n} {per[n]['iou']:.3f}" for n in result.classes.names), 100 * accuracy, found)  # fmt: skip
+    if polygons is not None:
+        g = polygons.scores()
+        log.info("evaluate: %s polygons F1 %.3f (%d matched, %d false, %d missed); %s", model, g["f1"], g["tp"],
+                 g["fp"], g["fn"], errors.line())  # fmt: skip
     for value, counts in groups.items():
         g = counts.scores()
         log.info("evaluate: %s roofs with %s %s: polygon F1 %.3f (%d matched, %d false, %d missed)",

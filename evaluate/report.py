@@ -584,6 +584,22 @@ def _merge_note(train: dict[str, Any] | None, evaluation: dict[str, Any] | None 
     )
 
 
+def _errors_note(evaluation: dict[str, Any] | None) -> str:
+    """Why the unmatched polygons of an evaluation are unmatched (its polygon_errors), as a paragraph ("" without)."""
+    errors = (evaluation or {}).get("polygon_errors")
+    if not errors or not (evaluation["polygon"]["fp"] or evaluation["polygon"]["fn"]):
+        return ""
+    f, m = errors["false"], errors["missed"]
+    return (
+        f'<p class="note">Polygon errors ({evaluation["split"]}): of the {evaluation["polygon"]["fp"]} false roofs, '
+        f"{f['merges']} merge touching true roofs into one, {f['outgrown']} hold one roof but spread well beyond it, "
+        f"{f['pieces']} are pieces of roofs and {f['off_roofs']} lie off every true roof; of the "
+        f"{evaluation['polygon']['fn']} missed roofs, {m['merged']} were merged with another, {m['swallowed']} "
+        f"swallowed by a larger object, {m['split']} split into pieces and {m['not_found']} not found. Merges are "
+        "for the boundary band and the merge limit to separate; pieces and roofs not found are the footprint's.</p>"
+    )
+
+
 def _model_sections(results: list[ModelResult], split: str) -> str:
     parts = []
     for r in results:
@@ -599,6 +615,7 @@ def _model_sections(results: list[ModelResult], split: str) -> str:
             _object_filter_note((r.train or {}).get("object_filter"), ev)
             + _merge_note(r.train, ev)
             + _tta_note(r.train)
+            + _errors_note(ev)
             + table
         )
         if pictures or table:

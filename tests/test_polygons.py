@@ -12,7 +12,9 @@ from affine import Affine
 from core.errors import DataError
 from core.metrics import MatchCounts
 from core.polygons import (
+    PolygonErrors,
     match_polygons,
+    polygon_errors,
     read_spacenet_csv,
     score_spacenet,
     to_pixels,
@@ -46,6 +48,57 @@ def test_matching_is_one_to_one_and_greedy_by_iou():
     assert (counts.tp, counts.fp, counts.fn) == (0, 1, 2)
     assert match_polygons([], [])[0].scores() == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 0,
                                                   "fn": 0}  # fmt: skip
+
+
+def errors_of(truth, predicted) -> PolygonErrors:
+    return polygon_errors(truth, predicted, match_polygons(truth, predicted)[1])
+
+
+def test_polygon_errors_name_each_unmatched_polygon_once():
+    truth = [
+        square(0, 0), square(10, 0), square(20, 0),  # a row of touching roofs, found as one object
+        square(100, 0),  # found whole: matched
+        square(200, 0),  # found in three pieces
+        square(300, 0),  # inside a yard-sized object
+        square(400, 0),  # a corner found
+        square(500, 0),  # nothing found
+    ]  # fmt: skip
+    predicted = [
+        square(0, 0, 30),  # merge of 0, 1, 2
+        square(100, 0),  # match
+        square(200, 0, 4), square(204, 0, 3), square(207, 0, 3),  # pieces of roof 4, each under half of it: split
+        square(295, -5, 20, 20),  # roof 5 and its yard: IoU 0.25, outgrown; roof 5 swallowed
+        square(400, 0, 3, 3),  # a piece of roof 6 (9% of it): roof 6 not found
+        square(700, 0),  # on no roof
+        square(600, 0, 4, 10), square(604, 0, 6, 2),  # off every roof too (nothing there)
+    ]  # fmt: skip
+    errors = errors_of(truth, predicted)
+    assert errors == PolygonErrors(merges=1, outgrown=1, pieces=4, off_roofs=3, merged=3, swallowed=1, split=1,
+                                   not_found=2)  # fmt: skip
+    assert errors.scores() == {
+        "false": {"merges": 1, "outgrown": 1, "pieces": 4, "off_roofs": 3},
+        "missed": {"merged": 3, "swallowed": 1, "split": 1, "not_found": 2},
+    }
+    counts, _ = match_polygons(truth, predicted)  # every unmatched polygon has exactly one kind
+    assert (counts.fp, counts.fn) == (9, 7)
+    assert sum(errors.scores()["false"].values()) == counts.fp
+    assert sum(errors.scores()["missed"].values()) == counts.fn
+    assert errors.line() == (
+        "false objects: 1 merges, 1 outgrown, 4 pieces, 3 off roofs; missed roofs: 3 merged, 1 swallowed, 1 split, "
+        "2 not found"
+    )
+
+
+def test_polygon_errors_a_matched_object_that_also_covers_a_small_roof_merged_it():
+    truth = [square(0, 0, 20, 10), square(20, 0, 4, 4)]  # a large roof and a shed against it
+    predicted = [square(0, 0, 24, 10)]  # IoU 200/240 with the roof: matched; holds the whole shed
+    errors = errors_of(truth, predicted)
+    assert errors == PolygonErrors(merged=1)
+    assert errors_of([], []) == PolygonErrors()
+    assert errors_of([], [square(0, 0)]) == PolygonErrors(off_roofs=1)
+    assert errors_of([square(0, 0)], []) == PolygonErrors(not_found=1)
+    total = PolygonErrors(merges=1).merge(PolygonErrors(merges=2, split=1))
+    assert total == PolygonErrors(merges=3, split=1)
 
 
 def test_scores_from_counts():
@@ -106,6 +159,10 @@ def test_evaluate_scores_polygons_and_writes_spacenet_files(scene, tmp_path: Pat
     truth = read_spacenet_csv(out / "truth.csv")
     assert sum(len(v) for v in truth.values()) == polygon["tp"] + polygon["fn"]
     assert all(0 <= c <= 64 for polys in truth.values() for g in polys for c in g.bounds)
+    errors = metrics["polygon_errors"]  # every unmatched polygon once, by kind
+    assert set(errors["false"]) == {"merges", "outgrown", "pieces", "off_roofs"}
+    assert set(errors["missed"]) == {"merged", "swallowed", "split", "not_found"}
+    assert (sum(errors["false"].values()), sum(errors["missed"].values())) == (polygon["fp"], polygon["fn"])
     capsys.readouterr()
     assert evaluate_main([*argv, "--spacenet", str(out / "truth.csv"), str(out / "predictions.csv")]) == 0
     assert json.loads(capsys.readouterr().out) == polygon  # min_area 16 px = 4 m2 at 0.5 m: the same polygons
