@@ -93,21 +93,21 @@ def match_polygons(
 class PolygonErrors:
     """Why the unmatched polygons of a polygon score are unmatched (:func:`polygon_errors`).
 
-    False objects (predicted, unmatched): ``merges`` cover two or more true roofs (each at least
-    half inside them), ``outgrown`` cover one true roof but spread well beyond it, ``pieces`` lie
-    at least half on true roofs but cover none of them (part of a roof, or straddling two), ``off_roofs``
-    lie mostly off every true roof. Missed roofs (true, unmatched): ``merged`` lie at least half in an
-    object that covers another true roof too, ``swallowed`` at least half in one object covering no
-    other (too large for IoU 0.5), ``split`` covered at least half by several objects together but by
-    none alone, ``not_found`` covered less than half.
+    "Holds" means holds at least half of a true roof's area. False objects (predicted, unmatched):
+    ``merges`` hold two true roofs or more, ``misfits`` hold one but do not match it (too large, offset,
+    or a duplicate that lost the match), ``pieces`` lie at least half on true roofs but hold none (part
+    of a roof, or astride two), ``off_roofs`` lie mostly off the true roofs. Missed roofs (true,
+    unmatched): ``merged`` lie in an object that holds another true roof too, ``misfit`` in one object
+    holding no other (its IoU under the threshold), ``split`` are covered at least half by several
+    objects together but by none alone, ``not_found`` covered less than half.
     """
 
     merges: int = 0
-    outgrown: int = 0
+    misfits: int = 0
     pieces: int = 0
     off_roofs: int = 0
     merged: int = 0
-    swallowed: int = 0
+    misfit: int = 0
     split: int = 0
     not_found: int = 0
 
@@ -120,13 +120,13 @@ class PolygonErrors:
     def scores(self) -> dict[str, dict[str, int]]:
         """The counts as metrics.json keeps them: {"false": {...}, "missed": {...}}."""
         d = asdict(self)
-        return {"false": {k: d[k] for k in ("merges", "outgrown", "pieces", "off_roofs")},
-                "missed": {k: d[k] for k in ("merged", "swallowed", "split", "not_found")}}  # fmt: skip
+        return {"false": {k: d[k] for k in ("merges", "misfits", "pieces", "off_roofs")},
+                "missed": {k: d[k] for k in ("merged", "misfit", "split", "not_found")}}  # fmt: skip
 
     def line(self) -> str:
         """One line for a log or a benchmark table."""
-        return (f"false objects: {self.merges} merges, {self.outgrown} outgrown, {self.pieces} pieces, "
-                f"{self.off_roofs} off roofs; missed roofs: {self.merged} merged, {self.swallowed} swallowed, "
+        return (f"false objects: {self.merges} merges, {self.misfits} misfits, {self.pieces} pieces, "
+                f"{self.off_roofs} off roofs; missed roofs: {self.merged} merged, {self.misfit} misfit, "
                 f"{self.split} split, {self.not_found} not found")  # fmt: skip
 
 
@@ -135,9 +135,9 @@ def polygon_errors(
 ) -> PolygonErrors:
     """What went wrong with the polygons :func:`match_polygons` left unmatched (``matched``: its pairs).
 
-    Each unmatched polygon gets exactly one kind (see :class:`PolygonErrors`); "covers" means holds at
-    least half of a true roof's area. Tells a merge of touching roofs (a seeding or boundary problem)
-    from a roof found in pieces or not at all (a footprint problem).
+    Each unmatched polygon gets exactly one kind (see :class:`PolygonErrors`). Tells roofs found together
+    as one object (a seeding or boundary problem) from roofs found in pieces or not at all (a footprint
+    problem).
     """
     truth, predicted = list(truth), list(predicted)
     out = PolygonErrors()
@@ -150,6 +150,17 @@ def polygon_errors(
             inter[t_idx, p_idx] = shapely.area(
                 shapely.intersection(np.asarray(truth, object)[t_idx], np.asarray(predicted, object)[p_idx])
             )
+    # How much of each lies on the other side's polygons, each area once (true roofs may overlap).
+    on_truth = (
+        shapely.area(shapely.intersection(np.asarray(predicted, object), shapely.union_all(truth)))
+        if truth and predicted
+        else np.zeros(len(predicted))
+    )
+    on_pred = (
+        shapely.area(shapely.intersection(np.asarray(truth, object), shapely.union_all(predicted)))
+        if truth and predicted
+        else np.zeros(len(truth))
+    )
     covers = inter >= 0.5 * t_area[:, None]
     covers &= inter > 0
     n_covered = covers.sum(axis=0)
@@ -161,8 +172,8 @@ def polygon_errors(
         if n_covered[p] >= 2:
             out.merges += 1
         elif n_covered[p] == 1:
-            out.outgrown += 1
-        elif 2 * inter[:, p].sum() >= p_area[p] > 0:
+            out.misfits += 1
+        elif 2 * on_truth[p] >= p_area[p] > 0:
             out.pieces += 1
         else:
             out.off_roofs += 1
@@ -174,8 +185,8 @@ def polygon_errors(
             if n_covered[holders].max() >= 2:
                 out.merged += 1
             else:
-                out.swallowed += 1
-        elif 2 * inter[t].sum() >= t_area[t] > 0:
+                out.misfit += 1
+        elif 2 * on_pred[t] >= t_area[t] > 0:
             out.split += 1
         else:
             out.not_found += 1

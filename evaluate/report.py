@@ -592,11 +592,12 @@ def _errors_note(evaluation: dict[str, Any] | None) -> str:
     f, m = errors["false"], errors["missed"]
     return (
         f'<p class="note">Polygon errors ({evaluation["split"]}): of the {evaluation["polygon"]["fp"]} false roofs, '
-        f"{f['merges']} merge touching true roofs into one, {f['outgrown']} hold one roof but spread well beyond it, "
-        f"{f['pieces']} are pieces of roofs and {f['off_roofs']} lie off every true roof; of the "
-        f"{evaluation['polygon']['fn']} missed roofs, {m['merged']} were merged with another, {m['swallowed']} "
-        f"swallowed by a larger object, {m['split']} split into pieces and {m['not_found']} not found. Merges are "
-        "for the boundary band and the merge limit to separate; pieces and roofs not found are the footprint's.</p>"
+        f"{f['merges']} hold two true roofs or more, {f['misfits']} hold one but miss the IoU (too large or offset), "
+        f"{f['pieces']} lie on roofs without holding one (pieces, or astride two) and {f['off_roofs']} lie mostly "
+        f"off the true roofs; of the {evaluation['polygon']['fn']} missed roofs, {m['merged']} were found together "
+        f"with another, {m['misfit']} inside one object too large or offset, {m['split']} in pieces and "
+        f"{m['not_found']} not found (under half covered). Merges are for the boundary band and the merge limit to "
+        "separate; pieces and roofs not found are the footprint's.</p>"
     )
 
 

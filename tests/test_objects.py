@@ -415,16 +415,16 @@ def test_the_report_says_why_polygons_went_unmatched():
         "split": "val",
         "polygon": {"tp": 42, "fp": 58, "fn": 42},
         "polygon_errors": {
-            "false": {"merges": 5, "outgrown": 3, "pieces": 19, "off_roofs": 31},
-            "missed": {"merged": 15, "swallowed": 3, "split": 4, "not_found": 20},
+            "false": {"merges": 5, "misfits": 3, "pieces": 19, "off_roofs": 31},
+            "missed": {"merged": 15, "misfit": 3, "split": 4, "not_found": 20},
         },
     }
     assert _errors_note(ev) == (
-        '<p class="note">Polygon errors (val): of the 58 false roofs, 5 merge touching true roofs into one, 3 hold one '
-        "roof but spread well beyond it, 19 are pieces of roofs and 31 lie off every true roof; of the 42 missed "
-        "roofs, 15 were merged with another, 3 swallowed by a larger object, 4 split into pieces and 20 not found. "
-        "Merges are for the boundary band and the merge limit to separate; pieces and roofs not found are the "
-        "footprint's.</p>"
+        '<p class="note">Polygon errors (val): of the 58 false roofs, 5 hold two true roofs or more, 3 hold one but '
+        "miss the IoU (too large or offset), 19 lie on roofs without holding one (pieces, or astride two) and 31 lie "
+        "mostly off the true roofs; of the 42 missed roofs, 15 were found together with another, 3 inside one object "
+        "too large or offset, 4 in pieces and 20 not found (under half covered). Merges are for the boundary band "
+        "and the merge limit to separate; pieces and roofs not found are the footprint's.</p>"
     )
     perfect = {**ev, "polygon": {"tp": 42, "fp": 0, "fn": 0}}
     assert _errors_note(perfect) == "" and _errors_note({"split": "val"}) == "" and _errors_note(None) == ""

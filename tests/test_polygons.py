@@ -67,24 +67,24 @@ def test_polygon_errors_name_each_unmatched_polygon_once():
         square(0, 0, 30),  # merge of 0, 1, 2
         square(100, 0),  # match
         square(200, 0, 4), square(204, 0, 3), square(207, 0, 3),  # pieces of roof 4, each under half of it: split
-        square(295, -5, 20, 20),  # roof 5 and its yard: IoU 0.25, outgrown; roof 5 swallowed
+        square(295, -5, 20, 20),  # roof 5 and its yard: IoU 0.25, misfits; roof 5 misfit
         square(400, 0, 3, 3),  # a piece of roof 6 (9% of it): roof 6 not found
         square(700, 0),  # on no roof
         square(600, 0, 4, 10), square(604, 0, 6, 2),  # off every roof too (nothing there)
     ]  # fmt: skip
     errors = errors_of(truth, predicted)
-    assert errors == PolygonErrors(merges=1, outgrown=1, pieces=4, off_roofs=3, merged=3, swallowed=1, split=1,
+    assert errors == PolygonErrors(merges=1, misfits=1, pieces=4, off_roofs=3, merged=3, misfit=1, split=1,
                                    not_found=2)  # fmt: skip
     assert errors.scores() == {
-        "false": {"merges": 1, "outgrown": 1, "pieces": 4, "off_roofs": 3},
-        "missed": {"merged": 3, "swallowed": 1, "split": 1, "not_found": 2},
+        "false": {"merges": 1, "misfits": 1, "pieces": 4, "off_roofs": 3},
+        "missed": {"merged": 3, "misfit": 1, "split": 1, "not_found": 2},
     }
     counts, _ = match_polygons(truth, predicted)  # every unmatched polygon has exactly one kind
     assert (counts.fp, counts.fn) == (9, 7)
     assert sum(errors.scores()["false"].values()) == counts.fp
     assert sum(errors.scores()["missed"].values()) == counts.fn
     assert errors.line() == (
-        "false objects: 1 merges, 1 outgrown, 4 pieces, 3 off roofs; missed roofs: 3 merged, 1 swallowed, 1 split, "
+        "false objects: 1 merges, 1 misfits, 4 pieces, 3 off roofs; missed roofs: 3 merged, 1 misfit, 1 split, "
         "2 not found"
     )
 
@@ -99,6 +99,21 @@ def test_polygon_errors_a_matched_object_that_also_covers_a_small_roof_merged_it
     assert errors_of([square(0, 0)], []) == PolygonErrors(not_found=1)
     total = PolygonErrors(merges=1).merge(PolygonErrors(merges=2, split=1))
     assert total == PolygonErrors(merges=3, split=1)
+
+
+def test_polygon_errors_misfits_and_overlapping_true_roofs():
+    roof = square(0, 0)
+    shifted = square(4, 0)  # the same size, 4 of 10 off: IoU 0.43
+    assert errors_of([roof], [shifted]) == PolygonErrors(misfits=1, misfit=1)
+    assert errors_of([roof], [roof, square(0, 0)]) == PolygonErrors(misfits=1)  # a duplicate loses the match
+    inside = square(0, 0, 6)  # 60% of the roof inside it: IoU 0.6, a match at 0.5 ...
+    assert match_polygons([roof], [inside], 0.75)[0].tp == 0  # ... none at 0.75: a misfit, though not larger
+    assert polygon_errors([roof], [inside], []) == PolygonErrors(misfits=1, misfit=1)
+    # Two true roofs drawn twice over the same ground: a third of an object on them is a third, not two.
+    twice = [square(0, 0), square(0, 0)]
+    assert errors_of(twice, [square(7, 0, 9, 10)]) == PolygonErrors(off_roofs=1, not_found=2)
+    # 40% of each: a piece; 60% of each: it matches one twin and the other, which it holds too, is merged.
+    assert errors_of(twice, [square(0, 0, 10, 4), square(0, 4, 10, 6)]) == PolygonErrors(pieces=1, merged=1)
 
 
 def test_scores_from_counts():
@@ -160,8 +175,8 @@ def test_evaluate_scores_polygons_and_writes_spacenet_files(scene, tmp_path: Pat
     assert sum(len(v) for v in truth.values()) == polygon["tp"] + polygon["fn"]
     assert all(0 <= c <= 64 for polys in truth.values() for g in polys for c in g.bounds)
     errors = metrics["polygon_errors"]  # every unmatched polygon once, by kind
-    assert set(errors["false"]) == {"merges", "outgrown", "pieces", "off_roofs"}
-    assert set(errors["missed"]) == {"merged", "swallowed", "split", "not_found"}
+    assert set(errors["false"]) == {"merges", "misfits", "pieces", "off_roofs"}
+    assert set(errors["missed"]) == {"merged", "misfit", "split", "not_found"}
     assert (sum(errors["false"].values()), sum(errors["missed"].values())) == (polygon["fp"], polygon["fn"])
     capsys.readouterr()
     assert evaluate_main([*argv, "--spacenet", str(out / "truth.csv"), str(out / "predictions.csv")]) == 0
