@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,12 @@ from rasterio.transform import Affine
 from core import cli
 from core.settings import load_settings
 from core.tree import DataTree
+
+# A test run started in the background of a non-interactive shell (`make test &`) inherits Ctrl-C ignored, and so
+# would every stage the tests start (an ignored signal stays ignored across exec): the tests of Ctrl-C need it
+# delivered, as a terminal delivers it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 #: Default georeference of test rasters: UTM 44N near Gorakhpur, 0.5 m pixels.
 TEST_CRS = "EPSG:32644"
