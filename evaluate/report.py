@@ -596,7 +596,7 @@ def _errors_note(evaluation: dict[str, Any] | None) -> str:
         f"{f['pieces']} lie on roofs without holding one (pieces, or astride two) and {f['off_roofs']} lie mostly "
         f"off the true roofs; of the {evaluation['polygon']['fn']} missed roofs, {m['merged']} were found together "
         f"with another, {m['misfit']} inside one object too large or offset, {m['split']} in pieces and "
-        f"{m['not_found']} not found (under half covered). Merges are for the boundary band and the merge limit to "
+        f"{m['not_found']} not found (under half covered). Merges are for a U-Net's boundary band and the merge limit to "
         "separate; pieces and roofs not found are the footprint's.</p>"
     )
 

@@ -423,7 +423,7 @@ def test_the_report_says_why_polygons_went_unmatched():
         '<p class="note">Polygon errors (val): of the 58 false roofs, 5 hold two true roofs or more, 3 hold one but '
         "miss the IoU (too large or offset), 19 lie on roofs without holding one (pieces, or astride two) and 31 lie "
         "mostly off the true roofs; of the 42 missed roofs, 15 were found together with another, 3 inside one object "
-        "too large or offset, 4 in pieces and 20 not found (under half covered). Merges are for the boundary band "
+        "too large or offset, 4 in pieces and 20 not found (under half covered). Merges are for a U-Net's boundary band "
         "and the merge limit to separate; pieces and roofs not found are the footprint's.</p>"
     )
     perfect = {**ev, "polygon": {"tp": 42, "fp": 0, "fn": 0}}
