@@ -590,14 +590,19 @@ def _errors_note(evaluation: dict[str, Any] | None) -> str:
     if not errors or not (evaluation["polygon"]["fp"] or evaluation["polygon"]["fn"]):
         return ""
     f, m = errors["false"], errors["missed"]
+
+    def n(count: int, many: str, one: str) -> str:  # "3 hold", "1 holds"
+        return f"{count} {one if count == 1 else many}"
+
     return (
         f'<p class="note">Polygon errors ({evaluation["split"]}): of the {evaluation["polygon"]["fp"]} false roofs, '
-        f"{f['merges']} hold two true roofs or more, {f['misfits']} hold one but miss the IoU (too large or offset), "
-        f"{f['pieces']} lie on roofs without holding one (pieces, or astride two) and {f['off_roofs']} lie mostly "
-        f"off the true roofs; of the {evaluation['polygon']['fn']} missed roofs, {m['merged']} were found together "
-        f"with another, {m['misfit']} inside one object too large or offset, {m['split']} in pieces and "
-        f"{m['not_found']} not found (under half covered). Merges are for a U-Net's boundary band and the merge limit to "
-        "separate; pieces and roofs not found are the footprint's.</p>"
+        f"{n(f['merges'], 'hold', 'holds')} two true roofs or more, {n(f['misfits'], 'hold', 'holds')} one but "
+        f"{'misses' if f['misfits'] == 1 else 'miss'} the IoU (too large or offset), {n(f['pieces'], 'lie', 'lies')} "
+        f"on roofs without holding one (pieces, or astride two) and {n(f['off_roofs'], 'lie', 'lies')} mostly off the "
+        f"true roofs; of the {evaluation['polygon']['fn']} missed roofs, {n(m['merged'], 'were', 'was')} found "
+        f"together with another, {m['misfit']} inside one object too large or offset, {m['split']} in pieces and "
+        f"{m['not_found']} not found (under half covered). Merges are for a U-Net's boundary band and the merge limit "
+        "to separate; pieces and roofs not found are the footprint's.</p>"
     )
 
 

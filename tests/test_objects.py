@@ -426,6 +426,14 @@ def test_the_report_says_why_polygons_went_unmatched():
         "too large or offset, 4 in pieces and 20 not found (under half covered). Merges are for a U-Net's boundary band "
         "and the merge limit to separate; pieces and roofs not found are the footprint's.</p>"
     )
+    one = {"split": "val", "polygon": {"tp": 7, "fp": 4, "fn": 2}, "polygon_errors": {
+        "false": {"merges": 1, "misfits": 1, "pieces": 1, "off_roofs": 1},
+        "missed": {"merged": 1, "misfit": 0, "split": 0, "not_found": 1}}}  # fmt: skip
+    assert _errors_note(one).startswith(
+        '<p class="note">Polygon errors (val): of the 4 false roofs, 1 holds two true roofs or more, 1 holds one but '
+        "misses the IoU (too large or offset), 1 lies on roofs without holding one (pieces, or astride two) and 1 lies "
+        "mostly off the true roofs; of the 2 missed roofs, 1 was found together with another, 0 inside one object"
+    )
     perfect = {**ev, "polygon": {"tp": 42, "fp": 0, "fn": 0}}
     assert _errors_note(perfect) == "" and _errors_note({"split": "val"}) == "" and _errors_note(None) == ""
 
