@@ -29,6 +29,18 @@ from core.metrics import MatchCounts
 SPACENET_COLUMNS = ("ImageId", "BuildingId", "PolygonWKT_Pix", "Confidence")
 
 
+def overlaps(truth: list[BaseGeometry], predicted: list[BaseGeometry]) -> tuple[np.ndarray, ...]:
+    """Every intersecting pair of a true and a predicted polygon (an STRtree query): arrays of the true index,
+    the predicted index and the area of their intersection (0 where they only touch)."""
+    if not truth or not predicted:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    p_idx, t_idx = STRtree(truth).query(predicted, predicate="intersects")
+    if not len(p_idx):
+        return t_idx, p_idx, np.zeros(0)
+    inter = shapely.area(shapely.intersection(np.asarray(truth, object)[t_idx], np.asarray(predicted, object)[p_idx]))
+    return t_idx, p_idx, inter
+
+
 def group_counts(
     truth: Sequence[BaseGeometry], groups: Sequence[Any], predicted: Sequence[BaseGeometry], iou_threshold: float = 0.5
 ) -> dict[Any, MatchCounts]:
@@ -39,14 +51,10 @@ def group_counts(
     """
     truth, predicted = list(truth), list(predicted)
     owner = np.full(len(predicted), -1)
-    if truth and predicted:
-        p_idx, t_idx = STRtree(truth).query(predicted, predicate="intersects")
-        if len(p_idx):
-            inter = shapely.area(shapely.intersection(np.asarray(truth, object)[t_idx],
-                                                      np.asarray(predicted, object)[p_idx]))  # fmt: skip
-            for k in np.argsort(inter, kind="stable"):  # the largest overlap is written last
-                if inter[k] > 0:
-                    owner[p_idx[k]] = t_idx[k]
+    t_idx, p_idx, inter = overlaps(truth, predicted)
+    for k in np.argsort(inter, kind="stable"):  # the largest overlap is written last
+        if inter[k] > 0:
+            owner[p_idx[k]] = t_idx[k]
     values = np.asarray(list(groups), object)
     out: dict[Any, MatchCounts] = {}
     for value in sorted(set(values.tolist()), key=str):
@@ -65,15 +73,13 @@ def match_polygons(
     """
     truth, predicted = list(truth), list(predicted)
     pairs: list[tuple[float, int, int]] = []
-    if truth and predicted:
-        tree = STRtree(truth)
-        p_idx, t_idx = tree.query(predicted, predicate="intersects")
-        if len(p_idx):
-            t_geoms, p_geoms = np.asarray(truth, object)[t_idx], np.asarray(predicted, object)[p_idx]
-            inter = shapely.area(shapely.intersection(t_geoms, p_geoms))
-            union = shapely.area(t_geoms) + shapely.area(p_geoms) - inter
-            iou = np.where(union > 0, inter / np.maximum(union, 1e-300), 0.0)
-            pairs = [(float(v), int(t), int(p)) for v, t, p in zip(iou, t_idx, p_idx, strict=True) if v > 0]
+    t_idx, p_idx, inter = overlaps(truth, predicted)
+    if len(inter):
+        union = (
+            shapely.area(np.asarray(truth, object)[t_idx]) + shapely.area(np.asarray(predicted, object)[p_idx]) - inter
+        )
+        iou = np.where(union > 0, inter / np.maximum(union, 1e-300), 0.0)
+        pairs = [(float(v), int(t), int(p)) for v, t, p in zip(iou, t_idx, p_idx, strict=True) if v > 0]
     used_t: set[int] = set()
     used_p: set[int] = set()
     matched = []
@@ -144,12 +150,8 @@ def polygon_errors(
     t_area = shapely.area(np.asarray(truth, object)) if truth else np.zeros(0)
     p_area = shapely.area(np.asarray(predicted, object)) if predicted else np.zeros(0)
     inter = np.zeros((len(truth), len(predicted)))
-    if truth and predicted:
-        p_idx, t_idx = STRtree(truth).query(predicted, predicate="intersects")
-        if len(p_idx):
-            inter[t_idx, p_idx] = shapely.area(
-                shapely.intersection(np.asarray(truth, object)[t_idx], np.asarray(predicted, object)[p_idx])
-            )
+    t_idx, p_idx, pair_inter = overlaps(truth, predicted)
+    inter[t_idx, p_idx] = pair_inter
     # How much of each lies on the other side's polygons, each area once (true roofs may overlap).
     on_truth = (
         shapely.area(shapely.intersection(np.asarray(predicted, object), shapely.union_all(truth)))
