@@ -152,8 +152,11 @@ class BundleInfo:
     class_bias: list[float] = field(default_factory=list)  # per-class log offsets tuned on validation; empty: none
     object_filter: dict[str, Any] = field(default_factory=dict)  # core.objects.ObjectFilter fitted on validation
     # Touching objects merge where their border's mean boundary probability is under this (a U-Net with a
-    # boundary band; tuned on validation by core.objects.tune_merge); 0: never; None: a bundle from before.
+    # boundary band; tuned on validation by core.objects.tune_instances); 0: never; None: a bundle from before.
     merge: float | None = None
+    # The watershed's seeds start this share of the way from the decision threshold to 1 (a U-Net's; tuned on
+    # validation by core.objects.tune_instances); None: the default (core.instances.default_seed_fraction).
+    seed_fraction: float | None = None
     features: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
@@ -272,6 +275,7 @@ def _wrong_field(info: BundleInfo) -> str:
         and len(info.class_bias) in (0, len(info.classes) if isinstance(info.classes, list) else 0),
         "object_filter": sound(info.object_filter),
         "merge": info.merge is None or number(info.merge),
+        "seed_fraction": info.seed_fraction is None or (number(info.seed_fraction) and 0 <= info.seed_fraction < 1),
     }
     wrong = next((name for name, ok in checks.items() if not ok), "")
     return f"{wrong} is {json.dumps(getattr(info, wrong))[:200]}" if wrong else ""

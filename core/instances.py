@@ -49,19 +49,38 @@ MIN_PART_M2 = 8.0
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
 
-def default_seed_threshold(threshold: float, setting: float | None = None, channels: bool = False) -> float:
-    """The seed threshold: the setting, else halfway from the decision threshold to 1 (0.75 for 0.5, as
+def default_seed_threshold(
+    threshold: float, setting: float | None = None, channels: bool = False, fraction: float | None = None
+) -> float:
+    """The seed threshold: the setting, else ``fraction`` of the way from the decision threshold to 1 (a
+    bundle's, tuned on validation by :func:`core.objects.tune_instances`), else halfway (0.75 for 0.5, as
     SpaceNet 6's winners seeded) for seeds from the roof probability, three quarters of the way
     (0.875 for 0.5) for seeds from footprint x (1 - boundary) x (1 - contact) (``channels``).
 
     Measured on the demo's validation split, polygon F1: U-Net channel seeds, rows of touching roofs
     0.848 halfway, 0.923 at three quarters (the bands' valleys are deep, so cores can be strict);
     the regression's footprint seeds, detached roofs 1.000 halfway, 0.786 at three quarters (its
-    probabilities pass so high a threshold only in specks, each a seed of its own).
+    probabilities pass so high a threshold only in specks, each a seed of its own). Where the boundary band
+    is wide against the roofs (SpaceNet Rio: houses of 15-20 px at 0.5 m), footprint x (1 - boundary) never
+    reaches three quarters: no roof has a seed and every group of touching roofs is one object; hence the
+    tuned fraction.
     """
     if setting is not None:
         return setting
-    return threshold + (0.75 if channels else 0.5) * (1.0 - threshold)
+    if fraction is None:
+        fraction = default_seed_fraction(channels)
+    return threshold + fraction * (1.0 - threshold)
+
+
+def seed_words(targets: tuple[str, ...] | list[str]) -> str:
+    """What :func:`seed_score` computes from these bands, in words: "footprint x (1 - boundary) x (1 - contact)"."""
+    return " x ".join(["footprint", *(f"(1 - {t})" for t in targets if t in ("boundary", "contact"))])
+
+
+def default_seed_fraction(channels: bool) -> float:
+    """Where the seeds start without a tuned fraction, as a share of the way from the decision threshold to 1:
+    three quarters for seeds from the boundary and contact bands (``channels``), half from the footprint."""
+    return 0.75 if channels else 0.5
 
 
 def label_objects(mask: np.ndarray, min_area: int = 0) -> tuple[np.ndarray, int]:

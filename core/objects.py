@@ -327,12 +327,14 @@ def validation_objects(
     seed_threshold: float,
     class_bias: list[float] | None = None,
     merge: float = 0.0,
+    seeds: float | None = None,
 ) -> ValidationObjects:
     """The objects the watershed finds on the validation chips (at the tuned threshold, seeded as predict
-    seeds by default; a bundle trained on classes split where the most probable class changes, its class
-    probabilities shifted by ``class_bias``, as predict does by default; touching objects merged as
-    :func:`tune_merge` chose, ``merge``). Objects mostly of unknown class are left out; nodata pixels are
-    unknown."""
+    seeds by default: from ``seeds`` up, ``seed_threshold`` where None; a bundle trained on classes split where
+    the most probable class changes, its class probabilities shifted by ``class_bias``, as predict does by
+    default; touching objects merged as :func:`tune_instances` chose, ``merge``). ``seed_threshold`` is also the
+    core of the core_share feature (:func:`object_features`). Objects mostly of unknown class are left out;
+    nodata pixels are unknown."""
     from core.cli import progress
     from core.instances import class_kinds, label_instances, object_classes, part_pixels, seed_score
     from core.metrics import shift_classes
@@ -361,8 +363,9 @@ def validation_objects(
         area = pixel_m2(profile, chw.shape[1:])
         boundary = bands[targets.index("boundary")] if "boundary" in targets else None
         labels, n = label_instances(
-            bands[0], threshold, seed_threshold, score, kinds, part_pixels(area), boundary, merge
-        )
+            bands[0], threshold, seed_threshold if seeds is None else seeds, score, kinds, part_pixels(area), boundary,
+            merge,
+        )  # fmt: skip
         if not n:
             continue
         ids = np.arange(1, n + 1)
@@ -401,15 +404,19 @@ def train_object_filter(
     threshold: float,
     class_bias: list[float] | None = None,
     merge: float = 0.0,
+    seed_fraction: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], str]:
     """Fit the object filter of a trained model on its validation chips at its tuned threshold (and class
-    offsets, merge limit): bundle.json's ``object_filter`` entry (empty: none), metrics.json's, and a line for
-    the log."""
+    offsets, merge limit, seed fraction: :func:`tune_instances`): bundle.json's ``object_filter`` entry (empty:
+    none), metrics.json's, and a line for the log. The core_share feature counts the pixels over the default
+    seed threshold, as predict's filter does."""
     from core.instances import default_seed_threshold
 
     targets = list(predictor.info.targets)
-    core = default_seed_threshold(threshold, None, channels=len(targets) > 1)
-    objects = validation_objects(predictor, pairs, threshold, core, class_bias, merge)
+    channels = len(targets) > 1
+    core = default_seed_threshold(threshold, None, channels)
+    seeds = default_seed_threshold(threshold, None, channels, seed_fraction)
+    objects = validation_objects(predictor, pairs, threshold, core, class_bias, merge, seeds)
     names = feature_names(targets, predictor.info.bands, predictor.info.classes)
     fitted, why = fit_object_filter(objects, names)
     if fitted is None:
@@ -440,6 +447,20 @@ def train_object_filter(
 #: The merge limits train tries: touching objects join where the mean boundary probability along their border
 #: is under the limit. 0 never merges; 1.01 merges every touching pair (the connected groups of roof pixels).
 MERGE_LIMITS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)
+#: The seed fractions train tries: the watershed's seeds are the pixels whose seed score is at least this share
+#: of the way from the decision threshold to 1 (0: every roof pixel may seed).
+SEED_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+
+
+@dataclass
+class InstanceTuning:
+    """What :func:`tune_instances` chose: the seed fraction and the merge limit (bundle.json seed_fraction and
+    merge), metrics.json's record of the validation object F1 of each, and lines for the log."""
+
+    seed_fraction: float
+    merge: float
+    record: dict[str, Any]
+    lines: list[str]
 
 
 def truth_instances(footprint: np.ndarray, boundary: np.ndarray) -> tuple[np.ndarray, int]:
@@ -472,52 +493,82 @@ def object_matches(truth: np.ndarray, pred: np.ndarray, known: np.ndarray, min_p
     return counts.tp, counts.fp, counts.fn
 
 
-def tune_merge(predictor: Any, pairs: list[tuple[Path, Path]], threshold: float) -> tuple[float, dict[str, Any], str]:
-    """The merge limit of a U-Net with a boundary band: the one of :data:`MERGE_LIMITS` whose objects on the
-    validation chips match the true roofs best (object F1 at IoU >= 0.5, objects of :data:`MIN_OBJECT_M2` and
-    up; ties go to the least merging). A large roof's ridges and seams can seed the watershed more than once:
-    on Banepa's validation chips 39 of 46 pairs of touching objects on roofs were pieces of one roof. Returns
-    the limit (0: never merge; also for a model without a boundary band), metrics.json's record and a line for
-    the log."""
+def tune_instances(predictor: Any, pairs: list[tuple[Path, Path]], threshold: float) -> InstanceTuning:
+    """Where a U-Net's watershed seeds start and its merge limit: the seed fraction of :data:`SEED_FRACTIONS`
+    (the seeds are the pixels whose seed score, footprint x (1 - boundary) x (1 - contact) or the footprint
+    alone, is at least that share of the way from the decision threshold to 1) and, with a boundary band, the
+    merge limit of :data:`MERGE_LIMITS` whose objects on the validation chips match the true roofs best (object
+    F1 at IoU >= 0.5, objects of :data:`MIN_OBJECT_M2` and up). Ties go to the fraction nearest the default
+    (:func:`core.instances.default_seed_fraction`), then to the least merging. A large roof's ridges and seams
+    can seed the watershed more than once (on Banepa's validation chips 39 of 46 pairs of touching objects on
+    roofs were pieces of one roof): merging joins them. Where the boundary band is wide against the roofs, the
+    default seeds are too strict: on SpaceNet Rio's validation chips no roof reached them."""
     from core.cli import progress
-    from core.instances import border_means, default_seed_threshold, label_instances, merge_fragments, seed_score
+    from core.instances import (
+        border_means,
+        default_seed_fraction,
+        label_instances,
+        label_objects,
+        merge_fragments,
+        seed_score,
+        seed_words,
+    )
     from core.raster import read_mask_bands, read_pair, usable_pixels, valid_pixels
     from core.vector import pixel_m2
 
     targets = tuple(predictor.info.targets)
-    if "boundary" not in targets:
-        return 0.0, {}, "no merge of touching objects (the model has no boundary band)"
-    seed = default_seed_threshold(threshold, None, channels=True)
+    channels = len(targets) > 1
+    limits = MERGE_LIMITS if "boundary" in targets else (0.0,)
     nodata = predictor.info.normalization.nodata
-    counts = {limit: np.zeros(3, np.int64) for limit in MERGE_LIMITS}
-    for frame, mask in progress(pairs, desc="merge", unit="chip"):
+    counts = {(q, limit): np.zeros(3, np.int64) for q in SEED_FRACTIONS for limit in limits}
+    for frame, mask in progress(pairs, desc="seeds and merge", unit="chip"):
         chw, roof, known, profile = read_pair(frame, mask)  # (and the two on one grid)
         data, names, _, _ = read_mask_bands(mask)
-        truth, _ = truth_instances(roof, data[names.index("boundary")] == 255)
+        if "boundary" in names:  # touching true roofs apart
+            truth, _ = truth_instances(roof, data[names.index("boundary")] == 255)
+        else:
+            truth, _ = label_objects(roof)
         known = usable_pixels(chw, nodata, known)
         bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0][: len(targets)]
         bands[:, ~valid_pixels(chw, nodata)] = 0.0
-        labels, n = label_instances(bands[0], threshold, seed, seed_score(bands, targets))
-        boundary = bands[targets.index("boundary")]
-        borders = border_means(labels, boundary)
+        score = seed_score(bands, targets)
+        boundary = bands[targets.index("boundary")] if "boundary" in targets else None
         least = max(1, math.ceil(MIN_OBJECT_M2 / pixel_m2(profile, chw.shape[1:])))
-        for limit in MERGE_LIMITS:
-            merged = merge_fragments(labels, boundary, limit, borders)[0] if limit > 0 and n > 1 else labels
-            counts[limit] += object_matches(truth, merged, known, least)
+        for q in SEED_FRACTIONS:
+            labels, n = label_instances(bands[0], threshold, threshold + q * (1.0 - threshold), score)
+            borders = border_means(labels, boundary) if boundary is not None and n > 1 else None
+            for limit in limits:
+                merged = merge_fragments(labels, boundary, limit, borders)[0] if limit > 0 and n > 1 else labels
+                counts[q, limit] += object_matches(truth, merged, known, least)
 
     def f1(c: np.ndarray) -> float:
-        return float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1))
+        return round(float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1)), 4)  # (as the record holds them)
 
-    scores = {limit: round(f1(c), 4) for limit, c in counts.items()}  # (as the record holds them)
-    best = max(MERGE_LIMITS, key=lambda limit: (round(f1(counts[limit]), 9), -limit))
-    record = {"limit": best, "object_f1": {f"{limit:g}": scores[limit] for limit in MERGE_LIMITS}}
-    if best == 0:
-        return 0.0, record, f"no merge of touching objects: none helped on validation (object F1 {scores[0]:.3f})"
-    return (
-        best,
-        record,
-        (
-            f"touching objects merge where their border's mean boundary probability is under {best:g} "
-            f"(validation object F1 {scores[best]:.3f}, unmerged {scores[0]:.3f}; predict_args.merge)"
-        ),
-    )
+    default = default_seed_fraction(channels)
+    q, limit = max(counts, key=lambda k: (f1(counts[k]), -abs(k[0] - default), -k[1]))
+    seed = threshold + q * (1.0 - threshold)
+    by_seed = {f"{p:g}": f1(counts[p, limit]) for p in SEED_FRACTIONS}
+    record: dict[str, Any] = {
+        "seeds": {"fraction": q, "default": default, "threshold": round(seed, 4), "object_f1": by_seed}
+    }
+    what = seed_words(targets) if channels else "the roof probability"
+    if q == default:
+        lines = [f"watershed seeds where {what} >= {seed:.3f} ({q:g} of the way from the threshold to 1, the "
+                 f"default; validation object F1 {by_seed[f'{q:g}']:.3f})"]  # fmt: skip
+    else:
+        lines = [f"watershed seeds where {what} >= {seed:.3f} ({q:g} of the way from the threshold to 1, tuned on "
+                 f"validation: object F1 {by_seed[f'{q:g}']:.3f}, against {by_seed[f'{default:g}']:.3f} at the "
+                 f"default {default:g}; predict_args.seed_threshold)"]  # fmt: skip
+    if "boundary" not in targets:
+        lines.append("no merge of touching objects (the model has no boundary band)")
+        return InstanceTuning(q, 0.0, record, lines)
+    scores = {f"{v:g}": f1(counts[q, v]) for v in MERGE_LIMITS}
+    record["merge"] = {"limit": limit, "object_f1": scores}
+    if limit == 0:
+        lines.append(f"no merge of touching objects: none helped on validation (object F1 {scores['0']:.3f})")
+    else:
+        lines.append(
+            f"touching objects merge where their border's mean boundary probability is under {limit:g} "
+            f"(validation object F1 {scores[f'{limit:g}']:.3f}, unmerged {scores['0']:.3f}; predict_args.merge)"
+        )
+    return InstanceTuning(q, limit, record, lines)

@@ -829,9 +829,11 @@ class PredictArgs(Section):
         None,
         gt=0.0,
         lt=1.0,
-        description="Probability of the roof cores that seed the watershed; null = halfway between the decision "
-        "threshold and 1 (0.75 for 0.5) for seeds from the footprint, three quarters of the way (0.875 for 0.5) for "
-        "seeds from the boundary and contact bands.",
+        description="Probability of the roof cores that seed the watershed (of footprint x (1 - boundary) x "
+        "(1 - contact) with the bands); null = a U-Net's tuned seeds (train chose, on the validation chips, how far "
+        "from the decision threshold to 1 they start: bundle.json seed_fraction), else halfway between the "
+        "decision threshold and 1 (0.75 for 0.5) for seeds from the footprint, three quarters of the way (0.875 "
+        "for 0.5) for seeds from the boundary and contact bands.",
     )
     merge: float | None = Field(
         None,

@@ -591,11 +591,11 @@ def used_threshold(settings: Settings, tree: DataTree, model: str) -> float | No
 
 def applied_of(predicted: dict[str, Any]) -> dict[str, Any]:
     """What predict applied, from its record's summary: whether it found roofs as objects (instances), and then
-    the merge limit and the object filter's cut (or why it kept every object)."""
+    the seed threshold, the merge limit and the object filter's cut (or why it kept every object)."""
     summary = predicted.get("summary") or {}
     instances = bool((predicted.get("settings") or {}).get("predict_args.instances", True))
     out: dict[str, Any] = {"instances": instances}
-    for key in ("merge", "object_filter"):
+    for key in ("seed_threshold", "merge", "object_filter"):
         if instances and key in summary:
             out[key] = summary[key]
     return out

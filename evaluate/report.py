@@ -584,6 +584,39 @@ def _merge_note(train: dict[str, Any] | None, evaluation: dict[str, Any] | None 
     )
 
 
+def _seed_note(train: dict[str, Any] | None, evaluation: dict[str, Any] | None = None) -> str:
+    """Where train chose to start the watershed's seeds (a U-Net's metrics.json), as a paragraph ("" without);
+    with the seed threshold of the scored predictions where that was another (``evaluation``'s predict
+    record)."""
+    seeds = (train or {}).get("seeds")
+    if not seeds:
+        return ""
+    f1, q, default = seeds["object_f1"], f"{seeds['fraction']:g}", f"{seeds['default']:g}"
+    if q == default:
+        text = (
+            f"The watershed's seeds start at the default {q} of the way from the decision threshold to 1 "
+            f"({seeds['threshold']:.3f}): no other start did better on the validation chips (object F1 {f1[q]:.3f})."
+        )
+    else:
+        text = (
+            f"The watershed's seeds start {q} of the way from the decision threshold to 1 ({seeds['threshold']:.3f}; "
+            f"predict_args.seed_threshold): validation object F1 {f1[q]:.3f}, against {f1[default]:.3f} from the "
+            f"default {default}."
+        )
+    used = ((evaluation or {}).get("predict_applied") or {}).get("seed_threshold")
+    if used is not None and abs(used - seeds["threshold"]) > 5e-4:
+        made = (evaluation or {}).get("predict_settings") or {}
+        why = (
+            "predict_args.seed_threshold"
+            if made.get("predict_args.seed_threshold") is not None
+            else "the same share of the way from the threshold of test-time augmentation"
+            if made.get("predict_args.tta")
+            else "predict_args.seeds footprint, or a threshold set"
+        )
+        text += f" The scored predictions were seeded from {used:.3f} ({why})."
+    return f'<p class="note">{text}</p>'
+
+
 def _errors_note(evaluation: dict[str, Any] | None) -> str:
     """Why the unmatched polygons of an evaluation are unmatched (its polygon_errors), as a paragraph ("" without)."""
     errors = (evaluation or {}).get("polygon_errors")
@@ -619,6 +652,7 @@ def _model_sections(results: list[ModelResult], split: str) -> str:
         table = _classes_table(ev["classes"]) if ev and ev.get("classes") else ""
         table = (
             _object_filter_note((r.train or {}).get("object_filter"), ev)
+            + _seed_note(r.train, ev)
             + _merge_note(r.train, ev)
             + _tta_note(r.train)
             + _errors_note(ev)

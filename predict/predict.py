@@ -21,9 +21,11 @@ the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
   roofs.gpkg              one polygon per roof: id, source, mean_probability, area_m2 (input CRS);
                           with classes also class, class_id, class_probability
 
-Touching roofs are separated by a seeded watershed on the probabilities (predict_args.instances,
-seed_threshold), seeded with footprint x (1 - boundary) x (1 - contact) when the U-Net predicts
-those bands (predict_args.seeds); without it a polygon is a connected group of roof pixels.
+Touching roofs are separated by a seeded watershed on the probabilities (predict_args.instances),
+seeded with footprint x (1 - boundary) x (1 - contact) when the U-Net predicts those bands
+(predict_args.seeds) where it passes the seed threshold a U-Net's train tuned on validation
+(bundle.json seed_fraction; predict_args.seed_threshold); without instances a polygon is a
+connected group of roof pixels.
 Pieces of one roof whose shared border the boundary band hardly marks are joined, under the
 limit train tuned on validation (bundle.json merge; predict_args.merge). The object filter
 train fitted drops false objects by their size, probabilities, shape and colours
@@ -79,6 +81,7 @@ from core.instances import (
     object_classes,
     raster_instances,
     roof_classes,
+    seed_words,
     write_instances,
 )
 from core.parallel import map_tasks, worker_cached
@@ -173,7 +176,7 @@ def predict_raster(
     try:
         result = _write_windows(predictor, source, mask_path, probs, class_path, args, targets, threshold, bar)
         if args.instances:
-            seed = default_seed_threshold(threshold, args.seed_threshold, channels=len(targets) > 1)
+            seed = seed_threshold(predictor.info, args, targets, threshold)
             dropped: list = []
             roofs_only = object_keeper(predictor.info, args, targets, source)
             split = classes if args.split_classes else 0
@@ -325,6 +328,27 @@ def decision_threshold(info: BundleInfo, args: PredictArgs) -> float:
     if args.tta and info.threshold_tta is not None:
         return info.threshold_tta
     return info.threshold
+
+
+def seed_threshold(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...], threshold: float) -> float:
+    """Where the watershed's seeds start: predict_args.seed_threshold, else the bundle's seed fraction (tuned on
+    validation, seeded with the bands it was trained on: not when predict_args.seeds footprint leaves the
+    boundary and contact bands out) of the way from the decision threshold in use to 1, else the default."""
+    tuned = info.seed_fraction if tuple(targets) == tuple(info.targets) else None
+    return default_seed_threshold(threshold, args.seed_threshold, len(targets) > 1, tuned)
+
+
+def seed_note(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...], threshold: float) -> str:
+    """Where the watershed's seeds started and why, for the log."""
+    seed = seed_threshold(info, args, targets, threshold)
+    what = seed_words(targets) if len(targets) > 1 else "the roof probability"
+    if args.seed_threshold is not None:
+        source = "predict_args.seed_threshold"
+    elif info.seed_fraction is not None and tuple(targets) == tuple(info.targets):
+        source = f"the bundle's, {info.seed_fraction:g} of the way from the threshold to 1, tuned on validation"
+    else:
+        source = "the default, " + ("three quarters" if len(targets) > 1 else "half") + " of the way to 1"
+    return f"watershed seeds where {what} >= {seed:.3f} ({source})"
 
 
 def merge_limit(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...]) -> float:
@@ -758,6 +782,7 @@ def predict_all(
     targets = seed_targets(info, args)
     if args.instances:
         kept = sum(len(r.polygons) for r in results)  # (before predict_args.min_area drops the smallest)
+        log.info("predict: %s", seed_note(info, args, targets, threshold))
         note = merge_note(info, args, targets)  # (merged before the filter judged the objects)
         if note:
             log.info("predict: %s", note)
@@ -862,7 +887,8 @@ def predict_stage(
             kind=info.kind,
             threshold=threshold,
             seeds="+".join(targets),
-            **({"merge": merge_limit(info, args, targets)} if args.instances else {}),
+            **({"seed_threshold": round(seed_threshold(info, args, targets, threshold), 4),
+                "merge": merge_limit(info, args, targets)} if args.instances else {}),
             outputs=output_records(results, tree),
             **({"object_filter": filtered(results)} if args.instances else {}),
             **({"blank": blank} if blank else {}),

@@ -12,11 +12,11 @@ import rasterio
 import shapely
 
 from core.instances import border_means, label_instances, merge_fragments
-from core.objects import MERGE_LIMITS, object_matches, truth_instances, tune_merge
+from core.objects import MERGE_LIMITS, SEED_FRACTIONS, object_matches, truth_instances, tune_instances
 from core.raster import write_raster
 from core.settings import PredictArgs
 from core.targets import boundary_band
-from predict.predict import merge_limit, merge_note
+from predict.predict import merge_limit, merge_note, seed_note, seed_threshold
 
 
 def three_objects() -> tuple[np.ndarray, np.ndarray]:
@@ -133,18 +133,90 @@ def test_tune_merge_chooses_the_least_merging_that_makes_each_roof_one(tmp_path)
         def forward_targets(self, chips):
             return np.stack([prob, boundary])[np.newaxis]
 
-    limit, record, why = tune_merge(Fake(), [(frame, truth)], threshold=0.5)
-    f1 = record["object_f1"]
+    tuned = tune_instances(Fake(), [(frame, truth)], threshold=0.5)
+    f1 = tuned.record["merge"]["object_f1"]
     assert [f1["0"], f1["0.3"], f1["0.4"], f1["0.9"], f1["1.01"]] == [0.5, 0.5, 1.0, 1.0, 0.8]
-    assert limit == 0.4 and record["limit"] == 0.4 and list(f1) == [f"{v:g}" for v in MERGE_LIMITS]
-    assert why == (
+    assert tuned.merge == 0.4 and tuned.record["merge"]["limit"] == 0.4 and list(f1) == [f"{v:g}" for v in MERGE_LIMITS]
+    # Seeds from 0.5 or 0.5625 take in the ridges (score 0.95 x 0.65): the large roof is one seed, one object
+    # unmerged; every fraction scores 1.0 at the limit 0.4, so the default three quarters stays.
+    assert tuned.seed_fraction == 0.75 and tuned.record["seeds"] == {
+        "fraction": 0.75, "default": 0.75, "threshold": 0.875, "object_f1": {f"{q:g}": 1.0 for q in SEED_FRACTIONS}
+    }  # fmt: skip
+    assert tuned.lines == [
+        "watershed seeds where footprint x (1 - boundary) >= 0.875 (0.75 of the way from the threshold to 1, the "
+        "default; validation object F1 1.000)",
         "touching objects merge where their border's mean boundary probability is under 0.4 (validation object "
-        "F1 1.000, unmerged 0.500; predict_args.merge)"
-    )
+        "F1 1.000, unmerged 0.500; predict_args.merge)",
+    ]
     Fake.info = SimpleNamespace(targets=["footprint"], classes=[], normalization=SimpleNamespace(nodata=None))
-    assert tune_merge(Fake(), [(frame, truth)], 0.5) == (
-        0.0, {}, "no merge of touching objects (the model has no boundary band)"
-    )  # fmt: skip
+    tuned = tune_instances(Fake(), [(frame, truth)], 0.5)  # the footprint's seeds from 0.75: the three pieces are one
+    assert (tuned.seed_fraction, tuned.merge, list(tuned.record)) == (0.5, 0.0, ["seeds"])
+    assert tuned.lines[1] == "no merge of touching objects (the model has no boundary band)"
+
+
+def test_tune_instances_lowers_the_seeds_where_a_wide_boundary_band_leaves_no_roof_a_seed(tmp_path):
+    """Three 8 x 8 roofs in a row, their boundary band predicted 0.4 all over the inside (a band wide against
+    small roofs, as on SpaceNet Rio) and 0.95 along the edges: footprint x (1 - boundary) peaks at 0.54. Seeds
+    from 0.875 (the default) find none: the row is one object, matching no roof (IoU 1/3). Seeds from the
+    threshold itself (fraction 0) find each roof."""
+    roofs = np.zeros((12, 28), np.int32)
+    roofs[2:10, 2:10], roofs[2:10, 10:18], roofs[2:10, 18:26] = 1, 2, 3
+    band = boundary_band(roofs, 1)
+    mask = np.stack([np.where(roofs > 0, 255, 0), np.where(band, 255, 0)]).astype(np.uint8)
+    transform = rasterio.transform.from_origin(0, 12, 1, 1)
+    frame = write_raster(tmp_path / "f.tif", np.ones((1, 12, 28), np.uint16), crs="EPSG:32644", transform=transform)
+    truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform,
+                         descriptions=["footprint", "boundary"])  # fmt: skip
+    prob = np.where(roofs > 0, 0.9, 0.0).astype(np.float32)
+    boundary = np.where(band, 0.95, np.where(roofs > 0, 0.4, 0.0)).astype(np.float32)
+
+    class Fake:
+        info = SimpleNamespace(
+            targets=["footprint", "boundary"], classes=[], normalization=SimpleNamespace(nodata=None)
+        )
+
+        def prepare(self, chips):
+            return chips
+
+        def forward_targets(self, chips):
+            return np.stack([prob, boundary])[np.newaxis]
+
+    tuned = tune_instances(Fake(), [(frame, truth)], threshold=0.5)
+    assert (tuned.seed_fraction, tuned.merge) == (0.0, 0.0)  # (1.01 would merge the three again)
+    assert tuned.record["seeds"] == {
+        "fraction": 0.0, "default": 0.75, "threshold": 0.5,
+        "object_f1": {f"{q:g}": 1.0 if q == 0 else 0.0 for q in SEED_FRACTIONS},
+    }  # fmt: skip
+    assert tuned.lines[0] == (
+        "watershed seeds where footprint x (1 - boundary) >= 0.500 (0 of the way from the threshold to 1, tuned on "
+        "validation: object F1 1.000, against 0.000 at the default 0.75; predict_args.seed_threshold)"
+    )
+    assert tuned.lines[1] == "no merge of touching objects: none helped on validation (object F1 1.000)"
+
+
+def test_predict_seeds_from_the_bundles_tuned_fraction_unless_the_setting_says_otherwise():
+    channels = ("footprint", "boundary", "contact")
+    tuned = SimpleNamespace(seed_fraction=0.25, targets=list(channels))
+    old = SimpleNamespace(seed_fraction=None, targets=list(channels))
+    assert seed_threshold(tuned, PredictArgs(), channels, 0.4) == pytest.approx(0.55)  # 0.4 + 0.25 x 0.6
+    assert seed_threshold(tuned, PredictArgs(), channels, 0.2) == pytest.approx(0.4)  # (the TTA threshold, say)
+    assert seed_threshold(tuned, PredictArgs(seed_threshold=0.9), channels, 0.4) == 0.9
+    assert seed_threshold(tuned, PredictArgs(), ("footprint",), 0.4) == pytest.approx(0.7)  # seeds footprint: halfway
+    assert seed_threshold(old, PredictArgs(), channels, 0.4) == pytest.approx(0.85)  # three quarters
+    assert seed_note(tuned, PredictArgs(), channels, 0.4) == (
+        "watershed seeds where footprint x (1 - boundary) x (1 - contact) >= 0.550 (the bundle's, 0.25 of the way "
+        "from the threshold to 1, tuned on validation)"
+    )
+    assert seed_note(tuned, PredictArgs(seed_threshold=0.9), channels, 0.4) == (
+        "watershed seeds where footprint x (1 - boundary) x (1 - contact) >= 0.900 (predict_args.seed_threshold)"
+    )
+    assert seed_note(tuned, PredictArgs(), ("footprint",), 0.4) == (
+        "watershed seeds where the roof probability >= 0.700 (the default, half of the way to 1)"
+    )
+    assert seed_note(old, PredictArgs(), channels, 0.4) == (
+        "watershed seeds where footprint x (1 - boundary) x (1 - contact) >= 0.850 (the default, three quarters "
+        "of the way to 1)"
+    )
 
 
 def test_predict_applies_the_bundles_merge_unless_the_setting_says_otherwise():

@@ -472,6 +472,44 @@ def test_the_report_says_the_merge_limit_train_chose():
     assert _merge_note({"merge": merge}, {"predict_settings": {}}) == _merge_note({"merge": merge})
 
 
+def test_the_report_says_where_the_seeds_start():
+    from evaluate.report import _seed_note
+
+    tuned = {
+        "fraction": 0.0,
+        "default": 0.75,
+        "threshold": 0.47,
+        "object_f1": {"0": 0.458, "0.125": 0.426, "0.75": 0.054},
+    }
+    assert _seed_note({"seeds": tuned}) == (
+        '<p class="note">The watershed\'s seeds start 0 of the way from the decision threshold to 1 (0.470; '
+        "predict_args.seed_threshold): validation object F1 0.458, against 0.054 from the default 0.75.</p>"
+    )
+    default = {**tuned, "fraction": 0.75, "threshold": 0.8675}
+    assert _seed_note({"seeds": default}) == (
+        '<p class="note">The watershed\'s seeds start at the default 0.75 of the way from the decision threshold to '
+        "1 (0.868): no other start did better on the validation chips (object F1 0.054).</p>"
+    )
+    assert _seed_note({"threshold": 0.5}) == "" and _seed_note(None) == ""  # a classical model, nothing trained
+    # Predictions seeded otherwise: the note says from where and why; the same seeds are no other.
+    assert _seed_note({"seeds": tuned}, {"predict_applied": {"instances": True, "seed_threshold": 0.47}}) == (
+        _seed_note({"seeds": tuned})
+    )
+    other = {"predict_applied": {"instances": True, "seed_threshold": 0.9},
+             "predict_settings": {"predict_args.seed_threshold": 0.9}}  # fmt: skip
+    assert _seed_note({"seeds": tuned}, other).endswith(
+        " The scored predictions were seeded from 0.900 (predict_args.seed_threshold).</p>"
+    )
+    tta = {
+        "predict_applied": {"instances": True, "seed_threshold": 0.4},
+        "predict_settings": {"predict_args.tta": True},
+    }
+    assert _seed_note({"seeds": tuned}, tta).endswith(
+        " The scored predictions were seeded from 0.400 (the same share of the way from the threshold of test-time "
+        "augmentation).</p>"
+    )
+
+
 def test_validation_objects_of_a_class_bundle_are_split_by_class_as_predict_splits_them(tmp_path):
     """A bundle trained on classes: one 8 x 8 object whose left half the model calls metal and right half
     other; split by the (offset) class probabilities, as predict does by default, it is two validation

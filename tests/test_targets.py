@@ -338,13 +338,18 @@ def test_a_unet_trained_on_three_bands_predicts_them_and_seeds_with_them(
     assert record["summary"]["seeds"] == "footprint+boundary+contact"
     # The merge limit for touching objects: tuned on the validation chips, applied and recorded by predict.
     from core.bundle import load_predictor
-    from core.objects import MERGE_LIMITS, tune_merge
+    from core.objects import MERGE_LIMITS, SEED_FRACTIONS, tune_instances
 
     pairs = [(f, tree.split_masks("val") / f.name) for f in sorted(tree.frames("val").glob("*.tif"))]
-    assert info["merge"] == tune_merge(load_predictor(tree.bundle("unet")), pairs, info["threshold"])[0]
+    tuned = tune_instances(load_predictor(tree.bundle("unet")), pairs, info["threshold"])
+    assert (info["merge"], info["seed_fraction"]) == (tuned.merge, tuned.seed_fraction)
     assert info["merge"] in MERGE_LIMITS and metrics["merge"]["limit"] == info["merge"]
     assert list(metrics["merge"]["object_f1"]) == [f"{v:g}" for v in MERGE_LIMITS]
+    assert info["seed_fraction"] in SEED_FRACTIONS and metrics["seeds"]["fraction"] == info["seed_fraction"]
+    assert list(metrics["seeds"]["object_f1"]) == [f"{v:g}" for v in SEED_FRACTIONS]
     assert record["summary"]["merge"] == info["merge"]
+    seed = info["threshold"] + info["seed_fraction"] * (1 - info["threshold"])  # the tuned seeds, as predict seeded
+    assert record["summary"]["seed_threshold"] == round(seed, 4)
     # Predict hands the limit to the watershed (a spy on core.instances.merge_fragments), and records it.
     import core.instances
 

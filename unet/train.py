@@ -34,7 +34,7 @@ from core.metrics import (
     validate_pairs,
     write_metrics,
 )
-from core.objects import train_object_filter, tune_merge
+from core.objects import train_object_filter, tune_instances
 from core.raster import UNKNOWN, band_statistics, common_classes, mask_labels, read_mask_bands
 from core.settings import ModelArgs, Settings, checkpoint_file
 from core.tree import DataTree, refuse_overwrite
@@ -659,7 +659,7 @@ def _tune_and_save(
     members: list[dict] | None = None,
     objects: bool = True,
 ) -> Path:
-    """Tune the trained ``model`` on val (threshold; class offsets; with ``objects`` the merge limit, the object
+    """Tune the trained ``model`` on val (threshold; class offsets; with ``objects`` the watershed's seed fraction and merge limit, the object
     filter and the threshold with test-time augmentation), save the bundle in ``out``/bundle, and write
     metrics.json and overlays.png there. ``snapshots``: the epochs of a snapshot ensemble; ``members``: the
     members of a seed ensemble (seed, folder, validation IoU ...)."""
@@ -679,17 +679,20 @@ def _tune_and_save(
     extra: dict = {}
     if objects:
         pairs = list(zip(val_frames, val_masks, strict=True))
-        merge, merged, why = tune_merge(predictor, pairs, threshold)  # before the filter, which judges merged objects
-        info = replace(info, merge=merge)
-        log.info("train: unet %s", why)
-        entry, kept, why = train_object_filter(predictor, pairs, threshold, info.class_bias or None, merge)
+        tuned = tune_instances(predictor, pairs, threshold)  # before the filter, which judges the objects they make
+        info = replace(info, merge=tuned.merge, seed_fraction=tuned.seed_fraction)
+        for line in tuned.lines:
+            log.info("train: unet %s", line)
+        entry, kept, why = train_object_filter(
+            predictor, pairs, threshold, info.class_bias or None, tuned.merge, tuned.seed_fraction
+        )
         info = replace(info, object_filter=entry)
         log.info("train: unet %s", why)
         threshold_tta, tta_confusion = tta_threshold(predictor, pairs)  # for predict_args.tta
         info = replace(info, threshold_tta=threshold_tta)
         log.info("train: unet threshold with test-time augmentation %.3f (validation IoU %.3f; predict_args.tta)",
                  threshold_tta, tta_confusion.scores()["iou"])  # fmt: skip
-        extra = {"object_filter": kept, **({"merge": merged} if merged else {}), "threshold_tta": threshold_tta,
+        extra = {"object_filter": kept, **tuned.record, "threshold_tta": threshold_tta,
                  "tta_pixel": tta_confusion.scores()}  # fmt: skip
     bundle_dir = unet_bundle.save(out / "bundle", model, info)
     record = metrics_record(
