@@ -493,13 +493,42 @@ def object_matches(truth: np.ndarray, pred: np.ndarray, known: np.ndarray, min_p
     return counts.tp, counts.fp, counts.fn
 
 
+def rounded_f1(counts: np.ndarray) -> float:
+    """The object F1 of (matched, false, missed), to 4 decimals, as metrics.json holds it."""
+    return round(float(2 * counts[0] / max(2 * counts[0] + counts[1] + counts[2], 1)), 4)
+
+
+def standard_error(counts: np.ndarray) -> float:
+    """The standard error of an object F1 from its counts (matched, false, missed): sqrt(F1 (1 - F1) / n), n = 2
+    matched + false + missed, the F1's denominator, as of a share of n trials."""
+    n = int(2 * counts[0] + counts[1] + counts[2])
+    f = 2 * counts[0] / n if n else 0.0
+    return float(np.sqrt(f * (1 - f) / n)) if n else 0.0
+
+
+def choose_seeds(counts: dict[tuple[float, float], np.ndarray], default: float) -> tuple[float, float]:
+    """The (seed fraction, merge limit) of the best object F1 of ``counts`` ((matched, false, missed) of each),
+    F1 rounded to 4 decimals as the record holds it. The ``default`` fraction stays unless another beats its
+    best by more than one standard error of that F1 (:func:`standard_error`): on Banepa's 12 validation chips
+    the best gained 0.015 over the default, against a standard error of 0.032 (noise; on the held-out rows its
+    polygon F1 was 0.510 against 0.544); on Rio's it gained 0.40. Ties go to the fraction nearest the default,
+    then to the least merging."""
+
+    f1 = rounded_f1
+    best = max(counts, key=lambda k: (f1(counts[k]), -abs(k[0] - default), -k[1]))
+    kept = max((k for k in counts if k[0] == default), key=lambda k: (f1(counts[k]), -k[1]))
+    return best if f1(counts[best]) - f1(counts[kept]) > standard_error(counts[kept]) else kept
+
+
 def tune_instances(predictor: Any, pairs: list[tuple[Path, Path]], threshold: float) -> InstanceTuning:
     """Where a U-Net's watershed seeds start and its merge limit: the seed fraction of :data:`SEED_FRACTIONS`
     (the seeds are the pixels whose seed score, footprint x (1 - boundary) x (1 - contact) or the footprint
     alone, is at least that share of the way from the decision threshold to 1) and, with a boundary band, the
     merge limit of :data:`MERGE_LIMITS` whose objects on the validation chips match the true roofs best (object
-    F1 at IoU >= 0.5, objects of :data:`MIN_OBJECT_M2` and up). Ties go to the fraction nearest the default
-    (:func:`core.instances.default_seed_fraction`), then to the least merging. A large roof's ridges and seams
+    F1 at IoU >= 0.5, objects of :data:`MIN_OBJECT_M2` and up). The default fraction
+    (:func:`core.instances.default_seed_fraction`) stays unless another beats its best F1 by more than one
+    standard error (:func:`standard_error`); ties go to the fraction nearest the default, then to the least
+    merging. A large roof's ridges and seams
     can seed the watershed more than once (on Banepa's validation chips 39 of 46 pairs of touching objects on
     roofs were pieces of one roof): merging joins them. Where the boundary band is wide against the roofs, the
     default seeds are too strict: on SpaceNet Rio's validation chips no roof reached them."""
@@ -541,11 +570,10 @@ def tune_instances(predictor: Any, pairs: list[tuple[Path, Path]], threshold: fl
                 merged = merge_fragments(labels, boundary, limit, borders)[0] if limit > 0 and n > 1 else labels
                 counts[q, limit] += object_matches(truth, merged, known, least)
 
-    def f1(c: np.ndarray) -> float:
-        return round(float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1)), 4)  # (as the record holds them)
+    f1 = rounded_f1
 
     default = default_seed_fraction(channels)
-    q, limit = max(counts, key=lambda k: (f1(counts[k]), -abs(k[0] - default), -k[1]))
+    q, limit = choose_seeds(counts, default)
     seed = threshold + q * (1.0 - threshold)
     by_seed = {f"{p:g}": f1(counts[p, limit]) for p in SEED_FRACTIONS}
     record: dict[str, Any] = {
