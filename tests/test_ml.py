@@ -294,6 +294,8 @@ def test_corrupt_bundle_json(trained, tmp_path):
         ({"targets": None}, "targets is null"),
         ({"targets": ["boundary"]}, 'targets is ["boundary"]'),
         ({"merge": "0.5"}, 'merge is "0.5"'),
+        ({"seed_fraction": 1.0}, "seed_fraction is 1.0"),
+        ({"seed_fraction": "0.25"}, 'seed_fraction is "0.25"'),
         ({"threshold": None}, "threshold is null"),
         ({"classes": None}, "classes is null"),
         ({"class_bias": [0, "x"]}, 'class_bias is [0, "x"]'),
