@@ -595,7 +595,8 @@ def _seed_note(train: dict[str, Any] | None, evaluation: dict[str, Any] | None =
     if q == default:
         text = (
             f"The watershed's seeds start at the default {q} of the way from the decision threshold to 1 "
-            f"({seeds['threshold']:.3f}): no other start did better on the validation chips (object F1 {f1[q]:.3f})."
+            f"({seeds['threshold']:.3f}): validation object F1 {f1[q]:.3f}, and no other start beat it by more than one "
+            "standard error."
         )
     else:
         text = (

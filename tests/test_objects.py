@@ -485,10 +485,10 @@ def test_the_report_says_where_the_seeds_start():
         '<p class="note">The watershed\'s seeds start 0 of the way from the decision threshold to 1 (0.470; '
         "predict_args.seed_threshold): validation object F1 0.458, against 0.054 from the default 0.75.</p>"
     )
-    default = {**tuned, "fraction": 0.75, "threshold": 0.8675}
+    default = {**tuned, "fraction": 0.75, "threshold": 0.8675, "object_f1": {"0": 0.9, "0.75": 0.975}}
     assert _seed_note({"seeds": default}) == (
         '<p class="note">The watershed\'s seeds start at the default 0.75 of the way from the decision threshold to '
-        "1 (0.868): no other start did better on the validation chips (object F1 0.054).</p>"
+        "1 (0.868): validation object F1 0.975, and no other start beat it by more than one standard error.</p>"
     )
     assert _seed_note({"threshold": 0.5}) == "" and _seed_note(None) == ""  # a classical model, nothing trained
     # Predictions seeded otherwise: the note says from where and why; the same seeds are no other.
