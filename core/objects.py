@@ -457,7 +457,7 @@ class InstanceTuning:
     """What :func:`tune_instances` chose: the seed fraction and the merge limit (bundle.json seed_fraction and
     merge), metrics.json's record of the validation object F1 of each, and lines for the log."""
 
-    seed_fraction: float
+    seed_fraction: float | None  # None: not tuned (the default)
     merge: float
     record: dict[str, Any]
     lines: list[str]
@@ -499,10 +499,11 @@ def rounded_f1(counts: np.ndarray) -> float:
 
 
 def standard_error(counts: np.ndarray) -> float:
-    """The standard error of an object F1 from its counts (matched, false, missed): sqrt(F1 (1 - F1) / n), n = 2
-    matched + false + missed, the F1's denominator, as of a share of n trials."""
+    """The standard error of an object F1 from its counts (matched, false, missed): sqrt(F (1 - F) / n), n = 2
+    matched + false + missed, the F1's denominator, as of a share of n trials, with F = (2 matched + 1) / (n + 2)
+    (one success and one failure added, so that an F1 of 0 or 1 still has a spread)."""
     n = int(2 * counts[0] + counts[1] + counts[2])
-    f = 2 * counts[0] / n if n else 0.0
+    f = (2 * counts[0] + 1) / (n + 2)
     return float(np.sqrt(f * (1 - f) / n)) if n else 0.0
 
 
@@ -511,33 +512,31 @@ def choose_seeds(counts: dict[tuple[float, float], np.ndarray], default: float) 
     F1 rounded to 4 decimals as the record holds it. The ``default`` fraction stays unless another beats its
     best by more than one standard error of that F1 (:func:`standard_error`): on Banepa's 12 validation chips
     the best gained 0.015 over the default, against a standard error of 0.032 (noise; on the held-out rows its
-    polygon F1 was 0.510 against 0.544); on Rio's it gained 0.40. Ties go to the fraction nearest the default,
-    then to the least merging."""
-
+    polygon F1 was 0.510 against 0.544); on Rio's it gained 0.40. Ties go to the fraction nearest the default
+    (the stricter of two as near), then to the least merging."""
     f1 = rounded_f1
-    best = max(counts, key=lambda k: (f1(counts[k]), -abs(k[0] - default), -k[1]))
+    best = max(counts, key=lambda k: (f1(counts[k]), -abs(k[0] - default), k[0], -k[1]))
     kept = max((k for k in counts if k[0] == default), key=lambda k: (f1(counts[k]), -k[1]))
     return best if f1(counts[best]) - f1(counts[kept]) > standard_error(counts[kept]) else kept
 
 
 def tune_instances(predictor: Any, pairs: list[tuple[Path, Path]], threshold: float) -> InstanceTuning:
-    """Where a U-Net's watershed seeds start and its merge limit: the seed fraction of :data:`SEED_FRACTIONS`
-    (the seeds are the pixels whose seed score, footprint x (1 - boundary) x (1 - contact) or the footprint
-    alone, is at least that share of the way from the decision threshold to 1) and, with a boundary band, the
+    """Where a U-Net's watershed seeds start and its merge limit, for a U-Net with a boundary band (whose masks
+    part touching true roofs): the seed fraction of :data:`SEED_FRACTIONS` (the seeds are the pixels whose
+    :func:`core.instances.seed_score` is at least that share of the way from the decision threshold to 1) and the
     merge limit of :data:`MERGE_LIMITS` whose objects on the validation chips match the true roofs best (object
-    F1 at IoU >= 0.5, objects of :data:`MIN_OBJECT_M2` and up). The default fraction
-    (:func:`core.instances.default_seed_fraction`) stays unless another beats its best F1 by more than one
-    standard error (:func:`standard_error`); ties go to the fraction nearest the default, then to the least
-    merging. A large roof's ridges and seams
-    can seed the watershed more than once (on Banepa's validation chips 39 of 46 pairs of touching objects on
-    roofs were pieces of one roof): merging joins them. Where the boundary band is wide against the roofs, the
-    default seeds are too strict: on SpaceNet Rio's validation chips no roof reached them."""
+    F1 at IoU >= 0.5, objects of :data:`MIN_OBJECT_M2` and up; :func:`choose_seeds`: the default fraction stays
+    unless another beats it by more than one standard error). A large roof's ridges and seams can seed the
+    watershed more than once (on Banepa's validation chips 39 of 46 pairs of touching objects on roofs were
+    pieces of one roof): merging joins them. Where the boundary band is wide against the roofs the default seeds
+    are too strict: on SpaceNet Rio's validation chips no roof reached them. A model without a boundary band is
+    not tuned (seed fraction None: the default; merge 0). The objects are not split by class here (a class
+    bundle's predict splits them after merging)."""
     from core.cli import progress
     from core.instances import (
         border_means,
         default_seed_fraction,
         label_instances,
-        label_objects,
         merge_fragments,
         seed_score,
         seed_words,
@@ -546,50 +545,51 @@ def tune_instances(predictor: Any, pairs: list[tuple[Path, Path]], threshold: fl
     from core.vector import pixel_m2
 
     targets = tuple(predictor.info.targets)
+    if "boundary" not in targets:  # (nor have its masks: the true roofs do not part where they touch)
+        return InstanceTuning(None, 0.0, {}, [
+            "no seeds tuned and no merge of touching objects (the model has no boundary band, and without it the "
+            "masks' true roofs do not part where they touch)"
+        ])  # fmt: skip
     channels = len(targets) > 1
-    limits = MERGE_LIMITS if "boundary" in targets else (0.0,)
     nodata = predictor.info.normalization.nodata
-    counts = {(q, limit): np.zeros(3, np.int64) for q in SEED_FRACTIONS for limit in limits}
+    counts = {(q, limit): np.zeros(3, np.int64) for q in SEED_FRACTIONS for limit in MERGE_LIMITS}
     for frame, mask in progress(pairs, desc="seeds and merge", unit="chip"):
         chw, roof, known, profile = read_pair(frame, mask)  # (and the two on one grid)
         data, names, _, _ = read_mask_bands(mask)
-        if "boundary" in names:  # touching true roofs apart
-            truth, _ = truth_instances(roof, data[names.index("boundary")] == 255)
-        else:
-            truth, _ = label_objects(roof)
+        truth, _ = truth_instances(roof, data[names.index("boundary")] == 255)  # touching true roofs apart
         known = usable_pixels(chw, nodata, known)
         bands = predictor.forward_targets(predictor.prepare(chw[np.newaxis]))[0][: len(targets)]
         bands[:, ~valid_pixels(chw, nodata)] = 0.0
         score = seed_score(bands, targets)
-        boundary = bands[targets.index("boundary")] if "boundary" in targets else None
+        boundary = bands[targets.index("boundary")]
         least = max(1, math.ceil(MIN_OBJECT_M2 / pixel_m2(profile, chw.shape[1:])))
         for q in SEED_FRACTIONS:
             labels, n = label_instances(bands[0], threshold, threshold + q * (1.0 - threshold), score)
-            borders = border_means(labels, boundary) if boundary is not None and n > 1 else None
-            for limit in limits:
+            borders = border_means(labels, boundary) if n > 1 else None
+            for limit in MERGE_LIMITS:
                 merged = merge_fragments(labels, boundary, limit, borders)[0] if limit > 0 and n > 1 else labels
                 counts[q, limit] += object_matches(truth, merged, known, least)
 
     f1 = rounded_f1
-
     default = default_seed_fraction(channels)
     q, limit = choose_seeds(counts, default)
+    kept = max((k for k in counts if k[0] == default), key=lambda k: (f1(counts[k]), -k[1]))  # (as choose_seeds)
     seed = threshold + q * (1.0 - threshold)
     by_seed = {f"{p:g}": f1(counts[p, limit]) for p in SEED_FRACTIONS}
-    record: dict[str, Any] = {
-        "seeds": {"fraction": q, "default": default, "threshold": round(seed, 4), "object_f1": by_seed}
-    }
-    what = seed_words(targets) if channels else "the roof probability"
+    noise = round(standard_error(counts[kept]), 4)
+    record: dict[str, Any] = {"seeds": {
+        "fraction": q, "default": default, "threshold": round(seed, 4), "object_f1": by_seed,
+        "default_f1": f1(counts[kept]), "standard_error": noise,
+    }}  # fmt: skip
+    what = seed_words(targets)
     if q == default:
         lines = [f"watershed seeds where {what} >= {seed:.3f} ({q:g} of the way from the threshold to 1, the "
-                 f"default; validation object F1 {by_seed[f'{q:g}']:.3f})"]  # fmt: skip
+                 f"default: no other beat its validation object F1 {f1(counts[kept]):.3f} by more than one standard "
+                 f"error, {noise:.3f})"]  # fmt: skip
     else:
         lines = [f"watershed seeds where {what} >= {seed:.3f} ({q:g} of the way from the threshold to 1, tuned on "
-                 f"validation: object F1 {by_seed[f'{q:g}']:.3f}, against {by_seed[f'{default:g}']:.3f} at the "
-                 f"default {default:g}; predict_args.seed_threshold)"]  # fmt: skip
-    if "boundary" not in targets:
-        lines.append("no merge of touching objects (the model has no boundary band)")
-        return InstanceTuning(q, 0.0, record, lines)
+                 f"validation: object F1 {by_seed[f'{q:g}']:.3f}, against {f1(counts[kept]):.3f} at the default "
+                 f"{default:g}, beyond one standard error, {noise:.3f}; predict_args.seed_threshold)"]  # fmt: skip
     scores = {f"{v:g}": f1(counts[q, v]) for v in MERGE_LIMITS}
     record["merge"] = {"limit": limit, "object_f1": scores}
     if limit == 0:

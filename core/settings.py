@@ -388,7 +388,7 @@ class TrainingArgs(Section):
         le=16,
         description="U-Net: train this many networks, each from its own seeds (training_args.seed and "
         "load_dataset_args.seed plus 0, 1, ...: initial weights, chip order, augmentation), and the bundle averages "
-        "them (a seed ensemble; the threshold, merge limit and object filter tuned on the average). Each member's "
+        "them (a seed ensemble; the threshold, seeds, merge limit and object filter tuned on the average). Each member's "
         "bundle, metrics and curves stay in results/EXPERIMENT/unet/members/seed-N/. Training and prediction take "
         "this many times as long; 1 = one network.",
     )

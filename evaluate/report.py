@@ -592,28 +592,36 @@ def _seed_note(train: dict[str, Any] | None, evaluation: dict[str, Any] | None =
     if not seeds:
         return ""
     f1, q, default = seeds["object_f1"], f"{seeds['fraction']:g}", f"{seeds['default']:g}"
+    base = seeds.get("default_f1", f1[default])  # (the default's best over the merge limits, which the rule read)
+    noise = f", {seeds['standard_error']:.3f}" if "standard_error" in seeds else ""
     if q == default:
         text = (
             f"The watershed's seeds start at the default {q} of the way from the decision threshold to 1 "
-            f"({seeds['threshold']:.3f}): validation object F1 {f1[q]:.3f}, and no other start beat it by more than one "
-            "standard error."
+            f"({seeds['threshold']:.3f}): validation object F1 {base:.3f}, and no other start beat it by more than "
+            f"one standard error{noise}."
         )
     else:
         text = (
             f"The watershed's seeds start {q} of the way from the decision threshold to 1 ({seeds['threshold']:.3f}; "
-            f"predict_args.seed_threshold): validation object F1 {f1[q]:.3f}, against {f1[default]:.3f} from the "
-            f"default {default}."
+            f"predict_args.seed_threshold): validation object F1 {f1[q]:.3f}, against {base:.3f} from the default "
+            f"{default}, beyond one standard error{noise}."
         )
-    used = ((evaluation or {}).get("predict_applied") or {}).get("seed_threshold")
-    if used is not None and abs(used - seeds["threshold"]) > 5e-4:
-        made = (evaluation or {}).get("predict_settings") or {}
-        why = (
-            "predict_args.seed_threshold"
-            if made.get("predict_args.seed_threshold") is not None
-            else "the same share of the way from the threshold of test-time augmentation"
-            if made.get("predict_args.tta")
-            else "predict_args.seeds footprint, or a threshold set"
-        )
+    applied = (evaluation or {}).get("predict_applied") or {}
+    made = (evaluation or {}).get("predict_settings") or {}
+    used = applied.get("seed_threshold")
+    if applied.get("instances") is False:
+        text += " The scored predictions were made without objects (predict_args.instances false): nothing seeded."
+    elif used is not None and abs(used - seeds["threshold"]) > 5e-4:
+        if made.get("predict_args.seed_threshold") is not None:
+            why = "predict_args.seed_threshold"
+        elif made.get("predict_args.seeds") == "footprint":
+            why = "predict_args.seeds footprint: from the roof probability, halfway"
+        elif made.get("predict_args.threshold") is not None:
+            why = "the same share of the way from predict_args.threshold"
+        elif made.get("predict_args.tta"):
+            why = "the same share of the way from the threshold of test-time augmentation"
+        else:
+            why = "other settings"
         text += f" The scored predictions were seeded from {used:.3f} ({why})."
     return f'<p class="note">{text}</p>'
 

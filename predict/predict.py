@@ -77,6 +77,7 @@ from core.files import atomic_path
 from core.index import chip_ids, grid_of
 from core.instances import (
     burn_polygons,
+    default_seed_fraction,
     default_seed_threshold,
     object_classes,
     raster_instances,
@@ -345,7 +346,8 @@ def seed_note(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...], thr
     if args.seed_threshold is not None:
         source = "predict_args.seed_threshold"
     elif info.seed_fraction is not None and tuple(targets) == tuple(info.targets):
-        source = f"the bundle's, {info.seed_fraction:g} of the way from the threshold to 1, tuned on validation"
+        how = "kept" if info.seed_fraction == default_seed_fraction(len(targets) > 1) else "tuned"
+        source = f"the bundle's, {info.seed_fraction:g} of the way from the threshold to 1, {how} on validation"
     else:
         source = "the default, " + ("three quarters" if len(targets) > 1 else "half") + " of the way to 1"
     return f"watershed seeds where {what} >= {seed:.3f} ({source})"

@@ -483,7 +483,8 @@ def test_the_report_says_where_the_seeds_start():
     }
     assert _seed_note({"seeds": tuned}) == (
         '<p class="note">The watershed\'s seeds start 0 of the way from the decision threshold to 1 (0.470; '
-        "predict_args.seed_threshold): validation object F1 0.458, against 0.054 from the default 0.75.</p>"
+        "predict_args.seed_threshold): validation object F1 0.458, against 0.054 from the default 0.75, beyond one "
+        "standard error.</p>"
     )
     default = {**tuned, "fraction": 0.75, "threshold": 0.8675, "object_f1": {"0": 0.9, "0.75": 0.975}}
     assert _seed_note({"seeds": default}) == (
@@ -499,6 +500,21 @@ def test_the_report_says_where_the_seeds_start():
              "predict_settings": {"predict_args.seed_threshold": 0.9}}  # fmt: skip
     assert _seed_note({"seeds": tuned}, other).endswith(
         " The scored predictions were seeded from 0.900 (predict_args.seed_threshold).</p>"
+    )
+    # What the rule read: the default's best over the merge limits, and the standard error, where recorded.
+    recorded = {**tuned, "default_f1": 0.07, "standard_error": 0.0412}
+    assert _seed_note({"seeds": recorded}) == (
+        '<p class="note">The watershed\'s seeds start 0 of the way from the decision threshold to 1 (0.470; '
+        "predict_args.seed_threshold): validation object F1 0.458, against 0.070 from the default 0.75, beyond one "
+        "standard error, 0.041.</p>"
+    )
+    assert _seed_note({"seeds": tuned}, {"predict_applied": {"instances": False}}).endswith(
+        " The scored predictions were made without objects (predict_args.instances false): nothing seeded.</p>"
+    )
+    both = {"predict_applied": {"instances": True, "seed_threshold": 0.35},
+            "predict_settings": {"predict_args.threshold": 0.2, "predict_args.tta": True}}  # fmt: skip
+    assert _seed_note({"seeds": tuned}, both).endswith(
+        " The scored predictions were seeded from 0.350 (the same share of the way from predict_args.threshold).</p>"
     )
     tta = {
         "predict_applied": {"instances": True, "seed_threshold": 0.4},
