@@ -110,6 +110,30 @@ def test_object_matches_count_spacenet_style():
     assert object_matches(truth, pred, known, 2) == (2, 0, 0)
 
 
+def scene(tmp_path: Path, roofs: np.ndarray, prob: np.ndarray, boundary: np.ndarray, targets=("footprint", "boundary")):
+    """One validation chip of the true roofs ``roofs`` (a label image; its mask with a 1 px boundary band) and a
+    fake predictor that predicts ``prob`` and ``boundary`` for it: (predictor, [(frame, mask)])."""
+    band = boundary_band(roofs, 1)
+    mask = np.stack([np.where(roofs > 0, 255, 0), np.where(band, 255, 0)]).astype(np.uint8)
+    rows, cols = roofs.shape
+    transform = rasterio.transform.from_origin(0, rows, 1, 1)
+    frame = write_raster(tmp_path / "f.tif", np.ones((1, rows, cols), np.uint16), crs="EPSG:32644",
+                         transform=transform)  # fmt: skip
+    truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform,
+                         descriptions=["footprint", "boundary"])  # fmt: skip
+
+    class Fake:
+        info = SimpleNamespace(targets=list(targets), classes=[], normalization=SimpleNamespace(nodata=None))
+
+        def prepare(self, chips):
+            return chips
+
+        def forward_targets(self, chips):
+            return np.stack([prob, boundary])[np.newaxis]
+
+    return Fake(), [(frame, truth)]
+
+
 def test_tune_instances_chooses_the_least_merging_that_makes_each_roof_one(tmp_path):
     """A 10 x 30 roof whose two faint ridges seed it in three pieces (none matches the roof: IoU 1/3), and two
     touching roofs whose border the boundary band marks. Merging under 0.4 makes the large roof one and keeps
@@ -118,29 +142,13 @@ def test_tune_instances_chooses_the_least_merging_that_makes_each_roof_one(tmp_p
     roofs[2:12, 2:32] = 1
     roofs[20:30, 2:10], roofs[20:30, 10:26] = 2, 3  # merged, the pair matches the larger roof (IoU 2/3)
     band = boundary_band(roofs, 1)
-    mask = np.stack([np.where(roofs > 0, 255, 0), np.where(band, 255, 0)]).astype(np.uint8)
-    transform = rasterio.transform.from_origin(0, 34, 1, 1)
-    frame = write_raster(tmp_path / "f.tif", np.ones((1, 34, 34), np.uint16), crs="EPSG:32644", transform=transform)
-    truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform,
-                         descriptions=["footprint", "boundary"])  # fmt: skip
     prob = np.where(roofs > 0, 0.95, 0.0).astype(np.float32)
     boundary = np.where(band, 0.95, 0.0).astype(np.float32)
     boundary[3:11, [11, 21]] = (
         0.35  # the ridges, one pixel wide: their borders average about (8 x 0.175 + 2 x 0.95) / 10
     )
-
-    class Fake:
-        info = SimpleNamespace(
-            targets=["footprint", "boundary"], classes=[], normalization=SimpleNamespace(nodata=None)
-        )
-
-        def prepare(self, chips):
-            return chips
-
-        def forward_targets(self, chips):
-            return np.stack([prob, boundary])[np.newaxis]
-
-    tuned = tune_instances(Fake(), [(frame, truth)], threshold=0.5)
+    fake, pairs = scene(tmp_path, roofs, prob, boundary)
+    tuned = tune_instances(fake, pairs, threshold=0.5)
     f1 = tuned.record["merge"]["object_f1"]
     assert [f1["0"], f1["0.3"], f1["0.4"], f1["0.9"], f1["1.01"]] == [0.5, 0.5, 1.0, 1.0, 0.8]
     assert tuned.merge == 0.4 and tuned.record["merge"]["limit"] == 0.4 and list(f1) == [f"{v:g}" for v in MERGE_LIMITS]
@@ -157,8 +165,8 @@ def test_tune_instances_chooses_the_least_merging_that_makes_each_roof_one(tmp_p
         "touching objects merge where their border's mean boundary probability is under 0.4 (validation object "
         "F1 1.000, unmerged 0.500; predict_args.merge)",
     ]
-    Fake.info = SimpleNamespace(targets=["footprint"], classes=[], normalization=SimpleNamespace(nodata=None))
-    assert tune_instances(Fake(), [(frame, truth)], 0.5) == InstanceTuning(None, 0.0, {}, [
+    fake, pairs = scene(tmp_path, roofs, prob, boundary, targets=("footprint",))
+    assert tune_instances(fake, pairs, 0.5) == InstanceTuning(None, 0.0, {}, [
         "no seeds tuned and no merge of touching objects (the model has no boundary band, and without it the "
         "masks' true roofs do not part where they touch)"
     ])  # fmt: skip
@@ -172,26 +180,9 @@ def test_tune_instances_lowers_the_seeds_where_a_wide_boundary_band_leaves_no_ro
     roofs = np.zeros((12, 28), np.int32)
     roofs[2:10, 2:10], roofs[2:10, 10:18], roofs[2:10, 18:26] = 1, 2, 3
     band = boundary_band(roofs, 1)
-    mask = np.stack([np.where(roofs > 0, 255, 0), np.where(band, 255, 0)]).astype(np.uint8)
-    transform = rasterio.transform.from_origin(0, 12, 1, 1)
-    frame = write_raster(tmp_path / "f.tif", np.ones((1, 12, 28), np.uint16), crs="EPSG:32644", transform=transform)
-    truth = write_raster(tmp_path / "m.tif", mask, crs="EPSG:32644", transform=transform,
-                         descriptions=["footprint", "boundary"])  # fmt: skip
     prob = np.where(roofs > 0, 0.9, 0.0).astype(np.float32)
     boundary = np.where(band, 0.95, np.where(roofs > 0, 0.4, 0.0)).astype(np.float32)
-
-    class Fake:
-        info = SimpleNamespace(
-            targets=["footprint", "boundary"], classes=[], normalization=SimpleNamespace(nodata=None)
-        )
-
-        def prepare(self, chips):
-            return chips
-
-        def forward_targets(self, chips):
-            return np.stack([prob, boundary])[np.newaxis]
-
-    tuned = tune_instances(Fake(), [(frame, truth)], threshold=0.5)
+    tuned = tune_instances(*scene(tmp_path, roofs, prob, boundary), threshold=0.5)
     assert (tuned.seed_fraction, tuned.merge) == (0.0, 0.0)  # (1.01 would merge the three again)
     assert tuned.record["seeds"] == {
         "fraction": 0.0, "default": 0.75, "threshold": 0.5,
