@@ -516,8 +516,14 @@ def choose_seeds(counts: dict[tuple[float, float], np.ndarray], default: float) 
     (the stricter of two as near), then to the least merging."""
     f1 = rounded_f1
     best = max(counts, key=lambda k: (f1(counts[k]), -abs(k[0] - default), k[0], -k[1]))
-    kept = max((k for k in counts if k[0] == default), key=lambda k: (f1(counts[k]), -k[1]))
+    kept = default_best(counts, default)
     return best if f1(counts[best]) - f1(counts[kept]) > standard_error(counts[kept]) else kept
+
+
+def default_best(counts: dict[tuple[float, float], np.ndarray], default: float) -> tuple[float, float]:
+    """The (``default`` fraction, merge limit) of the default seeds' best object F1 in ``counts`` (the least
+    merging of equals): what :func:`choose_seeds` measures other seeds against."""
+    return max((k for k in counts if k[0] == default), key=lambda k: (rounded_f1(counts[k]), -k[1]))
 
 
 def tune_instances(predictor: Any, pairs: list[tuple[Path, Path]], threshold: float) -> InstanceTuning:
@@ -536,6 +542,7 @@ def tune_instances(predictor: Any, pairs: list[tuple[Path, Path]], threshold: fl
     from core.instances import (
         border_means,
         default_seed_fraction,
+        default_seed_threshold,
         label_instances,
         merge_fragments,
         seed_score,
@@ -564,7 +571,7 @@ def tune_instances(predictor: Any, pairs: list[tuple[Path, Path]], threshold: fl
         boundary = bands[targets.index("boundary")]
         least = max(1, math.ceil(MIN_OBJECT_M2 / pixel_m2(profile, chw.shape[1:])))
         for q in SEED_FRACTIONS:
-            labels, n = label_instances(bands[0], threshold, threshold + q * (1.0 - threshold), score)
+            labels, n = label_instances(bands[0], threshold, default_seed_threshold(threshold, fraction=q), score)
             borders = border_means(labels, boundary) if n > 1 else None
             for limit in MERGE_LIMITS:
                 merged = merge_fragments(labels, boundary, limit, borders)[0] if limit > 0 and n > 1 else labels
@@ -573,8 +580,8 @@ def tune_instances(predictor: Any, pairs: list[tuple[Path, Path]], threshold: fl
     f1 = rounded_f1
     default = default_seed_fraction(channels)
     q, limit = choose_seeds(counts, default)
-    kept = max((k for k in counts if k[0] == default), key=lambda k: (f1(counts[k]), -k[1]))  # (as choose_seeds)
-    seed = threshold + q * (1.0 - threshold)
+    kept = default_best(counts, default)
+    seed = default_seed_threshold(threshold, fraction=q)
     by_seed = {f"{p:g}": f1(counts[p, limit]) for p in SEED_FRACTIONS}
     noise = round(standard_error(counts[kept]), 4)
     record: dict[str, Any] = {"seeds": {

@@ -335,8 +335,12 @@ def seed_threshold(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...]
     """Where the watershed's seeds start: predict_args.seed_threshold, else the bundle's seed fraction (tuned on
     validation, seeded with the bands it was trained on: not when predict_args.seeds footprint leaves the
     boundary and contact bands out) of the way from the decision threshold in use to 1, else the default."""
-    tuned = info.seed_fraction if tuple(targets) == tuple(info.targets) else None
-    return default_seed_threshold(threshold, args.seed_threshold, len(targets) > 1, tuned)
+    return default_seed_threshold(threshold, args.seed_threshold, len(targets) > 1, tuned_fraction(info, targets))
+
+
+def tuned_fraction(info: BundleInfo, targets: tuple[str, ...]) -> float | None:
+    """The bundle's seed fraction where predict seeds with the bands it was tuned on (None: the default)."""
+    return info.seed_fraction if tuple(targets) == tuple(info.targets) else None
 
 
 def seed_note(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...], threshold: float) -> str:
@@ -345,9 +349,9 @@ def seed_note(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...], thr
     what = seed_words(targets) if len(targets) > 1 else "the roof probability"
     if args.seed_threshold is not None:
         source = "predict_args.seed_threshold"
-    elif info.seed_fraction is not None and tuple(targets) == tuple(info.targets):
-        how = "kept" if info.seed_fraction == default_seed_fraction(len(targets) > 1) else "tuned"
-        source = f"the bundle's, {info.seed_fraction:g} of the way from the threshold to 1, {how} on validation"
+    elif (tuned := tuned_fraction(info, targets)) is not None:
+        how = "kept" if tuned == default_seed_fraction(len(targets) > 1) else "tuned"
+        source = f"the bundle's, {tuned:g} of the way from the threshold to 1, {how} on validation"
     else:
         source = "the default, " + ("three quarters" if len(targets) > 1 else "half") + " of the way to 1"
     return f"watershed seeds where {what} >= {seed:.3f} ({source})"
