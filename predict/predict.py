@@ -2,7 +2,7 @@
 
 Takes a bundle (results/EXPERIMENT/MODEL/bundle/, any model: unet, forest, regression;
 --model picks it, default training_args.model; predict_args.bundle or --bundle names
-another) and a folder of chips or one raster of any size (predict_args.input, default
+another, whose own kind MODEL is) and a folder of chips or one raster of any size (predict_args.input, default
 the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
 
   masks/NAME.tif          uint8, 0 = background, 255 = roof; the input's CRS, transform, size
@@ -72,7 +72,7 @@ from core.bundle import (
     tta_forward,
     unread_warnings,
 )
-from core.errors import BlankPredictionError, DataError, InputMissingError, SettingsError
+from core.errors import BlankPredictionError, DataError, InputMissingError, PipelineError, SettingsError
 from core.files import atomic_path
 from core.index import chip_ids, grid_of
 from core.instances import (
@@ -838,6 +838,28 @@ def output_records(results: list[RasterResult], tree: DataTree) -> list[dict[str
     return rows
 
 
+def predicted_model(settings: Settings, model: str | None, given: dict[str, Any]) -> str:
+    """Whose predictions these are: an outside bundle's (--bundle, predict_args.bundle) own kind, else --model,
+    else training_args.model. --model naming another kind than the outside bundle's is refused: its
+    predictions would be filed, evaluated and reported under the wrong model."""
+    outside = given.get("bundle") or settings.predict_args.bundle
+    kind = None
+    if outside is not None:
+        try:
+            kind = read_info(Path(outside)).kind
+        except PipelineError:  # (missing or damaged: the stage's own read says so)
+            kind = None
+    if kind is None:
+        return model or settings.training_args.model
+    if model is not None and model != kind:
+        option = "--bundle" if given.get("bundle") else "predict_args.bundle"
+        raise SettingsError(
+            f"--model {model} but {option} {outside} is a {kind} bundle: its predictions would be filed under "
+            f"{model}; give --model {kind}, or leave --model out"
+        )
+    return kind
+
+
 def predict_stage(
     settings: Settings,
     tree: DataTree,
@@ -849,11 +871,11 @@ def predict_stage(
 ) -> list[RasterResult]:
     """The predict stage under the stage contract; the record says which bundle (and its hash),
     threshold and inputs made the predictions."""
-    model = model or settings.training_args.model
     given = {"input": source, "bundle": bundle}
     for option, path in given.items():  # before the record's "inputs changed": the missing path is the news
         if path is not None and not Path(path).exists():
             raise InputMissingError(f"--{option} {path} not found")
+    model = predicted_model(settings, model, given)
     run = begin("predict", settings, tree, overwrite=overwrite, model=model, given=given)
     if run.skip:
         run.say_skip()
@@ -913,7 +935,9 @@ def predict_stage(
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.make_parser(__doc__)
-    parser.add_argument("--model", choices=KINDS, help="whose bundle to use (default: training_args.model)")
+    parser.add_argument(
+        "--model", choices=KINDS, help="whose bundle to use (default: --bundle's own kind, else training_args.model)"
+    )
     parser.add_argument("--bundle", type=Path, metavar="DIR", help="model bundle folder (default: predict_args.bundle)")
     parser.add_argument("--input", type=Path, metavar="PATH", help="raster or folder of rasters to predict")
 

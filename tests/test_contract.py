@@ -642,6 +642,19 @@ def test_the_advice_to_rerun_predict_names_the_bundle_it_was_given(scene, capsys
         f"predict/predict.py --model regression --bundle {elsewhere} --overwrite (or python pipeline.py --from "
         "predict) before evaluate regression"
     )
+    # Without --model the predictions are the outside bundle's own kind's; another --model is refused.
+    record = tree_of(argv).prediction_dir("regression") / "predict.record.json"
+    run = json.loads(record.read_text())["run"]
+    assert predict_main([*argv, "--bundle", str(elsewhere), "--set", "predict_args.threshold=0.3"]) == 0
+    assert json.loads(record.read_text())["run"] == run  # the regression's, up to date: skipped
+    assert not tree_of(argv).prediction_dir("unet").exists()  # (training_args.model is unet)
+    assert predict_main([*argv, "--model", "unet", "--bundle", str(elsewhere)]) == 1
+    assert error(capsys) == (
+        f"error: --model unet but --bundle {elsewhere} is a regression bundle: its predictions would be filed under "
+        "unet; give --model regression, or leave --model out"
+    )
+    assert predict_main([*argv, "--model", "unet", "--set", f"predict_args.bundle={elsewhere}"]) == 1
+    assert error(capsys).startswith(f"error: --model unet but predict_args.bundle {elsewhere} is a regression")
     # Another bundle named in the settings: the first is no longer read, not gone.
     other = tmp_path / "other"
     shutil.copytree(elsewhere, other)
@@ -652,6 +665,22 @@ def test_the_advice_to_rerun_predict_names_the_bundle_it_was_given(scene, capsys
         f'with predict_args.bundle "{elsewhere}", now "{other}"',
         f"from {elsewhere / 'bundle.json'} (no longer read), without {other / 'bundle.json'} (new)",
     ]
+
+
+def test_predict_says_so_when_the_bundle_it_reads_is_outdated(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main, predict_main)
+    edit = ["--set", "ml_args.regression.C=2"]
+    assert predict_main([*argv, *model, *edit]) == 0  # the predictions are the bundle's: up to date
+    assert (
+        "predict regression: the bundle is outdated against the current settings (made with ml_args.regression.C "
+        "1.0, now 2.0): predict uses it as it is; rerun python train/train.py --model regression --overwrite to "
+        "apply the edit"
+    ) in capsys.readouterr().err
+    assert predict_main([*argv, *model]) == 0
+    assert "outdated" not in capsys.readouterr().err
 
 
 def test_a_bundle_edited_by_hand_makes_its_predictions_outdated(scene, capsys):

@@ -577,6 +577,24 @@ def check_upstream(deps: tuple[Dep, ...], settings: Settings, tree: DataTree, mo
         raise problems[0]
 
 
+def warn_stale_artifacts(
+    deps: tuple[Dep, ...], settings: Settings, tree: DataTree, model: str | None, reader: str
+) -> None:
+    """Say so when a trained bundle a stage reads as it is (an artifact) no longer follows from the current
+    settings: the stage goes on with it (a bundle is what it was trained as), but an edit of the training
+    settings has not reached it."""
+    for dep in deps:
+        if not dep.artifact:
+            continue
+        st = status(dep.stage, settings, tree, model if spec_of(dep.stage).per_model else None)
+        if st.state in ("missing", "unrecorded") or not st.changes:
+            continue
+        log.warning(
+            "%s: %s outdated against the current settings (made %s): %s uses it as it is; rerun %s to apply the edit",
+            reader, st.spec.are, "; ".join(st.changes), reader.split()[0], st.spec.run_command(st.model, True),
+        )  # fmt: skip
+
+
 def outdated(name: str, settings: Settings, tree: DataTree, model: str | None = None) -> bool:
     """Whether a stage's outputs no longer follow from the current settings and inputs, its own or upstream."""
     return bool(why_outdated(name, settings, tree, model))
@@ -636,6 +654,7 @@ def begin(
         raise st.inputs_error
     if "deps" in st.current:
         check_upstream(st.current["deps"], settings, tree, st.model, reader=label)
+        warn_stale_artifacts(st.current["deps"], settings, tree, st.model, reader=label)
     if st.state == "missing" or overwrite or (st.state == "running" and not st.outputs_present):
         mode: Mode = "fresh"  # (a run that failed before writing anything leaves nothing to mix)
     elif st.state == "unrecorded":
