@@ -7,6 +7,7 @@ file in another CRS that overlaps nothing and yields all-empty masks.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,9 +76,21 @@ def read_labels(path: Path) -> gpd.GeoDataFrame:
 def filter_labels(
     gdf: gpd.GeoDataFrame, attribute: str, values: Sequence[str], source: Any = "labels"
 ) -> gpd.GeoDataFrame:
-    """Keep features whose ``attribute`` is one of ``values``; all of them if there is no such attribute."""
+    """Keep features whose ``attribute`` is one of ``values``; all of them if there is no such attribute (a
+    warning), unless an attribute of a close name suggests a typo (an error: every building would be a roof)."""
     if attribute not in gdf.columns:
-        log.info("%s has no attribute %r: every polygon is a roof", source, attribute)
+        names = [str(c) for c in gdf.columns if c != gdf.geometry.name]
+        close = difflib.get_close_matches(attribute, names, n=1, cutoff=0.8)
+        if close:
+            raise LabelError(
+                f"{source} has no attribute {attribute!r}; did you mean {close[0]!r}? Set mask_args.filter.attribute "
+                f"to it (or mask_args.filter null to make every polygon a roof)"
+            )
+        log.warning(
+            "%s has no attribute %r (it has %s): every polygon is a roof (mask_args.filter null says so without "
+            "this warning)",
+            source, attribute, ", ".join(names) or "none",
+        )  # fmt: skip
         return gdf
     kept = gdf[gdf[attribute].astype(str).isin([str(v) for v in values])]
     if len(kept) == 0:

@@ -98,9 +98,22 @@ def test_filter_compares_as_text():
 
 def test_filter_without_the_attribute_keeps_all(caplog):
     labels = gdf([shapely.box(0, 0, 1, 1)], kind=["x"])
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.WARNING):
         assert filter_labels(labels, "roof_type", ["metal"], source="roofs.gpkg") is labels
-    assert "no attribute 'roof_type'" in caplog.text
+    assert caplog.messages == [
+        "roofs.gpkg has no attribute 'roof_type' (it has kind): every polygon is a roof (mask_args.filter null says "
+        "so without this warning)"
+    ]
+
+
+def test_a_filter_attribute_one_typo_away_from_the_labels_is_refused():
+    labels = gdf([shapely.box(0, 0, 1, 1)], roof_type=["metal"])
+    with pytest.raises(LabelError) as err:
+        filter_labels(labels, "roof_typ", ["metal"], source="roofs.geojson")
+    assert str(err.value) == (
+        "roofs.geojson has no attribute 'roof_typ'; did you mean 'roof_type'? Set mask_args.filter.attribute to it "
+        "(or mask_args.filter null to make every polygon a roof)"
+    )
 
 
 # --- repair ---------------------------------------------------------------------------------
