@@ -359,12 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, metavar="PATH", help="flat table to summarize (default: data/flat/)")
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
+        if args.input is not None and not args.input.is_file():  # before anything is removed
+            raise InputMissingError(f"--input {args.input} not found: give the flat table (pixels.csv or .parquet)")
         run = begin("summarize", settings, tree, overwrite=args.overwrite, given={"input": args.input})
         if run.skip:
             run.say_skip()
             return
+        table = args.input
+        if table is None and settings.summarize_args.source != "chips":
+            table = find_table(tree.flat, settings.flatten_args.format)  # a missing table: before run.start()
         run.start()
-        record = summarize(tree, settings, table=args.input, overwrite=True)
+        record = summarize(tree, settings, table=table, overwrite=True)
         run.finish(pixels=record["pixels"].get("all"))
 
     return cli.run(parser, argv, body)

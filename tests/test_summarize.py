@@ -183,3 +183,17 @@ def test_main(chips, stage_argv, capsys):
     assert (tree.summary / "stats.json").stat().st_mtime_ns == made
     assert main([*stage_argv, "--set", "summarize_args.bins=16"]) == 1
     assert "summary/ was made with summarize_args.bins 128, now 16: add --overwrite" in capsys.readouterr().err
+    # A missing table given or found fails before --overwrite removes anything, and leaves no unfinished run.
+    kept = sorted(p.name for p in tree.summary.iterdir())
+    missing = tree.root / "nowhere.parquet"
+    assert main([*stage_argv, "--overwrite", "--input", str(missing)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --input {missing} not found: give the flat table (pixels.csv or .parquet)"
+    )
+    (tree.flat / "pixels.parquet").rename(tree.root / "away.parquet")
+    assert main([*stage_argv, "--overwrite"]) == 1
+    assert "no flat table" in capsys.readouterr().err
+    assert sorted(p.name for p in tree.summary.iterdir()) == kept
+    (tree.root / "away.parquet").rename(tree.flat / "pixels.parquet")
+    assert main(stage_argv) == 0  # the last run's record stands: up to date, skipped
+    assert (tree.summary / "stats.json").stat().st_mtime_ns == made
