@@ -35,6 +35,7 @@ do not count in the pixel scores.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import sys
@@ -342,6 +343,13 @@ def polygon_scores(
     rows = {r.split_file: r for r in index[index["split"] == split].itertuples()}
     predicted = gpd.read_file(roofs_file, engine="pyogrio")
     args = settings.evaluate_args
+    if groups is not None and args.group_by not in labels.columns:
+        names = [str(c) for c in labels.columns if c != labels.geometry.name]
+        close = difflib.get_close_matches(args.group_by, names, n=1)
+        log.warning(
+            "evaluate: evaluate_args.group_by %r is not an attribute of the labels (%s): no polygon scores by group",
+            args.group_by, f"did you mean {close[0]!r}?" if close else "they have " + (", ".join(names) or "none"),
+        )  # fmt: skip
     total = MatchCounts()
     truth_csv: dict[str, list] = {}
     pred_csv: dict[str, list] = {}

@@ -683,6 +683,25 @@ def test_predict_says_so_when_the_bundle_it_reads_is_outdated(scene, capsys):
     assert "outdated" not in capsys.readouterr().err
 
 
+def test_polygon_scores_by_group_and_a_group_by_the_labels_lack(scene, capsys):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main, predict_main)
+    tree = tree_of(argv)
+    metrics = tree.results / "regression" / "evaluation" / "val" / "metrics.json"
+    assert evaluate_main([*argv, *model, "--set", "evaluate_args.group_by=roof_type"]) == 0
+    assert json.loads(metrics.read_text())["polygon_by"]["attribute"] == "roof_type"
+    assert evaluate_main([*argv, *model, "--set", "evaluate_args.group_by=roof_typ", "--overwrite"]) == 0
+    assert (
+        "evaluate: evaluate_args.group_by 'roof_typ' is not an attribute of the labels (did you mean 'roof_type'?): "
+        "no polygon scores by group"
+    ) in capsys.readouterr().err
+    assert "polygon_by" not in json.loads(metrics.read_text())
+    assert evaluate_main([*argv, *model, "--set", "evaluate_args.group_by=zone", "--overwrite"]) == 0
+    assert "'zone' is not an attribute of the labels (they have roof_type): no polygon" in capsys.readouterr().err
+
+
 def test_a_bundle_edited_by_hand_makes_its_predictions_outdated(scene, capsys):
     argv = scene()
     prepare(argv, mosaic_main, chip_main, mask_main, split_main)
