@@ -211,7 +211,9 @@ def read_info(folder: Path) -> BundleInfo:
     """Read bundle.json; a missing or corrupt one raises :class:`BundleError` saying what to do."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise BundleError(f"model bundle {folder} not found: train a model first (python train/train.py)")
+        kind = folder.parent.name if folder.name == "bundle" and folder.parent.name in KINDS else None
+        command = "python train/train.py" + (f" --model {kind}" if kind else "")
+        raise BundleError(f"model bundle {folder} not found: train a model first ({command})")
     path = folder / BUNDLE_JSON
     if not path.is_file():
         raise BundleError(

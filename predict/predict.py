@@ -18,7 +18,7 @@ the validation chips; --input). Writes predictions/EXPERIMENT/MODEL/:
                           split there, predict_args.split_classes); the probabilities add a band per
                           class (a U-Net's: its probability of a roof of that class; the classical
                           models': P(class | roof))
-  roofs.gpkg              one polygon per roof: id, source, mean_probability, area_m2 (input CRS);
+  roofs.gpkg              one polygon per roof: id, source, mean_probability (instances), area_m2 (input CRS);
                           with classes also class, class_id, class_probability
 
 Touching roofs are separated by a seeded watershed on the probabilities (predict_args.instances),

@@ -276,6 +276,17 @@ def test_corrupt_model_file(trained, tmp_path):
         load_predictor(folder)
 
 
+def test_a_missing_bundle_names_the_training_that_makes_it(tmp_path):
+    with pytest.raises(BundleError) as err:
+        read_info(tmp_path / "results" / "demo" / "forest" / "bundle")
+    assert str(err.value) == (
+        f"model bundle {tmp_path / 'results' / 'demo' / 'forest' / 'bundle'} not found: train a model first "
+        "(python train/train.py --model forest)"
+    )
+    with pytest.raises(BundleError, match=r"not found: train a model first \(python train/train.py\)$"):
+        read_info(tmp_path / "elsewhere")
+
+
 def test_corrupt_bundle_json(trained, tmp_path):
     _, tree = trained
     folder = copy_bundle(tree, "regression", tmp_path)
