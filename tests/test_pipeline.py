@@ -91,10 +91,29 @@ def test_main_runs_data_stages_on_a_small_sample(stage_argv: list[str], tmp_path
     assert sample_stage.main([*stage_argv, "--tiles", "1", "--tile-size", "512"]) == 0
     assert pipeline.main(argv) == 0
     out = capsys.readouterr().out
-    assert "sample      skipped" in out
+    assert "download    skipped" in out  # raw/ holds tiles; sample runs only with --demo
+    assert "sample " not in out
     for stage in ("mosaic", "chip", "mask", "split"):
         assert f"{stage:<11} ok" in out
     assert (tmp_path / "data" / "train_frames" / "train_0.tif").is_file()
+    # A bucket set now: download would be skipped (raw/ has tiles) and the synthetic town mapped as its imagery.
+    bucket = ["--set", "download_args.bucket=my-imagery"]
+    assert pipeline.main([*argv, *bucket]) == 1
+    raw, labels = tmp_path / "data" / "raw", tmp_path / "data" / "labels"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: download_args.bucket is set, but {raw} holds the sample scene (made by python pipeline.py --demo), "
+        f"not its imagery: set data_root to another folder for the bucket's imagery, or remove {raw}, {labels} and "
+        f"{tmp_path / 'data' / 'quicklook.png'} first"
+    )
+
+
+def test_without_demo_the_imagery_is_downloads_or_raws_and_never_the_sample_scene() -> None:
+    from core.settings import Settings
+    from workflow.runner import choose
+
+    names = [s.name for s in choose(Settings())]
+    assert names[0] == "download" and "sample" not in names
+    assert [s.name for s in choose(Settings(), only=["sample"])] == ["sample"]
 
 
 # --- stages run once per trained model ------------------------------------------------------------

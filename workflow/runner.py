@@ -20,7 +20,7 @@ from pathlib import Path
 from chip.chip import main as chip_main
 from core import cli
 from core.bundle import BUNDLE_JSON
-from core.errors import CheckError
+from core.errors import CheckError, DataError
 from core.settings import Settings, legacy_in_use
 from core.tree import DataTree
 from download.download import main as download_main
@@ -317,16 +317,30 @@ def choose(
     only: list[str] | None = None,
 ) -> list[Stage]:
     """The stages to run or check, in pipeline order: those --from/--to/--only select (names already
-    checked), of --demo's with --demo. Without --only, download or sample drops out: imagery comes from S3
-    when a bucket is set, else from the sample generator."""
+    checked), of --demo's with --demo. Without --demo or --only, sample drops out: the imagery comes from
+    download (which asks for the bucket in a terminal) or is the tiles already in raw/."""
     names = [s.name for s in STAGES]
     chosen = select(names, start, stop, only)
     if demo:
         chosen = [n for n in chosen if n in DEMO]
-    elif not only:
-        skip = "sample" if settings.download_args.bucket else "download"
-        chosen = [n for n in chosen if n != skip]
+    elif not only:  # the imagery: download's, or the tiles already in raw/; the sample scene only with --demo
+        chosen = [n for n in chosen if n != "sample"]
     return [s for s in STAGES if s.name in chosen]
+
+
+def refuse_the_sample_scene_as_downloads(stages: list[Stage], settings: Settings, tree: DataTree) -> None:
+    """A bucket is set but raw/ holds the sample scene (made by --demo, no download manifest): download would be
+    skipped (raw/ has tiles) and the stages after it would map the synthetic town as the bucket's imagery."""
+    from download.download import MANIFEST
+
+    if "download" not in {s.name for s in stages} or not settings.download_args.bucket:
+        return
+    if tree.quicklook.is_file() and any(tree.raw.glob("*.tif")) and not (tree.raw / MANIFEST).is_file():
+        raise DataError(
+            f"download_args.bucket is set, but {tree.raw} holds the sample scene (made by python pipeline.py "
+            f"--demo), not its imagery: set data_root to another folder for the bucket's imagery, or remove "
+            f"{tree.raw}, {tree.labels} and {tree.quicklook} first"
+        )
 
 
 def check(
@@ -364,6 +378,7 @@ def run(
 ) -> int:
     """Run ``stages``, each with the settings file, the overrides and -q or -v; print the outcome of each
     and, when none failed, the models' validation metrics; return the exit code."""
+    refuse_the_sample_scene_as_downloads(stages, settings, tree)
     common = ["--settings", str(settings_path)]
     for item in overrides:
         common += ["--set", item]
