@@ -89,6 +89,23 @@ def test_the_bundle_averages_the_members_the_best_first_and_predict_reads_it(see
 
 
 @pytest.mark.slow
+def test_a_from_bundle_that_is_no_bundle_or_for_a_classical_model_is_refused_before_the_run_begins(
+    tmp_path: Path, settings_file: Path, capsys
+) -> None:
+    overrides = tiny_overrides(tmp_path)
+    assert train_main([*argv_of(settings_file, overrides), "--from-bundle", str(tmp_path / "nob")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: --from-bundle {tmp_path / 'nob'}: no bundle there (no bundle.json): give a U-Net's bundle folder, "
+        "results/EXPERIMENT/unet/bundle"
+    )
+    forest = [*argv_of(settings_file, overrides), "--model", "forest", "--from-bundle", str(tmp_path)]
+    assert train_main(forest) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: --from-bundle continues a U-Net's training; the forest trains anew: leave it out"
+    )
+    assert not (tmp_path / "results").exists()  # no record of a run that never began
+
+
 def test_a_rerun_skips_and_one_network_again_removes_the_members(seed_ensemble, capsys) -> None:
     _, tree, settings_file, overrides, _ = seed_ensemble
     out = tree.model_dir("unet")

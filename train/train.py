@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from core import cli
-from core.bundle import KINDS
+from core.bundle import BUNDLE_JSON, KINDS
+from core.errors import DataError, InputMissingError
 from core.settings import Settings
 from core.tree import DataTree
 from workflow.check import preflight
@@ -30,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
         kind = args.model or settings.training_args.model
+        if args.from_bundle is not None and kind != "unet":
+            raise DataError(f"--from-bundle continues a U-Net's training; the {kind} trains anew: leave it out")
+        if args.from_bundle is not None and not (args.from_bundle / BUNDLE_JSON).is_file():
+            raise InputMissingError(  # before the run's record says "running"
+                f"--from-bundle {args.from_bundle}: no bundle there (no {BUNDLE_JSON}): give a U-Net's bundle folder, "
+                "results/EXPERIMENT/unet/bundle"
+            )
         if kind == "unet":
             settings.training_args.refuse_from_bundle(args.from_bundle)  # before the run's record says "running"
         run = begin("train", settings, tree, overwrite=args.overwrite, model=kind, given={"bundle": args.from_bundle})
