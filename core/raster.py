@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -145,7 +146,9 @@ def open_raster(path: str | os.PathLike[str], *, threads: bool = False) -> raste
     if path.is_file() and path.stat().st_size == 0:
         raise RasterError(f"{path} is empty (0 bytes): delete it and rerun the stage or download that made it")
     try:
-        return rasterio.open(path, **({"NUM_THREADS": "ALL_CPUS"} if threads else {}))
+        with warnings.catch_warnings():  # (a raster without georeferencing: the stages that need it say so in one line)
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            return rasterio.open(path, **({"NUM_THREADS": "ALL_CPUS"} if threads else {}))
     except rasterio.errors.RasterioError as exc:
         raise RasterError(f"{path} is not a readable raster ({exc}): it may be truncated or corrupt") from exc
 

@@ -94,6 +94,7 @@ from core.raster import (
     gtiff_profile,
     iter_windows,
     open_raster,
+    require_georeference,
     valid_pixels,
     window_starts,
     write_class_style,
@@ -887,6 +888,9 @@ def predict_stage(
         return []
     bundle, outside = predict_bundle(settings, tree, model, given)
     inputs = resolve_inputs(tree, settings.predict_args, source)
+    for path in inputs:  # roofs in pixel coordinates with areas in pixels are no map: refused, as chip does
+        with open_raster(path) as src:
+            require_georeference(src)
     split = split_of_folder(predict_source(settings.predict_args, tree, given), tree)
     if split is not None and not outside:
         refuse_leaky_bundle(settings, tree, model, split)  # predicting today's val chips with it would leak

@@ -421,6 +421,10 @@ def test_a_raster_without_crs_or_geotransform_is_refused(crs, georeferenced, wha
     assert chip_main(scene("chip_args.source=raw")) == 1  # never chipped silently
     assert error(capsys).startswith(f"error: {tile} {what}")
     assert not (tmp_path / "data" / "chips.csv").exists()
+    # Nor predicted into roofs in pixel coordinates with areas in pixels (the check comes before the bundle's).
+    assert predict_main([*scene(), "--model", "regression", "--input", str(tile)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tile} {what}") and "Warning" not in err  # one line, no rasterio warning
 
 
 def test_one_tile_of_another_band_count_is_refused_by_chip_and_mosaic(scene, capsys, tmp_path):
