@@ -770,6 +770,9 @@ def predict_all(
         if r.dropped:
             log.info("predict: the object filter dropped every object of %s (%d)", r.source.name, r.dropped)
             continue
+        if r.valid_pixels == 0:
+            log.info("predict: every pixel of %s is nodata", r.source.name)
+            continue
         log.info(
             "predict: no pixel of %s reaches the threshold %.3f (probabilities %.3f..%.3f)",
             r.source.name,
@@ -812,6 +815,13 @@ def predict_all(
             f"every predicted mask is blank: the object filter dropped every object ({sum(r.dropped for r in results)})"
             f" at {cuts}; predict_args.object_filter=0 keeps "
             f"them, null uses the bundle's cut; outputs are in {out}",
+            results,
+        )
+    if valid == 0:  # (no probability was seen: its range would read 1..0)
+        names = ", ".join(r.source.name for r in results[:3]) + (" ..." if len(results) > 3 else "")
+        raise BlankPredictionError(
+            f"every predicted mask is blank: every pixel of the input is nodata ({names}): predict imagery that "
+            f"covers the area; outputs are in {out}",
             results,
         )
     if len(blank) == len(results):

@@ -706,6 +706,20 @@ def test_polygon_scores_by_group_and_a_group_by_the_labels_lack(scene, capsys):
     assert "'zone' is not an attribute of the labels (they have roof_type): no polygon" in capsys.readouterr().err
 
 
+def test_predicting_a_raster_that_is_all_nodata_says_so(scene, capsys, tmp_path):
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main)
+    empty = write_geotiff(tmp_path / "empty.tif", array=np.zeros((3, 64, 64), np.uint16), nodata=0)
+    assert predict_main([*argv, *model, "--input", str(empty)]) == 1
+    out = tree_of(argv).prediction_dir("regression")
+    assert error(capsys) == (
+        f"error: every predicted mask is blank: every pixel of the input is nodata (empty.tif): predict imagery that "
+        f"covers the area; outputs are in {out}"
+    )
+
+
 def test_a_bundle_edited_by_hand_makes_its_predictions_outdated(scene, capsys):
     argv = scene()
     prepare(argv, mosaic_main, chip_main, mask_main, split_main)
