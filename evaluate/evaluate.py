@@ -11,7 +11,7 @@ results/EXPERIMENT/MODEL/evaluation/SPLIT/:
   best.png, worst.png       the chips with the highest and lowest pixel IoU: the image with
                             the truth (cyan) and predicted (magenta) roof outlines
   instances.png             the chips with the most true roofs: each predicted roof (roofs.gpkg)
-                            outlined in its own colour, the true roofs in white
+                            outlined in its own colour, the true roofs white on black
   threshold_sweep.csv/.png  precision, recall and F1 against the threshold, from probabilities/
   confusion.csv/.png        a model trained on classes (mask_args.classes): the confusion matrix of
                             the classes' pixels, and of the roofs found; metrics.json adds each
@@ -485,7 +485,7 @@ def plot_instances(
     stretch: tuple[list[float], list[float]] | None = None,
 ) -> Path | None:  # fmt: skip
     """Roofs as objects: each chip's image with every predicted roof (roofs.gpkg) outlined in its own colour
-    and the true roofs in white beneath; None without roofs.gpkg."""
+    and the true roofs white on a black halo beneath; None without roofs.gpkg."""
     import geopandas as gpd
 
     roofs_file = pred_dir / "roofs.gpkg"
@@ -493,7 +493,7 @@ def plot_instances(
         return None
     roofs = gpd.read_file(roofs_file, engine="pyogrio")
     plt = _plt()
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab10").colors  # (tab20's pale halves vanish on light roofs)
     fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 4.4), squeeze=False)
     for ax, chip in zip(axes[0], picks, strict=True):
         truth, _ = read_mask(truth_masks / chip.name)
@@ -507,8 +507,9 @@ def plot_instances(
             ax.imshow(np.zeros((*truth.shape, 3), np.uint8))
             with open_raster(pred_dir / "masks" / predicted) as src:
                 inverse = ~src.transform
-        if truth.any() and not truth.all():
-            ax.contour(truth.astype(np.float32), levels=[0.5], colors="white", linewidths=2.4)
+        if truth.any() and not truth.all():  # white on a black halo: seen on light roofs and dark ground alike
+            for colour, width in (("black", 3.6), ("white", 1.8)):
+                ax.contour(truth.astype(np.float32), levels=[0.5], colors=colour, linewidths=width)
         mine = roofs[roofs["source"] == predicted]
         for k, geom in enumerate(mine.geometry):
             for part in getattr(geom, "geoms", [geom]):
@@ -715,7 +716,7 @@ def evaluate_model(
     (out / "instances.png").unlink(missing_ok=True)
     crowded = sorted(result.chips, key=lambda c: (-c.truth_objects, _natural(c.name)))[:SHOWN]
     plot_instances([c for c in crowded if c.truth_objects], tree.frames(split), truth, pred_dir,
-                   out / "instances.png", f"{model}, {split}: one outline per predicted roof (true roofs white)",
+                   out / "instances.png", f"{model}, {split}: one outline per predicted roof (true roofs white on black)",
                    stretch)  # fmt: skip
     (out / "classes.png").unlink(missing_ok=True)
     if result.classes is not None:

@@ -48,7 +48,7 @@ EVALUATION_PICTURES = (
     ("threshold_sweep.png", "Threshold sweep"),
     ("best.png", "Best chips"),
     ("worst.png", "Worst chips"),
-    ("instances.png", "Roofs as objects: one colour per predicted roof, true roofs in white"),
+    ("instances.png", "Roofs as objects: one colour per predicted roof, true roofs outlined white on black"),
     ("confusion.png", "Classes: the confusion matrix of pixels and of the roofs found"),
     ("classes.png", "Classes: the class of each roof pixel, true (top) and predicted (bottom)"),
 )
