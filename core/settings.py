@@ -1048,6 +1048,14 @@ def _model_at(path: tuple[str, ...]) -> type[BaseModel] | None:
 
 
 def _unknown_key_message(path: tuple[str, ...]) -> str:
+    model: type[BaseModel] | None = Settings
+    for depth, key in enumerate(path[:-1]):  # a section misspelt (chip_arg.size): the hint is for that key
+        field = _field(model, key) if model is not None else None
+        if field is None:
+            if model is not None:
+                return _unknown_key_message(path[: depth + 1]) + f" (in {'.'.join(path)})"
+            break
+        model = _section_of(field.annotation)
     parent = _model_at(path[:-1])
     hint = ""
     if parent is not None:
@@ -1182,6 +1190,12 @@ def checkpoint_file(settings: Settings) -> str:
 def read_settings_file(path: str | Path) -> dict[str, Any]:
     """Read settings.json as raw JSON; errors say which file and where."""
     path = Path(path)
+    if path.is_dir():
+        inside = " (it holds a settings.json: --settings " + str(path / "settings.json") + ")"
+        raise SettingsError(
+            f"settings file {path} is a folder{inside if (path / 'settings.json').is_file() else ''}: pass the "
+            "settings file itself"
+        )
     if not path.is_file():
         raise SettingsError(
             f"settings file {path} not found: pass --settings PATH, or copy settings.json from the repository root"

@@ -112,6 +112,24 @@ def test_unknown_top_level_key(original_settings, write_settings):
     assert "data_rot: unknown key; did you mean data_root?" in str(info.value)
 
 
+def test_a_folder_given_as_the_settings_file_is_one_line(tmp_path, write_settings, original_settings):
+    with pytest.raises(SettingsError) as info:
+        load_settings(tmp_path)
+    assert str(info.value).endswith(f"settings file {tmp_path} is a folder: pass the settings file itself")
+    folder = write_settings(original_settings).parent
+    with pytest.raises(SettingsError) as info:
+        load_settings(folder)
+    assert f"is a folder (it holds a settings.json: --settings {folder / 'settings.json'})" in str(info.value)
+
+
+def test_a_misspelt_section_in_a_set_override_names_the_section(write_settings, original_settings):
+    with pytest.raises(SettingsError) as info:
+        load_settings(write_settings(original_settings), ["chip_arg.size=100"])
+    assert str(info.value) == (
+        "--set 'chip_arg.size=100': chip_arg: unknown key; did you mean chip_args? (in chip_arg.size)"
+    )
+
+
 def test_unknown_key_without_close_match_lists_valid_keys(original_settings, write_settings):
     original_settings["training_args"]["zzzz"] = 1
     with pytest.raises(SettingsError) as info:
@@ -221,7 +239,9 @@ def test_override_unknown_key(settings_file):
 
 
 def test_override_unknown_section(settings_file):
-    with pytest.raises(SettingsError, match=r"model_arg\.filters: unknown key"):
+    with pytest.raises(
+        SettingsError, match=r"model_arg: unknown key; did you mean model_args\? \(in model_arg\.filters\)"
+    ):
         load_settings(settings_file, ["model_arg.filters=3"])
 
 
