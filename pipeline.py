@@ -5,7 +5,7 @@ overrides. A stage whose outputs were made with the current settings from the cu
 is skipped (say --overwrite to redo it); one that is outdated (a setting it depends on was
 edited, or an earlier stage ran again) runs again. The run stops at the first stage that
 fails, with that stage's message. predict and evaluate run
-once for every trained model (forest, regression, unet). Without --demo the imagery comes from
+once for every trained model (forest, regression, unet), or for the kind of predict_args.bundle. Without --demo the imagery comes from
 download (which asks for the bucket in a terminal) or is the tiles already in data/raw/.
 --demo runs every stage but download on the built-in sample scene (--from, --to and --only
 choose among them) and ends with the models' validation metrics and the report's path.

@@ -151,6 +151,20 @@ def test_a_per_model_stage_runs_for_every_trained_model_in_pipeline_order(per_mo
     assert calls == [["-q", "--model", "unet"]]
 
 
+def test_predict_and_evaluate_run_for_the_kind_of_the_bundle_predict_args_names(per_model, tmp_path) -> None:
+    from core.bundle import BundleInfo, Normalization, write_info
+
+    stage, calls, tree = per_model
+    trained(tree, "unet", "forest")
+    norm = Normalization("zscore", (0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3, None)
+    write_info(tmp_path / "elsewhere", BundleInfo(kind="regression", bands=3, dtype="uint16", normalization=norm,
+                                                  threshold=0.5))  # fmt: skip
+    settings = load_settings(REPO_SETTINGS, [f"data_root={tmp_path}", f"predict_args.bundle={tmp_path / 'elsewhere'}"])
+    rows = run_stages([stage], tree, ["-q"], overwrite=False, settings=settings)
+    assert [(n, r) for n, r, _ in rows] == [("score regression", "ok")]  # its predictions are a regression's
+    assert calls == [["-q", "--model", "regression"]]
+
+
 def test_a_per_model_stage_without_a_trained_model_fails(per_model) -> None:
     stage, calls, tree = per_model
     rows = run_stages([stage], tree, [], overwrite=False, settings=None)

@@ -78,7 +78,7 @@ class Stage:
             return [Run(self.name, self.args, functools.partial(self.state, tree, settings, self.model), self.model)]
         return [
             Run(f"{self.name} {m}", (*self.args, "--model", m), functools.partial(self.state, tree, settings, m), m)
-            for m in trained_models(tree)
+            for m in predicted_models(tree, settings)
         ]
 
     def state(self, tree: DataTree, settings: Settings, model: str | None) -> str:
@@ -101,6 +101,21 @@ class Stage:
 def trained_models(tree: DataTree) -> list[str]:
     """Models with a bundle in results/EXPERIMENT/, in pipeline order."""
     return [m for m in MODELS if (tree.bundle(m) / BUNDLE_JSON).is_file()]
+
+
+def predicted_models(tree: DataTree, settings: Settings | None) -> list[str]:
+    """The models predict and evaluate run for: the kind of the bundle predict_args.bundle names (predict files
+    its predictions under that kind), else every model trained in this experiment."""
+    outside = settings.predict_args.bundle if settings is not None else None
+    if outside:
+        from core.bundle import read_info
+        from core.errors import PipelineError
+
+        try:
+            return [read_info(Path(outside)).kind]
+        except PipelineError:  # (missing or damaged: predict says so)
+            pass
+    return trained_models(tree)
 
 
 #: The stages, in order.
@@ -216,7 +231,7 @@ def record_findings(
     for stage in STAGES:
         if stage.contract is None:
             continue
-        models = trained_models(tree) if stage.per_model else [stage.model]
+        models = predicted_models(tree, settings) if stage.per_model else [stage.model]
         for model in models:
             st = status(stage.contract, settings, tree, model, given={})
             label = f"{stage.name} {model}" if stage.per_model else stage.name
