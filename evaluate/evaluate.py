@@ -1,7 +1,7 @@
 """Score a model's predictions against the truth: python evaluate/evaluate.py [--model M] [--split val|test]
 
 Compares predictions/EXPERIMENT/MODEL/masks/NAME.tif (MODEL from --model, default
-training_args.model) with the truth masks of the same names in the split's masks folder
+predict_args.bundle's kind, else training_args.model) with the truth masks of the same names in the split's masks folder
 (evaluate_args.split, default val; --split test), and writes
 results/EXPERIMENT/MODEL/evaluation/SPLIT/:
 
@@ -96,7 +96,7 @@ from core.vector import at_least_m2, clip_to, load_labels
 from evaluate.classes import ClassScores, scored_classes, share
 from evaluate.report import evaluation_dir, settings_changes, write_experiments_table, write_report
 from workflow.contract import begin, read_record, refuse_leaky_bundle
-from workflow.stages import spec_of
+from workflow.stages import outside_kind, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -754,7 +754,11 @@ def evaluate_model(
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.make_parser(__doc__)
-    parser.add_argument("--model", choices=KINDS, help="whose predictions to score (default: training_args.model)")
+    parser.add_argument(
+        "--model",
+        choices=KINDS,
+        help="whose predictions to score (default: predict_args.bundle's kind, else training_args.model)",
+    )
     parser.add_argument("--split", choices=("val", "test"), help="truth split (default: evaluate_args.split)")
     parser.add_argument(
         "--spacenet",
@@ -771,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             counts = score_spacenet(*(read_spacenet_csv(p) for p in args.spacenet), a.iou_threshold, a.min_area)
             print(json.dumps(counts.scores()))
             return
-        model = args.model or settings.training_args.model
+        model = args.model or outside_kind(settings) or settings.training_args.model  # (predict's default too)
         evaluate_model(settings, tree, model, args.split, overwrite=args.overwrite, overrides=args.overrides)
 
     return cli.run(parser, argv, body)

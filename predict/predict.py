@@ -72,7 +72,7 @@ from core.bundle import (
     tta_forward,
     unread_warnings,
 )
-from core.errors import BlankPredictionError, DataError, InputMissingError, PipelineError, SettingsError
+from core.errors import BlankPredictionError, DataError, InputMissingError, SettingsError
 from core.files import atomic_path
 from core.index import chip_ids, grid_of
 from core.instances import (
@@ -104,7 +104,7 @@ from core.tree import DataTree, refuse_overwrite
 from core.vector import ground_area, roof_grid
 from workflow.check import preflight
 from workflow.contract import begin, file_identity, file_key, refuse_leaky_bundle
-from workflow.stages import predict_bundle, predict_skipped, predict_source, split_of_folder
+from workflow.stages import outside_kind, predict_bundle, predict_skipped, predict_source, split_of_folder
 
 log = logging.getLogger(__name__)
 
@@ -853,16 +853,11 @@ def predicted_model(settings: Settings, model: str | None, given: dict[str, Any]
     """Whose predictions these are: an outside bundle's (--bundle, predict_args.bundle) own kind, else --model,
     else training_args.model. --model naming another kind than the outside bundle's is refused: its
     predictions would be filed, evaluated and reported under the wrong model."""
-    outside = given.get("bundle") or settings.predict_args.bundle
-    kind = None
-    if outside is not None:
-        try:
-            kind = read_info(Path(outside)).kind
-        except PipelineError:  # (missing or damaged: the stage's own read says so)
-            kind = None
+    kind = outside_kind(settings, given)
     if kind is None:
         return model or settings.training_args.model
     if model is not None and model != kind:
+        outside = given.get("bundle") or settings.predict_args.bundle
         option = "--bundle" if given.get("bundle") else "predict_args.bundle"
         raise SettingsError(
             f"--model {model} but {option} {outside} is a {kind} bundle: its predictions would be filed under "

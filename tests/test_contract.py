@@ -663,6 +663,11 @@ def test_the_advice_to_rerun_predict_names_the_bundle_it_was_given(scene, capsys
     other = tmp_path / "other"
     shutil.copytree(elsewhere, other)
     assert predict_main([*argv, *model, "--set", f"predict_args.bundle={elsewhere}", "--overwrite"]) == 0
+    # evaluate's default is the same: the outside bundle's kind (training_args.model is unet).
+    assert evaluate_main([*argv, "--set", f"predict_args.bundle={elsewhere}"]) == 0
+    results = tree_of(argv).results
+    assert (results / "regression" / "evaluation" / "val" / "metrics.json").is_file()
+    assert not (results / "unet").exists()
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     now = load_settings(argv[1], [*sets, f"predict_args.bundle={other}"])
     assert status("predict", now, tree_of(argv), "regression").changes == [

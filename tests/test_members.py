@@ -88,7 +88,6 @@ def test_the_bundle_averages_the_members_the_best_first_and_predict_reads_it(see
     assert (out / "curves.png").is_file() and (out / "overlays.png").is_file()
 
 
-@pytest.mark.slow
 def test_a_from_bundle_that_is_no_bundle_or_for_a_classical_model_is_refused_before_the_run_begins(
     tmp_path: Path, settings_file: Path, capsys
 ) -> None:
@@ -106,6 +105,7 @@ def test_a_from_bundle_that_is_no_bundle_or_for_a_classical_model_is_refused_bef
     assert not (tmp_path / "results").exists()  # no record of a run that never began
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_and_one_network_again_removes_the_members(seed_ensemble, capsys) -> None:
     _, tree, settings_file, overrides, _ = seed_ensemble
     out = tree.model_dir("unet")

@@ -105,6 +105,18 @@ def test_main_runs_data_stages_on_a_small_sample(stage_argv: list[str], tmp_path
         f"not its imagery: set data_root to another folder for the bucket's imagery, or remove {raw}, {labels} and "
         f"{tmp_path / 'data' / 'quicklook.png'} first"
     )
+    assert pipeline.main(["check", *argv, *bucket]) == 1  # the check says so first
+    assert f"FATAL    download_args.bucket is set, but {raw} holds the sample scene" in capsys.readouterr().out
+
+
+def test_the_check_warns_when_download_would_have_to_ask_for_the_bucket(stage_argv, tmp_path, capsys) -> None:
+    assert pipeline.main(["check", *stage_argv, "--to", "mosaic"]) == 0
+    raw = tmp_path / "data" / "raw"
+    assert (
+        f"warning  {raw} holds no tiles and download_args.bucket is not set: download will ask for the bucket (in a "
+        "terminal; elsewhere it stops): set download_args.bucket, put your tiles in it, or run python pipeline.py "
+        "--demo for the sample scene"
+    ) in capsys.readouterr().out
 
 
 def test_without_demo_the_imagery_is_downloads_or_raws_and_never_the_sample_scene() -> None:

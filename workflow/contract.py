@@ -591,7 +591,8 @@ def warn_stale_artifacts(
             continue
         log.warning(
             "%s: %s outdated against the current settings (made %s): %s uses it as it is; rerun %s to apply the edit",
-            reader, st.spec.are, "; ".join(st.changes), reader.split()[0], st.spec.run_command(st.model, True),
+            reader, st.spec.are, "; ".join(st.changes), reader.split()[0],
+            st.spec.run_command(st.model, True, st.current.get("given")),
         )  # fmt: skip
 
 

@@ -36,7 +36,7 @@ from summarize.summarize import main as summarize_main
 from train.train import main as train_main
 from workflow.check import Finding, run_checks
 from workflow.contract import outdated, status
-from workflow.stages import MODELS, spec_of
+from workflow.stages import MODELS, outside_kind, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +106,8 @@ def trained_models(tree: DataTree) -> list[str]:
 def predicted_models(tree: DataTree, settings: Settings | None) -> list[str]:
     """The models predict and evaluate run for: the kind of the bundle predict_args.bundle names (predict files
     its predictions under that kind), else every model trained in this experiment."""
-    outside = settings.predict_args.bundle if settings is not None else None
-    if outside:
-        from core.bundle import read_info
-        from core.errors import PipelineError
-
-        try:
-            return [read_info(Path(outside)).kind]
-        except PipelineError:  # (missing or damaged: predict says so)
-            pass
-    return trained_models(tree)
+    kind = outside_kind(settings) if settings is not None else None
+    return [kind] if kind is not None else trained_models(tree)
 
 
 #: The stages, in order.
@@ -343,19 +335,29 @@ def choose(
     return [s for s in STAGES if s.name in chosen]
 
 
-def refuse_the_sample_scene_as_downloads(stages: list[Stage], settings: Settings, tree: DataTree) -> None:
-    """A bucket is set but raw/ holds the sample scene (made by --demo, no download manifest): download would be
-    skipped (raw/ has tiles) and the stages after it would map the synthetic town as the bucket's imagery."""
+def imagery_findings(stages: list[Stage], settings: Settings, tree: DataTree) -> list[Finding]:
+    """Where a run's imagery would come from, when download is chosen: fatal when a bucket is set but raw/ holds
+    the sample scene (made by --demo, no download manifest: download would be skipped, as raw/ has tiles, and
+    the stages after it would map the synthetic town as the bucket's imagery); a warning when raw/ is empty and
+    no bucket is set (download asks for it in a terminal, and fails in one line without one)."""
     from download.download import MANIFEST
 
-    if "download" not in {s.name for s in stages} or not settings.download_args.bucket:
-        return
-    if tree.quicklook.is_file() and any(tree.raw.glob("*.tif")) and not (tree.raw / MANIFEST).is_file():
-        raise DataError(
+    if "download" not in {s.name for s in stages}:
+        return []
+    tiles = tree.raw.is_dir() and any(tree.raw.glob("*.tif"))
+    if settings.download_args.bucket and tiles and tree.quicklook.is_file() and not (tree.raw / MANIFEST).is_file():
+        return [Finding("fatal",
             f"download_args.bucket is set, but {tree.raw} holds the sample scene (made by python pipeline.py "
             f"--demo), not its imagery: set data_root to another folder for the bucket's imagery, or remove "
             f"{tree.raw}, {tree.labels} and {tree.quicklook} first"
-        )
+        )]  # fmt: skip
+    if not settings.download_args.bucket and not tiles:
+        return [Finding("warning",
+            f"{tree.raw} holds no tiles and download_args.bucket is not set: download will ask for the bucket (in a "
+            "terminal; elsewhere it stops): set download_args.bucket, put your tiles in it, or run python pipeline.py "
+            "--demo for the sample scene"
+        )]  # fmt: skip
+    return []
 
 
 def check(
@@ -367,6 +369,7 @@ def check(
     names = [s.name for s in stages]
     upcoming = [s.name for s in stages if overwrite or s.pending(tree, settings)]
     findings, read = run_checks(settings, tree, names, space_for=upcoming)
+    findings += imagery_findings(stages, settings, tree)
     findings += record_findings(stages, tree, settings, how)
     findings += [
         Finding("warning", f"settings: {key} is the original pipeline's and ignored: {replacement}")
@@ -393,7 +396,9 @@ def run(
 ) -> int:
     """Run ``stages``, each with the settings file, the overrides and -q or -v; print the outcome of each
     and, when none failed, the models' validation metrics; return the exit code."""
-    refuse_the_sample_scene_as_downloads(stages, settings, tree)
+    fatal = [f.message for f in imagery_findings(stages, settings, tree) if f.fatal]
+    if fatal:
+        raise DataError(fatal[0])
     common = ["--settings", str(settings_path)]
     for item in overrides:
         common += ["--set", item]

@@ -111,6 +111,22 @@ def predict_source(args: PredictArgs, tree: DataTree, given: dict[str, Any]) -> 
     return path if path.is_absolute() else tree.root / path
 
 
+def outside_kind(settings: Settings, given: dict[str, Any] | None = None) -> str | None:
+    """The kind (unet, forest, regression) of the bundle --bundle or predict_args.bundle names: predict files its
+    predictions under it, and evaluate scores them there. None without one, or while it cannot be read (a bundle
+    missing or damaged is predict's own news)."""
+    from core.bundle import read_info
+    from core.errors import PipelineError
+
+    outside = (given or {}).get("bundle") or settings.predict_args.bundle
+    if not outside:
+        return None
+    try:
+        return read_info(Path(outside)).kind
+    except PipelineError:
+        return None
+
+
 def predict_bundle(settings: Settings, tree: DataTree, model: str, given: dict[str, Any]) -> tuple[Path, bool]:
     """The bundle predict uses and whether it is another than this experiment's trained one."""
     if given.get("bundle"):
