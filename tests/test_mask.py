@@ -262,8 +262,10 @@ def test_another_filter_is_refused_and_names_it(chips, make_labels, pixel_box, s
     assert main(stage_argv) == 0
     capsys.readouterr()
     assert main([*stage_argv, "--set", 'mask_args.filter={"attribute": "roof_type", "values": ["tin"]}']) == 1
-    assert capsys.readouterr().err.splitlines()[-1].startswith(
-        'error: masks/ were made with mask_args.filter.values ["metal"], now ["tin"]: add --overwrite'
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith('error: masks/ were made with mask_args.filter.values ["metal"], now ["tin"]: add --overwrite')
     )
 
 
