@@ -55,6 +55,16 @@ def prepare(argv: list[str], *mains) -> None:
         assert main(argv) == 0, main.__module__
 
 
+def predicted(scene) -> tuple[list[str], list[str]]:
+    """The scene's data stages run, a regression (it trains in a second) trained and its predictions made: the
+    stages' argv and ``--model regression``."""
+    argv = scene()
+    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
+    model = ["--model", "regression"]
+    prepare([*argv, *model], train_main, predict_main)
+    return argv, model
+
+
 # --- 1. split folders never hold old masks ------------------------------------------------------------
 
 
@@ -248,10 +258,7 @@ def test_5_predictions_are_paired_with_the_truth_by_chip_not_by_name(scene, caps
 
 
 def test_5_a_prediction_on_another_grid_is_an_error(scene, capsys):
-    argv = scene()
-    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
-    model = ["--model", "regression"]
-    prepare([*argv, *model], train_main, predict_main)
+    argv, model = predicted(scene)
     tree = tree_of(argv)
     # Another program wrote val_0's prediction one pixel off (its record says otherwise).
     path = tree.prediction_dir("regression") / "masks" / "val_0.tif"
@@ -582,10 +589,7 @@ def test_evaluate_reports_the_threshold_predict_applied_and_refuses_predictions_
 def test_a_predict_setting_the_bundle_does_not_read_leaves_its_predictions_up_to_date(scene, capsys):
     from core.bundle import read_info, unread_predict_args
 
-    argv = scene()
-    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
-    model = ["--model", "regression"]
-    prepare([*argv, *model], train_main, predict_main)
+    argv, model = predicted(scene)
     tree = tree_of(argv)
     info = read_info(tree.bundle("regression"))
     unused = ["--set", "predict_args.merge=0.5", "--set", "predict_args.roof_class=majority"]
@@ -677,10 +681,7 @@ def test_the_advice_to_rerun_predict_names_the_bundle_it_was_given(scene, capsys
 
 
 def test_predict_says_so_when_the_bundle_it_reads_is_outdated(scene, capsys):
-    argv = scene()
-    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
-    model = ["--model", "regression"]
-    prepare([*argv, *model], train_main, predict_main)
+    argv, model = predicted(scene)
     edit = ["--set", "ml_args.regression.C=2"]
     assert predict_main([*argv, *model, *edit]) == 0  # the predictions are the bundle's: up to date
     assert (
@@ -693,10 +694,7 @@ def test_predict_says_so_when_the_bundle_it_reads_is_outdated(scene, capsys):
 
 
 def test_polygon_scores_by_group_and_a_group_by_the_labels_lack(scene, capsys):
-    argv = scene()
-    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
-    model = ["--model", "regression"]
-    prepare([*argv, *model], train_main, predict_main)
+    argv, model = predicted(scene)
     tree = tree_of(argv)
     metrics = tree.results / "regression" / "evaluation" / "val" / "metrics.json"
     assert evaluate_main([*argv, *model, "--set", "evaluate_args.group_by=roof_type"]) == 0
@@ -726,10 +724,7 @@ def test_predicting_a_raster_that_is_all_nodata_says_so(scene, capsys, tmp_path)
 
 
 def test_a_bundle_edited_by_hand_makes_its_predictions_outdated(scene, capsys):
-    argv = scene()
-    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
-    model = ["--model", "regression"]
-    prepare([*argv, *model], train_main, predict_main)
+    argv, model = predicted(scene)
     tree = tree_of(argv)
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     settings = load_settings(argv[1], sets)
@@ -790,10 +785,7 @@ def test_a_deleted_output_folder_is_remade_not_called_up_to_date(scene, capsys, 
 def test_deleted_predictions_are_made_again(scene, capsys):
     import shutil
 
-    argv = scene()
-    prepare(argv, mosaic_main, chip_main, mask_main, split_main)
-    model = ["--model", "regression"]
-    prepare([*argv, *model], train_main, predict_main)
+    argv, model = predicted(scene)
     tree = tree_of(argv)
     masks = tree.prediction_dir("regression") / "masks"
     made = files(masks)
