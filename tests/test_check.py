@@ -181,6 +181,8 @@ CASES: dict[str, tuple[Callable[[Scene], None], tuple[str, ...], str, str]] = {
     "band counts differ": (other_band_count, (), "fatal", r"val_1.tif in .*val_frames has 4 bands of uint16; the other 1 raster there has 3 bands"),
     "bands vs channels": ((lambda s: None), ("load_dataset_args.channels=4", "model_args.input_shape=[32,32,4]"),
                           "fatal", r"raw tiles in .*: 3 bands \(tile.tif\) but the settings say 4 .* set load_dataset_args.channels=3, or null"),
+    "bands vs input_shape": ((lambda s: None), ("load_dataset_args.channels=null", "model_args.input_shape=[32,32,4]"), "fatal",
+                             r"but the settings say 4 \(load_dataset_args.channels null, model_args.input_shape \[32, 32, 4\]\)"),
     "mask values": (mask_on_01, (), "fatal", r"train split: 1 masks .* hold values other than 0, 255 \(and 128, unknown\) \(train_0.tif: 0, 1\)"),
     "mask size": (mask_of_other_size, (), "fatal", r"val_1.tif is 16x16, its chip 32x32"),
     "mask missing": (mask_missing, (), "fatal", r"val split: 1 chips have no mask \(val_1.tif"),

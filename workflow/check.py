@@ -22,6 +22,7 @@ A file reached twice through a hard link (split links chips) is read once.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from collections import Counter
@@ -227,7 +228,8 @@ class Checker:
         if channels is not None and bands != channels and not self._said("channels"):
             self.fatal(
                 f"{what}: {bands} bands ({infos[0].path.name}) but the settings say {channels} "
-                f"(load_dataset_args.channels {self.settings.load_dataset_args.channels}, model_args.input_shape "
+                f"(load_dataset_args.channels {json.dumps(self.settings.load_dataset_args.channels)}, "
+                "model_args.input_shape "
                 f"{list(self.settings.model_args.input_shape)}): set load_dataset_args.channels={bands}, or null "
                 "with a two-number input_shape to take the chips' count"
             )
