@@ -90,6 +90,8 @@ def main() -> int:
         "model_args.input_shape=[128,128,3]",
         "--set",
         "predict_args.min_area=0",
+        "--set",
+        "mask_args.filter=null",  # every polygon is a building (the labels have no roof_type)
     ]
     for item in args.extra:
         common += ["--set", item]
