@@ -1048,15 +1048,14 @@ def _model_at(path: tuple[str, ...]) -> type[BaseModel] | None:
 
 
 def _unknown_key_message(path: tuple[str, ...]) -> str:
-    model: type[BaseModel] | None = Settings
-    for depth, key in enumerate(path[:-1]):  # a section misspelt (chip_arg.size): the hint is for that key
-        field = _field(model, key) if model is not None else None
-        if field is None:
-            if model is not None:
-                return _unknown_key_message(path[: depth + 1]) + f" (in {'.'.join(path)})"
+    parent: type[BaseModel] | None = Settings  # the section holding path[-1] (None below a free-form field)
+    for depth, key in enumerate(path[:-1]):
+        field = _field(parent, key)
+        if field is None:  # a section misspelt (chip_arg.size): the hint is for that key
+            return _unknown_key_message(path[: depth + 1]) + f" (in {'.'.join(path)})"
+        parent = _section_of(field.annotation)
+        if parent is None:
             break
-        model = _section_of(field.annotation)
-    parent = _model_at(path[:-1])
     hint = ""
     if parent is not None:
         close = difflib.get_close_matches(path[-1], _names(parent), n=1, cutoff=0.6)

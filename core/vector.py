@@ -73,17 +73,24 @@ def read_labels(path: Path) -> gpd.GeoDataFrame:
     return gdf
 
 
+def close_attribute(gdf: gpd.GeoDataFrame, name: str, cutoff: float = 0.6) -> tuple[str | None, list[str]]:
+    """The attribute of ``gdf`` closest to ``name`` (difflib, at least ``cutoff`` alike; None when none is), and
+    all its attributes (the columns but the geometry): for the message about an attribute it lacks."""
+    names = [str(c) for c in gdf.columns if c != gdf.geometry.name]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=cutoff)
+    return (close[0] if close else None), names
+
+
 def filter_labels(
     gdf: gpd.GeoDataFrame, attribute: str, values: Sequence[str], source: Any = "labels"
 ) -> gpd.GeoDataFrame:
     """Keep features whose ``attribute`` is one of ``values``; all of them if there is no such attribute (a
     warning), unless an attribute of a close name suggests a typo (an error: every building would be a roof)."""
     if attribute not in gdf.columns:
-        names = [str(c) for c in gdf.columns if c != gdf.geometry.name]
-        close = difflib.get_close_matches(attribute, names, n=1, cutoff=0.8)
+        close, names = close_attribute(gdf, attribute, cutoff=0.8)
         if close:
             raise LabelError(
-                f"{source} has no attribute {attribute!r}; did you mean {close[0]!r}? Set mask_args.filter.attribute "
+                f"{source} has no attribute {attribute!r}; did you mean {close!r}? Set mask_args.filter.attribute "
                 f"to it (or mask_args.filter null to make every polygon a roof)"
             )
         log.warning(

@@ -35,7 +35,6 @@ do not count in the pixel scores.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import logging
 import sys
@@ -92,7 +91,7 @@ from core.raster import (
 )
 from core.settings import EvaluateArgs, Settings
 from core.tree import DataTree, require
-from core.vector import at_least_m2, clip_to, load_labels
+from core.vector import at_least_m2, clip_to, close_attribute, load_labels
 from evaluate.classes import ClassScores, scored_classes, share
 from evaluate.report import evaluation_dir, settings_changes, write_experiments_table, write_report
 from workflow.contract import begin, read_record, refuse_leaky_bundle
@@ -344,11 +343,10 @@ def polygon_scores(
     predicted = gpd.read_file(roofs_file, engine="pyogrio")
     args = settings.evaluate_args
     if groups is not None and args.group_by not in labels.columns:
-        names = [str(c) for c in labels.columns if c != labels.geometry.name]
-        close = difflib.get_close_matches(args.group_by, names, n=1)
+        close, names = close_attribute(labels, args.group_by)
         log.warning(
             "evaluate: evaluate_args.group_by %r is not an attribute of the labels (%s): no polygon scores by group",
-            args.group_by, f"did you mean {close[0]!r}?" if close else "they have " + (", ".join(names) or "none"),
+            args.group_by, f"did you mean {close!r}?" if close else "they have " + (", ".join(names) or "none"),
         )  # fmt: skip
     total = MatchCounts()
     truth_csv: dict[str, list] = {}

@@ -104,7 +104,14 @@ from core.tree import DataTree, refuse_overwrite
 from core.vector import ground_area, roof_grid
 from workflow.check import preflight
 from workflow.contract import begin, file_identity, file_key, refuse_leaky_bundle
-from workflow.stages import outside_kind, predict_bundle, predict_skipped, predict_source, split_of_folder
+from workflow.stages import (
+    outside_bundle,
+    outside_kind,
+    predict_bundle,
+    predict_skipped,
+    predict_source,
+    split_of_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -857,11 +864,10 @@ def predicted_model(settings: Settings, model: str | None, given: dict[str, Any]
     if kind is None:
         return model or settings.training_args.model
     if model is not None and model != kind:
-        outside = given.get("bundle") or settings.predict_args.bundle
         option = "--bundle" if given.get("bundle") else "predict_args.bundle"
         raise SettingsError(
-            f"--model {model} but {option} {outside} is a {kind} bundle: its predictions would be filed under "
-            f"{model}; give --model {kind}, or leave --model out"
+            f"--model {model} but {option} {outside_bundle(settings, given)} is a {kind} bundle: its predictions "
+            f"would be filed under {model}; give --model {kind}, or leave --model out"
         )
     return kind
 

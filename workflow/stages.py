@@ -111,29 +111,32 @@ def predict_source(args: PredictArgs, tree: DataTree, given: dict[str, Any]) -> 
     return path if path.is_absolute() else tree.root / path
 
 
+def outside_bundle(settings: Settings, given: dict[str, Any] | None = None) -> Path | None:
+    """The bundle --bundle (in ``given``) or else predict_args.bundle names; None when neither does."""
+    named = (given or {}).get("bundle") or settings.predict_args.bundle
+    return Path(named) if named else None
+
+
 def outside_kind(settings: Settings, given: dict[str, Any] | None = None) -> str | None:
-    """The kind (unet, forest, regression) of the bundle --bundle or predict_args.bundle names: predict files its
-    predictions under it, and evaluate scores them there. None without one, or while it cannot be read (a bundle
-    missing or damaged is predict's own news)."""
+    """The kind (unet, forest, regression) of the :func:`outside_bundle`: predict files its predictions under it,
+    and evaluate scores them there. None without one, or while it cannot be read (a bundle missing or damaged is
+    predict's own news)."""
     from core.bundle import read_info
     from core.errors import PipelineError
 
-    outside = (given or {}).get("bundle") or settings.predict_args.bundle
-    if not outside:
+    outside = outside_bundle(settings, given)
+    if outside is None:
         return None
     try:
-        return read_info(Path(outside)).kind
+        return read_info(outside).kind
     except PipelineError:
         return None
 
 
 def predict_bundle(settings: Settings, tree: DataTree, model: str, given: dict[str, Any]) -> tuple[Path, bool]:
     """The bundle predict uses and whether it is another than this experiment's trained one."""
-    if given.get("bundle"):
-        return Path(given["bundle"]), True
-    if settings.predict_args.bundle:
-        return Path(settings.predict_args.bundle), True
-    return tree.bundle(model), False
+    outside = outside_bundle(settings, given)
+    return (outside, True) if outside is not None else (tree.bundle(model), False)
 
 
 def _predict_inputs(settings: Settings, tree: DataTree, model: str | None, given: dict[str, Any]) -> Inputs:
