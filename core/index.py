@@ -35,9 +35,12 @@ CHIP_COLUMNS = (
 
 
 def read_index(path: Path, needs: tuple[str, ...] = (), fix: str = "run python chip/chip.py first") -> pd.DataFrame:
-    """Read chips.csv; missing file or missing columns say which stage to run."""
+    """Read chips.csv; missing file or missing columns say which stage to run (``fix``: the one that adds the
+    columns ``needs`` names; chip, which writes the file, comes first when it is missing)."""
     if not path.is_file():
-        raise InputMissingError(f"chip index {path} not found: {fix}")
+        first = "run python chip/chip.py first"
+        then = fix.removeprefix("run ").removesuffix(" first")
+        raise InputMissingError(f"chip index {path} not found: {first}{'' if fix == first else f', then {then}'}")
     try:
         frame = pd.read_csv(path, dtype={"file": str, "source": str, "crs": str, "split": str, "split_file": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

@@ -330,7 +330,9 @@ def test_index_without_roof_share(data_tree, make_chips, stage_argv, capsys):
 
 def test_no_index(stage_argv, data_tree, capsys):
     assert main(stage_argv) == 1
-    assert f"chip index {data_tree.chips_csv} not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # chips.csv is chip's: chip comes first, then mask (which adds the roof shares split reads)
+    assert f"chip index {data_tree.chips_csv} not found: run python chip/chip.py first, then python mask/mask.py" in err
 
 
 # --- the data stages in a row ----------------------------------------------------------------

@@ -40,6 +40,7 @@ from core.files import human_size
 from core.raster import open_raster, valid_pixels
 from core.settings import Settings
 from core.tree import IMAGENET_FILES, DataTree, encoder_weights_file, keras_cache
+from workflow.stages import outside_bundle
 
 log = logging.getLogger(__name__)
 
@@ -447,8 +448,7 @@ class Checker:
     def predict(self, bundle: Path | None, inputs: Sequence[Path] | None) -> list[RasterInfo]:
         """The bundle and the rasters to predict: readable, with the bundle's bands and dtype."""
         if bundle is None:
-            given = self.settings.predict_args.bundle
-            bundle = Path(given) if given else self.tree.bundle(self.settings.training_args.model)
+            bundle = outside_bundle(self.settings) or self.tree.bundle(self.settings.training_args.model)
         info = None
         if (bundle / BUNDLE_JSON).is_file():
             try:
