@@ -124,13 +124,10 @@ def repair_geometries(gdf: gpd.GeoDataFrame, source: Any = "labels") -> gpd.GeoD
     if nonpolygonal.any():
         fixed[nonpolygonal] = [_polygonal(g) for g in fixed[nonpolygonal]]
     drop = missing | shapely.is_empty(fixed)
-    if invalid.any() or drop.any():
-        log.warning(
-            "%s: repaired %d invalid geometries, dropped %d empty or non-polygon ones",
-            source,
-            int(invalid.sum()),
-            int(drop.sum()),
-        )
+    said = [f"repaired {int(invalid.sum())} invalid geometries"] if invalid.any() else []
+    said += [f"dropped {int(drop.sum())} empty or non-polygon ones"] if drop.any() else []
+    if said:
+        log.warning("%s: %s", source, ", ".join(said))
     out = gdf.copy()
     out = out.set_geometry(gpd.GeoSeries(fixed, index=gdf.index, crs=gdf.crs))
     return out[~drop]

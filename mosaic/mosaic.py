@@ -98,6 +98,33 @@ def on_grid(info: TileInfo, ref: TileInfo, tolerance: float = 0.01) -> bool:
     return abs(cols - round(cols)) < tolerance and abs(rows - round(rows)) < tolerance
 
 
+def mosaicable(paths: list[Path], args: MosaicArgs) -> list[TileInfo]:
+    """The tiles described (:func:`inspect_tiles`), once they are known to make one mosaic: one band count and
+    dtype, and one grid unless ``args.reproject``; else a :class:`DataError` naming the odd tiles. Run before the
+    old mosaic is removed."""
+    infos = inspect_tiles(paths)
+    kinds = [
+        f"{i.path.name}: {i.count} bands of {i.dtype}"
+        for i in infos
+        if (i.count, i.dtype) != (infos[0].count, infos[0].dtype)
+    ]
+    if kinds:  # checked first: reprojecting cannot fix it
+        raise DataError(
+            f"tiles differ in band count or dtype from {infos[0].path.name} ({infos[0].count} bands of "
+            f"{infos[0].dtype}): "
+            + "; ".join(kinds)
+            + ": move the odd tiles out of the folder, or mosaic them separately"
+        )
+    odd = mismatches(infos)
+    if odd and not args.reproject:
+        raise DataError(
+            f"tiles differ from {infos[0].path.name}: "
+            + "; ".join(odd)
+            + ": set mosaic_args.reproject to true to warp them onto its grid, or mosaic them separately"
+        )
+    return infos
+
+
 def output_grid(infos: list[TileInfo]) -> tuple[Affine, int, int]:
     """Transform and size of the mosaic: the union of the tiles on the first tile's pixel grid."""
     ref = infos[0]
@@ -165,7 +192,13 @@ def merge_block(out: np.ndarray, filled: np.ndarray, part: np.ndarray, valid: np
 
 
 def build_mosaic(
-    paths: list[Path], output: Path, args: MosaicArgs, *, overwrite: bool = False, block: int = _BLOCK
+    paths: list[Path],
+    output: Path,
+    args: MosaicArgs,
+    *,
+    overwrite: bool = False,
+    block: int = _BLOCK,
+    infos: list[TileInfo] | None = None,
 ) -> Path:
     """Merge tiles into ``output``, block by block.
 
@@ -175,30 +208,12 @@ def build_mosaic(
         args: ``mosaic_args``.
         overwrite: replace an existing output.
         block: output block size in pixels; memory use follows it, not the mosaic's size.
+        infos: the tiles' :func:`mosaicable` descriptions, when the caller checked them already.
     """
     refuse_overwrite([output], overwrite, "mosaic")
     if not paths:
         raise InputMissingError(f"no tiles to mosaic into {output}: give at least one GeoTIFF")
-    infos = inspect_tiles(paths)
-    kinds = [
-        f"{i.path.name}: {i.count} bands of {i.dtype}"
-        for i in infos
-        if (i.count, i.dtype) != (infos[0].count, infos[0].dtype)
-    ]
-    if kinds:  # checked first: reprojecting cannot fix it
-        raise DataError(
-            f"tiles differ in band count or dtype from {infos[0].path.name} ({infos[0].count} bands of "
-            f"{infos[0].dtype}): "
-            + "; ".join(kinds)
-            + ": move the odd tiles out of the folder, or mosaic them separately"
-        )
-    odd = mismatches(infos)
-    if odd and not args.reproject:
-        raise DataError(
-            f"tiles differ from {infos[0].path.name}: "
-            + "; ".join(odd)
-            + ": set mosaic_args.reproject to true to warp them onto its grid, or mosaic them separately"
-        )
+    infos = infos or mosaicable(paths, args)
     ref = infos[0]
     transform, width, height = output_grid(infos)
     nodata = next((i.nodata for i in infos if i.nodata is not None), None)
@@ -270,9 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         if run.skip:
             run.say_skip()
             return
-        inspect_tiles(tiles)  # unreadable tiles fail before the old mosaic is removed
+        infos = mosaicable(tiles, settings.mosaic_args)  # tiles that make no mosaic: before the old one is removed
         run.start()
-        build_mosaic(tiles, tree.mosaic, settings.mosaic_args, overwrite=True)
+        build_mosaic(tiles, tree.mosaic, settings.mosaic_args, overwrite=True, infos=infos)
         run.finish(tiles=len(tiles))
 
     return cli.run(parser, argv, body)

@@ -226,6 +226,28 @@ def outside_roofs(dropped: list, kept: list) -> list:
     return out
 
 
+def log_blank(blank: list[Any], threshold: float, shown: int = 3) -> None:
+    """One line for each reason rasters came out without a roof (the object filter dropped every object, every
+    pixel nodata, no pixel over the threshold), naming the first ``shown``: a folder of chips, most of them
+    roof-free, gets three lines, not one per chip."""
+
+    def listed(items: list[str]) -> str:
+        more = f" and {len(items) - shown} more" if len(items) > shown else ""
+        return ", ".join(items[:shown]) + more
+
+    dropped = [r for r in blank if r.dropped]
+    nodata = [r for r in blank if not r.dropped and r.valid_pixels == 0]
+    below = [r for r in blank if not r.dropped and r.valid_pixels > 0]
+    if dropped:
+        log.info("predict: the object filter dropped every object of %s",
+                 listed([f"{r.source.name} ({r.dropped})" for r in dropped]))  # fmt: skip
+    if nodata:
+        log.info("predict: every pixel is nodata in %s", listed([r.source.name for r in nodata]))
+    if below:
+        log.info("predict: no pixel reaches the threshold %.3f in %s", threshold,
+                 listed([f"{r.source.name} (probabilities {r.prob_min:.3f}..{r.prob_max:.3f})" for r in below]))  # fmt: skip
+
+
 def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...]) -> tuple[Any, float, str]:
     """The object filter predict applies (core.objects.ObjectFilter) and its cut: predict_args.object_filter,
     else the bundle's; or None, 0 and why every object is kept (a setting of 0, a bundle without a filter, bands
@@ -242,8 +264,8 @@ def filter_decision(info: BundleInfo, args: PredictArgs, targets: tuple[str, ...
             None,
             0.0,
             (
-                "the bundle has no object filter (trained before filters existed: retrain with --overwrite to fit one; "
-                "or its validation chips held too few objects): every object kept"
+                "the bundle has no object filter (its validation chips held too few objects of either kind to fit "
+                "one, as train said; or it was trained before filters existed): every object kept"
             ),
         )
     if mismatch == "bands":
@@ -773,20 +795,7 @@ def predict_all(
         gdf.to_file(tmp, layer="roofs", driver="GPKG", engine="pyogrio")
     write_grid(gdf, inputs, out, args.grid_size)
     blank = [r for r in results if r.roof_pixels == 0]
-    for r in blank:
-        if r.dropped:
-            log.info("predict: the object filter dropped every object of %s (%d)", r.source.name, r.dropped)
-            continue
-        if r.valid_pixels == 0:
-            log.info("predict: every pixel of %s is nodata", r.source.name)
-            continue
-        log.info(
-            "predict: no pixel of %s reaches the threshold %.3f (probabilities %.3f..%.3f)",
-            r.source.name,
-            threshold,
-            r.prob_min,
-            r.prob_max,
-        )
+    log_blank(blank, threshold)
     stale = out / "classes"  # a class bundle's earlier predictions, their files removed by the stage's rerun
     if not info.classes and stale.is_dir() and not any(stale.iterdir()):
         stale.rmdir()

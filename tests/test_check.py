@@ -174,6 +174,10 @@ def tile_in_another_crs(scene: Scene) -> None:
     write_geotiff(scene.tree.raw / "tile2.tif", bands=3, rows=SIZE, cols=SIZE, crs="EPSG:32645")
 
 
+def tile_without_georeferencing(scene: Scene) -> None:
+    write_geotiff(scene.tree.raw / "tile2.tif", bands=3, rows=SIZE, cols=SIZE, crs=None, transform=Affine.identity())
+
+
 CASES: dict[str, tuple[Callable[[Scene], None], tuple[str, ...], str, str]] = {
     # name: (break the tree, settings, level, what the message says)
     "corrupt raster": (corrupt, (), "fatal", r"train_frames/train_1.tif .*(truncated or corrupt|not a readable)"),
@@ -197,6 +201,9 @@ CASES: dict[str, tuple[Callable[[Scene], None], tuple[str, ...], str, str]] = {
     "input shape setting": ((lambda s: None), ("model_args.input_shape=[64,64,3]",), "warning",
                             r"train split: chips are 32x32 pixels but model_args.input_shape is \[64, 64, 3\]"),
     "tiles on two grids": (tile_in_another_crs, (), "fatal", r"raw tiles tile2.tif .* set mosaic_args.reproject=true"),
+    # (not "another CRS: set reproject", which mosaic then refuses too: mosaic's own words)
+    "tile without georeferencing": (tile_without_georeferencing, (), "fatal",
+                                    r"^fatal: .*raw/tile2.tif has no georeferencing \(no geotransform\): it cannot be placed on the map; set them with gdal_edit.py"),
     "no test split": ((lambda s: None), ("evaluate_args.split=test",), "fatal", r"evaluate_args.split is test but there is no test split"),
     "encoder weights missing": ((lambda s: None), ("model_args.architecture=mobilenetv2", "model_args.encoder_weights=/nowhere/enc.weights.h5"),
                                 "fatal", r"^fatal: model_args.encoder_weights names /nowhere/enc.weights.h5, which is not a file: give the "

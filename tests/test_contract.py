@@ -7,6 +7,7 @@ one-line refusal naming what changed, or outputs identical to a clean run with t
 from __future__ import annotations
 
 import json
+import shutil
 import types
 from pathlib import Path
 
@@ -348,6 +349,32 @@ def test_a_refused_fresh_start_keeps_old_outputs_until_the_stage_checks_pass(sce
     assert mask_main([*argv, "--overwrite"]) == 1
     assert "cannot be read" in error(capsys)
     assert files(tree.masks) == before
+
+
+def test_a_new_data_root_without_a_split_keeps_the_bundle_trained_on_another(scene, capsys, tmp_path):
+    """results/ are per experiment, not per data root: train --overwrite in a data root whose split was never
+    made removed the bundle trained on another, then failed on the missing split, and its record read as a run
+    to resume. Now the missing split is said before anything is removed or recorded."""
+    argv, model = predicted(scene)
+    tree = tree_of(argv)
+    bundle, record = files(tree.bundle("regression")), (tree.model_dir("regression") / "train.record.json")
+    before = record.read_bytes()
+    shutil.copytree(tree.raw, tmp_path / "other" / "raw")
+    shutil.copytree(tree.labels, tmp_path / "other" / "labels")
+    other = [*argv, "--set", f"data_root={tmp_path / 'other'}"]
+    capsys.readouterr()
+    # The refusal names the data root the bundle was trained in ("since removed", it said: nothing was).
+    assert train_main([*other, *model]) == 1
+    assert error(capsys) == (
+        f"error: the bundle was made from a run of split in another data root, {tree.root.resolve()} (now "
+        f"{tmp_path / 'other'}): add --overwrite to redo it (python pipeline.py reruns outdated stages)"
+    )
+    assert train_main([*other, *model, "--overwrite"]) == 1
+    assert error(capsys) == (
+        f"error: train chips folder {tmp_path / 'other' / 'train_frames'} not found: run python split/split.py first"
+    )
+    assert files(tree.bundle("regression")) == bundle and record.read_bytes() == before
+    assert predict_main([*argv, *model]) == 0  # the bundle still predicts in its own data root
 
 
 def test_settings_of_flattens_sections_and_leaves_out_excluded_keys():

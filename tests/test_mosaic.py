@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import rasterio
@@ -280,6 +282,22 @@ def test_rerun_needs_overwrite(stage_argv, data_tree, make_geotiff, capsys):
     np.testing.assert_array_equal(read(data_tree.mosaic)[0], read(tile)[0])
     with pytest.raises(OutputExistsError):
         build_mosaic([tile], data_tree.mosaic, MosaicArgs())
+
+
+def test_overwrite_with_tiles_that_make_no_mosaic_keeps_the_old_one(stage_argv, data_tree, make_geotiff, capsys):
+    make_geotiff(data_tree.raw, "a.tif", rows=8, cols=8, seed=1)
+    assert main(stage_argv) == 0
+    first = data_tree.mosaic.read_bytes()
+    make_geotiff(data_tree.raw, "b.tif", bands=2, rows=8, cols=8, transform=at(0, 8))
+    capsys.readouterr()
+    assert main([*stage_argv, "--overwrite"]) == 1
+    assert capsys.readouterr().err == (
+        "error: tiles differ in band count or dtype from a.tif (3 bands of uint16): b.tif: 2 bands of uint16: move "
+        "the odd tiles out of the folder, or mosaic them separately\n"
+    )
+    # The refusal came before the run began: the old mosaic and its record are as they were.
+    assert data_tree.mosaic.read_bytes() == first
+    assert json.loads((data_tree.root / "mosaic.record.json").read_text())["state"] == "complete"
 
 
 def test_killed_halfway_reruns(stage_argv, data_tree, make_geotiff):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -326,7 +328,9 @@ def test_the_log_says_what_the_filter_did():
         "object kept"
     )
     old = BundleInfo(kind="unet", bands=3, dtype="uint8", normalization=norm, threshold=0.5)
-    assert filter_note(old, args, 0, 13).startswith("the bundle has no object filter (trained before filters")
+    assert filter_note(old, args, 0, 13).startswith(
+        "the bundle has no object filter (its validation chips held too few"
+    )
     assert filter_note(info, args.model_copy(update={"object_filter": 0.8}), 1, 2) == (
         "the object filter dropped 1 objects (probability of a roof under 0.8), kept 2"
     )
@@ -718,3 +722,21 @@ def test_predict_judges_each_object_by_the_filter_of_its_class(tmp_path):
     assert filter_note(info, PredictArgs(object_filter=0.3), 2, 1) == (
         "the object filter dropped 2 objects (probability of a roof of its class under 0.3), kept 1"
     )
+
+
+def test_roof_free_rasters_are_logged_one_line_per_reason(caplog):
+    from predict.predict import log_blank
+
+    def result(name, dropped=0, valid=100, lo=0.0, hi=0.2):
+        return SimpleNamespace(source=Path(name), dropped=dropped, valid_pixels=valid, prob_min=lo, prob_max=hi)
+
+    blank = [result(f"chip_{k}.tif", hi=k / 10) for k in range(5)] + [result("a.tif", dropped=2),
+                                                                       result("edge.tif", valid=0)]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="predict.predict"):
+        log_blank(blank, 0.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "predict: the object filter dropped every object of a.tif (2)",
+        "predict: every pixel is nodata in edge.tif",
+        "predict: no pixel reaches the threshold 0.500 in chip_0.tif (probabilities 0.000..0.000), chip_1.tif "
+        "(probabilities 0.000..0.100), chip_2.tif (probabilities 0.000..0.200) and 2 more",
+    ]

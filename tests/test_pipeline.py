@@ -294,3 +294,15 @@ def test_from_to_only_after_split_on_a_tiny_scene(settings_file: Path, tmp_path:
         in out
     )
     assert "redoes" not in out and out.endswith("0 fatal problems, 1 warning\n")
+
+    # Chips cut again at another size: the masks on disk are of the old size, but mask, among the stages, redoes
+    # them: the check says so and finds nothing fatal (it called the size difference fatal, while the run went on).
+    resized = [*edited, "--set", "chip_args.size=96"]
+    assert pipeline.main([*resized, "--only", "chip", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert pipeline.main([*resized, "check", "--only", "mask", "split"]) == 0
+    out = capsys.readouterr().out
+    assert "masks/ are outdated" in out and "differ in size" not in out and "\n0 fatal problems, 2 warnings\n" in out
+    # Without mask among them, the masks split would read are of the old size: fatal, as before.
+    assert pipeline.main([*resized, "check", "--only", "split"]) == 1
+    assert "differ in size from their chip" in capsys.readouterr().out

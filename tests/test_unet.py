@@ -699,6 +699,8 @@ def test_train_without_split_folders_says_what_to_run(tmp_path: Path, settings_f
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: train chips folder ") and err.rstrip().endswith("run python split/split.py first")
+    # Said before the run began: no record of a run to resume (predict then said "train unet did not finish").
+    assert not any((tmp_path / "results").rglob("train.record.json"))
 
 
 @pytest.mark.slow

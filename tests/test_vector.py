@@ -147,6 +147,10 @@ def test_repair_counts_in_a_warning(caplog):
     assert out.geometry.iloc[0].area == pytest.approx(2.0)  # two triangles of 1
     assert out.geometry.iloc[2].area == pytest.approx(4.0)  # the spike is gone, the square stays
     assert out.geometry.iloc[2].geom_type == "Polygon"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # only what happened is said (it said "repaired 0 invalid geometries")
+        repair_geometries(gdf([shapely.box(5, 5, 6, 6), line], n=[0, 1]), source="roofs.gpkg")
+    assert [r.getMessage() for r in caplog.records] == ["roofs.gpkg: dropped 1 empty or non-polygon ones"]
 
 
 def test_repair_keeps_polygon_parts_of_collections():

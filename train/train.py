@@ -18,6 +18,7 @@ from pathlib import Path
 from core import cli
 from core.bundle import BUNDLE_JSON, KINDS
 from core.errors import DataError, InputMissingError
+from core.index import split_pairs
 from core.settings import Settings
 from core.tree import DataTree
 from workflow.check import preflight
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         if run.skip:
             run.say_skip()
             return
+        for split in ("train", "val"):  # (a data root without a split: said before the old bundle is removed)
+            split_pairs(tree, split)
         # Continuing from the bundle: it must not be removed before it is read.
         continuing = kind == "unet" and (args.from_bundle is not None or settings.training_args.pretrained)
         preflight(settings, tree, f"train-{kind}", continuing=continuing)

@@ -37,7 +37,7 @@ from rasterio.windows import Window
 from core.bundle import BUNDLE_JSON, BundleError, read_info
 from core.errors import CheckError, LabelError, PipelineError, RasterError
 from core.files import human_size
-from core.raster import open_raster, valid_pixels
+from core.raster import open_raster, require_georeference, valid_pixels
 from core.settings import Settings
 from core.tree import IMAGENET_FILES, DataTree, encoder_weights_file, keras_cache
 from workflow.stages import outside_bundle
@@ -92,6 +92,7 @@ class RasterInfo:
     nodata_share: float | None = None
     values: tuple[int, ...] = ()
     roof: int = 0
+    unplaced: str = ""  # why it cannot be placed on the map (no CRS or geotransform), '' when it can
 
 
 def _names(paths: Sequence[Path], folder: bool = False) -> str:
@@ -185,6 +186,10 @@ class Checker:
                 nodata=src.nodata,
                 full=src.width * src.height <= FULL_READ_PIXELS,
             )
+            try:
+                require_georeference(src)
+            except RasterError as exc:
+                info.unplaced = str(exc)
             if not info.full:
                 # The first and the last block: a truncated file fails on its last one.
                 bh, bw = src.block_shapes[0]
@@ -271,13 +276,15 @@ class Checker:
         band count.
 
         ``masks_dir`` None checks the chips alone; ``need_roof`` makes masks without a roof fatal;
-        ``made_ahead``: a stage ahead makes the masks, so a missing one is not a problem.
+        ``made_ahead``: mask is among the stages to run and will make its masks (anew: masks of another size
+        after chips were cut again are no problem; or the missing ones): the masks on disk now are not what the
+        later stages read, so the chips alone are checked.
         """
         frames = self.rasters(frames_dir)
         self.bands(frames, what)
         self.nodata(frames, what)
         self.chip_size(frames, what, shape_key)
-        if masks_dir is None or not masks_dir.is_dir():
+        if masks_dir is None or not masks_dir.is_dir() or made_ahead:
             return
         missing, values, size, multi = [], [], [], []
         roof = 0
@@ -297,7 +304,7 @@ class Checker:
                 size.append((path, mask, frame))
             if mask.full and not set(mask.values) <= {0, 128, 255}:
                 values.append((path, mask.values))
-        if missing and not made_ahead:
+        if missing:
             self.fatal(
                 f"{what}: {len(missing)} chips have no mask ({_names(missing, folder=True)}): rerun mask and split"
             )
@@ -361,6 +368,11 @@ class Checker:
         folder = self.tree.root / self.settings.mosaic_args.input
         tiles = self.rasters(folder)
         self.bands(tiles, f"raw tiles in {folder}")
+        unplaced = [i for i in tiles if i.unplaced]
+        if unplaced:  # (mosaic and chip refuse them so: their grid is no grid to warp from)
+            more = f" (and {len(unplaced) - 1} more raw tiles)" if len(unplaced) > 1 else ""
+            self.fatal(f"{unplaced[0].unplaced}{more}")
+            tiles = [i for i in tiles if not i.unplaced]
         grids = Counter((i.crs, i.res) for i in tiles)
         if len(grids) > 1 and not self.settings.mosaic_args.reproject:
             (crs, res), _ = grids.most_common(1)[0]
@@ -600,6 +612,18 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _redone(stage: str, settings: Settings, tree: DataTree) -> bool:
+    """Whether a run of ``stage`` would make its outputs (anew, or the rest of them): not run, interrupted or
+    outdated against its settings or what it reads. Its outputs on disk now are then not what later stages read.
+    Outputs without a record are not redone (the stage refuses them without --overwrite): they are checked."""
+    from workflow.contract import status, why_outdated
+
+    st = status(stage, settings, tree)
+    if st.state == "unrecorded":
+        return False
+    return not st.done or bool(why_outdated(stage, settings, tree))
+
+
 def run_checks(
     settings: Settings,
     tree: DataTree,
@@ -630,7 +654,8 @@ def run_checks(
     if "chips" in groups:
         masks = tree.masks if "masks" in groups else None
         # (mask among the stages makes the masks missing now: the stage records' finding says it resumes)
-        check.pairs(tree.chips, masks, "chips/", need_roof=False, shape_key="chip", made_ahead="mask" in stages)
+        made_ahead = "mask" in stages and _redone("mask", settings, tree)
+        check.pairs(tree.chips, masks, "chips/", need_roof=False, shape_key="chip", made_ahead=made_ahead)
     if "split" in groups:
         check.pairs(tree.frames("train"), tree.split_masks("train"), "train split", need_roof=True, shape_key="model")
         check.pairs(tree.frames("val"), tree.split_masks("val"), "val split", need_roof=False, shape_key="model")

@@ -327,7 +327,13 @@ def _changes(record: dict[str, Any], current: dict[str, Any], root: Path | None 
         elif stage not in old_in:
             changes.append(f"without {stage} outputs it now reads")
         elif old_in[stage].get("run") != new_in[stage].get("run"):
-            what = f"an earlier run of {stage}" if new_in[stage].get("run") else f"a run of {stage} since removed"
+            then = record.get("data_root")
+            if then and root is not None and Path(then) != Path(root).resolve():  # (results/ outlive a data root)
+                what = f"a run of {stage} in another data root, {then} (now {Path(root).resolve()})"
+            elif new_in[stage].get("run"):
+                what = f"an earlier run of {stage}"
+            else:
+                what = f"a run of {stage} since removed"
             diff = [
                 f"{k} {_show(old_in[stage].get('settings', {}).get(k))}"
                 for k in sorted(new_in[stage].get("settings", {}))
@@ -458,6 +464,7 @@ class StageRun:
             "inputs": inputs,
             "files": files,
             "given": {k: str(v) for k, v in self.given.items()},
+            "data_root": str(self.tree.root.resolve()),
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "process_start": _process_start(os.getpid()),
