@@ -237,16 +237,38 @@ def read_spacenet_csv(path: Path) -> dict[str, list[BaseGeometry]]:
                     f"{path} is not a SpaceNet CSV: it lacks the column(s) {missing} (ImageId,BuildingId,PolygonWKT_Pix)"
                 )
             for line, row in enumerate(reader, start=2):
+                if row["ImageId"] is None or row["PolygonWKT_Pix"] is None:  # (DictReader fills a short row None)
+                    raise DataError(
+                        f"{path}, line {line}: {sum(v is not None for k, v in row.items() if k is not None)} fields, "
+                        f"the header names {len(reader.fieldnames or [])}: quote a PolygonWKT_Pix that holds commas"
+                    )
                 polygons = images.setdefault(row["ImageId"], [])
                 try:
                     geom = shapely.from_wkt(row["PolygonWKT_Pix"])
                 except shapely.errors.GEOSException as exc:
                     raise DataError(f"{path}, line {line}: PolygonWKT_Pix is not WKT ({exc})") from exc
+                if not geom.is_empty and geom.geom_type not in ("Polygon", "MultiPolygon"):
+                    raise DataError(
+                        f"{path}, line {line}: PolygonWKT_Pix is a {geom.geom_type}, not a polygon (an image without "
+                        "buildings has POLYGON EMPTY)"
+                    )
                 if not geom.is_empty:
                     polygons.append(shapely.make_valid(geom) if not geom.is_valid else geom)
     except OSError as exc:
         raise DataError(f"SpaceNet CSV {path} cannot be read ({exc.strerror or exc})") from exc
     return images
+
+
+def unshared_images(truth: dict[str, list[BaseGeometry]], predicted: dict[str, list[BaseGeometry]]) -> str:
+    """A warning when two SpaceNet CSVs with polygons share no ImageId (names with and without .tif, say): every
+    polygon would be unmatched, an F1 of 0 that says nothing of the polygons. '' when they share one."""
+    t, p = (sorted(k for k, v in d.items() if v) for d in (truth, predicted))
+    if not t or not p or set(t) & set(p):
+        return ""
+    return (
+        f"the two CSVs share no ImageId (truth {', '.join(t[:2])} ..., predictions {', '.join(p[:2])} ...): every "
+        "polygon is unmatched; name the images alike in both"
+    )
 
 
 def score_spacenet(

@@ -817,7 +817,7 @@ class PredictArgs(Section):
         100.0,
         gt=0.0,
         description="Side in metres of the grid cells of grid.gpkg and grid.csv: roofs and roof area per cell "
-        "(a roof counts in the cell holding its centroid).",
+        "(a roof counts in the cell holding its centroid); at most 1,000,000 cells over the rasters predicted.",
     )
     seeds: Literal["auto", "footprint", "channels"] = Field(
         "auto",

@@ -20,7 +20,7 @@ from shapely import STRtree
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
-from core.errors import LabelError
+from core.errors import DataError, LabelError
 
 if TYPE_CHECKING:
     from core.settings import MaskArgs
@@ -279,17 +279,38 @@ def pixel_m2(profile: dict[str, Any], shape: tuple[int, int]) -> float:
     return float(ground_area(gpd.GeoDataFrame(geometry=[bounds], crs=profile.get("crs")))[0]) / (rows * cols)
 
 
-def roof_grid(roofs: gpd.GeoDataFrame, bounds: tuple[float, float, float, float], size: float) -> gpd.GeoDataFrame:
-    """Square cells of ``size`` metres over ``bounds`` (in the roofs' CRS) with the number of roofs whose
-    centroid lies in each and their ground area (``area_m2``); cells are laid out in the local UTM zone,
-    so they are ``size`` metres on the ground whatever the CRS, and returned in the roofs' CRS."""
-    crs = roofs.crs
+#: The most cells a roof grid may have (a grid_size meant in km, typed over a district, made billions).
+MAX_GRID_CELLS = 1_000_000
+
+
+def grid_layout(bounds: tuple[float, float, float, float], crs: Any, size: float) -> tuple[Any, tuple, int, int]:
+    """Where the cells of ``size`` metres over ``bounds`` (in ``crs``) lie: the local UTM CRS (None without a
+    CRS), the top left corner in it, rows and columns. Raises DataError over :data:`MAX_GRID_CELLS` cells, naming a
+    size that fits (predict calls it before it predicts anything)."""
     frame = gpd.GeoDataFrame(geometry=[box(*bounds)], crs=crs)
     metric = frame.estimate_utm_crs() if crs is not None else None
     if metric is not None:
         frame = frame.to_crs(metric)
-    x0, y0, x1, y1 = frame.total_bounds
+    x0, y0, x1, y1 = (float(v) for v in frame.total_bounds)
     cols, rows = max(1, int(np.ceil((x1 - x0) / size))), max(1, int(np.ceil((y1 - y0) / size)))
+    if rows * cols > MAX_GRID_CELLS:
+        fits = int(np.ceil(np.sqrt((x1 - x0) * (y1 - y0) / MAX_GRID_CELLS)))
+        while np.ceil((x1 - x0) / fits) * np.ceil((y1 - y0) / fits) > MAX_GRID_CELLS:
+            fits += 1
+        raise DataError(
+            f"predict_args.grid_size {size:g} m makes {rows * cols:,} cells over the {x1 - x0:,.0f} x {y1 - y0:,.0f} m "
+            f"predicted, more than {MAX_GRID_CELLS:,}: it is in metres; set it to {fits} or more"
+        )
+    return metric, (x0, y1), rows, cols
+
+
+def roof_grid(roofs: gpd.GeoDataFrame, bounds: tuple[float, float, float, float], size: float) -> gpd.GeoDataFrame:
+    """Square cells of ``size`` metres over ``bounds`` (in the roofs' CRS) with the number of roofs whose
+    centroid lies in each and their ground area (``area_m2``); cells are laid out in the local UTM zone
+    (:func:`grid_layout`), so they are ``size`` metres on the ground whatever the CRS, and returned in the
+    roofs' CRS."""
+    crs = roofs.crs
+    metric, (x0, y1), rows, cols = grid_layout(bounds, crs, size)
     cells = [box(x0 + c * size, y1 - (r + 1) * size, x0 + (c + 1) * size, y1 - r * size)
              for r in range(rows) for c in range(cols)]  # fmt: skip
     grid = gpd.GeoDataFrame(

@@ -75,6 +75,7 @@ from core.polygons import (
     read_spacenet_csv,
     score_spacenet,
     to_pixels,
+    unshared_images,
     write_spacenet_csv,
 )
 from core.raster import (
@@ -770,7 +771,13 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace, settings: Settings, tree: DataTree) -> None:
         if args.spacenet:
             a = settings.evaluate_args
-            counts = score_spacenet(*(read_spacenet_csv(p) for p in args.spacenet), a.iou_threshold, a.min_area)
+            truth, predicted = (read_spacenet_csv(p) for p in args.spacenet)
+            unshared = unshared_images(truth, predicted)
+            if unshared:
+                log.warning("evaluate: %s", unshared)
+            log.info("evaluate: polygons under %g px ignored on both sides (evaluate_args.min_area; metrics.json's "
+                     "polygon scores ignore those under evaluate_args.min_area_m2, %g m2)", a.min_area, a.min_area_m2)  # fmt: skip
+            counts = score_spacenet(truth, predicted, a.iou_threshold, a.min_area)
             print(json.dumps(counts.scores()))
             return
         model = args.model or outside_kind(settings) or settings.training_args.model  # (predict's default too)

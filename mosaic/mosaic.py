@@ -199,6 +199,7 @@ def build_mosaic(
     overwrite: bool = False,
     block: int = _BLOCK,
     infos: list[TileInfo] | None = None,
+    mark_gaps: bool = True,
 ) -> Path:
     """Merge tiles into ``output``, block by block.
 
@@ -209,6 +210,9 @@ def build_mosaic(
         overwrite: replace an existing output.
         block: output block size in pixels; memory use follows it, not the mosaic's size.
         infos: the tiles' :func:`mosaicable` descriptions, when the caller checked them already.
+        mark_gaps: tiles that declare no nodata value: the gaps (0) are declared nodata (the pipeline's mosaic,
+            which chip pads and skips by it); False leaves the mosaic without one, like its tiles (predicted masks,
+            whose 0 is "no roof": declared nodata, QGIS drew all but the roofs transparent).
     """
     refuse_overwrite([output], overwrite, "mosaic")
     if not paths:
@@ -217,9 +221,12 @@ def build_mosaic(
     ref = infos[0]
     transform, width, height = output_grid(infos)
     nodata = next((i.nodata for i in infos if i.nodata is not None), None)
-    if nodata is None:
+    fill = 0 if nodata is None else nodata
+    if nodata is None and mark_gaps:
         nodata = 0
         log.info("mosaic: tiles have no nodata value; gaps are filled with 0 and marked as nodata")
+    elif nodata is None:
+        log.info("mosaic: tiles have no nodata value; gaps are filled with 0, and the mosaic declares none either")
     profile = gtiff_profile(
         width=width,
         height=height,
@@ -238,7 +245,7 @@ def build_mosaic(
         datasets = [stack.enter_context(open_on_grid(i, ref, args.reproject)) for i in order]
         for win in cli.progress(blocks, desc="mosaic", unit="block"):
             bounds = rasterio.windows.bounds(win, transform)
-            out = np.full((ref.count, int(win.height), int(win.width)), nodata, dtype=ref.dtype)
+            out = np.full((ref.count, int(win.height), int(win.width)), fill, dtype=ref.dtype)
             filled = np.zeros(out.shape[1:], dtype=bool)
             for info, ds in zip(order, datasets, strict=True):
                 if disjoint_bounds(bounds, ds.bounds):
@@ -279,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputMissingError(f"no GeoTIFF tiles in {folder}: run python sample/sample.py or download first")
         if args.output is not None and args.output.resolve() != tree.mosaic.resolve():
             # Any other output (merging predicted masks, say) is not the pipeline's mosaic stage.
-            build_mosaic(tiles, args.output, settings.mosaic_args, overwrite=args.overwrite)
+            build_mosaic(tiles, args.output, settings.mosaic_args, overwrite=args.overwrite, mark_gaps=False)
             return
         run = begin("mosaic", settings, tree, overwrite=args.overwrite, given={"input": args.input})
         if run.skip:

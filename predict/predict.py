@@ -101,7 +101,7 @@ from core.raster import (
 )
 from core.settings import CPU_PREDICT_BATCH, ParallelArgs, PredictArgs, Settings
 from core.tree import DataTree, refuse_overwrite
-from core.vector import ground_area, roof_grid
+from core.vector import grid_layout, ground_area, roof_grid
 from workflow.check import preflight
 from workflow.contract import begin, file_identity, file_key, refuse_leaky_bundle
 from workflow.stages import (
@@ -663,14 +663,22 @@ def roofs_frame(
     return gdf
 
 
-def write_grid(roofs: gpd.GeoDataFrame, inputs: list[Path], out: Path, size: float) -> None:
-    """grid.gpkg and grid.csv: roofs and roof area in m2 per cell of ``size`` metres over the inputs."""
-    bounds = []
+def input_extent(inputs: list[Path]) -> tuple[tuple[float, float, float, float], Any]:
+    """The bounds of all the rasters to predict together and the first one's CRS; a raster without CRS or
+    geotransform is refused (:func:`core.raster.require_georeference`)."""
+    bounds, crs = [], None
     for path in inputs:
         with open_raster(path) as src:
+            require_georeference(src)
             bounds.append(tuple(src.bounds))
+            crs = crs or src.crs
     b = np.array(bounds)
-    grid = roof_grid(roofs, (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()), size)
+    return (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()), crs
+
+
+def write_grid(roofs: gpd.GeoDataFrame, inputs: list[Path], out: Path, size: float) -> None:
+    """grid.gpkg and grid.csv: roofs and roof area in m2 per cell of ``size`` metres over the inputs."""
+    grid = roof_grid(roofs, input_extent(inputs)[0], size)
     with atomic_path(out / "grid.gpkg") as tmp:
         grid.to_file(tmp, layer="grid", driver="GPKG", engine="pyogrio")
     with atomic_path(out / "grid.csv") as tmp:
@@ -908,9 +916,9 @@ def predict_stage(
         return []
     bundle, outside = predict_bundle(settings, tree, model, given)
     inputs = resolve_inputs(tree, settings.predict_args, source)
-    for path in inputs:  # roofs in pixel coordinates with areas in pixels are no map: refused, as chip does
-        with open_raster(path) as src:
-            require_georeference(src)
+    # Roofs in pixel coordinates with areas in pixels are no map: refused, as chip does; and a grid_size that
+    # makes too many cells is said now, not after the predictions.
+    grid_layout(*input_extent(inputs), settings.predict_args.grid_size)
     split = split_of_folder(predict_source(settings.predict_args, tree, given), tree)
     if split is not None and not outside:
         refuse_leaky_bundle(settings, tree, model, split)  # predicting today's val chips with it would leak

@@ -363,18 +363,47 @@ def test_a_new_data_root_without_a_split_keeps_the_bundle_trained_on_another(sce
     shutil.copytree(tree.labels, tmp_path / "other" / "labels")
     other = [*argv, "--set", f"data_root={tmp_path / 'other'}"]
     capsys.readouterr()
-    # The refusal names the data root the bundle was trained in ("since removed", it said: nothing was).
+    for flags in ([], ["--overwrite"]):  # ("made from a run of split since removed: add --overwrite", it said)
+        assert train_main([*other, *model, *flags]) == 1
+        assert error(capsys) == (
+            "error: train regression reads the split folders (train_frames/, val_frames/ ...), which are not there "
+            "(none made here, or removed since): run python split/split.py first"
+        )
+    assert files(tree.bundle("regression")) == bundle and record.read_bytes() == before
+    assert predict_main([*argv, *model]) == 0  # the bundle still predicts in its own data root
+    # Once the other root has a split, the refusal names the data root the bundle was trained in.
+    prepare(other, mosaic_main, chip_main, mask_main, split_main)
+    capsys.readouterr()
     assert train_main([*other, *model]) == 1
     assert error(capsys) == (
         f"error: the bundle was made from a run of split in another data root, {tree.root.resolve()} (now "
         f"{tmp_path / 'other'}): add --overwrite to redo it (python pipeline.py reruns outdated stages)"
     )
-    assert train_main([*other, *model, "--overwrite"]) == 1
-    assert error(capsys) == (
-        f"error: train chips folder {tmp_path / 'other' / 'train_frames'} not found: run python split/split.py first"
-    )
-    assert files(tree.bundle("regression")) == bundle and record.read_bytes() == before
-    assert predict_main([*argv, *model]) == 0  # the bundle still predicts in its own data root
+
+
+def test_evaluate_after_the_predictions_moved_says_to_predict(scene, capsys, tmp_path):
+    argv, model = predicted(scene)
+    prepare([*argv, *model], evaluate_main)
+    capsys.readouterr()
+    moved = [*argv, "--set", f"predict_args.output={tmp_path / 'elsewhere'}"]
+    for flags in ([], ["--overwrite"]):  # (it said "made from a run of predict since removed: add --overwrite")
+        assert evaluate_main([*moved, *model, *flags]) == 1
+        assert error(capsys) == (
+            "error: evaluate regression reads the predictions, which are not there (none made here, or removed "
+            "since): run python predict/predict.py --model regression first"
+        )
+    assert evaluate_main([*argv, *model]) == 0  # the evaluation of the predictions where they are: up to date
+
+
+def test_a_grid_size_of_too_many_cells_is_refused_before_predicting(scene, capsys, tmp_path):
+    argv, model = predicted(scene)
+    out = tmp_path / "predictions" / "contract" / "regression"
+    before = files(out)
+    assert "roofs.gpkg" in before
+    capsys.readouterr()
+    assert predict_main([*argv, *model, "--overwrite", "--set", "predict_args.grid_size=0.001"]) == 1
+    assert error(capsys).startswith("error: predict_args.grid_size 0.001 m makes ")
+    assert files(out) == before  # (it built the cells after predicting: 19 GB of memory on a sample scene)
 
 
 def test_settings_of_flattens_sections_and_leaves_out_excluded_keys():

@@ -115,6 +115,23 @@ def test_roofs_per_grid_cell_count_centroids_and_sum_ground_areas():
     assert mercator["roofs"].sum() == 3 and mercator.to_crs("EPSG:32644").area.iloc[0] == pytest.approx(1e4, rel=0.01)
 
 
+def test_a_grid_of_too_many_cells_is_refused_naming_a_size_that_fits():
+    from core.errors import DataError
+    from core.vector import MAX_GRID_CELLS, grid_layout
+
+    district = (500000, 2950000, 530000, 2960000)  # 30 x 10 km
+    with pytest.raises(DataError) as caught:
+        grid_layout(district, "EPSG:32644", 0.1)  # meant as 0.1 km
+    assert str(caught.value) == (
+        "predict_args.grid_size 0.1 m makes 30,000,000,000 cells over the 30,000 x 10,000 m predicted, more than "
+        "1,000,000: it is in metres; set it to 18 or more"
+    )
+    _, corner, rows, cols = grid_layout(district, "EPSG:32644", 18)  # the size it names fits; one under does not
+    assert rows * cols <= MAX_GRID_CELLS and corner == (500000, 2960000)
+    with pytest.raises(DataError):
+        grid_layout(district, "EPSG:32644", 17)
+
+
 class _Fake:
     """A predictor whose probabilities are the first band scaled, or a fixed ramp when ``ramp``."""
 

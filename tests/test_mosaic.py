@@ -268,6 +268,22 @@ def test_main_input_and_output(stage_argv, tmp_path, data_tree, make_geotiff):
     assert not data_tree.mosaic.exists()
 
 
+def test_merged_masks_declare_no_nodata_like_their_tiles(stage_argv, tmp_path, data_tree, make_geotiff):
+    # Predicted masks declare none: their 0 is "no roof". Declared nodata, QGIS drew all but the roofs transparent.
+    make_geotiff(tmp_path / "masks", "p1.tif", array=constant([255], 4, 4, "uint8"), transform=at(0, 0), nodata=None)
+    make_geotiff(tmp_path / "masks", "p2.tif", array=constant([0], 4, 4, "uint8"), transform=at(8, 0), nodata=None)
+    out = tmp_path / "merged" / "all.tif"
+    assert main([*stage_argv, "--input", str(tmp_path / "masks"), "--output", str(out)]) == 0
+    data, profile = read(out)
+    assert profile["nodata"] is None and data.shape == (1, 12, 4)
+    assert (data[0, :4] == 255).all() and (data[0, 4:] == 0).all()  # the gap between them: 0, as the tiles' 0
+    # The pipeline's own mosaic of tiles without nodata marks its gaps (chip pads and skips by them), as before.
+    for name, row in (("a.tif", 0), ("b.tif", 8)):
+        make_geotiff(data_tree.raw, name, array=constant([7], 4, 4, "uint8"), transform=at(row, 0), nodata=None)
+    assert main(stage_argv) == 0
+    assert read(data_tree.mosaic)[1]["nodata"] == 0
+
+
 def test_rerun_needs_overwrite(stage_argv, data_tree, make_geotiff, capsys):
     tile = make_geotiff(data_tree.raw, "a.tif", rows=8, cols=8, seed=1)
     assert main(stage_argv) == 0

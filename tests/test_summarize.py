@@ -192,7 +192,10 @@ def test_main(chips, stage_argv, capsys):
     )
     (tree.flat / "pixels.parquet").rename(tree.root / "away.parquet")
     assert main([*stage_argv, "--overwrite"]) == 1
-    assert "no flat table" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "error: summarize reads flat/, which is not there (none made here, or removed since): run python "
+        "flatten/flatten.py first\n"
+    )
     assert sorted(p.name for p in tree.summary.iterdir()) == kept
     (tree.root / "away.parquet").rename(tree.flat / "pixels.parquet")
     assert main(stage_argv) == 0  # the last run's record stands: up to date, skipped

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from core.files import atomic_path
 from core.raster import read_raster, rgb_preview
@@ -20,6 +21,14 @@ def _save(fig, path: Path) -> Path:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
     return path
+
+
+def _curve_axes(axes, title: str) -> None:
+    """Whole epochs on the x axes (two epochs showed 1.2, 1.4 ...) and the figure's title above the panels' own
+    (over the middle one, it was)."""
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].figure.suptitle(title, y=1.03)
 
 
 def plot_curves(history_csv: Path, path: Path) -> Path:
@@ -56,7 +65,7 @@ def plot_curves(history_csv: Path, path: Path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("U-Net training")
+    _curve_axes(axes, "U-Net training")
     return _save(fig, path)
 
 
@@ -77,7 +86,7 @@ def plot_member_curves(histories: list[tuple[str, Path]], path: Path) -> Path:
         ax.set(xlabel="epoch", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"U-Net seed ensemble: {len(histories)} members (dots: each one's best validation epoch, kept)")
+    _curve_axes(axes, f"U-Net seed ensemble: {len(histories)} members (dots: each one's best validation epoch, kept)")
     return _save(fig, path)
 
 

@@ -632,6 +632,22 @@ def refuse_leaky_bundle(settings: Settings, tree: DataTree, model: str, split: s
         )
 
 
+def refuse_vanished_upstream(st: Status, settings: Settings, tree: DataTree) -> None:
+    """The last run read an upstream stage's outputs that are not there now (no record, no files: another
+    data root or output folder, or removed): say to make them, before anything is removed. (It said "made from a
+    run of predict since removed: add --overwrite", and --overwrite then failed on the missing predictions.)"""
+    read = (st.record or {}).get("inputs", {})
+    for dep in st.current["deps"]:
+        if dep.artifact or not (read.get(dep.stage) or {}).get("run"):
+            continue
+        up = status(dep.stage, settings, tree, st.model if spec_of(dep.stage).per_model else None)
+        if up.state == "missing":
+            raise InputMissingError(
+                f"{st.label} reads {up.spec.what}, which {'are' if up.spec.plural else 'is'} not there (none made "
+                f"here, or removed since): run {up.spec.run_command(up.model, given=up.current.get('given'))} first"
+            )
+
+
 def begin(
     name: str,
     settings: Settings,
@@ -661,6 +677,7 @@ def begin(
     if st.inputs_error is not None:
         raise st.inputs_error
     if "deps" in st.current:
+        refuse_vanished_upstream(st, settings, tree)
         check_upstream(st.current["deps"], settings, tree, st.model, reader=label)
         warn_stale_artifacts(st.current["deps"], settings, tree, st.model, reader=label)
     if st.state == "missing" or overwrite or (st.state == "running" and not st.outputs_present):
