@@ -395,6 +395,18 @@ def test_evaluate_after_the_predictions_moved_says_to_predict(scene, capsys, tmp
     assert evaluate_main([*argv, *model]) == 0  # the evaluation of the predictions where they are: up to date
 
 
+def test_an_up_to_date_bundle_of_another_band_count_than_the_settings_say_is_refused(scene, capsys):
+    argv, model = predicted(scene)
+    capsys.readouterr()
+    four = ["--set", "load_dataset_args.channels=4", "--set", "model_args.input_shape=[64,64]"]
+    assert train_main([*argv, *model, *four]) == 1  # (it said "up to date")
+    assert error(capsys) == (
+        "error: the regression bundle is up to date, but it was trained on 3 bands and the settings say 4 "
+        "(load_dataset_args.channels or model_args.input_shape): set them to 3, or null to take the chips' count"
+    )
+    assert train_main([*argv, *model, "--set", "model_args.input_shape=[64,64]"]) == 0  # null: the chips' count
+
+
 def test_a_grid_size_of_too_many_cells_is_refused_before_predicting(scene, capsys, tmp_path):
     argv, model = predicted(scene)
     out = tmp_path / "predictions" / "contract" / "regression"

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from core import cli
-from core.bundle import BUNDLE_JSON, KINDS
+from core.bundle import BUNDLE_JSON, KINDS, read_info
 from core.errors import DataError, InputMissingError
 from core.index import split_pairs
 from core.settings import Settings
@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
             settings.training_args.refuse_from_bundle(args.from_bundle)  # before the run's record says "running"
         run = begin("train", settings, tree, overwrite=args.overwrite, model=kind, given={"bundle": args.from_bundle})
         if run.skip:
+            made = read_info(tree.bundle(kind)).bands
+            if settings.bands is not None and settings.bands != made:  # (not a setting train's record holds)
+                raise DataError(
+                    f"the {kind} bundle is up to date, but it was trained on {made} bands and the settings say "
+                    f"{settings.bands} (load_dataset_args.channels or model_args.input_shape): set them to {made}, "
+                    "or null to take the chips' count"
+                )
             run.say_skip()
             return
         for split in ("train", "val"):  # (a data root without a split: said before the old bundle is removed)
