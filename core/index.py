@@ -37,10 +37,11 @@ CHIP_COLUMNS = (
 def read_index(path: Path, needs: tuple[str, ...] = (), fix: str = "run python chip/chip.py first") -> pd.DataFrame:
     """Read chips.csv; missing file or missing columns say which stage to run (``fix``: the one that adds the
     columns ``needs`` names; chip, which writes the file, comes first when it is missing)."""
-    if not path.is_file():
-        first = "run python chip/chip.py first"
-        then = fix.removeprefix("run ").removesuffix(" first")
-        raise InputMissingError(f"chip index {path} not found: {first}{'' if fix == first else f', then {then}'}")
+    if not path.is_file():  # chip writes it; mask and split add to it: every stage up to the one ``fix`` names
+        chain = ("chip", "mask", "split")
+        last = max((i for i, stage in enumerate(chain) if f"{stage}/{stage}.py" in fix), default=0)
+        run = ", then ".join(f"python {stage}/{stage}.py" for stage in chain[: last + 1])
+        raise InputMissingError(f"chip index {path} not found: run {run}")
     try:
         frame = pd.read_csv(path, dtype={"file": str, "source": str, "crs": str, "split": str, "split_file": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

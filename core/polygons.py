@@ -237,10 +237,12 @@ def read_spacenet_csv(path: Path) -> dict[str, list[BaseGeometry]]:
                     f"{path} is not a SpaceNet CSV: it lacks the column(s) {missing} (ImageId,BuildingId,PolygonWKT_Pix)"
                 )
             for line, row in enumerate(reader, start=2):
-                if row["ImageId"] is None or row["PolygonWKT_Pix"] is None:  # (DictReader fills a short row None)
+                # (DictReader fills a short row with None and puts a long row's extra fields under the key None)
+                fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or ())
+                if fields != len(reader.fieldnames or []):
+                    quote = ": quote the PolygonWKT_Pix, which holds commas" if fields > len(reader.fieldnames) else ""
                     raise DataError(
-                        f"{path}, line {line}: {sum(v is not None for k, v in row.items() if k is not None)} fields, "
-                        f"the header names {len(reader.fieldnames or [])}: quote a PolygonWKT_Pix that holds commas"
+                        f"{path}, line {line}: {fields} fields, the header names {len(reader.fieldnames)}{quote}"
                     )
                 polygons = images.setdefault(row["ImageId"], [])
                 try:
@@ -262,9 +264,9 @@ def read_spacenet_csv(path: Path) -> dict[str, list[BaseGeometry]]:
 def unshared_images(truth: dict[str, list[BaseGeometry]], predicted: dict[str, list[BaseGeometry]]) -> str:
     """A warning when two SpaceNet CSVs with polygons share no ImageId (names with and without .tif, say): every
     polygon would be unmatched, an F1 of 0 that says nothing of the polygons. '' when they share one."""
-    t, p = (sorted(k for k, v in d.items() if v) for d in (truth, predicted))
-    if not t or not p or set(t) & set(p):
+    if not any(truth.values()) or not any(predicted.values()) or set(truth) & set(predicted):
         return ""
+    t, p = sorted(truth), sorted(predicted)
     return (
         f"the two CSVs share no ImageId (truth {', '.join(t[:2])} ..., predictions {', '.join(p[:2])} ...): every "
         "polygon is unmatched; name the images alike in both"

@@ -197,6 +197,8 @@ FOOTPRINT_VALUES = frozenset((0, 128, 255))
 UNKNOWN = 128
 #: The name of the class band and the tag holding the class names (ids 1, 2 ... in order).
 CLASS_BAND, CLASSES_TAG = "class", "ROOF_CLASSES"
+#: The band name of the roof masks predict writes (0 no roof, 255 roof: no nodata value, 0 is an answer).
+ROOF_BAND = "roof"
 CLASS_VALUES = frozenset((*range(33), UNKNOWN))
 
 

@@ -283,50 +283,73 @@ def pixel_m2(profile: dict[str, Any], shape: tuple[int, int]) -> float:
 MAX_GRID_CELLS = 1_000_000
 
 
-def grid_layout(bounds: tuple[float, float, float, float], crs: Any, size: float) -> tuple[Any, tuple, int, int]:
-    """Where the cells of ``size`` metres over ``bounds`` (in ``crs``) lie: the local UTM CRS (None without a
-    CRS), the top left corner in it, rows and columns. Raises DataError over :data:`MAX_GRID_CELLS` cells, naming a
-    size that fits (predict calls it before it predicts anything)."""
-    frame = gpd.GeoDataFrame(geometry=[box(*bounds)], crs=crs)
+def grid_layout(
+    extents: Sequence[tuple[float, float, float, float]], crs: Any, size: float
+) -> tuple[Any, tuple[float, float], int, list[int]]:
+    """The cells of ``size`` metres over each of ``extents`` (rasters' bounds in ``crs``): the local UTM CRS (None
+    without a CRS), the top left corner of the union in it, the union's columns, and the cells' numbers
+    (row x columns + column, ascending). Cells lie only over the extents: two towns far apart get two patches of
+    cells, not the country between them. Raises DataError over :data:`MAX_GRID_CELLS` cells, naming a size
+    that fits (predict calls it before it predicts anything)."""
+    frame = gpd.GeoDataFrame(geometry=[box(*b) for b in extents], crs=crs)
     metric = frame.estimate_utm_crs() if crs is not None else None
     if metric is not None:
         frame = frame.to_crs(metric)
-    x0, y0, x1, y1 = (float(v) for v in frame.total_bounds)
-    cols, rows = max(1, int(np.ceil((x1 - x0) / size))), max(1, int(np.ceil((y1 - y0) / size)))
-    if rows * cols > MAX_GRID_CELLS:
-        fits = int(np.ceil(np.sqrt((x1 - x0) * (y1 - y0) / MAX_GRID_CELLS)))
-        while np.ceil((x1 - x0) / fits) * np.ceil((y1 - y0) / fits) > MAX_GRID_CELLS:
+    x0, _, x1, y1 = (float(v) for v in frame.total_bounds)
+    cols = max(1, int(np.ceil((x1 - x0) / size)))
+    boxes = [tuple(float(v) for v in g.bounds) for g in frame.geometry]
+
+    def spans(side: float) -> list[tuple[int, int, int, int]]:  # rows r0..r1, columns c0..c1 of each extent
+        out = []
+        for bx0, by0, bx1, by1 in boxes:
+            c0, r0 = int((bx0 - x0) // side), int((y1 - by1) // side)
+            out.append((r0, max(r0 + 1, int(np.ceil((y1 - by0) / side))),
+                        c0, max(c0 + 1, int(np.ceil((bx1 - x0) / side)))))  # fmt: skip
+        return out
+
+    def count(side: float) -> int:  # (overlapping extents counted twice: an upper bound, cheap)
+        return sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in spans(side))
+
+    if count(size) > MAX_GRID_CELLS:
+        area = sum((bx1 - bx0) * (by1 - by0) for bx0, by0, bx1, by1 in boxes)
+        fits = max(1, int(np.ceil(np.sqrt(area / MAX_GRID_CELLS))))
+        while count(fits) > MAX_GRID_CELLS:
             fits += 1
         raise DataError(
-            f"predict_args.grid_size {size:g} m makes {rows * cols:,} cells over the {x1 - x0:,.0f} x {y1 - y0:,.0f} m "
+            f"predict_args.grid_size {size:g} m makes {count(size):,} cells over the {area / 1e6:,.1f} km2 "
             f"predicted, more than {MAX_GRID_CELLS:,}: it is in metres; set it to {fits} or more"
         )
-    return metric, (x0, y1), rows, cols
+    cells = {r * cols + c for r0, r1, c0, c1 in spans(size) for r in range(r0, r1) for c in range(c0, c1)}
+    return metric, (x0, y1), cols, sorted(cells)
 
 
-def roof_grid(roofs: gpd.GeoDataFrame, bounds: tuple[float, float, float, float], size: float) -> gpd.GeoDataFrame:
-    """Square cells of ``size`` metres over ``bounds`` (in the roofs' CRS) with the number of roofs whose
-    centroid lies in each and their ground area (``area_m2``); cells are laid out in the local UTM zone
-    (:func:`grid_layout`), so they are ``size`` metres on the ground whatever the CRS, and returned in the
-    roofs' CRS."""
+def roof_grid(
+    roofs: gpd.GeoDataFrame, extents: Sequence[tuple[float, float, float, float]], size: float
+) -> gpd.GeoDataFrame:
+    """Square cells of ``size`` metres over ``extents`` (rasters' bounds, in the roofs' CRS) with the number of
+    roofs whose centroid lies in each and their ground area (``area_m2``); cells are laid out in the local UTM
+    zone (:func:`grid_layout`), so they are ``size`` metres on the ground whatever the CRS, and returned in the
+    roofs' CRS. ``cell`` numbers them row by row over the extents' union (``row``, ``col``)."""
     crs = roofs.crs
-    metric, (x0, y1), rows, cols = grid_layout(bounds, crs, size)
+    metric, (x0, y1), cols, numbers = grid_layout(extents, crs, size)
+    ids = np.asarray(numbers, dtype=np.int64)
+    row, col = ids // cols, ids % cols
     cells = [box(x0 + c * size, y1 - (r + 1) * size, x0 + (c + 1) * size, y1 - r * size)
-             for r in range(rows) for c in range(cols)]  # fmt: skip
+             for r, c in zip(row.tolist(), col.tolist(), strict=True)]  # fmt: skip
     grid = gpd.GeoDataFrame(
-        {"cell": np.arange(len(cells)), "row": np.repeat(np.arange(rows), cols), "col": np.tile(np.arange(cols), rows)},
-        geometry=cells,
-        crs=metric if metric is not None else crs,
+        {"cell": ids, "row": row, "col": col}, geometry=cells, crs=metric if metric is not None else crs
     )
     grid["roofs"] = 0
     grid["roof_area_m2"] = 0.0
     if len(roofs):
         centres = roofs.to_crs(grid.crs).geometry.centroid if metric is not None else roofs.geometry.centroid
-        col = np.clip(((centres.x - x0) // size).astype(int), 0, cols - 1)
-        row = np.clip(((y1 - centres.y) // size).astype(int), 0, rows - 1)
-        cell = (row * cols + col).to_numpy()
-        grid["roofs"] = np.bincount(cell, minlength=len(cells))
-        grid["roof_area_m2"] = np.bincount(cell, weights=roofs["area_m2"].to_numpy(), minlength=len(cells))
+        rows_n = int(row.max()) + 1
+        c = np.clip(((centres.x - x0) // size).astype(int), 0, cols - 1).to_numpy()
+        r = np.clip(((y1 - centres.y) // size).astype(int), 0, rows_n - 1).to_numpy()
+        # The cell of each roof: roofs lie in the extents' cells (the clips only guard rounding at the edges).
+        at = np.clip(np.searchsorted(ids, r * cols + c), 0, len(ids) - 1)
+        grid["roofs"] = np.bincount(at, minlength=len(ids))
+        grid["roof_area_m2"] = np.bincount(at, weights=roofs["area_m2"].to_numpy(), minlength=len(ids))
     return grid.to_crs(crs) if metric is not None else grid
 
 

@@ -4,7 +4,8 @@ Default: data/raw/*.tif -> data/mosaic/mosaic.tif. Tiles must share CRS, resolut
 count and dtype; otherwise the error names the odd tiles and what differs (or set
 mosaic_args.reproject: true to warp them onto the first tile's grid, nearest neighbour).
 Where tiles overlap, mosaic_args.overlap decides: "first" (the first tile in name order
-wins), "last", or "max" (the larger value, band by band). Gaps are nodata. The mosaic is
+wins), "last", or "max" (the larger value, band by band). Gaps are nodata (predicted roof masks,
+whose 0 is "no roof", excepted: their mosaic declares no nodata, as they). The mosaic is
 written block by block, so memory does not grow with its size. Works on any folder of
 rasters, e.g. predicted masks.
 """
@@ -30,7 +31,15 @@ from rasterio.windows import Window
 
 from core import cli
 from core.errors import DataError, InputMissingError, RasterError
-from core.raster import create_raster, gtiff_profile, iter_windows, open_raster, require_georeference, valid_pixels
+from core.raster import (
+    ROOF_BAND,
+    create_raster,
+    gtiff_profile,
+    iter_windows,
+    open_raster,
+    require_georeference,
+    valid_pixels,
+)
 from core.settings import MosaicArgs, Settings
 from core.tree import DataTree, refuse_overwrite
 from workflow.contract import begin
@@ -51,6 +60,7 @@ class TileInfo:
     dtype: str
     nodata: float | None
     bounds: tuple[float, float, float, float]
+    roof_mask: bool = False  # a roof mask predict wrote (band "roof"): its 0 is "no roof", not a gap
 
 
 def inspect_tiles(paths: list[Path]) -> list[TileInfo]:
@@ -68,6 +78,7 @@ def inspect_tiles(paths: list[Path]) -> list[TileInfo]:
                     dtype=src.dtypes[0],
                     nodata=src.nodata,
                     bounds=tuple(src.bounds),
+                    roof_mask=src.count == 1 and src.descriptions[0] == ROOF_BAND,
                 )
             )
     return infos
@@ -199,7 +210,6 @@ def build_mosaic(
     overwrite: bool = False,
     block: int = _BLOCK,
     infos: list[TileInfo] | None = None,
-    mark_gaps: bool = True,
 ) -> Path:
     """Merge tiles into ``output``, block by block.
 
@@ -210,9 +220,9 @@ def build_mosaic(
         overwrite: replace an existing output.
         block: output block size in pixels; memory use follows it, not the mosaic's size.
         infos: the tiles' :func:`mosaicable` descriptions, when the caller checked them already.
-        mark_gaps: tiles that declare no nodata value: the gaps (0) are declared nodata (the pipeline's mosaic,
-            which chip pads and skips by it); False leaves the mosaic without one, like its tiles (predicted masks,
-            whose 0 is "no roof": declared nodata, QGIS drew all but the roofs transparent).
+
+    Tiles that declare no nodata value: gaps are 0, declared nodata (chip pads and skips by it), except for
+    predict's roof masks (band ``roof``), whose 0 is an answer: their mosaic declares none, as they do.
     """
     refuse_overwrite([output], overwrite, "mosaic")
     if not paths:
@@ -222,11 +232,11 @@ def build_mosaic(
     transform, width, height = output_grid(infos)
     nodata = next((i.nodata for i in infos if i.nodata is not None), None)
     fill = 0 if nodata is None else nodata
-    if nodata is None and mark_gaps:
+    if nodata is None and all(i.roof_mask for i in infos):  # (declared nodata, QGIS drew all but the roofs clear)
+        log.info("mosaic: predicted roof masks: gaps are 0 (no roof), and the mosaic declares no nodata, as they")
+    elif nodata is None:
         nodata = 0
         log.info("mosaic: tiles have no nodata value; gaps are filled with 0 and marked as nodata")
-    elif nodata is None:
-        log.info("mosaic: tiles have no nodata value; gaps are filled with 0, and the mosaic declares none either")
     profile = gtiff_profile(
         width=width,
         height=height,
@@ -286,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputMissingError(f"no GeoTIFF tiles in {folder}: run python sample/sample.py or download first")
         if args.output is not None and args.output.resolve() != tree.mosaic.resolve():
             # Any other output (merging predicted masks, say) is not the pipeline's mosaic stage.
-            build_mosaic(tiles, args.output, settings.mosaic_args, overwrite=args.overwrite, mark_gaps=False)
+            build_mosaic(tiles, args.output, settings.mosaic_args, overwrite=args.overwrite)
             return
         run = begin("mosaic", settings, tree, overwrite=args.overwrite, given={"input": args.input})
         if run.skip:

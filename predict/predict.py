@@ -89,6 +89,7 @@ from core.parallel import map_tasks, worker_cached
 from core.raster import (
     CLASS_BAND,
     CLASSES_TAG,
+    ROOF_BAND,
     class_colormap,
     create_raster,
     gtiff_profile,
@@ -509,6 +510,7 @@ def _write_windows(
             create_raster(prob_path, prob_profile) if prob_path else _nowhere() as prob_dst,
             create_raster(class_path, {**mask_profile, "nodata": 0}) if class_path else _nowhere() as class_dst,
         ):
+            mask_dst.set_band_description(1, ROOF_BAND)  # (QGIS shows it; mosaic leaves such masks' 0 a value)
             if class_dst is not None:
                 class_dst.write_colormap(1, class_colormap(len(info.classes)))
                 class_dst.set_band_description(1, CLASS_BAND)
@@ -663,22 +665,30 @@ def roofs_frame(
     return gdf
 
 
-def input_extent(inputs: list[Path]) -> tuple[tuple[float, float, float, float], Any]:
-    """The bounds of all the rasters to predict together and the first one's CRS; a raster without CRS or
-    geotransform is refused (:func:`core.raster.require_georeference`)."""
-    bounds, crs = [], None
+def input_extents(inputs: list[Path]) -> tuple[list[tuple[float, float, float, float]], Any]:
+    """The bounds of each raster to predict and their CRS. Refused: a raster without CRS or geotransform
+    (:func:`core.raster.require_georeference`), and rasters in different CRSs (roofs.gpkg and the grid hold one)."""
+    bounds, crss = [], {}
     for path in inputs:
         with open_raster(path) as src:
             require_georeference(src)
             bounds.append(tuple(src.bounds))
-            crs = crs or src.crs
-    b = np.array(bounds)
-    return (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()), crs
+            crss.setdefault(src.crs, path)
+    if len(crss) > 1:
+        (a, first), (b, second) = list(crss.items())[:2]
+        raise DataError(
+            f"the rasters to predict are in {len(crss)} CRSs ({first.name} {a.to_string()}, {second.name} "
+            f"{b.to_string()}): roofs.gpkg holds one; predict each CRS's rasters apart (--input, "
+            "predict_args.output), or reproject them onto one (python mosaic/mosaic.py with mosaic_args.reproject)"
+        )
+    return bounds, next(iter(crss))
 
 
-def write_grid(roofs: gpd.GeoDataFrame, inputs: list[Path], out: Path, size: float) -> None:
-    """grid.gpkg and grid.csv: roofs and roof area in m2 per cell of ``size`` metres over the inputs."""
-    grid = roof_grid(roofs, input_extent(inputs)[0], size)
+def write_grid(
+    roofs: gpd.GeoDataFrame, extents: list[tuple[float, float, float, float]], out: Path, size: float
+) -> None:
+    """grid.gpkg and grid.csv: roofs and roof area in m2 per cell of ``size`` metres over the inputs' ``extents``."""
+    grid = roof_grid(roofs, extents, size)
     with atomic_path(out / "grid.gpkg") as tmp:
         grid.to_file(tmp, layer="grid", driver="GPKG", engine="pyogrio")
     with atomic_path(out / "grid.csv") as tmp:
@@ -791,8 +801,7 @@ def predict_all(
                         bar,
                     )
                 )
-    with open_raster(inputs[0]) as src:
-        crs = src.crs
+    extents, crs = input_extents(inputs)
     gdf = roofs_frame(results, crs, args, info.classes)
     if args.instances:  # each roof's id in its pixels: the polygons of roofs.gpkg, rasterized
         for r in results:
@@ -801,7 +810,7 @@ def predict_all(
                             args.compression)  # fmt: skip
     with atomic_path(roofs) as tmp:
         gdf.to_file(tmp, layer="roofs", driver="GPKG", engine="pyogrio")
-    write_grid(gdf, inputs, out, args.grid_size)
+    write_grid(gdf, extents, out, args.grid_size)
     blank = [r for r in results if r.roof_pixels == 0]
     log_blank(blank, threshold)
     stale = out / "classes"  # a class bundle's earlier predictions, their files removed by the stage's rerun
@@ -918,7 +927,7 @@ def predict_stage(
     inputs = resolve_inputs(tree, settings.predict_args, source)
     # Roofs in pixel coordinates with areas in pixels are no map: refused, as chip does; and a grid_size that
     # makes too many cells is said now, not after the predictions.
-    grid_layout(*input_extent(inputs), settings.predict_args.grid_size)
+    grid_layout(*input_extents(inputs), settings.predict_args.grid_size)
     split = split_of_folder(predict_source(settings.predict_args, tree, given), tree)
     if split is not None and not outside:
         refuse_leaky_bundle(settings, tree, model, split)  # predicting today's val chips with it would leak

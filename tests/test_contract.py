@@ -14,6 +14,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pytest
+import rasterio
 import shapely
 from conftest import SCENE_SIDE as SIDE
 from conftest import interrupted, write_geotiff, write_labels
@@ -22,6 +23,7 @@ import pipeline
 from chip.chip import main as chip_main
 from core.errors import OutputExistsError
 from core.index import read_index
+from core.raster import read_raster
 from core.settings import load_settings
 from core.tree import DataTree
 from evaluate.evaluate import main as evaluate_main
@@ -371,13 +373,19 @@ def test_a_new_data_root_without_a_split_keeps_the_bundle_trained_on_another(sce
         )
     assert files(tree.bundle("regression")) == bundle and record.read_bytes() == before
     assert predict_main([*argv, *model]) == 0  # the bundle still predicts in its own data root
-    # Once the other root has a split, the refusal names the data root the bundle was trained in.
+    # Once the other root has a split, the refusal names the data root the bundle was trained in; the data
+    # stages' records move with their root (a copy of it is the same data: an earlier run, not another root).
+    shutil.copytree(tree.root, tmp_path / "copy")
+    copy = [*argv, "--set", f"data_root={tmp_path / 'copy'}", "--set", "chip_args.stride=16"]
+    assert chip_main([*copy, "--overwrite"]) == 0
+    assert mask_main(copy) == 1
+    assert "error: masks/ were made from an earlier run of chip" in error(capsys)
     prepare(other, mosaic_main, chip_main, mask_main, split_main)
     capsys.readouterr()
     assert train_main([*other, *model]) == 1
     assert error(capsys) == (
         f"error: the bundle was made from a run of split in another data root, {tree.root.resolve()} (now "
-        f"{tmp_path / 'other'}): add --overwrite to redo it (python pipeline.py reruns outdated stages)"
+        f"{(tmp_path / 'other').resolve()}): add --overwrite to redo it (python pipeline.py reruns outdated stages)"
     )
 
 
@@ -407,11 +415,27 @@ def test_an_up_to_date_bundle_of_another_band_count_than_the_settings_say_is_ref
     assert train_main([*argv, *model, "--set", "model_args.input_shape=[64,64]"]) == 0  # null: the chips' count
 
 
+def test_rasters_to_predict_in_two_crss_are_refused_before_predicting(scene, capsys, tmp_path):
+    argv, model = predicted(scene)
+    image = read_raster(tree_of(argv).raw / "tile.tif")[0][:, :64, :64]
+    write_geotiff(tmp_path / "two" / "a.tif", array=image)
+    write_geotiff(tmp_path / "two" / "b.tif", array=image, crs="EPSG:32645")
+    capsys.readouterr()
+    assert predict_main([*argv, *model, "--input", str(tmp_path / "two"), "--overwrite"]) == 1
+    assert error(capsys) == (
+        "error: the rasters to predict are in 2 CRSs (a.tif EPSG:32644, b.tif EPSG:32645): roofs.gpkg holds one; "
+        "predict each CRS's rasters apart (--input, predict_args.output), or reproject them onto one (python "
+        "mosaic/mosaic.py with mosaic_args.reproject)"
+    )
+
+
 def test_a_grid_size_of_too_many_cells_is_refused_before_predicting(scene, capsys, tmp_path):
     argv, model = predicted(scene)
     out = tmp_path / "predictions" / "contract" / "regression"
     before = files(out)
     assert "roofs.gpkg" in before
+    with rasterio.open(next((out / "masks").glob("*.tif"))) as mask:  # (named for QGIS, and for mosaic's gaps)
+        assert mask.descriptions == ("roof",) and mask.nodata is None
     capsys.readouterr()
     assert predict_main([*argv, *model, "--overwrite", "--set", "predict_args.grid_size=0.001"]) == 1
     assert error(capsys).startswith("error: predict_args.grid_size 0.001 m makes ")

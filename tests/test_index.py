@@ -7,7 +7,7 @@ import math
 import pytest
 from conftest import write_geotiff
 
-from core.errors import DataError
+from core.errors import DataError, InputMissingError
 from core.index import chip_kind
 
 
@@ -84,3 +84,17 @@ def test_split_pairs_pairs_by_name_and_says_what_to_run(tmp_path) -> None:
     assert split_pairs(tree, "train") == [
         (frames / n, masks / n) for n in ("train_0.tif", "train_1.tif", "train_2.tif")
     ]
+
+
+def test_a_missing_index_names_every_stage_up_to_the_one_the_reader_needs(tmp_path):
+    from core.index import read_index
+
+    expected = {
+        "run python chip/chip.py first": "run python chip/chip.py",
+        "run python mask/mask.py first": "run python chip/chip.py, then python mask/mask.py",
+        "run python split/split.py first": "run python chip/chip.py, then python mask/mask.py, then python split/split.py",
+    }  # (evaluate's said chip then split, and split then asked for mask)
+    for fix, run in expected.items():
+        with pytest.raises(InputMissingError) as caught:
+            read_index(tmp_path / "chips.csv", fix=fix)
+        assert str(caught.value) == f"chip index {tmp_path / 'chips.csv'} not found: {run}"

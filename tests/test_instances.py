@@ -106,12 +106,12 @@ def test_roofs_per_grid_cell_count_centroids_and_sum_ground_areas():
         ],
         crs="EPSG:32644",
     )
-    grid = roof_grid(roofs, (500000, 2959980, 500020, 2960000), 10.0)
+    grid = roof_grid(roofs, [(500000, 2959980, 500020, 2960000)], 10.0)
     assert grid[["row", "col", "roofs", "roof_area_m2"]].values.tolist() == [
         [0, 0, 0, 0.0], [0, 1, 0, 0.0], [1, 0, 2, 13.0], [1, 1, 1, 16.0],
     ]  # fmt: skip
     assert grid.crs == roofs.crs and grid.geometry.iloc[0].area == pytest.approx(100.0)
-    mercator = roof_grid(roofs.to_crs("EPSG:3857"), tuple(roofs.to_crs("EPSG:3857").total_bounds), 100.0)
+    mercator = roof_grid(roofs.to_crs("EPSG:3857"), [tuple(roofs.to_crs("EPSG:3857").total_bounds)], 100.0)
     assert mercator["roofs"].sum() == 3 and mercator.to_crs("EPSG:32644").area.iloc[0] == pytest.approx(1e4, rel=0.01)
 
 
@@ -119,17 +119,35 @@ def test_a_grid_of_too_many_cells_is_refused_naming_a_size_that_fits():
     from core.errors import DataError
     from core.vector import MAX_GRID_CELLS, grid_layout
 
-    district = (500000, 2950000, 530000, 2960000)  # 30 x 10 km
+    district = [(500000, 2950000, 530000, 2960000)]  # 30 x 10 km
     with pytest.raises(DataError) as caught:
         grid_layout(district, "EPSG:32644", 0.1)  # meant as 0.1 km
     assert str(caught.value) == (
-        "predict_args.grid_size 0.1 m makes 30,000,000,000 cells over the 30,000 x 10,000 m predicted, more than "
-        "1,000,000: it is in metres; set it to 18 or more"
+        "predict_args.grid_size 0.1 m makes 30,000,000,000 cells over the 300.0 km2 predicted, more than 1,000,000: "
+        "it is in metres; set it to 18 or more"
     )
-    _, corner, rows, cols = grid_layout(district, "EPSG:32644", 18)  # the size it names fits; one under does not
-    assert rows * cols <= MAX_GRID_CELLS and corner == (500000, 2960000)
+    _, corner, cols, cells = grid_layout(district, "EPSG:32644", 18)  # the size it names fits; one under does not
+    assert len(cells) <= MAX_GRID_CELLS and corner == (500000, 2960000) and cols == 1667
     with pytest.raises(DataError):
         grid_layout(district, "EPSG:32644", 17)
+
+
+def test_grid_cells_lie_over_the_rasters_only():
+    import geopandas as gpd
+
+    from core.vector import roof_grid
+
+    # Two towns of 1 km 150 km apart: 200 cells of 100 m, not the 2.25 million of the box around both.
+    towns = [(500000, 2959000, 501000, 2960000), (650000, 2959000, 651000, 2960000)]
+    roofs = gpd.GeoDataFrame({"area_m2": [4.0, 9.0]}, geometry=[shapely.box(500001, 2959901, 500003, 2959903),
+                             shapely.box(650950, 2959001, 650953, 2959004)], crs="EPSG:32644")  # fmt: skip
+    grid = roof_grid(roofs, towns, 100.0)
+    assert len(grid) == 200 and grid.crs == roofs.crs
+    assert grid["cell"].is_monotonic_increasing and grid["cell"].is_unique
+    assert grid[grid["roofs"] > 0][["row", "col", "roofs", "roof_area_m2"]].values.tolist() == [
+        [0, 0, 1, 4.0], [9, 1509, 1, 9.0],
+    ]  # fmt: skip
+    assert grid.union_all().area == pytest.approx(2e6)
 
 
 class _Fake:

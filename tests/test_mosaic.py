@@ -268,20 +268,24 @@ def test_main_input_and_output(stage_argv, tmp_path, data_tree, make_geotiff):
     assert not data_tree.mosaic.exists()
 
 
-def test_merged_masks_declare_no_nodata_like_their_tiles(stage_argv, tmp_path, data_tree, make_geotiff):
-    # Predicted masks declare none: their 0 is "no roof". Declared nodata, QGIS drew all but the roofs transparent.
-    make_geotiff(tmp_path / "masks", "p1.tif", array=constant([255], 4, 4, "uint8"), transform=at(0, 0), nodata=None)
-    make_geotiff(tmp_path / "masks", "p2.tif", array=constant([0], 4, 4, "uint8"), transform=at(8, 0), nodata=None)
+def test_merged_predicted_masks_declare_no_nodata_like_their_tiles(stage_argv, tmp_path, data_tree, make_geotiff):
+    # Predict's masks (band "roof") declare none: their 0 is "no roof". Declared nodata, QGIS drew all but the
+    # roofs transparent.
+    for name, value, row in (("p1.tif", 255, 0), ("p2.tif", 0, 8)):
+        path = make_geotiff(tmp_path / "masks", name, array=constant([value], 4, 4, "uint8"), transform=at(row, 0),
+                            nodata=None)  # fmt: skip
+        with rasterio.open(path, "r+") as dst:
+            dst.set_band_description(1, "roof")
     out = tmp_path / "merged" / "all.tif"
     assert main([*stage_argv, "--input", str(tmp_path / "masks"), "--output", str(out)]) == 0
     data, profile = read(out)
     assert profile["nodata"] is None and data.shape == (1, 12, 4)
     assert (data[0, :4] == 255).all() and (data[0, 4:] == 0).all()  # the gap between them: 0, as the tiles' 0
-    # The pipeline's own mosaic of tiles without nodata marks its gaps (chip pads and skips by them), as before.
+    # Imagery without nodata, wherever it goes: its gaps are marked (chip pads and skips by them), as before.
     for name, row in (("a.tif", 0), ("b.tif", 8)):
-        make_geotiff(data_tree.raw, name, array=constant([7], 4, 4, "uint8"), transform=at(row, 0), nodata=None)
-    assert main(stage_argv) == 0
-    assert read(data_tree.mosaic)[1]["nodata"] == 0
+        make_geotiff(tmp_path / "tiles", name, array=constant([7], 4, 4, "uint8"), transform=at(row, 0), nodata=None)
+    assert main([*stage_argv, "--input", str(tmp_path / "tiles"), "--output", str(tmp_path / "area.tif")]) == 0
+    assert read(tmp_path / "area.tif")[1]["nodata"] == 0
 
 
 def test_rerun_needs_overwrite(stage_argv, data_tree, make_geotiff, capsys):

@@ -147,15 +147,20 @@ def test_a_csv_that_is_not_spacenet_is_one_clear_error(tmp_path: Path):
     ):
         read_spacenet_csv(bad)
     worse = tmp_path / "worse.csv"
-    worse.write_text("ImageId,BuildingId,PolygonWKT_Pix\nimg,0,POLYGON((0 0, 1\n")
+    worse.write_text('ImageId,BuildingId,PolygonWKT_Pix\nimg,0,"POLYGON((0 0, 1"\n')
     with pytest.raises(DataError, match=r"line 2: PolygonWKT_Pix is not WKT"):
         read_spacenet_csv(worse)
     short = tmp_path / "short.csv"  # (it crashed: 'NoneType' object has no attribute 'is_empty')
     short.write_text("ImageId,BuildingId,PolygonWKT_Pix\nimg,0,POLYGON EMPTY\nval_0,5\n")
     with pytest.raises(DataError) as caught:
         read_spacenet_csv(short)
+    assert str(caught.value) == f"{short}, line 3: 2 fields, the header names 3"
+    long = tmp_path / "long.csv"  # a polygon's commas unquoted
+    long.write_text("ImageId,BuildingId,PolygonWKT_Pix\nimg,0,POLYGON ((0 0, 4 0, 4 4, 0 0))\n")
+    with pytest.raises(DataError) as caught:
+        read_spacenet_csv(long)
     assert str(caught.value) == (
-        f"{short}, line 3: 2 fields, the header names 3: quote a PolygonWKT_Pix that holds commas"
+        f"{long}, line 2: 6 fields, the header names 3: quote the PolygonWKT_Pix, which holds commas"
     )
     line = tmp_path / "line.csv"
     line.write_text('ImageId,BuildingId,PolygonWKT_Pix\nimg,0,"LINESTRING (0 0, 4 4)"\n')
@@ -168,11 +173,12 @@ def test_csvs_that_share_no_image_say_so():
 
     square = [shapely.box(0, 0, 4, 4)]
     assert unshared_images({"val_0": square, "val_1": []}, {"val_0.tif": square, "val_1.tif": square}) == (
-        "the two CSVs share no ImageId (truth val_0 ..., predictions val_0.tif, val_1.tif ...): every polygon is "
+        "the two CSVs share no ImageId (truth val_0, val_1 ..., predictions val_0.tif, val_1.tif ...): every polygon is "
         "unmatched; name the images alike in both"
     )
     assert unshared_images({"val_0": square}, {"val_0": square, "x": square}) == ""
     assert unshared_images({"val_0": square}, {"val_9": []}) == ""  # no predicted polygon: nothing to match anyway
+    assert unshared_images({"a": square, "b": []}, {"a": [], "b": square}) == ""  # both name a and b
 
 
 def test_evaluate_scores_polygons_and_writes_spacenet_files(scene, tmp_path: Path, capsys):

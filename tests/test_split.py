@@ -332,7 +332,7 @@ def test_no_index(stage_argv, data_tree, capsys):
     assert main(stage_argv) == 1
     err = capsys.readouterr().err
     # chips.csv is chip's: chip comes first, then mask (which adds the roof shares split reads)
-    assert f"chip index {data_tree.chips_csv} not found: run python chip/chip.py first, then python mask/mask.py" in err
+    assert f"chip index {data_tree.chips_csv} not found: run python chip/chip.py, then python mask/mask.py\n" in err
 
 
 # --- the data stages in a row ----------------------------------------------------------------

@@ -612,18 +612,6 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _redone(stage: str, settings: Settings, tree: DataTree) -> bool:
-    """Whether a run of ``stage`` would make its outputs (anew, or the rest of them): not run, interrupted or
-    outdated against its settings or what it reads. Its outputs on disk now are then not what later stages read.
-    Outputs without a record are not redone (the stage refuses them without --overwrite): they are checked."""
-    from workflow.contract import status, why_outdated
-
-    st = status(stage, settings, tree)
-    if st.state == "unrecorded":
-        return False
-    return not st.done or bool(why_outdated(stage, settings, tree))
-
-
 def run_checks(
     settings: Settings,
     tree: DataTree,
@@ -639,7 +627,7 @@ def run_checks(
     Args:
         stages: stage names (pipeline.py's or the scripts': train-unet and train both work).
         bundle, inputs: predict's bundle folder and rasters (default: from settings).
-        space_for: the stages whose outputs need disk space (default: ``stages``).
+        space_for: the stages that will run and write their outputs, which need disk space (default: ``stages``).
         continuing: train continues from a bundle (``--from-bundle``, ``training_args.pretrained``): no encoder
             weights are read.
     """
@@ -654,7 +642,7 @@ def run_checks(
     if "chips" in groups:
         masks = tree.masks if "masks" in groups else None
         # (mask among the stages makes the masks missing now: the stage records' finding says it resumes)
-        made_ahead = "mask" in stages and _redone("mask", settings, tree)
+        made_ahead = "mask" in (stages if space_for is None else space_for)  # (those that will run: they make)
         check.pairs(tree.chips, masks, "chips/", need_roof=False, shape_key="chip", made_ahead=made_ahead)
     if "split" in groups:
         check.pairs(tree.frames("train"), tree.split_masks("train"), "train split", need_roof=True, shape_key="model")

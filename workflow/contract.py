@@ -238,7 +238,8 @@ def status(
     """
     spec = spec_of(name)
     model = model if spec.per_model else None
-    record = read_record(spec.record(settings, tree, model))
+    where = spec.record(settings, tree, model)
+    record = read_record(where)
     if given is None:
         given = dict(record.get("given") or {}) if record else {}
     given = {k: Path(v) for k, v in given.items() if v is not None}
@@ -263,7 +264,9 @@ def status(
         state: State = "unrecorded" if present else "missing"
         return Status(spec, model, state, None, current, outputs_present=present, inputs_error=inputs_error)
     st = Status(spec, model, record["state"], record, current, outputs_present=present, inputs_error=inputs_error)
-    st.changes = _changes(record, current, tree.root)
+    # (a record kept in the data root moves with it: another root there is the same data copied or mounted)
+    outside = not where.resolve().is_relative_to(tree.root.resolve())
+    st.changes = _changes(record, current, tree.root, outside)
     if inputs_error is not None:
         st.changes.append(f"from inputs that cannot be read now ({inputs_error})")
     # Outputs removed by hand since the run (a folder deleted, chips.csv's columns lost) make it unfinished.
@@ -287,8 +290,11 @@ def _defaults() -> dict[str, Any]:
     return settings_of(defaults, tuple(type(defaults).model_fields))
 
 
-def _changes(record: dict[str, Any], current: dict[str, Any], root: Path | None = None) -> list[str]:
-    """What differs between a record and now, one phrase each ('with chip_args.size 64, now 128')."""
+def _changes(
+    record: dict[str, Any], current: dict[str, Any], root: Path | None = None, outside: bool = False
+) -> list[str]:
+    """What differs between a record and now, one phrase each ('with chip_args.size 64, now 128'). ``outside``: the
+    record lives outside the data root ``root`` (results/, predictions/), so the data root it names is news."""
     changes = []
     old, new = record.get("settings", {}), current["settings"]
     unread = record.get("unread", {})  # settings the run did not read (predict's, with that bundle)
@@ -328,7 +334,7 @@ def _changes(record: dict[str, Any], current: dict[str, Any], root: Path | None 
             changes.append(f"without {stage} outputs it now reads")
         elif old_in[stage].get("run") != new_in[stage].get("run"):
             then = record.get("data_root")
-            if then and root is not None and Path(then) != Path(root).resolve():  # (results/ outlive a data root)
+            if outside and then and root is not None and Path(then) != Path(root).resolve():
                 what = f"a run of {stage} in another data root, {then} (now {Path(root).resolve()})"
             elif new_in[stage].get("run"):
                 what = f"an earlier run of {stage}"
