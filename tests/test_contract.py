@@ -401,6 +401,14 @@ def test_evaluate_after_the_predictions_moved_says_to_predict(scene, capsys, tmp
             "since): run python predict/predict.py --model regression first"
         )
     assert evaluate_main([*argv, *model]) == 0  # the evaluation of the predictions where they are: up to date
+    # The check says the same, fatal, where it said "the run redoes it" (and the run then refused); with predict
+    # among the stages chosen, the run makes them first: no such finding.
+    assert pipeline.main(["check", *moved, "--only", "evaluate"]) == 1
+    out = capsys.readouterr().out
+    assert "  FATAL    evaluate regression reads the predictions, which are not there (none made here, or removed " in out
+    assert "since): run python predict/predict.py --model regression --settings " in out
+    assert pipeline.main(["check", *moved, "--only", "predict", "evaluate"]) == 0
+    assert "which are not there" not in capsys.readouterr().out
 
 
 def test_an_up_to_date_bundle_of_another_band_count_than_the_settings_say_is_refused(scene, capsys):

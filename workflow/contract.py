@@ -638,20 +638,36 @@ def refuse_leaky_bundle(settings: Settings, tree: DataTree, model: str, split: s
         )
 
 
-def refuse_vanished_upstream(st: Status, settings: Settings, tree: DataTree) -> None:
-    """The last run read an upstream stage's outputs that are not there now (no record, no files: another
-    data root or output folder, or removed): say to make them, before anything is removed. (It said "made from a
-    run of predict since removed: add --overwrite", and --overwrite then failed on the missing predictions.)"""
+def vanished_upstream(st: Status, settings: Settings, tree: DataTree) -> Status | None:
+    """The status of an upstream stage whose outputs the last run read and that are not there now (no record,
+    no files: another data root or output folder, or removed): the stage cannot run until they are made. (It
+    said "made from a run of predict since removed: add --overwrite", and --overwrite then failed on the missing
+    predictions.) None when there is none."""
     read = (st.record or {}).get("inputs", {})
-    for dep in st.current["deps"]:
+    for dep in st.current.get("deps", ()):
         if dep.artifact or not (read.get(dep.stage) or {}).get("run"):
             continue
         up = status(dep.stage, settings, tree, st.model if spec_of(dep.stage).per_model else None)
         if up.state == "missing":
-            raise InputMissingError(
-                f"{st.label} reads {up.spec.what}, which {'are' if up.spec.plural else 'is'} not there (none made "
-                f"here, or removed since): run {up.spec.run_command(up.model, given=up.current.get('given'))} first"
-            )
+            return up
+    return None
+
+
+def vanished_words(reader: str, up: Status, command: str | None = None) -> str:
+    """What a stage (``reader``) says of the :func:`vanished_upstream` ``up``; ``command`` makes them (default:
+    its plain command)."""
+    command = command or up.spec.run_command(up.model, given=up.current.get("given"))
+    return (
+        f"{reader} reads {up.spec.what}, which {'are' if up.spec.plural else 'is'} not there (none made here, or "
+        f"removed since): run {command} first"
+    )
+
+
+def refuse_vanished_upstream(st: Status, settings: Settings, tree: DataTree) -> None:
+    """Refuse before anything is removed when :func:`vanished_upstream` finds one."""
+    up = vanished_upstream(st, settings, tree)
+    if up is not None:
+        raise InputMissingError(vanished_words(st.label, up))
 
 
 def begin(

@@ -35,7 +35,7 @@ from split.split import main as split_main
 from summarize.summarize import main as summarize_main
 from train.train import main as train_main
 from workflow.check import Finding, run_checks
-from workflow.contract import outdated, status
+from workflow.contract import outdated, status, vanished_upstream, vanished_words
 from workflow.stages import MODELS, outside_kind, spec_of
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,11 @@ def record_findings(
                     left[key] = (label, stage.name, causes)
             # Before the chosen stages, bad outputs are fatal: those stages would refuse to read them.
             fatal = not ahead and names.index(stage.name) < first
-            if st.stale:
+            up = vanished_upstream(st, settings, tree) if ahead and st.stale else None
+            if up is not None and not any(s.contract == up.spec.name for s in chosen):  # it would refuse, not redo
+                command = how.stage(up.spec.run_command(up.model))
+                findings.append(Finding("fatal", vanished_words(label, up, command)))
+            elif st.stale:
                 cmd = how.stage(st.spec.run_command(st.model, overwrite=True))
                 if ahead:
                     todo = "the run redoes it"  # (check runs nothing: the command is printed below the list)
