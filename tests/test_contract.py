@@ -405,7 +405,9 @@ def test_evaluate_after_the_predictions_moved_says_to_predict(scene, capsys, tmp
     # among the stages chosen, the run makes them first: no such finding.
     assert pipeline.main(["check", *moved, "--only", "evaluate"]) == 1
     out = capsys.readouterr().out
-    assert "  FATAL    evaluate regression reads the predictions, which are not there (none made here, or removed " in out
+    assert (
+        "  FATAL    evaluate regression reads the predictions, which are not there (none made here, or removed " in out
+    )
     assert "since): run python predict/predict.py --model regression --settings " in out
     assert pipeline.main(["check", *moved, "--only", "predict", "evaluate"]) == 0
     assert "which are not there" not in capsys.readouterr().out
