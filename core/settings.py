@@ -1253,6 +1253,9 @@ def _rows(model: type[BaseModel], values: dict[str, Any], prefix: str = "", scal
                 rows.append(f"| `{prefix}{name}` | {sub.__name__} or null | `null` | {desc} |")
                 rows += [r.replace("| `null` |", "| (required) |") for r in _rows(sub, {}, f"{prefix}{name}.")]
             elif not scalars_only:
+                if type(None) in typing.get_args(info.annotation):  # set by default, and null may turn it off
+                    desc = (info.description or "").replace("|", "\\|")
+                    rows.append(f"| `{prefix}{name}` | {sub.__name__} or null | (the keys below) | {desc} |")
                 rows += _rows(sub, values[name], f"{prefix}{name}.")
             continue
         default = "exp-<today>" if model is Settings and name == "experiment" else json.dumps(values.get(name))

@@ -71,3 +71,14 @@ def test_the_settings_reference_is_current() -> None:
     page = REPO / "docs" / "settings.md"
     text = page.read_text(encoding="utf-8")
     assert splice_reference(text) == text, "run make readme"
+
+
+def test_a_section_null_turns_off_has_its_own_row() -> None:
+    from core.settings import settings_reference
+
+    rows = settings_reference().splitlines()
+    at = rows.index(
+        "| `filter` | LabelFilter or null | (the keys below) | Polygons kept; applied when the attribute exists; null = "
+        "every polygon. |"
+    )  # (only its keys were listed: that null is allowed was nowhere)
+    assert rows[at + 1].startswith("| `filter.attribute` |")
