@@ -34,14 +34,20 @@ CHIP_COLUMNS = (
 )
 
 
-def read_index(path: Path, needs: tuple[str, ...] = (), fix: str = "run python chip/chip.py first") -> pd.DataFrame:
-    """Read chips.csv; missing file or missing columns say which stage to run (``fix``: the one that adds the
-    columns ``needs`` names; chip, which writes the file, comes first when it is missing)."""
-    if not path.is_file():  # chip writes it; mask and split add to it: every stage up to the one ``fix`` names
-        chain = ("chip", "mask", "split")
-        last = max((i for i, stage in enumerate(chain) if f"{stage}/{stage}.py" in fix), default=0)
-        run = ", then ".join(f"python {stage}/{stage}.py" for stage in chain[: last + 1])
-        raise InputMissingError(f"chip index {path} not found: run {run}")
+#: The stages that write chips.csv (chip) and add columns to it (mask, split), in order.
+INDEX_STAGES = ("chip", "mask", "split")
+
+
+def read_index(path: Path, needs: tuple[str, ...] = (), stage: str = "chip") -> pd.DataFrame:
+    """Read chips.csv; missing file or missing columns say which stage to run: ``stage`` of
+    :data:`INDEX_STAGES`, the one that adds the columns ``needs`` names (for a missing file, every stage up
+    to it)."""
+    fix = f"run python {stage}/{stage}.py first"
+    if not path.is_file():
+        chain = INDEX_STAGES[: INDEX_STAGES.index(stage) + 1]
+        raise InputMissingError(
+            f"chip index {path} not found: run {', then '.join(f'python {s}/{s}.py' for s in chain)}"
+        )
     try:
         frame = pd.read_csv(path, dtype={"file": str, "source": str, "crs": str, "split": str, "split_file": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

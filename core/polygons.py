@@ -231,7 +231,8 @@ def read_spacenet_csv(path: Path) -> dict[str, list[BaseGeometry]]:
     try:
         with Path(path).open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            missing = [c for c in ("ImageId", "PolygonWKT_Pix") if c not in (reader.fieldnames or [])]
+            header = reader.fieldnames or []
+            missing = [c for c in ("ImageId", "PolygonWKT_Pix") if c not in header]
             if missing:
                 raise DataError(
                     f"{path} is not a SpaceNet CSV: it lacks the column(s) {missing} (ImageId,BuildingId,PolygonWKT_Pix)"
@@ -239,11 +240,9 @@ def read_spacenet_csv(path: Path) -> dict[str, list[BaseGeometry]]:
             for line, row in enumerate(reader, start=2):
                 # (DictReader fills a short row with None and puts a long row's extra fields under the key None)
                 fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or ())
-                if fields != len(reader.fieldnames or []):
-                    quote = ": quote the PolygonWKT_Pix, which holds commas" if fields > len(reader.fieldnames) else ""
-                    raise DataError(
-                        f"{path}, line {line}: {fields} fields, the header names {len(reader.fieldnames)}{quote}"
-                    )
+                if fields != len(header):
+                    quote = ": quote the PolygonWKT_Pix, which holds commas" if fields > len(header) else ""
+                    raise DataError(f"{path}, line {line}: {fields} fields, the header names {len(header)}{quote}")
                 polygons = images.setdefault(row["ImageId"], [])
                 try:
                     geom = shapely.from_wkt(row["PolygonWKT_Pix"])

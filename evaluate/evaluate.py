@@ -218,7 +218,7 @@ def pair_by_chip(
     A prediction of another chip never meets a truth mask of the same file name; a prediction on
     another grid than its truth is an error naming both.
     """
-    index = read_index(tree.chips_csv, needs=("split", "split_file"), fix="run python split/split.py first")
+    index = read_index(tree.chips_csv, needs=("split", "split_file"), stage="split")
     truth_ids = {
         name: int(i)
         for i, s, name in zip(index["id"], index["split"], index["split_file"], strict=True)
@@ -339,7 +339,7 @@ def polygon_scores(
     except LabelError as exc:
         log.warning("evaluate: no polygon scores, the true polygons are not readable: %s", exc)
         return None
-    index = read_index(tree.chips_csv, needs=("split", "split_file"), fix="run python split/split.py first")
+    index = read_index(tree.chips_csv, needs=("split", "split_file"), stage="split")
     rows = {r.split_file: r for r in index[index["split"] == split].itertuples()}
     predicted = gpd.read_file(roofs_file, engine="pyogrio")
     args = settings.evaluate_args

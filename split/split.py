@@ -261,7 +261,7 @@ def place(src: Path, dst: Path) -> None:
 
 def check_masks(tree: DataTree) -> pd.DataFrame:
     """The index with roof shares; every chip must have its mask."""
-    index = read_index(tree.chips_csv, needs=("roof_share",), fix="run python mask/mask.py first")
+    index = read_index(tree.chips_csv, needs=("roof_share",), stage="mask")
     missing = missing_masks(list(index["file"]), tree.masks)
     if missing:
         raise InputMissingError(

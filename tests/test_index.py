@@ -90,11 +90,11 @@ def test_a_missing_index_names_every_stage_up_to_the_one_the_reader_needs(tmp_pa
     from core.index import read_index
 
     expected = {
-        "run python chip/chip.py first": "run python chip/chip.py",
-        "run python mask/mask.py first": "run python chip/chip.py, then python mask/mask.py",
-        "run python split/split.py first": "run python chip/chip.py, then python mask/mask.py, then python split/split.py",
+        "chip": "run python chip/chip.py",
+        "mask": "run python chip/chip.py, then python mask/mask.py",
+        "split": "run python chip/chip.py, then python mask/mask.py, then python split/split.py",
     }  # (evaluate's said chip then split, and split then asked for mask)
-    for fix, run in expected.items():
+    for stage, run in expected.items():
         with pytest.raises(InputMissingError) as caught:
-            read_index(tmp_path / "chips.csv", fix=fix)
+            read_index(tmp_path / "chips.csv", stage=stage)
         assert str(caught.value) == f"chip index {tmp_path / 'chips.csv'} not found: {run}"

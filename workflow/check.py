@@ -641,8 +641,8 @@ def run_checks(
         check.labels()
     if "chips" in groups:
         masks = tree.masks if "masks" in groups else None
-        # (mask among the stages makes the masks missing now: the stage records' finding says it resumes)
-        made_ahead = "mask" in (stages if space_for is None else space_for)  # (those that will run: they make)
+        # Mask among the stages that will run makes the masks: those on disk now are not what later stages read.
+        made_ahead = "mask" in (stages if space_for is None else space_for)
         check.pairs(tree.chips, masks, "chips/", need_roof=False, shape_key="chip", made_ahead=made_ahead)
     if "split" in groups:
         check.pairs(tree.frames("train"), tree.split_masks("train"), "train split", need_roof=True, shape_key="model")

@@ -264,9 +264,11 @@ def status(
         state: State = "unrecorded" if present else "missing"
         return Status(spec, model, state, None, current, outputs_present=present, inputs_error=inputs_error)
     st = Status(spec, model, record["state"], record, current, outputs_present=present, inputs_error=inputs_error)
-    # (a record kept in the data root moves with it: another root there is the same data copied or mounted)
-    outside = not where.resolve().is_relative_to(tree.root.resolve())
-    st.changes = _changes(record, current, tree.root, outside)
+    # The data root the run read, when it is news: not for a record kept in the data root, which moves with it
+    # (another root there is the same data copied or mounted), only for results/ and predictions/ ones.
+    root, then = tree.root.resolve(), record.get("data_root")
+    moved = then if then and Path(then) != root and not where.resolve().is_relative_to(root) else None
+    st.changes = _changes(record, current, tree.root, moved)
     if inputs_error is not None:
         st.changes.append(f"from inputs that cannot be read now ({inputs_error})")
     # Outputs removed by hand since the run (a folder deleted, chips.csv's columns lost) make it unfinished.
@@ -291,10 +293,10 @@ def _defaults() -> dict[str, Any]:
 
 
 def _changes(
-    record: dict[str, Any], current: dict[str, Any], root: Path | None = None, outside: bool = False
+    record: dict[str, Any], current: dict[str, Any], root: Path | None = None, other_root: str | None = None
 ) -> list[str]:
-    """What differs between a record and now, one phrase each ('with chip_args.size 64, now 128'). ``outside``: the
-    record lives outside the data root ``root`` (results/, predictions/), so the data root it names is news."""
+    """What differs between a record and now, one phrase each ('with chip_args.size 64, now 128'). ``other_root``:
+    the data root the run read, when it is not ``root`` (a record outside the data root: results/, predictions/)."""
     changes = []
     old, new = record.get("settings", {}), current["settings"]
     unread = record.get("unread", {})  # settings the run did not read (predict's, with that bundle)
@@ -333,9 +335,8 @@ def _changes(
         elif stage not in old_in:
             changes.append(f"without {stage} outputs it now reads")
         elif old_in[stage].get("run") != new_in[stage].get("run"):
-            then = record.get("data_root")
-            if outside and then and root is not None and Path(then) != Path(root).resolve():
-                what = f"a run of {stage} in another data root, {then} (now {Path(root).resolve()})"
+            if other_root is not None and root is not None:
+                what = f"a run of {stage} in another data root, {other_root} (now {Path(root).resolve()})"
             elif new_in[stage].get("run"):
                 what = f"an earlier run of {stage}"
             else:
